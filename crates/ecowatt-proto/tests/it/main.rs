@@ -1,0 +1,6 @@
+//! Integration tests for `ecowatt-proto`: reference vectors, properties, and a
+//! cross-check against an independent Modbus implementation.
+
+mod independent;
+mod props;
+mod vectors;
