@@ -1,1 +1,12 @@
-//! placeholder
+//! The EcoWatt device's logic, free of I/O so that it runs on Linux, in tests
+//! with fake time and faulty transports, and on an ESP32-C3.
+//!
+//! `no_std` + `alloc`; no `Arc`, no atomics, no `std` time. Parts:
+//! - [`link`]: the inverter link: a Modbus RTU client over a [`link::Transport`]
+//!   trait, with retries and bounded backoff driven by a sans-IO
+//!   [`link::Transaction`].
+#![no_std]
+
+extern crate alloc;
+
+pub mod link;

@@ -1,0 +1,3 @@
+//! Integration tests for `ecowatt-core`.
+
+mod link;
