@@ -57,9 +57,7 @@ pub fn decode(text: &str) -> Result<Vec<u8>, HexError> {
             _ => Err(HexError::InvalidDigit { index }),
         }
     };
-    (0..raw.len() / 2)
-        .map(|i| Ok((nibble(2 * i)? << 4) | nibble(2 * i + 1)?))
-        .collect()
+    (0..raw.len() / 2).map(|i| Ok((nibble(2 * i)? << 4) | nibble(2 * i + 1)?)).collect()
 }
 
 #[cfg(test)]

@@ -120,7 +120,9 @@ impl WriteError {
 impl fmt::Display for WriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            WriteError::UnknownRegister { address } => write!(f, "no register at address {address}"),
+            WriteError::UnknownRegister { address } => {
+                write!(f, "no register at address {address}")
+            }
             WriteError::ReadOnly { address } => write!(f, "register {address} is read-only"),
             WriteError::OutOfRange { address, raw, min, max } => {
                 write!(f, "value {raw} out of range for register {address} ({min}..={max})")

@@ -111,7 +111,10 @@ fn a_write_succeeds_on_its_echo_only() {
     let wrong = "1106000800328B4D";
     let mut t = Scripted::new([Ok(wrong), Ok(wrong), Ok(wrong)]);
     let err = Client::new(&mut t, &mut d).write_single(0x11, 8, 16).unwrap_err();
-    assert_eq!(err, TransportError::Frame(FrameError::EchoMismatch { expected: (8, 16), actual: (8, 50) }));
+    assert_eq!(
+        err,
+        TransportError::Frame(FrameError::EchoMismatch { expected: (8, 16), actual: (8, 50) })
+    );
 }
 
 #[test]
@@ -142,5 +145,8 @@ fn an_answer_from_another_slave_is_rejected() {
         .with_policy(RetryPolicy { attempts: 1, ..RetryPolicy::default() })
         .read_holding(0x11, 0, 2)
         .unwrap_err();
-    assert_eq!(err, TransportError::Frame(FrameError::SlaveMismatch { expected: 0x11, actual: 0x12 }));
+    assert_eq!(
+        err,
+        TransportError::Frame(FrameError::SlaveMismatch { expected: 0x11, actual: 0x12 })
+    );
 }

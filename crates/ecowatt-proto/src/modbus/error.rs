@@ -134,10 +134,9 @@ impl fmt::Display for FrameError {
             FrameError::UnsupportedFunction { function } => {
                 write!(f, "unsupported function code {function:#04x}")
             }
-            FrameError::LengthMismatch { function, expected, actual } => write!(
-                f,
-                "function {function:#04x} frame must be {expected} bytes, got {actual}"
-            ),
+            FrameError::LengthMismatch { function, expected, actual } => {
+                write!(f, "function {function:#04x} frame must be {expected} bytes, got {actual}")
+            }
             FrameError::ByteCountMismatch { declared, actual } => {
                 write!(f, "byte count says {declared}, {actual} data bytes present")
             }

@@ -280,7 +280,10 @@ impl Response {
                 };
                 let data = &pdu[2..];
                 if data.len() != usize::from(count) {
-                    return Err(FrameError::ByteCountMismatch { declared: count, actual: data.len() });
+                    return Err(FrameError::ByteCountMismatch {
+                        declared: count,
+                        actual: data.len(),
+                    });
                 }
                 if count % 2 != 0 {
                     return Err(FrameError::OddByteCount { count });

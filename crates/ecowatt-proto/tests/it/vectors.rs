@@ -86,8 +86,12 @@ fn each_validation_failure_is_its_own_error() {
     bad_crc[8] ^= 0xFF;
     assert!(matches!(reply(&bad_crc), Err(FrameError::CrcMismatch { .. })));
     let other_slave = rtu::encode_response(0x12, &Response::ReadHoldingRegisters(vec![1, 2]));
-    assert_eq!(reply(&other_slave), Err(FrameError::SlaveMismatch { expected: 0x11, actual: 0x12 }));
-    let write_echo = rtu::encode_response(0x11, &Response::WriteSingleRegister { address: 8, value: 1 });
+    assert_eq!(
+        reply(&other_slave),
+        Err(FrameError::SlaveMismatch { expected: 0x11, actual: 0x12 })
+    );
+    let write_echo =
+        rtu::encode_response(0x11, &Response::WriteSingleRegister { address: 8, value: 1 });
     assert_eq!(reply(&write_echo), Err(FrameError::FunctionMismatch { expected: 3, actual: 6 }));
     let three = rtu::encode_response(0x11, &Response::ReadHoldingRegisters(vec![1, 2, 3]));
     assert_eq!(reply(&three), Err(FrameError::QuantityMismatch { requested: 2, returned: 3 }));
@@ -103,7 +107,8 @@ fn each_validation_failure_is_its_own_error() {
     assert_eq!(reply(&unknown), Err(FrameError::UnsupportedFunction { function: 0x2B }));
 
     let write = Request::WriteSingleRegister { address: 8, value: 16 };
-    let wrong_echo = rtu::encode_request(0x11, &Request::WriteSingleRegister { address: 8, value: 17 });
+    let wrong_echo =
+        rtu::encode_request(0x11, &Request::WriteSingleRegister { address: 8, value: 17 });
     assert_eq!(
         rtu::decode_reply(0x11, &write, &wrong_echo),
         Err(FrameError::EchoMismatch { expected: (8, 16), actual: (8, 17) })
@@ -159,7 +164,10 @@ fn modbus_tcp_header() {
         tcp::decode_header(&[0, 1, 0, 1, 0, 6, 1]),
         Err(FrameError::NotModbusProtocol { protocol: 1 })
     );
-    assert_eq!(tcp::decode_header(&[0, 1, 0, 0, 0, 1, 1]), Err(FrameError::TooShort { len: 1, min: 2 }));
+    assert_eq!(
+        tcp::decode_header(&[0, 1, 0, 0, 0, 1, 1]),
+        Err(FrameError::TooShort { len: 1, min: 2 })
+    );
     assert_eq!(
         tcp::decode_header(&[0, 1, 0, 0, 1, 0, 1]),
         Err(FrameError::TooLong { len: 256, max: 254 })
