@@ -2,7 +2,7 @@
 //! with fake time and faulty transports, and on an ESP32-C3.
 //!
 //! `no_std` + `alloc`; no `Arc`, no atomics, no `std` time. Parts:
-//! - [`link`]: the inverter link: a Modbus RTU client over a [`link::Transport`]
+//! - [`link`] — the inverter link: a Modbus RTU client over a [`link::Transport`]
 //!   trait, with retries and bounded backoff driven by a sans-IO
 //!   [`link::Transaction`].
 #![no_std]

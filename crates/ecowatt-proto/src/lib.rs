@@ -2,12 +2,12 @@
 //!
 //! `no_std` + `alloc` so that the same code runs on Linux and on an ESP32-C3
 //! (`riscv32imc-unknown-none-elf`). Parts:
-//! - [`crc`]: CRC-16/MODBUS.
-//! - [`hex`]: the uppercase hex text the Inverter SIM HTTP API carries frames in.
-//! - [`modbus`]: Modbus RTU requests, responses and exceptions for function
+//! - [`crc`] — CRC-16/MODBUS.
+//! - [`hex`] — the uppercase hex text the Inverter SIM HTTP API carries frames in.
+//! - [`modbus`] — Modbus RTU requests, responses and exceptions for function
 //!   codes `0x03` and `0x06`, with full validation, and the Modbus TCP (MBAP)
 //!   framing of the same PDUs.
-//! - [`registers`]: the inverter register map (name, unit, gain, access, valid
+//! - [`registers`] — the inverter register map (name, unit, gain, access, valid
 //!   range) and raw <-> engineering-unit conversion.
 #![no_std]
 

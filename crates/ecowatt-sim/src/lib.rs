@@ -41,9 +41,12 @@ pub struct SimState {
     pub api_key: Option<String>,
 }
 
+/// Inverters by slave address, with their physics.
+pub type Fleet = Vec<(u8, ModelConfig)>;
+
 /// A fleet of `count` inverters at slave addresses `0x11, 0x12, ...`, with
 /// seeds `seed, seed + 1, ...`.
-pub fn fleet(count: u8, seed: u64, rated_w: u32, utc_offset_min: i32) -> Vec<(u8, ModelConfig)> {
+pub fn fleet(count: u8, seed: u64, rated_w: u32, utc_offset_min: i32) -> Fleet {
     (0..count.min(0xFF - FIRST_SLAVE))
         .map(|i| {
             let config =

@@ -1,0 +1,169 @@
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+
+use ecowatt_testkit::TestSim;
+
+fn ecowatt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ecowatt")).args(args).output().expect("run ecowatt")
+}
+
+/// Runs the binary off the async runtime (it blocks on network I/O).
+async fn ecowatt_async(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ecowatt(&refs)
+    })
+    .await
+    .unwrap()
+}
+
+fn explain(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn every_command_explains_itself() {
+    for args in [
+        &["--help"][..],
+        &["demo", "--help"],
+        &["sim", "--help"],
+        &["inverter", "--help"],
+        &["inverter", "read", "--help"],
+        &["inverter", "set-limit", "--help"],
+        &["bench", "--help"],
+        &["bench", "frames", "--help"],
+        &["bench", "sim", "--help"],
+    ] {
+        let out = ecowatt(args);
+        assert!(out.status.success(), "{args:?}: {}", explain(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Usage:"), "{args:?}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inverter_read_prints_engineering_units_over_each_transport() {
+    let sim = TestSim::start(1).await;
+    for url in [sim.http_url(), sim.tcp_url()] {
+        let out = ecowatt_async(&["inverter", "read", "--url", &url, "--json"]).await;
+        assert!(out.status.success(), "{}", explain(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let regs = v["registers"].as_array().unwrap();
+        assert_eq!(regs.len(), 10);
+        assert_eq!(regs[2]["name"], "Fac1");
+        let hz = regs[2]["value"].as_f64().unwrap();
+        assert!((49.5..50.5).contains(&hz), "{hz}");
+        assert_eq!(regs[2]["unit"], "Hz");
+
+        let out = ecowatt_async(&["inverter", "read", "--url", &url]).await;
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            table.contains("Vac1") && table.contains(" V\n") && table.contains(" Hz\n"),
+            "{table}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_limit_writes_register_8_and_refuses_out_of_range_values() {
+    let sim = TestSim::start(1).await;
+    let url = sim.http_url();
+    let out = ecowatt_async(&["inverter", "set-limit", "30", "--url", &url]).await;
+    assert!(out.status.success(), "{}", explain(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("now 30 %"));
+    assert_eq!(sim.limit_pct(0x11), 30);
+
+    let out = ecowatt_async(&["inverter", "set-limit", "150", "--url", &url]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("out of range") && err.contains("nothing was sent"), "{err}");
+    assert!(!err.contains("backtrace"), "{err}");
+    assert_eq!(sim.limit_pct(0x11), 30, "unchanged");
+    assert_eq!(sim.sim.state.sim.lock().unwrap().counters().requests, 2, "write + read-back only");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_inverter_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let out = ecowatt_async(&["inverter", "read", "--url", &url, "--attempts", "1"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: reading inverter 0x11"), "{err}");
+    let out = ecowatt_async(&["inverter", "read", "--url", "ftp://x"]).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported inverter URL"));
+}
+
+#[test]
+fn sim_serves_both_protocols_and_stops_on_ctrl_c() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(["sim", "--http", "127.0.0.1:0", "--modbus-tcp", "127.0.0.1:0", "--inverters", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut http, mut tcp) = (None, None);
+    for line in lines.by_ref().take(10) {
+        let line = line.unwrap();
+        if let Some(u) = line.split("SIM HTTP API : ").nth(1) {
+            http = Some(u.trim().to_owned());
+        }
+        if let Some(u) = line.split("Modbus TCP   : ").nth(1) {
+            tcp = Some(u.trim().to_owned());
+        }
+        if http.is_some() && tcp.is_some() {
+            break;
+        }
+    }
+    let (http, tcp) = (http.expect("HTTP URL printed"), tcp.expect("TCP URL printed"));
+    for url in [&http, &tcp] {
+        let out = ecowatt(&["inverter", "read", "--url", url, "--slave", "0x12"]);
+        assert!(out.status.success(), "{url}: {}", explain(&out));
+    }
+    let killed =
+        Command::new("sh").args(["-c", &format!("kill -INT {}", child.id())]).status().unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "clean exit on Ctrl-C: {status:?}");
+}
+
+#[test]
+fn demo_prints_live_readings_of_every_inverter_and_stops_by_itself() {
+    let out = ecowatt(&["demo", "--for", "2500ms", "--interval", "1s", "--start", "11:00"]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for slave in ["0x11", "0x12", "0x13"] {
+        let rows: Vec<&str> =
+            text.lines().filter(|l| l.contains(slave) && l.contains('%')).collect();
+        assert!(rows.len() >= 2, "{slave} readings in:\n{text}");
+        // Late morning: every inverter produces power.
+        let pac: f64 = rows[0].split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert!(pac > 0.0, "{slave}: {}", rows[0]);
+    }
+    assert!(text.contains("Stopping the demo."));
+}
+
+#[test]
+fn bench_frames_runs_and_reports_rates() {
+    let out = ecowatt(&["bench", "frames", "--iterations", "1000"]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("ops/s").count(), 5, "{text}");
+}
+
+#[test]
+fn bench_sim_runs_bounded_and_reports_both_protocols() {
+    let out =
+        ecowatt(&["bench", "sim", "--requests", "200", "--clients", "2", "--max-time", "10s"]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("SIM HTTP API") && text.contains("Modbus TCP"), "{text}");
+    assert!(text.contains("failed    0"), "{text}");
+}

@@ -1,0 +1,3 @@
+//! The `ecowatt` binary as a user runs it.
+
+mod commands;
