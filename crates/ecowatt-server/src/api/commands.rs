@@ -1,0 +1,242 @@
+//! `/api/v1/.../commands`: queue, list with filters and paging, show, cancel,
+//! statistics, export as CSV or JSON lines.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::json::ApiJson;
+use super::{AppState, Operator};
+use crate::domain::{self, CommandRequest, CommandStatus, Invalid};
+use crate::error::ApiError;
+use crate::store::{Command, CommandFilter, Store};
+
+/// Validates and queues `body` (`{"type", "parameters", "ttl_s"?}`) for `device`.
+pub async fn queue_for(
+    store: &dyn Store,
+    device: &str,
+    mut body: Value,
+    actor: &str,
+) -> Result<Command, ApiError> {
+    let ttl_s = match body.as_object_mut().and_then(|o| o.remove("ttl_s")) {
+        None | Some(Value::Null) => domain::DEFAULT_TTL_S,
+        Some(v) => domain::check_ttl(
+            v.as_i64().ok_or_else(|| Invalid::new("ttl_s", "must be whole seconds"))?,
+        )?,
+    };
+    let request: CommandRequest = serde_json::from_value(body).map_err(|e| {
+        ApiError::invalid(Invalid::new(
+            "type",
+            format!("{e}; types: set_power_percentage, set_power, write_register, read_register"),
+        ))
+    })?;
+    let d = store.device(device).await?;
+    if !d.enabled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "device_disabled",
+            format!("device {device:?} is disabled"),
+        ));
+    }
+    let action = request.action(d.rated_power_w)?;
+    Ok(store.queue_command(device, &request, action, ttl_s * 1000, actor, crate::now_ms()).await?)
+}
+
+pub async fn queue(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<(StatusCode, Json<Command>), ApiError> {
+    op.require_admin()?;
+    let command = queue_for(state.store.as_ref(), &name, body, &op.actor()).await?;
+    state.metrics.inc("ecowatt_commands_queued_total", "");
+    Ok((StatusCode::CREATED, Json(command)))
+}
+
+#[derive(Deserialize, Default)]
+pub struct ListQuery {
+    device: Option<String>,
+    status: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    before: Option<i64>,
+    since_ms: Option<i64>,
+    limit: Option<i64>,
+}
+
+impl ListQuery {
+    fn filter(&self, max: i64) -> Result<CommandFilter, ApiError> {
+        let status = match &self.status {
+            None => None,
+            Some(s) => Some(CommandStatus::parse(s).ok_or_else(|| {
+                Invalid::new(
+                    "status",
+                    "one of queued, delivered, succeeded, failed, expired, cancelled, confirmed",
+                )
+            })?),
+        };
+        let limit = self.limit.unwrap_or(100);
+        if !(1..=max).contains(&limit) {
+            return Err(Invalid::new("limit", format!("{limit} is outside 1..={max}")).into());
+        }
+        Ok(CommandFilter {
+            device: self.device.clone(),
+            status,
+            kind: self.kind.clone(),
+            before_id: self.before,
+            since_ms: self.since_ms,
+            limit,
+        })
+    }
+}
+
+async fn page(state: &AppState, filter: CommandFilter) -> Result<Json<Value>, ApiError> {
+    let commands = state.store.commands(&filter).await?;
+    let next =
+        (commands.len() as i64 == filter.limit).then(|| commands.last().map(|c| c.id)).flatten();
+    Ok(Json(json!({ "commands": commands, "next_before": next })))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    _op: Operator,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    page(&state, q.filter(1000)?).await
+}
+
+pub async fn list_for_device(
+    State(state): State<AppState>,
+    _op: Operator,
+    Path(name): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    state.store.device(&name).await?;
+    let mut filter = q.filter(1000)?;
+    filter.device = Some(name);
+    page(&state, filter).await
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    _op: Operator,
+    Path(id): Path<i64>,
+) -> Result<Json<Command>, ApiError> {
+    Ok(Json(state.store.command(id).await?))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<i64>,
+) -> Result<Json<Command>, ApiError> {
+    op.require_admin()?;
+    Ok(Json(state.store.cancel_command(id, &op.actor(), crate::now_ms()).await?))
+}
+
+#[derive(Deserialize)]
+pub struct StatsQuery {
+    device: Option<String>,
+}
+
+pub async fn statistics(
+    State(state): State<AppState>,
+    _op: Operator,
+    Query(q): Query<StatsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(d) = &q.device {
+        state.store.device(d).await?;
+    }
+    let stats = state.store.command_stats(q.device.as_deref()).await?;
+    Ok(Json(json!({ "device": q.device, "statistics": stats })))
+}
+
+#[derive(Deserialize)]
+pub struct ExportQuery {
+    format: Option<String>,
+    #[serde(flatten)]
+    list: ListQuery,
+}
+
+const CSV_COLUMNS: [&str; 15] = [
+    "id",
+    "device",
+    "type",
+    "parameters",
+    "status",
+    "created_ms",
+    "created_by",
+    "expires_ms",
+    "delivered_ms",
+    "delivery_count",
+    "completed_ms",
+    "executed_ms",
+    "result_message",
+    "exception_code",
+    "result_value",
+];
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(ToString::to_string).unwrap_or_default()
+}
+
+pub async fn export(
+    State(state): State<AppState>,
+    _op: Operator,
+    Query(q): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let mut filter = q.list.filter(100_000)?;
+    if q.list.limit.is_none() {
+        filter.limit = 100_000;
+    }
+    let commands = state.store.commands(&filter).await?;
+    match q.format.as_deref().unwrap_or("jsonl") {
+        "jsonl" => {
+            let mut body = String::new();
+            for c in &commands {
+                body.push_str(&serde_json::to_string(c).expect("command serialises"));
+                body.push('\n');
+            }
+            Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+        }
+        "csv" => {
+            let mut body = CSV_COLUMNS.join(",");
+            body.push('\n');
+            for c in &commands {
+                let row = [
+                    c.id.to_string(),
+                    c.device.clone(),
+                    c.kind.clone(),
+                    c.parameters.to_string(),
+                    c.status.as_str().to_owned(),
+                    c.created_ms.to_string(),
+                    c.created_by.clone(),
+                    c.expires_ms.to_string(),
+                    opt(&c.delivered_ms),
+                    c.delivery_count.to_string(),
+                    opt(&c.completed_ms),
+                    opt(&c.executed_ms),
+                    opt(&c.result_message),
+                    opt(&c.exception_code),
+                    opt(&c.result_value),
+                ];
+                body.push_str(&row.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+                body.push('\n');
+            }
+            Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response())
+        }
+        other => Err(Invalid::new("format", format!("{other:?} is not csv or jsonl")).into()),
+    }
+}

@@ -1,0 +1,102 @@
+//! `/api/v1/devices`: register, list, show, disable, enable, rotate key, remove.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::json::ApiJson;
+use super::{AppState, Operator, new_secret};
+use crate::error::ApiError;
+use crate::store::Device;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDevice {
+    name: String,
+    rated_power_w: Option<i64>,
+}
+
+/// The seed assumed a 10 kW inverter.
+const DEFAULT_RATED_W: i64 = 10_000;
+
+/// What a device agent needs to start: shown once, when the key is made.
+fn provisioning(state: &AppState, device: &Device, key: &str) -> Value {
+    json!({
+        "format": "ecowatt-provisioning/1",
+        "device": device.name,
+        "device_id": device.id,
+        "key": key,
+        "key_version": device.key_version,
+        "server": state.settings.public_url,
+    })
+}
+
+pub async fn add(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiJson(req): ApiJson<NewDevice>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    op.require_admin()?;
+    let key = new_secret(16);
+    let rated = req.rated_power_w.unwrap_or(DEFAULT_RATED_W);
+    let device =
+        state.store.create_device(&req.name, rated, &key, &op.actor(), crate::now_ms()).await?;
+    let provisioning = provisioning(&state, &device, &key);
+    Ok((StatusCode::CREATED, Json(json!({ "device": device, "provisioning": provisioning }))))
+}
+
+pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "devices": state.store.list_devices().await? })))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    _op: Operator,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let device = state.store.device(&name).await?;
+    let config = state.store.config(&name).await?;
+    Ok(Json(json!({ "device": device, "config": config })))
+}
+
+pub async fn disable(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    op.require_admin()?;
+    Ok(Json(state.store.set_device_enabled(&name, false, &op.actor(), crate::now_ms()).await?))
+}
+
+pub async fn enable(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    op.require_admin()?;
+    Ok(Json(state.store.set_device_enabled(&name, true, &op.actor(), crate::now_ms()).await?))
+}
+
+pub async fn rotate_key(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    op.require_admin()?;
+    let key = new_secret(16);
+    let device = state.store.rotate_device_key(&name, &key, &op.actor(), crate::now_ms()).await?;
+    let provisioning = provisioning(&state, &device, &key);
+    Ok(Json(json!({ "device": device, "provisioning": provisioning })))
+}
+
+pub async fn remove(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    op.require_admin()?;
+    state.store.delete_device(&name, &op.actor(), crate::now_ms()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,130 @@
+//! `/api/openapi.json` and `/api/docs`: the API described, readable offline.
+
+use axum::Json;
+use axum::response::Html;
+use serde_json::{Value, json};
+
+/// (method, path, summary, admin only?)
+const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
+    ("get", "/healthz", "Liveness: 200 when the store answers", false),
+    ("get", "/metrics", "Prometheus metrics", false),
+    ("get", "/api/v1/devices", "List devices", false),
+    (
+        "post",
+        "/api/v1/devices",
+        "Register a device {name, rated_power_w}; returns its key once, in `provisioning`",
+        true,
+    ),
+    ("get", "/api/v1/devices/{name}", "A device and its config shadow", false),
+    ("delete", "/api/v1/devices/{name}", "Remove a device with its config and commands", true),
+    ("post", "/api/v1/devices/{name}/disable", "Disable a device", true),
+    ("post", "/api/v1/devices/{name}/enable", "Enable a device", true),
+    ("post", "/api/v1/devices/{name}/rotate-key", "Give a device a new key; returns it once", true),
+    ("get", "/api/v1/devices/{name}/config", "Config shadow: desired and reported", false),
+    (
+        "patch",
+        "/api/v1/devices/{name}/config",
+        "Change the desired config {poll_interval_ms, upload_interval_ms, registers}",
+        true,
+    ),
+    (
+        "get",
+        "/api/v1/devices/{name}/config/history",
+        "Desired config versions, newest first",
+        false,
+    ),
+    (
+        "get",
+        "/api/v1/devices/{name}/commands",
+        "A device's commands (filters: status, type, before, since_ms, limit)",
+        false,
+    ),
+    ("post", "/api/v1/devices/{name}/commands", "Queue a command {type, parameters, ttl_s}", true),
+    (
+        "get",
+        "/api/v1/commands",
+        "Commands (filters: device, status, type, before, since_ms, limit)",
+        false,
+    ),
+    ("get", "/api/v1/commands/statistics", "Command statistics (device optional)", false),
+    ("get", "/api/v1/commands/export", "Export commands: format=csv|jsonl, same filters", false),
+    ("get", "/api/v1/commands/{id}", "One command", false),
+    ("post", "/api/v1/commands/{id}/cancel", "Cancel an open command", true),
+    ("get", "/api/v1/tokens", "List operator tokens", true),
+    ("post", "/api/v1/tokens", "Create a token {name, role: admin|viewer}; returns it once", true),
+    ("delete", "/api/v1/tokens/{id}", "Revoke a token", true),
+    ("get", "/api/v1/audit", "Audit log, newest first (before, limit)", false),
+];
+
+/// The OpenAPI 3.1 document.
+pub async fn openapi() -> Json<Value> {
+    let error = json!({"$ref": "#/components/schemas/Error"});
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary, admin) in ENDPOINTS {
+        let mut responses = json!({
+            "200": {"description": "success"},
+            "400": {"description": "invalid input; `field` names it", "content": {"application/json": {"schema": error}}},
+            "404": {"description": "not found", "content": {"application/json": {"schema": error}}},
+        });
+        if path.starts_with("/api/v1") {
+            responses["401"] = json!({"description": "missing or bad token", "content": {"application/json": {"schema": error}}});
+        }
+        if *admin {
+            responses["403"] = json!({"description": "needs an admin token", "content": {"application/json": {"schema": error}}});
+        }
+        let params: Vec<Value> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        let mut op = json!({"summary": summary, "parameters": params, "responses": responses});
+        if path.starts_with("/api/v1") {
+            op["security"] = json!([{"bearer": []}]);
+        }
+        paths.entry(path.to_string()).or_insert_with(|| json!({}))[*method] = op;
+    }
+    Json(json!({
+        "openapi": "3.1.0",
+        "info": {"title": "EcoWatt server API", "version": env!("CARGO_PKG_VERSION")},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {
+                        "code": {"type": "string"},
+                        "message": {"type": "string"},
+                        "field": {"type": "string"}
+                    }
+                }}
+            }}
+        }
+    }))
+}
+
+/// A self-contained HTML page listing every endpoint (no CDN, no script).
+pub async fn page() -> Html<String> {
+    let mut rows = String::new();
+    for (method, path, summary, admin) in ENDPOINTS {
+        rows.push_str(&format!(
+            "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>\n",
+            method.to_uppercase(),
+            path,
+            summary.replace('<', "&lt;"),
+            if *admin { "admin" } else { "any token" }
+        ));
+    }
+    Html(format!(
+        "<!doctype html><html lang=en><meta charset=utf-8><title>EcoWatt API</title>\
+         <style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}\
+         table{{border-collapse:collapse;width:100%}}td,th{{border-bottom:1px solid #ddd;padding:.4rem;text-align:left}}</style>\
+         <h1>EcoWatt server API</h1><p>Send <code>Authorization: Bearer &lt;token&gt;</code> to every \
+         <code>/api/v1</code> endpoint. Errors are <code>{{\"error\": {{\"code\", \"message\", \"field\"}}}}</code>. \
+         Machine-readable: <a href=\"/api/openapi.json\">/api/openapi.json</a>.</p>\
+         <table><tr><th>method</th><th>path</th><th>what</th><th>needs</th></tr>{rows}</table></html>"
+    ))
+}

@@ -1,0 +1,286 @@
+//! The seed's plain-JSON API (`shared/seed/phase4-cloud-features.md`), for
+//! devices running the original firmware. Unauthenticated by design, so it is
+//! served only with `--legacy-api`. Legacy devices are ordinary devices in the
+//! store (add them with `ecowatt device add`); unknown `device_id`s get 404.
+//!
+//! Fixed here, kept compatible: a config change is flagged on several polls
+//! (the original firmware cannot acknowledge), and a command is delivered
+//! again until its result arrives.
+
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::json::ApiJson;
+use crate::domain::{ConfigPatch, Invalid};
+use crate::error::ApiError;
+use crate::store::{Command, CommandFilter, CommandOutcome};
+
+/// Who the audit log names for changes made through this API.
+const ACTOR: &str = "legacy-api";
+/// A config change is flagged `Changed` on this many polls.
+const CONFIG_REPEAT: i64 = 3;
+/// A delivered command with no result is delivered again after this long.
+const REDELIVER_MS: i64 = 30_000;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/config/update", post(config_update))
+        .route("/changes", post(changes))
+        .route("/command/queue", post(command_queue))
+        .route("/command/poll", post(command_poll))
+        .route("/command/result", post(command_result))
+        .route("/command/status/{id}", get(command_status))
+        .route("/command/history", get(command_history))
+        .route("/command/pending", get(command_pending))
+        .route("/command/statistics", get(command_statistics))
+        .route("/command/logs", get(command_logs))
+        .route("/ota/check", post(ota_check))
+        .route("/ota/download/{file}", get(ota_download))
+}
+
+fn device_id(body: &Value) -> Result<String, ApiError> {
+    body.get("device_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| Invalid::new("device_id", "required (a registered device's name)").into())
+}
+
+fn seconds(body: &Value, field: &str) -> Result<Option<i64>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .map(|s| Some(s.saturating_mul(1000)))
+            .ok_or_else(|| Invalid::new(field, "whole seconds").into()),
+    }
+}
+
+async fn config_update(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let device = device_id(&body)?;
+    let patch = ConfigPatch {
+        poll_interval_ms: seconds(&body, "poll_frequency")?,
+        upload_interval_ms: seconds(&body, "upload_frequency")?,
+        registers: None,
+    };
+    let shadow =
+        state.store.update_config(&device, &patch, ACTOR, crate::now_ms()).await.map_err(|e| {
+            // Name the seed's fields in errors, not ours.
+            let mut e = ApiError::from(e);
+            e.field = e.field.map(|f| match f.as_str() {
+                "poll_interval_ms" => "poll_frequency".to_owned(),
+                "upload_interval_ms" => "upload_frequency".to_owned(),
+                _ => f,
+            });
+            e
+        })?;
+    Ok(Json(json!({"status": "success", "version": shadow.desired_version})))
+}
+
+async fn changes(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let device = device_id(&body)?;
+    let now = crate::now_ms();
+    let (changed, config) = state.store.legacy_config_poll(&device, CONFIG_REPEAT, now).await?;
+    state.store.touch_device(&device, now).await?;
+    Ok(Json(json!({
+        "Changed": changed,
+        "pollFreqChanged": changed,
+        "newPollTimer": config.poll_interval_ms / 1000,
+        "uploadFreqChanged": changed,
+        "newUploadTimer": config.upload_interval_ms / 1000,
+    })))
+}
+
+fn legacy_id(id: i64) -> String {
+    format!("CMD_{id}")
+}
+
+fn parse_id(text: &str) -> Result<i64, ApiError> {
+    text.strip_prefix("CMD_")
+        .unwrap_or(text)
+        .split('_')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            Invalid::new("command_id", format!("{text:?} is not a command id like CMD_12")).into()
+        })
+}
+
+/// A command in the seed's shape.
+fn seed_command(c: &Command) -> Value {
+    let status = match c.status.as_str() {
+        "delivered" => "sent",
+        "succeeded" | "confirmed" => "completed",
+        other => other,
+    };
+    json!({
+        "command_id": legacy_id(c.id),
+        "device_id": c.device,
+        "command_type": c.kind,
+        "parameters": c.parameters,
+        "status": status,
+        "queued_time": crate::iso8601(c.created_ms),
+        "sent_time": c.delivered_ms.map(crate::iso8601),
+        "completed_time": c.completed_ms.map(crate::iso8601),
+        "result": c.result_message,
+    })
+}
+
+async fn command_queue(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let device = device_id(&body)?;
+    let request = json!({
+        "type": body.get("command_type").cloned().unwrap_or(Value::Null),
+        "parameters": body.get("parameters").cloned().unwrap_or_else(|| json!({})),
+    });
+    let command = super::commands::queue_for(state.store.as_ref(), &device, request, ACTOR).await?;
+    state.metrics.inc("ecowatt_commands_queued_total", "");
+    Ok(Json(json!({"command_id": legacy_id(command.id)})))
+}
+
+async fn command_poll(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let device = device_id(&body)?;
+    let now = crate::now_ms();
+    let d = state.store.device(&device).await?;
+    if !d.enabled {
+        return Ok(Json(json!({"command": null})));
+    }
+    state.store.expire_commands(now).await?;
+    state.store.touch_device(&device, now).await?;
+    let delivered = state.store.deliver_commands(&device, REDELIVER_MS, 1, now).await?;
+    Ok(Json(json!({
+        "command": delivered.first().map(|c| json!({
+            "command_id": legacy_id(c.id),
+            "command_type": c.kind,
+            "parameters": c.parameters,
+        }))
+    })))
+}
+
+async fn command_result(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let id_text = body
+        .get("command_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::from(Invalid::new("command_id", "required")))?;
+    let id = parse_id(id_text)?;
+    let status = body.get("status").and_then(Value::as_str).unwrap_or("");
+    let success = matches!(status, "completed" | "success" | "succeeded");
+    if !success && !matches!(status, "failed" | "error") {
+        return Err(Invalid::new("status", "completed or failed").into());
+    }
+    let message = body.get("result").map(|r| match r {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
+    let command = state.store.command(id).await?;
+    let outcome =
+        CommandOutcome { success, message, exception_code: None, value: None, executed_ms: None };
+    state.store.record_result(&command.device, id, &outcome, crate::now_ms()).await?;
+    state.metrics.inc(
+        "ecowatt_command_results_total",
+        format!("outcome=\"{}\"", if success { "success" } else { "failure" }),
+    );
+    Ok(Json(json!({"status": "success"})))
+}
+
+async fn command_status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(seed_command(&state.store.command(parse_id(&id)?).await?)))
+}
+
+#[derive(Deserialize)]
+struct DeviceQuery {
+    device_id: Option<String>,
+}
+
+async fn listing(
+    state: &AppState,
+    device: Option<String>,
+    open_only: bool,
+) -> Result<Vec<Value>, ApiError> {
+    if let Some(d) = &device {
+        state.store.device(d).await?;
+    }
+    let filter = CommandFilter { device, limit: 10_000, ..CommandFilter::default() };
+    let commands = state.store.commands(&filter).await?;
+    Ok(commands.iter().filter(|c| !open_only || c.status.is_open()).map(seed_command).collect())
+}
+
+async fn command_history(
+    State(state): State<AppState>,
+    Query(q): Query<DeviceQuery>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"commands": listing(&state, q.device_id, false).await?})))
+}
+
+async fn command_pending(
+    State(state): State<AppState>,
+    Query(q): Query<DeviceQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let pending = listing(&state, q.device_id, true).await?;
+    Ok(Json(json!({"pending_commands": pending, "count": pending.len()})))
+}
+
+async fn command_statistics(
+    State(state): State<AppState>,
+    Query(q): Query<DeviceQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let s = state.store.command_stats(q.device_id.as_deref()).await?;
+    let n = |k: &str| s.by_status.get(k).copied().unwrap_or(0);
+    Ok(Json(json!({
+        "total_commands": s.total_commands,
+        "pending": n("queued"),
+        "sent": n("delivered"),
+        "completed": n("succeeded") + n("confirmed"),
+        "failed": n("failed"),
+        "expired": n("expired"),
+        "cancelled": n("cancelled"),
+        "success_rate": s.success_rate,
+        "average_execution_time_ms": s.average_completion_ms,
+        "command_types": s.by_type,
+    })))
+}
+
+async fn command_logs(
+    State(state): State<AppState>,
+    Query(q): Query<DeviceQuery>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"logs": listing(&state, q.device_id, false).await?})))
+}
+
+async fn ota_check(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let device = device_id(&body)?;
+    state.store.device(&device).await?;
+    let current = body.get("current_version").and_then(Value::as_str).unwrap_or("unknown");
+    // Firmware images arrive with the FOTA issue; until then there is never an update.
+    Ok(Json(json!({
+        "update_available": false,
+        "message": format!("Device is running latest version: {current}"),
+    })))
+}
+
+async fn ota_download(Path(file): Path<String>) -> ApiError {
+    ApiError::not_found(format!("firmware file {file:?}"))
+}

@@ -1,0 +1,87 @@
+//! The HTTP API: `app(state) -> Router`.
+
+mod auth;
+mod commands;
+mod config;
+mod devices;
+mod docs;
+mod json;
+mod legacy;
+mod ops;
+mod tokens;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+
+pub use auth::{Operator, hash_token, new_secret};
+pub use tokens::generate as generate_token;
+
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::store::Store;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Settings in force.
+    pub settings: Arc<Settings>,
+}
+
+/// The whole API over `state`.
+pub fn app(state: AppState) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/metrics", get(ops::metrics))
+        .route("/api/openapi.json", get(docs::openapi))
+        .route("/api/docs", get(docs::page))
+        .route("/api/v1/devices", get(devices::list).post(devices::add))
+        .route("/api/v1/devices/{name}", get(devices::show).delete(devices::remove))
+        .route("/api/v1/devices/{name}/disable", post(devices::disable))
+        .route("/api/v1/devices/{name}/enable", post(devices::enable))
+        .route("/api/v1/devices/{name}/rotate-key", post(devices::rotate_key))
+        .route("/api/v1/devices/{name}/config", get(config::show).patch(config::update))
+        .route("/api/v1/devices/{name}/config/history", get(config::history))
+        .route(
+            "/api/v1/devices/{name}/commands",
+            get(commands::list_for_device).post(commands::queue),
+        )
+        .route("/api/v1/commands", get(commands::list))
+        .route("/api/v1/commands/statistics", get(commands::statistics))
+        .route("/api/v1/commands/export", get(commands::export))
+        .route("/api/v1/commands/{id}", get(commands::show))
+        .route("/api/v1/commands/{id}/cancel", post(commands::cancel))
+        .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .route("/api/v1/audit", get(tokens::audit));
+    if state.settings.legacy_api {
+        router = router.merge(legacy::routes());
+    }
+    router
+        .fallback(ops::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(DefaultBodyLimit::max(state.settings.body_limit))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    state.metrics.inc(
+        "ecowatt_http_requests_total",
+        format!("method=\"{method}\",route=\"{route}\",status=\"{}\"", response.status().as_u16()),
+    );
+    response
+}

@@ -1,0 +1,72 @@
+//! `/api/v1/tokens` and `/api/v1/audit`.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::json::ApiJson;
+use super::{AppState, Operator, hash_token, new_secret};
+use crate::error::ApiError;
+use crate::store::{Role, Token};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    name: String,
+    role: Role,
+}
+
+/// A new operator token: `ewt_` and 40 hex digits (160 random bits).
+pub fn generate() -> String {
+    format!("ewt_{}", new_secret(20))
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiJson(req): ApiJson<NewToken>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    op.require_admin()?;
+    let secret = generate();
+    let token = state
+        .store
+        .create_token(&req.name, req.role, &hash_token(&secret), &op.actor(), crate::now_ms())
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!({ "token": secret, "info": token }))))
+}
+
+pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Value>, ApiError> {
+    op.require_admin()?;
+    Ok(Json(json!({ "tokens": state.store.list_tokens().await? })))
+}
+
+pub async fn revoke(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<i64>,
+) -> Result<Json<Token>, ApiError> {
+    op.require_admin()?;
+    Ok(Json(state.store.revoke_token(id, &op.actor(), crate::now_ms()).await?))
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+pub async fn audit(
+    State(state): State<AppState>,
+    _op: Operator,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let entries = state.store.audit(q.before, q.limit.unwrap_or(100)).await?;
+    let next = if entries.len() as i64 == q.limit.unwrap_or(100).clamp(1, 1000) {
+        entries.last().map(|e| e.id)
+    } else {
+        None
+    };
+    Ok(Json(json!({ "entries": entries, "next_before": next })))
+}

@@ -1,0 +1,81 @@
+//! The one error type of the HTTP API: a stable code, a message, the right
+//! status, rendered as `{"error": {"code": "...", "message": "...", "field": ...}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::domain::Invalid;
+use crate::store::StoreError;
+
+/// An API error.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The request field at fault, when there is one.
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), field: None }
+    }
+
+    /// 400 for a field outside its limits.
+    pub fn invalid(e: Invalid) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_field",
+            message: e.to_string(),
+            field: Some(e.field),
+        }
+    }
+
+    /// 404.
+    pub fn not_found(what: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{} not found", what.into()))
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::invalid(e)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+            }
+            StoreError::Conflict(msg) => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
+            StoreError::Invalid(i) => ApiError::invalid(i),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "the store failed; try again",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(field) = self.field {
+            error["field"] = json!(field);
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
+    }
+}

@@ -1,0 +1,58 @@
+//! Prometheus metrics: counters kept in memory, rendered in the text
+//! exposition format at `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Counters by name and label set.
+#[derive(Default)]
+pub struct Metrics {
+    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+}
+
+/// Help text of each counter.
+const HELP: &[(&str, &str)] = &[
+    ("ecowatt_http_requests_total", "HTTP requests by route and status."),
+    ("ecowatt_commands_queued_total", "Commands queued."),
+    ("ecowatt_command_results_total", "Command results recorded, by outcome."),
+    ("ecowatt_config_updates_total", "Desired config versions created."),
+    ("ecowatt_auth_failures_total", "Requests refused for a missing or bad token, by reason."),
+];
+
+impl Metrics {
+    /// Adds one to counter `name` with `labels` (already formatted: `a="b",c="d"`).
+    pub fn inc(&self, name: &'static str, labels: impl Into<String>) {
+        *self.counters.lock().expect("metrics lock").entry((name, labels.into())).or_default() += 1;
+    }
+
+    /// The current value of a counter.
+    pub fn get(&self, name: &'static str, labels: &str) -> u64 {
+        self.counters
+            .lock()
+            .expect("metrics lock")
+            .get(&(name, labels.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The text exposition of every counter, plus `gauges`.
+    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+        let counters = self.counters.lock().expect("metrics lock");
+        let mut out = String::new();
+        for (name, help) in HELP {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((n, labels), value) in counters.iter().filter(|((n, _), _)| n == name) {
+                if labels.is_empty() {
+                    let _ = writeln!(out, "{n} {value}");
+                } else {
+                    let _ = writeln!(out, "{n}{{{labels}}} {value}");
+                }
+            }
+        }
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        out
+    }
+}

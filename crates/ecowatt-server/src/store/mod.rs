@@ -1,0 +1,395 @@
+//! Durable state behind one [`Store`] trait. [`SqlStore`] implements it for
+//! SQLite (the default: one WAL file in the data directory) and PostgreSQL
+//! (`postgres://...`) from one code path, with the few dialect differences
+//! kept in [`schema`] and [`sql::Dialect`]. Every change and its audit entry
+//! are written in one transaction.
+
+pub mod schema;
+pub mod sql;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig, Invalid};
+pub use sql::SqlStore;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such record.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The change conflicts with the current state (duplicate name, finished command).
+    #[error("{0}")]
+    Conflict(String),
+    /// The value is not valid.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A stored value could not be decoded (a bug or a tampered database).
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An operator role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// May do everything.
+    Admin,
+    /// May read everything and change nothing.
+    Viewer,
+}
+
+impl Role {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+}
+
+/// A registered device (its key is never part of this).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Device {
+    /// Numeric id, never reused.
+    pub id: i64,
+    /// Unique name (the seed's `device_id`).
+    pub name: String,
+    /// Rated AC power of its inverter, W.
+    pub rated_power_w: i64,
+    /// Disabled devices are refused by the device-facing APIs.
+    pub enabled: bool,
+    /// Incremented on each key rotation.
+    pub key_version: i64,
+    /// When it was added.
+    pub created_ms: i64,
+    /// When it last talked to the server.
+    pub last_seen_ms: Option<i64>,
+}
+
+/// An operator token's record (the token itself is stored only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Token {
+    /// Numeric id.
+    pub id: i64,
+    /// Who or what it is for.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// When it was created.
+    pub created_ms: i64,
+    /// When it was revoked, if it was.
+    pub revoked_ms: Option<i64>,
+}
+
+/// One audit-log entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    /// Numeric id, increasing.
+    pub id: i64,
+    /// When.
+    pub at_ms: i64,
+    /// Who (an operator token's name, `legacy-api`, or `system`).
+    pub actor: String,
+    /// What (`device.add`, `command.queue`, ...).
+    pub action: String,
+    /// On what (a device name, a command id, a token id).
+    pub target: String,
+    /// Details.
+    pub detail: serde_json::Value,
+}
+
+/// A device's config shadow: what it should run and what it reports running.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConfigShadow {
+    /// The device.
+    pub device: String,
+    /// Desired config version, increasing from 1.
+    pub desired_version: i64,
+    /// Desired config.
+    pub desired: DeviceConfig,
+    /// When the desired config was last changed.
+    pub desired_ms: i64,
+    /// Version the device reports it applied.
+    pub reported_version: Option<i64>,
+    /// Config the device reports running.
+    pub reported: Option<DeviceConfig>,
+    /// Fields the device rejected, with its reasons.
+    pub rejected: Vec<Rejection>,
+    /// When the device last reported.
+    pub reported_ms: Option<i64>,
+}
+
+/// A field the device refused to apply, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Rejection {
+    /// The field.
+    pub field: String,
+    /// The device's reason.
+    pub reason: String,
+}
+
+/// One version of a device's desired config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConfigVersion {
+    /// The version.
+    pub version: i64,
+    /// The config.
+    pub config: DeviceConfig,
+    /// Who set it.
+    pub actor: String,
+    /// When.
+    pub at_ms: i64,
+}
+
+/// A queued inverter command and everything known about it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Command {
+    /// Numeric id, never reused.
+    pub id: i64,
+    /// The device it is for.
+    pub device: String,
+    /// The seed's command type (`set_power_percentage`, ...).
+    pub kind: String,
+    /// The seed's `parameters`.
+    pub parameters: serde_json::Value,
+    /// What the device does on the inverter.
+    pub action: Action,
+    /// Where it is in its life.
+    pub status: CommandStatus,
+    /// When it was queued.
+    pub created_ms: i64,
+    /// Who queued it.
+    pub created_by: String,
+    /// When it expires if no result has arrived.
+    pub expires_ms: i64,
+    /// When it was last handed to the device.
+    pub delivered_ms: Option<i64>,
+    /// How often it was handed to the device.
+    pub delivery_count: i64,
+    /// When its result arrived (or it expired or was cancelled).
+    pub completed_ms: Option<i64>,
+    /// When the device says it executed it.
+    pub executed_ms: Option<i64>,
+    /// The device's message, or why it ended.
+    pub result_message: Option<String>,
+    /// The Modbus exception code, when the inverter refused.
+    pub exception_code: Option<i64>,
+    /// The register value read back (or read) by the device.
+    pub result_value: Option<i64>,
+    /// When a later reading confirmed the value.
+    pub confirmed_ms: Option<i64>,
+}
+
+/// A device's report of how a command went.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub struct CommandOutcome {
+    /// Whether it succeeded.
+    pub success: bool,
+    /// Free text.
+    pub message: Option<String>,
+    /// Modbus exception code, when the inverter refused.
+    pub exception_code: Option<u8>,
+    /// Register value read back (or read).
+    pub value: Option<u16>,
+    /// When the device executed it.
+    pub executed_ms: Option<i64>,
+}
+
+/// Which commands to list.
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    /// Only this device's.
+    pub device: Option<String>,
+    /// Only in this status.
+    pub status: Option<CommandStatus>,
+    /// Only of this type.
+    pub kind: Option<String>,
+    /// Only ids below this (paging backwards, newest first).
+    pub before_id: Option<i64>,
+    /// Only queued at or after this time.
+    pub since_ms: Option<i64>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// Command statistics (the seed's fields and more).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CommandStats {
+    /// All commands.
+    pub total_commands: i64,
+    /// Count by status.
+    pub by_status: BTreeMap<String, i64>,
+    /// Count by type.
+    pub by_type: BTreeMap<String, i64>,
+    /// Succeeded (or confirmed) over all finished by the device, percent.
+    pub success_rate: f64,
+    /// Mean time from queued to result, ms, over commands with a result.
+    pub average_completion_ms: Option<f64>,
+    /// Mean time from queued to first delivery, ms.
+    pub average_delivery_ms: Option<f64>,
+}
+
+/// Everything the server keeps.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Which backend this is (`sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
+
+    // --- devices
+    /// Registers a device with its key; its desired config starts at version 1.
+    async fn create_device(
+        &self,
+        name: &str,
+        rated_w: i64,
+        key_hex: &str,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Device>;
+    /// Every device, by name.
+    async fn list_devices(&self) -> StoreResult<Vec<Device>>;
+    /// One device.
+    async fn device(&self, name: &str) -> StoreResult<Device>;
+    /// A device's key (hex) and key version.
+    async fn device_key(&self, name: &str) -> StoreResult<(Device, String)>;
+    /// Enables or disables a device.
+    async fn set_device_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Device>;
+    /// Replaces a device's key.
+    async fn rotate_device_key(
+        &self,
+        name: &str,
+        key_hex: &str,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Device>;
+    /// Removes a device with its config and commands (the audit log keeps its history).
+    async fn delete_device(&self, name: &str, actor: &str, now: i64) -> StoreResult<()>;
+    /// Records that a device talked to the server.
+    async fn touch_device(&self, name: &str, now: i64) -> StoreResult<()>;
+
+    // --- operators
+    /// Number of tokens, revoked ones included.
+    async fn token_count(&self) -> StoreResult<i64>;
+    /// Stores a new token by its hash.
+    async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        hash: &str,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Token>;
+    /// Every token.
+    async fn list_tokens(&self) -> StoreResult<Vec<Token>>;
+    /// Revokes a token.
+    async fn revoke_token(&self, id: i64, actor: &str, now: i64) -> StoreResult<Token>;
+    /// The active token with this hash.
+    async fn token_by_hash(&self, hash: &str) -> StoreResult<Option<Token>>;
+    /// Audit entries, newest first.
+    async fn audit(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>>;
+
+    // --- config shadow
+    /// A device's config shadow.
+    async fn config(&self, device: &str) -> StoreResult<ConfigShadow>;
+    /// Applies `patch` to the desired config as a new version (validated).
+    async fn update_config(
+        &self,
+        device: &str,
+        patch: &ConfigPatch,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<ConfigShadow>;
+    /// Desired config versions, newest first.
+    async fn config_history(&self, device: &str, limit: i64) -> StoreResult<Vec<ConfigVersion>>;
+    /// Records what the device applied.
+    async fn report_config(
+        &self,
+        device: &str,
+        version: i64,
+        applied: &DeviceConfig,
+        rejected: &[Rejection],
+        now: i64,
+    ) -> StoreResult<ConfigShadow>;
+    /// For the legacy `/changes`: the desired config, and whether to flag it as
+    /// changed. A version is flagged on `repeat` polls, then counted as applied.
+    async fn legacy_config_poll(
+        &self,
+        device: &str,
+        repeat: i64,
+        now: i64,
+    ) -> StoreResult<(bool, DeviceConfig)>;
+
+    // --- commands
+    /// Queues a validated command.
+    async fn queue_command(
+        &self,
+        device: &str,
+        request: &CommandRequest,
+        action: Action,
+        ttl_ms: i64,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Command>;
+    /// One command.
+    async fn command(&self, id: i64) -> StoreResult<Command>;
+    /// Commands matching `filter`, newest first.
+    async fn commands(&self, filter: &CommandFilter) -> StoreResult<Vec<Command>>;
+    /// Cancels an open command.
+    async fn cancel_command(&self, id: i64, actor: &str, now: i64) -> StoreResult<Command>;
+    /// Marks expired every open command past its time-to-live; returns how many.
+    async fn expire_commands(&self, now: i64) -> StoreResult<u64>;
+    /// Hands out up to `max` open commands of a device, oldest first: queued
+    /// ones, and delivered ones with no result for `redeliver_after_ms`.
+    async fn deliver_commands(
+        &self,
+        device: &str,
+        redeliver_after_ms: i64,
+        max: i64,
+        now: i64,
+    ) -> StoreResult<Vec<Command>>;
+    /// Records a device's result once; a repeat of a finished command's result
+    /// returns the command unchanged.
+    async fn record_result(
+        &self,
+        device: &str,
+        id: i64,
+        outcome: &CommandOutcome,
+        now: i64,
+    ) -> StoreResult<Command>;
+    /// Marks confirmed the succeeded writes of `register` = `value` on `device`
+    /// executed before `reading_ms`; returns how many.
+    async fn confirm_commands(
+        &self,
+        device: &str,
+        register: u16,
+        value: u16,
+        reading_ms: i64,
+    ) -> StoreResult<u64>;
+    /// Statistics, for one device or all.
+    async fn command_stats(&self, device: Option<&str>) -> StoreResult<CommandStats>;
+}

@@ -1,0 +1,78 @@
+//! The schema and its migrations, applied in order on start. Each migration is
+//! written once with `{pk}` standing for the dialect's auto-increment key.
+
+/// `(version, statements)`; never edit a released migration, add one.
+pub const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE devices (
+    id {pk},
+    name TEXT NOT NULL UNIQUE,
+    device_key TEXT NOT NULL,
+    key_version BIGINT NOT NULL,
+    rated_w BIGINT NOT NULL,
+    enabled BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    last_seen_ms BIGINT
+);
+CREATE TABLE tokens (
+    id {pk},
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_ms BIGINT NOT NULL,
+    revoked_ms BIGINT
+);
+CREATE TABLE audit_log (
+    id {pk},
+    at_ms BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE device_configs (
+    device_id BIGINT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+    desired_version BIGINT NOT NULL,
+    desired TEXT NOT NULL,
+    desired_ms BIGINT NOT NULL,
+    reported_version BIGINT,
+    reported TEXT,
+    rejected TEXT,
+    reported_ms BIGINT,
+    legacy_served_version BIGINT NOT NULL DEFAULT 0,
+    legacy_served_count BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE config_history (
+    id {pk},
+    device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    version BIGINT NOT NULL,
+    config TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    UNIQUE (device_id, version)
+);
+CREATE TABLE commands (
+    id {pk},
+    device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    action TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    created_by TEXT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    delivered_ms BIGINT,
+    first_delivered_ms BIGINT,
+    delivery_count BIGINT NOT NULL DEFAULT 0,
+    completed_ms BIGINT,
+    executed_ms BIGINT,
+    result_message TEXT,
+    exception_code BIGINT,
+    result_value BIGINT,
+    confirmed_ms BIGINT
+);
+CREATE INDEX commands_by_device ON commands (device_id, status, id);
+CREATE INDEX commands_by_expiry ON commands (status, expires_ms)
+"#,
+)];

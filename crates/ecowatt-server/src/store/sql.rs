@@ -1,0 +1,985 @@
+//! [`Store`] over SQL: SQLite and PostgreSQL through sqlx's `Any` driver.
+//!
+//! Queries use `$N` placeholders, which both databases accept. Write
+//! transactions on SQLite start with `BEGIN IMMEDIATE`, so concurrent writers
+//! queue on the write lock instead of failing on upgrade; on PostgreSQL, rows
+//! that a transaction will change are read `FOR UPDATE` (and command
+//! delivery skips rows another server is delivering).
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Executor, Row, Transaction};
+
+use super::schema::MIGRATIONS;
+use super::*;
+use crate::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig};
+
+/// The SQL dialect behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite 3.35 or newer (bundled).
+    Sqlite,
+    /// PostgreSQL 12 or newer.
+    Postgres,
+}
+
+/// The SQL store.
+#[derive(Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+type Tx = Transaction<'static, Any>;
+
+enum Bind {
+    I(i64),
+    S(String),
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    binds: &'q [Bind],
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    for b in binds {
+        q = match b {
+            Bind::I(i) => q.bind(*i),
+            Bind::S(s) => q.bind(s.as_str()),
+        };
+    }
+    q
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> StoreResult<T> {
+    let text: String = row.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| corrupt(col, e))
+}
+
+fn device_from(row: &AnyRow) -> StoreResult<Device> {
+    Ok(Device {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        rated_power_w: row.try_get("rated_w")?,
+        enabled: row.try_get::<i64, _>("enabled")? != 0,
+        key_version: row.try_get("key_version")?,
+        created_ms: row.try_get("created_ms")?,
+        last_seen_ms: row.try_get("last_seen_ms")?,
+    })
+}
+
+fn token_from(row: &AnyRow) -> StoreResult<Token> {
+    let role: String = row.try_get("role")?;
+    Ok(Token {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
+        created_ms: row.try_get("created_ms")?,
+        revoked_ms: row.try_get("revoked_ms")?,
+    })
+}
+
+const COMMAND_COLUMNS: &str = "c.id, d.name AS device_name, c.kind, c.parameters, c.action, c.status, \
+     c.created_ms, c.created_by, c.expires_ms, c.delivered_ms, c.delivery_count, c.completed_ms, \
+     c.executed_ms, c.result_message, c.exception_code, c.result_value, c.confirmed_ms";
+
+fn command_from(row: &AnyRow) -> StoreResult<Command> {
+    let status: String = row.try_get("status")?;
+    Ok(Command {
+        id: row.try_get("id")?,
+        device: row.try_get("device_name")?,
+        kind: row.try_get("kind")?,
+        parameters: json_col(row, "parameters")?,
+        action: json_col(row, "action")?,
+        status: CommandStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        created_ms: row.try_get("created_ms")?,
+        created_by: row.try_get("created_by")?,
+        expires_ms: row.try_get("expires_ms")?,
+        delivered_ms: row.try_get("delivered_ms")?,
+        delivery_count: row.try_get("delivery_count")?,
+        completed_ms: row.try_get("completed_ms")?,
+        executed_ms: row.try_get("executed_ms")?,
+        result_message: row.try_get("result_message")?,
+        exception_code: row.try_get("exception_code")?,
+        result_value: row.try_get("result_value")?,
+        confirmed_ms: row.try_get("confirmed_ms")?,
+    })
+}
+
+fn shadow_from(row: &AnyRow) -> StoreResult<ConfigShadow> {
+    let reported: Option<String> = row.try_get("reported")?;
+    let rejected: Option<String> = row.try_get("rejected")?;
+    Ok(ConfigShadow {
+        device: row.try_get("name")?,
+        desired_version: row.try_get("desired_version")?,
+        desired: json_col(row, "desired")?,
+        desired_ms: row.try_get("desired_ms")?,
+        reported_version: row.try_get("reported_version")?,
+        reported: reported
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| corrupt("reported", e))?,
+        rejected: rejected
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| corrupt("rejected", e))?
+            .unwrap_or_default(),
+        reported_ms: row.try_get("reported_ms")?,
+    })
+}
+
+impl SqlStore {
+    /// Opens (creating if needed) the database at `url` and migrates it:
+    /// `sqlite://PATH?mode=rwc` or `postgres://...`.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Dialect::Postgres
+        } else {
+            return Err(StoreError::Invalid(crate::domain::Invalid::new(
+                "database",
+                "use sqlite://PATH or postgres://USER@HOST/DB",
+            )));
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(if dialect == Dialect::Sqlite { 4 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    }
+                    Ok(())
+                })
+            });
+        let pool = options.connect(url).await?;
+        if dialect == Dialect::Sqlite {
+            sqlx::query("PRAGMA journal_mode = WAL").fetch_optional(&pool).await?;
+        }
+        let store = SqlStore { pool, dialect };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The URL of the SQLite database file at `path`.
+    pub fn sqlite_url(path: &Path) -> String {
+        format!("sqlite://{}?mode=rwc", path.display())
+    }
+
+    /// The dialect.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn begin(&self) -> StoreResult<Tx> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// ` FOR UPDATE` on PostgreSQL (SQLite's write lock covers it).
+    fn for_update(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        let pk = match self.dialect {
+            Dialect::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            Dialect::Postgres => "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+        };
+        let mut tx = self.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            // Several servers starting at once migrate one after the other.
+            sqlx::query("SELECT pg_advisory_xact_lock(7426000)").execute(&mut *tx).await?;
+        }
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+        )
+        .await?;
+        let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get("version"))
+            .collect::<Result<_, _>>()?;
+        for (version, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                tx.execute(statement.replace("{pk}", pk).as_str()).await?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
+                .bind(*version)
+                .bind(crate::now_ms())
+                .execute(&mut *tx)
+                .await?;
+            tracing::info!(version, backend = self.backend(), "applied schema migration");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_in(
+        tx: &mut Tx,
+        now: i64,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO audit_log (at_ms, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)")
+            .bind(now)
+            .bind(actor)
+            .bind(action)
+            .bind(target)
+            .bind(detail.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn device_in(&self, tx: &mut Tx, name: &str) -> StoreResult<Device> {
+        let sql = format!("SELECT * FROM devices WHERE name = $1{}", self.for_update());
+        let row = sqlx::query(&sql).bind(name).fetch_optional(&mut **tx).await?;
+        row.as_ref()
+            .map(device_from)
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))
+    }
+
+    async fn command_in(tx: &mut Tx, id: i64) -> StoreResult<Command> {
+        let sql = format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.id = $1"
+        );
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&mut **tx).await?;
+        row.as_ref()
+            .map(command_from)
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(format!("command {id}")))
+    }
+
+    async fn shadow_in(tx: &mut Tx, device_id: i64) -> StoreResult<ConfigShadow> {
+        let row = sqlx::query(
+            "SELECT d.name, c.* FROM device_configs c JOIN devices d ON d.id = c.device_id WHERE c.device_id = $1",
+        )
+        .bind(device_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        shadow_from(&row)
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn backend(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+        }
+    }
+
+    async fn create_device(
+        &self,
+        name: &str,
+        rated_w: i64,
+        key_hex: &str,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Device> {
+        crate::domain::check_device_name(name)?;
+        crate::domain::check_rated_w(rated_w)?;
+        let mut tx = self.begin().await?;
+        let exists = sqlx::query("SELECT id FROM devices WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(StoreError::Conflict(format!("a device named {name:?} already exists")));
+        }
+        let row = sqlx::query(
+            "INSERT INTO devices (name, device_key, key_version, rated_w, enabled, created_ms) \
+             VALUES ($1, $2, 1, $3, 1, $4) RETURNING *",
+        )
+        .bind(name)
+        .bind(key_hex)
+        .bind(rated_w)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let device = device_from(&row)?;
+        let config = serde_json::to_string(&DeviceConfig::default()).expect("config serialises");
+        sqlx::query("INSERT INTO device_configs (device_id, desired_version, desired, desired_ms) VALUES ($1, 1, $2, $3)")
+            .bind(device.id)
+            .bind(&config)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO config_history (device_id, version, config, actor, at_ms) VALUES ($1, 1, $2, $3, $4)")
+            .bind(device.id)
+            .bind(&config)
+            .bind(actor)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        Self::audit_in(&mut tx, now, actor, "device.add", name, json!({"rated_power_w": rated_w}))
+            .await?;
+        tx.commit().await?;
+        Ok(device)
+    }
+
+    async fn list_devices(&self) -> StoreResult<Vec<Device>> {
+        let rows = sqlx::query("SELECT * FROM devices ORDER BY name").fetch_all(&self.pool).await?;
+        rows.iter().map(device_from).collect()
+    }
+
+    async fn device(&self, name: &str) -> StoreResult<Device> {
+        let row = sqlx::query("SELECT * FROM devices WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref()
+            .map(device_from)
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))
+    }
+
+    async fn device_key(&self, name: &str) -> StoreResult<(Device, String)> {
+        let row = sqlx::query("SELECT * FROM devices WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        let row = row.ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))?;
+        Ok((device_from(&row)?, row.try_get("device_key")?))
+    }
+
+    async fn set_device_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Device> {
+        let mut tx = self.begin().await?;
+        let device = self.device_in(&mut tx, name).await?;
+        sqlx::query("UPDATE devices SET enabled = $1 WHERE id = $2")
+            .bind(i64::from(enabled))
+            .bind(device.id)
+            .execute(&mut *tx)
+            .await?;
+        let action = if enabled { "device.enable" } else { "device.disable" };
+        Self::audit_in(&mut tx, now, actor, action, name, json!({})).await?;
+        tx.commit().await?;
+        Ok(Device { enabled, ..device })
+    }
+
+    async fn rotate_device_key(
+        &self,
+        name: &str,
+        key_hex: &str,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Device> {
+        let mut tx = self.begin().await?;
+        let device = self.device_in(&mut tx, name).await?;
+        sqlx::query(
+            "UPDATE devices SET device_key = $1, key_version = key_version + 1 WHERE id = $2",
+        )
+        .bind(key_hex)
+        .bind(device.id)
+        .execute(&mut *tx)
+        .await?;
+        let key_version = device.key_version + 1;
+        Self::audit_in(
+            &mut tx,
+            now,
+            actor,
+            "device.rotate_key",
+            name,
+            json!({"key_version": key_version}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Device { key_version, ..device })
+    }
+
+    async fn delete_device(&self, name: &str, actor: &str, now: i64) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let device = self.device_in(&mut tx, name).await?;
+        for table in ["commands", "config_history", "device_configs"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE device_id = $1"))
+                .bind(device.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM devices WHERE id = $1").bind(device.id).execute(&mut *tx).await?;
+        Self::audit_in(&mut tx, now, actor, "device.remove", name, json!({"id": device.id}))
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn touch_device(&self, name: &str, now: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE devices SET last_seen_ms = $1 WHERE name = $2")
+            .bind(now)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn token_count(&self) -> StoreResult<i64> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM tokens")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
+    }
+
+    async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        hash: &str,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Token> {
+        if name.trim().is_empty() || name.len() > 64 {
+            return Err(crate::domain::Invalid::new("name", "1 to 64 characters").into());
+        }
+        let mut tx = self.begin().await?;
+        let row = sqlx::query("INSERT INTO tokens (name, role, token_hash, created_ms) VALUES ($1, $2, $3, $4) RETURNING *")
+            .bind(name)
+            .bind(role.as_str())
+            .bind(hash)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+        let token = token_from(&row)?;
+        Self::audit_in(
+            &mut tx,
+            now,
+            actor,
+            "token.create",
+            &token.id.to_string(),
+            json!({"name": name, "role": role}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(token)
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<Token>> {
+        let rows = sqlx::query("SELECT * FROM tokens ORDER BY id").fetch_all(&self.pool).await?;
+        rows.iter().map(token_from).collect()
+    }
+
+    async fn revoke_token(&self, id: i64, actor: &str, now: i64) -> StoreResult<Token> {
+        let mut tx = self.begin().await?;
+        let sql = format!("SELECT * FROM tokens WHERE id = $1{}", self.for_update());
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
+        let token = row
+            .as_ref()
+            .map(token_from)
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
+        if token.revoked_ms.is_some() {
+            return Err(StoreError::Conflict(format!("token {id} is already revoked")));
+        }
+        sqlx::query("UPDATE tokens SET revoked_ms = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        Self::audit_in(
+            &mut tx,
+            now,
+            actor,
+            "token.revoke",
+            &id.to_string(),
+            json!({"name": token.name}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Token { revoked_ms: Some(now), ..token })
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> StoreResult<Option<Token>> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE token_hash = $1 AND revoked_ms IS NULL")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(token_from).transpose()
+    }
+
+    async fn audit(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>> {
+        let rows = sqlx::query("SELECT * FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2")
+            .bind(before_id.unwrap_or(i64::MAX))
+            .bind(limit.clamp(1, 1000))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get("id")?,
+                    at_ms: r.try_get("at_ms")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    detail: json_col(r, "detail")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn config(&self, device: &str) -> StoreResult<ConfigShadow> {
+        let row = sqlx::query("SELECT d.name, c.* FROM device_configs c JOIN devices d ON d.id = c.device_id WHERE d.name = $1")
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref()
+            .map(shadow_from)
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(format!("device {device:?}")))
+    }
+
+    async fn update_config(
+        &self,
+        device: &str,
+        patch: &ConfigPatch,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<ConfigShadow> {
+        let mut tx = self.begin().await?;
+        let d = self.device_in(&mut tx, device).await?;
+        let current = Self::shadow_in(&mut tx, d.id).await?;
+        let next = current.desired.patched(patch)?;
+        let version = current.desired_version + 1;
+        let text = serde_json::to_string(&next).expect("config serialises");
+        sqlx::query("UPDATE device_configs SET desired_version = $1, desired = $2, desired_ms = $3 WHERE device_id = $4")
+            .bind(version)
+            .bind(&text)
+            .bind(now)
+            .bind(d.id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO config_history (device_id, version, config, actor, at_ms) VALUES ($1, $2, $3, $4, $5)")
+            .bind(d.id)
+            .bind(version)
+            .bind(&text)
+            .bind(actor)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        Self::audit_in(
+            &mut tx,
+            now,
+            actor,
+            "config.set",
+            device,
+            json!({"version": version, "config": next}),
+        )
+        .await?;
+        let shadow = Self::shadow_in(&mut tx, d.id).await?;
+        tx.commit().await?;
+        Ok(shadow)
+    }
+
+    async fn config_history(&self, device: &str, limit: i64) -> StoreResult<Vec<ConfigVersion>> {
+        let d = self.device(device).await?;
+        let rows = sqlx::query(
+            "SELECT * FROM config_history WHERE device_id = $1 ORDER BY version DESC LIMIT $2",
+        )
+        .bind(d.id)
+        .bind(limit.clamp(1, 1000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ConfigVersion {
+                    version: r.try_get("version")?,
+                    config: json_col(r, "config")?,
+                    actor: r.try_get("actor")?,
+                    at_ms: r.try_get("at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn report_config(
+        &self,
+        device: &str,
+        version: i64,
+        applied: &DeviceConfig,
+        rejected: &[Rejection],
+        now: i64,
+    ) -> StoreResult<ConfigShadow> {
+        let mut tx = self.begin().await?;
+        let d = self.device_in(&mut tx, device).await?;
+        let current = Self::shadow_in(&mut tx, d.id).await?;
+        if version > current.desired_version || version < 1 {
+            return Err(StoreError::Conflict(format!(
+                "reported config version {version} was never issued (latest is {})",
+                current.desired_version
+            )));
+        }
+        sqlx::query(
+            "UPDATE device_configs SET reported_version = $1, reported = $2, rejected = $3, reported_ms = $4 WHERE device_id = $5",
+        )
+        .bind(version)
+        .bind(serde_json::to_string(applied).expect("config serialises"))
+        .bind(serde_json::to_string(rejected).expect("rejections serialise"))
+        .bind(now)
+        .bind(d.id)
+        .execute(&mut *tx)
+        .await?;
+        let shadow = Self::shadow_in(&mut tx, d.id).await?;
+        tx.commit().await?;
+        Ok(shadow)
+    }
+
+    async fn legacy_config_poll(
+        &self,
+        device: &str,
+        repeat: i64,
+        now: i64,
+    ) -> StoreResult<(bool, DeviceConfig)> {
+        let mut tx = self.begin().await?;
+        let d = self.device_in(&mut tx, device).await?;
+        let row = sqlx::query("SELECT * FROM device_configs WHERE device_id = $1")
+            .bind(d.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let desired: DeviceConfig = json_col(&row, "desired")?;
+        let version: i64 = row.try_get("desired_version")?;
+        let reported: Option<i64> = row.try_get("reported_version")?;
+        if reported == Some(version) {
+            tx.commit().await?;
+            return Ok((false, desired));
+        }
+        let served: i64 = row.try_get("legacy_served_version")?;
+        let count: i64 = row.try_get("legacy_served_count")?;
+        let count = if served == version { count + 1 } else { 1 };
+        sqlx::query("UPDATE device_configs SET legacy_served_version = $1, legacy_served_count = $2 WHERE device_id = $3")
+            .bind(version)
+            .bind(count)
+            .bind(d.id)
+            .execute(&mut *tx)
+            .await?;
+        if count >= repeat {
+            // The original firmware cannot acknowledge: after `repeat` deliveries
+            // of an idempotent change, count it as applied.
+            sqlx::query(
+                "UPDATE device_configs SET reported_version = $1, reported = desired, rejected = '[]', reported_ms = $2 WHERE device_id = $3",
+            )
+            .bind(version)
+            .bind(now)
+            .bind(d.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((true, desired))
+    }
+
+    async fn queue_command(
+        &self,
+        device: &str,
+        request: &CommandRequest,
+        action: Action,
+        ttl_ms: i64,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Command> {
+        let mut tx = self.begin().await?;
+        let d = self.device_in(&mut tx, device).await?;
+        let row = sqlx::query(
+            "INSERT INTO commands (device_id, kind, parameters, action, status, created_ms, created_by, expires_ms) \
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7) RETURNING id",
+        )
+        .bind(d.id)
+        .bind(request.kind())
+        .bind(request.parameters().to_string())
+        .bind(serde_json::to_string(&action).expect("action serialises"))
+        .bind(now)
+        .bind(actor)
+        .bind(now + ttl_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        let id: i64 = row.try_get("id")?;
+        Self::audit_in(
+            &mut tx,
+            now,
+            actor,
+            "command.queue",
+            &id.to_string(),
+            json!({"device": device, "type": request.kind(), "parameters": request.parameters()}),
+        )
+        .await?;
+        let command = Self::command_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(command)
+    }
+
+    async fn command(&self, id: i64) -> StoreResult<Command> {
+        let sql = format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.id = $1"
+        );
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref()
+            .map(command_from)
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(format!("command {id}")))
+    }
+
+    async fn commands(&self, filter: &CommandFilter) -> StoreResult<Vec<Command>> {
+        let mut sql = format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.id < $1"
+        );
+        let mut binds = vec![Bind::I(filter.before_id.unwrap_or(i64::MAX))];
+        let mut add = |clause: &str, b: Bind| {
+            binds.push(b);
+            sql.push_str(&format!(" AND {clause} ${}", binds.len()));
+        };
+        if let Some(device) = &filter.device {
+            add("d.name =", Bind::S(device.clone()));
+        }
+        if let Some(status) = filter.status {
+            add("c.status =", Bind::S(status.as_str().to_owned()));
+        }
+        if let Some(kind) = &filter.kind {
+            add("c.kind =", Bind::S(kind.clone()));
+        }
+        if let Some(since) = filter.since_ms {
+            add("c.created_ms >=", Bind::I(since));
+        }
+        binds.push(Bind::I(filter.limit.clamp(1, 100_000)));
+        sql.push_str(&format!(" ORDER BY c.id DESC LIMIT ${}", binds.len()));
+        let rows = bind_all(sqlx::query(&sql), &binds).fetch_all(&self.pool).await?;
+        rows.iter().map(command_from).collect()
+    }
+
+    async fn cancel_command(&self, id: i64, actor: &str, now: i64) -> StoreResult<Command> {
+        let mut tx = self.begin().await?;
+        let sql = format!("SELECT status FROM commands WHERE id = $1{}", self.for_update());
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
+        let status: String =
+            row.ok_or_else(|| StoreError::NotFound(format!("command {id}")))?.try_get("status")?;
+        if !CommandStatus::parse(&status).is_some_and(CommandStatus::is_open) {
+            return Err(StoreError::Conflict(format!("command {id} is already {status}")));
+        }
+        sqlx::query("UPDATE commands SET status = 'cancelled', completed_ms = $1, result_message = $2 WHERE id = $3")
+            .bind(now)
+            .bind(format!("cancelled by {actor}"))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        Self::audit_in(
+            &mut tx,
+            now,
+            actor,
+            "command.cancel",
+            &id.to_string(),
+            json!({"was": status}),
+        )
+        .await?;
+        let command = Self::command_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(command)
+    }
+
+    async fn expire_commands(&self, now: i64) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE commands SET status = 'expired', completed_ms = $1, \
+             result_message = 'time-to-live passed before a result arrived' \
+             WHERE status IN ('queued', 'delivered') AND expires_ms <= $1",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn deliver_commands(
+        &self,
+        device: &str,
+        redeliver_after_ms: i64,
+        max: i64,
+        now: i64,
+    ) -> StoreResult<Vec<Command>> {
+        let mut tx = self.begin().await?;
+        let d = sqlx::query("SELECT id FROM devices WHERE name = $1")
+            .bind(device)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let device_id: i64 =
+            d.ok_or_else(|| StoreError::NotFound(format!("device {device:?}")))?.try_get("id")?;
+        let lock = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        };
+        let sql = format!(
+            "SELECT id FROM commands WHERE device_id = $1 AND expires_ms > $2 \
+             AND (status = 'queued' OR (status = 'delivered' AND delivered_ms <= $3)) ORDER BY id LIMIT $4{lock}"
+        );
+        let ids: Vec<i64> = sqlx::query(&sql)
+            .bind(device_id)
+            .bind(now)
+            .bind(now - redeliver_after_ms)
+            .bind(max.clamp(1, 100))
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            sqlx::query(
+                "UPDATE commands SET status = 'delivered', delivered_ms = $1, \
+                 first_delivered_ms = COALESCE(first_delivered_ms, $1), delivery_count = delivery_count + 1 WHERE id = $2",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            out.push(Self::command_in(&mut tx, id).await?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn record_result(
+        &self,
+        device: &str,
+        id: i64,
+        outcome: &CommandOutcome,
+        now: i64,
+    ) -> StoreResult<Command> {
+        let mut tx = self.begin().await?;
+        let sql = format!(
+            "SELECT c.status, d.name FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.id = $1{}",
+            match self.dialect {
+                Dialect::Sqlite => "",
+                Dialect::Postgres => " FOR UPDATE OF c",
+            }
+        );
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
+        let row = row.ok_or_else(|| StoreError::NotFound(format!("command {id}")))?;
+        let owner: String = row.try_get("name")?;
+        if owner != device {
+            // Another device's command: as if it did not exist.
+            return Err(StoreError::NotFound(format!("command {id}")));
+        }
+        let status: String = row.try_get("status")?;
+        let status = CommandStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?;
+        if matches!(
+            status,
+            CommandStatus::Succeeded | CommandStatus::Failed | CommandStatus::Confirmed
+        ) {
+            // A repeated report (a retried upload): recorded once, answered the same.
+            let command = Self::command_in(&mut tx, id).await?;
+            tx.commit().await?;
+            return Ok(command);
+        }
+        let next = if outcome.success { "succeeded" } else { "failed" };
+        let mut message = outcome.message.clone().unwrap_or_default();
+        if !status.is_open() {
+            // Executed all the same (delivered before it expired or was cancelled): the truth wins.
+            message =
+                format!("{message} (result arrived after the command was {})", status.as_str())
+                    .trim()
+                    .to_owned();
+        }
+        sqlx::query(
+            "UPDATE commands SET status = $1, completed_ms = $2, executed_ms = $3, result_message = $4, \
+             exception_code = $5, result_value = $6 WHERE id = $7",
+        )
+        .bind(next)
+        .bind(now)
+        .bind(outcome.executed_ms)
+        .bind(message)
+        .bind(outcome.exception_code.map(i64::from))
+        .bind(outcome.value.map(i64::from))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let command = Self::command_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(command)
+    }
+
+    async fn confirm_commands(
+        &self,
+        device: &str,
+        register: u16,
+        value: u16,
+        reading_ms: i64,
+    ) -> StoreResult<u64> {
+        let action =
+            serde_json::to_string(&Action::Write { register, value }).expect("action serialises");
+        let done = sqlx::query(
+            "UPDATE commands SET status = 'confirmed', confirmed_ms = $1 \
+             WHERE status = 'succeeded' AND action = $2 AND COALESCE(executed_ms, completed_ms) <= $1 \
+             AND device_id = (SELECT id FROM devices WHERE name = $3)",
+        )
+        .bind(reading_ms)
+        .bind(action)
+        .bind(device)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn command_stats(&self, device: Option<&str>) -> StoreResult<CommandStats> {
+        let (filter, binds) = match device {
+            Some(name) => (
+                "WHERE device_id = (SELECT id FROM devices WHERE name = $1)",
+                vec![Bind::S(name.to_owned())],
+            ),
+            None => ("", vec![]),
+        };
+        let mut stats = CommandStats::default();
+        let sql = format!(
+            "SELECT status, kind, COUNT(*) AS n FROM commands {filter} GROUP BY status, kind"
+        );
+        for row in bind_all(sqlx::query(&sql), &binds).fetch_all(&self.pool).await? {
+            let (status, kind, n): (String, String, i64) =
+                (row.try_get("status")?, row.try_get("kind")?, row.try_get("n")?);
+            *stats.by_status.entry(status).or_default() += n;
+            *stats.by_type.entry(kind).or_default() += n;
+            stats.total_commands += n;
+        }
+        let sql = format!(
+            "SELECT CAST(AVG(CASE WHEN status IN ('succeeded','failed','confirmed') THEN completed_ms - created_ms END) AS DOUBLE PRECISION) AS completion, \
+             CAST(AVG(first_delivered_ms - created_ms) AS DOUBLE PRECISION) AS delivery FROM commands {filter}"
+        );
+        let row = bind_all(sqlx::query(&sql), &binds).fetch_one(&self.pool).await?;
+        stats.average_completion_ms = row.try_get("completion")?;
+        stats.average_delivery_ms = row.try_get("delivery")?;
+        let count = |s: &str| stats.by_status.get(s).copied().unwrap_or(0);
+        let good = count("succeeded") + count("confirmed");
+        let finished = good + count("failed");
+        stats.success_rate = if finished > 0 { 100.0 * good as f64 / finished as f64 } else { 0.0 };
+        for status in CommandStatus::ALL {
+            stats.by_status.entry(status.as_str().to_owned()).or_default();
+        }
+        Ok(stats)
+    }
+}

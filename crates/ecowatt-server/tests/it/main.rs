@@ -1,0 +1,8 @@
+//! Integration tests for the server: the store suite on SQLite and (when
+//! `ECOWATT_TEST_PG_URL` is set) PostgreSQL, the operator API, the legacy API,
+//! restarts and concurrency.
+
+mod api;
+mod concurrency;
+mod legacy;
+mod store;

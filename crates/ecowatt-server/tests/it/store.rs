@@ -1,0 +1,374 @@
+//! The same store suite on every backend.
+
+use ecowatt_server::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig};
+use ecowatt_server::store::{
+    CommandFilter, CommandOutcome, Rejection, Role, SqlStore, Store, StoreError,
+};
+use ecowatt_server::testing::TempDb;
+
+const T0: i64 = 1_800_000_000_000;
+const KEY: &str = "00112233445566778899aabbccddeeff";
+
+async fn each(test: impl AsyncFn(&SqlStore, &str)) {
+    for db in TempDb::each().await {
+        let store =
+            SqlStore::open(&db.url).await.unwrap_or_else(|e| panic!("{}: {e}", db.backend()));
+        test(&store, db.backend()).await;
+        store.close().await;
+        db.cleanup().await;
+    }
+}
+
+fn set_pct(p: i64) -> (CommandRequest, Action) {
+    let r = CommandRequest::SetPowerPercentage { percentage: p };
+    let a = r.action(10_000).unwrap();
+    (r, a)
+}
+
+#[tokio::test]
+async fn devices_lifecycle() {
+    each(async |s, b| {
+        let d = s.create_device("inv-1", 8_000, KEY, "alice#1", T0).await.unwrap();
+        assert_eq!(
+            (d.name.as_str(), d.rated_power_w, d.enabled, d.key_version),
+            ("inv-1", 8_000, true, 1),
+            "{b}"
+        );
+        assert!(
+            matches!(
+                s.create_device("inv-1", 8_000, KEY, "a", T0).await,
+                Err(StoreError::Conflict(_))
+            ),
+            "{b}"
+        );
+        assert!(
+            matches!(
+                s.create_device("bad name!", 8_000, KEY, "a", T0).await,
+                Err(StoreError::Invalid(_))
+            ),
+            "{b}"
+        );
+        assert!(
+            matches!(s.create_device("x", 10, KEY, "a", T0).await, Err(StoreError::Invalid(_))),
+            "{b}"
+        );
+        s.create_device("inv-0", 10_000, KEY, "alice#1", T0).await.unwrap();
+        let names: Vec<String> =
+            s.list_devices().await.unwrap().into_iter().map(|d| d.name).collect();
+        assert_eq!(names, ["inv-0", "inv-1"], "{b}");
+
+        assert!(!s.set_device_enabled("inv-1", false, "a", T0).await.unwrap().enabled);
+        assert!(!s.device("inv-1").await.unwrap().enabled, "{b}");
+        let rotated = s
+            .rotate_device_key("inv-1", "ffeeddccbbaa99887766554433221100", "a", T0)
+            .await
+            .unwrap();
+        assert_eq!(rotated.key_version, 2, "{b}");
+        let (_, key) = s.device_key("inv-1").await.unwrap();
+        assert_eq!(key, "ffeeddccbbaa99887766554433221100", "{b}");
+        s.touch_device("inv-1", T0 + 5).await.unwrap();
+        assert_eq!(s.device("inv-1").await.unwrap().last_seen_ms, Some(T0 + 5), "{b}");
+
+        s.delete_device("inv-1", "a", T0).await.unwrap();
+        assert!(matches!(s.device("inv-1").await, Err(StoreError::NotFound(_))), "{b}");
+        assert!(
+            matches!(s.delete_device("inv-1", "a", T0).await, Err(StoreError::NotFound(_))),
+            "{b}"
+        );
+        let actions: Vec<String> =
+            s.audit(None, 100).await.unwrap().into_iter().map(|e| e.action).collect();
+        assert_eq!(
+            actions,
+            ["device.remove", "device.rotate_key", "device.disable", "device.add", "device.add"],
+            "{b}: every change audited, newest first"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tokens_and_audit_paging() {
+    each(async |s, b| {
+        assert_eq!(s.token_count().await.unwrap(), 0);
+        let t = s.create_token("ci", Role::Viewer, "hash-1", "system", T0).await.unwrap();
+        assert_eq!(s.token_by_hash("hash-1").await.unwrap().unwrap().role, Role::Viewer, "{b}");
+        assert!(s.token_by_hash("nope").await.unwrap().is_none());
+        s.revoke_token(t.id, "admin#1", T0 + 1).await.unwrap();
+        assert!(
+            s.token_by_hash("hash-1").await.unwrap().is_none(),
+            "{b}: revoked tokens stop working"
+        );
+        assert!(matches!(s.revoke_token(t.id, "admin#1", T0).await, Err(StoreError::Conflict(_))));
+        assert_eq!(s.list_tokens().await.unwrap()[0].revoked_ms, Some(T0 + 1));
+        let page1 = s.audit(None, 1).await.unwrap();
+        let page2 = s.audit(Some(page1[0].id), 1).await.unwrap();
+        assert_eq!(
+            (page1[0].action.as_str(), page2[0].action.as_str()),
+            ("token.revoke", "token.create"),
+            "{b}"
+        );
+        assert_eq!(page1[0].actor, "admin#1");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn config_shadow_versions_validation_and_reports() {
+    each(async |s, b| {
+        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
+        let c = s.config("d").await.unwrap();
+        assert_eq!(
+            (c.desired_version, c.desired.clone(), c.reported_version),
+            (1, DeviceConfig::default(), None),
+            "{b}"
+        );
+
+        let patch = ConfigPatch {
+            poll_interval_ms: Some(10_000),
+            upload_interval_ms: Some(60_000),
+            ..Default::default()
+        };
+        let c = s.update_config("d", &patch, "op#2", T0 + 1).await.unwrap();
+        assert_eq!(
+            (c.desired_version, c.desired.poll_interval_ms, c.desired.upload_interval_ms),
+            (2, 10_000, 60_000)
+        );
+        let bad = ConfigPatch { poll_interval_ms: Some(100), ..Default::default() };
+        match s.update_config("d", &bad, "op#2", T0 + 2).await {
+            Err(StoreError::Invalid(i)) => assert_eq!(i.field, "poll_interval_ms"),
+            other => panic!("{b}: {other:?}"),
+        }
+        assert_eq!(
+            s.config("d").await.unwrap().desired_version,
+            2,
+            "{b}: a refused change stores nothing"
+        );
+        let history = s.config_history("d", 10).await.unwrap();
+        assert_eq!(history.iter().map(|v| v.version).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(history[0].actor, "op#2");
+
+        let rejected = [Rejection { field: "registers".into(), reason: "not supported".into() }];
+        let c = s.report_config("d", 2, &c.desired, &rejected, T0 + 3).await.unwrap();
+        assert_eq!((c.reported_version, c.rejected.len()), (Some(2), 1), "{b}");
+        assert!(matches!(
+            s.report_config("d", 3, &c.desired, &[], T0).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(s.config("nope").await, Err(StoreError::NotFound(_))));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn legacy_config_poll_repeats_a_change_then_counts_it_applied() {
+    each(async |s, b| {
+        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
+        s.update_config(
+            "d",
+            &ConfigPatch { poll_interval_ms: Some(10_000), ..Default::default() },
+            "a",
+            T0,
+        )
+        .await
+        .unwrap();
+        let polls: Vec<bool> = {
+            let mut v = vec![];
+            for i in 0..5 {
+                v.push(s.legacy_config_poll("d", 3, T0 + i).await.unwrap().0);
+            }
+            v
+        };
+        assert_eq!(polls, [true, true, true, false, false], "{b}: not lost after one lost answer");
+        assert_eq!(s.config("d").await.unwrap().reported_version, Some(2));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn command_lifecycle() {
+    each(async |s, b| {
+        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
+        s.create_device("other", 10_000, KEY, "a", T0).await.unwrap();
+        let (r, a) = set_pct(30);
+        let c = s.queue_command("d", &r, a, 60_000, "op#1", T0).await.unwrap();
+        assert_eq!(
+            (c.status, c.kind.as_str(), c.expires_ms),
+            (CommandStatus::Queued, "set_power_percentage", T0 + 60_000)
+        );
+        assert_eq!(c.action, Action::Write { register: 8, value: 30 });
+
+        // Delivered, not again right away, again after the redelivery window.
+        let got = s.deliver_commands("d", 10_000, 10, T0 + 100).await.unwrap();
+        assert_eq!(
+            (got.len(), got[0].status, got[0].delivery_count),
+            (1, CommandStatus::Delivered, 1),
+            "{b}"
+        );
+        assert!(s.deliver_commands("d", 10_000, 10, T0 + 5_000).await.unwrap().is_empty());
+        assert!(s.deliver_commands("other", 10_000, 10, T0 + 5_000).await.unwrap().is_empty());
+        let again = s.deliver_commands("d", 10_000, 10, T0 + 10_100).await.unwrap();
+        assert_eq!(again[0].delivery_count, 2, "{b}: delivered again until a result arrives");
+
+        let ok = CommandOutcome {
+            success: true,
+            message: Some("ok".into()),
+            exception_code: None,
+            value: Some(30),
+            executed_ms: Some(T0 + 10_200),
+        };
+        assert!(
+            matches!(s.record_result("other", c.id, &ok, T0).await, Err(StoreError::NotFound(_))),
+            "{b}"
+        );
+        let done = s.record_result("d", c.id, &ok, T0 + 10_300).await.unwrap();
+        assert_eq!(
+            (done.status, done.result_value, done.completed_ms),
+            (CommandStatus::Succeeded, Some(30), Some(T0 + 10_300))
+        );
+        let failed = CommandOutcome { success: false, ..ok.clone() };
+        let same = s.record_result("d", c.id, &failed, T0 + 20_000).await.unwrap();
+        assert_eq!(
+            (same.status, same.completed_ms),
+            (CommandStatus::Succeeded, Some(T0 + 10_300)),
+            "{b}: recorded once"
+        );
+        assert!(
+            s.deliver_commands("d", 0, 10, T0 + 30_000).await.unwrap().is_empty(),
+            "{b}: finished commands stay finished"
+        );
+        assert!(matches!(s.cancel_command(c.id, "op", T0).await, Err(StoreError::Conflict(_))));
+
+        // A reading with the value confirms it; another value does not.
+        assert_eq!(s.confirm_commands("d", 8, 31, T0 + 40_000).await.unwrap(), 0);
+        assert_eq!(s.confirm_commands("d", 8, 30, T0 + 40_000).await.unwrap(), 1, "{b}");
+        assert_eq!(s.command(c.id).await.unwrap().status, CommandStatus::Confirmed);
+
+        // Cancel, expiry.
+        let c2 = s.queue_command("d", &r, a, 60_000, "op#1", T0).await.unwrap();
+        assert_eq!(
+            s.cancel_command(c2.id, "op#1", T0 + 1).await.unwrap().status,
+            CommandStatus::Cancelled
+        );
+        let c3 = s.queue_command("d", &r, a, 60_000, "op#1", T0).await.unwrap();
+        assert_eq!(s.expire_commands(T0 + 59_999).await.unwrap(), 0);
+        assert_eq!(s.expire_commands(T0 + 60_000).await.unwrap(), 1, "{b}");
+        assert_eq!(s.command(c3.id).await.unwrap().status, CommandStatus::Expired);
+        assert!(c3.id > c2.id && c2.id > c.id, "{b}: ids increase");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn filters_paging_and_statistics() {
+    each(async |s, b| {
+        s.create_device("a", 10_000, KEY, "x", T0).await.unwrap();
+        s.create_device("z", 10_000, KEY, "x", T0).await.unwrap();
+        let (r, a) = set_pct(50);
+        let read = CommandRequest::ReadRegister { register_address: 9 };
+        for i in 0..5 {
+            s.queue_command("a", &r, a, 60_000, "x", T0 + i).await.unwrap();
+        }
+        s.queue_command("z", &read, read.action(10_000).unwrap(), 60_000, "x", T0).await.unwrap();
+        let all = s.commands(&CommandFilter { limit: 100, ..Default::default() }).await.unwrap();
+        assert_eq!(all.len(), 6, "{b}");
+        let page = s
+            .commands(&CommandFilter { device: Some("a".into()), limit: 2, ..Default::default() })
+            .await
+            .unwrap();
+        let next = s
+            .commands(&CommandFilter {
+                device: Some("a".into()),
+                limit: 2,
+                before_id: Some(page[1].id),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(
+            page[0].id > page[1].id && page[1].id > next[0].id,
+            "{b}: newest first, pages continue"
+        );
+        let reads = s
+            .commands(&CommandFilter {
+                kind: Some("read_register".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(reads.len(), 1);
+        assert_eq!(reads[0].device, "z");
+
+        let d = s.deliver_commands("a", 30_000, 2, T0 + 1_000).await.unwrap();
+        let ok = CommandOutcome {
+            success: true,
+            message: None,
+            exception_code: None,
+            value: Some(50),
+            executed_ms: None,
+        };
+        s.record_result("a", d[0].id, &ok, T0 + 2_000).await.unwrap();
+        let bad = CommandOutcome {
+            success: false,
+            message: Some("exception 04".into()),
+            exception_code: Some(4),
+            value: None,
+            executed_ms: None,
+        };
+        s.record_result("a", d[1].id, &bad, T0 + 4_000).await.unwrap();
+        let delivered = s
+            .commands(&CommandFilter {
+                status: Some(CommandStatus::Failed),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(delivered[0].exception_code, Some(4), "{b}");
+
+        let st = s.command_stats(Some("a")).await.unwrap();
+        assert_eq!(st.total_commands, 5, "{b}");
+        assert_eq!(
+            (st.by_status["succeeded"], st.by_status["failed"], st.by_status["queued"]),
+            (1, 1, 3)
+        );
+        assert_eq!(st.success_rate, 50.0);
+        assert_eq!(st.average_completion_ms, Some(2_999.5), "{b}: (2000 + 3999) / 2");
+        assert_eq!(st.average_delivery_ms, Some(999.5), "{b}: (1000 + 999) / 2");
+        assert_eq!(s.command_stats(None).await.unwrap().total_commands, 6);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn everything_survives_a_restart_and_ids_are_never_reused() {
+    for db in TempDb::each().await {
+        let b = db.backend();
+        let s = SqlStore::open(&db.url).await.unwrap();
+        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
+        let (r, a) = set_pct(40);
+        let c1 = s.queue_command("d", &r, a, 600_000, "a", T0).await.unwrap();
+        s.update_config(
+            "d",
+            &ConfigPatch { poll_interval_ms: Some(7_000), ..Default::default() },
+            "a",
+            T0,
+        )
+        .await
+        .unwrap();
+        s.close().await;
+
+        let s = SqlStore::open(&db.url).await.unwrap();
+        assert_eq!(s.command(c1.id).await.unwrap().status, CommandStatus::Queued, "{b}");
+        assert_eq!(s.config("d").await.unwrap().desired.poll_interval_ms, 7_000);
+        // Remove the device (and so its commands), then queue again: a new id.
+        s.delete_device("d", "a", T0).await.unwrap();
+        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
+        s.close().await;
+        let s = SqlStore::open(&db.url).await.unwrap();
+        let c2 = s.queue_command("d", &r, a, 600_000, "a", T0).await.unwrap();
+        assert!(c2.id > c1.id, "{b}: id {} reused after {}", c2.id, c1.id);
+        s.close().await;
+        db.cleanup().await;
+    }
+}
