@@ -41,7 +41,13 @@ impl TempDb {
     /// A fresh PostgreSQL database, or `None` when `ECOWATT_TEST_PG_URL` is unset.
     pub async fn postgres() -> Option<TempDb> {
         let admin = std::env::var(PG_ENV).ok()?;
-        let name = format!("ecowatt_t_{}", crate::api::new_secret(6));
+        Some(TempDb::postgres_at(&admin, "ecowatt_t").await)
+    }
+
+    /// A fresh PostgreSQL database named `PREFIX_<random>` on the server at `admin`.
+    pub async fn postgres_at(admin: &str, prefix: &str) -> TempDb {
+        let admin = admin.to_owned();
+        let name = format!("{prefix}_{}", crate::api::new_secret(6));
         let mut conn =
             sqlx::PgConnection::connect(&admin).await.expect("connect to ECOWATT_TEST_PG_URL");
         sqlx::query(&format!("CREATE DATABASE {name}"))
@@ -51,7 +57,7 @@ impl TempDb {
         conn.close().await.ok();
         let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
         let url = format!("{base}/{name}");
-        Some(TempDb { url, dir: tempfile::tempdir().expect("temp dir"), pg: Some((admin, name)) })
+        TempDb { url, dir: tempfile::tempdir().expect("temp dir"), pg: Some((admin, name)) }
     }
 
     /// Both backends where available: SQLite always, PostgreSQL when configured.

@@ -33,6 +33,24 @@ pub enum BenchCommand {
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         max_time: Duration,
     },
+    /// Command queue -> deliver -> result cycles per second, and config updates
+    /// per second, through the store (SQLite in a temp dir, or a throw-away
+    /// PostgreSQL database).
+    Commands {
+        /// PostgreSQL server to create a throw-away database on
+        /// (e.g. postgres://postgres@127.0.0.1:5432/postgres); SQLite if absent.
+        #[arg(long)]
+        postgres: Option<String>,
+        /// Concurrent workers (one device each).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+        workers: u64,
+        /// Cycles (and config updates) in total, at most.
+        #[arg(long, default_value_t = 5_000)]
+        cycles: u64,
+        /// Time limit per measurement.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        max_time: Duration,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -43,6 +61,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Sim { requests, clients, max_time } => {
             sim(requests.max(1), clients, max_time)
+        }
+        BenchCommand::Commands { postgres, workers, cycles, max_time } => {
+            tokio::runtime::Runtime::new()?.block_on(commands(
+                postgres,
+                workers,
+                cycles.max(1),
+                max_time,
+            ))
         }
     }
 }
@@ -186,5 +212,101 @@ fn sim(requests: u64, clients: u64, max_time: Duration) -> anyhow::Result<()> {
     report("Modbus TCP", &tcp);
     rt.block_on(sim.shutdown());
     anyhow::ensure!(http.failed == 0 && tcp.failed == 0, "some requests failed");
+    Ok(())
+}
+
+async fn commands(
+    postgres: Option<String>,
+    workers: u64,
+    cycles: u64,
+    max_time: Duration,
+) -> anyhow::Result<()> {
+    use ecowatt_server::domain::{CommandRequest, ConfigPatch};
+    use ecowatt_server::store::{CommandOutcome, SqlStore, Store};
+    use ecowatt_server::testing::TempDb;
+
+    let db = match &postgres {
+        Some(url) => TempDb::postgres_at(url, "ecowatt_bench").await,
+        None => TempDb::sqlite(),
+    };
+    let store = std::sync::Arc::new(SqlStore::open(&db.url).await?);
+    let now = ecowatt_server::now_ms();
+    for w in 0..workers {
+        store.create_device(&format!("bench-{w}"), 10_000, "00", "bench", now).await?;
+    }
+    println!(
+        "Command store, {} backend, {workers} workers (one device each), at most {cycles} operations or {max_time:?}:",
+        store.backend()
+    );
+    let per_worker = cycles.div_ceil(workers);
+
+    // queue -> deliver -> result, each worker on its own device.
+    let run = |kind: u8| {
+        let store = store.clone();
+        async move {
+            let started = Instant::now();
+            let deadline = started + max_time;
+            let mut tasks = Vec::new();
+            for w in 0..workers {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    let device = format!("bench-{w}");
+                    let mut lat = Vec::with_capacity(per_worker as usize);
+                    for i in 0..per_worker {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        let t0 = Instant::now();
+                        let now = ecowatt_server::now_ms();
+                        if kind == 0 {
+                            let r =
+                                CommandRequest::SetPowerPercentage { percentage: (i % 101) as i64 };
+                            let a = r.action(10_000).expect("valid");
+                            let c =
+                                store.queue_command(&device, &r, a, 600_000, "bench", now).await?;
+                            let got = store.deliver_commands(&device, 600_000, 1, now).await?;
+                            anyhow::ensure!(
+                                got.len() == 1 && got[0].id == c.id,
+                                "delivered {got:?}"
+                            );
+                            let ok = CommandOutcome {
+                                success: true,
+                                message: None,
+                                exception_code: None,
+                                value: None,
+                                executed_ms: None,
+                            };
+                            store.record_result(&device, c.id, &ok, now).await?;
+                        } else {
+                            let patch = ConfigPatch {
+                                poll_interval_ms: Some(1_000 + (i % 1000) as i64),
+                                ..Default::default()
+                            };
+                            store.update_config(&device, &patch, "bench", now).await?;
+                        }
+                        lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    Ok::<_, anyhow::Error>(lat)
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await??);
+            }
+            all.sort_unstable();
+            Ok::<_, anyhow::Error>(Run {
+                ok: all.len() as u64,
+                failed: 0,
+                latencies_us: all,
+                elapsed: started.elapsed(),
+            })
+        }
+    };
+    let cycles_run = run(0).await?;
+    report("cmd cycles", &cycles_run);
+    let config_run = run(1).await?;
+    report("config upd", &config_run);
+    store.close().await;
+    db.cleanup().await;
     Ok(())
 }

@@ -1,8 +1,11 @@
 //! `ecowatt`: one binary for every EcoWatt role.
 
 mod bench;
+mod client;
 mod demo;
 mod inverter;
+mod operator;
+mod server;
 mod sim;
 mod units;
 
@@ -16,11 +19,11 @@ use clap::{Parser, Subcommand};
 #[command(name = "ecowatt", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Verb,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Verb {
     /// Run everything on this machine and watch live readings (the first thing to try).
     Demo(demo::DemoArgs),
     /// Run the inverter simulator: the course's Inverter SIM HTTP API and Modbus TCP.
@@ -28,25 +31,79 @@ enum Command {
     /// Talk to an inverter (or the simulator): read its registers, set its export limit.
     #[command(subcommand)]
     Inverter(inverter::InverterCommand),
-    /// Measure: Modbus frame encode/decode rates, simulator requests per second.
+    /// Run the cloud server (operator API, store; --legacy-api for original firmware).
+    Server(server::ServerArgs),
+    /// Register and manage devices (add writes the provisioning file with the device key).
+    Device {
+        #[command(subcommand)]
+        cmd: operator::DeviceCommand,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
+    /// Change and inspect a device's configuration (poll and upload intervals, registers).
+    Config {
+        #[command(subcommand)]
+        cmd: operator::ConfigCommand,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
+    /// Queue a command for a device, e.g. `ecowatt command roof-1 set-power-percentage 50 --wait`.
+    Command {
+        #[command(flatten)]
+        args: operator::CommandArgs,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
+    /// List, show, cancel, export queued commands and their statistics.
+    Commands {
+        #[command(subcommand)]
+        cmd: operator::CommandsCommand,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
+    /// Create, list and revoke operator tokens (roles: admin, viewer).
+    Token {
+        #[command(subcommand)]
+        cmd: operator::TokenCommand,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
+    /// Show the audit log: who changed what, when.
+    Audit {
+        /// Entries to show, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
+    /// Measure: Modbus frame rates, simulator requests per second, command queue cycles.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // ECOWATT_LOG_FORMAT=json gives one JSON object per line, for log collectors.
+    if std::env::var("ECOWATT_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let result = match cli.command {
-        Command::Demo(args) => demo::run(args),
-        Command::Sim(args) => sim::run(args),
-        Command::Inverter(cmd) => inverter::run(cmd),
-        Command::Bench(cmd) => bench::run(cmd),
+        Verb::Demo(args) => demo::run(args),
+        Verb::Sim(args) => sim::run(args),
+        Verb::Inverter(cmd) => inverter::run(cmd),
+        Verb::Bench(cmd) => bench::run(cmd),
+        Verb::Server(args) => server::run(args),
+        Verb::Device { cmd, conn } => operator::device(&conn, cmd),
+        Verb::Config { cmd, conn } => operator::config(&conn, cmd),
+        Verb::Command { args, conn } => operator::command(&conn, args),
+        Verb::Commands { cmd, conn } => operator::commands(&conn, cmd),
+        Verb::Token { cmd, conn } => operator::token(&conn, cmd),
+        Verb::Audit { limit, conn } => operator::audit(&conn, limit),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

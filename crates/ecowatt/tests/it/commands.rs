@@ -39,6 +39,16 @@ fn every_command_explains_itself() {
         &["bench", "--help"],
         &["bench", "frames", "--help"],
         &["bench", "sim", "--help"],
+        &["bench", "commands", "--help"],
+        &["server", "--help"],
+        &["device", "add", "--help"],
+        &["device", "rotate-key", "--help"],
+        &["config", "set", "--help"],
+        &["command", "--help"],
+        &["command", "x", "set-power-percentage", "--help"],
+        &["commands", "export", "--help"],
+        &["token", "create", "--help"],
+        &["audit", "--help"],
     ] {
         let out = ecowatt(args);
         assert!(out.status.success(), "{args:?}: {}", explain(&out));

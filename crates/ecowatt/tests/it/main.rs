@@ -1,3 +1,4 @@
 //! The `ecowatt` binary as a user runs it.
 
 mod commands;
+mod server_cli;

@@ -1,0 +1,130 @@
+//! The operator CLI's connection to the server: URL, token, JSON calls, and
+//! the server's errors turned into readable messages.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::Value;
+
+/// Where the server is and who we are.
+#[derive(Args, Debug, Clone)]
+pub struct ServerConn {
+    /// The server's URL.
+    #[arg(long, env = "ECOWATT_SERVER", default_value = "http://127.0.0.1:5001", global = true)]
+    pub server: String,
+    /// Operator token [default: read from DATA_DIR/admin.token].
+    #[arg(long, env = "ECOWATT_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// The server's data directory, where the first admin token is kept.
+    #[arg(long, env = "ECOWATT_DATA_DIR", default_value = "./ecowatt-data", global = true)]
+    pub data_dir: PathBuf,
+}
+
+/// A connected operator.
+pub struct Api {
+    agent: ureq::Agent,
+    base: String,
+    token: String,
+}
+
+impl ServerConn {
+    /// Resolves the token and prepares calls.
+    pub fn connect(&self) -> anyhow::Result<Api> {
+        let token = match &self.token {
+            Some(t) => t.trim().to_owned(),
+            None => {
+                let path = self.data_dir.join(ecowatt_server::settings::ADMIN_TOKEN_FILE);
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!("no token: pass --token, set ECOWATT_TOKEN, or point --data-dir at the server's data directory ({} not readable)", path.display())
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(Api { agent, base: self.server.trim_end_matches('/').to_owned(), token })
+    }
+}
+
+impl Api {
+    /// Calls `method path` with an optional JSON body; returns the JSON answer
+    /// or the server's error as a message.
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let text = self.call_text(method, path, body)?;
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text)
+            .with_context(|| format!("the server's answer is not JSON: {text}"))
+    }
+
+    /// As [`Api::call`], returning the raw body.
+    pub fn call_text(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<String> {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
+            (m, b) => {
+                let req = match m {
+                    "POST" => self.agent.post(&url),
+                    "PATCH" => self.agent.patch(&url),
+                    "PUT" => self.agent.put(&url),
+                    other => bail!("unsupported method {other}"),
+                };
+                let req = req.header("Authorization", &auth);
+                match b {
+                    Some(b) => req.send_json(b),
+                    None => req.send_empty(),
+                }
+            }
+        };
+        let mut response = result.with_context(|| {
+            format!("cannot reach the server at {} (is `ecowatt server` running?)", self.base)
+        })?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        if status >= 400 {
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let e = &v["error"];
+            match (e["code"].as_str(), e["message"].as_str()) {
+                (Some(code), Some(message)) => match e["field"].as_str() {
+                    Some(field) => bail!("{message} [{code}, field {field}, HTTP {status}]"),
+                    None => bail!("{message} [{code}, HTTP {status}]"),
+                },
+                _ => bail!("HTTP {status}: {text}"),
+            }
+        }
+        Ok(text)
+    }
+}
+
+/// Percent-encodes a path segment.
+pub fn segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// Unix ms as a short UTC time, or `-`.
+pub fn when(ms: &Value) -> String {
+    ms.as_i64()
+        .map_or_else(|| "-".to_owned(), |ms| ecowatt_server::iso8601(ms)[..19].replace('T', " "))
+}

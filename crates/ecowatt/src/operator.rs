@@ -1,0 +1,546 @@
+//! Operator commands, all through the server's API: `device`, `token`,
+//! `config`, `command`, `commands`, `audit`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::client::{ServerConn, segment, when};
+use crate::units::{parse_duration, parse_power_w};
+
+/// Manage devices.
+#[derive(Subcommand, Debug)]
+pub enum DeviceCommand {
+    /// Register a device: creates its 128-bit key and writes a provisioning file
+    /// for the device agent. The key is shown only this once.
+    Add {
+        /// Device name (letters, digits, _ - .), e.g. the seed's ESP32_EcoWatt_Smart.
+        name: String,
+        /// Rated AC power of its inverter (set_power converts watts with it).
+        #[arg(long, default_value = "10kW", value_parser = parse_power_w)]
+        rated_power: u32,
+        /// Where to write the provisioning file [default: NAME.provision.json].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List devices.
+    List,
+    /// Show a device and its config shadow.
+    Show {
+        /// Device name.
+        name: String,
+    },
+    /// Disable a device: the server refuses it until enabled again.
+    Disable {
+        /// Device name.
+        name: String,
+    },
+    /// Enable a disabled device.
+    Enable {
+        /// Device name.
+        name: String,
+    },
+    /// Remove a device, its config and its commands (the audit log keeps its history).
+    Remove {
+        /// Device name.
+        name: String,
+    },
+    /// Give a device a new key and write a new provisioning file.
+    RotateKey {
+        /// Device name.
+        name: String,
+        /// Where to write the provisioning file [default: NAME.provision.json].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn write_provisioning(v: &Value, name: &str, out: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("{name}.provision.json")));
+    let text = serde_json::to_string_pretty(&v["provisioning"])?;
+    ecowatt_server::run::write_secret(&path, &text)?;
+    Ok(path)
+}
+
+pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
+    let api = conn.connect()?;
+    match cmd {
+        DeviceCommand::Add { name, rated_power, out } => {
+            let v = api.call(
+                "POST",
+                "/api/v1/devices",
+                Some(&json!({"name": name, "rated_power_w": rated_power})),
+            )?;
+            let path = write_provisioning(&v, &name, out)?;
+            println!("Device {name} added (id {}, rated {} W).", v["device"]["id"], rated_power);
+            println!(
+                "Provisioning file: {} (it holds the device key, shown only now; keep it secret)",
+                path.display()
+            );
+        }
+        DeviceCommand::List => {
+            let v = api.call("GET", "/api/v1/devices", None)?;
+            println!(
+                "{:<24} {:>5} {:>9} {:<8} {:>4} {:<19}",
+                "name", "id", "rated W", "state", "key", "last seen (UTC)"
+            );
+            for d in v["devices"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} {:>5} {:>9} {:<8} {:>4} {:<19}",
+                    d["name"].as_str().unwrap_or("?"),
+                    d["id"].to_string(),
+                    d["rated_power_w"].to_string(),
+                    if d["enabled"].as_bool() == Some(true) { "enabled" } else { "disabled" },
+                    d["key_version"].to_string(),
+                    when(&d["last_seen_ms"])
+                );
+            }
+        }
+        DeviceCommand::Show { name } => {
+            let v = api.call("GET", &format!("/api/v1/devices/{}", segment(&name)), None)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        DeviceCommand::Disable { name } => {
+            api.call("POST", &format!("/api/v1/devices/{}/disable", segment(&name)), None)?;
+            println!("Device {name} disabled.");
+        }
+        DeviceCommand::Enable { name } => {
+            api.call("POST", &format!("/api/v1/devices/{}/enable", segment(&name)), None)?;
+            println!("Device {name} enabled.");
+        }
+        DeviceCommand::Remove { name } => {
+            api.call("DELETE", &format!("/api/v1/devices/{}", segment(&name)), None)?;
+            println!("Device {name} removed.");
+        }
+        DeviceCommand::RotateKey { name, out } => {
+            let v =
+                api.call("POST", &format!("/api/v1/devices/{}/rotate-key", segment(&name)), None)?;
+            let path = write_provisioning(&v, &name, out)?;
+            println!(
+                "Device {name} has key version {}. New provisioning file: {}",
+                v["device"]["key_version"],
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Manage operator tokens.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token; it is printed once.
+    Create {
+        /// Who or what it is for.
+        name: String,
+        /// admin (may change things) or viewer (may only read).
+        #[arg(long, default_value = "viewer", value_parser = ["admin", "viewer"])]
+        role: String,
+    },
+    /// List tokens.
+    List,
+    /// Revoke a token by id.
+    Revoke {
+        /// Token id (from `token list`).
+        id: i64,
+    },
+}
+
+pub fn token(conn: &ServerConn, cmd: TokenCommand) -> anyhow::Result<()> {
+    let api = conn.connect()?;
+    match cmd {
+        TokenCommand::Create { name, role } => {
+            let v =
+                api.call("POST", "/api/v1/tokens", Some(&json!({"name": name, "role": role})))?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+            eprintln!("Token {} ({role}) created; it is shown only now.", v["info"]["id"]);
+        }
+        TokenCommand::List => {
+            let v = api.call("GET", "/api/v1/tokens", None)?;
+            println!(
+                "{:>4} {:<20} {:<7} {:<19} {:<19}",
+                "id", "name", "role", "created (UTC)", "revoked (UTC)"
+            );
+            for t in v["tokens"].as_array().into_iter().flatten() {
+                println!(
+                    "{:>4} {:<20} {:<7} {:<19} {:<19}",
+                    t["id"].to_string(),
+                    t["name"].as_str().unwrap_or("?"),
+                    t["role"].as_str().unwrap_or("?"),
+                    when(&t["created_ms"]),
+                    when(&t["revoked_ms"])
+                );
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            api.call("DELETE", &format!("/api/v1/tokens/{id}"), None)?;
+            println!("Token {id} revoked.");
+        }
+    }
+    Ok(())
+}
+
+/// Change and inspect device configuration.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Change a device's desired config (a new version; the device applies it and reports back).
+    Set {
+        /// Device name.
+        device: String,
+        /// Poll interval (1s..=1h), e.g. 10s.
+        #[arg(long, value_parser = parse_duration)]
+        poll: Option<Duration>,
+        /// Upload interval (10s..=24h), e.g. 15m.
+        #[arg(long, value_parser = parse_duration)]
+        upload: Option<Duration>,
+        /// Registers to sample, e.g. 0,1,2,9.
+        #[arg(long, value_delimiter = ',')]
+        registers: Option<Vec<u16>>,
+    },
+    /// Show desired and reported config.
+    Show {
+        /// Device name.
+        device: String,
+    },
+    /// Show the desired config's versions.
+    History {
+        /// Device name.
+        device: String,
+    },
+}
+
+pub fn config(conn: &ServerConn, cmd: ConfigCommand) -> anyhow::Result<()> {
+    let api = conn.connect()?;
+    match cmd {
+        ConfigCommand::Set { device, poll, upload, registers } => {
+            if poll.is_none() && upload.is_none() && registers.is_none() {
+                bail!("nothing to change: give --poll, --upload or --registers");
+            }
+            let mut patch = serde_json::Map::new();
+            if let Some(p) = poll {
+                patch.insert("poll_interval_ms".into(), json!(p.as_millis() as i64));
+            }
+            if let Some(u) = upload {
+                patch.insert("upload_interval_ms".into(), json!(u.as_millis() as i64));
+            }
+            if let Some(r) = registers {
+                patch.insert("registers".into(), json!(r));
+            }
+            let v = api.call(
+                "PATCH",
+                &format!("/api/v1/devices/{}/config", segment(&device)),
+                Some(&Value::Object(patch)),
+            )?;
+            println!("Config version {} of {device}: {}", v["desired_version"], v["desired"]);
+        }
+        ConfigCommand::Show { device } => {
+            let v =
+                api.call("GET", &format!("/api/v1/devices/{}/config", segment(&device)), None)?;
+            println!("device    {device}");
+            println!(
+                "desired   v{} {} (set {})",
+                v["desired_version"],
+                v["desired"],
+                when(&v["desired_ms"])
+            );
+            match v["reported_version"].as_i64() {
+                Some(r) => {
+                    println!("reported  v{r} {} (at {})", v["reported"], when(&v["reported_ms"]))
+                }
+                None => println!("reported  nothing yet"),
+            }
+            for r in v["rejected"].as_array().into_iter().flatten() {
+                println!(
+                    "rejected  {}: {}",
+                    r["field"].as_str().unwrap_or("?"),
+                    r["reason"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        ConfigCommand::History { device } => {
+            let v = api.call(
+                "GET",
+                &format!("/api/v1/devices/{}/config/history", segment(&device)),
+                None,
+            )?;
+            for h in v["versions"].as_array().into_iter().flatten() {
+                println!(
+                    "v{:<4} {} {:<16} {}",
+                    h["version"],
+                    when(&h["at_ms"]),
+                    h["actor"].as_str().unwrap_or("?"),
+                    h["config"]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Options of a queued command.
+#[derive(Args, Debug, Clone)]
+pub struct QueueOpts {
+    /// Time-to-live: the command expires if no result arrives in time (10s..=7d).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    ttl: Duration,
+    /// Wait for the outcome and print it; exits non-zero unless it succeeded.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    wait_timeout: Duration,
+}
+
+/// Queue a command for a device.
+#[derive(Args, Debug)]
+pub struct CommandArgs {
+    /// Device name.
+    device: String,
+    #[command(subcommand)]
+    action: CommandAction,
+}
+
+/// The command to queue.
+#[derive(Subcommand, Debug)]
+pub enum CommandAction {
+    /// Set the export limit, percent of rated power (0..=100).
+    SetPowerPercentage {
+        /// Percent.
+        percentage: i64,
+        #[command(flatten)]
+        opts: QueueOpts,
+    },
+    /// Set the export limit in watts (converted with the device's rated power).
+    SetPower {
+        /// Power, e.g. 2500W or 2.5kW.
+        #[arg(value_parser = parse_watts)]
+        power: i64,
+        #[command(flatten)]
+        opts: QueueOpts,
+    },
+    /// Write a raw value to a writable register (only register 8, 0..=100).
+    WriteRegister {
+        /// Register address.
+        address: i64,
+        /// Raw value.
+        value: i64,
+        #[command(flatten)]
+        opts: QueueOpts,
+    },
+    /// Read one register.
+    ReadRegister {
+        /// Register address (0..=9).
+        address: i64,
+        #[command(flatten)]
+        opts: QueueOpts,
+    },
+}
+
+fn parse_watts(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let (n, f) = match t.strip_suffix("kW") {
+        Some(n) => (n, 1000.0),
+        None => (t.strip_suffix('W').unwrap_or(t), 1.0),
+    };
+    n.trim()
+        .parse::<f64>()
+        .map(|v| (v * f).round() as i64)
+        .map_err(|_| format!("{text:?} is not a power like 2500W or 2.5kW"))
+}
+
+pub fn command(conn: &ServerConn, args: CommandArgs) -> anyhow::Result<()> {
+    let api = conn.connect()?;
+    let (body, opts) = match args.action {
+        CommandAction::SetPowerPercentage { percentage, opts } => (
+            json!({"type": "set_power_percentage", "parameters": {"percentage": percentage}}),
+            opts,
+        ),
+        CommandAction::SetPower { power, opts } => {
+            (json!({"type": "set_power", "parameters": {"power_value": power}}), opts)
+        }
+        CommandAction::WriteRegister { address, value, opts } => (
+            json!({"type": "write_register", "parameters": {"register_address": address, "value": value}}),
+            opts,
+        ),
+        CommandAction::ReadRegister { address, opts } => {
+            (json!({"type": "read_register", "parameters": {"register_address": address}}), opts)
+        }
+    };
+    let mut body = body;
+    body["ttl_s"] = json!(opts.ttl.as_secs() as i64);
+    let v = api.call(
+        "POST",
+        &format!("/api/v1/devices/{}/commands", segment(&args.device)),
+        Some(&body),
+    )?;
+    let id = v["id"].as_i64().unwrap_or_default();
+    println!(
+        "Command {id} queued for {}: {} {}",
+        args.device,
+        v["kind"].as_str().unwrap_or("?"),
+        v["parameters"]
+    );
+    if !opts.wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + opts.wait_timeout;
+    let mut last = String::new();
+    loop {
+        let c = api.call("GET", &format!("/api/v1/commands/{id}"), None)?;
+        let status = c["status"].as_str().unwrap_or("?").to_owned();
+        if status != last {
+            println!("  {status}");
+            last = status.clone();
+        }
+        match status.as_str() {
+            "queued" | "delivered" => {}
+            "succeeded" | "confirmed" => {
+                println!("Command {id} {status}: {}", describe(&c));
+                return Ok(());
+            }
+            _ => bail!("command {id} {status}: {}", describe(&c)),
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "command {id} is still {status} after {:?}; it stays queued until it expires",
+                opts.wait_timeout
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn describe(c: &Value) -> String {
+    let mut parts = vec![];
+    if let Some(m) = c["result_message"].as_str().filter(|m| !m.is_empty()) {
+        parts.push(m.to_owned());
+    }
+    if let Some(v) = c["result_value"].as_i64() {
+        parts.push(format!("register reads {v}"));
+    }
+    if let Some(e) = c["exception_code"].as_i64() {
+        parts.push(format!("Modbus exception {e:02X}"));
+    }
+    if parts.is_empty() { "no details".to_owned() } else { parts.join("; ") }
+}
+
+/// Inspect and manage queued commands.
+#[derive(Subcommand, Debug)]
+pub enum CommandsCommand {
+    /// List commands, newest first.
+    List {
+        /// Only this device's.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only in this status (queued, delivered, succeeded, failed, expired, cancelled, confirmed).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Show one command.
+    Show {
+        /// Command id.
+        id: i64,
+    },
+    /// Cancel a command that has no result yet.
+    Cancel {
+        /// Command id.
+        id: i64,
+    },
+    /// Statistics.
+    Stats {
+        /// Only this device's.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Export commands as CSV or JSON lines to standard output.
+    Export {
+        /// csv or jsonl.
+        #[arg(long, default_value = "csv", value_parser = ["csv", "jsonl"])]
+        format: String,
+        /// Only this device's.
+        #[arg(long)]
+        device: Option<String>,
+    },
+}
+
+pub fn commands(conn: &ServerConn, cmd: CommandsCommand) -> anyhow::Result<()> {
+    let api = conn.connect()?;
+    let query = |pairs: &[(&str, Option<String>)]| {
+        let q: Vec<String> = pairs
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", segment(v))))
+            .collect();
+        if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) }
+    };
+    match cmd {
+        CommandsCommand::List { device, status, limit } => {
+            let q = query(&[
+                ("device", device),
+                ("status", status),
+                ("limit", Some(limit.to_string())),
+            ]);
+            let v = api.call("GET", &format!("/api/v1/commands{q}"), None)?;
+            println!(
+                "{:>6} {:<20} {:<22} {:<10} {:<19} parameters",
+                "id", "device", "type", "status", "queued (UTC)"
+            );
+            for c in v["commands"].as_array().into_iter().flatten() {
+                println!(
+                    "{:>6} {:<20} {:<22} {:<10} {:<19} {}",
+                    c["id"].to_string(),
+                    c["device"].as_str().unwrap_or("?"),
+                    c["kind"].as_str().unwrap_or("?"),
+                    c["status"].as_str().unwrap_or("?"),
+                    when(&c["created_ms"]),
+                    c["parameters"]
+                );
+            }
+        }
+        CommandsCommand::Show { id } => println!(
+            "{}",
+            serde_json::to_string_pretty(&api.call(
+                "GET",
+                &format!("/api/v1/commands/{id}"),
+                None
+            )?)?
+        ),
+        CommandsCommand::Cancel { id } => {
+            api.call("POST", &format!("/api/v1/commands/{id}/cancel"), None)?;
+            println!("Command {id} cancelled.");
+        }
+        CommandsCommand::Stats { device } => {
+            let v = api.call(
+                "GET",
+                &format!("/api/v1/commands/statistics{}", query(&[("device", device)])),
+                None,
+            )?;
+            println!("{}", serde_json::to_string_pretty(&v["statistics"])?);
+        }
+        CommandsCommand::Export { format, device } => {
+            let q = query(&[("format", Some(format)), ("device", device)]);
+            print!("{}", api.call_text("GET", &format!("/api/v1/commands/export{q}"), None)?);
+        }
+    }
+    Ok(())
+}
+
+pub fn audit(conn: &ServerConn, limit: i64) -> anyhow::Result<()> {
+    let v = conn.connect()?.call("GET", &format!("/api/v1/audit?limit={limit}"), None)?;
+    for e in v["entries"].as_array().into_iter().flatten() {
+        println!(
+            "{} {:<16} {:<18} {:<24} {}",
+            when(&e["at_ms"]),
+            e["actor"].as_str().unwrap_or("?"),
+            e["action"].as_str().unwrap_or("?"),
+            e["target"].as_str().unwrap_or("?"),
+            e["detail"]
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! The operator commands against a real server, as an operator uses them.
+
+use std::process::{Command, Output, Stdio};
+
+use ecowatt_server::testing::{TempDb, TestServer};
+use serde_json::{Value, json};
+
+fn ecowatt(server: &TestServer, dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(args)
+        .env("ECOWATT_SERVER", &server.url)
+        .env("ECOWATT_DATA_DIR", &server.data_dir)
+        .env_remove("ECOWATT_TOKEN")
+        .current_dir(dir)
+        .output()
+        .expect("run ecowatt")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What an original-firmware device does on the legacy API.
+fn legacy(server: &TestServer, path: &str, body: Value) -> Value {
+    ureq::post(format!("{}{path}", server.url))
+        .send_json(&body)
+        .expect("legacy call")
+        .body_mut()
+        .read_json()
+        .expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_adds_a_device_configures_it_and_commands_it() {
+    let db = TempDb::sqlite();
+    let server = TestServer::start(&db, true).await;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().to_path_buf();
+    let s = tokio::task::spawn_blocking(move || {
+        let out =
+            stdout(&ecowatt(&server, &dir, &["device", "add", "roof-1", "--rated-power", "5kW"]));
+        assert!(out.contains("roof-1.provision.json"), "{out}");
+        let prov: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("roof-1.provision.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(prov["key"].as_str().unwrap().len(), 32);
+        assert_eq!(prov["server"], server.url.as_str());
+        assert!(stdout(&ecowatt(&server, &dir, &["device", "list"])).contains("roof-1"));
+
+        let out = stdout(&ecowatt(
+            &server,
+            &dir,
+            &["config", "set", "roof-1", "--poll", "10s", "--upload", "15m"],
+        ));
+        assert!(out.contains("version 2"), "{out}");
+        let bad = ecowatt(&server, &dir, &["config", "set", "roof-1", "--poll", "1ms"]);
+        assert!(!bad.status.success());
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("field poll_interval_ms"));
+        let out = stdout(&ecowatt(&server, &dir, &["config", "show", "roof-1"]));
+        assert!(out.contains("\"poll_interval_ms\":10000"), "{out}");
+
+        let refused = ecowatt(&server, &dir, &["command", "roof-1", "set-power-percentage", "150"]);
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("150 is outside 0..=100"));
+
+        // `--wait` prints the outcome once the device reports it.
+        let waiting = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+            .args([
+                "command",
+                "roof-1",
+                "set-power-percentage",
+                "50",
+                "--wait",
+                "--wait-timeout",
+                "20s",
+            ])
+            .env("ECOWATT_SERVER", &server.url)
+            .env("ECOWATT_DATA_DIR", &server.data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut delivered = Value::Null;
+        for _ in 0..200 {
+            delivered = legacy(&server, "/command/poll", json!({"device_id": "roof-1"}));
+            if !delivered["command"].is_null() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let id = delivered["command"]["command_id"]
+            .as_str()
+            .expect("the device got the command")
+            .to_owned();
+        legacy(
+            &server,
+            "/command/result",
+            json!({"command_id": id, "status": "completed", "result": "Power set to 50%"}),
+        );
+        let out = waiting.wait_with_output().unwrap();
+        let text = stdout(&out);
+        assert!(text.contains("succeeded") && text.contains("Power set to 50%"), "{text}");
+
+        let csv = stdout(&ecowatt(&server, &dir, &["commands", "export", "--format", "csv"]));
+        assert_eq!(csv.lines().count(), 2, "{csv}");
+        let stats = stdout(&ecowatt(&server, &dir, &["commands", "stats"]));
+        assert!(stats.contains("\"success_rate\": 100.0"), "{stats}");
+        let audit = stdout(&ecowatt(&server, &dir, &["audit"]));
+        assert!(
+            audit.contains("command.queue")
+                && audit.contains("config.set")
+                && audit.contains("device.add"),
+            "{audit}"
+        );
+
+        // A viewer token reads but cannot change.
+        let token =
+            stdout(&ecowatt(&server, &dir, &["token", "create", "dash", "--role", "viewer"]))
+                .trim()
+                .to_owned();
+        let as_viewer = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+                .args(args)
+                .env("ECOWATT_SERVER", &server.url)
+                .env("ECOWATT_TOKEN", &token)
+                .output()
+                .unwrap()
+        };
+        assert!(as_viewer(&["device", "list"]).status.success());
+        let denied = as_viewer(&["device", "remove", "roof-1"]);
+        assert!(String::from_utf8_lossy(&denied.stderr).contains("forbidden"));
+        server
+    })
+    .await
+    .unwrap();
+    s.stop().await;
+}
+
+#[test]
+fn the_server_command_reads_a_toml_file_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("ecowatt.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "bind = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(["server", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let mut healthy = false;
+    for _ in 0..100 {
+        if ureq::get(&url).call().is_ok_and(|r| r.status() == 200) {
+            healthy = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(healthy, "server did not come up");
+    assert!(
+        dir.path().join("data/ecowatt.db").exists() && dir.path().join("data/admin.token").exists()
+    );
+    Command::new("sh").args(["-c", &format!("kill -INT {}", child.id())]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "bind = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(["server", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml"));
+}
