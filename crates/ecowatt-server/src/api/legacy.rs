@@ -8,6 +8,7 @@
 //! again until its result arrives.
 
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -49,6 +50,19 @@ fn device_id(body: &Value) -> Result<String, ApiError> {
         .ok_or_else(|| Invalid::new("device_id", "required (a registered device's name)").into())
 }
 
+/// The device behind `device_id`, refused when disabled.
+async fn enabled_device(state: &AppState, body: &Value) -> Result<String, ApiError> {
+    let name = device_id(body)?;
+    if !state.store.device(&name).await?.enabled {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "device_disabled",
+            format!("device {name:?} is disabled"),
+        ));
+    }
+    Ok(name)
+}
+
 fn seconds(body: &Value, field: &str) -> Result<Option<i64>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
@@ -87,7 +101,7 @@ async fn changes(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let device = device_id(&body)?;
+    let device = enabled_device(&state, &body).await?;
     let now = crate::now_ms();
     let (changed, config) = state.store.legacy_config_poll(&device, CONFIG_REPEAT, now).await?;
     state.store.touch_device(&device, now).await?;
@@ -153,12 +167,8 @@ async fn command_poll(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let device = device_id(&body)?;
+    let device = enabled_device(&state, &body).await?;
     let now = crate::now_ms();
-    let d = state.store.device(&device).await?;
-    if !d.enabled {
-        return Ok(Json(json!({"command": null})));
-    }
     state.store.expire_commands(now).await?;
     state.store.touch_device(&device, now).await?;
     let delivered = state.store.deliver_commands(&device, REDELIVER_MS, 1, now).await?;
@@ -190,6 +200,13 @@ async fn command_result(
         other => other.to_string(),
     });
     let command = state.store.command(id).await?;
+    if !state.store.device(&command.device).await?.enabled {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "device_disabled",
+            format!("device {:?} is disabled", command.device),
+        ));
+    }
     let outcome =
         CommandOutcome { success, message, exception_code: None, value: None, executed_ms: None };
     state.store.record_result(&command.device, id, &outcome, crate::now_ms()).await?;
@@ -271,8 +288,7 @@ async fn ota_check(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let device = device_id(&body)?;
-    state.store.device(&device).await?;
+    enabled_device(&state, &body).await?;
     let current = body.get("current_version").and_then(Value::as_str).unwrap_or("unknown");
     // Firmware images arrive with the FOTA issue; until then there is never an update.
     Ok(Json(json!({

@@ -167,6 +167,21 @@ async fn command_execution_as_the_seed_documents_it() {
 }
 
 #[tokio::test]
+async fn a_disabled_device_is_refused() {
+    let (c, _db) = legacy_server().await;
+    c.ok("POST", "/api/v1/devices/ESP32_EcoWatt_Smart/disable", None).await;
+    for path in ["/changes", "/command/poll", "/ota/check"] {
+        let (status, v) =
+            c.call_as(None, "POST", path, Some(json!({"device_id": "ESP32_EcoWatt_Smart"}))).await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("device_disabled")),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn ota_check_answers_in_the_seed_shape() {
     let (c, _db) = legacy_server().await;
     let (status, v) = c
