@@ -9,11 +9,18 @@
 //!   framing of the same PDUs.
 //! - [`registers`] — the inverter register map (name, unit, gain, access, valid
 //!   range) and raw <-> engineering-unit conversion.
+//! - [`seal`] — the sealed envelope of device protocol v1 (AES-128-GCM, keys per
+//!   direction, answers bound to requests).
+//! - [`replay`] — the 64-entry replay window.
+//! - [`messages`] — bodies of the protocol's messages (sync, telemetry, errors).
 #![no_std]
 
 extern crate alloc;
 
 pub mod crc;
 pub mod hex;
+pub mod messages;
 pub mod modbus;
 pub mod registers;
+pub mod replay;
+pub mod seal;

@@ -1,0 +1,533 @@
+//! Bodies of device protocol v1 messages, carried inside sealed envelopes.
+//! Big-endian integers, counts as one byte, strings as a length byte and
+//! UTF-8; every decoder checks every length and refuses trailing bytes.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+/// Message types (the envelope's type byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MessageType {
+    /// Device -> server: reported state, results; asks for config and commands.
+    SyncRequest = 0x01,
+    /// Server -> device: config, commands.
+    SyncResponse = 0x02,
+    /// Device -> server: a batch of samples.
+    TelemetryUpload = 0x03,
+    /// Server -> device: samples stored.
+    TelemetryAck = 0x04,
+    /// Server -> device: the request was authentic but could not be served.
+    Error = 0x7F,
+}
+
+impl MessageType {
+    /// Parses a type byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0x01 => Some(MessageType::SyncRequest),
+            0x02 => Some(MessageType::SyncResponse),
+            0x03 => Some(MessageType::TelemetryUpload),
+            0x04 => Some(MessageType::TelemetryAck),
+            0x7F => Some(MessageType::Error),
+            _ => None,
+        }
+    }
+
+    /// The type an answer to this request has.
+    pub fn answer(self) -> Option<MessageType> {
+        match self {
+            MessageType::SyncRequest => Some(MessageType::SyncResponse),
+            MessageType::TelemetryUpload => Some(MessageType::TelemetryAck),
+            _ => None,
+        }
+    }
+}
+
+/// Why a message body could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The body ends before a field.
+    Truncated {
+        /// Offset of the field.
+        at: usize,
+    },
+    /// Bytes left after the last field.
+    TrailingBytes {
+        /// How many.
+        count: usize,
+    },
+    /// A list longer than the protocol allows.
+    TooMany {
+        /// The list.
+        field: &'static str,
+        /// Its length.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A field whose value is not allowed.
+    BadValue {
+        /// The field.
+        field: &'static str,
+    },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Truncated { at } => write!(f, "body ends at byte {at}, before a field"),
+            DecodeError::TrailingBytes { count } => write!(f, "{count} bytes after the last field"),
+            DecodeError::TooMany { field, count, max } => write!(f, "{field}: {count} entries, at most {max}"),
+            DecodeError::BadValue { field } => write!(f, "{field}: value not allowed"),
+        }
+    }
+}
+
+impl core::error::Error for DecodeError {}
+
+/// Most command results in one sync request.
+pub const MAX_RESULTS: usize = 32;
+/// Most commands in one sync response.
+pub const MAX_COMMANDS: usize = 32;
+/// Most rejected config fields reported at once.
+pub const MAX_REJECTED: usize = 8;
+/// Longest firmware version string, bytes.
+pub const MAX_FIRMWARE_LEN: usize = 32;
+/// Largest telemetry batch, bytes.
+pub const MAX_BATCH_LEN: usize = 60_000;
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes, at: 0 }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or(DecodeError::Truncated { at: self.at })?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn count(&mut self, field: &'static str, max: usize) -> Result<usize, DecodeError> {
+        let n = usize::from(self.u8()?);
+        if n > max { Err(DecodeError::TooMany { field, count: n, max }) } else { Ok(n) }
+    }
+    fn finish(self) -> Result<(), DecodeError> {
+        match self.bytes.len() - self.at {
+            0 => Ok(()),
+            count => Err(DecodeError::TrailingBytes { count }),
+        }
+    }
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// A complete device configuration with its version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigState {
+    /// Version (from 1).
+    pub version: u64,
+    /// Poll interval, ms.
+    pub poll_interval_ms: u32,
+    /// Upload interval, ms.
+    pub upload_interval_ms: u32,
+    /// Bit `i` set: register `i` is sampled (bits 10..16 must be clear).
+    pub registers: u16,
+}
+
+impl ConfigState {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.version);
+        put_u32(out, self.poll_interval_ms);
+        put_u32(out, self.upload_interval_ms);
+        put_u16(out, self.registers);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let c = ConfigState { version: r.u64()?, poll_interval_ms: r.u32()?, upload_interval_ms: r.u32()?, registers: r.u16()? };
+        if c.registers & !0x03FF != 0 {
+            return Err(DecodeError::BadValue { field: "registers" });
+        }
+        Ok(c)
+    }
+}
+
+/// A config field the device refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    /// 1 poll interval, 2 upload interval, 3 registers.
+    pub field: u8,
+    /// 1 out of range, 2 unsupported, 3 other.
+    pub reason: u8,
+}
+
+/// How a command went on the inverter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandResult {
+    /// The command's id.
+    pub command_id: u64,
+    /// Whether it succeeded (for writes: echoed and read back equal).
+    pub succeeded: bool,
+    /// Modbus exception code, if the inverter refused.
+    pub exception: Option<u8>,
+    /// The register's value read back (or read).
+    pub value: Option<u16>,
+    /// When it was executed, Unix ms (0: unknown).
+    pub executed_ms: u64,
+}
+
+/// Device -> server: what the device runs and what it did; asks what to do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncRequest {
+    /// How long the server may hold the request open for news (long poll), ms.
+    pub wait_ms: u32,
+    /// The config the device runs.
+    pub applied: Option<ConfigState>,
+    /// Fields of the latest config it refused.
+    pub rejected: Vec<Rejection>,
+    /// Results of commands executed since the last acknowledged sync.
+    pub results: Vec<CommandResult>,
+    /// The firmware version it runs.
+    pub firmware: String,
+}
+
+impl SyncRequest {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + 28 * self.results.len());
+        put_u32(&mut out, self.wait_ms);
+        out.push(u8::from(self.applied.is_some()));
+        if let Some(c) = &self.applied {
+            c.put(&mut out);
+        }
+        out.push(self.rejected.len().min(MAX_REJECTED) as u8);
+        for r in self.rejected.iter().take(MAX_REJECTED) {
+            out.extend_from_slice(&[r.field, r.reason]);
+        }
+        out.push(self.results.len().min(MAX_RESULTS) as u8);
+        for r in self.results.iter().take(MAX_RESULTS) {
+            put_u64(&mut out, r.command_id);
+            out.push(if r.succeeded { 1 } else { 2 });
+            out.push(r.exception.unwrap_or(0));
+            out.push(u8::from(r.value.is_some()));
+            put_u16(&mut out, r.value.unwrap_or(0));
+            put_u64(&mut out, r.executed_ms);
+        }
+        let fw = &self.firmware.as_bytes()[..self.firmware.len().min(MAX_FIRMWARE_LEN)];
+        out.push(fw.len() as u8);
+        out.extend_from_slice(fw);
+        out
+    }
+
+    /// Decodes a body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let wait_ms = r.u32()?;
+        let applied = match r.u8()? {
+            0 => None,
+            1 => Some(ConfigState::get(&mut r)?),
+            _ => return Err(DecodeError::BadValue { field: "flags" }),
+        };
+        let n = r.count("rejected", MAX_REJECTED)?;
+        let mut rejected = Vec::with_capacity(n);
+        for _ in 0..n {
+            let field = r.u8()?;
+            let reason = r.u8()?;
+            if !(1..=3).contains(&field) || !(1..=3).contains(&reason) {
+                return Err(DecodeError::BadValue { field: "rejected" });
+            }
+            rejected.push(Rejection { field, reason });
+        }
+        let n = r.count("results", MAX_RESULTS)?;
+        let mut results = Vec::with_capacity(n);
+        for _ in 0..n {
+            let command_id = r.u64()?;
+            let succeeded = match r.u8()? {
+                1 => true,
+                2 => false,
+                _ => return Err(DecodeError::BadValue { field: "outcome" }),
+            };
+            let exception = match r.u8()? {
+                0 => None,
+                e => Some(e),
+            };
+            let has_value = r.u8()?;
+            let value = r.u16()?;
+            let value = match has_value {
+                0 => None,
+                1 => Some(value),
+                _ => return Err(DecodeError::BadValue { field: "has_value" }),
+            };
+            results.push(CommandResult { command_id, succeeded, exception, value, executed_ms: r.u64()? });
+        }
+        let n = r.count("firmware", MAX_FIRMWARE_LEN)?;
+        let firmware = core::str::from_utf8(r.take(n)?).map_err(|_| DecodeError::BadValue { field: "firmware" })?;
+        let firmware = String::from(firmware);
+        r.finish()?;
+        Ok(SyncRequest { wait_ms, applied, rejected, results, firmware })
+    }
+}
+
+/// What the device is to do on the inverter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Write `value` to `register`, then read it back.
+    Write {
+        /// Register address.
+        register: u16,
+        /// Raw value.
+        value: u16,
+    },
+    /// Read `register`.
+    Read {
+        /// Register address.
+        register: u16,
+    },
+}
+
+/// A command for the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceCommand {
+    /// Its id: the device executes each id at most once.
+    pub id: u64,
+    /// What to do.
+    pub op: Operation,
+    /// Do not execute after this Unix ms.
+    pub expires_ms: u64,
+}
+
+/// Server -> device: the latest config (if the device does not run it) and commands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncResponse {
+    /// The server's clock, Unix ms (devices without a clock set theirs from it).
+    pub server_time_ms: u64,
+    /// The desired config, when its version differs from the applied one.
+    pub config: Option<ConfigState>,
+    /// Commands to execute, oldest first.
+    pub commands: Vec<DeviceCommand>,
+}
+
+impl SyncResponse {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + 21 * self.commands.len());
+        put_u64(&mut out, self.server_time_ms);
+        out.push(u8::from(self.config.is_some()));
+        if let Some(c) = &self.config {
+            c.put(&mut out);
+        }
+        out.push(self.commands.len().min(MAX_COMMANDS) as u8);
+        for c in self.commands.iter().take(MAX_COMMANDS) {
+            put_u64(&mut out, c.id);
+            let (op, register, value) = match c.op {
+                Operation::Write { register, value } => (1, register, value),
+                Operation::Read { register } => (2, register, 0),
+            };
+            out.push(op);
+            put_u16(&mut out, register);
+            put_u16(&mut out, value);
+            put_u64(&mut out, c.expires_ms);
+        }
+        out
+    }
+
+    /// Decodes a body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let server_time_ms = r.u64()?;
+        let config = match r.u8()? {
+            0 => None,
+            1 => Some(ConfigState::get(&mut r)?),
+            _ => return Err(DecodeError::BadValue { field: "flags" }),
+        };
+        let n = r.count("commands", MAX_COMMANDS)?;
+        let mut commands = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = r.u64()?;
+            let op = r.u8()?;
+            let register = r.u16()?;
+            let value = r.u16()?;
+            let op = match op {
+                1 => Operation::Write { register, value },
+                2 if value == 0 => Operation::Read { register },
+                _ => return Err(DecodeError::BadValue { field: "op" }),
+            };
+            commands.push(DeviceCommand { id, op, expires_ms: r.u64()? });
+        }
+        r.finish()?;
+        Ok(SyncResponse { server_time_ms, config, commands })
+    }
+}
+
+/// Device -> server: a batch of samples, encoded with a telemetry codec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryUpload {
+    /// `seq` of the first sample in the batch.
+    pub first_seq: u64,
+    /// Number of samples.
+    pub count: u16,
+    /// Samples the device dropped since it started counting (log overflow).
+    pub dropped_total: u64,
+    /// Codec of `batch` (1: the v1 columnar delta codec).
+    pub codec: u8,
+    /// The encoded samples.
+    pub batch: Vec<u8>,
+}
+
+impl TelemetryUpload {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(23 + self.batch.len());
+        put_u64(&mut out, self.first_seq);
+        put_u16(&mut out, self.count);
+        put_u64(&mut out, self.dropped_total);
+        out.push(self.codec);
+        put_u32(&mut out, self.batch.len() as u32);
+        out.extend_from_slice(&self.batch);
+        out
+    }
+
+    /// Decodes a body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let first_seq = r.u64()?;
+        let count = r.u16()?;
+        let dropped_total = r.u64()?;
+        let codec = r.u8()?;
+        let len = r.u32()? as usize;
+        if len > MAX_BATCH_LEN {
+            return Err(DecodeError::TooMany { field: "batch", count: len, max: MAX_BATCH_LEN });
+        }
+        let batch = r.take(len)?.to_vec();
+        r.finish()?;
+        Ok(TelemetryUpload { first_seq, count, dropped_total, codec, batch })
+    }
+}
+
+/// Server -> device: every sample up to `acked_through` is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TelemetryAck {
+    /// Highest `seq` stored.
+    pub acked_through: u64,
+}
+
+impl TelemetryAck {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        self.acked_through.to_be_bytes().to_vec()
+    }
+
+    /// Decodes a body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let acked_through = r.u64()?;
+        r.finish()?;
+        Ok(TelemetryAck { acked_through })
+    }
+}
+
+/// Server -> device: an authentic request that could not be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorMessage {
+    /// 1 malformed body, 2 wrong message type, 3 device disabled, 4 server busy.
+    pub code: u16,
+}
+
+impl ErrorMessage {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        self.code.to_be_bytes().to_vec()
+    }
+
+    /// Decodes a body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let code = r.u16()?;
+        r.finish()?;
+        Ok(ErrorMessage { code })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_request() -> SyncRequest {
+        SyncRequest {
+            wait_ms: 25_000,
+            applied: Some(ConfigState { version: 3, poll_interval_ms: 5_000, upload_interval_ms: 900_000, registers: 0x03FF }),
+            rejected: alloc::vec![Rejection { field: 3, reason: 2 }],
+            results: alloc::vec![CommandResult { command_id: 42, succeeded: false, exception: Some(3), value: None, executed_ms: 1_800_000_000_000 }],
+            firmware: String::from("1.2.0"),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let req = sample_request();
+        assert_eq!(SyncRequest::decode(&req.encode()).unwrap(), req);
+        assert_eq!(SyncRequest::decode(&SyncRequest::default().encode()).unwrap(), SyncRequest::default());
+        let resp = SyncResponse {
+            server_time_ms: 7,
+            config: Some(ConfigState { version: 4, poll_interval_ms: 10_000, upload_interval_ms: 60_000, registers: 0x0301 }),
+            commands: alloc::vec![
+                DeviceCommand { id: 9, op: Operation::Write { register: 8, value: 30 }, expires_ms: 99 },
+                DeviceCommand { id: 10, op: Operation::Read { register: 9 }, expires_ms: 99 },
+            ],
+        };
+        assert_eq!(SyncResponse::decode(&resp.encode()).unwrap(), resp);
+        let up = TelemetryUpload { first_seq: 100, count: 60, dropped_total: 2, codec: 1, batch: alloc::vec![1, 2, 3] };
+        assert_eq!(TelemetryUpload::decode(&up.encode()).unwrap(), up);
+        assert_eq!(TelemetryAck::decode(&TelemetryAck { acked_through: 5 }.encode()).unwrap().acked_through, 5);
+        assert_eq!(ErrorMessage::decode(&ErrorMessage { code: 2 }.encode()).unwrap().code, 2);
+    }
+
+    #[test]
+    fn every_truncation_and_trailing_byte_is_refused() {
+        let bytes = sample_request().encode();
+        for len in 0..bytes.len() {
+            assert!(SyncRequest::decode(&bytes[..len]).is_err(), "truncated at {len}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(SyncRequest::decode(&long), Err(DecodeError::TrailingBytes { count: 1 }));
+    }
+
+    #[test]
+    fn limits_and_values_are_checked() {
+        let mut bytes = SyncRequest::default().encode();
+        bytes[6] = 33; // results count
+        assert!(matches!(SyncRequest::decode(&bytes), Err(DecodeError::TooMany { field: "results", .. })));
+        let mut bytes = SyncRequest::default().encode();
+        bytes[4] = 2; // flags
+        assert_eq!(SyncRequest::decode(&bytes), Err(DecodeError::BadValue { field: "flags" }));
+        let mut big = TelemetryUpload { first_seq: 0, count: 0, dropped_total: 0, codec: 1, batch: alloc::vec![] }.encode();
+        big[19..23].copy_from_slice(&(MAX_BATCH_LEN as u32 + 1).to_be_bytes());
+        assert!(matches!(TelemetryUpload::decode(&big), Err(DecodeError::TooMany { field: "batch", .. })));
+    }
+}
