@@ -5,8 +5,13 @@
 //! - [`link`] — the inverter link: a Modbus RTU client over a [`link::Transport`]
 //!   trait, with retries and bounded backoff driven by a sans-IO
 //!   [`link::Transaction`].
+//! - [`kv`] — the key-value store trait, and an in-memory double that fails on demand.
+//! - [`session`] — the device side of protocol v1: sealing with counters reserved
+//!   in blocks, opening only the answer to the request outstanding.
 #![no_std]
 
 extern crate alloc;
 
+pub mod kv;
 pub mod link;
+pub mod session;

@@ -79,7 +79,9 @@ impl fmt::Display for DecodeError {
         match self {
             DecodeError::Truncated { at } => write!(f, "body ends at byte {at}, before a field"),
             DecodeError::TrailingBytes { count } => write!(f, "{count} bytes after the last field"),
-            DecodeError::TooMany { field, count, max } => write!(f, "{field}: {count} entries, at most {max}"),
+            DecodeError::TooMany { field, count, max } => {
+                write!(f, "{field}: {count} entries, at most {max}")
+            }
             DecodeError::BadValue { field } => write!(f, "{field}: value not allowed"),
         }
     }
@@ -169,7 +171,12 @@ impl ConfigState {
         put_u16(out, self.registers);
     }
     fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        let c = ConfigState { version: r.u64()?, poll_interval_ms: r.u32()?, upload_interval_ms: r.u32()?, registers: r.u16()? };
+        let c = ConfigState {
+            version: r.u64()?,
+            poll_interval_ms: r.u32()?,
+            upload_interval_ms: r.u32()?,
+            registers: r.u16()?,
+        };
         if c.registers & !0x03FF != 0 {
             return Err(DecodeError::BadValue { field: "registers" });
         }
@@ -283,10 +290,17 @@ impl SyncRequest {
                 1 => Some(value),
                 _ => return Err(DecodeError::BadValue { field: "has_value" }),
             };
-            results.push(CommandResult { command_id, succeeded, exception, value, executed_ms: r.u64()? });
+            results.push(CommandResult {
+                command_id,
+                succeeded,
+                exception,
+                value,
+                executed_ms: r.u64()?,
+            });
         }
         let n = r.count("firmware", MAX_FIRMWARE_LEN)?;
-        let firmware = core::str::from_utf8(r.take(n)?).map_err(|_| DecodeError::BadValue { field: "firmware" })?;
+        let firmware = core::str::from_utf8(r.take(n)?)
+            .map_err(|_| DecodeError::BadValue { field: "firmware" })?;
         let firmware = String::from(firmware);
         r.finish()?;
         Ok(SyncRequest { wait_ms, applied, rejected, results, firmware })
@@ -480,9 +494,20 @@ mod tests {
     fn sample_request() -> SyncRequest {
         SyncRequest {
             wait_ms: 25_000,
-            applied: Some(ConfigState { version: 3, poll_interval_ms: 5_000, upload_interval_ms: 900_000, registers: 0x03FF }),
+            applied: Some(ConfigState {
+                version: 3,
+                poll_interval_ms: 5_000,
+                upload_interval_ms: 900_000,
+                registers: 0x03FF,
+            }),
             rejected: alloc::vec![Rejection { field: 3, reason: 2 }],
-            results: alloc::vec![CommandResult { command_id: 42, succeeded: false, exception: Some(3), value: None, executed_ms: 1_800_000_000_000 }],
+            results: alloc::vec![CommandResult {
+                command_id: 42,
+                succeeded: false,
+                exception: Some(3),
+                value: None,
+                executed_ms: 1_800_000_000_000
+            }],
             firmware: String::from("1.2.0"),
         }
     }
@@ -491,19 +516,42 @@ mod tests {
     fn round_trips() {
         let req = sample_request();
         assert_eq!(SyncRequest::decode(&req.encode()).unwrap(), req);
-        assert_eq!(SyncRequest::decode(&SyncRequest::default().encode()).unwrap(), SyncRequest::default());
+        assert_eq!(
+            SyncRequest::decode(&SyncRequest::default().encode()).unwrap(),
+            SyncRequest::default()
+        );
         let resp = SyncResponse {
             server_time_ms: 7,
-            config: Some(ConfigState { version: 4, poll_interval_ms: 10_000, upload_interval_ms: 60_000, registers: 0x0301 }),
+            config: Some(ConfigState {
+                version: 4,
+                poll_interval_ms: 10_000,
+                upload_interval_ms: 60_000,
+                registers: 0x0301,
+            }),
             commands: alloc::vec![
-                DeviceCommand { id: 9, op: Operation::Write { register: 8, value: 30 }, expires_ms: 99 },
+                DeviceCommand {
+                    id: 9,
+                    op: Operation::Write { register: 8, value: 30 },
+                    expires_ms: 99
+                },
                 DeviceCommand { id: 10, op: Operation::Read { register: 9 }, expires_ms: 99 },
             ],
         };
         assert_eq!(SyncResponse::decode(&resp.encode()).unwrap(), resp);
-        let up = TelemetryUpload { first_seq: 100, count: 60, dropped_total: 2, codec: 1, batch: alloc::vec![1, 2, 3] };
+        let up = TelemetryUpload {
+            first_seq: 100,
+            count: 60,
+            dropped_total: 2,
+            codec: 1,
+            batch: alloc::vec![1, 2, 3],
+        };
         assert_eq!(TelemetryUpload::decode(&up.encode()).unwrap(), up);
-        assert_eq!(TelemetryAck::decode(&TelemetryAck { acked_through: 5 }.encode()).unwrap().acked_through, 5);
+        assert_eq!(
+            TelemetryAck::decode(&TelemetryAck { acked_through: 5 }.encode())
+                .unwrap()
+                .acked_through,
+            5
+        );
         assert_eq!(ErrorMessage::decode(&ErrorMessage { code: 2 }.encode()).unwrap().code, 2);
     }
 
@@ -522,12 +570,25 @@ mod tests {
     fn limits_and_values_are_checked() {
         let mut bytes = SyncRequest::default().encode();
         bytes[6] = 33; // results count
-        assert!(matches!(SyncRequest::decode(&bytes), Err(DecodeError::TooMany { field: "results", .. })));
+        assert!(matches!(
+            SyncRequest::decode(&bytes),
+            Err(DecodeError::TooMany { field: "results", .. })
+        ));
         let mut bytes = SyncRequest::default().encode();
         bytes[4] = 2; // flags
         assert_eq!(SyncRequest::decode(&bytes), Err(DecodeError::BadValue { field: "flags" }));
-        let mut big = TelemetryUpload { first_seq: 0, count: 0, dropped_total: 0, codec: 1, batch: alloc::vec![] }.encode();
+        let mut big = TelemetryUpload {
+            first_seq: 0,
+            count: 0,
+            dropped_total: 0,
+            codec: 1,
+            batch: alloc::vec![],
+        }
+        .encode();
         big[19..23].copy_from_slice(&(MAX_BATCH_LEN as u32 + 1).to_be_bytes());
-        assert!(matches!(TelemetryUpload::decode(&big), Err(DecodeError::TooMany { field: "batch", .. })));
+        assert!(matches!(
+            TelemetryUpload::decode(&big),
+            Err(DecodeError::TooMany { field: "batch", .. })
+        ));
     }
 }

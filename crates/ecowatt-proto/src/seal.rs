@@ -82,7 +82,8 @@ pub fn derive_key(device_key: &DeviceKey, direction: Direction) -> [u8; 16] {
 impl Keys {
     /// Derives both direction keys.
     pub fn derive(device_key: &DeviceKey) -> Self {
-        let cipher = |d| Aes128Gcm::new_from_slice(&derive_key(device_key, d)).expect("16-byte key");
+        let cipher =
+            |d| Aes128Gcm::new_from_slice(&derive_key(device_key, d)).expect("16-byte key");
         Keys { up: cipher(Direction::Up), down: cipher(Direction::Down) }
     }
 
@@ -149,8 +150,12 @@ impl fmt::Display for EnvelopeError {
             EnvelopeError::BadLength { len } => {
                 write!(f, "envelope of {len} bytes is outside {MIN_LEN}..={MAX_LEN}")
             }
-            EnvelopeError::UnsupportedVersion { version } => write!(f, "protocol version {version} not supported"),
-            EnvelopeError::BadDirection { direction } => write!(f, "direction byte {direction} is not 1 or 2"),
+            EnvelopeError::UnsupportedVersion { version } => {
+                write!(f, "protocol version {version} not supported")
+            }
+            EnvelopeError::BadDirection { direction } => {
+                write!(f, "direction byte {direction} is not 1 or 2")
+            }
             EnvelopeError::BadTag => f.write_str("authentication tag does not verify"),
         }
     }
@@ -180,8 +185,8 @@ impl Header {
         if envelope[0] != VERSION {
             return Err(EnvelopeError::UnsupportedVersion { version: envelope[0] });
         }
-        let direction =
-            Direction::from_byte(envelope[2]).ok_or(EnvelopeError::BadDirection { direction: envelope[2] })?;
+        let direction = Direction::from_byte(envelope[2])
+            .ok_or(EnvelopeError::BadDirection { direction: envelope[2] })?;
         Ok(Header {
             msg_type: envelope[1],
             direction,
@@ -222,7 +227,11 @@ pub fn seal(keys: &Keys, header: &Header, answers: Option<u64>, plaintext: &[u8]
     let (aad, aad_len) = header.aad(answers);
     let tag = keys
         .cipher(header.direction)
-        .encrypt_in_place_detached(Nonce::from_slice(&header.nonce()), &aad[..aad_len], &mut out[HEADER_LEN..])
+        .encrypt_in_place_detached(
+            Nonce::from_slice(&header.nonce()),
+            &aad[..aad_len],
+            &mut out[HEADER_LEN..],
+        )
         .expect("plaintext within GCM limits");
     out.extend_from_slice(&tag);
     out
@@ -231,7 +240,11 @@ pub fn seal(keys: &Keys, header: &Header, answers: Option<u64>, plaintext: &[u8]
 /// Opens an envelope: parses the header, verifies the tag (binding `answers`
 /// for server answers) and returns the header and plaintext. Nothing in the
 /// envelope may be trusted unless this succeeds.
-pub fn open(keys: &Keys, envelope: &[u8], answers: Option<u64>) -> Result<(Header, Vec<u8>), EnvelopeError> {
+pub fn open(
+    keys: &Keys,
+    envelope: &[u8],
+    answers: Option<u64>,
+) -> Result<(Header, Vec<u8>), EnvelopeError> {
     let header = Header::parse(envelope)?;
     let (body, tag) = envelope[HEADER_LEN..].split_at(envelope.len() - HEADER_LEN - TAG_LEN);
     let mut plaintext = body.to_vec();

@@ -1,3 +1,4 @@
 //! Integration tests for `ecowatt-core`.
 
 mod link;
+mod session;
