@@ -4,6 +4,7 @@
 //! kept in [`schema`] and [`sql::Dialect`]. Every change and its audit entry
 //! are written in one transaction.
 
+pub mod device_sql;
 pub mod schema;
 pub mod sql;
 
@@ -249,6 +250,80 @@ pub struct CommandStats {
     pub average_delivery_ms: Option<f64>,
 }
 
+/// Which of a device's keys sealed a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySlot {
+    /// The key from the latest rotation.
+    Current,
+    /// The key before it, still accepted so that nothing in flight is lost.
+    Previous,
+}
+
+/// What the server needs to open a device's envelopes.
+#[derive(Debug, Clone)]
+pub struct DeviceCrypto {
+    /// The device.
+    pub device: Device,
+    /// Its key, hex.
+    pub key_hex: String,
+    /// The key before the latest rotation, hex, and its version.
+    pub previous: Option<(String, i64)>,
+}
+
+/// What an authentic sync request reports, to be applied once.
+#[derive(Debug, Clone)]
+pub struct SyncReport {
+    /// The key that sealed it.
+    pub key_slot: KeySlot,
+    /// Its counter.
+    pub counter: u64,
+    /// The config version and config the device runs.
+    pub applied: Option<(i64, DeviceConfig)>,
+    /// Fields it refused.
+    pub rejected: Vec<Rejection>,
+    /// Command results.
+    pub results: Vec<(i64, CommandOutcome)>,
+    /// Firmware version it runs.
+    pub firmware: Option<String>,
+}
+
+/// Why an authentic message was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncRefusal {
+    /// Its counter was seen before or is below the window.
+    Replay(ecowatt_proto::replay::ReplayError),
+    /// The device is disabled.
+    Disabled,
+}
+
+/// What goes back to the device in a sync answer.
+#[derive(Debug, Clone)]
+pub struct SyncDelivery {
+    /// The device's name.
+    pub device: String,
+    /// The server's counter for the answer.
+    pub down_counter: u64,
+    /// The desired config, when the device does not run it.
+    pub config: Option<(i64, DeviceConfig)>,
+    /// Commands handed out.
+    pub commands: Vec<Command>,
+}
+
+/// A security event: something refused at the device protocol's door.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SecurityEvent {
+    /// Numeric id.
+    pub id: i64,
+    /// When.
+    pub at_ms: i64,
+    /// The device concerned, when known.
+    pub device: Option<String>,
+    /// What (`unknown_device`, `bad_tag`, `replay`, ...).
+    pub kind: String,
+    /// Details (never key material).
+    pub detail: serde_json::Value,
+}
+
 /// Everything the server keeps.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -392,4 +467,25 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<u64>;
     /// Statistics, for one device or all.
     async fn command_stats(&self, device: Option<&str>) -> StoreResult<CommandStats>;
+
+    // --- device protocol
+    /// The keys of the device with this numeric id.
+    async fn device_crypto(&self, device_id: i64) -> StoreResult<Option<DeviceCrypto>>;
+    /// In one transaction: checks and advances the replay window of the key
+    /// that sealed the message, applies what it reports, and (if `deliver`)
+    /// hands out the config and commands the device is to get.
+    async fn device_sync(
+        &self,
+        device_id: i64,
+        report: &SyncReport,
+        deliver: bool,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<Result<SyncDelivery, SyncRefusal>>;
+    /// Hands out the config and commands for a sync answer after a long poll.
+    async fn device_deliver(&self, device_id: i64, redeliver_after_ms: i64, now: i64) -> StoreResult<SyncDelivery>;
+    /// Records a security event.
+    async fn record_security_event(&self, device: Option<&str>, kind: &str, detail: serde_json::Value, now: i64) -> StoreResult<()>;
+    /// Security events, newest first.
+    async fn security_events(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<SecurityEvent>>;
 }

@@ -2,8 +2,9 @@
 //! written once with `{pk}` standing for the dialect's auto-increment key.
 
 /// `(version, statements)`; never edit a released migration, add one.
-pub const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
     r#"
 CREATE TABLE devices (
     id {pk},
@@ -75,4 +76,26 @@ CREATE TABLE commands (
 CREATE INDEX commands_by_device ON commands (device_id, status, id);
 CREATE INDEX commands_by_expiry ON commands (status, expires_ms)
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+ALTER TABLE devices ADD COLUMN previous_key TEXT;
+ALTER TABLE devices ADD COLUMN previous_key_version BIGINT;
+ALTER TABLE devices ADD COLUMN replay_high BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN replay_bitmap BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN prev_replay_high BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN prev_replay_bitmap BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN down_counter BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN firmware TEXT;
+CREATE TABLE security_events (
+    id {pk},
+    at_ms BIGINT NOT NULL,
+    device TEXT,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX security_events_by_time ON security_events (at_ms)
+"#,
+    ),
+];

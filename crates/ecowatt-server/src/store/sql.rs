@@ -33,7 +33,7 @@ pub struct SqlStore {
     dialect: Dialect,
 }
 
-type Tx = Transaction<'static, Any>;
+pub(super) type Tx = Transaction<'static, Any>;
 
 enum Bind {
     I(i64),
@@ -62,7 +62,7 @@ fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> StoreRes
     serde_json::from_str(&text).map_err(|e| corrupt(col, e))
 }
 
-fn device_from(row: &AnyRow) -> StoreResult<Device> {
+pub(super) fn device_from(row: &AnyRow) -> StoreResult<Device> {
     Ok(Device {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -185,6 +185,16 @@ impl SqlStore {
         self.pool.close().await;
     }
 
+    /// The pool.
+    pub(super) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A write transaction.
+    pub(super) async fn begin_write(&self) -> StoreResult<Tx> {
+        self.begin().await
+    }
+
     async fn begin(&self) -> StoreResult<Tx> {
         Ok(match self.dialect {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
@@ -285,6 +295,105 @@ impl SqlStore {
         .fetch_one(&mut **tx)
         .await?;
         shadow_from(&row)
+    }
+
+    /// Records a result inside `tx` (see [`Store::record_result`]).
+    pub(super) async fn record_result_in(
+        &self,
+        tx: &mut Tx,
+        device: &str,
+        id: i64,
+        outcome: &CommandOutcome,
+        now: i64,
+    ) -> StoreResult<Command> {
+        let sql = format!(
+            "SELECT c.status, d.name FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.id = $1{}",
+            match self.dialect {
+                Dialect::Sqlite => "",
+                Dialect::Postgres => " FOR UPDATE OF c",
+            }
+        );
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&mut **tx).await?;
+        let row = row.ok_or_else(|| StoreError::NotFound(format!("command {id}")))?;
+        let owner: String = row.try_get("name")?;
+        if owner != device {
+            // Another device's command: as if it did not exist.
+            return Err(StoreError::NotFound(format!("command {id}")));
+        }
+        let status: String = row.try_get("status")?;
+        let status = CommandStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?;
+        if matches!(
+            status,
+            CommandStatus::Succeeded | CommandStatus::Failed | CommandStatus::Confirmed
+        ) {
+            // A repeated report (a retried upload): recorded once, answered the same.
+            return Self::command_in(tx, id).await;
+        }
+        let next = if outcome.success { "succeeded" } else { "failed" };
+        let mut message = outcome.message.clone().unwrap_or_default();
+        if !status.is_open() {
+            // Executed all the same (delivered before it expired or was cancelled): the truth wins.
+            message =
+                format!("{message} (result arrived after the command was {})", status.as_str())
+                    .trim()
+                    .to_owned();
+        }
+        sqlx::query(
+            "UPDATE commands SET status = $1, completed_ms = $2, executed_ms = $3, result_message = $4, \
+             exception_code = $5, result_value = $6 WHERE id = $7",
+        )
+        .bind(next)
+        .bind(now)
+        .bind(outcome.executed_ms)
+        .bind(message)
+        .bind(outcome.exception_code.map(i64::from))
+        .bind(outcome.value.map(i64::from))
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+        Self::command_in(tx, id).await
+    }
+
+    /// Hands out commands of `device_id` inside `tx` (see [`Store::deliver_commands`]).
+    pub(super) async fn deliver_in(
+        &self,
+        tx: &mut Tx,
+        device_id: i64,
+        redeliver_after_ms: i64,
+        max: i64,
+        now: i64,
+    ) -> StoreResult<Vec<Command>> {
+        let lock = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        };
+        let sql = format!(
+            "SELECT id FROM commands WHERE device_id = $1 AND expires_ms > $2 \
+             AND (status = 'queued' OR (status = 'delivered' AND delivered_ms <= $3)) ORDER BY id LIMIT $4{lock}"
+        );
+        let ids: Vec<i64> = sqlx::query(&sql)
+            .bind(device_id)
+            .bind(now)
+            .bind(now - redeliver_after_ms)
+            .bind(max.clamp(1, 100))
+            .fetch_all(&mut **tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            sqlx::query(
+                "UPDATE commands SET status = 'delivered', delivered_ms = $1, \
+                 first_delivered_ms = COALESCE(first_delivered_ms, $1), delivery_count = delivery_count + 1 WHERE id = $2",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+            out.push(Self::command_in(tx, id).await?);
+        }
+        Ok(out)
     }
 }
 
@@ -400,8 +509,13 @@ impl Store for SqlStore {
     ) -> StoreResult<Device> {
         let mut tx = self.begin().await?;
         let device = self.device_in(&mut tx, name).await?;
+        // The old key stays valid (with its own replay window) until the next
+        // rotation, so that nothing the device sealed before it is lost.
         sqlx::query(
-            "UPDATE devices SET device_key = $1, key_version = key_version + 1 WHERE id = $2",
+            "UPDATE devices SET previous_key = device_key, previous_key_version = key_version, \
+             prev_replay_high = replay_high, prev_replay_bitmap = replay_bitmap, \
+             replay_high = 0, replay_bitmap = 0, device_key = $1, key_version = key_version + 1 \
+             WHERE id = $2",
         )
         .bind(key_hex)
         .bind(device.id)
@@ -831,36 +945,7 @@ impl Store for SqlStore {
             .await?;
         let device_id: i64 =
             d.ok_or_else(|| StoreError::NotFound(format!("device {device:?}")))?.try_get("id")?;
-        let lock = match self.dialect {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-        };
-        let sql = format!(
-            "SELECT id FROM commands WHERE device_id = $1 AND expires_ms > $2 \
-             AND (status = 'queued' OR (status = 'delivered' AND delivered_ms <= $3)) ORDER BY id LIMIT $4{lock}"
-        );
-        let ids: Vec<i64> = sqlx::query(&sql)
-            .bind(device_id)
-            .bind(now)
-            .bind(now - redeliver_after_ms)
-            .bind(max.clamp(1, 100))
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get("id"))
-            .collect::<Result<_, _>>()?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            sqlx::query(
-                "UPDATE commands SET status = 'delivered', delivered_ms = $1, \
-                 first_delivered_ms = COALESCE(first_delivered_ms, $1), delivery_count = delivery_count + 1 WHERE id = $2",
-            )
-            .bind(now)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            out.push(Self::command_in(&mut tx, id).await?);
-        }
+        let out = self.deliver_in(&mut tx, device_id, redeliver_after_ms, max, now).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -873,54 +958,7 @@ impl Store for SqlStore {
         now: i64,
     ) -> StoreResult<Command> {
         let mut tx = self.begin().await?;
-        let sql = format!(
-            "SELECT c.status, d.name FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.id = $1{}",
-            match self.dialect {
-                Dialect::Sqlite => "",
-                Dialect::Postgres => " FOR UPDATE OF c",
-            }
-        );
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
-        let row = row.ok_or_else(|| StoreError::NotFound(format!("command {id}")))?;
-        let owner: String = row.try_get("name")?;
-        if owner != device {
-            // Another device's command: as if it did not exist.
-            return Err(StoreError::NotFound(format!("command {id}")));
-        }
-        let status: String = row.try_get("status")?;
-        let status = CommandStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?;
-        if matches!(
-            status,
-            CommandStatus::Succeeded | CommandStatus::Failed | CommandStatus::Confirmed
-        ) {
-            // A repeated report (a retried upload): recorded once, answered the same.
-            let command = Self::command_in(&mut tx, id).await?;
-            tx.commit().await?;
-            return Ok(command);
-        }
-        let next = if outcome.success { "succeeded" } else { "failed" };
-        let mut message = outcome.message.clone().unwrap_or_default();
-        if !status.is_open() {
-            // Executed all the same (delivered before it expired or was cancelled): the truth wins.
-            message =
-                format!("{message} (result arrived after the command was {})", status.as_str())
-                    .trim()
-                    .to_owned();
-        }
-        sqlx::query(
-            "UPDATE commands SET status = $1, completed_ms = $2, executed_ms = $3, result_message = $4, \
-             exception_code = $5, result_value = $6 WHERE id = $7",
-        )
-        .bind(next)
-        .bind(now)
-        .bind(outcome.executed_ms)
-        .bind(message)
-        .bind(outcome.exception_code.map(i64::from))
-        .bind(outcome.value.map(i64::from))
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        let command = Self::command_in(&mut tx, id).await?;
+        let command = self.record_result_in(&mut tx, device, id, outcome, now).await?;
         tx.commit().await?;
         Ok(command)
     }
@@ -981,5 +1019,32 @@ impl Store for SqlStore {
             stats.by_status.entry(status.as_str().to_owned()).or_default();
         }
         Ok(stats)
+    }
+
+    async fn device_crypto(&self, device_id: i64) -> StoreResult<Option<DeviceCrypto>> {
+        self.device_crypto_impl(device_id).await
+    }
+
+    async fn device_sync(
+        &self,
+        device_id: i64,
+        report: &SyncReport,
+        deliver: bool,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<Result<SyncDelivery, SyncRefusal>> {
+        self.device_sync_impl(device_id, report, deliver, redeliver_after_ms, now).await
+    }
+
+    async fn device_deliver(&self, device_id: i64, redeliver_after_ms: i64, now: i64) -> StoreResult<SyncDelivery> {
+        self.device_deliver_impl(device_id, redeliver_after_ms, now).await
+    }
+
+    async fn record_security_event(&self, device: Option<&str>, kind: &str, detail: serde_json::Value, now: i64) -> StoreResult<()> {
+        self.record_security_event_impl(device, kind, detail, now).await
+    }
+
+    async fn security_events(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<SecurityEvent>> {
+        self.security_events_impl(before_id, limit).await
     }
 }

@@ -1,0 +1,198 @@
+//! The device protocol's transactions on [`SqlStore`]: the replay window is
+//! checked and advanced in the same transaction that applies the message.
+
+use ecowatt_proto::replay::ReplayWindow;
+use serde_json::json;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::sql::{Dialect, SqlStore, Tx};
+use super::*;
+
+fn window(row: &AnyRow, slot: KeySlot) -> StoreResult<ReplayWindow> {
+    let (h, b) = match slot {
+        KeySlot::Current => ("replay_high", "replay_bitmap"),
+        KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
+    };
+    // Stored as BIGINT: counters stay below 2^63, the bitmap is reinterpreted.
+    Ok(ReplayWindow { highest: row.try_get::<i64, _>(h)? as u64, bitmap: row.try_get::<i64, _>(b)? as u64 })
+}
+
+const REJECT_FIELDS: [&str; 3] = ["poll_interval_ms", "upload_interval_ms", "registers"];
+
+impl SqlStore {
+    async fn device_row(&self, tx: &mut Tx, device_id: i64) -> StoreResult<AnyRow> {
+        let lock = if self.dialect() == Dialect::Postgres { " FOR UPDATE" } else { "" };
+        let row = sqlx::query(&format!("SELECT * FROM devices WHERE id = $1{lock}"))
+            .bind(device_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        row.ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))
+    }
+
+    /// Config and commands for the device, and the next down counter.
+    async fn delivery_in(
+        &self,
+        tx: &mut Tx,
+        device_id: i64,
+        name: String,
+        applied_version: Option<i64>,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<SyncDelivery> {
+        let cfg = sqlx::query("SELECT desired_version, desired, reported_version FROM device_configs WHERE device_id = $1")
+            .bind(device_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        let desired_version: i64 = cfg.try_get("desired_version")?;
+        let running = applied_version.or(cfg.try_get("reported_version")?);
+        let config = if running == Some(desired_version) {
+            None
+        } else {
+            let text: String = cfg.try_get("desired")?;
+            let desired = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("desired: {e}")))?;
+            Some((desired_version, desired))
+        };
+        let commands = self.deliver_in(tx, device_id, redeliver_after_ms, 32, now).await?;
+        let row = sqlx::query("UPDATE devices SET down_counter = down_counter + 1 WHERE id = $1 RETURNING down_counter")
+            .bind(device_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
+        Ok(SyncDelivery { device: name, down_counter, config, commands })
+    }
+
+    pub(super) async fn device_crypto_impl(&self, device_id: i64) -> StoreResult<Option<DeviceCrypto>> {
+        let row = sqlx::query("SELECT * FROM devices WHERE id = $1").bind(device_id).fetch_optional(self.pool()).await?;
+        let Some(row) = row else { return Ok(None) };
+        let previous_key: Option<String> = row.try_get("previous_key")?;
+        let previous_version: Option<i64> = row.try_get("previous_key_version")?;
+        Ok(Some(DeviceCrypto {
+            device: sql::device_from(&row)?,
+            key_hex: row.try_get("device_key")?,
+            previous: previous_key.zip(previous_version),
+        }))
+    }
+
+    pub(super) async fn device_sync_impl(
+        &self,
+        device_id: i64,
+        report: &SyncReport,
+        deliver: bool,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<Result<SyncDelivery, SyncRefusal>> {
+        let mut tx = self.begin_write().await?;
+        let row = self.device_row(&mut tx, device_id).await?;
+        let name: String = row.try_get("name")?;
+        let mut w = window(&row, report.key_slot)?;
+        if let Err(e) = w.accept(report.counter) {
+            return Ok(Err(SyncRefusal::Replay(e)));
+        }
+        if row.try_get::<i64, _>("enabled")? == 0 {
+            return Ok(Err(SyncRefusal::Disabled));
+        }
+        let (h, b) = match report.key_slot {
+            KeySlot::Current => ("replay_high", "replay_bitmap"),
+            KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
+        };
+        sqlx::query(&format!(
+            "UPDATE devices SET {h} = $1, {b} = $2, last_seen_ms = $3, firmware = COALESCE($4, firmware) WHERE id = $5"
+        ))
+        .bind(w.highest as i64)
+        .bind(w.bitmap as i64)
+        .bind(now)
+        .bind(report.firmware.clone())
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await?;
+
+        for (id, outcome) in &report.results {
+            match self.record_result_in(&mut tx, &name, *id, outcome, now).await {
+                Ok(_) => {}
+                // A result for a command this device does not have: nothing to record.
+                Err(StoreError::NotFound(_)) => tracing::warn!(device = %name, command = id, "result for an unknown command"),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((version, applied)) = &report.applied {
+            let desired: i64 = sqlx::query("SELECT desired_version FROM device_configs WHERE device_id = $1")
+                .bind(device_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("desired_version")?;
+            if (1..=desired).contains(version) {
+                let rejected: Vec<Rejection> = report.rejected.clone();
+                sqlx::query(
+                    "UPDATE device_configs SET reported_version = $1, reported = $2, rejected = $3, reported_ms = $4 WHERE device_id = $5",
+                )
+                .bind(*version)
+                .bind(serde_json::to_string(applied).expect("config serialises"))
+                .bind(serde_json::to_string(&rejected).expect("rejections serialise"))
+                .bind(now)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let applied_version = report.applied.as_ref().map(|(v, _)| *v);
+        let delivery = if deliver {
+            self.delivery_in(&mut tx, device_id, name, applied_version, redeliver_after_ms, now).await?
+        } else {
+            SyncDelivery { device: name, down_counter: 0, config: None, commands: vec![] }
+        };
+        tx.commit().await?;
+        Ok(Ok(delivery))
+    }
+
+    pub(super) async fn device_deliver_impl(&self, device_id: i64, redeliver_after_ms: i64, now: i64) -> StoreResult<SyncDelivery> {
+        let mut tx = self.begin_write().await?;
+        let row = self.device_row(&mut tx, device_id).await?;
+        let name: String = row.try_get("name")?;
+        let delivery = self.delivery_in(&mut tx, device_id, name, None, redeliver_after_ms, now).await?;
+        tx.commit().await?;
+        Ok(delivery)
+    }
+
+    pub(super) async fn record_security_event_impl(&self, device: Option<&str>, kind: &str, detail: serde_json::Value, now: i64) -> StoreResult<()> {
+        sqlx::query("INSERT INTO security_events (at_ms, device, kind, detail) VALUES ($1, $2, $3, $4)")
+            .bind(now)
+            .bind(device)
+            .bind(kind)
+            .bind(detail.to_string())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn security_events_impl(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<SecurityEvent>> {
+        let rows = sqlx::query("SELECT * FROM security_events WHERE id < $1 ORDER BY id DESC LIMIT $2")
+            .bind(before_id.unwrap_or(i64::MAX))
+            .bind(limit.clamp(1, 1000))
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let detail: String = r.try_get("detail")?;
+                Ok(SecurityEvent {
+                    id: r.try_get("id")?,
+                    at_ms: r.try_get("at_ms")?,
+                    device: r.try_get("device")?,
+                    kind: r.try_get("kind")?,
+                    detail: serde_json::from_str(&detail).unwrap_or(json!(detail)),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Maps a protocol rejection to the field name the shadow uses.
+pub fn rejection(field: u8, reason: u8) -> Rejection {
+    let field = REJECT_FIELDS.get(usize::from(field).wrapping_sub(1)).copied().unwrap_or("unknown");
+    let reason = match reason {
+        1 => "out of range for this device",
+        2 => "not supported by this device",
+        _ => "refused by the device",
+    };
+    Rejection { field: field.to_owned(), reason: reason.to_owned() }
+}
