@@ -18,6 +18,8 @@ const HELP: &[(&str, &str)] = &[
     ("ecowatt_command_results_total", "Command results recorded, by outcome."),
     ("ecowatt_config_updates_total", "Desired config versions created."),
     ("ecowatt_auth_failures_total", "Requests refused for a missing or bad token, by reason."),
+    ("ecowatt_security_events_total", "Device protocol messages refused, by kind."),
+    ("ecowatt_device_syncs_total", "Device syncs answered."),
 ];
 
 impl Metrics {

@@ -59,6 +59,7 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         store: Arc::new(store),
         metrics: Arc::new(Metrics::default()),
         settings: Arc::new(settings),
+        push: Arc::new(api::push::Push::default()),
     };
     Ok(Prepared { state, admin_token_file })
 }
@@ -99,8 +100,17 @@ pub async fn serve(
             }
         }
     });
+    let listener_task = state.settings.database.starts_with("postgres").then(|| {
+        tokio::spawn(api::push::listen_postgres(
+            state.settings.database.clone(),
+            Arc::clone(&state.push),
+        ))
+    });
     let result = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown).await;
     let _ = stop.send(true);
     let _ = sweeper.await;
+    if let Some(task) = listener_task {
+        task.abort();
+    }
     result
 }

@@ -3,11 +3,13 @@
 mod auth;
 mod commands;
 mod config;
+mod device;
 mod devices;
 mod docs;
 mod json;
 mod legacy;
 mod ops;
+pub mod push;
 mod tokens;
 
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Settings in force.
     pub settings: Arc<Settings>,
+    /// Wakes long-polling devices.
+    pub push: Arc<push::Push>,
 }
 
 /// The whole API over `state`.
@@ -61,7 +65,12 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/commands/{id}/cancel", post(commands::cancel))
         .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/api/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
-        .route("/api/v1/audit", get(tokens::audit));
+        .route("/api/v1/audit", get(tokens::audit))
+        .route("/api/v1/security-events", get(tokens::security_events))
+        .route(
+            "/api/v1/device/sync",
+            post(device::sync).layer(DefaultBodyLimit::max(ecowatt_proto::seal::MAX_LEN)),
+        );
     if state.settings.legacy_api {
         router = router.merge(legacy::routes());
     }

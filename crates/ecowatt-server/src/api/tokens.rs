@@ -70,3 +70,12 @@ pub async fn audit(
     };
     Ok(Json(json!({ "entries": entries, "next_before": next })))
 }
+
+pub async fn security_events(
+    State(state): State<AppState>,
+    _op: Operator,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let events = state.store.security_events(q.before, q.limit.unwrap_or(100)).await?;
+    Ok(Json(json!({ "events": events })))
+}

@@ -15,7 +15,10 @@ fn window(row: &AnyRow, slot: KeySlot) -> StoreResult<ReplayWindow> {
         KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
     };
     // Stored as BIGINT: counters stay below 2^63, the bitmap is reinterpreted.
-    Ok(ReplayWindow { highest: row.try_get::<i64, _>(h)? as u64, bitmap: row.try_get::<i64, _>(b)? as u64 })
+    Ok(ReplayWindow {
+        highest: row.try_get::<i64, _>(h)? as u64,
+        bitmap: row.try_get::<i64, _>(b)? as u64,
+    })
 }
 
 const REJECT_FIELDS: [&str; 3] = ["poll_interval_ms", "upload_interval_ms", "registers"];
@@ -50,7 +53,8 @@ impl SqlStore {
             None
         } else {
             let text: String = cfg.try_get("desired")?;
-            let desired = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("desired: {e}")))?;
+            let desired = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("desired: {e}")))?;
             Some((desired_version, desired))
         };
         let commands = self.deliver_in(tx, device_id, redeliver_after_ms, 32, now).await?;
@@ -62,8 +66,14 @@ impl SqlStore {
         Ok(SyncDelivery { device: name, down_counter, config, commands })
     }
 
-    pub(super) async fn device_crypto_impl(&self, device_id: i64) -> StoreResult<Option<DeviceCrypto>> {
-        let row = sqlx::query("SELECT * FROM devices WHERE id = $1").bind(device_id).fetch_optional(self.pool()).await?;
+    pub(super) async fn device_crypto_impl(
+        &self,
+        device_id: i64,
+    ) -> StoreResult<Option<DeviceCrypto>> {
+        let row = sqlx::query("SELECT * FROM devices WHERE id = $1")
+            .bind(device_id)
+            .fetch_optional(self.pool())
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let previous_key: Option<String> = row.try_get("previous_key")?;
         let previous_version: Option<i64> = row.try_get("previous_key_version")?;
@@ -111,16 +121,19 @@ impl SqlStore {
             match self.record_result_in(&mut tx, &name, *id, outcome, now).await {
                 Ok(_) => {}
                 // A result for a command this device does not have: nothing to record.
-                Err(StoreError::NotFound(_)) => tracing::warn!(device = %name, command = id, "result for an unknown command"),
+                Err(StoreError::NotFound(_)) => {
+                    tracing::warn!(device = %name, command = id, "result for an unknown command")
+                }
                 Err(e) => return Err(e),
             }
         }
         if let Some((version, applied)) = &report.applied {
-            let desired: i64 = sqlx::query("SELECT desired_version FROM device_configs WHERE device_id = $1")
-                .bind(device_id)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("desired_version")?;
+            let desired: i64 =
+                sqlx::query("SELECT desired_version FROM device_configs WHERE device_id = $1")
+                    .bind(device_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("desired_version")?;
             if (1..=desired).contains(version) {
                 let rejected: Vec<Rejection> = report.rejected.clone();
                 sqlx::query(
@@ -137,7 +150,8 @@ impl SqlStore {
         }
         let applied_version = report.applied.as_ref().map(|(v, _)| *v);
         let delivery = if deliver {
-            self.delivery_in(&mut tx, device_id, name, applied_version, redeliver_after_ms, now).await?
+            self.delivery_in(&mut tx, device_id, name, applied_version, redeliver_after_ms, now)
+                .await?
         } else {
             SyncDelivery { device: name, down_counter: 0, config: None, commands: vec![] }
         };
@@ -145,32 +159,51 @@ impl SqlStore {
         Ok(Ok(delivery))
     }
 
-    pub(super) async fn device_deliver_impl(&self, device_id: i64, redeliver_after_ms: i64, now: i64) -> StoreResult<SyncDelivery> {
+    pub(super) async fn device_deliver_impl(
+        &self,
+        device_id: i64,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<SyncDelivery> {
         let mut tx = self.begin_write().await?;
         let row = self.device_row(&mut tx, device_id).await?;
         let name: String = row.try_get("name")?;
-        let delivery = self.delivery_in(&mut tx, device_id, name, None, redeliver_after_ms, now).await?;
+        let delivery =
+            self.delivery_in(&mut tx, device_id, name, None, redeliver_after_ms, now).await?;
         tx.commit().await?;
         Ok(delivery)
     }
 
-    pub(super) async fn record_security_event_impl(&self, device: Option<&str>, kind: &str, detail: serde_json::Value, now: i64) -> StoreResult<()> {
-        sqlx::query("INSERT INTO security_events (at_ms, device, kind, detail) VALUES ($1, $2, $3, $4)")
-            .bind(now)
-            .bind(device)
-            .bind(kind)
-            .bind(detail.to_string())
-            .execute(self.pool())
-            .await?;
+    pub(super) async fn record_security_event_impl(
+        &self,
+        device: Option<&str>,
+        kind: &str,
+        detail: serde_json::Value,
+        now: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO security_events (at_ms, device, kind, detail) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(now)
+        .bind(device)
+        .bind(kind)
+        .bind(detail.to_string())
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
-    pub(super) async fn security_events_impl(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<SecurityEvent>> {
-        let rows = sqlx::query("SELECT * FROM security_events WHERE id < $1 ORDER BY id DESC LIMIT $2")
-            .bind(before_id.unwrap_or(i64::MAX))
-            .bind(limit.clamp(1, 1000))
-            .fetch_all(self.pool())
-            .await?;
+    pub(super) async fn security_events_impl(
+        &self,
+        before_id: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<SecurityEvent>> {
+        let rows =
+            sqlx::query("SELECT * FROM security_events WHERE id < $1 ORDER BY id DESC LIMIT $2")
+                .bind(before_id.unwrap_or(i64::MAX))
+                .bind(limit.clamp(1, 1000))
+                .fetch_all(self.pool())
+                .await?;
         rows.iter()
             .map(|r| {
                 let detail: String = r.try_get("detail")?;

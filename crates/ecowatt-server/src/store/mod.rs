@@ -483,9 +483,24 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> StoreResult<Result<SyncDelivery, SyncRefusal>>;
     /// Hands out the config and commands for a sync answer after a long poll.
-    async fn device_deliver(&self, device_id: i64, redeliver_after_ms: i64, now: i64) -> StoreResult<SyncDelivery>;
+    async fn device_deliver(
+        &self,
+        device_id: i64,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<SyncDelivery>;
     /// Records a security event.
-    async fn record_security_event(&self, device: Option<&str>, kind: &str, detail: serde_json::Value, now: i64) -> StoreResult<()>;
+    async fn record_security_event(
+        &self,
+        device: Option<&str>,
+        kind: &str,
+        detail: serde_json::Value,
+        now: i64,
+    ) -> StoreResult<()>;
     /// Security events, newest first.
-    async fn security_events(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<SecurityEvent>>;
+    async fn security_events(
+        &self,
+        before_id: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<SecurityEvent>>;
 }

@@ -5,7 +5,7 @@
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
-    r#"
+        r#"
 CREATE TABLE devices (
     id {pk},
     name TEXT NOT NULL UNIQUE,

@@ -267,6 +267,18 @@ impl SqlStore {
         Ok(())
     }
 
+    /// On PostgreSQL, tells every server process (at commit) that `device` has news.
+    async fn notify_in(&self, tx: &mut Tx, device: &str) -> StoreResult<()> {
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(crate::api::push::CHANNEL)
+                .bind(device)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn device_in(&self, tx: &mut Tx, name: &str) -> StoreResult<Device> {
         let sql = format!("SELECT * FROM devices WHERE name = $1{}", self.for_update());
         let row = sqlx::query(&sql).bind(name).fetch_optional(&mut **tx).await?;
@@ -711,6 +723,7 @@ impl Store for SqlStore {
             json!({"version": version, "config": next}),
         )
         .await?;
+        self.notify_in(&mut tx, device).await?;
         let shadow = Self::shadow_in(&mut tx, d.id).await?;
         tx.commit().await?;
         Ok(shadow)
@@ -847,6 +860,7 @@ impl Store for SqlStore {
             json!({"device": device, "type": request.kind(), "parameters": request.parameters()}),
         )
         .await?;
+        self.notify_in(&mut tx, device).await?;
         let command = Self::command_in(&mut tx, id).await?;
         tx.commit().await?;
         Ok(command)
@@ -1036,15 +1050,30 @@ impl Store for SqlStore {
         self.device_sync_impl(device_id, report, deliver, redeliver_after_ms, now).await
     }
 
-    async fn device_deliver(&self, device_id: i64, redeliver_after_ms: i64, now: i64) -> StoreResult<SyncDelivery> {
+    async fn device_deliver(
+        &self,
+        device_id: i64,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<SyncDelivery> {
         self.device_deliver_impl(device_id, redeliver_after_ms, now).await
     }
 
-    async fn record_security_event(&self, device: Option<&str>, kind: &str, detail: serde_json::Value, now: i64) -> StoreResult<()> {
+    async fn record_security_event(
+        &self,
+        device: Option<&str>,
+        kind: &str,
+        detail: serde_json::Value,
+        now: i64,
+    ) -> StoreResult<()> {
         self.record_security_event_impl(device, kind, detail, now).await
     }
 
-    async fn security_events(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<SecurityEvent>> {
+    async fn security_events(
+        &self,
+        before_id: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<SecurityEvent>> {
         self.security_events_impl(before_id, limit).await
     }
 }

@@ -1,0 +1,244 @@
+//! `/api/v1/device/*`: the sealed device protocol v1 (`docs/protocol.md`).
+//!
+//! Every request is an envelope sealed with the device's key; every answer is
+//! sealed to the device and bound to the request's counter. What the peer
+//! learns from a refusal is only the code the spec lists; the server records
+//! the precise reason as a security event.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ecowatt_proto::messages::{self, MessageType, SyncRequest, SyncResponse};
+use ecowatt_proto::seal::{self, Direction, Header, Keys};
+use serde_json::json;
+
+use super::AppState;
+use crate::domain::{Action, DeviceConfig};
+use crate::error::ApiError;
+use crate::store::device_sql::rejection;
+use crate::store::{CommandOutcome, DeviceCrypto, KeySlot, SyncDelivery, SyncRefusal, SyncReport};
+
+/// Longest a sync is held open waiting for news.
+pub const MAX_WAIT_MS: u32 = 25_000;
+/// A delivered command without a result is handed out again on the next sync.
+const REDELIVER_MS: i64 = 0;
+
+fn refuse(status: StatusCode, code: &'static str) -> Response {
+    ApiError::new(status, code, code.replace('_', " ")).into_response()
+}
+
+async fn event(
+    state: &AppState,
+    device: Option<&str>,
+    kind: &'static str,
+    detail: serde_json::Value,
+) {
+    state.metrics.inc("ecowatt_security_events_total", format!("kind=\"{kind}\""));
+    tracing::warn!(device, kind, %detail, "device protocol security event");
+    if let Err(e) = state.store.record_security_event(device, kind, detail, crate::now_ms()).await {
+        tracing::error!(error = %e, "could not record a security event");
+    }
+}
+
+fn key_from_hex(hex: &str) -> Option<[u8; 16]> {
+    ecowatt_proto::hex::decode(hex).ok()?.try_into().ok()
+}
+
+/// Picks the key the header names: the current one or the one before it.
+fn key_for(crypto: &DeviceCrypto, key_version: u8) -> Option<(KeySlot, [u8; 16])> {
+    if crypto.device.key_version as u8 == key_version {
+        return key_from_hex(&crypto.key_hex).map(|k| (KeySlot::Current, k));
+    }
+    match &crypto.previous {
+        Some((hex, v)) if *v as u8 == key_version => {
+            key_from_hex(hex).map(|k| (KeySlot::Previous, k))
+        }
+        _ => None,
+    }
+}
+
+fn config_state(version: i64, c: &DeviceConfig) -> messages::ConfigState {
+    messages::ConfigState {
+        version: version as u64,
+        poll_interval_ms: c.poll_interval_ms as u32,
+        upload_interval_ms: c.upload_interval_ms as u32,
+        registers: c.registers.iter().fold(0u16, |m, r| m | (1 << r)),
+    }
+}
+
+fn device_config(c: &messages::ConfigState) -> DeviceConfig {
+    DeviceConfig {
+        poll_interval_ms: i64::from(c.poll_interval_ms),
+        upload_interval_ms: i64::from(c.upload_interval_ms),
+        registers: (0..10u16).filter(|r| c.registers & (1 << r) != 0).collect(),
+    }
+}
+
+fn answer_body(d: &SyncDelivery) -> Vec<u8> {
+    SyncResponse {
+        server_time_ms: crate::now_ms() as u64,
+        config: d.config.as_ref().map(|(v, c)| config_state(*v, c)),
+        commands: d
+            .commands
+            .iter()
+            .map(|c| messages::DeviceCommand {
+                id: c.id as u64,
+                op: match c.action {
+                    Action::Write { register, value } => {
+                        messages::Operation::Write { register, value }
+                    }
+                    Action::Read { register } => messages::Operation::Read { register },
+                },
+                expires_ms: c.expires_ms as u64,
+            })
+            .collect(),
+    }
+    .encode()
+}
+
+/// `POST /api/v1/device/sync`: the device reports and asks; the answer carries
+/// config and commands, at once or when they arrive within the wait it allows.
+pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            event(&state, None, "oversized", json!({})).await;
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+        }
+        Err(_) => return refuse(StatusCode::BAD_REQUEST, "malformed_envelope"),
+    };
+    let header = match Header::parse(&body) {
+        Ok(h) => h,
+        Err(e) => {
+            event(
+                &state,
+                None,
+                "malformed_envelope",
+                json!({"reason": e.code(), "len": body.len()}),
+            )
+            .await;
+            return refuse(StatusCode::BAD_REQUEST, "malformed_envelope");
+        }
+    };
+    let crypto = match state.store.device_crypto(i64::from(header.device_id)).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            event(&state, None, "unknown_device", json!({"device_id": header.device_id})).await;
+            return refuse(StatusCode::UNAUTHORIZED, "auth_failed");
+        }
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let name = crypto.device.name.clone();
+    let Some((slot, key)) = key_for(&crypto, header.key_version) else {
+        event(
+            &state,
+            Some(&name),
+            "unknown_key_version",
+            json!({"key_version": header.key_version}),
+        )
+        .await;
+        return refuse(StatusCode::UNAUTHORIZED, "auth_failed");
+    };
+    let keys = Keys::derive(&key);
+    let (header, plaintext) = match seal::open(&keys, &body, None) {
+        Ok(opened) => opened,
+        Err(e) => {
+            event(
+                &state,
+                Some(&name),
+                "bad_tag",
+                json!({"reason": e.code(), "counter": header.counter}),
+            )
+            .await;
+            return refuse(StatusCode::UNAUTHORIZED, "auth_failed");
+        }
+    };
+    // Authentic from here on: the header is covered by the tag.
+    if header.direction != Direction::Up || header.msg_type != MessageType::SyncRequest as u8 {
+        event(&state, Some(&name), "wrong_type", json!({"type": header.msg_type})).await;
+        return refuse(StatusCode::BAD_REQUEST, "wrong_type");
+    }
+    let request = match SyncRequest::decode(&plaintext) {
+        Ok(r) => r,
+        Err(e) => {
+            event(&state, Some(&name), "malformed_body", json!({"reason": e.to_string()})).await;
+            return refuse(StatusCode::BAD_REQUEST, "malformed_body");
+        }
+    };
+    let report = SyncReport {
+        key_slot: slot,
+        counter: header.counter,
+        applied: request.applied.as_ref().map(|c| (c.version as i64, device_config(c))),
+        rejected: request.rejected.iter().map(|r| rejection(r.field, r.reason)).collect(),
+        results: request
+            .results
+            .iter()
+            .map(|r| {
+                let outcome = CommandOutcome {
+                    success: r.succeeded,
+                    message: r.exception.map(|e| format!("Modbus exception {e:02X}")),
+                    exception_code: r.exception,
+                    value: r.value,
+                    executed_ms: (r.executed_ms > 0).then_some(r.executed_ms as i64),
+                };
+                (r.command_id as i64, outcome)
+            })
+            .collect(),
+        firmware: (!request.firmware.is_empty()).then(|| request.firmware.clone()),
+    };
+    // Listen before looking, so that news arriving in between is not missed.
+    let waiter = state.push.waiter(&name);
+    let notified = waiter.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+
+    let now = crate::now_ms();
+    let mut delivery =
+        match state.store.device_sync(crypto.device.id, &report, true, REDELIVER_MS, now).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(SyncRefusal::Replay(e))) => {
+                event(
+                    &state,
+                    Some(&name),
+                    "replay",
+                    json!({"counter": header.counter, "reason": e.code()}),
+                )
+                .await;
+                return refuse(StatusCode::CONFLICT, "replay");
+            }
+            Ok(Err(SyncRefusal::Disabled)) => {
+                event(&state, Some(&name), "device_disabled", json!({})).await;
+                return refuse(StatusCode::FORBIDDEN, "device_disabled");
+            }
+            Err(e) => return ApiError::from(e).into_response(),
+        };
+    for (id, outcome) in &report.results {
+        let label = if outcome.success { "success" } else { "failure" };
+        state.metrics.inc("ecowatt_command_results_total", format!("outcome=\"{label}\""));
+        tracing::debug!(device = %name, command = id, "result recorded");
+    }
+    let wait = request.wait_ms.min(MAX_WAIT_MS);
+    if delivery.config.is_none() && delivery.commands.is_empty() && wait > 0 {
+        let _ = tokio::time::timeout(Duration::from_millis(u64::from(wait)), notified).await;
+        delivery =
+            match state.store.device_deliver(crypto.device.id, REDELIVER_MS, crate::now_ms()).await
+            {
+                Ok(d) => d,
+                Err(e) => return ApiError::from(e).into_response(),
+            };
+    }
+    state.metrics.inc("ecowatt_device_syncs_total", "");
+    let answer_header = Header {
+        msg_type: MessageType::SyncResponse as u8,
+        direction: Direction::Down,
+        key_version: header.key_version,
+        device_id: header.device_id,
+        counter: delivery.down_counter,
+    };
+    let sealed = seal::seal(&keys, &answer_header, Some(header.counter), &answer_body(&delivery));
+    ([(header::CONTENT_TYPE, "application/octet-stream")], sealed).into_response()
+}
