@@ -319,9 +319,9 @@ async fn reordering_inside_the_window_is_accepted_once_and_below_it_never() {
     for i in [2, 0, 4, 1, 3] {
         assert_eq!(post(&state, sealed[i].clone()).await.0, StatusCode::OK, "message {i}");
     }
-    for i in 0..5 {
+    for (i, message) in sealed.iter().enumerate().take(5) {
         assert_eq!(
-            post(&state, sealed[i].clone()).await.0,
+            post(&state, message.clone()).await.0,
             StatusCode::CONFLICT,
             "message {i} again"
         );
