@@ -3,4 +3,5 @@
 
 mod independent;
 mod props;
+mod protocol_vectors;
 mod vectors;
