@@ -285,9 +285,10 @@ impl SyncRequest {
             };
             let has_value = r.u8()?;
             let value = r.u16()?;
-            let value = match has_value {
-                0 => None,
-                1 => Some(value),
+            // One encoding per value: no stray value bytes without the flag.
+            let value = match (has_value, value) {
+                (0, 0) => None,
+                (1, v) => Some(v),
                 _ => return Err(DecodeError::BadValue { field: "has_value" }),
             };
             results.push(CommandResult {

@@ -33,6 +33,19 @@ pub enum BenchCommand {
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         max_time: Duration,
     },
+    /// Device protocol: seal and open per second (one core), and sealed sync
+    /// requests per second a server on loopback sustains (SQLite, in process).
+    Protocol {
+        /// Simulated devices, one thread and one connection each.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+        devices: u64,
+        /// Sync requests in total, at most.
+        #[arg(long, default_value_t = 20_000)]
+        requests: u64,
+        /// Time limit of the server measurement.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        max_time: Duration,
+    },
     /// Command queue -> deliver -> result cycles per second, and config updates
     /// per second, through the store (SQLite in a temp dir, or a throw-away
     /// PostgreSQL database).
@@ -61,6 +74,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Sim { requests, clients, max_time } => {
             sim(requests.max(1), clients, max_time)
+        }
+        BenchCommand::Protocol { devices, requests, max_time } => {
+            protocol(devices, requests.max(1), max_time)
         }
         BenchCommand::Commands { postgres, workers, cycles, max_time } => {
             tokio::runtime::Runtime::new()?.block_on(commands(
@@ -308,5 +324,120 @@ async fn commands(
     report("config upd", &config_run);
     store.close().await;
     db.cleanup().await;
+    Ok(())
+}
+
+fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<()> {
+    use ecowatt_core::kv::MemoryKv;
+    use ecowatt_core::session::{Credentials, Session};
+    use ecowatt_proto::messages::{CommandResult, MessageType, SyncRequest};
+    use ecowatt_proto::seal::{self, Direction, Header, Keys};
+
+    let body = SyncRequest {
+        results: vec![CommandResult {
+            command_id: 1,
+            succeeded: true,
+            exception: None,
+            value: Some(50),
+            executed_ms: 1,
+        }],
+        firmware: "1.0.0".into(),
+        ..SyncRequest::default()
+    }
+    .encode();
+    let keys = Keys::derive(&[7; 16]);
+    let header = |counter| Header {
+        msg_type: 1,
+        direction: Direction::Up,
+        key_version: 1,
+        device_id: 1,
+        counter,
+    };
+    let iterations = 200_000;
+    println!(
+        "Sealed envelopes, {}-byte sync request body, {iterations} each (single thread):",
+        body.len()
+    );
+    rate("seal (AES-128-GCM)", iterations, |i| {
+        black_box(seal::seal(&keys, &header(i + 1), None, black_box(&body)));
+    });
+    let sealed = seal::seal(&keys, &header(1), None, &body);
+    rate("open + verify", iterations, |_| {
+        black_box(seal::open(&keys, black_box(&sealed), None).expect("opens"));
+    });
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let db = ecowatt_server::testing::TempDb::sqlite();
+    let server = rt.block_on(ecowatt_server::testing::TestServer::start(&db, false));
+    let mut creds = Vec::new();
+    for d in 0..devices {
+        let key = [d as u8; 16];
+        let device = rt.block_on(server.state.store.create_device(
+            &format!("bench-{d}"),
+            10_000,
+            &ecowatt_proto::hex::encode_upper(&key),
+            "bench",
+            ecowatt_server::now_ms(),
+        ))?;
+        creds.push(Credentials { device_id: device.id as u32, key, key_version: 1 });
+    }
+    println!(
+        "Sealed syncs against the server on loopback (SQLite), {devices} devices, at most {requests} requests or {max_time:?}:"
+    );
+    let url = format!("{}/api/v1/device/sync", server.url);
+    let per_device = requests.div_ceil(devices);
+    let started = Instant::now();
+    let deadline = started + max_time;
+    let results: Vec<(u64, u64, Vec<u32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = creds
+            .iter()
+            .map(|c| {
+                let url = &url;
+                s.spawn(move || {
+                    let mut kv = MemoryKv::new();
+                    let mut session = Session::start(c.clone(), &mut kv).expect("session");
+                    let agent: ureq::Agent =
+                        ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                    let body = SyncRequest::default().encode();
+                    let (mut ok, mut failed, mut lat) = (0, 0, Vec::new());
+                    for _ in 0..per_device {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        let t0 = Instant::now();
+                        let sealed =
+                            session.seal(&mut kv, MessageType::SyncRequest, &body).expect("seal");
+                        let answer = agent
+                            .post(url)
+                            .header("content-type", "application/octet-stream")
+                            .send(&sealed[..])
+                            .ok()
+                            .filter(|r| r.status() == 200)
+                            .and_then(|mut r| r.body_mut().read_to_vec().ok());
+                        match answer.map(|a| session.open(&a)) {
+                            Some(Ok(_)) => ok += 1,
+                            _ => {
+                                session.abandon();
+                                failed += 1
+                            }
+                        }
+                        lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    (ok, failed, lat)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("device thread")).collect()
+    });
+    let mut run = Run { ok: 0, failed: 0, latencies_us: Vec::new(), elapsed: started.elapsed() };
+    for (ok, failed, lat) in results {
+        run.ok += ok;
+        run.failed += failed;
+        run.latencies_us.extend(lat);
+    }
+    run.latencies_us.sort_unstable();
+    report("sealed sync", &run);
+    rt.block_on(server.stop());
+    anyhow::ensure!(run.failed == 0, "{} syncs failed", run.failed);
     Ok(())
 }

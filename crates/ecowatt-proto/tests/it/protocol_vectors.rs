@@ -11,21 +11,37 @@ const KEY: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
 
 fn vectors() -> String {
     let keys = Keys::derive(&KEY);
-    let request_header = Header { msg_type: 1, direction: Direction::Up, key_version: 1, device_id: 7, counter: 1 };
+    let request_header =
+        Header { msg_type: 1, direction: Direction::Up, key_version: 1, device_id: 7, counter: 1 };
     let request_plain = SyncRequest {
         wait_ms: 25_000,
-        applied: Some(ConfigState { version: 1, poll_interval_ms: 5_000, upload_interval_ms: 900_000, registers: 0x03FF }),
+        applied: Some(ConfigState {
+            version: 1,
+            poll_interval_ms: 5_000,
+            upload_interval_ms: 900_000,
+            registers: 0x03FF,
+        }),
         rejected: vec![],
         results: vec![],
         firmware: "1.0.0".into(),
     }
     .encode();
     let request = seal::seal(&keys, &request_header, None, &request_plain);
-    let answer_header = Header { msg_type: 2, direction: Direction::Down, key_version: 1, device_id: 7, counter: 1 };
+    let answer_header = Header {
+        msg_type: 2,
+        direction: Direction::Down,
+        key_version: 1,
+        device_id: 7,
+        counter: 1,
+    };
     let answer_plain = SyncResponse {
         server_time_ms: 1_800_000_000_000,
         config: None,
-        commands: vec![DeviceCommand { id: 5, op: Operation::Write { register: 8, value: 30 }, expires_ms: 1_800_000_600_000 }],
+        commands: vec![DeviceCommand {
+            id: 5,
+            op: Operation::Write { register: 8, value: 30 },
+            expires_ms: 1_800_000_600_000,
+        }],
     }
     .encode();
     let answer = seal::seal(&keys, &answer_header, Some(1), &answer_plain);
@@ -75,5 +91,8 @@ fn vectors_match_docs() {
         std::fs::write(path, &now).unwrap();
     }
     let stored = std::fs::read_to_string(path).unwrap_or_default();
-    assert_eq!(stored, now, "docs/protocol-vectors.json is stale: rerun with ECOWATT_WRITE_VECTORS=1 if the change is deliberate");
+    assert_eq!(
+        stored, now,
+        "docs/protocol-vectors.json is stale: rerun with ECOWATT_WRITE_VECTORS=1 if the change is deliberate"
+    );
 }
