@@ -437,6 +437,72 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
     }
     run.latencies_us.sort_unstable();
     report("sealed sync", &run);
+
+    // Push: one device long-polls; an operator queues a command through the API;
+    // latency from the API's answer to the device holding the command.
+    let name = "bench-push";
+    let key = [0xA5u8; 16];
+    let device = rt.block_on(server.state.store.create_device(
+        name,
+        10_000,
+        &ecowatt_proto::hex::encode_upper(&key),
+        "bench",
+        ecowatt_server::now_ms(),
+    ))?;
+    let c = Credentials { device_id: device.id as u32, key, key_version: 1 };
+    let api: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let queue_url = format!("{}/api/v1/devices/{name}/commands", server.url);
+    let token = format!("Bearer {}", server.admin_token);
+    let rounds = 50;
+    let mut push_lat = Vec::with_capacity(rounds);
+    let mut kv = MemoryKv::new();
+    let mut session = Session::start(c, &mut kv)?;
+    let mut results = Vec::new();
+    for _ in 0..rounds {
+        // The device runs config v1, so only a command can end the wait.
+        let applied = ecowatt_proto::messages::ConfigState {
+            version: 1,
+            poll_interval_ms: 5_000,
+            upload_interval_ms: 900_000,
+            registers: 0x03FF,
+        };
+        let body = SyncRequest {
+            wait_ms: 10_000,
+            applied: Some(applied),
+            results: std::mem::take(&mut results),
+            ..SyncRequest::default()
+        }
+        .encode();
+        let sealed = session.seal(&mut kv, MessageType::SyncRequest, &body)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let poll_url = url.clone();
+        let poller = std::thread::spawn(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            let answer = agent.post(&poll_url).send(&sealed[..]).ok().and_then(|mut r| r.body_mut().read_to_vec().ok());
+            let _ = tx.send(Instant::now());
+            answer
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        // From the moment the operator sends the command (an upper bound: it includes
+        // the operator's own request).
+        let queued = Instant::now();
+        api.post(&queue_url)
+            .header("Authorization", &token)
+            .send_json(serde_json::json!({"type": "read_register", "parameters": {"register_address": 9}}))?;
+        let received = rx.recv_timeout(Duration::from_secs(15))?;
+        let answer = poller.join().expect("poller").ok_or_else(|| anyhow::anyhow!("no answer"))?;
+        let (_, plain) = session.open(&answer)?;
+        let resp = ecowatt_proto::messages::SyncResponse::decode(&plain)?;
+        for cmd in resp.commands {
+            results.push(CommandResult { command_id: cmd.id, succeeded: true, exception: None, value: Some(1), executed_ms: 0 });
+        }
+        anyhow::ensure!(received > queued, "the sync ended before the command was sent");
+        push_lat.push(received.duration_since(queued).as_micros().min(u32::MAX as u128) as u32);
+    }
+    push_lat.sort_unstable();
+    let push = Run { ok: rounds as u64, failed: 0, latencies_us: push_lat, elapsed: Duration::from_secs(1) };
+    println!("Push: operator sends a command to the API -> long-polling device holds it ({rounds} rounds):");
+    report("push latency", &push);
     rt.block_on(server.stop());
     anyhow::ensure!(run.failed == 0, "{} syncs failed", run.failed);
     Ok(())
