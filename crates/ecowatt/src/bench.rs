@@ -477,8 +477,13 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
         let (tx, rx) = std::sync::mpsc::channel();
         let poll_url = url.clone();
         let poller = std::thread::spawn(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-            let answer = agent.post(&poll_url).send(&sealed[..]).ok().and_then(|mut r| r.body_mut().read_to_vec().ok());
+            let agent: ureq::Agent =
+                ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            let answer = agent
+                .post(&poll_url)
+                .send(&sealed[..])
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_vec().ok());
             let _ = tx.send(Instant::now());
             answer
         });
@@ -486,22 +491,35 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
         // From the moment the operator sends the command (an upper bound: it includes
         // the operator's own request).
         let queued = Instant::now();
-        api.post(&queue_url)
-            .header("Authorization", &token)
-            .send_json(serde_json::json!({"type": "read_register", "parameters": {"register_address": 9}}))?;
+        api.post(&queue_url).header("Authorization", &token).send_json(
+            serde_json::json!({"type": "read_register", "parameters": {"register_address": 9}}),
+        )?;
         let received = rx.recv_timeout(Duration::from_secs(15))?;
         let answer = poller.join().expect("poller").ok_or_else(|| anyhow::anyhow!("no answer"))?;
         let (_, plain) = session.open(&answer)?;
         let resp = ecowatt_proto::messages::SyncResponse::decode(&plain)?;
         for cmd in resp.commands {
-            results.push(CommandResult { command_id: cmd.id, succeeded: true, exception: None, value: Some(1), executed_ms: 0 });
+            results.push(CommandResult {
+                command_id: cmd.id,
+                succeeded: true,
+                exception: None,
+                value: Some(1),
+                executed_ms: 0,
+            });
         }
         anyhow::ensure!(received > queued, "the sync ended before the command was sent");
         push_lat.push(received.duration_since(queued).as_micros().min(u32::MAX as u128) as u32);
     }
     push_lat.sort_unstable();
-    let push = Run { ok: rounds as u64, failed: 0, latencies_us: push_lat, elapsed: Duration::from_secs(1) };
-    println!("Push: operator sends a command to the API -> long-polling device holds it ({rounds} rounds):");
+    let push = Run {
+        ok: rounds as u64,
+        failed: 0,
+        latencies_us: push_lat,
+        elapsed: Duration::from_secs(1),
+    };
+    println!(
+        "Push: operator sends a command to the API -> long-polling device holds it ({rounds} rounds):"
+    );
     report("push latency", &push);
     rt.block_on(server.stop());
     anyhow::ensure!(run.failed == 0, "{} syncs failed", run.failed);
