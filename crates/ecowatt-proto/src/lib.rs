@@ -13,10 +13,12 @@
 //!   direction, answers bound to requests).
 //! - [`replay`] — the 64-entry replay window.
 //! - [`messages`] — bodies of the protocol's messages (sync, telemetry, errors).
+//! - [`codec`] — the telemetry batch codec (columnar, delta, zero runs).
 #![no_std]
 
 extern crate alloc;
 
+pub mod codec;
 pub mod crc;
 pub mod hex;
 pub mod messages;
