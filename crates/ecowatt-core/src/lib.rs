@@ -5,6 +5,7 @@
 //! - [`link`] — the inverter link: a Modbus RTU client over a [`link::Transport`]
 //!   trait, with retries and bounded backoff driven by a sans-IO
 //!   [`link::Transaction`].
+//! - [`samplelog`] — readings kept until acknowledged, bounded, power-cut safe.
 //! - [`kv`] — the key-value store trait, and an in-memory double that fails on demand.
 //! - [`session`] — the device side of protocol v1: sealing with counters reserved
 //!   in blocks, opening only the answer to the request outstanding.
@@ -14,4 +15,5 @@ extern crate alloc;
 
 pub mod kv;
 pub mod link;
+pub mod samplelog;
 pub mod session;

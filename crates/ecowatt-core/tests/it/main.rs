@@ -1,4 +1,5 @@
 //! Integration tests for `ecowatt-core`.
 
 mod link;
+mod samplelog;
 mod session;
