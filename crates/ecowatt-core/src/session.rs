@@ -19,6 +19,17 @@ use crate::kv::{KeyValue, KvError};
 pub const COUNTER_KEY: &str = "proto.counter";
 /// Counters reserved per write.
 pub const RESERVE_BLOCK: u64 = 64;
+/// Requests that may await their answers at once (a long poll and an upload, say).
+pub const MAX_OUTSTANDING: usize = 4;
+
+/// A sealed request and the counter its answer will be bound to.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    /// The request's counter.
+    pub counter: u64,
+    /// The envelope to send.
+    pub bytes: Vec<u8>,
+}
 
 /// What the device needs to talk to the server (from its provisioning file).
 #[derive(Clone)]
@@ -50,6 +61,8 @@ pub enum SessionError {
     CorruptCounter,
     /// All 2^64 counters are used: the device needs a new key.
     CountersExhausted,
+    /// Already [`MAX_OUTSTANDING`] requests await answers.
+    TooManyOutstanding,
     /// An answer arrived with no request outstanding (late, or replayed).
     NoRequest,
     /// The envelope is not an authentic answer to the request outstanding.
@@ -69,6 +82,7 @@ impl fmt::Display for SessionError {
             SessionError::CountersExhausted => {
                 f.write_str("message counters exhausted; rotate the device key")
             }
+            SessionError::TooManyOutstanding => f.write_str("too many requests awaiting answers"),
             SessionError::NoRequest => f.write_str("answer with no request outstanding"),
             SessionError::Envelope(e) => write!(f, "answer refused: {e}"),
             SessionError::Unexpected { msg_type } => {
@@ -93,7 +107,7 @@ pub struct Session {
     keys: Keys,
     next: u64,
     reserved_until: u64,
-    outstanding: Option<(u64, MessageType)>,
+    outstanding: Vec<(u64, MessageType)>,
 }
 
 impl Session {
@@ -107,7 +121,8 @@ impl Session {
             }
         };
         let keys = Keys::derive(&creds.key);
-        let mut session = Session { creds, keys, next, reserved_until: next, outstanding: None };
+        let mut session =
+            Session { creds, keys, next, reserved_until: next, outstanding: Vec::new() };
         session.reserve(kv)?;
         Ok(session)
     }
@@ -129,13 +144,16 @@ impl Session {
         self.creds.device_id
     }
 
-    /// Seals a request; it becomes the one outstanding.
+    /// Seals a request; it awaits its answer until opened or abandoned.
     pub fn seal(
         &mut self,
         kv: &mut impl KeyValue,
         msg_type: MessageType,
         body: &[u8],
-    ) -> Result<Vec<u8>, SessionError> {
+    ) -> Result<Sealed, SessionError> {
+        if self.outstanding.len() >= MAX_OUTSTANDING {
+            return Err(SessionError::TooManyOutstanding);
+        }
         if self.next >= self.reserved_until {
             self.reserve(kv)?;
         }
@@ -148,14 +166,23 @@ impl Session {
             device_id: self.creds.device_id,
             counter,
         };
-        self.outstanding = Some((counter, msg_type));
-        Ok(seal::seal(&self.keys, &header, None, body))
+        self.outstanding.push((counter, msg_type));
+        Ok(Sealed { counter, bytes: seal::seal(&self.keys, &header, None, body) })
     }
 
-    /// Opens the answer to the outstanding request: its expected type or an
-    /// error message. Accepted once; the request is then no longer outstanding.
-    pub fn open(&mut self, envelope: &[u8]) -> Result<(MessageType, Vec<u8>), SessionError> {
-        let (counter, request) = self.outstanding.ok_or(SessionError::NoRequest)?;
+    /// Opens the answer to request `counter`: its expected type or an error
+    /// message. Accepted once; the request then no longer awaits an answer.
+    pub fn open(
+        &mut self,
+        counter: u64,
+        envelope: &[u8],
+    ) -> Result<(MessageType, Vec<u8>), SessionError> {
+        let at = self
+            .outstanding
+            .iter()
+            .position(|(c, _)| *c == counter)
+            .ok_or(SessionError::NoRequest)?;
+        let request = self.outstanding[at].1;
         let (header, body) =
             seal::open(&self.keys, envelope, Some(counter)).map_err(SessionError::Envelope)?;
         let msg_type = MessageType::from_byte(header.msg_type);
@@ -167,12 +194,12 @@ impl Session {
         {
             return Err(SessionError::Unexpected { msg_type: header.msg_type });
         }
-        self.outstanding = None;
+        self.outstanding.swap_remove(at);
         Ok((msg_type.expect("checked above"), body))
     }
 
-    /// Gives up on the outstanding request (timeout): its answer will be refused.
-    pub fn abandon(&mut self) {
-        self.outstanding = None;
+    /// Gives up on request `counter` (timeout): its answer will be refused.
+    pub fn abandon(&mut self, counter: u64) {
+        self.outstanding.retain(|(c, _)| *c != counter);
     }
 }

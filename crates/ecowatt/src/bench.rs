@@ -410,14 +410,14 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
                         let answer = agent
                             .post(url)
                             .header("content-type", "application/octet-stream")
-                            .send(&sealed[..])
+                            .send(&sealed.bytes[..])
                             .ok()
                             .filter(|r| r.status() == 200)
                             .and_then(|mut r| r.body_mut().read_to_vec().ok());
-                        match answer.map(|a| session.open(&a)) {
+                        match answer.map(|a| session.open(sealed.counter, &a)) {
                             Some(Ok(_)) => ok += 1,
                             _ => {
-                                session.abandon();
+                                session.abandon(sealed.counter);
                                 failed += 1
                             }
                         }
@@ -476,12 +476,13 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
         let sealed = session.seal(&mut kv, MessageType::SyncRequest, &body)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let poll_url = url.clone();
+        let counter = sealed.counter;
         let poller = std::thread::spawn(move || {
             let agent: ureq::Agent =
                 ureq::Agent::config_builder().http_status_as_error(false).build().into();
             let answer = agent
                 .post(&poll_url)
-                .send(&sealed[..])
+                .send(&sealed.bytes[..])
                 .ok()
                 .and_then(|mut r| r.body_mut().read_to_vec().ok());
             let _ = tx.send(Instant::now());
@@ -496,7 +497,7 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
         )?;
         let received = rx.recv_timeout(Duration::from_secs(15))?;
         let answer = poller.join().expect("poller").ok_or_else(|| anyhow::anyhow!("no answer"))?;
-        let (_, plain) = session.open(&answer)?;
+        let (_, plain) = session.open(counter, &answer)?;
         let resp = ecowatt_proto::messages::SyncResponse::decode(&plain)?;
         for cmd in resp.commands {
             results.push(CommandResult {

@@ -36,7 +36,8 @@ fn counters_increase_and_flash_is_written_once_per_block() {
     let mut last = 0;
     for _ in 0..(2 * RESERVE_BLOCK) {
         let env = s.seal(&mut kv, MessageType::SyncRequest, b"").unwrap();
-        let (h, _) = seal::open(&keys, &env, None).unwrap();
+        s.abandon(env.counter);
+        let (h, _) = seal::open(&keys, &env.bytes, None).unwrap();
         assert!(h.counter > last);
         last = h.counter;
     }
@@ -68,7 +69,8 @@ fn a_power_cut_at_any_write_never_reuses_a_counter() {
             for _ in 0..100 {
                 match s.seal(&mut kv, MessageType::SyncRequest, b"x") {
                     Ok(env) => {
-                        let (h, _) = seal::open(&keys, &env, None).unwrap();
+                        s.abandon(env.counter);
+                        let (h, _) = seal::open(&keys, &env.bytes, None).unwrap();
                         window.accept(h.counter).unwrap_or_else(|e| {
                             panic!("cut {cut_at}, boot {boot}: counter {} {e:?}", h.counter)
                         });
@@ -93,32 +95,45 @@ fn a_corrupt_reservation_is_an_error_not_a_reset() {
 }
 
 #[test]
-fn only_the_answer_to_the_outstanding_request_opens_and_only_once() {
+fn only_the_answer_to_its_request_opens_and_only_once() {
     let mut kv = MemoryKv::new();
     let mut s = Session::start(creds(), &mut kv).unwrap();
     let req1 = s.seal(&mut kv, MessageType::SyncRequest, b"one").unwrap();
-    let answer1 = server_answer(&req1, b"for one", 1);
-    let (t, body) = s.open(&answer1).unwrap();
+    let answer1 = server_answer(&req1.bytes, b"for one", 1);
+    let (t, body) = s.open(req1.counter, &answer1).unwrap();
     assert_eq!((t, body.as_slice()), (MessageType::SyncResponse, &b"for one"[..]));
-    assert_eq!(s.open(&answer1), Err(SessionError::NoRequest), "replayed answer");
+    assert_eq!(s.open(req1.counter, &answer1), Err(SessionError::NoRequest), "replayed answer");
 
+    // Two requests await at once (a long poll and an upload); answers do not cross.
     let req2 = s.seal(&mut kv, MessageType::SyncRequest, b"two").unwrap();
+    let req3 = s.seal(&mut kv, MessageType::TelemetryUpload, b"batch").unwrap();
     assert_eq!(
-        s.open(&answer1),
+        s.open(req2.counter, &answer1),
         Err(SessionError::Envelope(EnvelopeError::BadTag)),
         "answer to another request"
     );
-    let mut tampered = server_answer(&req2, b"for two", 2);
+    let answer2 = server_answer(&req2.bytes, b"for two", 2);
+    assert_eq!(s.open(req3.counter, &answer2), Err(SessionError::Envelope(EnvelopeError::BadTag)));
+    let mut tampered = answer2.clone();
     tampered[20] ^= 1;
-    assert_eq!(s.open(&tampered), Err(SessionError::Envelope(EnvelopeError::BadTag)));
-    assert!(s.open(&server_answer(&req2, b"for two", 2)).is_ok());
+    assert_eq!(s.open(req2.counter, &tampered), Err(SessionError::Envelope(EnvelopeError::BadTag)));
+    assert!(s.open(req2.counter, &answer2).is_ok());
 
     // The wrong answer type for the request is refused even when authentic.
-    let req3 = s.seal(&mut kv, MessageType::TelemetryUpload, b"batch").unwrap();
     assert_eq!(
-        s.open(&server_answer(&req3, b"", 3)),
+        s.open(req3.counter, &server_answer(&req3.bytes, b"", 3)),
         Err(SessionError::Unexpected { msg_type: 2 })
     );
-    s.abandon();
-    assert_eq!(s.open(&server_answer(&req3, b"", 3)), Err(SessionError::NoRequest));
+    s.abandon(req3.counter);
+    assert_eq!(
+        s.open(req3.counter, &server_answer(&req3.bytes, b"", 3)),
+        Err(SessionError::NoRequest)
+    );
+    for _ in 0..4 {
+        s.seal(&mut kv, MessageType::SyncRequest, b"").unwrap();
+    }
+    assert_eq!(
+        s.seal(&mut kv, MessageType::SyncRequest, b"").unwrap_err(),
+        SessionError::TooManyOutstanding
+    );
 }

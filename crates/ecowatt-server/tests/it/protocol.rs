@@ -21,6 +21,8 @@ pub struct TestDevice {
     pub session: Session,
     pub kv: MemoryKv,
     pub creds: Credentials,
+    /// Counter of the latest request sealed.
+    pub last: u64,
 }
 
 impl TestDevice {
@@ -41,7 +43,7 @@ impl TestDevice {
         };
         let mut kv = MemoryKv::new();
         let session = Session::start(creds.clone(), &mut kv).unwrap();
-        TestDevice { session, kv, creds }
+        TestDevice { session, kv, creds, last: 0 }
     }
 
     /// Reboots: a new session from the same key-value store.
@@ -49,8 +51,24 @@ impl TestDevice {
         self.session = Session::start(self.creds.clone(), &mut self.kv).unwrap();
     }
 
+    /// Seals a sync request; it does not wait for its answer unless opened with [`TestDevice::open`].
     pub fn seal(&mut self, req: &SyncRequest) -> Vec<u8> {
-        self.session.seal(&mut self.kv, MessageType::SyncRequest, &req.encode()).unwrap()
+        self.raw(MessageType::SyncRequest, &req.encode())
+    }
+
+    pub fn raw(&mut self, t: MessageType, body: &[u8]) -> Vec<u8> {
+        let sealed = self.session.seal(&mut self.kv, t, body).unwrap();
+        // Tests seal many requests they never open: keep the session's table small.
+        if self.last > 0 {
+            self.session.abandon(self.last);
+        }
+        self.last = sealed.counter;
+        sealed.bytes
+    }
+
+    /// Opens the answer to the latest request.
+    pub fn open(&mut self, answer: &[u8]) -> Result<(MessageType, Vec<u8>), SessionError> {
+        self.session.open(self.last, answer)
     }
 
     pub async fn sync(
@@ -63,7 +81,7 @@ impl TestDevice {
         if status != StatusCode::OK {
             return Err((status, String::from_utf8_lossy(&body).into_owned()));
         }
-        let (t, plain) = self.session.open(&body).expect("an authentic answer to our request");
+        let (t, plain) = self.open(&body).expect("an authentic answer to our request");
         assert_eq!(t, MessageType::SyncResponse);
         Ok(SyncResponse::decode(&plain).unwrap())
     }
@@ -294,10 +312,10 @@ async fn truncated_oversized_wrong_type_malformed_and_disabled_are_distinct() {
         (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
     );
 
-    let telemetry = dev.session.seal(&mut dev.kv, MessageType::TelemetryUpload, b"").unwrap();
+    let telemetry = dev.raw(MessageType::TelemetryUpload, b"");
     let (status, body) = post(&state, telemetry).await;
     assert_eq!((status, error_code(&body).as_str()), (StatusCode::BAD_REQUEST, "wrong_type"));
-    let garbage = dev.session.seal(&mut dev.kv, MessageType::SyncRequest, b"\x00\x01").unwrap();
+    let garbage = dev.raw(MessageType::SyncRequest, b"\x00\x01");
     let (status, body) = post(&state, garbage).await;
     assert_eq!((status, error_code(&body).as_str()), (StatusCode::BAD_REQUEST, "malformed_body"));
 
@@ -342,21 +360,30 @@ async fn an_answer_only_opens_for_its_own_request() {
     let c = Client::start(&db, false).await;
     let mut dev = TestDevice::provision(&c, "d").await;
     let state = c.server.state.clone();
-    let first = dev.seal(&SyncRequest::default());
-    let (_, answer1) = post(&state, first).await;
-    dev.session.abandon();
-    let second = dev.seal(&SyncRequest::default());
+    let first = dev
+        .session
+        .seal(&mut dev.kv, MessageType::SyncRequest, &SyncRequest::default().encode())
+        .unwrap();
+    let (_, answer1) = post(&state, first.bytes).await;
+    let second = dev
+        .session
+        .seal(&mut dev.kv, MessageType::SyncRequest, &SyncRequest::default().encode())
+        .unwrap();
     assert_eq!(
-        dev.session.open(&answer1),
+        dev.session.open(second.counter, &answer1),
         Err(SessionError::Envelope(EnvelopeError::BadTag)),
         "an answer to another request"
     );
-    let (_, answer2) = post(&state, second).await;
-    assert!(dev.session.open(&answer2).is_ok());
+    let (_, answer2) = post(&state, second.bytes).await;
+    assert!(dev.session.open(second.counter, &answer2).is_ok());
     assert_eq!(
-        dev.session.open(&answer2),
+        dev.session.open(second.counter, &answer2),
         Err(SessionError::NoRequest),
         "the same answer replayed"
+    );
+    assert!(
+        dev.session.open(first.counter, &answer1).is_ok(),
+        "the first answer opens for the first request"
     );
     c.server.stop().await;
 }
@@ -384,7 +411,7 @@ async fn a_long_poll_returns_as_soon_as_a_command_is_queued() {
     let (status, body) = poll.await.unwrap();
     let latency = queued_at.elapsed();
     assert_eq!(status, StatusCode::OK);
-    let (_, plain) = dev.session.open(&body).unwrap();
+    let (_, plain) = dev.open(&body).unwrap();
     let commands = SyncResponse::decode(&plain).unwrap().commands;
     assert_eq!(commands.len(), 1);
     assert!(
@@ -457,7 +484,7 @@ async fn push_crosses_server_processes_on_postgresql() {
         .await;
     let (status, body) = poll.await.unwrap();
     assert_eq!(status, StatusCode::OK);
-    let (_, plain) = dev.session.open(&body).unwrap();
+    let (_, plain) = dev.open(&body).unwrap();
     assert_eq!(SyncResponse::decode(&plain).unwrap().commands.len(), 1);
     assert!(
         queued_at.elapsed() < Duration::from_secs(5),
