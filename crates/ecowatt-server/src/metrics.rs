@@ -20,6 +20,7 @@ const HELP: &[(&str, &str)] = &[
     ("ecowatt_auth_failures_total", "Requests refused for a missing or bad token, by reason."),
     ("ecowatt_security_events_total", "Device protocol messages refused, by kind."),
     ("ecowatt_device_syncs_total", "Device syncs answered."),
+    ("ecowatt_telemetry_batches_total", "Telemetry batches accepted (retries included)."),
 ];
 
 impl Metrics {

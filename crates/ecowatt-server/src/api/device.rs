@@ -12,7 +12,11 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ecowatt_proto::messages::{self, MessageType, SyncRequest, SyncResponse};
+use ecowatt_proto::codec;
+use ecowatt_proto::messages::{
+    self, MessageType, SyncRequest, SyncResponse, TelemetryAck, TelemetryUpload,
+};
+use ecowatt_proto::registers::EXPORT_LIMIT;
 use ecowatt_proto::seal::{self, Direction, Header, Keys};
 use serde_json::json;
 
@@ -20,7 +24,9 @@ use super::AppState;
 use crate::domain::{Action, DeviceConfig};
 use crate::error::ApiError;
 use crate::store::device_sql::rejection;
-use crate::store::{CommandOutcome, DeviceCrypto, KeySlot, SyncDelivery, SyncRefusal, SyncReport};
+use crate::store::{
+    CommandOutcome, DeviceCrypto, KeySlot, StoredBatch, SyncDelivery, SyncRefusal, SyncReport,
+};
 
 /// Longest a sync is held open waiting for news.
 pub const MAX_WAIT_MS: u32 = 25_000;
@@ -100,69 +106,119 @@ fn answer_body(d: &SyncDelivery) -> Vec<u8> {
     .encode()
 }
 
-/// `POST /api/v1/device/sync`: the device reports and asks; the answer carries
-/// config and commands, at once or when they arrive within the wait it allows.
-pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+/// An authentic request, past the door.
+struct Admitted {
+    crypto: DeviceCrypto,
+    slot: KeySlot,
+    keys: Keys,
+    header: Header,
+    plaintext: Vec<u8>,
+}
+
+/// Length, header, device, key, tag and type: everything short of the replay
+/// check (which runs in the transaction that applies the message).
+async fn door(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    expected: MessageType,
+) -> Result<Admitted, Response> {
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            event(&state, None, "oversized", json!({})).await;
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+            event(state, None, "oversized", json!({})).await;
+            return Err(refuse(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"));
         }
-        Err(_) => return refuse(StatusCode::BAD_REQUEST, "malformed_envelope"),
+        Err(_) => return Err(refuse(StatusCode::BAD_REQUEST, "malformed_envelope")),
     };
     let header = match Header::parse(&body) {
         Ok(h) => h,
         Err(e) => {
             event(
-                &state,
+                state,
                 None,
                 "malformed_envelope",
                 json!({"reason": e.code(), "len": body.len()}),
             )
             .await;
-            return refuse(StatusCode::BAD_REQUEST, "malformed_envelope");
+            return Err(refuse(StatusCode::BAD_REQUEST, "malformed_envelope"));
         }
     };
     let crypto = match state.store.device_crypto(i64::from(header.device_id)).await {
         Ok(Some(c)) => c,
         Ok(None) => {
-            event(&state, None, "unknown_device", json!({"device_id": header.device_id})).await;
-            return refuse(StatusCode::UNAUTHORIZED, "auth_failed");
+            event(state, None, "unknown_device", json!({"device_id": header.device_id})).await;
+            return Err(refuse(StatusCode::UNAUTHORIZED, "auth_failed"));
         }
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return Err(ApiError::from(e).into_response()),
     };
     let name = crypto.device.name.clone();
     let Some((slot, key)) = key_for(&crypto, header.key_version) else {
         event(
-            &state,
+            state,
             Some(&name),
             "unknown_key_version",
             json!({"key_version": header.key_version}),
         )
         .await;
-        return refuse(StatusCode::UNAUTHORIZED, "auth_failed");
+        return Err(refuse(StatusCode::UNAUTHORIZED, "auth_failed"));
     };
     let keys = Keys::derive(&key);
     let (header, plaintext) = match seal::open(&keys, &body, None) {
         Ok(opened) => opened,
         Err(e) => {
             event(
-                &state,
+                state,
                 Some(&name),
                 "bad_tag",
                 json!({"reason": e.code(), "counter": header.counter}),
             )
             .await;
-            return refuse(StatusCode::UNAUTHORIZED, "auth_failed");
+            return Err(refuse(StatusCode::UNAUTHORIZED, "auth_failed"));
         }
     };
     // Authentic from here on: the header is covered by the tag.
-    if header.direction != Direction::Up || header.msg_type != MessageType::SyncRequest as u8 {
-        event(&state, Some(&name), "wrong_type", json!({"type": header.msg_type})).await;
-        return refuse(StatusCode::BAD_REQUEST, "wrong_type");
+    if header.direction != Direction::Up || header.msg_type != expected as u8 {
+        event(state, Some(&name), "wrong_type", json!({"type": header.msg_type})).await;
+        return Err(refuse(StatusCode::BAD_REQUEST, "wrong_type"));
     }
-    let request = match SyncRequest::decode(&plaintext) {
+    Ok(Admitted { crypto, slot, keys, header, plaintext })
+}
+
+async fn refused(state: &AppState, name: &str, counter: u64, refusal: SyncRefusal) -> Response {
+    match refusal {
+        SyncRefusal::Replay(e) => {
+            event(state, Some(name), "replay", json!({"counter": counter, "reason": e.code()}))
+                .await;
+            refuse(StatusCode::CONFLICT, "replay")
+        }
+        SyncRefusal::Disabled => {
+            event(state, Some(name), "device_disabled", json!({})).await;
+            refuse(StatusCode::FORBIDDEN, "device_disabled")
+        }
+    }
+}
+
+fn answer(a: &Admitted, msg_type: MessageType, down_counter: u64, body: &[u8]) -> Response {
+    let header = Header {
+        msg_type: msg_type as u8,
+        direction: Direction::Down,
+        key_version: a.header.key_version,
+        device_id: a.header.device_id,
+        counter: down_counter,
+    };
+    let sealed = seal::seal(&a.keys, &header, Some(a.header.counter), body);
+    ([(header::CONTENT_TYPE, "application/octet-stream")], sealed).into_response()
+}
+
+/// `POST /api/v1/device/sync`: the device reports and asks; the answer carries
+/// config and commands, at once or when they arrive within the wait it allows.
+pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let a = match door(&state, body, MessageType::SyncRequest).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let name = a.crypto.device.name.clone();
+    let request = match SyncRequest::decode(&a.plaintext) {
         Ok(r) => r,
         Err(e) => {
             event(&state, Some(&name), "malformed_body", json!({"reason": e.to_string()})).await;
@@ -170,8 +226,8 @@ pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesReject
         }
     };
     let report = SyncReport {
-        key_slot: slot,
-        counter: header.counter,
+        key_slot: a.slot,
+        counter: a.header.counter,
         applied: request.applied.as_ref().map(|c| (c.version as i64, device_config(c))),
         rejected: request.rejected.iter().map(|r| rejection(r.field, r.reason)).collect(),
         results: request
@@ -198,47 +254,94 @@ pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesReject
 
     let now = crate::now_ms();
     let mut delivery =
-        match state.store.device_sync(crypto.device.id, &report, true, REDELIVER_MS, now).await {
+        match state.store.device_sync(a.crypto.device.id, &report, true, REDELIVER_MS, now).await {
             Ok(Ok(d)) => d,
-            Ok(Err(SyncRefusal::Replay(e))) => {
-                event(
-                    &state,
-                    Some(&name),
-                    "replay",
-                    json!({"counter": header.counter, "reason": e.code()}),
-                )
-                .await;
-                return refuse(StatusCode::CONFLICT, "replay");
-            }
-            Ok(Err(SyncRefusal::Disabled)) => {
-                event(&state, Some(&name), "device_disabled", json!({})).await;
-                return refuse(StatusCode::FORBIDDEN, "device_disabled");
-            }
+            Ok(Err(refusal)) => return refused(&state, &name, a.header.counter, refusal).await,
             Err(e) => return ApiError::from(e).into_response(),
         };
-    for (id, outcome) in &report.results {
+    for (_, outcome) in &report.results {
         let label = if outcome.success { "success" } else { "failure" };
         state.metrics.inc("ecowatt_command_results_total", format!("outcome=\"{label}\""));
-        tracing::debug!(device = %name, command = id, "result recorded");
     }
     let wait = request.wait_ms.min(MAX_WAIT_MS);
     if delivery.config.is_none() && delivery.commands.is_empty() && wait > 0 {
         let _ = tokio::time::timeout(Duration::from_millis(u64::from(wait)), notified).await;
-        delivery =
-            match state.store.device_deliver(crypto.device.id, REDELIVER_MS, crate::now_ms()).await
-            {
-                Ok(d) => d,
-                Err(e) => return ApiError::from(e).into_response(),
-            };
+        delivery = match state
+            .store
+            .device_deliver(a.crypto.device.id, REDELIVER_MS, crate::now_ms())
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => return ApiError::from(e).into_response(),
+        };
     }
     state.metrics.inc("ecowatt_device_syncs_total", "");
-    let answer_header = Header {
-        msg_type: MessageType::SyncResponse as u8,
-        direction: Direction::Down,
-        key_version: header.key_version,
-        device_id: header.device_id,
-        counter: delivery.down_counter,
+    answer(&a, MessageType::SyncResponse, delivery.down_counter, &answer_body(&delivery))
+}
+
+/// `POST /api/v1/device/telemetry`: a batch of samples; stored once, acknowledged.
+pub async fn telemetry(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let a = match door(&state, body, MessageType::TelemetryUpload).await {
+        Ok(a) => a,
+        Err(r) => return r,
     };
-    let sealed = seal::seal(&keys, &answer_header, Some(header.counter), &answer_body(&delivery));
-    ([(header::CONTENT_TYPE, "application/octet-stream")], sealed).into_response()
+    let name = a.crypto.device.name.clone();
+    let decoded = TelemetryUpload::decode(&a.plaintext).map_err(|e| e.to_string()).and_then(|up| {
+        if up.codec != codec::CODEC_V1 {
+            return Err(format!("codec {} unknown", up.codec));
+        }
+        let batch = codec::decode(&up.batch).map_err(|e| e.to_string())?;
+        let (first, last) = (
+            batch.samples.first().expect("decode refuses empty"),
+            batch.samples.last().expect("non-empty"),
+        );
+        if first.seq != up.first_seq || batch.samples.len() != usize::from(up.count) {
+            return Err("header disagrees with the batch".into());
+        }
+        let stored = StoredBatch {
+            first_seq: first.seq as i64,
+            last_seq: last.seq as i64,
+            count: batch.samples.len() as i64,
+            first_ms: batch.samples.iter().map(|s| s.unix_ms).min().unwrap_or(0) as i64,
+            last_ms: batch.samples.iter().map(|s| s.unix_ms).max().unwrap_or(0) as i64,
+            registers: i64::from(batch.registers),
+            codec: i64::from(up.codec),
+            data: up.batch.clone(),
+        };
+        Ok((up, batch, stored))
+    });
+    let (upload, batch, stored) = match decoded {
+        Ok(d) => d,
+        Err(reason) => {
+            event(&state, Some(&name), "malformed_body", json!({"reason": reason})).await;
+            return refuse(StatusCode::BAD_REQUEST, "malformed_body");
+        }
+    };
+    let now = crate::now_ms();
+    let dropped = upload.dropped_total.min(i64::MAX as u64) as i64;
+    let down = match state
+        .store
+        .device_telemetry(a.crypto.device.id, a.slot, a.header.counter, &stored, dropped, now)
+        .await
+    {
+        Ok(Ok(d)) => d,
+        Ok(Err(refusal)) => return refused(&state, &name, a.header.counter, refusal).await,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    state.metrics.inc("ecowatt_telemetry_batches_total", "");
+    // A reading of the export limit confirms the writes it shows took effect.
+    if batch.registers & (1 << EXPORT_LIMIT) != 0 {
+        let index = (batch.registers & ((1 << EXPORT_LIMIT) - 1)).count_ones() as usize;
+        if let Some(last) = batch.samples.last() {
+            let _ = state
+                .store
+                .confirm_commands(&name, EXPORT_LIMIT, last.values[index], last.unix_ms as i64)
+                .await;
+        }
+    }
+    let ack = TelemetryAck { acked_through: stored.last_seq as u64 };
+    answer(&a, MessageType::TelemetryAck, down, &ack.encode())
 }

@@ -48,7 +48,21 @@ pub async fn add(
 }
 
 pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "devices": state.store.list_devices().await? })))
+    let now = crate::now_ms();
+    let devices: Vec<Value> = state
+        .store
+        .list_devices()
+        .await?
+        .into_iter()
+        .map(|d| {
+            let online =
+                d.last_seen_ms.is_some_and(|t| now - t <= super::telemetry::ONLINE_WITHIN_MS);
+            let mut v = serde_json::to_value(&d).expect("device serialises");
+            v["online"] = json!(online);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "devices": devices })))
 }
 
 pub async fn show(

@@ -10,6 +10,7 @@ mod json;
 mod legacy;
 mod ops;
 pub mod push;
+mod telemetry;
 mod tokens;
 
 use std::sync::Arc;
@@ -70,7 +71,14 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/api/v1/device/sync",
             post(device::sync).layer(DefaultBodyLimit::max(ecowatt_proto::seal::MAX_LEN)),
-        );
+        )
+        .route(
+            "/api/v1/device/telemetry",
+            post(device::telemetry).layer(DefaultBodyLimit::max(ecowatt_proto::seal::MAX_LEN)),
+        )
+        .route("/api/v1/devices/{name}/telemetry", get(telemetry::query))
+        .route("/api/v1/devices/{name}/latest", get(telemetry::latest))
+        .route("/api/v1/devices/{name}/completeness", get(telemetry::completeness));
     if state.settings.legacy_api {
         router = router.merge(legacy::routes());
     }

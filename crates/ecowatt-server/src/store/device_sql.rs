@@ -174,6 +174,121 @@ impl SqlStore {
         Ok(delivery)
     }
 
+    pub(super) async fn device_telemetry_impl(
+        &self,
+        device_id: i64,
+        key_slot: KeySlot,
+        counter: u64,
+        b: &StoredBatch,
+        dropped_total: i64,
+        now: i64,
+    ) -> StoreResult<Result<u64, SyncRefusal>> {
+        let mut tx = self.begin_write().await?;
+        let row = self.device_row(&mut tx, device_id).await?;
+        let mut w = window(&row, key_slot)?;
+        if let Err(e) = w.accept(counter) {
+            return Ok(Err(SyncRefusal::Replay(e)));
+        }
+        if row.try_get::<i64, _>("enabled")? == 0 {
+            return Ok(Err(SyncRefusal::Disabled));
+        }
+        let (h, bm) = match key_slot {
+            KeySlot::Current => ("replay_high", "replay_bitmap"),
+            KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
+        };
+        sqlx::query(&format!(
+            "UPDATE devices SET {h} = $1, {bm} = $2, last_seen_ms = $3, \
+             dropped_total = CASE WHEN dropped_total > $4 THEN dropped_total ELSE $4 END, \
+             down_counter = down_counter + 1 WHERE id = $5"
+        ))
+        .bind(w.highest as i64)
+        .bind(w.bitmap as i64)
+        .bind(now)
+        .bind(dropped_total)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, last_ms, \
+             registers, codec, data, received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING",
+        )
+        .bind(device_id)
+        .bind(b.first_seq)
+        .bind(b.last_seq)
+        .bind(b.count)
+        .bind(b.first_ms)
+        .bind(b.last_ms)
+        .bind(b.registers)
+        .bind(b.codec)
+        .bind(b.data.clone())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let down: i64 = sqlx::query("SELECT down_counter FROM devices WHERE id = $1")
+            .bind(device_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("down_counter")?;
+        tx.commit().await?;
+        Ok(Ok(down as u64))
+    }
+
+    fn batch_from(row: &AnyRow) -> StoreResult<StoredBatch> {
+        Ok(StoredBatch {
+            first_seq: row.try_get("first_seq")?,
+            last_seq: row.try_get("last_seq")?,
+            count: row.try_get("sample_count")?,
+            first_ms: row.try_get("first_ms")?,
+            last_ms: row.try_get("last_ms")?,
+            registers: row.try_get("registers")?,
+            codec: row.try_get("codec")?,
+            data: row.try_get("data")?,
+        })
+    }
+
+    pub(super) async fn telemetry_impl(
+        &self,
+        device: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<StoredBatch>> {
+        let rows = sqlx::query(
+            "SELECT b.* FROM telemetry_batches b JOIN devices d ON d.id = b.device_id \
+             WHERE d.name = $1 AND b.last_ms >= $2 AND b.first_ms <= $3 ORDER BY b.first_seq, b.last_seq",
+        )
+        .bind(device)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(Self::batch_from).collect()
+    }
+
+    pub(super) async fn telemetry_latest_impl(
+        &self,
+        device: &str,
+    ) -> StoreResult<Option<StoredBatch>> {
+        let row = sqlx::query(
+            "SELECT b.* FROM telemetry_batches b JOIN devices d ON d.id = b.device_id \
+             WHERE d.name = $1 ORDER BY b.last_seq DESC LIMIT 1",
+        )
+        .bind(device)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(Self::batch_from).transpose()
+    }
+
+    pub(super) async fn dropped_total_impl(&self, device: &str) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT dropped_total FROM devices WHERE name = $1")
+            .bind(device)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row
+            .ok_or_else(|| StoreError::NotFound(format!("device {device:?}")))?
+            .try_get("dropped_total")?)
+    }
+
     pub(super) async fn record_security_event_impl(
         &self,
         device: Option<&str>,

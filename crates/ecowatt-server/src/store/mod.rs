@@ -324,6 +324,27 @@ pub struct SecurityEvent {
     pub detail: serde_json::Value,
 }
 
+/// A telemetry batch as the device sent it, with what the server read from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBatch {
+    /// First `seq` in it.
+    pub first_seq: i64,
+    /// Last `seq` in it.
+    pub last_seq: i64,
+    /// Number of samples.
+    pub count: i64,
+    /// Time of its first sample, Unix ms.
+    pub first_ms: i64,
+    /// Time of its last sample, Unix ms.
+    pub last_ms: i64,
+    /// Register mask.
+    pub registers: i64,
+    /// Codec (1: v1).
+    pub codec: i64,
+    /// The encoded samples.
+    pub data: Vec<u8>,
+}
+
 /// Everything the server keeps.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -489,6 +510,29 @@ pub trait Store: Send + Sync {
         redeliver_after_ms: i64,
         now: i64,
     ) -> StoreResult<SyncDelivery>;
+    /// In one transaction: checks and advances the replay window, stores the
+    /// batch (a retry of a stored batch changes nothing) and the device's drop
+    /// count. Returns the answer's down counter.
+    async fn device_telemetry(
+        &self,
+        device_id: i64,
+        key_slot: KeySlot,
+        counter: u64,
+        batch: &StoredBatch,
+        dropped_total: i64,
+        now: i64,
+    ) -> StoreResult<Result<u64, SyncRefusal>>;
+    /// Batches of `device` with samples between `from_ms` and `to_ms`, in `seq` order.
+    async fn telemetry(
+        &self,
+        device: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<StoredBatch>>;
+    /// The batch holding the device's newest sample.
+    async fn telemetry_latest(&self, device: &str) -> StoreResult<Option<StoredBatch>>;
+    /// Samples the device reported dropping.
+    async fn dropped_total(&self, device: &str) -> StoreResult<i64>;
     /// Records a security event.
     async fn record_security_event(
         &self,

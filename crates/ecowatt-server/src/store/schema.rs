@@ -1,5 +1,6 @@
 //! The schema and its migrations, applied in order on start. Each migration is
-//! written once with `{pk}` standing for the dialect's auto-increment key.
+//! written once with `{pk}` standing for the dialect's auto-increment key and `{blob}` for
+//! its binary type.
 
 /// `(version, statements)`; never edit a released migration, add one.
 pub const MIGRATIONS: &[(i64, &str)] = &[
@@ -96,6 +97,27 @@ CREATE TABLE security_events (
     detail TEXT NOT NULL
 );
 CREATE INDEX security_events_by_time ON security_events (at_ms)
+"#,
+    ),
+    (
+        3,
+        r#"
+ALTER TABLE devices ADD COLUMN dropped_total BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE telemetry_batches (
+    id {pk},
+    device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    first_seq BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    sample_count BIGINT NOT NULL,
+    first_ms BIGINT NOT NULL,
+    last_ms BIGINT NOT NULL,
+    registers BIGINT NOT NULL,
+    codec BIGINT NOT NULL,
+    data {blob} NOT NULL,
+    received_ms BIGINT NOT NULL,
+    UNIQUE (device_id, first_seq, last_seq)
+);
+CREATE INDEX telemetry_by_time ON telemetry_batches (device_id, last_ms)
 "#,
     ),
 ];

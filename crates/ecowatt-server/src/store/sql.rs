@@ -235,7 +235,8 @@ impl SqlStore {
                 continue;
             }
             for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                tx.execute(statement.replace("{pk}", pk).as_str()).await?;
+                let blob = if self.dialect == Dialect::Sqlite { "BLOB" } else { "BYTEA" };
+                tx.execute(statement.replace("{pk}", pk).replace("{blob}", blob).as_str()).await?;
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
                 .bind(*version)
@@ -550,7 +551,7 @@ impl Store for SqlStore {
     async fn delete_device(&self, name: &str, actor: &str, now: i64) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         let device = self.device_in(&mut tx, name).await?;
-        for table in ["commands", "config_history", "device_configs"] {
+        for table in ["commands", "config_history", "device_configs", "telemetry_batches"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE device_id = $1"))
                 .bind(device.id)
                 .execute(&mut *tx)
@@ -1075,5 +1076,34 @@ impl Store for SqlStore {
         limit: i64,
     ) -> StoreResult<Vec<SecurityEvent>> {
         self.security_events_impl(before_id, limit).await
+    }
+
+    async fn device_telemetry(
+        &self,
+        device_id: i64,
+        key_slot: KeySlot,
+        counter: u64,
+        batch: &StoredBatch,
+        dropped_total: i64,
+        now: i64,
+    ) -> StoreResult<Result<u64, SyncRefusal>> {
+        self.device_telemetry_impl(device_id, key_slot, counter, batch, dropped_total, now).await
+    }
+
+    async fn telemetry(
+        &self,
+        device: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<StoredBatch>> {
+        self.telemetry_impl(device, from_ms, to_ms).await
+    }
+
+    async fn telemetry_latest(&self, device: &str) -> StoreResult<Option<StoredBatch>> {
+        self.telemetry_latest_impl(device).await
+    }
+
+    async fn dropped_total(&self, device: &str) -> StoreResult<i64> {
+        self.dropped_total_impl(device).await
     }
 }
