@@ -5,6 +5,7 @@
 //! - [`link`] — the inverter link: a Modbus RTU client over a [`link::Transport`]
 //!   trait, with retries and bounded backoff driven by a sans-IO
 //!   [`link::Transaction`].
+//! - [`control`] — config applied with the device's own limits, commands run at most once.
 //! - [`samplelog`] — readings kept until acknowledged, bounded, power-cut safe.
 //! - [`kv`] — the key-value store trait, and an in-memory double that fails on demand.
 //! - [`session`] — the device side of protocol v1: sealing with counters reserved
@@ -13,6 +14,7 @@
 
 extern crate alloc;
 
+pub mod control;
 pub mod kv;
 pub mod link;
 pub mod samplelog;

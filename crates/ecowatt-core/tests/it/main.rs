@@ -1,5 +1,6 @@
 //! Integration tests for `ecowatt-core`.
 
+mod control;
 mod link;
 mod samplelog;
 mod session;

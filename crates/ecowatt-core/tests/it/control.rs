@@ -1,0 +1,64 @@
+//! Config validation on the device, and commands executed at most once.
+
+use ecowatt_core::control::{DEFAULT_CONFIG, Journal, apply, load_config, store_config};
+use ecowatt_core::kv::MemoryKv;
+use ecowatt_proto::messages::{CommandResult, ConfigState};
+
+#[test]
+fn out_of_range_fields_keep_their_value_and_are_reported() {
+    let desired = ConfigState {
+        version: 4,
+        poll_interval_ms: 500,
+        upload_interval_ms: 60_000,
+        registers: 0x0301,
+    };
+    let (applied, rejected) = apply(&DEFAULT_CONFIG, &desired);
+    assert_eq!(
+        applied,
+        ConfigState {
+            version: 4,
+            poll_interval_ms: 5_000,
+            upload_interval_ms: 60_000,
+            registers: 0x0301
+        }
+    );
+    assert_eq!(rejected.len(), 1);
+    assert_eq!((rejected[0].field, rejected[0].reason), (1, 1));
+    let mut kv = MemoryKv::new();
+    assert_eq!(load_config(&mut kv).unwrap().0, DEFAULT_CONFIG);
+    store_config(&mut kv, &applied, &rejected).unwrap();
+    assert_eq!(load_config(&mut kv).unwrap(), (applied, rejected), "survives a reboot");
+}
+
+#[test]
+fn a_command_delivered_twice_runs_once_even_across_a_reboot() {
+    let mut kv = MemoryKv::new();
+    let mut j = Journal::load(&mut kv, 0).unwrap();
+    assert!(j.begin(&mut kv, 7).unwrap());
+    let r = CommandResult {
+        command_id: 7,
+        succeeded: true,
+        exception: None,
+        value: Some(30),
+        executed_ms: 5,
+    };
+    j.finish(&mut kv, r).unwrap();
+    assert!(!j.begin(&mut kv, 7).unwrap(), "delivered again: not run again");
+    let mut j = Journal::load(&mut kv, 0).unwrap();
+    assert!(!j.begin(&mut kv, 7).unwrap(), "nor after a reboot");
+    assert_eq!(j.results(), [r], "its result waits for the server");
+    j.acknowledged(&mut kv, &[r]).unwrap();
+    assert!(Journal::load(&mut kv, 0).unwrap().results().is_empty());
+}
+
+#[test]
+fn a_reboot_in_the_middle_of_a_command_reports_it_failed_instead_of_rerunning_it() {
+    let mut kv = MemoryKv::new();
+    let mut j = Journal::load(&mut kv, 0).unwrap();
+    assert!(j.begin(&mut kv, 9).unwrap());
+    // Power cut before `finish`.
+    let mut j = Journal::load(&mut kv, 1_234).unwrap();
+    assert!(!j.begin(&mut kv, 9).unwrap());
+    let r = j.results();
+    assert_eq!((r[0].command_id, r[0].succeeded, r[0].executed_ms), (9, false, 1_234));
+}
