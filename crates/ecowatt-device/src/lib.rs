@@ -1,10 +1,14 @@
 //! The Linux shell around `ecowatt-core`.
 //!
-//! For now it holds the inverter transports ([`transport`]): the course's
-//! Inverter SIM HTTP API, Modbus TCP, and Modbus RTU over a serial line (an
-//! RS485 adapter on USB), each carrying the core's RTU frames, plus
-//! [`transport::open`] which picks one from a URL.
+//! - [`transport`] — the inverter transports: the course's Inverter SIM HTTP
+//!   API, Modbus TCP, and Modbus RTU over a serial line (an RS485 adapter on
+//!   USB), each carrying the core's RTU frames; [`transport::open`] picks one
+//!   from a URL.
+//! - [`filekv`] — the key-value store as a directory of atomically replaced files.
+//! - [`agent`] — `ecowatt device`: acquisition, sync, upload.
 
+pub mod agent;
+pub mod filekv;
 pub mod transport;
 
 /// Waits by sleeping the thread: the real-time [`ecowatt_core::link::Delay`].

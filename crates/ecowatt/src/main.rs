@@ -1,5 +1,6 @@
 //! `ecowatt`: one binary for every EcoWatt role.
 
+mod agent_cmd;
 mod bench;
 mod client;
 mod demo;
@@ -33,10 +34,14 @@ enum Verb {
     Inverter(inverter::InverterCommand),
     /// Run the cloud server (operator API, store; --legacy-api for original firmware).
     Server(server::ServerArgs),
-    /// Register and manage devices (add writes the provisioning file with the device key).
+    /// Run the device agent (--provision FILE --inverter URL), or manage devices
+    /// (add writes the provisioning file with the device key).
+    #[command(args_conflicts_with_subcommands = true)]
     Device {
         #[command(subcommand)]
-        cmd: operator::DeviceCommand,
+        cmd: Option<operator::DeviceCommand>,
+        #[command(flatten)]
+        agent: agent_cmd::AgentArgs,
         #[command(flatten)]
         conn: client::ServerConn,
     },
@@ -98,7 +103,8 @@ fn main() -> std::process::ExitCode {
         Verb::Inverter(cmd) => inverter::run(cmd),
         Verb::Bench(cmd) => bench::run(cmd),
         Verb::Server(args) => server::run(args),
-        Verb::Device { cmd, conn } => operator::device(&conn, cmd),
+        Verb::Device { cmd: Some(cmd), conn, .. } => operator::device(&conn, cmd),
+        Verb::Device { cmd: None, agent, .. } => agent_cmd::run(agent),
         Verb::Config { cmd, conn } => operator::config(&conn, cmd),
         Verb::Command { args, conn } => operator::command(&conn, args),
         Verb::Commands { cmd, conn } => operator::commands(&conn, cmd),

@@ -1,0 +1,70 @@
+//! `ecowatt device --provision FILE --inverter URL`: run the device agent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use ecowatt_device::agent::{self, AgentOptions, Provisioning};
+use ecowatt_device::transport::LinkOptions;
+
+use crate::units::{parse_duration, parse_slave};
+
+/// Options of the device agent (given without a subcommand).
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Provisioning file written by `ecowatt device add` (device id, key, server).
+    #[arg(long, env = "ECOWATT_PROVISION")]
+    provision: Option<PathBuf>,
+    /// The inverter: http://host:port (Inverter SIM API), tcp://host:port (Modbus TCP) or serial:/dev/ttyUSB0.
+    #[arg(long, env = "ECOWATT_INVERTER_URL")]
+    inverter: Option<String>,
+    /// Modbus slave address of the inverter.
+    #[arg(long, default_value = "0x11", value_parser = parse_slave)]
+    slave: u8,
+    /// Inverter SIM API key (raw Authorization header).
+    #[arg(long, env = "ECOWATT_SIM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Inverter answer timeout.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    inverter_timeout: Duration,
+    /// Server URL [default: the provisioning file's].
+    #[arg(long = "cloud")]
+    cloud: Option<String>,
+    /// Where the device keeps its state (counters, unsent samples, config) [default: ./ecowatt-device/NAME].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Samples kept while the server is unreachable before the oldest are dropped (and counted).
+    #[arg(long, default_value_t = 17_280)]
+    log_capacity: u64,
+    /// Samples per upload; a full batch is sent without waiting for the upload interval.
+    #[arg(long, default_value_t = 720, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch_max: u64,
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let path = args.provision.clone().context("give --provision FILE (from `ecowatt device add`) to run the device agent, or a subcommand (see --help)")?;
+    let inverter = args
+        .inverter
+        .clone()
+        .context("give --inverter URL (e.g. http://127.0.0.1:8080 for `ecowatt sim`)")?;
+    let provisioning = Provisioning::load(&path)?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("ecowatt-device").join(&provisioning.device));
+    let mut opts = AgentOptions::new(provisioning, inverter, state_dir);
+    opts.server = args.cloud.clone();
+    opts.slave = args.slave;
+    opts.link = LinkOptions { timeout: args.inverter_timeout, api_key: args.api_key.clone() };
+    opts.log_capacity = args.log_capacity;
+    opts.batch_max = args.batch_max as usize;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        agent::run(opts, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+    })?;
+    Ok(())
+}
