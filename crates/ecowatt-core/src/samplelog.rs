@@ -1,10 +1,12 @@
 //! The sample log: readings wait here, in RAM and in the key-value store,
 //! until the server acknowledges them.
 //!
-//! - `seq` is reserved in blocks (like message counters), so it never repeats,
-//!   across reboots too.
 //! - Each sample is one key (`log.s.<seq mod capacity>`) written in one atomic
 //!   `set`: a power cut at any write loses at most the sample being written.
+//! - `seq` never repeats and has no gaps of its own making: a slot keeps its
+//!   sample until a newer one overwrites it, so the newest `seq` written is
+//!   always found again after a reboot, and the next one follows it. (A `seq`
+//!   whose write failed was never stored nor sent, so it is free to use.)
 //! - Bounded: a sample `capacity` or more behind the newest is overwritten.
 //!   That is the overflow policy (oldest dropped), and every drop is counted
 //!   in `dropped_total`, which uploads report to the server.
@@ -19,11 +21,8 @@ use ecowatt_proto::codec::Sample;
 
 use crate::kv::{KeyValue, KvError};
 
-const SEQ_KEY: &str = "log.seq";
 const ACKED_KEY: &str = "log.acked";
 const DROPPED_KEY: &str = "log.dropped";
-/// `seq` values reserved per write.
-pub const SEQ_BLOCK: u64 = 64;
 
 fn slot_key(slot: u64) -> String {
     format!("log.s.{slot}")
@@ -82,7 +81,6 @@ pub struct SampleLog {
     capacity: u64,
     pending: VecDeque<Entry>,
     next_seq: u64,
-    reserved_until: u64,
     acked: u64,
     dropped: u64,
 }
@@ -93,37 +91,23 @@ impl SampleLog {
         let capacity = capacity.max(1);
         let acked = read_u64(kv, ACKED_KEY)?;
         let dropped = read_u64(kv, DROPPED_KEY)?;
-        let reserved = read_u64(kv, SEQ_KEY)?.max(1);
         let mut pending: Vec<Entry> = Vec::new();
+        let mut newest = acked;
         for slot in 0..capacity {
             if let Some(bytes) = kv.get(&slot_key(slot))? {
                 match decode_entry(&bytes) {
-                    Some(e) if e.sample.seq > acked && e.sample.seq % capacity == slot => {
-                        pending.push(e)
+                    Some(e) if e.sample.seq % capacity == slot => {
+                        newest = newest.max(e.sample.seq);
+                        if e.sample.seq > acked {
+                            pending.push(e);
+                        }
                     }
                     _ => {}
                 }
             }
         }
         pending.sort_by_key(|e| e.sample.seq);
-        let next_seq = pending.last().map_or(reserved, |e| reserved.max(e.sample.seq + 1));
-        let mut log = SampleLog {
-            capacity,
-            pending: pending.into(),
-            next_seq,
-            reserved_until: next_seq,
-            acked,
-            dropped,
-        };
-        log.reserve(kv)?;
-        Ok(log)
-    }
-
-    fn reserve(&mut self, kv: &mut impl KeyValue) -> Result<(), KvError> {
-        let until = self.next_seq + SEQ_BLOCK;
-        kv.set(SEQ_KEY, &until.to_be_bytes())?;
-        self.reserved_until = until;
-        Ok(())
+        Ok(SampleLog { capacity, pending: pending.into(), next_seq: newest + 1, acked, dropped })
     }
 
     /// Appends a reading; returns its `seq`. On error nothing was stored and
@@ -135,11 +119,7 @@ impl SampleLog {
         registers: u16,
         values: Vec<u16>,
     ) -> Result<u64, KvError> {
-        if self.next_seq >= self.reserved_until {
-            self.reserve(kv)?;
-        }
         let seq = self.next_seq;
-        self.next_seq += 1;
         let entry = Entry { sample: Sample { seq, unix_ms, values }, registers };
         // The slot may hold a sample `capacity` or more behind: it is dropped.
         let overwritten =
@@ -150,6 +130,7 @@ impl SampleLog {
             self.pending.retain(|e| e.sample.seq + self.capacity > seq);
         }
         kv.set(&slot_key(seq % self.capacity), &encode_entry(&entry))?;
+        self.next_seq += 1;
         self.pending.push_back(entry);
         Ok(seq)
     }

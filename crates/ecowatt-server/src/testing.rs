@@ -106,7 +106,12 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server on `db`, with the legacy API if asked.
     pub async fn start(db: &TempDb, legacy_api: bool) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        TestServer::start_on(db, legacy_api, "127.0.0.1:0").await
+    }
+
+    /// Starts a server on `db` listening on `addr` (to restart one on its old port).
+    pub async fn start_on(db: &TempDb, legacy_api: bool, addr: &str) -> TestServer {
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let file = SettingsFile {
             bind: Some(addr),

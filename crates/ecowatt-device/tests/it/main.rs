@@ -1,6 +1,7 @@
 //! The inverter transports against the simulator (SIM HTTP API, Modbus TCP)
 //! and against a simulated inverter on a pseudo-terminal (serial RTU).
 
+mod agent;
 mod serial;
 mod sim_http;
 mod tcp;
