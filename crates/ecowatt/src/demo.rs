@@ -1,25 +1,29 @@
-//! `ecowatt demo`: everything on one machine. For now: a simulator with
-//! several inverters on a fast clock, read over the real inverter link and
-//! printed live. The cloud server, devices and dashboard join as they land.
+//! `ecowatt demo`: everything on one machine. A simulator with several
+//! inverters on a fast clock, the cloud server (SQLite in a data directory the
+//! demo names), and one provisioned device agent per inverter, all in this
+//! process; live readings are printed as the server stores them.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
-use ecowatt_core::link::{Client, RetryPolicy};
-use ecowatt_device::ThreadDelay;
-use ecowatt_device::transport::{LinkOptions, SimHttp};
-use ecowatt_proto::registers::{REGISTER_COUNT, REGISTERS};
+use ecowatt_device::agent::{self, AgentOptions, Provisioning};
+use serde_json::{Value, json};
 
 use crate::sim::FleetArgs;
 use crate::units::{parse_duration, parse_power_w};
 
-/// Run the demo: a simulated fleet on a fast clock, with live readings.
+/// Marks a directory as the demo's own, so that a rerun may recreate it.
+const MARKER: &str = ".ecowatt-demo";
+
+/// Run the demo: simulator, server and devices, with live readings.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Number of simulated inverters.
+    /// Number of simulated inverters (one device agent each).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=20))]
     inverters: u8,
-    /// Simulated seconds per real second.
+    /// Simulated seconds per real second (the inverters' day runs this much faster).
     #[arg(long, default_value_t = 120.0)]
     speed: f64,
     /// Simulated local time of day to start at, HH:MM.
@@ -31,12 +35,32 @@ pub struct DemoArgs {
     /// Rated power of each inverter.
     #[arg(long, default_value = "10kW", value_parser = parse_power_w)]
     rated_power: u32,
+    /// Address of the server.
+    #[arg(long, default_value = "127.0.0.1:5001")]
+    bind: std::net::SocketAddr,
+    /// The demo's data directory; recreated on every run (only if the demo made it).
+    #[arg(long, default_value = "ecowatt-demo")]
+    data_dir: PathBuf,
     /// Real time between two printed readings.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     interval: Duration,
     /// Stop by itself after this long (default: run until Ctrl-C).
     #[arg(long = "for", value_parser = parse_duration)]
     run_for: Option<Duration>,
+}
+
+fn fresh_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        anyhow::ensure!(
+            dir.join(MARKER).exists(),
+            "{} exists and is not a demo directory; choose another with --data-dir",
+            dir.display()
+        );
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(MARKER), "made by `ecowatt demo`; recreated on every run\n")?;
+    Ok(())
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -49,46 +73,83 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         utc_offset: 0.0,
     };
     let (fleet, clock) = fleet_args.build()?;
+    fresh_dir(&args.data_dir)?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let sim = ecowatt_sim::spawn(&fleet, clock, None, http, tcp)?;
-        println!("EcoWatt demo: {} simulated inverters, clock x{}", fleet.len(), args.speed);
-        println!("  Inverter SIM API : {}", sim.http_url());
-        println!("  Modbus TCP       : tcp://{}", sim.tcp_addr);
-        println!(
-            "  try, in another terminal: ecowatt inverter set-limit 20 --url {}",
-            sim.http_url()
-        );
-        println!("Ctrl-C stops the demo.\n");
-        println!(
-            "{:<6} {:<5} {:>7} {:>6} {:>7} {:>6} {:>7} {:>6} {:>8} {:>6}",
-            "time",
-            "inv",
-            "Pac W",
-            "limit",
-            "Vpv1 V",
-            "Ipv1 A",
-            "Vpv2 V",
-            "Ipv2 A",
-            "Vac1 V",
-            "Temp"
-        );
+        // The simulator.
+        let sim = ecowatt_sim::spawn(
+            &fleet,
+            clock,
+            None,
+            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        )?;
+        // The server.
+        let listener = tokio::net::TcpListener::bind(args.bind)
+            .await
+            .with_context(|| format!("cannot listen on {} (is a server running? use --bind 127.0.0.1:0)", args.bind))?;
+        let addr = listener.local_addr()?;
+        let file = ecowatt_server::settings::SettingsFile {
+            bind: Some(addr),
+            data_dir: Some(data_dir.join("server")),
+            ..Default::default()
+        };
+        let settings = ecowatt_server::settings::Settings::resolve(file).map_err(anyhow::Error::msg)?;
+        let prepared = ecowatt_server::run::prepare(settings).await?;
+        let state = prepared.state.clone();
+        let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(ecowatt_server::run::serve(listener, prepared.state, async {
+            let _ = server_stopped.await;
+        }));
+        let token = std::fs::read_to_string(data_dir.join("server").join("admin.token"))?.trim().to_owned();
+        let url = format!("http://{addr}");
 
-        let url = sim.http_url();
-        let slaves: Vec<u8> = fleet.iter().map(|(s, _)| *s).collect();
-        let state = sim.state.clone();
+        // One device per inverter, provisioned as an operator would, config'd for a demo.
+        let mut agents = Vec::new();
+        let mut names = Vec::new();
+        for (i, (slave, _)) in fleet.iter().enumerate() {
+            let name = format!("inverter-{}", i + 1);
+            let key = ecowatt_server::api::new_secret(16);
+            let now = ecowatt_server::now_ms();
+            let device = state.store.create_device(&name, i64::from(args.rated_power), &key, "demo", now).await?;
+            let patch = ecowatt_server::domain::ConfigPatch {
+                poll_interval_ms: Some(1_000),
+                upload_interval_ms: Some(10_000),
+                registers: None,
+            };
+            state.store.update_config(&name, &patch, "demo", now).await?;
+            let provisioning = Provisioning {
+                device: name.clone(),
+                device_id: device.id as u32,
+                key,
+                key_version: 1,
+                server: url.clone(),
+            };
+            let mut opts = AgentOptions::new(provisioning, sim.http_url(), data_dir.join("devices").join(&name));
+            opts.slave = *slave;
+            opts.batch_max = 3;
+            agents.push(tokio::spawn(agent::run(opts, std::future::pending())));
+            names.push(name);
+        }
+
+        println!("EcoWatt demo: {} inverters (clock x{}), {} devices, one server", fleet.len(), args.speed, names.len());
+        println!("  server      : {url}   (API docs: {url}/api/docs)");
+        println!("  admin token : {token}");
+        println!("  data        : {}", data_dir.display());
+        println!("  simulator   : {} and tcp://{}", sim.http_url(), sim.tcp_addr);
+        println!("  try         : ECOWATT_SERVER={url} ECOWATT_TOKEN={token} ecowatt command {} set-power-percentage 20 --wait", names[0]);
+        println!("Ctrl-C stops the demo.\n");
+        println!("{:<12} {:<8} {:>7} {:>6} {:>7} {:>6} {:>8} {:>6} {:>8}", "device", "state", "Pac W", "limit", "Vpv1 V", "Ipv1 A", "Vac1 V", "Temp", "samples");
+
         let ticker = async {
             let mut interval = tokio::time::interval(args.interval);
             loop {
                 interval.tick().await;
-                let sim_ms = state.sim.lock().expect("simulator lock").now_ms();
-                let (url, slaves) = (url.clone(), slaves.clone());
-                let lines = tokio::task::spawn_blocking(move || poll(&url, &slaves)).await?;
-                let clock = format_time_of_day(sim_ms);
+                let (url, token, names) = (url.clone(), token.clone(), names.clone());
+                let lines = tokio::task::spawn_blocking(move || report(&url, &token, &names)).await?;
                 for line in lines {
-                    println!("{clock:<6} {line}");
+                    println!("{line}");
                 }
             }
             #[allow(unreachable_code)] // the loop only ends with an error or a cancel
@@ -107,6 +168,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             _ = stop => {}
         }
         println!("\nStopping the demo.");
+        for a in agents {
+            a.abort();
+        }
+        let _ = stop_server.send(());
+        let _ = server.await;
         sim.shutdown().await;
         Ok(())
     })
@@ -120,35 +186,40 @@ fn parse_start(text: &str) -> anyhow::Result<u32> {
     Ok(h * 60 + m)
 }
 
-/// Reads every inverter once over the SIM HTTP API, as a device would.
-fn poll(url: &str, slaves: &[u8]) -> Vec<String> {
-    let options = LinkOptions::default();
-    let transport = SimHttp::new(url, options.api_key, options.timeout);
-    let mut client = Client::new(transport, ThreadDelay).with_policy(RetryPolicy::default());
-    slaves
+/// One line per device, from what the server has stored.
+fn report(url: &str, token: &str, names: &[String]) -> Vec<String> {
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let get = |path: String| -> Value {
+        agent
+            .get(format!("{url}{path}"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json().ok())
+            .unwrap_or(json!(null))
+    };
+    names
         .iter()
-        .map(|&slave| match client.read_holding(slave, 0, REGISTER_COUNT as u16) {
-            Ok(Ok(r)) => {
-                let v = |i: usize| REGISTERS[i].to_engineering(r[i]);
-                format!(
-                    "{slave:<#5x} {:>7.0} {:>5}% {:>7.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>5.1}°",
-                    v(9),
-                    r[8],
-                    v(3),
-                    v(5),
-                    v(4),
-                    v(6),
-                    v(0),
-                    v(7)
-                )
+        .map(|name| {
+            let latest = get(format!("/api/v1/devices/{name}/latest"));
+            let done = get(format!("/api/v1/devices/{name}/completeness"));
+            let state = if latest["online"] == true { "online" } else { "offline" };
+            let r = &latest["sample"]["readings"];
+            if r.is_null() {
+                return format!("{name:<12} {state:<8} (no data yet)");
             }
-            Ok(Err(exception)) => format!("{slave:<#5x} refused: {exception}"),
-            Err(e) => format!("{slave:<#5x} no reading: {e}"),
+            let v = |i: usize| r[i]["value"].as_f64().unwrap_or(f64::NAN);
+            format!(
+                "{name:<12} {state:<8} {:>7.0} {:>5.0}% {:>7.1} {:>6.1} {:>8.1} {:>5.1}° {:>8}",
+                v(9),
+                v(8),
+                v(3),
+                v(5),
+                v(0),
+                v(7),
+                done["received"].as_u64().unwrap_or(0)
+            )
         })
         .collect()
-}
-
-fn format_time_of_day(unix_ms: u64) -> String {
-    let minutes = (unix_ms / 60_000) % (24 * 60);
-    format!("{:02}:{:02}", minutes / 60, minutes % 60)
 }

@@ -1,7 +1,7 @@
 //! The device agent end to end, in one process: simulator, server and agent on
 //! loopback, in real time with short intervals (1 s polls, small batches).
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ecowatt_device::agent::{self, AgentOptions, Provisioning};
@@ -71,8 +71,8 @@ struct Agent {
     task: JoinHandle<()>,
 }
 
-fn start_agent(p: &Provisioning, sim: &TestSim, state: &PathBuf) -> Agent {
-    let mut opts = AgentOptions::new(p.clone(), sim.http_url(), state.clone());
+fn start_agent(p: &Provisioning, sim: &TestSim, state: &Path) -> Agent {
+    let mut opts = AgentOptions::new(p.clone(), sim.http_url(), state.to_path_buf());
     opts.batch_max = 3;
     opts.long_poll_ms = 2_000;
     let (stop, stopped) = oneshot::channel::<()>();

@@ -145,19 +145,53 @@ fn sim_serves_both_protocols_and_stops_on_ctrl_c() {
 }
 
 #[test]
-fn demo_prints_live_readings_of_every_inverter_and_stops_by_itself() {
-    let out = ecowatt(&["demo", "--for", "2500ms", "--interval", "1s", "--start", "11:00"]);
+fn demo_runs_simulator_server_and_devices_and_prints_stored_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let out = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args([
+            "demo",
+            "--for",
+            "9s",
+            "--interval",
+            "1s",
+            "--start",
+            "11:00",
+            "--bind",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .expect("run ecowatt");
     assert!(out.status.success(), "{}", explain(&out));
     let text = String::from_utf8_lossy(&out.stdout);
-    for slave in ["0x11", "0x12", "0x13"] {
+    assert!(text.contains("admin token : ewt_"), "{text}");
+    for name in ["inverter-1", "inverter-2", "inverter-3"] {
         let rows: Vec<&str> =
-            text.lines().filter(|l| l.contains(slave) && l.contains('%')).collect();
-        assert!(rows.len() >= 2, "{slave} readings in:\n{text}");
-        // Late morning: every inverter produces power.
-        let pac: f64 = rows[0].split_whitespace().nth(2).unwrap().parse().unwrap();
-        assert!(pac > 0.0, "{slave}: {}", rows[0]);
+            text.lines().filter(|l| l.starts_with(name) && l.contains("online")).collect();
+        assert!(!rows.is_empty(), "{name}: no stored readings in\n{text}");
+        // Late morning: every inverter produces power, and the server has its samples.
+        let last = rows.last().unwrap();
+        let pac: f64 = last.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert!(pac > 0.0, "{name}: {last}");
     }
     assert!(text.contains("Stopping the demo."));
+    assert!(data.join(".ecowatt-demo").exists() && data.join("server/ecowatt.db").exists());
+    // A rerun recreates its own directory, but never one it did not make.
+    let other = dir.path().join("precious");
+    std::fs::create_dir_all(&other).unwrap();
+    let out = ecowatt(&[
+        "demo",
+        "--for",
+        "1s",
+        "--data-dir",
+        other.to_str().unwrap(),
+        "--bind",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a demo directory"));
 }
 
 #[test]
