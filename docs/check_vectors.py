@@ -34,5 +34,58 @@ for name, k in (("request", up), ("answer", down)):
     opened = AESGCM(k).decrypt(nonce, bytes.fromhex(m["envelope"])[16:], aad)
     assert opened.hex().upper() == m["plaintext"], f"{name} opens"
 
-print("protocol vectors: 2 envelopes and 2 keys match (python cryptography)")
+
+
+def decode_batch(data: bytes):
+    """An independent decoder of telemetry codec v1 (docs/protocol.md)."""
+    at = 0
+
+    def varint():
+        nonlocal at
+        v = shift = 0
+        while True:
+            b = data[at]
+            at += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return v
+
+    def column(n):
+        out = []
+        while len(out) < n:
+            t = varint()
+            out += [0] * (t >> 1) if t & 1 else [t >> 1]
+        assert len(out) == n, "run past the column"
+        return out
+
+    def unzigzag(v):
+        return (v >> 1) ^ -(v & 1)
+
+    assert data[0] == 1
+    mask = int.from_bytes(data[1:3], "big")
+    at = 3
+    count, seq, ms = varint(), varint(), varint()
+    seqs, times = [seq], [ms]
+    for gap in column(count - 1):
+        seqs.append(seqs[-1] + gap + 1)
+    delta = 0
+    for dod in column(count - 1):
+        delta += unzigzag(dod)
+        times.append(times[-1] + delta)
+    cols = []
+    for _ in range(bin(mask).count("1")):
+        v = [varint()]
+        for d in column(count - 1):
+            v.append(v[-1] + unzigzag(d))
+        cols.append(v)
+    assert at == len(data), "trailing bytes"
+    return mask, [[seqs[i], times[i]] + [c[i] for c in cols] for i in range(count)]
+
+
+cb = v["codec_batch"]
+mask, rows = decode_batch(bytes.fromhex(cb["encoded"]))
+assert mask == int(cb["registers"], 16) and rows == cb["samples"], (mask, rows)
+
+print("protocol vectors: 2 envelopes, 2 keys (python cryptography) and a codec batch match")
 sys.exit(0)

@@ -3,6 +3,7 @@
 //! `ECOWATT_WRITE_VECTORS=1` to rewrite the file after a deliberate change).
 //! `docs/check_vectors.py` checks the same file with Python's `cryptography`.
 
+use ecowatt_proto::codec::{self, Sample};
 use ecowatt_proto::hex::encode_upper as hex;
 use ecowatt_proto::messages::{ConfigState, DeviceCommand, Operation, SyncRequest, SyncResponse};
 use ecowatt_proto::seal::{self, Direction, Header, Keys};
@@ -45,6 +46,17 @@ fn vectors() -> String {
     }
     .encode();
     let answer = seal::seal(&keys, &answer_header, Some(1), &answer_plain);
+    // Three samples of Vac1 and Pac (mask 0x0201), 5 s apart, seq 10..=12.
+    let samples: Vec<Sample> = [(2308u16, 1500u16), (2309, 1500), (2309, 1490)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(v, p))| Sample {
+            seq: 10 + i as u64,
+            unix_ms: 1_800_000_000_000 + 5_000 * i as u64,
+            values: vec![v, p],
+        })
+        .collect();
+    let batch = codec::encode(0x0201, &samples).unwrap();
     format!(
         r#"{{
   "device_key": "{}",
@@ -64,6 +76,11 @@ fn vectors() -> String {
     "aad": "{}",
     "plaintext": "{}",
     "envelope": "{}"
+  }},
+  "codec_batch": {{
+    "registers": "0x0201",
+    "samples": [[10, 1800000000000, 2308, 1500], [11, 1800000005000, 2309, 1500], [12, 1800000010000, 2309, 1490]],
+    "encoded": "{}"
   }}
 }}
 "#,
@@ -80,6 +97,7 @@ fn vectors() -> String {
         hex(&[&answer_header.encode()[..], &1u64.to_be_bytes()].concat()),
         hex(&answer_plain),
         hex(&answer),
+        hex(&batch),
     )
 }
 
