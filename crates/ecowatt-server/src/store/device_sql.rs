@@ -33,6 +33,41 @@ impl SqlStore {
         row.ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))
     }
 
+    /// Locks the device's row, checks and advances the replay window of the key
+    /// that sealed the message, and records that the device was seen. The caller
+    /// applies the message's effect in the same transaction.
+    async fn admit_in(
+        &self,
+        tx: &mut Tx,
+        device_id: i64,
+        key_slot: KeySlot,
+        counter: u64,
+        now: i64,
+    ) -> StoreResult<Result<String, SyncRefusal>> {
+        let row = self.device_row(tx, device_id).await?;
+        let mut w = window(&row, key_slot)?;
+        if let Err(e) = w.accept(counter) {
+            return Ok(Err(SyncRefusal::Replay(e)));
+        }
+        if row.try_get::<i64, _>("enabled")? == 0 {
+            return Ok(Err(SyncRefusal::Disabled));
+        }
+        let (h, b) = match key_slot {
+            KeySlot::Current => ("replay_high", "replay_bitmap"),
+            KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
+        };
+        sqlx::query(&format!(
+            "UPDATE devices SET {h} = $1, {b} = $2, last_seen_ms = $3 WHERE id = $4"
+        ))
+        .bind(w.highest as i64)
+        .bind(w.bitmap as i64)
+        .bind(now)
+        .bind(device_id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(Ok(row.try_get("name")?))
+    }
+
     /// Config and commands for the device, and the next down counter.
     async fn delivery_in(
         &self,
@@ -93,29 +128,18 @@ impl SqlStore {
         now: i64,
     ) -> StoreResult<Result<SyncDelivery, SyncRefusal>> {
         let mut tx = self.begin_write().await?;
-        let row = self.device_row(&mut tx, device_id).await?;
-        let name: String = row.try_get("name")?;
-        let mut w = window(&row, report.key_slot)?;
-        if let Err(e) = w.accept(report.counter) {
-            return Ok(Err(SyncRefusal::Replay(e)));
+        let name =
+            match self.admit_in(&mut tx, device_id, report.key_slot, report.counter, now).await? {
+                Ok(name) => name,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+        if let Some(firmware) = &report.firmware {
+            sqlx::query("UPDATE devices SET firmware = $1 WHERE id = $2")
+                .bind(firmware.as_str())
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
         }
-        if row.try_get::<i64, _>("enabled")? == 0 {
-            return Ok(Err(SyncRefusal::Disabled));
-        }
-        let (h, b) = match report.key_slot {
-            KeySlot::Current => ("replay_high", "replay_bitmap"),
-            KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
-        };
-        sqlx::query(&format!(
-            "UPDATE devices SET {h} = $1, {b} = $2, last_seen_ms = $3, firmware = COALESCE($4, firmware) WHERE id = $5"
-        ))
-        .bind(w.highest as i64)
-        .bind(w.bitmap as i64)
-        .bind(now)
-        .bind(report.firmware.clone())
-        .bind(device_id)
-        .execute(&mut *tx)
-        .await?;
 
         for (id, outcome) in &report.results {
             match self.record_result_in(&mut tx, &name, *id, outcome, now).await {
@@ -184,26 +208,13 @@ impl SqlStore {
         now: i64,
     ) -> StoreResult<Result<u64, SyncRefusal>> {
         let mut tx = self.begin_write().await?;
-        let row = self.device_row(&mut tx, device_id).await?;
-        let mut w = window(&row, key_slot)?;
-        if let Err(e) = w.accept(counter) {
-            return Ok(Err(SyncRefusal::Replay(e)));
+        if let Err(refusal) = self.admit_in(&mut tx, device_id, key_slot, counter, now).await? {
+            return Ok(Err(refusal));
         }
-        if row.try_get::<i64, _>("enabled")? == 0 {
-            return Ok(Err(SyncRefusal::Disabled));
-        }
-        let (h, bm) = match key_slot {
-            KeySlot::Current => ("replay_high", "replay_bitmap"),
-            KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
-        };
-        sqlx::query(&format!(
-            "UPDATE devices SET {h} = $1, {bm} = $2, last_seen_ms = $3, \
-             dropped_total = CASE WHEN dropped_total > $4 THEN dropped_total ELSE $4 END, \
-             down_counter = down_counter + 1 WHERE id = $5"
-        ))
-        .bind(w.highest as i64)
-        .bind(w.bitmap as i64)
-        .bind(now)
+        sqlx::query(
+            "UPDATE devices SET dropped_total = CASE WHEN dropped_total > $1 THEN dropped_total ELSE $1 END, \
+             down_counter = down_counter + 1 WHERE id = $2",
+        )
         .bind(dropped_total)
         .bind(device_id)
         .execute(&mut *tx)

@@ -523,3 +523,72 @@ async fn a_key_rotation_loses_nothing_in_flight_and_reopens_no_replay() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     c.server.stop().await;
 }
+
+async fn post_to(state: &AppState, path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+    let req = Request::post(path)
+        .header("content-type", "application/octet-stream")
+        .body(Body::from(body))
+        .unwrap();
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+}
+
+#[tokio::test]
+async fn telemetry_is_acknowledged_stored_once_and_never_replayed() {
+    use ecowatt_proto::codec::{self, Sample};
+    use ecowatt_proto::messages::{TelemetryAck, TelemetryUpload};
+
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    let mut dev = TestDevice::provision(&c, "d").await;
+    let state = c.server.state.clone();
+    let samples: Vec<Sample> = (1..=5)
+        .map(|i| Sample {
+            seq: i,
+            unix_ms: 1_800_000_000_000 + 5_000 * i,
+            values: vec![2300 + i as u16, 100],
+        })
+        .collect();
+    let upload = TelemetryUpload {
+        first_seq: 1,
+        count: 5,
+        dropped_total: 2,
+        codec: codec::CODEC_V1,
+        batch: codec::encode(0x0201, &samples).unwrap(),
+    };
+    let sealed = dev.raw(MessageType::TelemetryUpload, &upload.encode());
+    let (status, body) = post_to(&state, "/api/v1/device/telemetry", sealed.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (t, plain) = dev.open(&body).unwrap();
+    assert_eq!(
+        (t, TelemetryAck::decode(&plain).unwrap().acked_through),
+        (MessageType::TelemetryAck, 5)
+    );
+    // The same bytes: refused. A retry (new counter, same batch): acknowledged, stored once.
+    assert_eq!(post_to(&state, "/api/v1/device/telemetry", sealed).await.0, StatusCode::CONFLICT);
+    let retry = dev.raw(MessageType::TelemetryUpload, &upload.encode());
+    assert_eq!(post_to(&state, "/api/v1/device/telemetry", retry).await.0, StatusCode::OK);
+    let v = c.ok("GET", "/api/v1/devices/d/completeness", None).await;
+    assert_eq!(
+        (v["received"].as_i64(), v["missing"].as_i64(), v["dropped_reported"].as_i64()),
+        (Some(5), Some(0), Some(2))
+    );
+    let data = c.ok("GET", "/api/v1/devices/d/telemetry?from_ms=0&to_ms=1900000000000", None).await;
+    assert_eq!(data["points"].as_array().unwrap().len(), 5);
+    assert_eq!(data["points"][0]["v"][0], 230.1, "engineering units");
+    // A batch that does not decode is refused as malformed, and stores nothing.
+    let bad = TelemetryUpload { batch: vec![1, 2, 3], ..upload.clone() };
+    let (status, body) = post_to(
+        &state,
+        "/api/v1/device/telemetry",
+        dev.raw(MessageType::TelemetryUpload, &bad.encode()),
+    )
+    .await;
+    assert_eq!((status, error_code(&body).as_str()), (StatusCode::BAD_REQUEST, "malformed_body"));
+    // A sync envelope posted as telemetry is the wrong type.
+    let (status, body) =
+        post_to(&state, "/api/v1/device/telemetry", dev.seal(&SyncRequest::default())).await;
+    assert_eq!((status, error_code(&body).as_str()), (StatusCode::BAD_REQUEST, "wrong_type"));
+    c.server.stop().await;
+}
