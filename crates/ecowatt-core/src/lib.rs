@@ -5,6 +5,7 @@
 //! - [`link`] — the inverter link: a Modbus RTU client over a [`link::Transport`]
 //!   trait, with retries and bounded backoff driven by a sans-IO
 //!   [`link::Transaction`].
+//! - [`schedule`] — when to poll and when to upload (with backoff), from the time passed in.
 //! - [`control`] — config applied with the device's own limits, commands run at most once.
 //! - [`samplelog`] — readings kept until acknowledged, bounded, power-cut safe.
 //! - [`kv`] — the key-value store trait, and an in-memory double that fails on demand.
@@ -18,4 +19,5 @@ pub mod control;
 pub mod kv;
 pub mod link;
 pub mod samplelog;
+pub mod schedule;
 pub mod session;

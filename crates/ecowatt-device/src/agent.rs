@@ -21,6 +21,7 @@ use std::time::Duration;
 use ecowatt_core::control::{self, Journal};
 use ecowatt_core::link::{Client, RetryPolicy, Transport};
 use ecowatt_core::samplelog::SampleLog;
+use ecowatt_core::schedule::{BATCHES_PER_ROUND, Scheduler, Uploader};
 use ecowatt_core::session::{Credentials, Session};
 use ecowatt_proto::codec;
 use ecowatt_proto::messages::{
@@ -209,34 +210,38 @@ async fn acquire(
     slave: u8,
     mut config: watch::Receiver<ConfigState>,
 ) {
+    let mut cfg = *config.borrow_and_update();
+    let mut sched = Scheduler::new(&cfg, now_ms());
     loop {
-        let cfg = *config.borrow_and_update();
-        let mut tick =
-            tokio::time::interval(Duration::from_millis(u64::from(cfg.poll_interval_ms)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = config.changed() => break,
+        let wait = Duration::from_millis(sched.next_poll().saturating_sub(now_ms()));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = config.changed() => {
+                cfg = *config.borrow_and_update();
+                sched.reconfigure(&cfg, now_ms());
+                continue;
             }
-            let inv = inverter.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                inv.lock().expect("inverter lock").read_holding(slave, 0, REGISTER_COUNT as u16)
-            })
-            .await;
-            match read {
-                Ok(Ok(Ok(regs))) => {
-                    let mut c = core.lock().await;
-                    let Core { kv, log, .. } = &mut *c;
-                    match log.append(kv, now_ms(), cfg.registers, selected(&regs, cfg.registers)) {
-                        Ok(seq) => tracing::debug!(seq, pac_w = regs[9], "sample"),
-                        Err(e) => tracing::error!(error = %e, "could not store a sample"),
-                    }
+        }
+        if !sched.poll_due(now_ms()) {
+            continue;
+        }
+        let inv = inverter.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            inv.lock().expect("inverter lock").read_holding(slave, 0, REGISTER_COUNT as u16)
+        })
+        .await;
+        match read {
+            Ok(Ok(Ok(regs))) => {
+                let mut c = core.lock().await;
+                let Core { kv, log, .. } = &mut *c;
+                match log.append(kv, now_ms(), cfg.registers, selected(&regs, cfg.registers)) {
+                    Ok(seq) => tracing::debug!(seq, pac_w = regs[9], "sample"),
+                    Err(e) => tracing::error!(error = %e, "could not store a sample"),
                 }
-                Ok(Ok(Err(exception))) => tracing::warn!(%exception, "inverter refused the read"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "no reading from the inverter (retried)"),
-                Err(e) => tracing::error!(error = %e, "acquisition task failed"),
             }
+            Ok(Ok(Err(exception))) => tracing::warn!(%exception, "inverter refused the read"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "no reading from the inverter (retried)"),
+            Err(e) => tracing::error!(error = %e, "acquisition task failed"),
         }
     }
 }
@@ -271,7 +276,7 @@ async fn post(
 }
 
 fn backoff(failures: u32) -> Duration {
-    Duration::from_millis((500u64 << failures.min(6)).min(30_000))
+    Duration::from_millis(Uploader::backoff_ms(failures))
 }
 
 async fn execute(inverter: &Inverter, slave: u8, id: u64, op: Operation) -> CommandResult {
@@ -434,23 +439,22 @@ async fn upload_loop(
     batch_max: usize,
     server: String,
     http: ureq::Agent,
-    config: watch::Receiver<ConfigState>,
+    mut config: watch::Receiver<ConfigState>,
 ) {
     let url = format!("{server}/api/v1/device/telemetry");
-    let mut last_upload = tokio::time::Instant::now();
-    let mut failures = 0u32;
+    let mut up = Uploader::new(&config.borrow_and_update(), batch_max, now_ms());
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let interval = Duration::from_millis(u64::from(config.borrow().upload_interval_ms));
+        if config.has_changed().unwrap_or(false) {
+            up.reconfigure(&config.borrow_and_update());
+        }
         let backlog = core.lock().await.log.len();
-        let due = (backlog > 0 && last_upload.elapsed() >= interval) || backlog >= batch_max;
-        if !due || (failures > 0 && last_upload.elapsed() < backoff(failures)) {
+        if !up.due(now_ms(), backlog) {
             continue;
         }
-        last_upload = tokio::time::Instant::now();
         // Oldest first, until the backlog is gone (bounded per round so fresh
         // samples are reached soon).
-        for _ in 0..16 {
+        for _ in 0..BATCHES_PER_ROUND {
             let sealed = {
                 let mut c = core.lock().await;
                 let (mask, samples) = c.log.batch(batch_max);
@@ -496,11 +500,11 @@ async fn upload_loop(
                         backlog = log.len(),
                         "telemetry uploaded"
                     );
-                    failures = 0;
+                    up.on_success(now_ms());
                 }
                 Err(e) => {
                     c.session.abandon(sealed.counter);
-                    failures += 1;
+                    up.on_failure(now_ms());
                     tracing::warn!(error = %e, backlog = c.log.len(), "upload failed; samples kept");
                     break;
                 }

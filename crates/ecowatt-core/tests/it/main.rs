@@ -4,3 +4,4 @@ mod control;
 mod link;
 mod samplelog;
 mod session;
+mod virtual_time;
