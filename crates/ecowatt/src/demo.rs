@@ -134,8 +134,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
 
         println!("EcoWatt demo: {} inverters (clock x{}), {} devices, one server", fleet.len(), args.speed, names.len());
-        println!("  server      : {url}   (API docs: {url}/api/docs)");
+        println!("  dashboard   : {url}/#/login/{token}");
         println!("  admin token : {token}");
+        println!("  API         : {url}/api/docs");
         println!("  data        : {}", data_dir.display());
         println!("  simulator   : {} and tcp://{}", sim.http_url(), sim.tcp_addr);
         println!("  try         : ECOWATT_SERVER={url} ECOWATT_TOKEN={token} ecowatt command {} set-power-percentage 20 --wait", names[0]);

@@ -128,3 +128,9 @@ pub async fn page() -> Html<String> {
          <table><tr><th>method</th><th>path</th><th>what</th><th>needs</th></tr>{rows}</table></html>"
     ))
 }
+
+/// The web dashboard: one self-contained page (no CDN), talking to `/api/v1`
+/// with the operator's token.
+pub async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}

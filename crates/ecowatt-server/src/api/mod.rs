@@ -44,6 +44,8 @@ pub struct AppState {
 /// The whole API over `state`.
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
+        .route("/", get(docs::dashboard))
+        .route("/dashboard", get(docs::dashboard))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .route("/api/openapi.json", get(docs::openapi))

@@ -85,6 +85,8 @@ pub struct Device {
     pub created_ms: i64,
     /// When it last talked to the server.
     pub last_seen_ms: Option<i64>,
+    /// The firmware version it last reported.
+    pub firmware: Option<String>,
 }
 
 /// An operator token's record (the token itself is stored only as a hash).

@@ -71,6 +71,7 @@ pub(super) fn device_from(row: &AnyRow) -> StoreResult<Device> {
         key_version: row.try_get("key_version")?,
         created_ms: row.try_get("created_ms")?,
         last_seen_ms: row.try_get("last_seen_ms")?,
+        firmware: row.try_get("firmware")?,
     })
 }
 

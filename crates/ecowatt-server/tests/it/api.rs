@@ -337,6 +337,23 @@ async fn health_metrics_and_api_docs() {
 }
 
 #[tokio::test]
+async fn the_dashboard_is_one_page_with_nothing_from_the_internet() {
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    let (status, page) = c.raw("GET", "/", None, None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("<title>EcoWatt</title>") && page.contains("/api/v1/devices"));
+    for external in ["http://", "https://", "//cdn", "<link ", "src=\""] {
+        assert!(
+            !page.contains(external),
+            "the page loads nothing from elsewhere: found {external:?}"
+        );
+    }
+    assert_eq!(c.raw("GET", "/dashboard", None, None, "").await.1, page);
+    c.server.stop().await;
+}
+
+#[tokio::test]
 async fn the_first_start_creates_one_admin_token_and_later_starts_keep_it() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
