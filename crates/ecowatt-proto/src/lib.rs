@@ -13,6 +13,7 @@
 //!   direction, answers bound to requests).
 //! - [`replay`] — the 64-entry replay window.
 //! - [`messages`] — bodies of the protocol's messages (sync, telemetry, errors).
+//! - [`firmware`] — signed firmware manifests (Ed25519) and semantic-version ordering.
 //! - [`codec`] — the telemetry batch codec (columnar, delta, zero runs).
 #![no_std]
 
@@ -20,6 +21,7 @@ extern crate alloc;
 
 pub mod codec;
 pub mod crc;
+pub mod firmware;
 pub mod hex;
 pub mod messages;
 pub mod modbus;

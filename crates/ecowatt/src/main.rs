@@ -4,6 +4,7 @@ mod agent_cmd;
 mod bench;
 mod client;
 mod demo;
+mod firmware;
 mod inverter;
 mod operator;
 mod server;
@@ -81,6 +82,11 @@ enum Verb {
         #[command(flatten)]
         conn: client::ServerConn,
     },
+    /// Make an Ed25519 firmware signing key pair (kept offline; the server only gets the public key).
+    Keygen(firmware::KeygenArgs),
+    /// Sign firmware images and check them (signed manifests: version, size, SHA-256, security counter).
+    #[command(subcommand)]
+    Firmware(firmware::FirmwareCommand),
     /// Measure: Modbus frame rates, simulator requests per second, command queue cycles.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -103,6 +109,8 @@ fn main() -> std::process::ExitCode {
         Verb::Inverter(cmd) => inverter::run(cmd),
         Verb::Bench(cmd) => bench::run(cmd),
         Verb::Server(args) => server::run(args),
+        Verb::Keygen(args) => firmware::keygen(args),
+        Verb::Firmware(cmd) => firmware::run(cmd),
         Verb::Device { cmd: Some(cmd), conn, .. } => operator::device(&conn, cmd),
         Verb::Device { cmd: None, agent, .. } => agent_cmd::run(agent),
         Verb::Config { cmd, conn } => operator::config(&conn, cmd),

@@ -49,6 +49,11 @@ fn every_command_explains_itself() {
         &["commands", "export", "--help"],
         &["token", "create", "--help"],
         &["audit", "--help"],
+        &["keygen", "--help"],
+        &["firmware", "sign", "--help"],
+        &["firmware", "verify", "--help"],
+        &["bench", "codec", "--help"],
+        &["bench", "protocol", "--help"],
     ] {
         let out = ecowatt(args);
         assert!(out.status.success(), "{args:?}: {}", explain(&out));

@@ -1,4 +1,5 @@
 //! The `ecowatt` binary as a user runs it.
 
 mod commands;
+mod firmware;
 mod server_cli;
