@@ -196,7 +196,6 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::vec;
 
     #[test]
     fn versions_compare_as_numbers_and_prereleases_below_releases() {
@@ -208,7 +207,7 @@ mod tests {
         assert!(v("1.0.0-alpha.1") < v("1.0.0-alpha.beta"));
         assert!(v("1.0.0-beta.2") < v("1.0.0-beta.11"));
         assert!(v("1.0.0-rc.1") < v("1.0.0-rc.1.1"));
-        let mut sorted = vec![v("1.0.10"), v("1.0.9"), v("1.0.0-rc.1"), v("0.9.0")];
+        let mut sorted = [v("1.0.10"), v("1.0.9"), v("1.0.0-rc.1"), v("0.9.0")];
         sorted.sort();
         assert_eq!(
             sorted.iter().map(|x| alloc::format!("{x}")).collect::<Vec<_>>(),
