@@ -7,6 +7,7 @@
 //!   serves SQLite (default) and PostgreSQL from one code path; migrations.
 //! - [`api`] — the axum router: operator API under `/api/v1`, the seed's
 //!   legacy API behind a flag, `/healthz`, `/metrics`.
+//! - [`firmware`] — manifest files and byte ranges for firmware downloads.
 //! - [`settings`] — flags, environment and TOML file, merged.
 //! - [`run`] — start-up (data directory, store, first admin token) and serving
 //!   with graceful shutdown.
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod domain;
 pub mod error;
+pub mod firmware;
 pub mod metrics;
 pub mod run;
 pub mod settings;

@@ -31,6 +31,8 @@ pub struct SettingsFile {
     pub body_limit_bytes: Option<usize>,
     /// URL devices use to reach this server (written into provisioning files).
     pub public_url: Option<String>,
+    /// Ed25519 public keys (hex) whose firmware signatures the server accepts.
+    pub firmware_keys: Option<Vec<String>>,
 }
 
 impl SettingsFile {
@@ -49,6 +51,7 @@ impl SettingsFile {
             legacy_api: over.legacy_api.or(self.legacy_api),
             body_limit_bytes: over.body_limit_bytes.or(self.body_limit_bytes),
             public_url: over.public_url.or(self.public_url),
+            firmware_keys: over.firmware_keys.or(self.firmware_keys),
         }
     }
 }
@@ -68,6 +71,8 @@ pub struct Settings {
     pub body_limit: usize,
     /// URL devices use to reach this server.
     pub public_url: String,
+    /// Public keys accepted for firmware signatures.
+    pub firmware_keys: Vec<[u8; 32]>,
 }
 
 impl Settings {
@@ -82,7 +87,19 @@ impl Settings {
         if !(1024..=64 * 1024 * 1024).contains(&body_limit) {
             return Err(format!("body_limit_bytes {body_limit} is outside 1024..=67108864"));
         }
+        let firmware_keys = file
+            .firmware_keys
+            .unwrap_or_default()
+            .iter()
+            .map(|k| {
+                ecowatt_proto::hex::decode(k.trim())
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| format!("firmware key {k:?} is not 32 bytes of hex"))
+            })
+            .collect::<Result<Vec<[u8; 32]>, String>>()?;
         Ok(Settings {
+            firmware_keys,
             bind,
             public_url: file.public_url.unwrap_or_else(|| format!("http://{bind}")),
             data_dir,

@@ -111,6 +111,16 @@ impl TestServer {
 
     /// Starts a server on `db` listening on `addr` (to restart one on its old port).
     pub async fn start_on(db: &TempDb, legacy_api: bool, addr: &str) -> TestServer {
+        TestServer::start_with(db, legacy_api, addr, Vec::new()).await
+    }
+
+    /// Starts a server trusting these firmware public keys (hex).
+    pub async fn start_with(
+        db: &TempDb,
+        legacy_api: bool,
+        addr: &str,
+        firmware_keys: Vec<String>,
+    ) -> TestServer {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let file = SettingsFile {
@@ -118,6 +128,7 @@ impl TestServer {
             data_dir: Some(db.dir.path().to_path_buf()),
             database: Some(db.url.clone()),
             legacy_api: Some(legacy_api),
+            firmware_keys: Some(firmware_keys),
             ..SettingsFile::default()
         };
         let settings = Settings::resolve(file).expect("settings");

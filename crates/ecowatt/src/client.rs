@@ -111,6 +111,33 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Uploads a firmware image with its manifest (hex JSON in a header).
+    pub fn upload_firmware(&self, image: &[u8], manifest_hex: &str) -> anyhow::Result<Value> {
+        let url = format!("{}/api/v1/firmware", self.base);
+        let mut response = self
+            .agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .header("ecowatt-manifest", manifest_hex)
+            .header("content-type", "application/octet-stream")
+            .send(image)
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status >= 400 {
+            let e = &v["error"];
+            bail!(
+                "{} [{}, HTTP {status}]",
+                e["message"].as_str().unwrap_or(&text),
+                e["code"].as_str().unwrap_or("?")
+            );
+        }
+        Ok(v)
+    }
+}
+
 /// Percent-encodes a path segment.
 pub fn segment(text: &str) -> String {
     text.bytes()

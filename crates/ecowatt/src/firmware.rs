@@ -7,8 +7,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ecowatt_proto::firmware::{Manifest, Version};
 use ecowatt_proto::hex;
+use ecowatt_server::firmware::{manifest_json, parse_manifest};
 use ed25519_dalek::{Signer, SigningKey};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// Make an Ed25519 firmware signing key pair.
@@ -42,6 +43,16 @@ pub enum FirmwareCommand {
         /// Hardware target.
         #[arg(long, default_value = "linux-x86_64")]
         target: String,
+    },
+    /// Upload a signed image to the server (which checks the signature against its keys).
+    Upload {
+        /// The image file.
+        image: PathBuf,
+        /// The manifest [default: IMAGE.manifest.json].
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        #[command(flatten)]
+        conn: crate::client::ServerConn,
     },
     /// Check an image against its manifest and a public key.
     Verify {
@@ -80,45 +91,6 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn manifest_json(m: &Manifest, public: &[u8; 32], signature: &[u8; 64]) -> Value {
-    json!({
-        "format": "ecowatt-firmware-manifest/1",
-        "version": m.version.to_string(),
-        "size": m.size,
-        "sha256": hex::encode_upper(&m.sha256),
-        "security_counter": m.security_counter,
-        "target": m.target,
-        "created_ms": m.created_ms,
-        "algorithm": "ed25519",
-        "public_key": hex::encode_upper(public),
-        "signature": hex::encode_upper(signature),
-    })
-}
-
-/// Reads a manifest file back: the manifest, and its signature.
-pub fn parse_manifest(v: &Value) -> anyhow::Result<(Manifest, [u8; 64])> {
-    let s = |k: &str| v[k].as_str().with_context(|| format!("manifest field {k} missing"));
-    let n = |k: &str| v[k].as_u64().with_context(|| format!("manifest field {k} missing"));
-    anyhow::ensure!(s("algorithm")? == "ed25519", "only ed25519 manifests are supported here");
-    let sha: [u8; 32] = hex::decode(s("sha256")?)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .context("sha256 must be 32 bytes hex")?;
-    let sig: [u8; 64] = hex::decode(s("signature")?)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .context("signature must be 64 bytes hex")?;
-    let m = Manifest {
-        version: Version::parse(s("version")?).map_err(|e| anyhow::anyhow!("version: {e}"))?,
-        size: n("size")?,
-        sha256: sha,
-        security_counter: u32::try_from(n("security_counter")?)?,
-        target: s("target")?.to_owned(),
-        created_ms: n("created_ms")?,
-    };
-    Ok((m, sig))
-}
-
 pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
     match cmd {
         FirmwareCommand::Sign { image, version, key, security_counter, target } => {
@@ -150,6 +122,24 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
                 out.display()
             );
         }
+        FirmwareCommand::Upload { image, manifest, conn } => {
+            let path = manifest
+                .unwrap_or_else(|| PathBuf::from(format!("{}.manifest.json", image.display())));
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
+            println!("Uploading {} ({} bytes)...", image.display(), bytes.len());
+            let v = conn
+                .connect()?
+                .upload_firmware(&bytes, &hex::encode_upper(text.trim().as_bytes()))?;
+            println!(
+                "Stored as firmware {}: version {} for {}",
+                v["id"],
+                v["version"].as_str().unwrap_or("?"),
+                v["target"].as_str().unwrap_or("?")
+            );
+        }
         FirmwareCommand::Verify { image, manifest, public_key } => {
             let path = manifest
                 .unwrap_or_else(|| PathBuf::from(format!("{}.manifest.json", image.display())));
@@ -157,7 +147,7 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
                 &std::fs::read_to_string(&path)
                     .with_context(|| format!("reading {}", path.display()))?,
             )?;
-            let (m, sig) = parse_manifest(&v)?;
+            let (m, _signer, sig) = parse_manifest(&v)?;
             let public: [u8; 32] = read_hex(&public_key, "public key")?;
             m.verify_ed25519(&public, &sig)
                 .map_err(|e| anyhow::anyhow!("manifest refused: {e}"))?;

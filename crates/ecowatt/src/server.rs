@@ -35,6 +35,9 @@ pub struct ServerArgs {
     /// URL devices use to reach this server, written into provisioning files [default: http://BIND].
     #[arg(long, env = "ECOWATT_PUBLIC_URL")]
     public_url: Option<String>,
+    /// Trust firmware signed by this Ed25519 public key: the `.pub` file from `ecowatt keygen`, or its hex (repeatable).
+    #[arg(long = "firmware-key")]
+    firmware_keys: Vec<String>,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -49,6 +52,19 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         legacy_api: args.legacy_api.then_some(true),
         body_limit_bytes: args.body_limit,
         public_url: args.public_url,
+        firmware_keys: if args.firmware_keys.is_empty() {
+            None
+        } else {
+            Some(
+                args.firmware_keys
+                    .iter()
+                    .map(|k| match std::fs::read_to_string(k) {
+                        Ok(text) => text.trim().to_owned(),
+                        Err(_) => k.trim().to_owned(),
+                    })
+                    .collect(),
+            )
+        },
     };
     let settings = Settings::resolve(file.overridden_by(flags)).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new()?;

@@ -54,6 +54,23 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
     ("post", "/api/v1/tokens", "Create a token {name, role: admin|viewer}; returns it once", true),
     ("delete", "/api/v1/tokens/{id}", "Revoke a token", true),
     ("get", "/api/v1/audit", "Audit log, newest first (before, limit)", false),
+    ("get", "/api/v1/security-events", "Device protocol refusals, newest first", false),
+    (
+        "get",
+        "/api/v1/devices/{name}/telemetry",
+        "Samples in engineering units (from_ms, to_ms, registers, max_points, format=csv)",
+        false,
+    ),
+    ("get", "/api/v1/devices/{name}/latest", "Newest sample, online, last seen", false),
+    ("get", "/api/v1/devices/{name}/completeness", "Gaps in seq and reported drops", false),
+    ("get", "/api/v1/firmware", "Stored firmware images", false),
+    (
+        "post",
+        "/api/v1/firmware",
+        "Upload a signed image (body) with its manifest (hex JSON in the ecowatt-manifest header)",
+        true,
+    ),
+    ("get", "/api/v1/firmware/{id}/image", "An image's bytes (Range supported)", false),
 ];
 
 /// The OpenAPI 3.1 document.

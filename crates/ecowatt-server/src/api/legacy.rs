@@ -8,9 +8,11 @@
 //! again until its result arrives.
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use ecowatt_proto::firmware::Version;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -291,14 +293,51 @@ async fn ota_check(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     enabled_device(&state, &body).await?;
-    let current = body.get("current_version").and_then(Value::as_str).unwrap_or("unknown");
-    // Firmware images arrive with the FOTA issue; until then there is never an update.
-    Ok(Json(json!({
-        "update_available": false,
-        "message": format!("Device is running latest version: {current}"),
-    })))
+    let current_text = body.get("current_version").and_then(Value::as_str).unwrap_or("0.0.0");
+    let current = Version::parse(current_text).map_err(|_| {
+        ApiError::from(Invalid::new("current_version", "MAJOR.MINOR.PATCH, e.g. 1.0.3"))
+    })?;
+    // Semantic versions, not strings: 1.0.10 is newer than 1.0.9, and never a downgrade.
+    let newest = state
+        .store
+        .list_firmware()
+        .await?
+        .into_iter()
+        .filter_map(|f| Version::parse(&f.version).ok().map(|v| (v, f)))
+        .filter(|(v, _)| *v > current)
+        .max_by(|a, b| a.0.cmp(&b.0));
+    Ok(Json(match newest {
+        Some((v, f)) => json!({
+            "update_available": true,
+            "version": v.to_string(),
+            "url": format!("/ota/download/firmware_{v}.bin"),
+            "size": f.size,
+            "checksum": f.sha256.to_lowercase(),
+            "signature": f.manifest["signature"],
+        }),
+        None => json!({
+            "update_available": false,
+            "message": format!("Device is running latest version: {current_text}"),
+        }),
+    }))
 }
 
-async fn ota_download(Path(file): Path<String>) -> ApiError {
-    ApiError::not_found(format!("firmware file {file:?}"))
+async fn ota_download(
+    State(state): State<AppState>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let version = file
+        .strip_prefix("firmware_")
+        .and_then(|f| f.strip_suffix(".bin"))
+        .ok_or_else(|| ApiError::not_found(format!("firmware file {file:?}")))?;
+    let record = state
+        .store
+        .list_firmware()
+        .await?
+        .into_iter()
+        .find(|f| f.version == version)
+        .ok_or_else(|| ApiError::not_found(format!("firmware file {file:?}")))?;
+    let (_, data) = state.store.firmware_data(record.id).await?;
+    Ok(super::firmware::serve_bytes(&headers, data))
 }

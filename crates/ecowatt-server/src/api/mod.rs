@@ -6,6 +6,7 @@ mod config;
 mod device;
 mod devices;
 mod docs;
+pub mod firmware;
 mod json;
 mod legacy;
 mod ops;
@@ -78,6 +79,13 @@ pub fn app(state: AppState) -> Router {
             "/api/v1/device/telemetry",
             post(device::telemetry).layer(DefaultBodyLimit::max(ecowatt_proto::seal::MAX_LEN)),
         )
+        .route(
+            "/api/v1/firmware",
+            get(firmware::list)
+                .post(firmware::upload)
+                .layer(DefaultBodyLimit::max(firmware::MAX_IMAGE)),
+        )
+        .route("/api/v1/firmware/{id}/image", get(firmware::image))
         .route("/api/v1/devices/{name}/telemetry", get(telemetry::query))
         .route("/api/v1/devices/{name}/latest", get(telemetry::latest))
         .route("/api/v1/devices/{name}/completeness", get(telemetry::completeness));

@@ -347,6 +347,31 @@ pub struct StoredBatch {
     pub data: Vec<u8>,
 }
 
+/// A stored firmware image's record (the bytes are fetched separately).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Firmware {
+    /// Numeric id.
+    pub id: i64,
+    /// Semantic version.
+    pub version: String,
+    /// Hardware target.
+    pub target: String,
+    /// Size, bytes.
+    pub size: i64,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Anti-rollback counter.
+    pub security_counter: i64,
+    /// When it was signed.
+    pub created_ms: i64,
+    /// The signed manifest as uploaded.
+    pub manifest: serde_json::Value,
+    /// When it was uploaded.
+    pub uploaded_ms: i64,
+    /// Who uploaded it.
+    pub uploaded_by: String,
+}
+
 /// Everything the server keeps.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -535,6 +560,12 @@ pub trait Store: Send + Sync {
     async fn telemetry_latest(&self, device: &str) -> StoreResult<Option<StoredBatch>>;
     /// Samples the device reported dropping.
     async fn dropped_total(&self, device: &str) -> StoreResult<i64>;
+    /// Stores a verified firmware image (Conflict if that version and target exist).
+    async fn add_firmware(&self, fw: &Firmware, data: &[u8], actor: &str) -> StoreResult<Firmware>;
+    /// Every firmware image's record, newest upload first.
+    async fn list_firmware(&self) -> StoreResult<Vec<Firmware>>;
+    /// A firmware image's bytes.
+    async fn firmware_data(&self, id: i64) -> StoreResult<(Firmware, Vec<u8>)>;
     /// Records a security event.
     async fn record_security_event(
         &self,

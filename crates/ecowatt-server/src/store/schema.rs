@@ -120,4 +120,23 @@ CREATE TABLE telemetry_batches (
 CREATE INDEX telemetry_by_time ON telemetry_batches (device_id, last_ms)
 "#,
     ),
+    (
+        4,
+        r#"
+CREATE TABLE firmware (
+    id {pk},
+    version TEXT NOT NULL,
+    target TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    sha256 TEXT NOT NULL,
+    security_counter BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    manifest TEXT NOT NULL,
+    data {blob} NOT NULL,
+    uploaded_ms BIGINT NOT NULL,
+    uploaded_by TEXT NOT NULL,
+    UNIQUE (version, target)
+)
+"#,
+    ),
 ];

@@ -62,6 +62,21 @@ fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> StoreRes
     serde_json::from_str(&text).map_err(|e| corrupt(col, e))
 }
 
+fn firmware_from(row: &AnyRow) -> StoreResult<Firmware> {
+    Ok(Firmware {
+        id: row.try_get("id")?,
+        version: row.try_get("version")?,
+        target: row.try_get("target")?,
+        size: row.try_get("size")?,
+        sha256: row.try_get("sha256")?,
+        security_counter: row.try_get("security_counter")?,
+        created_ms: row.try_get("created_ms")?,
+        manifest: json_col(row, "manifest")?,
+        uploaded_ms: row.try_get("uploaded_ms")?,
+        uploaded_by: row.try_get("uploaded_by")?,
+    })
+}
+
 pub(super) fn device_from(row: &AnyRow) -> StoreResult<Device> {
     Ok(Device {
         id: row.try_get("id")?,
@@ -1106,5 +1121,67 @@ impl Store for SqlStore {
 
     async fn dropped_total(&self, device: &str) -> StoreResult<i64> {
         self.dropped_total_impl(device).await
+    }
+
+    async fn add_firmware(&self, fw: &Firmware, data: &[u8], actor: &str) -> StoreResult<Firmware> {
+        let mut tx = self.begin().await?;
+        let exists = sqlx::query("SELECT id FROM firmware WHERE version = $1 AND target = $2")
+            .bind(fw.version.as_str())
+            .bind(fw.target.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "firmware {} for {} is already stored",
+                fw.version, fw.target
+            )));
+        }
+        let row = sqlx::query(
+            "INSERT INTO firmware (version, target, size, sha256, security_counter, created_ms, manifest, data, uploaded_ms, uploaded_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+        )
+        .bind(fw.version.as_str())
+        .bind(fw.target.as_str())
+        .bind(fw.size)
+        .bind(fw.sha256.as_str())
+        .bind(fw.security_counter)
+        .bind(fw.created_ms)
+        .bind(fw.manifest.to_string())
+        .bind(data.to_vec())
+        .bind(fw.uploaded_ms)
+        .bind(actor)
+        .fetch_one(&mut *tx)
+        .await?;
+        let id: i64 = row.try_get("id")?;
+        Self::audit_in(
+            &mut tx,
+            fw.uploaded_ms,
+            actor,
+            "firmware.upload",
+            &id.to_string(),
+            json!({"version": fw.version, "target": fw.target, "size": fw.size}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Firmware { id, uploaded_by: actor.to_owned(), ..fw.clone() })
+    }
+
+    async fn list_firmware(&self) -> StoreResult<Vec<Firmware>> {
+        let rows = sqlx::query(
+            "SELECT id, version, target, size, sha256, security_counter, created_ms, manifest, uploaded_ms, uploaded_by \
+             FROM firmware ORDER BY id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(firmware_from).collect()
+    }
+
+    async fn firmware_data(&self, id: i64) -> StoreResult<(Firmware, Vec<u8>)> {
+        let row = sqlx::query("SELECT * FROM firmware WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let row = row.ok_or_else(|| StoreError::NotFound(format!("firmware {id}")))?;
+        Ok((firmware_from(&row)?, row.try_get("data")?))
     }
 }

@@ -89,3 +89,80 @@ fn a_signed_image_verifies_and_any_change_is_refused() {
         "MAJOR.MINOR.PATCH",
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_range() {
+    use ecowatt_server::testing::{TempDb, TestServer};
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let prep = dir.clone();
+    tokio::task::spawn_blocking(move || {
+        ok(&run(&prep, &["keygen", "--out", "release.key"]));
+        ok(&run(&prep, &["keygen", "--out", "rogue.key"]));
+        std::fs::write(prep.join("fw-1.0.10.bin"), vec![0xA5u8; 70_000]).unwrap();
+        ok(&run(
+            &prep,
+            &["firmware", "sign", "fw-1.0.10.bin", "--version", "1.0.10", "--key", "release.key"],
+        ));
+        std::fs::write(prep.join("evil.bin"), vec![0x5Au8; 1_000]).unwrap();
+        ok(&run(
+            &prep,
+            &["firmware", "sign", "evil.bin", "--version", "9.9.9", "--key", "rogue.key"],
+        ));
+    })
+    .await
+    .unwrap();
+    let public = std::fs::read_to_string(dir.join("release.key.pub")).unwrap().trim().to_owned();
+    let db = TempDb::sqlite();
+    let server = TestServer::start_with(&db, true, "127.0.0.1:0", vec![public]).await;
+    let (url, data_dir) = (server.url.clone(), server.data_dir.clone());
+    tokio::task::spawn_blocking(move || {
+        let with_server = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+                .args(args)
+                .env("ECOWATT_SERVER", &url)
+                .env("ECOWATT_DATA_DIR", &data_dir)
+                .current_dir(&dir)
+                .output()
+                .unwrap()
+        };
+        refused(&with_server(&["firmware", "upload", "evil.bin"]), "unknown_signer");
+        // The right signer, but one byte of the image changed after signing.
+        let good = std::fs::read(dir.join("fw-1.0.10.bin")).unwrap();
+        let mut bad = good.clone();
+        bad[10] ^= 1;
+        std::fs::write(dir.join("fw-1.0.10.bin"), &bad).unwrap();
+        refused(&with_server(&["firmware", "upload", "fw-1.0.10.bin"]), "image_mismatch");
+        std::fs::write(dir.join("fw-1.0.10.bin"), &good).unwrap();
+        let out = ok(&with_server(&["firmware", "upload", "fw-1.0.10.bin"]));
+        assert!(out.contains("version 1.0.10"), "{out}");
+        refused(&with_server(&["firmware", "upload", "fw-1.0.10.bin"]), "already stored");
+
+        // Original-firmware devices: offered as newer than 1.0.9 (not a string compare), never a downgrade.
+        ok(&with_server(&["device", "add", "ESP32_EcoWatt_Smart"]));
+        let check = |current: &str| -> serde_json::Value {
+            ureq::post(format!("{url}/ota/check"))
+                .send_json(serde_json::json!({"device_id": "ESP32_EcoWatt_Smart", "current_version": current}))
+                .unwrap()
+                .body_mut()
+                .read_json()
+                .unwrap()
+        };
+        let offer = check("1.0.9");
+        assert_eq!((offer["update_available"].as_bool(), offer["version"].as_str()), (Some(true), Some("1.0.10")));
+        assert_eq!(check("1.0.10")["update_available"], false);
+        assert_eq!(check("1.1.0")["update_available"], false, "never a downgrade");
+        // A cut download resumes with a range request.
+        let download = format!("{url}{}", offer["url"].as_str().unwrap());
+        let mut resp = ureq::get(&download).header("Range", "bytes=65536-").call().unwrap();
+        assert_eq!(resp.status(), 206);
+        assert_eq!(resp.headers()["content-range"], "bytes 65536-69999/70000");
+        let tail = resp.body_mut().read_to_vec().unwrap();
+        assert_eq!(tail, good[65_536..]);
+        let whole = ureq::get(&download).call().unwrap().body_mut().with_config().limit(1 << 20).read_to_vec().unwrap();
+        assert_eq!(whole, good);
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}
