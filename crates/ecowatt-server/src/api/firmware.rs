@@ -112,7 +112,7 @@ pub fn serve_bytes(headers: &HeaderMap, data: Vec<u8>) -> Response {
             data[start as usize..=end as usize].to_vec(),
         )
             .into_response(),
-        Err(()) => {
+        Err(_) => {
             (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))])
                 .into_response()
         }
