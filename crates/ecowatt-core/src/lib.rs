@@ -5,6 +5,7 @@
 //! - [`link`] — the inverter link: a Modbus RTU client over a [`link::Transport`]
 //!   trait, with retries and bounded backoff driven by a sans-IO
 //!   [`link::Transaction`].
+//! - [`ota`] — firmware updates on A/B slots with trial boot and rollback.
 //! - [`schedule`] — when to poll and when to upload (with backoff), from the time passed in.
 //! - [`control`] — config applied with the device's own limits, commands run at most once.
 //! - [`samplelog`] — readings kept until acknowledged, bounded, power-cut safe.
@@ -18,6 +19,7 @@ extern crate alloc;
 pub mod control;
 pub mod kv;
 pub mod link;
+pub mod ota;
 pub mod samplelog;
 pub mod schedule;
 pub mod session;

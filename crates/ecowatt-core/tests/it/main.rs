@@ -2,6 +2,7 @@
 
 mod control;
 mod link;
+mod ota;
 mod samplelog;
 mod session;
 mod virtual_time;

@@ -1,0 +1,282 @@
+//! Firmware updates on A/B slots: verify before download, resume, hash check,
+//! trial boot, confirmation, rollback; and a power cut at every write.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use ecowatt_core::kv::{KeyValue, KvError, MemoryKv};
+use ecowatt_core::ota::{self, Boot, BootRecord, Download, FlashError, OtaError, Slot, Slots};
+use ecowatt_proto::firmware::{Manifest, Version};
+use ed25519_dalek::{Signer, SigningKey};
+use sha2::{Digest, Sha256};
+
+/// One power supply for flash and key-value store: after `budget` writes of
+/// either kind, every write fails.
+#[derive(Default)]
+struct Power {
+    writes: Cell<usize>,
+    budget: Cell<Option<usize>>,
+}
+
+impl Power {
+    fn tick(&self) -> Result<(), FlashError> {
+        if self.budget.get().is_some_and(|b| self.writes.get() >= b) {
+            return Err(FlashError("power cut".into()));
+        }
+        self.writes.set(self.writes.get() + 1);
+        Ok(())
+    }
+}
+
+/// Two slots of flash that insist on erase before write, and front-to-back writes.
+#[derive(Default)]
+struct Flash {
+    slots: [Vec<u8>; 2],
+    erased: [bool; 2],
+    power: Rc<Power>,
+    erases: usize,
+}
+
+fn idx(s: Slot) -> usize {
+    match s {
+        Slot::A => 0,
+        Slot::B => 1,
+    }
+}
+
+impl Slots for Flash {
+    fn erase(&mut self, slot: Slot) -> Result<(), FlashError> {
+        self.power.tick()?;
+        self.erases += 1;
+        self.slots[idx(slot)].clear();
+        self.erased[idx(slot)] = true;
+        Ok(())
+    }
+    fn write(&mut self, slot: Slot, offset: u64, data: &[u8]) -> Result<(), FlashError> {
+        let i = idx(slot);
+        assert!(self.erased[i], "write before erase");
+        assert_eq!(offset as usize, self.slots[i].len(), "writes go front to back");
+        self.power.tick()?;
+        self.slots[i].extend_from_slice(data);
+        Ok(())
+    }
+    fn read(&mut self, slot: Slot, offset: u64, buf: &mut [u8]) -> Result<(), FlashError> {
+        let s = &self.slots[idx(slot)];
+        buf.copy_from_slice(&s[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+}
+
+/// The key-value store on the same power supply as the flash.
+struct Kv<'a> {
+    inner: &'a mut MemoryKv,
+    power: Rc<Power>,
+}
+
+impl KeyValue for Kv<'_> {
+    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.get(key)
+    }
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        self.power.tick().map_err(|e| KvError(e.0))?;
+        self.inner.set(key, value)
+    }
+}
+
+const KEY: [u8; 32] = [3; 32];
+const TARGET: &str = "linux-x86_64";
+
+fn factory() -> Version {
+    Version::parse("1.0.0").unwrap()
+}
+
+fn signed(image: &[u8], version: &str, counter: u32, key: &[u8; 32]) -> (Manifest, [u8; 64]) {
+    let m = Manifest {
+        version: Version::parse(version).unwrap(),
+        size: image.len() as u64,
+        sha256: Sha256::digest(image).into(),
+        security_counter: counter,
+        target: TARGET.into(),
+        created_ms: 1,
+    };
+    let sig = SigningKey::from_bytes(key).sign(&m.signed_bytes().unwrap()).to_bytes();
+    (m, sig)
+}
+
+fn trusted() -> [u8; 32] {
+    SigningKey::from_bytes(&KEY).verifying_key().to_bytes()
+}
+
+fn image() -> Vec<u8> {
+    (0..200_000u32).map(|i| (i % 253) as u8).collect()
+}
+
+/// Downloads and marks pending; Err on the first failure.
+fn update(
+    kv: &mut MemoryKv,
+    flash: &mut Flash,
+    img: &[u8],
+    m: &Manifest,
+    sig: &[u8; 64],
+) -> Result<(), OtaError> {
+    let mut d = Download::start(kv, flash, &factory(), TARGET, &trusted(), m.clone(), sig)?;
+    let mut at = d.written() as usize;
+    while at < img.len() {
+        let end = (at + 4_096).min(img.len());
+        d.chunk(kv, flash, at as u64, &img[at..end])?;
+        at = end;
+    }
+    d.finish(kv, &factory())
+}
+
+#[test]
+fn a_good_update_boots_on_trial_and_is_kept_once_confirmed() {
+    let (mut kv, mut flash, img) = (MemoryKv::new(), Flash::default(), image());
+    let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
+    update(&mut kv, &mut flash, &img, &m, &sig).unwrap();
+    assert_eq!(ota::boot(&mut kv, &factory()).unwrap(), Boot::Trial(Slot::B, m.version.clone()));
+    ota::confirm(&mut kv, &factory()).unwrap();
+    assert_eq!(
+        ota::boot(&mut kv, &factory()).unwrap(),
+        Boot::Confirmed(Slot::B, m.version.clone())
+    );
+    assert_eq!(flash.slots[1], img);
+    // The next update goes to the other slot.
+    let img2: Vec<u8> = img.iter().map(|b| b ^ 0x55).collect();
+    let (m2, sig2) = signed(&img2, "1.2.0", 1, &KEY);
+    update(&mut kv, &mut flash, &img2, &m2, &sig2).unwrap();
+    assert_eq!(ota::boot(&mut kv, &factory()).unwrap(), Boot::Trial(Slot::A, m2.version));
+}
+
+#[test]
+fn nothing_is_switched_for_a_changed_byte_a_wrong_key_or_an_old_version() {
+    let (mut kv, mut flash, img) = (MemoryKv::new(), Flash::default(), image());
+    let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
+    let mut bad = img.clone();
+    bad[123_456] ^= 1;
+    assert_eq!(update(&mut kv, &mut flash, &bad, &m, &sig), Err(OtaError::HashMismatch));
+    assert_eq!(ota::boot(&mut kv, &factory()).unwrap(), Boot::Confirmed(Slot::A, factory()));
+
+    let (m, sig) = signed(&img, "1.1.0", 1, &[9; 32]);
+    let erases = flash.erases;
+    assert_eq!(update(&mut kv, &mut flash, &img, &m, &sig), Err(OtaError::BadSignature));
+    assert_eq!(flash.erases, erases, "refused before touching the slot");
+
+    let (m, sig) = signed(&img, "0.9.9", 1, &KEY);
+    assert!(matches!(update(&mut kv, &mut flash, &img, &m, &sig), Err(OtaError::Downgrade { .. })));
+    let (m, sig) = signed(&img, "1.0.0", 1, &KEY);
+    assert!(
+        matches!(update(&mut kv, &mut flash, &img, &m, &sig), Err(OtaError::Downgrade { .. })),
+        "same version"
+    );
+
+    // Anti-rollback: after confirming counter 5, an image with counter 4 is refused.
+    let (m, sig) = signed(&img, "1.1.0", 5, &KEY);
+    update(&mut kv, &mut flash, &img, &m, &sig).unwrap();
+    ota::boot(&mut kv, &factory()).unwrap();
+    ota::confirm(&mut kv, &factory()).unwrap();
+    let (m, sig) = signed(&img, "1.2.0", 4, &KEY);
+    assert_eq!(
+        update(&mut kv, &mut flash, &img, &m, &sig),
+        Err(OtaError::SecurityCounter { own: 5, offered: 4 })
+    );
+}
+
+#[test]
+fn an_image_that_fails_its_health_check_is_rolled_back() {
+    let (mut kv, mut flash, img) = (MemoryKv::new(), Flash::default(), image());
+    let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
+    update(&mut kv, &mut flash, &img, &m, &sig).unwrap();
+    assert_eq!(ota::boot(&mut kv, &factory()).unwrap(), Boot::Trial(Slot::B, m.version.clone()));
+    // It never confirms (could not reach the cloud); the device reboots.
+    assert_eq!(ota::boot(&mut kv, &factory()).unwrap(), Boot::Confirmed(Slot::A, factory()));
+    let record = BootRecord::load(&mut kv, &factory()).unwrap();
+    assert_eq!(record.rolled_back, Some(m.version), "reported as rolled back");
+    assert!(record.pending.is_none());
+}
+
+#[test]
+fn a_cut_download_resumes_where_it_stopped() {
+    let (mut kv, mut flash, img) = (MemoryKv::new(), Flash::default(), image());
+    let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
+    let mut d =
+        Download::start(&mut kv, &mut flash, &factory(), TARGET, &trusted(), m.clone(), &sig)
+            .unwrap();
+    for at in (0..100_000).step_by(4_000) {
+        d.chunk(&mut kv, &mut flash, at as u64, &img[at..at + 4_000]).unwrap();
+    }
+    drop(d); // the connection is cut
+    let mut d =
+        Download::start(&mut kv, &mut flash, &factory(), TARGET, &trusted(), m.clone(), &sig)
+            .unwrap();
+    assert_eq!(
+        d.written(),
+        68_000,
+        "resumes from the last recorded point (every 64 KiB), not from 0"
+    );
+    flash.slots[1].truncate(68_000); // what is past the record is written again
+    let mut at = 68_000;
+    while at < img.len() {
+        let end = (at + 4_000).min(img.len());
+        d.chunk(&mut kv, &mut flash, at as u64, &img[at..end]).unwrap();
+        at = end;
+    }
+    d.finish(&mut kv, &factory()).unwrap();
+    assert_eq!(flash.slots[1], img);
+}
+
+#[test]
+fn a_power_cut_at_any_write_leaves_a_bootable_verified_image() {
+    let img: Vec<u8> = (0..20_000u32).map(|i| (i % 249) as u8).collect();
+    let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
+    let good = Sha256::digest(&img);
+    let mut cut_somewhere = 0;
+    for cut in 0..60 {
+        let mut kv = MemoryKv::new();
+        let power = Rc::new(Power::default());
+        power.budget.set(Some(cut));
+        let mut flash = Flash { power: power.clone(), ..Flash::default() };
+        // Everything the device does for one update, the power going at write `cut`
+        // (flash and key-value writes counted together).
+        let outcome = (|| -> Result<(), OtaError> {
+            let mut store = Kv { inner: &mut kv, power: power.clone() };
+            let mut d = Download::start(
+                &mut store,
+                &mut flash,
+                &factory(),
+                TARGET,
+                &trusted(),
+                m.clone(),
+                &sig,
+            )?;
+            let mut at = 0;
+            while at < img.len() {
+                let end = (at + 1_000).min(img.len());
+                d.chunk(&mut store, &mut flash, at as u64, &img[at..end])?;
+                at = end;
+            }
+            d.finish(&mut store, &factory())?;
+            ota::boot(&mut store, &factory())?;
+            ota::confirm(&mut store, &factory())?;
+            Ok(())
+        })();
+        if outcome.is_err() {
+            cut_somewhere += 1;
+        }
+        // Power back: the bootloader chooses; the image it boots must be a verified one.
+        power.budget.set(None);
+        let mut store = Kv { inner: &mut kv, power: power.clone() };
+        match ota::boot(&mut store, &factory()).unwrap() {
+            Boot::Confirmed(Slot::A, v) => assert_eq!(v, factory(), "cut {cut}"),
+            Boot::Trial(slot, v) | Boot::Confirmed(slot, v) => {
+                assert_eq!(v, m.version, "cut {cut}");
+                assert_eq!(
+                    Sha256::digest(&flash.slots[idx(slot)]),
+                    good,
+                    "cut {cut}: boots a verified image"
+                );
+            }
+        }
+    }
+    assert!(cut_somewhere >= 20, "the power went at every write of the update ({cut_somewhere})");
+}
