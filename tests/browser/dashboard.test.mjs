@@ -83,12 +83,14 @@ try {
     await page.click("#cmdform button");
     await page.waitForSelector("#error:has-text('outside 0..=100')");
   });
-  await step("security events and audit log render", async () => {
+  await step("security events, firmware and audit pages render", async () => {
     await page.click("text=Audit log");
     await page.waitForSelector("text=command.queue");
     await page.screenshot({ path: join(shots, "audit.png"), fullPage: true });
     await page.click("text=Security events");
     await page.waitForSelector("h2:has-text('Security events')");
+    await page.click("nav >> text=Firmware");
+    await page.waitForSelector("h2:has-text('Firmware images')");
   });
   await step("readable at phone width, usable by keyboard", async () => {
     await page.setViewportSize({ width: 390, height: 844 });
