@@ -56,6 +56,9 @@ pub enum BenchCommand {
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         max_time: Duration,
     },
+    /// A simulated fleet against a server process on loopback: uploads, data
+    /// points and command delivery latency while devices hold long polls.
+    Fleet(crate::fleet::FleetArgs),
     /// Command queue -> deliver -> result cycles per second, and config updates
     /// per second, through the store (SQLite in a temp dir, or a throw-away
     /// PostgreSQL database).
@@ -85,6 +88,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Sim { requests, clients, max_time } => {
             sim(requests.max(1), clients, max_time)
         }
+        BenchCommand::Fleet(args) => crate::fleet::run(args),
         BenchCommand::Codec { batch, seed } => {
             codec_bench(batch.clamp(1, 4096), seed);
             Ok(())

@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod demo;
 mod firmware;
+mod fleet;
 mod inverter;
 mod operator;
 mod server;

@@ -53,6 +53,7 @@ fn every_command_explains_itself() {
         &["firmware", "sign", "--help"],
         &["firmware", "verify", "--help"],
         &["bench", "codec", "--help"],
+        &["bench", "fleet", "--help"],
         &["bench", "protocol", "--help"],
     ] {
         let out = ecowatt(args);
@@ -197,6 +198,35 @@ fn demo_runs_simulator_server_and_devices_and_prints_stored_readings() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a demo directory"));
+}
+
+#[test]
+fn bench_fleet_runs_bounded_and_reports_every_figure() {
+    let out = ecowatt(&[
+        "bench",
+        "fleet",
+        "--devices",
+        "5",
+        "--duration",
+        "2s",
+        "--upload-every",
+        "1s",
+        "--commands-per-sec",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for figure in [
+        "uploads (",
+        "data points/s",
+        "upload latency p50",
+        "Commands delivered",
+        "RSS",
+        "B per data point",
+        "Errors: none",
+    ] {
+        assert!(text.contains(figure), "{figure:?} missing from:\n{text}");
+    }
 }
 
 #[test]

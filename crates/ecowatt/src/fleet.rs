@@ -1,0 +1,404 @@
+//! `ecowatt bench fleet`: many simulated devices in this process speaking the
+//! real protocol (sealed long-poll syncs, sealed uploads of realistic 60-sample
+//! batches) against an `ecowatt server` child process on loopback, while an
+//! operator queues commands. Bounded in devices and time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use ecowatt_core::kv::MemoryKv;
+use ecowatt_core::session::{Credentials, Session};
+use ecowatt_proto::codec::{self, Sample};
+use ecowatt_proto::messages::{
+    CommandResult, ConfigState, MessageType, SyncRequest, SyncResponse, TelemetryAck,
+    TelemetryUpload,
+};
+use ecowatt_sim::model::{Model, ModelConfig};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::units::parse_duration;
+
+/// Simulate a fleet against a server on loopback.
+#[derive(Args, Debug)]
+pub struct FleetArgs {
+    /// Devices (each holds a long poll open).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    devices: u64,
+    /// How long to measure (after the devices are connected).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Real time between two uploads of one device; each carries 60 samples (5 min at a 5 s poll).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    upload_every: Duration,
+    /// Commands the operator queues per second (to random devices).
+    #[arg(long, default_value_t = 5.0)]
+    commands_per_sec: f64,
+    /// PostgreSQL URL for the server (default: SQLite in a temporary directory).
+    #[arg(long)]
+    database: Option<String>,
+}
+
+type Http = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+#[derive(Default)]
+struct Stats {
+    upload_lat_us: Vec<u32>,
+    uploads: u64,
+    batch_bytes: u64,
+    points: u64,
+    errors: HashMap<String, u64>,
+    delivery_lat_us: Vec<u32>,
+    syncs: u64,
+}
+
+async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<Vec<u8>, String> {
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = http.request(req).await.map_err(|_| "connect".to_owned())?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.map_err(|_| "read".to_owned())?.to_bytes();
+    if status == 200 { Ok(bytes.to_vec()) } else { Err(format!("http_{status}")) }
+}
+
+fn pct(v: &mut [u32], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    f64::from(v[((v.len() as f64 - 1.0) * p).round() as usize]) / 1000.0
+}
+
+/// (RSS kB, CPU ticks) of a process, from /proc.
+fn proc_usage(pid: u32) -> (u64, u64) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0);
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    (rss, ticks)
+}
+
+pub fn run(args: FleetArgs) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["server", "--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(&dir)
+        .env("RUST_LOG", "warn");
+    if let Some(db) = &args.database {
+        cmd.args(["--database", db]);
+    }
+    let mut server =
+        cmd.stdout(std::process::Stdio::null()).spawn().context("starting the server")?;
+    let result = tokio::runtime::Runtime::new()?.block_on(drive(&args, port, &dir, server.id()));
+    let _ = std::process::Command::new("kill").args(["-INT", &server.id().to_string()]).status();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("ecowatt-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> anyhow::Result<()> {
+    let base = format!("http://127.0.0.1:{port}");
+    let ops: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    // Wait for the server and its first admin token.
+    let t0 = Instant::now();
+    let token = loop {
+        if let Ok(t) = std::fs::read_to_string(dir.join("admin.token")) {
+            if ops.get(format!("{base}/healthz")).call().is_ok_and(|r| r.status() == 200) {
+                break t.trim().to_owned();
+            }
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "the server did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let auth = format!("Bearer {token}");
+    // Devices, provisioned through the API (4 at a time).
+    let mut creds = Vec::new();
+    let started = Instant::now();
+    for i in 0..args.devices {
+        let (ops, base, auth) = (ops.clone(), base.clone(), auth.clone());
+        let v: serde_json::Value = tokio::task::spawn_blocking(move || {
+            ops.post(format!("{base}/api/v1/devices"))
+                .header("Authorization", &auth)
+                .send_json(serde_json::json!({"name": format!("fleet-{i}")}))
+                .ok()
+                .and_then(|mut r| r.body_mut().read_json().ok())
+        })
+        .await?
+        .context("provisioning a device")?;
+        let p = &v["provisioning"];
+        let key: [u8; 16] = ecowatt_proto::hex::decode(p["key"].as_str().unwrap_or(""))
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .context("key")?;
+        creds.push(Credentials {
+            device_id: p["device_id"].as_u64().unwrap_or(0) as u32,
+            key,
+            key_version: 1,
+        });
+    }
+    println!(
+        "Fleet: {} devices provisioned in {:.1} s; server pid {pid}",
+        args.devices,
+        started.elapsed().as_secs_f64()
+    );
+
+    let http: Http =
+        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(usize::MAX).build_http();
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let queued: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let deadline = Instant::now() + Duration::from_secs(5) + args.duration;
+    let measure_from = Instant::now() + Duration::from_secs(5);
+    let applied = ConfigState {
+        version: 1,
+        poll_interval_ms: 5_000,
+        upload_interval_ms: 900_000,
+        registers: 0x03FF,
+    };
+    let mut tasks = Vec::new();
+    for (i, c) in creds.into_iter().enumerate() {
+        let mut kv = MemoryKv::new();
+        let session = Arc::new(Mutex::new((Session::start(c, &mut kv)?, kv)));
+        // Long poll.
+        {
+            let (http, stats, queued, session, url) = (
+                http.clone(),
+                stats.clone(),
+                queued.clone(),
+                session.clone(),
+                format!("{base}/api/v1/device/sync"),
+            );
+            tasks.push(tokio::spawn(async move {
+                // Connect over 5 s rather than all at once.
+                tokio::time::sleep(Duration::from_millis(i as u64 * 5_000 / 10_000)).await;
+                let mut results: Vec<CommandResult> = Vec::new();
+                while Instant::now() < deadline {
+                    let req = SyncRequest {
+                        wait_ms: 20_000,
+                        applied: Some(applied),
+                        results: results.clone(),
+                        ..Default::default()
+                    };
+                    let sealed = {
+                        let mut g = session.lock().expect("session");
+                        let (s, kv) = &mut *g;
+                        s.seal(kv, MessageType::SyncRequest, &req.encode())
+                    };
+                    let Ok(sealed) = sealed else { break };
+                    match post(&http, &url, sealed.bytes).await {
+                        Ok(answer) => {
+                            let opened =
+                                session.lock().expect("session").0.open(sealed.counter, &answer);
+                            let Ok((_, body)) = opened else { continue };
+                            let Ok(resp) = SyncResponse::decode(&body) else { continue };
+                            results.clear();
+                            let now = Instant::now();
+                            let mut st = stats.lock().expect("stats");
+                            st.syncs += 1;
+                            for cmd in resp.commands {
+                                if let Some(t) = queued.lock().expect("queued").remove(&cmd.id) {
+                                    st.delivery_lat_us.push(
+                                        now.duration_since(t).as_micros().min(u32::MAX as u128)
+                                            as u32,
+                                    );
+                                }
+                                results.push(CommandResult {
+                                    command_id: cmd.id,
+                                    succeeded: true,
+                                    exception: None,
+                                    value: Some(50),
+                                    executed_ms: 0,
+                                });
+                            }
+                        }
+                        Err(kind) => {
+                            session.lock().expect("session").0.abandon(sealed.counter);
+                            *stats
+                                .lock()
+                                .expect("stats")
+                                .errors
+                                .entry(format!("sync {kind}"))
+                                .or_default() += 1;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        // Uploads.
+        {
+            let (http, stats, session, url) = (
+                http.clone(),
+                stats.clone(),
+                session.clone(),
+                format!("{base}/api/v1/device/telemetry"),
+            );
+            let every = args.upload_every;
+            let devices = args.devices;
+            tasks.push(tokio::spawn(async move {
+                let mut model =
+                    Model::new(ModelConfig { seed: i as u64, ..ModelConfig::default() });
+                let mut seq = 1u64;
+                let mut t_ms = 1_782_043_200_000u64 - 6 * 3_600_000 + (i as u64 % 100) * 300_000;
+                // Spread the devices' uploads evenly over the interval.
+                let offset = every.as_millis() as u64 * i as u64 / devices;
+                tokio::time::sleep(Duration::from_millis(offset)).await;
+                let mut tick = tokio::time::interval(every);
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    let samples: Vec<Sample> = (0..60)
+                        .map(|k| Sample {
+                            seq: seq + k,
+                            unix_ms: t_ms + k * 5_000,
+                            values: model.read(t_ms + k * 5_000).to_registers().to_vec(),
+                        })
+                        .collect();
+                    let batch = codec::encode(0x03FF, &samples).expect("valid batch");
+                    let len = batch.len() as u64;
+                    let up = TelemetryUpload {
+                        first_seq: seq,
+                        count: 60,
+                        dropped_total: 0,
+                        codec: codec::CODEC_V1,
+                        batch,
+                    };
+                    seq += 60;
+                    t_ms += 300_000;
+                    let sealed = {
+                        let mut g = session.lock().expect("session");
+                        let (s, kv) = &mut *g;
+                        s.seal(kv, MessageType::TelemetryUpload, &up.encode())
+                    };
+                    let Ok(sealed) = sealed else { break };
+                    let t0 = Instant::now();
+                    let outcome = post(&http, &url, sealed.bytes).await;
+                    let lat = t0.elapsed();
+                    let ok = outcome
+                        .as_ref()
+                        .ok()
+                        .and_then(|a| {
+                            session.lock().expect("session").0.open(sealed.counter, a).ok()
+                        })
+                        .and_then(|(_, b)| TelemetryAck::decode(&b).ok());
+                    if ok.is_none() {
+                        session.lock().expect("session").0.abandon(sealed.counter);
+                    }
+                    let mut st = stats.lock().expect("stats");
+                    match (ok, outcome) {
+                        (Some(_), _) if t0 >= measure_from => {
+                            st.uploads += 1;
+                            st.points += 600;
+                            st.batch_bytes += len;
+                            st.upload_lat_us.push(lat.as_micros().min(u32::MAX as u128) as u32);
+                        }
+                        (Some(_), _) => {}
+                        (None, Err(kind)) => {
+                            *st.errors.entry(format!("upload {kind}")).or_default() += 1
+                        }
+                        (None, Ok(_)) => {
+                            *st.errors.entry("upload bad_answer".into()).or_default() += 1
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    // The operator.
+    tokio::time::sleep_until(measure_from.into()).await;
+    let usage_start = proc_usage(pid);
+    let measure_start = Instant::now();
+    let mut rng = 0x9E37_79B9u64;
+    let gap = Duration::from_secs_f64(1.0 / args.commands_per_sec.max(0.1));
+    while Instant::now() + gap < deadline {
+        tokio::time::sleep(gap).await;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let device = format!("fleet-{}", rng % args.devices);
+        let (ops, base, auth, queued) = (ops.clone(), base.clone(), auth.clone(), queued.clone());
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let v: Option<serde_json::Value> = ops
+                .post(format!("{base}/api/v1/devices/{device}/commands"))
+                .header("Authorization", &auth)
+                .send_json(serde_json::json!({"type": "read_register", "parameters": {"register_address": 9}}))
+                .ok()
+                .and_then(|mut r| r.body_mut().read_json().ok());
+            if let Some(id) = v.and_then(|v| v["id"].as_u64()) {
+                queued.lock().expect("queued").insert(id, t);
+            }
+        });
+    }
+    let elapsed = measure_start.elapsed().as_secs_f64();
+    let usage_end = proc_usage(pid);
+    for t in tasks {
+        t.abort();
+    }
+    let mut st = stats.lock().expect("stats");
+    let cpu = (usage_end.1.saturating_sub(usage_start.1)) as f64 / 100.0 / elapsed * 100.0;
+    let db_bytes: u64 = std::fs::read_dir(dir)
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    let (u50, u99, umax) = (
+        pct(&mut st.upload_lat_us, 0.5),
+        pct(&mut st.upload_lat_us, 0.99),
+        pct(&mut st.upload_lat_us, 1.0),
+    );
+    let (d50, d99, dmax) = (
+        pct(&mut st.delivery_lat_us, 0.5),
+        pct(&mut st.delivery_lat_us, 0.99),
+        pct(&mut st.delivery_lat_us, 1.0),
+    );
+    println!(
+        "Measured {elapsed:.1} s: {} uploads ({:.0}/s), {:.0} data points/s; upload latency p50 {u50:.1} ms p99 {u99:.1} ms max {umax:.1} ms",
+        st.uploads,
+        st.uploads as f64 / elapsed,
+        st.points as f64 / elapsed,
+    );
+    println!(
+        "Commands delivered through long polls: {}; latency p50 {d50:.1} ms p99 {d99:.1} ms max {dmax:.1} ms",
+        st.delivery_lat_us.len(),
+    );
+    let sqlite = if args.database.is_none() {
+        format!(" ({db_bytes} B SQLite data directory)")
+    } else {
+        String::new()
+    };
+    println!(
+        "Server: RSS {} MB, CPU {cpu:.0} % (of one core); stored {:.2} B per data point in batches{sqlite}",
+        usage_end.0 / 1024,
+        if st.points > 0 { st.batch_bytes as f64 / st.points as f64 } else { 0.0 },
+    );
+    let mut errors: Vec<_> = st.errors.iter().collect();
+    errors.sort();
+    println!(
+        "Errors: {}",
+        if errors.is_empty() { "none".to_owned() } else { format!("{errors:?}") }
+    );
+    Ok(())
+}
