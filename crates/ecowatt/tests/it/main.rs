@@ -3,3 +3,4 @@
 mod commands;
 mod firmware;
 mod server_cli;
+mod two_servers;
