@@ -71,6 +71,18 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("get", "/api/v1/firmware/{id}/image", "An image's bytes (Range supported)", false),
+    (
+        "post",
+        "/api/v1/device/sync",
+        "Device protocol: sealed sync (long poll); see docs/protocol.md",
+        false,
+    ),
+    (
+        "post",
+        "/api/v1/device/telemetry",
+        "Device protocol: sealed telemetry upload; see docs/protocol.md",
+        false,
+    ),
 ];
 
 /// The OpenAPI 3.1 document.
@@ -83,7 +95,9 @@ pub async fn openapi() -> Json<Value> {
             "400": {"description": "invalid input; `field` names it", "content": {"application/json": {"schema": error}}},
             "404": {"description": "not found", "content": {"application/json": {"schema": error}}},
         });
-        if path.starts_with("/api/v1") {
+        // Operator endpoints take a bearer token; device endpoints are sealed envelopes instead.
+        let operator = path.starts_with("/api/v1") && !path.starts_with("/api/v1/device/");
+        if operator {
             responses["401"] = json!({"description": "missing or bad token", "content": {"application/json": {"schema": error}}});
         }
         if *admin {
@@ -95,7 +109,7 @@ pub async fn openapi() -> Json<Value> {
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
         let mut op = json!({"summary": summary, "parameters": params, "responses": responses});
-        if path.starts_with("/api/v1") {
+        if operator {
             op["security"] = json!([{"bearer": []}]);
         }
         paths.entry(path.to_string()).or_insert_with(|| json!({}))[*method] = op;
@@ -132,7 +146,13 @@ pub async fn page() -> Html<String> {
             method.to_uppercase(),
             path,
             summary.replace('<', "&lt;"),
-            if *admin { "admin" } else { "any token" }
+            if *admin {
+                "admin"
+            } else if path.starts_with("/api/v1/device/") {
+                "sealed envelope"
+            } else {
+                "any token"
+            }
         ));
     }
     Html(format!(
