@@ -2,8 +2,8 @@
 // log in, see the devices, see a chart with data, change a config and see it applied,
 // send a command and see it succeed, see a refused command's error, phone width.
 // Screenshots go to ./screenshots. Needs: ECOWATT_BIN (the ecowatt binary), /usr/bin/chromium.
-import { spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync } from "node:fs";
+import { execFileSync, spawn } from "node:child_process";
+import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
@@ -91,6 +91,22 @@ try {
     await page.waitForSelector("h2:has-text('Security events')");
     await page.click("nav >> text=Firmware");
     await page.waitForSelector("h2:has-text('Firmware images')");
+  });
+  await step("a signed image is uploaded; a tampered one is refused with a clear error", async () => {
+    const image = join(dataDir, "..", "fw.bin");
+    writeFileSync(image, Buffer.alloc(50000, 7));
+    execFileSync(bin, ["firmware", "sign", image, "--version", "1.1.0", "--key", join(dataDir, "firmware-signing.key")]);
+    await page.click("nav >> text=Firmware");
+    await page.setInputFiles("#fwimage", image);
+    await page.setInputFiles("#fwmanifest", image + ".manifest.json");
+    await page.click("#fwform button");
+    await page.waitForSelector("td:has-text('1.1.0')");
+    await page.screenshot({ path: join(shots, "firmware.png"), fullPage: true });
+    writeFileSync(image, Buffer.alloc(50000, 8));
+    await page.setInputFiles("#fwimage", image);
+    await page.setInputFiles("#fwmanifest", image + ".manifest.json");
+    await page.click("#fwform button");
+    await page.waitForSelector("#error:has-text('image_mismatch')");
   });
   await step("readable at phone width, usable by keyboard", async () => {
     await page.setViewportSize({ width: 390, height: 844 });

@@ -90,9 +90,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {} (is a server running? use --bind 127.0.0.1:0)", args.bind))?;
         let addr = listener.local_addr()?;
+        // A firmware signing key for the demo, so that images can be signed and uploaded.
+        let key_path = data_dir.join("firmware-signing.key");
+        let public = crate::firmware::make_key(&key_path)?;
         let file = ecowatt_server::settings::SettingsFile {
             bind: Some(addr),
             data_dir: Some(data_dir.join("server")),
+            firmware_keys: Some(vec![public]),
             ..Default::default()
         };
         let settings = ecowatt_server::settings::Settings::resolve(file).map_err(anyhow::Error::msg)?;
@@ -138,6 +142,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("  admin token : {token}");
         println!("  API         : {url}/api/docs");
         println!("  data        : {}", data_dir.display());
+        println!("  firmware key: {} (sign with it: ecowatt firmware sign IMAGE --version 1.1.0 --key ...)", key_path.display());
         println!("  simulator   : {} and tcp://{}", sim.http_url(), sim.tcp_addr);
         println!("  try         : ECOWATT_SERVER={url} ECOWATT_TOKEN={token} ecowatt command {} set-power-percentage 20 --wait", names[0]);
         println!("Ctrl-C stops the demo.\n");

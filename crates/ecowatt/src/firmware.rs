@@ -76,16 +76,23 @@ fn read_hex<const N: usize>(path: &Path, what: &str) -> anyhow::Result<[u8; N]> 
         .with_context(|| format!("{} is not a {what} ({N} bytes in hex)", path.display()))
 }
 
+/// Writes a new key pair (`path`, `path.pub`); returns the public key in hex.
+pub fn make_key(path: &Path) -> anyhow::Result<String> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let key = SigningKey::from_bytes(&seed);
+    let public = hex::encode_upper(key.verifying_key().as_bytes());
+    ecowatt_server::run::write_secret(path, &hex::encode_upper(&seed))?;
+    std::fs::write(format!("{}.pub", path.display()), format!("{public}\n"))?;
+    Ok(public)
+}
+
 pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     let public = PathBuf::from(format!("{}.pub", args.out.display()));
     if !args.force && (args.out.exists() || public.exists()) {
         bail!("{} exists; pass --force to replace it", args.out.display());
     }
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let key = SigningKey::from_bytes(&seed);
-    ecowatt_server::run::write_secret(&args.out, &hex::encode_upper(&seed))?;
-    std::fs::write(&public, format!("{}\n", hex::encode_upper(key.verifying_key().as_bytes())))?;
+    make_key(&args.out)?;
     println!("Private key: {} (keep it offline; the server never needs it)", args.out.display());
     println!("Public key:  {} (give it to the server and the devices)", public.display());
     Ok(())
