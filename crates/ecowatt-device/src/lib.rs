@@ -5,10 +5,12 @@
 //!   USB), each carrying the core's RTU frames; [`transport::open`] picks one
 //!   from a URL.
 //! - [`filekv`] — the key-value store as a directory of atomically replaced files.
+//! - [`slots`] — A/B firmware slots as two files, for `ecowatt_core::ota`.
 //! - [`agent`] — `ecowatt device`: acquisition, sync, upload.
 
 pub mod agent;
 pub mod filekv;
+pub mod slots;
 pub mod transport;
 
 /// Waits by sleeping the thread: the real-time [`ecowatt_core::link::Delay`].

@@ -4,6 +4,7 @@
 mod agent;
 mod serial;
 mod sim_http;
+mod slots;
 mod tcp;
 
 use ecowatt_core::link::{Client, RetryPolicy, Transport};
