@@ -198,8 +198,9 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
                 tokio::time::sleep(Duration::from_millis(i as u64 * 5_000 / 10_000)).await;
                 let mut results: Vec<CommandResult> = Vec::new();
                 while Instant::now() < deadline {
+                    // Long polls run out at different times, as in a real fleet.
                     let req = SyncRequest {
-                        wait_ms: 20_000,
+                        wait_ms: 15_000 + (i as u32 % 10) * 1_000,
                         applied: Some(applied),
                         results: results.clone(),
                         ..Default::default()

@@ -265,7 +265,19 @@ pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesReject
     }
     let wait = request.wait_ms.min(MAX_WAIT_MS);
     if delivery.config.is_none() && delivery.commands.is_empty() && wait > 0 {
-        let _ = tokio::time::timeout(Duration::from_millis(u64::from(wait)), notified).await;
+        let woken =
+            tokio::time::timeout(Duration::from_millis(u64::from(wait)), notified).await.is_ok();
+        // A wait that ends with no news answers with what the first transaction
+        // prepared (its down counter is unused): an idle long poll costs one write.
+        if !woken {
+            state.metrics.inc("ecowatt_device_syncs_total", "");
+            return answer(
+                &a,
+                MessageType::SyncResponse,
+                delivery.down_counter,
+                &answer_body(&delivery),
+            );
+        }
         delivery = match state
             .store
             .device_deliver(a.crypto.device.id, REDELIVER_MS, crate::now_ms())
