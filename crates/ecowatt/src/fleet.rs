@@ -382,7 +382,9 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         st.points as f64 / elapsed,
     );
     println!(
-        "Commands delivered through long polls: {}; latency p50 {d50:.1} ms p99 {d99:.1} ms max {dmax:.1} ms",
+        "Long polls answered: {} ({:.0}/s); commands delivered through them: {}; latency p50 {d50:.1} ms p99 {d99:.1} ms max {dmax:.1} ms",
+        st.syncs,
+        st.syncs as f64 / elapsed,
         st.delivery_lat_us.len(),
     );
     let sqlite = if args.database.is_none() {
