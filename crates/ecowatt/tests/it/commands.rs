@@ -220,7 +220,7 @@ fn bench_fleet_runs_bounded_and_reports_every_figure() {
         "uploads (",
         "data points/s",
         "upload latency p50",
-        "Commands delivered",
+        "commands delivered through",
         "RSS",
         "B per data point",
         "Errors: none",
