@@ -121,13 +121,14 @@ impl SampleLog {
     ) -> Result<u64, KvError> {
         let seq = self.next_seq;
         let entry = Entry { sample: Sample { seq, unix_ms, values }, registers };
-        // The slot may hold a sample `capacity` or more behind: it is dropped.
+        // Samples `capacity` or more behind are dropped (their slots get reused);
+        // `pending` is in `seq` order, so they are at its front.
         let overwritten =
-            self.pending.iter().filter(|e| e.sample.seq + self.capacity <= seq).count() as u64;
+            self.pending.iter().take_while(|e| e.sample.seq + self.capacity <= seq).count();
         if overwritten > 0 {
-            kv.set(DROPPED_KEY, &(self.dropped + overwritten).to_be_bytes())?;
-            self.dropped += overwritten;
-            self.pending.retain(|e| e.sample.seq + self.capacity > seq);
+            kv.set(DROPPED_KEY, &(self.dropped + overwritten as u64).to_be_bytes())?;
+            self.dropped += overwritten as u64;
+            self.pending.drain(..overwritten);
         }
         kv.set(&slot_key(seq % self.capacity), &encode_entry(&entry))?;
         self.next_seq += 1;
