@@ -11,7 +11,7 @@ use clap::Args;
 use ecowatt_device::agent::{self, AgentOptions, Provisioning};
 use serde_json::{Value, json};
 
-use crate::sim::FleetArgs;
+use crate::sim::{FleetArgs, parse_hhmm};
 use crate::units::{parse_duration, parse_power_w};
 
 /// Marks a directory as the demo's own, so that a rerun may recreate it.
@@ -27,8 +27,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 120.0)]
     speed: f64,
     /// Simulated local time of day to start at, HH:MM.
-    #[arg(long, default_value = "08:00")]
-    start: String,
+    #[arg(long, default_value = "08:00", value_parser = parse_hhmm)]
+    start: u32,
     /// Seed of the weather.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -69,7 +69,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         seed: args.seed,
         rated_power: args.rated_power,
         speed: args.speed,
-        start: Some(parse_start(&args.start)?),
+        start: Some(args.start),
         utc_offset: 0.0,
     };
     let (fleet, clock) = fleet_args.build()?;
@@ -182,14 +182,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         sim.shutdown().await;
         Ok(())
     })
-}
-
-fn parse_start(text: &str) -> anyhow::Result<u32> {
-    let (h, m) =
-        text.split_once(':').ok_or_else(|| anyhow::anyhow!("--start {text:?}: use HH:MM"))?;
-    let (h, m): (u32, u32) = (h.parse()?, m.parse()?);
-    anyhow::ensure!(h < 24 && m < 60, "--start {text:?}: use HH:MM");
-    Ok(h * 60 + m)
 }
 
 /// One line per device, from what the server has stored.

@@ -59,7 +59,7 @@ impl FleetArgs {
     }
 }
 
-fn parse_hhmm(text: &str) -> Result<u32, String> {
+pub fn parse_hhmm(text: &str) -> Result<u32, String> {
     let err = || format!("{text:?} is not a time of day like 06:30");
     let (h, m) = text.split_once(':').ok_or_else(err)?;
     let (h, m): (u32, u32) = (h.parse().map_err(|_| err())?, m.parse().map_err(|_| err())?);
