@@ -173,7 +173,6 @@ async fn command_poll(
 ) -> Result<Json<Value>, ApiError> {
     let device = enabled_device(&state, &body).await?;
     let now = crate::now_ms();
-    state.store.expire_commands(now).await?;
     state.store.touch_device(&device, now).await?;
     let delivered = state.store.deliver_commands(&device, REDELIVER_MS, 1, now).await?;
     Ok(Json(json!({
