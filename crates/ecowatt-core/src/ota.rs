@@ -85,6 +85,30 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(&s.as_bytes()[..s.len().min(255)]);
 }
 
+/// Reads the boot record's fields in order.
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let s = self.b.get(self.at..self.at + n)?;
+        self.at += n;
+        Some(s)
+    }
+    fn byte(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn version(&mut self) -> Option<Version> {
+        let n = usize::from(self.byte()?);
+        Version::parse(core::str::from_utf8(self.take(n)?).ok()?).ok()
+    }
+}
+
 impl BootRecord {
     fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(64);
@@ -112,48 +136,18 @@ impl BootRecord {
     }
 
     fn decode(b: &[u8]) -> Option<BootRecord> {
-        let mut at = 0;
-        let mut byte = || {
-            let v = *b.get(at)?;
-            at += 1;
-            Some(v)
-        };
-        let active = Slot::from_byte(byte()?);
-        let mut at2 = at;
-        let text = |b: &[u8], at: &mut usize| -> Option<Version> {
-            let n = usize::from(*b.get(*at)?);
-            let s = core::str::from_utf8(b.get(*at + 1..*at + 1 + n)?).ok()?;
-            *at += 1 + n;
-            Version::parse(s).ok()
-        };
-        let version = text(b, &mut at2)?;
-        let u32_at = |b: &[u8], at: &mut usize| -> Option<u32> {
-            let v = u32::from_be_bytes(b.get(*at..*at + 4)?.try_into().ok()?);
-            *at += 4;
-            Some(v)
-        };
-        let security_counter = u32_at(b, &mut at2)?;
-        let pending = match *b.get(at2)? {
-            0 => {
-                at2 += 1;
-                None
-            }
-            _ => {
-                let slot = Slot::from_byte(*b.get(at2 + 1)?);
-                at2 += 2;
-                let v = text(b, &mut at2)?;
-                let c = u32_at(b, &mut at2)?;
-                Some((slot, v, c))
-            }
-        };
-        let trial_started = *b.get(at2)? == 1;
-        at2 += 1;
-        let rolled_back = match *b.get(at2)? {
+        let mut r = Cursor { b, at: 0 };
+        let active = Slot::from_byte(r.byte()?);
+        let version = r.version()?;
+        let security_counter = r.u32()?;
+        let pending = match r.byte()? {
             0 => None,
-            _ => {
-                at2 += 1;
-                Some(text(b, &mut at2)?)
-            }
+            _ => Some((Slot::from_byte(r.byte()?), r.version()?, r.u32()?)),
+        };
+        let trial_started = r.byte()? == 1;
+        let rolled_back = match r.byte()? {
+            0 => None,
+            _ => Some(r.version()?),
         };
         Some(BootRecord { active, version, security_counter, pending, trial_started, rolled_back })
     }
