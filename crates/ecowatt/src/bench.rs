@@ -202,14 +202,16 @@ fn load(
     run
 }
 
+/// The `p` quantile (0..=1) of sorted latencies, 0 when there are none.
+pub fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
 fn report(label: &str, run: &Run) {
-    let pct = |p: f64| -> u32 {
-        if run.latencies_us.is_empty() {
-            return 0;
-        }
-        let i = ((run.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        run.latencies_us[i]
-    };
+    let pct = |p: f64| percentile(&run.latencies_us, p);
     println!(
         "  {label:<14} {:>9.0} req/s  ok {:>7}  failed {:>4}  p50 {:>6} us  p99 {:>6} us  max {:>7} us  ({:.1} s)",
         run.ok as f64 / run.elapsed.as_secs_f64(),

@@ -68,14 +68,6 @@ async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<Vec<u8>, String> 
     if status == 200 { Ok(bytes.to_vec()) } else { Err(format!("http_{status}")) }
 }
 
-fn pct(v: &mut [u32], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_unstable();
-    f64::from(v[((v.len() as f64 - 1.0) * p).round() as usize]) / 1000.0
-}
-
 /// (RSS kB, CPU ticks) of a process, from /proc.
 fn proc_usage(pid: u32) -> (u64, u64) {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -365,16 +357,13 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     let db_bytes: u64 = std::fs::read_dir(dir)
         .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0);
-    let (u50, u99, umax) = (
-        pct(&mut st.upload_lat_us, 0.5),
-        pct(&mut st.upload_lat_us, 0.99),
-        pct(&mut st.upload_lat_us, 1.0),
-    );
-    let (d50, d99, dmax) = (
-        pct(&mut st.delivery_lat_us, 0.5),
-        pct(&mut st.delivery_lat_us, 0.99),
-        pct(&mut st.delivery_lat_us, 1.0),
-    );
+    st.upload_lat_us.sort_unstable();
+    st.delivery_lat_us.sort_unstable();
+    let ms = |v: &[u32], p: f64| f64::from(crate::bench::percentile(v, p)) / 1000.0;
+    let (u50, u99, umax) =
+        (ms(&st.upload_lat_us, 0.5), ms(&st.upload_lat_us, 0.99), ms(&st.upload_lat_us, 1.0));
+    let (d50, d99, dmax) =
+        (ms(&st.delivery_lat_us, 0.5), ms(&st.delivery_lat_us, 0.99), ms(&st.delivery_lat_us, 1.0));
     println!(
         "Measured {elapsed:.1} s: {} uploads ({:.0}/s), {:.0} data points/s; upload latency p50 {u50:.1} ms p99 {u99:.1} ms max {umax:.1} ms",
         st.uploads,
