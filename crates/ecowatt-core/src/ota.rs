@@ -200,6 +200,15 @@ pub fn boot(kv: &mut impl KeyValue, factory: &Version) -> Result<Boot, KvError> 
     }
 }
 
+/// The rollback recorded by [`boot`], if any, cleared once it has been reported.
+pub fn take_rolled_back(kv: &mut impl KeyValue, factory: &Version) -> Result<(), KvError> {
+    let mut r = BootRecord::load(kv, factory)?;
+    if r.rolled_back.take().is_some() {
+        r.save(kv)?;
+    }
+    Ok(())
+}
+
 /// The running trial image passed its health check: it becomes the confirmed one.
 pub fn confirm(kv: &mut impl KeyValue, factory: &Version) -> Result<(), KvError> {
     let mut r = BootRecord::load(kv, factory)?;
@@ -265,6 +274,23 @@ impl fmt::Display for OtaError {
             OtaError::TooLong => f.write_str("more bytes than the manifest says"),
             OtaError::Flash(e) => write!(f, "flash: {}", e.0),
             OtaError::Storage(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl OtaError {
+    /// The protocol's reason code for it (`ecowatt_proto::messages::ota_reason`).
+    pub fn reason(&self) -> u8 {
+        use ecowatt_proto::messages::ota_reason as r;
+        match self {
+            OtaError::BadSignature => r::BAD_SIGNATURE,
+            OtaError::Downgrade { .. } => r::DOWNGRADE,
+            OtaError::SecurityCounter { .. } => r::SECURITY_COUNTER,
+            OtaError::WrongTarget => r::WRONG_TARGET,
+            OtaError::HashMismatch => r::HASH_MISMATCH,
+            OtaError::OutOfOrder { .. } | OtaError::TooLong => r::DOWNLOAD_FAILED,
+            OtaError::Flash(_) => r::FLASH,
+            OtaError::Storage(_) => r::STORAGE,
         }
     }
 }

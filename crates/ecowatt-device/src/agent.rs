@@ -30,7 +30,15 @@ use ecowatt_proto::messages::{
 };
 use ecowatt_proto::registers::REGISTER_COUNT;
 use serde::Deserialize;
-use tokio::sync::{Mutex, watch};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ecowatt_core::ota::{self, Boot, BootRecord};
+use ecowatt_proto::firmware::Version;
+use ecowatt_proto::messages::{OtaReport, OtaState, UpdateOffer, ota_reason};
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::slots::FileSlots;
+use crate::update::{self, Ended, HttpSource, UpdateStatus};
 
 use crate::ThreadDelay;
 use crate::filekv::FileKv;
@@ -73,6 +81,9 @@ pub struct Provisioning {
     pub key_version: u32,
     /// Server URL.
     pub server: String,
+    /// Ed25519 public keys (hex) the device trusts for firmware manifests.
+    #[serde(default)]
+    pub firmware_keys: Vec<String>,
 }
 
 impl Provisioning {
@@ -82,7 +93,21 @@ impl Provisioning {
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let p: Provisioning = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         p.credentials().map_err(bad)?;
+        p.trusted_keys().map_err(bad)?;
         Ok(p)
+    }
+
+    /// The firmware signing keys it names.
+    pub fn trusted_keys(&self) -> Result<Vec<[u8; 32]>, String> {
+        self.firmware_keys
+            .iter()
+            .map(|k| {
+                ecowatt_proto::hex::decode(k)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| format!("firmware key {k:?} must be 64 hex digits"))
+            })
+            .collect()
     }
 
     /// The protocol credentials.
@@ -116,13 +141,44 @@ pub struct AgentOptions {
     pub batch_max: usize,
     /// How long the server may hold a sync open.
     pub long_poll_ms: u32,
-    /// Reported firmware version.
+    /// The version this build is (what runs before any update; afterwards the
+    /// boot record says).
     pub firmware: String,
+    /// Keys whose firmware signatures the device accepts.
+    pub firmware_keys: Vec<[u8; 32]>,
+    /// Hardware target an image must be built for.
+    pub target: String,
+    /// How long a new image has, after its restart, to complete a sync
+    /// with the server before the device returns to the old one.
+    pub health_check: Duration,
+    /// How the agent restarts into a new image.
+    pub restart: RestartMode,
+}
+
+/// How the agent "reboots" after installing an image (or when a trial image
+/// fails its health check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartMode {
+    /// Stop every loop and boot again in the same process.
+    InProcess,
+    /// Return [`Stopped::Restart`] (the CLI exits with status 75) so that a
+    /// supervisor such as systemd starts the agent again.
+    Exit,
+}
+
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The shutdown future completed.
+    Shutdown,
+    /// A restart is due and the restart mode is [`RestartMode::Exit`].
+    Restart,
 }
 
 impl AgentOptions {
     /// Defaults for everything but identity, inverter and state directory.
     pub fn new(provisioning: Provisioning, inverter_url: String, state_dir: PathBuf) -> Self {
+        let firmware_keys = provisioning.trusted_keys().unwrap_or_default();
         AgentOptions {
             provisioning,
             server: None,
@@ -134,6 +190,10 @@ impl AgentOptions {
             batch_max: 720,
             long_poll_ms: 25_000,
             firmware: env!("CARGO_PKG_VERSION").to_owned(),
+            firmware_keys,
+            target: format!("linux-{}", std::env::consts::ARCH),
+            health_check: Duration::from_secs(60),
+            restart: RestartMode::InProcess,
         }
     }
 }
@@ -155,20 +215,75 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs the agent until `shutdown` completes.
-pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+/// How one boot of the agent ended.
+enum Exit {
+    Shutdown,
+    /// A new image is installed (or a trial image failed its health check):
+    /// boot again, which picks the slot.
+    Restart,
+}
+
+/// Runs the agent until `shutdown` completes. A firmware update "reboots" it:
+/// every loop stops, the boot decision is made again from the boot record,
+/// and the agent starts over on the slot it names (`docs/firmware.md`).
+pub async fn run(
+    opts: AgentOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Stopped, AgentError> {
+    tokio::pin!(shutdown);
+    loop {
+        match boot_once(&opts, shutdown.as_mut()).await? {
+            Exit::Shutdown => return Ok(Stopped::Shutdown),
+            Exit::Restart if opts.restart == RestartMode::Exit => return Ok(Stopped::Restart),
+            Exit::Restart => tracing::info!("restarting into the slot the boot record names"),
+        }
+    }
+}
+
+async fn boot_once(
+    opts: &AgentOptions,
+    shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Exit, AgentError> {
     let state_err = |reason: String| AgentError::State { path: opts.state_dir.clone(), reason };
     let creds = opts.provisioning.credentials().map_err(|reason| AgentError::Provisioning {
         path: PathBuf::from("(provisioning)"),
         reason,
     })?;
+    let factory = Version::parse(&opts.firmware)
+        .map_err(|e| state_err(format!("firmware version {:?}: {e}", opts.firmware)))?;
     let mut kv = FileKv::open(&opts.state_dir).map_err(|e| state_err(e.to_string()))?;
+    let booted = ota::boot(&mut kv, &factory).map_err(|e| state_err(e.to_string()))?;
+    let record = BootRecord::load(&mut kv, &factory).map_err(|e| state_err(e.to_string()))?;
+    let (slot, running, trial) = match booted {
+        Boot::Confirmed(slot, v) => (slot, v, false),
+        Boot::Trial(slot, v) => (slot, v, true),
+    };
+    let first_report = if trial {
+        Some(OtaReport {
+            state: OtaState::Trial,
+            version: running.to_string(),
+            done: 0,
+            total: 0,
+            reason: 0,
+        })
+    } else {
+        record.rolled_back.as_ref().map(|v| OtaReport {
+            state: OtaState::RolledBack,
+            version: v.to_string(),
+            done: 0,
+            total: 0,
+            reason: ota_reason::HEALTH_CHECK,
+        })
+    };
     let session = Session::start(creds, &mut kv).map_err(|e| state_err(e.to_string()))?;
     let log = SampleLog::open(&mut kv, opts.log_capacity).map_err(|e| state_err(e.to_string()))?;
     let (config, rejected) = control::load_config(&mut kv).map_err(|e| state_err(e.to_string()))?;
     let journal = Journal::load(&mut kv, now_ms()).map_err(|e| state_err(e.to_string()))?;
     tracing::info!(
         device = %opts.provisioning.device,
+        firmware = %running,
+        ?slot,
+        trial,
         backlog = log.len(),
         next_seq = log.next_seq(),
         config_version = config.version,
@@ -185,18 +300,69 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let server = server.trim_end_matches('/').to_owned();
     let http: ureq::Agent =
         ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let updates = Updates {
+        status: Arc::new(std::sync::Mutex::new(UpdateStatus {
+            report: first_report,
+            ..Default::default()
+        })),
+        trial: Arc::new(AtomicBool::new(trial)),
+        running: running.to_string(),
+        factory,
+        restart: Arc::new(Notify::new()),
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
 
     let acquisition = acquire(core.clone(), inverter.clone(), opts.slave, config_rx.clone());
-    let sync =
-        sync_loop(core.clone(), inverter, opts.clone(), server.clone(), http.clone(), config_tx);
+    let sync = sync_loop(
+        core.clone(),
+        inverter,
+        opts.clone(),
+        server.clone(),
+        http.clone(),
+        config_tx,
+        updates.clone(),
+    );
     let upload = upload_loop(core, opts.batch_max, server, http, config_rx);
-    tokio::select! {
-        _ = acquisition => {}
-        _ = sync => {}
-        _ = upload => {}
-        _ = shutdown => tracing::info!("device agent stopping"),
+    let health = health_check(updates.trial.clone(), opts.health_check);
+    let exit = tokio::select! {
+        _ = acquisition => Exit::Shutdown,
+        _ = sync => Exit::Shutdown,
+        _ = upload => Exit::Shutdown,
+        _ = updates.restart.notified() => Exit::Restart,
+        _ = health => {
+            tracing::warn!(firmware = %updates.running, "the new image did not reach the server in time; returning to the old one");
+            Exit::Restart
+        }
+        _ = shutdown => {
+            tracing::info!("device agent stopping");
+            Exit::Shutdown
+        }
+    };
+    Ok(exit)
+}
+
+/// Completes when a trial image has not confirmed itself within `bound`.
+async fn health_check(trial: Arc<AtomicBool>, bound: Duration) {
+    if !trial.load(Ordering::SeqCst) {
+        return std::future::pending().await;
     }
-    Ok(())
+    tokio::time::sleep(bound).await;
+    if !trial.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The firmware update's shared state for one boot.
+#[derive(Clone)]
+struct Updates {
+    status: Arc<std::sync::Mutex<UpdateStatus>>,
+    /// Running a new image that has not confirmed itself yet.
+    trial: Arc<AtomicBool>,
+    /// The version running.
+    running: String,
+    factory: Version,
+    restart: Arc<Notify>,
+    cancel: Arc<AtomicBool>,
 }
 
 /// Values of the registers in `mask`, in address order.
@@ -324,19 +490,28 @@ async fn sync_loop(
     server: String,
     http: ureq::Agent,
     config_tx: watch::Sender<ConfigState>,
+    updates: Updates,
 ) {
     let url = format!("{server}/api/v1/device/sync");
     let mut failures = 0u32;
     loop {
+        let (ota, busy) = {
+            let st = updates.status.lock().expect("update status");
+            (st.report.clone(), st.busy)
+        };
+        // While an update is under way its progress goes out every 2 s.
+        let wait_ms =
+            if ota.is_some() || busy { opts.long_poll_ms.min(2_000) } else { opts.long_poll_ms };
         let (sealed, reported) = {
             let mut c = core.lock().await;
             let reported = c.journal.results();
             let request = SyncRequest {
-                wait_ms: opts.long_poll_ms,
+                wait_ms,
                 applied: Some(c.config),
                 rejected: c.rejected.clone(),
                 results: reported.clone(),
-                firmware: opts.firmware.clone(),
+                firmware: updates.running.clone(),
+                ota: ota.clone(),
             };
             let Core { kv, session, .. } = &mut *c;
             match session.seal(kv, MessageType::SyncRequest, &request.encode()) {
@@ -382,6 +557,7 @@ async fn sync_loop(
             tracing::info!("server reachable again");
         }
         failures = 0;
+        after_sync(&core, &opts, &server, &http, &updates, ota, response.update.clone()).await;
         if let Some(desired) = response.config {
             let mut c = core.lock().await;
             let (applied, rejected) = control::apply(&c.config, &desired);
@@ -432,6 +608,139 @@ async fn sync_loop(
             }
         }
     }
+}
+
+/// A sync went through: the trial image confirms itself, acknowledged final
+/// reports are cleared, an installed image restarts, and an offer starts (or
+/// its absence stops) a download.
+async fn after_sync(
+    core: &Arc<Mutex<Core>>,
+    opts: &AgentOptions,
+    server: &str,
+    http: &ureq::Agent,
+    updates: &Updates,
+    sent: Option<OtaReport>,
+    offer: Option<UpdateOffer>,
+) {
+    if updates.trial.load(Ordering::SeqCst) {
+        let mut c = core.lock().await;
+        match ota::confirm(&mut c.kv, &updates.factory) {
+            Ok(()) => {
+                updates.trial.store(false, Ordering::SeqCst);
+                tracing::info!(firmware = %updates.running, "new image reached the server: confirmed");
+                updates.status.lock().expect("update status").report = Some(OtaReport {
+                    state: OtaState::Succeeded,
+                    version: updates.running.clone(),
+                    done: 0,
+                    total: 0,
+                    reason: 0,
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cannot confirm the new image"),
+        }
+        return;
+    }
+    let clear_rollback = {
+        let mut st = updates.status.lock().expect("update status");
+        let mut clear_rollback = false;
+        if let Some(sent) = &sent {
+            let final_state =
+                matches!(sent.state, OtaState::Succeeded | OtaState::Failed | OtaState::RolledBack);
+            if final_state && st.report.as_ref() == Some(sent) {
+                st.report = None;
+                clear_rollback = sent.state == OtaState::RolledBack;
+            }
+            if sent.state == OtaState::Installing && st.restart {
+                updates.restart.notify_one();
+                return;
+            }
+        }
+        match offer {
+            Some(offer)
+                if !st.busy && !st.restart && !st.refused.contains(&offer.manifest.sha256) =>
+            {
+                st.busy = true;
+                updates.cancel.store(false, Ordering::SeqCst);
+                let url = format!(
+                    "{server}/api/v1/device/firmware/{}",
+                    ecowatt_proto::hex::encode_upper(&offer.token)
+                );
+                tracing::info!(version = %offer.manifest.version, size = offer.manifest.size, "firmware update offered");
+                let source = HttpSource { http: http.clone(), url };
+                spawn_update(core.clone(), opts.clone(), updates.clone(), offer, source);
+            }
+            None if st.busy => updates.cancel.store(true, Ordering::SeqCst),
+            _ => {}
+        }
+        clear_rollback
+    };
+    if clear_rollback {
+        let mut c = core.lock().await;
+        if let Err(e) = ota::take_rolled_back(&mut c.kv, &updates.factory) {
+            tracing::error!(error = %e, "cannot clear the rollback record");
+        }
+    }
+}
+
+fn spawn_update(
+    core: Arc<Mutex<Core>>,
+    opts: AgentOptions,
+    updates: Updates,
+    offer: UpdateOffer,
+    mut source: HttpSource,
+) {
+    tokio::task::spawn_blocking(move || {
+        let version = offer.manifest.version.to_string();
+        let total = offer.manifest.size;
+        let slots = FileSlots::open(&opts.state_dir.join("slots"));
+        let status = updates.status.clone();
+        let mut report = |r: OtaReport| status.lock().expect("update status").report = Some(r);
+        let result = slots.map_err(|e| Ended::Failed(ota_reason::FLASH, e.to_string())).and_then(
+            |mut slots| {
+                let key = update::trusted_signer(&offer, &opts.firmware_keys)?;
+                let cx = update::Context {
+                    factory: &updates.factory,
+                    target: &opts.target,
+                    cancel: &updates.cancel,
+                    report: &mut report,
+                };
+                update::install(
+                    || tokio::sync::MutexGuard::map(core.blocking_lock(), |c| &mut c.kv),
+                    &mut slots,
+                    cx,
+                    &offer,
+                    &key,
+                    &mut source,
+                )
+            },
+        );
+        drop(core);
+        let mut st = updates.status.lock().expect("update status");
+        st.busy = false;
+        match result {
+            Ok(()) => {
+                tracing::info!(%version, "image verified and installed; restarting into it");
+                st.restart = true;
+                // Restart once the server has heard, or after 10 s without it.
+                let restart = updates.restart.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(10));
+                    restart.notify_one();
+                });
+            }
+            Err(Ended::Cancelled) => {
+                tracing::info!(%version, "update withdrawn by the server; progress kept");
+                st.report = None;
+            }
+            Err(Ended::Failed(reason, message)) => {
+                tracing::warn!(%version, reason = ota_reason::name(reason), %message, "firmware update refused or failed");
+                let done = st.report.as_ref().map_or(0, |r| r.done);
+                st.report =
+                    Some(OtaReport { state: OtaState::Failed, version, done, total, reason });
+                st.refused.push(offer.manifest.sha256);
+            }
+        }
+    });
 }
 
 async fn upload_loop(

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod filekv;
 pub mod slots;
 pub mod transport;
+pub mod update;
 
 /// Waits by sleeping the thread: the real-time [`ecowatt_core::link::Delay`].
 #[derive(Debug, Default, Clone, Copy)]

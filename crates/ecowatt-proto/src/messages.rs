@@ -6,6 +6,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::firmware::{Manifest, Version};
+
 /// Message types (the envelope's type byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -221,6 +223,127 @@ pub struct SyncRequest {
     pub results: Vec<CommandResult>,
     /// The firmware version it runs.
     pub firmware: String,
+    /// How its latest firmware update is going, if one is under way or just ended.
+    pub ota: Option<OtaReport>,
+}
+
+/// Where a firmware update stands on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OtaState {
+    /// Writing the image into the inactive slot.
+    Downloading = 1,
+    /// Checking the written image against the manifest's SHA-256.
+    Verifying = 2,
+    /// Marking the new slot pending and restarting into it.
+    Installing = 3,
+    /// Running the new image on trial, before its health check.
+    Trial = 4,
+    /// The new image passed its health check and is confirmed.
+    Succeeded = 5,
+    /// Refused or failed before any slot switch (see the reason).
+    Failed = 6,
+    /// The new image did not confirm itself; the old one runs again.
+    RolledBack = 7,
+}
+
+impl OtaState {
+    /// Parses a state byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => OtaState::Downloading,
+            2 => OtaState::Verifying,
+            3 => OtaState::Installing,
+            4 => OtaState::Trial,
+            5 => OtaState::Succeeded,
+            6 => OtaState::Failed,
+            7 => OtaState::RolledBack,
+            _ => return None,
+        })
+    }
+
+    /// Its name in the operator API.
+    pub fn name(self) -> &'static str {
+        match self {
+            OtaState::Downloading => "downloading",
+            OtaState::Verifying => "verifying",
+            OtaState::Installing => "installing",
+            OtaState::Trial => "trial",
+            OtaState::Succeeded => "succeeded",
+            OtaState::Failed => "failed",
+            OtaState::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// Why an update failed or rolled back (0 in a report: no reason).
+pub mod ota_reason {
+    /// The manifest's signature does not verify against the device's keys.
+    pub const BAD_SIGNATURE: u8 = 1;
+    /// Not newer than the running version.
+    pub const DOWNGRADE: u8 = 2;
+    /// Security counter below the device's own.
+    pub const SECURITY_COUNTER: u8 = 3;
+    /// Built for other hardware.
+    pub const WRONG_TARGET: u8 = 4;
+    /// The downloaded image does not match the manifest.
+    pub const HASH_MISMATCH: u8 = 5;
+    /// The image could not be downloaded.
+    pub const DOWNLOAD_FAILED: u8 = 6;
+    /// Writing the slot failed.
+    pub const FLASH: u8 = 7;
+    /// The new image did not reach the cloud within its health-check bound.
+    pub const HEALTH_CHECK: u8 = 8;
+    /// The device has no key to check signatures with.
+    pub const NO_TRUSTED_KEY: u8 = 9;
+    /// The device's own storage failed.
+    pub const STORAGE: u8 = 10;
+    /// Highest code defined.
+    pub const MAX: u8 = 10;
+
+    /// Its name in the operator API.
+    pub fn name(code: u8) -> &'static str {
+        match code {
+            BAD_SIGNATURE => "bad_signature",
+            DOWNGRADE => "downgrade",
+            SECURITY_COUNTER => "security_counter",
+            WRONG_TARGET => "wrong_target",
+            HASH_MISMATCH => "hash_mismatch",
+            DOWNLOAD_FAILED => "download_failed",
+            FLASH => "flash_error",
+            HEALTH_CHECK => "health_check_failed",
+            NO_TRUSTED_KEY => "no_trusted_key",
+            STORAGE => "storage_error",
+            _ => "",
+        }
+    }
+}
+
+/// Device -> server: the state of the update to `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtaReport {
+    /// Where it stands.
+    pub state: OtaState,
+    /// The version being installed.
+    pub version: String,
+    /// Bytes written to the slot so far.
+    pub done: u64,
+    /// Image size.
+    pub total: u64,
+    /// Why it failed or rolled back (an [`ota_reason`] code; 0: none).
+    pub reason: u8,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
+    let b = &s.as_bytes()[..s.len().min(max)];
+    out.push(b.len() as u8);
+    out.extend_from_slice(b);
+}
+
+fn get_str(r: &mut Reader<'_>, field: &'static str, max: usize) -> Result<String, DecodeError> {
+    let n = r.count(field, max)?;
+    let s = core::str::from_utf8(r.take(n)?).map_err(|_| DecodeError::BadValue { field })?;
+    Ok(String::from(s))
 }
 
 impl SyncRequest {
@@ -245,9 +368,18 @@ impl SyncRequest {
             put_u16(&mut out, r.value.unwrap_or(0));
             put_u64(&mut out, r.executed_ms);
         }
-        let fw = &self.firmware.as_bytes()[..self.firmware.len().min(MAX_FIRMWARE_LEN)];
-        out.push(fw.len() as u8);
-        out.extend_from_slice(fw);
+        put_str(&mut out, &self.firmware, MAX_FIRMWARE_LEN);
+        match &self.ota {
+            None => out.push(0),
+            Some(o) => {
+                out.push(1);
+                out.push(o.state as u8);
+                put_str(&mut out, &o.version, MAX_FIRMWARE_LEN);
+                put_u64(&mut out, o.done);
+                put_u64(&mut out, o.total);
+                out.push(o.reason);
+            }
+        }
         out
     }
 
@@ -299,12 +431,25 @@ impl SyncRequest {
                 executed_ms: r.u64()?,
             });
         }
-        let n = r.count("firmware", MAX_FIRMWARE_LEN)?;
-        let firmware = core::str::from_utf8(r.take(n)?)
-            .map_err(|_| DecodeError::BadValue { field: "firmware" })?;
-        let firmware = String::from(firmware);
+        let firmware = get_str(&mut r, "firmware", MAX_FIRMWARE_LEN)?;
+        let ota = match r.u8()? {
+            0 => None,
+            1 => {
+                let state = OtaState::from_byte(r.u8()?)
+                    .ok_or(DecodeError::BadValue { field: "ota_state" })?;
+                let version = get_str(&mut r, "ota_version", MAX_FIRMWARE_LEN)?;
+                let done = r.u64()?;
+                let total = r.u64()?;
+                let reason = r.u8()?;
+                if done > total || reason > ota_reason::MAX {
+                    return Err(DecodeError::BadValue { field: "ota" });
+                }
+                Some(OtaReport { state, version, done, total, reason })
+            }
+            _ => return Err(DecodeError::BadValue { field: "ota_flag" }),
+        };
         r.finish()?;
-        Ok(SyncRequest { wait_ms, applied, rejected, results, firmware })
+        Ok(SyncRequest { wait_ms, applied, rejected, results, firmware, ota })
     }
 }
 
@@ -345,6 +490,76 @@ pub struct SyncResponse {
     pub config: Option<ConfigState>,
     /// Commands to execute, oldest first.
     pub commands: Vec<DeviceCommand>,
+    /// A firmware update the device is to install.
+    pub update: Option<UpdateOffer>,
+}
+
+/// Signature algorithms of an update offer.
+pub mod signature_algorithm {
+    /// Ed25519, 64-byte signature.
+    pub const ED25519: u8 = 1;
+    /// RSA-2048 PKCS#1 v1.5 with SHA-256, 256-byte signature.
+    pub const RSA2048_SHA256: u8 = 2;
+}
+
+/// Longest signature in an offer, bytes.
+pub const MAX_SIGNATURE_LEN: usize = 512;
+/// Longest hardware target name, bytes.
+pub const MAX_TARGET_LEN: usize = 64;
+
+/// Server -> device: install this signed image, downloadable (with byte
+/// ranges) at `/api/v1/device/firmware/{hex(token)}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateOffer {
+    /// Names the download for this device and image.
+    pub token: [u8; 16],
+    /// What the image is.
+    pub manifest: Manifest,
+    /// A [`signature_algorithm`] code.
+    pub algorithm: u8,
+    /// The signature over the manifest's signed bytes.
+    pub signature: Vec<u8>,
+}
+
+impl UpdateOffer {
+    fn put(&self, out: &mut Vec<u8>) {
+        let m = &self.manifest;
+        out.extend_from_slice(&self.token);
+        put_str(out, &alloc::format!("{}", m.version), MAX_FIRMWARE_LEN);
+        put_u64(out, m.size);
+        out.extend_from_slice(&m.sha256);
+        put_u32(out, m.security_counter);
+        put_str(out, &m.target, MAX_TARGET_LEN);
+        put_u64(out, m.created_ms);
+        out.push(self.algorithm);
+        let sig = &self.signature[..self.signature.len().min(MAX_SIGNATURE_LEN)];
+        put_u16(out, sig.len() as u16);
+        out.extend_from_slice(sig);
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let token: [u8; 16] = r.take(16)?.try_into().expect("16 bytes");
+        let version = get_str(r, "version", MAX_FIRMWARE_LEN)?;
+        let version =
+            Version::parse(&version).map_err(|_| DecodeError::BadValue { field: "version" })?;
+        let size = r.u64()?;
+        let sha256: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+        let security_counter = r.u32()?;
+        let target = get_str(r, "target", MAX_TARGET_LEN)?;
+        let created_ms = r.u64()?;
+        let algorithm = r.u8()?;
+        let n = usize::from(r.u16()?);
+        if n > MAX_SIGNATURE_LEN {
+            return Err(DecodeError::TooMany {
+                field: "signature",
+                count: n,
+                max: MAX_SIGNATURE_LEN,
+            });
+        }
+        let signature = r.take(n)?.to_vec();
+        let manifest = Manifest { version, size, sha256, security_counter, target, created_ms };
+        Ok(UpdateOffer { token, manifest, algorithm, signature })
+    }
 }
 
 impl SyncResponse {
@@ -367,6 +582,13 @@ impl SyncResponse {
             put_u16(&mut out, register);
             put_u16(&mut out, value);
             put_u64(&mut out, c.expires_ms);
+        }
+        match &self.update {
+            None => out.push(0),
+            Some(u) => {
+                out.push(1);
+                u.put(&mut out);
+            }
         }
         out
     }
@@ -394,8 +616,13 @@ impl SyncResponse {
             };
             commands.push(DeviceCommand { id, op, expires_ms: r.u64()? });
         }
+        let update = match r.u8()? {
+            0 => None,
+            1 => Some(UpdateOffer::get(&mut r)?),
+            _ => return Err(DecodeError::BadValue { field: "update_flag" }),
+        };
         r.finish()?;
-        Ok(SyncResponse { server_time_ms, config, commands })
+        Ok(SyncResponse { server_time_ms, config, commands, update })
     }
 }
 
@@ -510,6 +737,13 @@ mod tests {
                 executed_ms: 1_800_000_000_000
             }],
             firmware: String::from("1.2.0"),
+            ota: Some(OtaReport {
+                state: OtaState::Downloading,
+                version: String::from("1.3.0"),
+                done: 65_536,
+                total: 200_000,
+                reason: 0,
+            }),
         }
     }
 
@@ -537,7 +771,25 @@ mod tests {
                 },
                 DeviceCommand { id: 10, op: Operation::Read { register: 9 }, expires_ms: 99 },
             ],
+            update: Some(UpdateOffer {
+                token: [7; 16],
+                manifest: Manifest {
+                    version: Version::parse("1.3.0-rc.1").unwrap(),
+                    size: 200_000,
+                    sha256: [0xAB; 32],
+                    security_counter: 2,
+                    target: String::from("linux-x86_64"),
+                    created_ms: 1_800_000_000_000,
+                },
+                algorithm: signature_algorithm::ED25519,
+                signature: alloc::vec![0x5A; 64],
+            }),
         };
+        assert_eq!(SyncResponse::decode(&resp.encode()).unwrap(), resp);
+        let bytes = resp.encode();
+        for len in 0..bytes.len() {
+            assert!(SyncResponse::decode(&bytes[..len]).is_err(), "truncated at {len}");
+        }
         assert_eq!(SyncResponse::decode(&resp.encode()).unwrap(), resp);
         let up = TelemetryUpload {
             first_seq: 100,
@@ -578,6 +830,15 @@ mod tests {
         let mut bytes = SyncRequest::default().encode();
         bytes[4] = 2; // flags
         assert_eq!(SyncRequest::decode(&bytes), Err(DecodeError::BadValue { field: "flags" }));
+        let mut over = sample_request();
+        over.ota.as_mut().unwrap().done = 300_000; // more than the image
+        assert_eq!(
+            SyncRequest::decode(&over.encode()),
+            Err(DecodeError::BadValue { field: "ota" })
+        );
+        let mut state = SyncRequest::default().encode();
+        *state.last_mut().unwrap() = 1; // an OTA report with no fields
+        assert!(matches!(SyncRequest::decode(&state), Err(DecodeError::Truncated { .. })));
         let mut big = TelemetryUpload {
             first_seq: 0,
             count: 0,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use ecowatt_device::agent::{self, AgentOptions, Provisioning};
+use ecowatt_device::agent::{self, AgentOptions, Provisioning, RestartMode, Stopped};
 use ecowatt_device::transport::LinkOptions;
 
 use crate::units::{parse_duration, parse_slave};
@@ -40,7 +40,25 @@ pub struct AgentArgs {
     /// Samples per upload; a full batch is sent without waiting for the upload interval.
     #[arg(long, default_value_t = 720, value_parser = clap::value_parser!(u64).range(1..=4096))]
     batch_max: u64,
+    /// Ed25519 public key file (from `ecowatt keygen`) whose firmware signatures this device accepts; repeatable [default: the provisioning file's keys].
+    #[arg(long = "firmware-key")]
+    firmware_keys: Vec<PathBuf>,
+    /// How long a newly installed image has to complete a sync before the device returns to the old one.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    health_check: Duration,
+    /// After installing an image: restart in this process, or exit with status 75 so that a supervisor (systemd Restart=always) starts the agent again.
+    #[arg(long, value_enum, default_value = "in-process")]
+    restart: Restart,
 }
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Restart {
+    InProcess,
+    Exit,
+}
+
+/// Exit status asking a supervisor to start the agent again (EX_TEMPFAIL).
+const RESTART_STATUS: i32 = 75;
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let path = args.provision.clone().context("give --provision FILE (from `ecowatt device add`) to run the device agent, or a subcommand (see --help)")?;
@@ -59,12 +77,28 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     opts.link = LinkOptions { timeout: args.inverter_timeout, api_key: args.api_key.clone() };
     opts.log_capacity = args.log_capacity;
     opts.batch_max = args.batch_max as usize;
+    opts.health_check = args.health_check;
+    opts.restart = match args.restart {
+        Restart::InProcess => RestartMode::InProcess,
+        Restart::Exit => RestartMode::Exit,
+    };
+    if !args.firmware_keys.is_empty() {
+        opts.firmware_keys = args
+            .firmware_keys
+            .iter()
+            .map(|p| crate::firmware::read_public_key(p))
+            .collect::<anyhow::Result<_>>()?;
+    }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let stopped = rt.block_on(async move {
         agent::run(opts, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await
     })?;
+    if stopped == Stopped::Restart {
+        drop(rt);
+        std::process::exit(RESTART_STATUS);
+    }
     Ok(())
 }

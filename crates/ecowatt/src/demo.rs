@@ -96,7 +96,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let file = ecowatt_server::settings::SettingsFile {
             bind: Some(addr),
             data_dir: Some(data_dir.join("server")),
-            firmware_keys: Some(vec![public]),
+            firmware_keys: Some(vec![public.clone()]),
             ..Default::default()
         };
         let settings = ecowatt_server::settings::Settings::resolve(file).map_err(anyhow::Error::msg)?;
@@ -129,6 +129,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 key,
                 key_version: 1,
                 server: url.clone(),
+                firmware_keys: vec![public.clone()],
             };
             let mut opts = AgentOptions::new(provisioning, sim.http_url(), data_dir.join("devices").join(&name));
             opts.slave = *slave;

@@ -76,6 +76,11 @@ fn read_hex<const N: usize>(path: &Path, what: &str) -> anyhow::Result<[u8; N]> 
         .with_context(|| format!("{} is not a {what} ({N} bytes in hex)", path.display()))
 }
 
+/// Reads a public key file (`.pub` from keygen).
+pub fn read_public_key(path: &Path) -> anyhow::Result<[u8; 32]> {
+    read_hex(path, "public key")
+}
+
 /// Writes a new key pair (`path`, `path.pub`); returns the public key in hex.
 pub fn make_key(path: &Path) -> anyhow::Result<String> {
     let mut seed = [0u8; 32];

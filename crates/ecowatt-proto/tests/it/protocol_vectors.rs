@@ -25,6 +25,7 @@ fn vectors() -> String {
         rejected: vec![],
         results: vec![],
         firmware: "1.0.0".into(),
+        ota: None,
     }
     .encode();
     let request = seal::seal(&keys, &request_header, None, &request_plain);
@@ -43,6 +44,7 @@ fn vectors() -> String {
             op: Operation::Write { register: 8, value: 30 },
             expires_ms: 1_800_000_600_000,
         }],
+        update: None,
     }
     .encode();
     let answer = seal::seal(&keys, &answer_header, Some(1), &answer_plain);

@@ -84,8 +84,34 @@ fn device_config(c: &messages::ConfigState) -> DeviceConfig {
     }
 }
 
+/// The offer as the device protocol carries it (an unreadable stored
+/// manifest offers nothing, loudly).
+fn offer(d: &SyncDelivery) -> Option<messages::UpdateOffer> {
+    let row = d.update.as_ref()?;
+    let parsed = crate::firmware::parse_manifest(&row.manifest).and_then(|(m, _, sig)| {
+        let token: [u8; 16] = ecowatt_proto::hex::decode(&row.token)
+            .ok()
+            .and_then(|t| t.try_into().ok())
+            .ok_or_else(|| anyhow::anyhow!("bad token"))?;
+        Ok(messages::UpdateOffer {
+            token,
+            manifest: m,
+            algorithm: messages::signature_algorithm::ED25519,
+            signature: sig.to_vec(),
+        })
+    });
+    match parsed {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::error!(device = %d.device, error = %e, "stored manifest unreadable; no offer");
+            None
+        }
+    }
+}
+
 fn answer_body(d: &SyncDelivery) -> Vec<u8> {
     SyncResponse {
+        update: offer(d),
         server_time_ms: crate::now_ms() as u64,
         config: d.config.as_ref().map(|(v, c)| config_state(*v, c)),
         commands: d
@@ -245,6 +271,7 @@ pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesReject
             })
             .collect(),
         firmware: (!request.firmware.is_empty()).then(|| request.firmware.clone()),
+        ota: request.ota.clone(),
     };
     // Listen before looking, so that news arriving in between is not missed.
     let waiter = state.push.waiter(&name);
@@ -259,12 +286,19 @@ pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesReject
             Ok(Err(refusal)) => return refused(&state, &name, a.header.counter, refusal).await,
             Err(e) => return ApiError::from(e).into_response(),
         };
+    for woken in &delivery.wake {
+        state.push.notify(woken);
+    }
     for (_, outcome) in &report.results {
         let label = if outcome.success { "success" } else { "failure" };
         state.metrics.inc("ecowatt_command_results_total", format!("outcome=\"{label}\""));
     }
     let wait = request.wait_ms.min(MAX_WAIT_MS);
-    if delivery.config.is_none() && delivery.commands.is_empty() && wait > 0 {
+    // An offer is news unless the device already works on that version.
+    let new_offer = delivery.update.as_ref().is_some_and(|u| {
+        request.ota.as_ref().map(|o| o.version.as_str()) != u.manifest["version"].as_str()
+    });
+    if delivery.config.is_none() && delivery.commands.is_empty() && !new_offer && wait > 0 {
         let woken =
             tokio::time::timeout(Duration::from_millis(u64::from(wait)), notified).await.is_ok();
         // A wait that ends with no news answers with what the first transaction

@@ -30,6 +30,13 @@ fn provisioning(state: &AppState, device: &Device, key: &str) -> Value {
         "key": key,
         "key_version": device.key_version,
         "server": state.settings.public_url,
+        // The keys the device trusts for firmware manifests (its factory keys).
+        "firmware_keys": state
+            .settings
+            .firmware_keys
+            .iter()
+            .map(|k| ecowatt_proto::hex::encode_upper(k))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -11,10 +11,16 @@ use ecowatt_proto::hex;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use serde::Deserialize;
+
+use super::json::ApiJson;
 use super::{AppState, Operator};
+use crate::domain::Invalid;
 use crate::error::ApiError;
 use crate::firmware::{byte_range, parse_manifest};
-use crate::store::Firmware;
+use crate::store::{
+    Firmware, NewRollout, Rollout, RolloutAction, RolloutDevice, RolloutTarget, StoreError,
+};
 
 /// Header carrying the manifest JSON, hex-encoded, beside the raw image body.
 pub const MANIFEST_HEADER: &str = "ecowatt-manifest";
@@ -128,4 +134,178 @@ pub async fn image(
 ) -> Result<Response, ApiError> {
     let (_, data) = state.store.firmware_data(id).await?;
     Ok(serve_bytes(&headers, data))
+}
+
+/// `GET /api/v1/device/firmware/{token}`: the image an update offer names,
+/// honouring `Range` (the device resumes a cut download from where it got).
+/// The token only names the download; the device checks the bytes against
+/// the signed manifest it was offered.
+pub async fn device_image(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such download"));
+    }
+    let (_, data) = state.store.firmware_by_token(&token).await.map_err(|e| match e {
+        StoreError::NotFound(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such download")
+        }
+        e => e.into(),
+    })?;
+    state.metrics.inc("ecowatt_firmware_downloads_total", "");
+    Ok(serve_bytes(&headers, data))
+}
+
+/// `POST /api/v1/rollouts` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    /// The image by id...
+    firmware_id: Option<i64>,
+    /// ...or by version (and target, when several are stored).
+    version: Option<String>,
+    target: Option<String>,
+    /// Device names...
+    devices: Option<Vec<String>>,
+    /// ...or a percentage of the enabled devices.
+    percent: Option<u32>,
+    /// Cumulative percentages per wave (default `[100]`: one wave).
+    waves: Option<Vec<u32>>,
+    /// Abort when a wave's failures pass this percentage (default 20).
+    failure_threshold_pct: Option<u32>,
+}
+
+fn rollout_json(r: &Rollout, devices: Option<&[RolloutDevice]>) -> Value {
+    let mut v = serde_json::to_value(r).expect("rollouts serialise");
+    if let Some(d) = devices {
+        v["devices"] = serde_json::to_value(d).expect("devices serialise");
+    }
+    v
+}
+
+/// `POST /api/v1/rollouts`: offer an image to devices, in waves.
+pub async fn start_rollout(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiJson(req): ApiJson<RolloutRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    op.require_admin()?;
+    let firmware_id = match (req.firmware_id, &req.version) {
+        (Some(id), None) => id,
+        (None, Some(v)) => {
+            let all = state.store.list_firmware().await?;
+            let hits: Vec<&Firmware> = all
+                .iter()
+                .filter(|f| &f.version == v && req.target.as_ref().is_none_or(|t| &f.target == t))
+                .collect();
+            match hits.as_slice() {
+                [one] => one.id,
+                [] => {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no stored firmware {v}"),
+                    ));
+                }
+                _ => {
+                    return Err(ApiError::invalid(Invalid::new(
+                        "target",
+                        format!("firmware {v} is stored for several targets: name one"),
+                    )));
+                }
+            }
+        }
+        _ => {
+            return Err(ApiError::invalid(Invalid::new(
+                "firmware_id",
+                "name the image by firmware_id or by version",
+            )));
+        }
+    };
+    let target = match (req.devices, req.percent) {
+        (Some(d), None) => RolloutTarget::Devices(d),
+        (None, Some(p)) => RolloutTarget::Percent(p),
+        _ => {
+            return Err(ApiError::invalid(Invalid::new(
+                "devices",
+                "give either devices (a list of names) or percent (of the enabled devices)",
+            )));
+        }
+    };
+    let new = NewRollout {
+        firmware_id,
+        target,
+        waves: req.waves.unwrap_or_else(|| vec![100]),
+        failure_threshold_pct: req.failure_threshold_pct.unwrap_or(20),
+    };
+    let r = state.store.create_rollout(&new, &op.actor(), crate::now_ms()).await?;
+    let (r, devices) = state.store.rollout(r.id).await?;
+    for d in devices.iter().filter(|d| d.wave == 0) {
+        state.push.notify(&d.device);
+    }
+    Ok((StatusCode::CREATED, Json(rollout_json(&r, Some(&devices)))))
+}
+
+/// `GET /api/v1/rollouts`: every rollout with its counts per state.
+pub async fn rollouts(
+    State(state): State<AppState>,
+    _op: Operator,
+) -> Result<Json<Value>, ApiError> {
+    let list: Vec<Value> =
+        state.store.rollouts().await?.iter().map(|r| rollout_json(r, None)).collect();
+    Ok(Json(json!({ "rollouts": list })))
+}
+
+/// `GET /api/v1/rollouts/{id}`: one rollout with each device's progress.
+pub async fn rollout(
+    State(state): State<AppState>,
+    _op: Operator,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    let (r, devices) = state.store.rollout(id).await?;
+    Ok(Json(rollout_json(&r, Some(&devices))))
+}
+
+async fn act(
+    state: AppState,
+    op: Operator,
+    id: i64,
+    action: RolloutAction,
+) -> Result<Json<Value>, ApiError> {
+    op.require_admin()?;
+    let (_, wake) = state.store.rollout_action(id, action, &op.actor(), crate::now_ms()).await?;
+    for name in &wake {
+        state.push.notify(name);
+    }
+    let (r, devices) = state.store.rollout(id).await?;
+    Ok(Json(rollout_json(&r, Some(&devices))))
+}
+
+/// `POST /api/v1/rollouts/{id}/pause`.
+pub async fn pause(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    act(state, op, id, RolloutAction::Pause).await
+}
+
+/// `POST /api/v1/rollouts/{id}/resume`.
+pub async fn resume(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    act(state, op, id, RolloutAction::Resume).await
+}
+
+/// `POST /api/v1/rollouts/{id}/abort`.
+pub async fn abort(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    act(state, op, id, RolloutAction::Abort).await
 }

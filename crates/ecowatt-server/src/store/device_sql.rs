@@ -98,7 +98,8 @@ impl SqlStore {
             .fetch_one(&mut **tx)
             .await?;
         let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
-        Ok(SyncDelivery { device: name, down_counter, config, commands })
+        let (update, wake) = self.offer_in(tx, device_id, now).await?;
+        Ok(SyncDelivery { device: name, down_counter, config, commands, update, wake })
     }
 
     pub(super) async fn device_crypto_impl(
@@ -172,13 +173,26 @@ impl SqlStore {
                 .await?;
             }
         }
+        let mut wake = match &report.ota {
+            Some(ota) => self.ota_report_in(&mut tx, device_id, ota, now).await?,
+            None => vec![],
+        };
         let applied_version = report.applied.as_ref().map(|(v, _)| *v);
-        let delivery = if deliver {
+        let mut delivery = if deliver {
             self.delivery_in(&mut tx, device_id, name, applied_version, redeliver_after_ms, now)
                 .await?
         } else {
-            SyncDelivery { device: name, down_counter: 0, config: None, commands: vec![] }
+            SyncDelivery {
+                device: name,
+                down_counter: 0,
+                config: None,
+                commands: vec![],
+                update: None,
+                wake: vec![],
+            }
         };
+        wake.append(&mut delivery.wake);
+        delivery.wake = wake;
         tx.commit().await?;
         Ok(Ok(delivery))
     }

@@ -139,4 +139,34 @@ CREATE TABLE firmware (
 )
 "#,
     ),
+    (
+        5,
+        r#"
+CREATE TABLE rollouts (
+    id {pk},
+    firmware_id BIGINT NOT NULL REFERENCES firmware(id),
+    state TEXT NOT NULL,
+    waves TEXT NOT NULL,
+    current_wave BIGINT NOT NULL,
+    failure_threshold_pct BIGINT NOT NULL,
+    reason TEXT,
+    created_ms BIGINT NOT NULL,
+    created_by TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+CREATE TABLE rollout_devices (
+    rollout_id BIGINT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+    device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    wave BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    done BIGINT NOT NULL DEFAULT 0,
+    total BIGINT NOT NULL DEFAULT 0,
+    reason TEXT,
+    token TEXT NOT NULL UNIQUE,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX rollout_devices_by_device ON rollout_devices (device_id, rollout_id)
+"#,
+    ),
 ];

@@ -62,7 +62,7 @@ fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> StoreRes
     serde_json::from_str(&text).map_err(|e| corrupt(col, e))
 }
 
-fn firmware_from(row: &AnyRow) -> StoreResult<Firmware> {
+pub(super) fn firmware_from(row: &AnyRow) -> StoreResult<Firmware> {
     Ok(Firmware {
         id: row.try_get("id")?,
         version: row.try_get("version")?,
@@ -219,7 +219,7 @@ impl SqlStore {
     }
 
     /// ` FOR UPDATE` on PostgreSQL (SQLite's write lock covers it).
-    fn for_update(&self) -> &'static str {
+    pub(super) fn for_update(&self) -> &'static str {
         match self.dialect {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE",
@@ -265,7 +265,7 @@ impl SqlStore {
         Ok(())
     }
 
-    async fn audit_in(
+    pub(super) async fn audit_in(
         tx: &mut Tx,
         now: i64,
         actor: &str,
@@ -285,7 +285,7 @@ impl SqlStore {
     }
 
     /// On PostgreSQL, tells every server process (at commit) that `device` has news.
-    async fn notify_in(&self, tx: &mut Tx, device: &str) -> StoreResult<()> {
+    pub(super) async fn notify_in(&self, tx: &mut Tx, device: &str) -> StoreResult<()> {
         if self.dialect == Dialect::Postgres {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(crate::api::push::CHANNEL)
@@ -1183,5 +1183,36 @@ impl Store for SqlStore {
             .await?;
         let row = row.ok_or_else(|| StoreError::NotFound(format!("firmware {id}")))?;
         Ok((firmware_from(&row)?, row.try_get("data")?))
+    }
+
+    async fn firmware_by_token(&self, token: &str) -> StoreResult<(Firmware, Vec<u8>)> {
+        self.firmware_by_token_impl(token).await
+    }
+
+    async fn create_rollout(
+        &self,
+        new: &NewRollout,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Rollout> {
+        self.create_rollout_impl(new, actor, now).await
+    }
+
+    async fn rollouts(&self) -> StoreResult<Vec<Rollout>> {
+        self.rollouts_impl().await
+    }
+
+    async fn rollout(&self, id: i64) -> StoreResult<(Rollout, Vec<RolloutDevice>)> {
+        self.rollout_impl(id).await
+    }
+
+    async fn rollout_action(
+        &self,
+        id: i64,
+        action: RolloutAction,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<(Rollout, Vec<String>)> {
+        self.rollout_action_impl(id, action, actor, now).await
     }
 }
