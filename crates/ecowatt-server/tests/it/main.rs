@@ -6,4 +6,5 @@ mod api;
 mod concurrency;
 mod legacy;
 mod protocol;
+mod rollouts;
 mod store;

@@ -1,0 +1,249 @@
+//! Firmware rollouts through the router: waves, offers on the sealed sync,
+//! device reports, pause/resume/abort, the failure threshold, downloads by
+//! token with byte ranges. Run on SQLite and (when configured) PostgreSQL.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use ecowatt_proto::firmware::{Manifest, Version};
+use ecowatt_proto::messages::{OtaReport, OtaState, SyncRequest, SyncResponse, ota_reason};
+use ecowatt_server::api::app;
+use ecowatt_server::store::Firmware;
+use ecowatt_server::testing::TempDb;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tower::ServiceExt;
+
+use crate::api::Client;
+use crate::protocol::TestDevice;
+
+async fn store_image(c: &Client, version: &str, data: &[u8]) -> i64 {
+    let m = Manifest {
+        version: Version::parse(version).unwrap(),
+        size: data.len() as u64,
+        sha256: Sha256::digest(data).into(),
+        security_counter: 0,
+        target: "linux-x86_64".into(),
+        created_ms: 1,
+    };
+    // The store keeps what the upload endpoint checked; the signature is not
+    // this test's concern (the device checks it).
+    let manifest = ecowatt_server::firmware::manifest_json(&m, &[1; 32], &[2; 64]);
+    let fw = Firmware {
+        id: 0,
+        version: version.into(),
+        target: m.target.clone(),
+        size: m.size as i64,
+        sha256: ecowatt_proto::hex::encode_upper(&m.sha256),
+        security_counter: 0,
+        created_ms: 1,
+        manifest,
+        uploaded_ms: 1,
+        uploaded_by: "test".into(),
+    };
+    c.server.state.store.add_firmware(&fw, data, "test").await.unwrap().id
+}
+
+fn report(state: OtaState, version: &str, done: u64, total: u64, reason: u8) -> SyncRequest {
+    SyncRequest {
+        firmware: "1.0.0".into(),
+        ota: Some(OtaReport { state, version: version.into(), done, total, reason }),
+        ..Default::default()
+    }
+}
+
+fn idle() -> SyncRequest {
+    SyncRequest { firmware: "1.0.0".into(), ..Default::default() }
+}
+
+struct Fleet {
+    c: Client,
+    devices: Vec<(String, TestDevice)>,
+}
+
+impl Fleet {
+    async fn sync(&mut self, name: &str, req: &SyncRequest) -> SyncResponse {
+        let state = self.c.server.state.clone();
+        let dev = &mut self.devices.iter_mut().find(|(n, _)| n == name).unwrap().1;
+        dev.sync(&state, req).await.unwrap()
+    }
+}
+
+fn device<'a>(rollout: &'a Value, name: &str) -> &'a Value {
+    rollout["devices"].as_array().unwrap().iter().find(|d| d["device"] == name).unwrap()
+}
+
+async fn get_range(c: &Client, path: &str, range: &str) -> (StatusCode, Vec<u8>) {
+    let req = Request::get(path).header("range", range).body(Body::empty()).unwrap();
+    let resp = app(c.server.state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+}
+
+async fn rollout_goes_wave_by_wave_and_aborts_past_its_threshold(db: TempDb) {
+    let c = Client::start(&db, false).await;
+    let mut devices = Vec::new();
+    for i in 1..=4 {
+        let name = format!("d{i}");
+        devices.push((name.clone(), TestDevice::provision(&c, &name).await));
+    }
+    let mut f = Fleet { c, devices };
+    let image: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let fw = store_image(&f.c, "1.1.0", &image).await;
+
+    // Bad requests are refused with stable codes.
+    for (body, field) in [
+        (json!({"firmware_id": fw, "devices": ["d1"], "waves": [50]}), "waves"),
+        (json!({"firmware_id": fw, "devices": ["d1"], "waves": [60, 40, 100]}), "waves"),
+        (json!({"firmware_id": fw, "devices": ["d1"], "percent": 50}), "devices"),
+        (json!({"firmware_id": fw, "percent": 0}), "percent"),
+        (json!({"devices": ["d1"]}), "firmware_id"),
+    ] {
+        let (status, v) = f.c.call("POST", "/api/v1/rollouts", Some(body.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body} -> {v}");
+        assert_eq!(v["error"]["code"], "invalid_field", "{v}");
+        assert_eq!(v["error"]["field"], field, "{body} -> {v}");
+    }
+    let (status, v) = f
+        .c
+        .call("POST", "/api/v1/rollouts", Some(json!({"firmware_id": fw, "devices": ["nobody"]})))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+
+    let r =
+        f.c.ok(
+            "POST",
+            "/api/v1/rollouts",
+            Some(json!({"version": "1.1.0", "devices": ["d1", "d2", "d3", "d4"],
+                        "waves": [25, 100], "failure_threshold_pct": 50})),
+        )
+        .await;
+    let id = r["id"].as_i64().unwrap();
+    assert_eq!((r["state"].as_str(), r["devices_total"].as_i64()), (Some("running"), Some(4)));
+    let first: Vec<String> = r["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["wave"] == 0)
+        .map(|d| d["device"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(first.len(), 1, "25% of 4 devices in the first wave: {r}");
+    let canary = first[0].clone();
+    let rest: Vec<String> =
+        ["d1", "d2", "d3", "d4"].iter().map(|s| s.to_string()).filter(|n| *n != canary).collect();
+
+    // Only the first wave is offered, with the whole signed manifest.
+    let offer = f.sync(&canary, &idle()).await.update.expect("the canary is offered the image");
+    assert_eq!(offer.manifest.version.to_string(), "1.1.0");
+    assert_eq!(offer.manifest.size, image.len() as u64);
+    assert_eq!(offer.signature, vec![2; 64]);
+    for n in &rest {
+        assert!(f.sync(n, &idle()).await.update.is_none(), "{n} is in the second wave");
+    }
+    let r = f.c.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await;
+    assert_eq!(device(&r, &canary)["state"], "offered");
+
+    // The image by its token, with ranges (a resumed download).
+    let path =
+        format!("/api/v1/device/firmware/{}", ecowatt_proto::hex::encode_upper(&offer.token));
+    let (status, body) = get_range(&f.c, &path, "bytes=65536-").await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(body, image[65_536..]);
+    let (status, _) =
+        get_range(&f.c, "/api/v1/device/firmware/00000000000000000000000000000000", "bytes=0-")
+            .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = get_range(&f.c, "/api/v1/device/firmware/..%2F..", "bytes=0-").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Progress shows; pause withdraws the offer, resume brings it back.
+    let half = report(OtaState::Downloading, "1.1.0", 50_000, 100_000, 0);
+    assert!(f.sync(&canary, &half).await.update.is_some());
+    let r = f.c.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await;
+    assert_eq!(
+        (device(&r, &canary)["state"].as_str(), device(&r, &canary)["percent"].as_i64()),
+        (Some("downloading"), Some(50))
+    );
+    let r = f.c.ok("POST", &format!("/api/v1/rollouts/{id}/pause"), None).await;
+    assert_eq!(r["state"], "paused");
+    assert!(f.sync(&canary, &half).await.update.is_none(), "paused: no offer");
+    let (status, v) = f.c.call("POST", &format!("/api/v1/rollouts/{id}/pause"), None).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")));
+    f.c.ok("POST", &format!("/api/v1/rollouts/{id}/resume"), None).await;
+    assert!(f.sync(&canary, &half).await.update.is_some(), "resumed: offered again");
+
+    // The canary goes through trial to success: the next wave is offered.
+    for state in [OtaState::Verifying, OtaState::Installing] {
+        f.sync(&canary, &report(state, "1.1.0", 100_000, 100_000, 0)).await;
+    }
+    let mut trial = report(OtaState::Trial, "1.1.0", 0, 0, 0);
+    trial.firmware = "1.1.0".into();
+    assert!(f.sync(&canary, &trial).await.update.is_none(), "no offer to a device in trial");
+    let r = f.c.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await;
+    assert_eq!(
+        (device(&r, &canary)["state"].as_str(), r["current_wave"].as_i64()),
+        (Some("trial"), Some(0))
+    );
+    let mut done = report(OtaState::Succeeded, "1.1.0", 0, 0, 0);
+    done.firmware = "1.1.0".into();
+    f.sync(&canary, &done).await;
+    let r = f.c.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await;
+    assert_eq!(r["current_wave"], 1, "{r}");
+    assert_eq!(device(&r, &canary)["running"], "1.1.0");
+    for n in &rest {
+        assert!(f.sync(n, &idle()).await.update.is_some(), "{n} is offered in wave 2");
+    }
+
+    // One failure in three is within 50%; two are not: the rollout aborts and
+    // the third device is cancelled.
+    let bad_sig = report(OtaState::Failed, "1.1.0", 0, 100_000, ota_reason::BAD_SIGNATURE);
+    f.sync(&rest[0], &bad_sig).await;
+    let r = f.c.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await;
+    assert_eq!(r["state"], "running");
+    assert_eq!(device(&r, &rest[0])["reason"], "bad_signature");
+    let rolled = report(OtaState::RolledBack, "1.1.0", 0, 0, ota_reason::HEALTH_CHECK);
+    f.sync(&rest[1], &rolled).await;
+    let r = f.c.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await;
+    assert_eq!(r["state"], "aborted", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("failure threshold"), "{r}");
+    assert_eq!(device(&r, &rest[1])["state"], "rolled_back");
+    assert_eq!(device(&r, &rest[2])["state"], "cancelled");
+    assert!(f.sync(&rest[2], &idle()).await.update.is_none(), "aborted: no offer");
+    assert_eq!(r["counts"]["succeeded"], 1);
+    let (status, _) = f.c.call("POST", &format!("/api/v1/rollouts/{id}/resume"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // A percentage picks that share of the enabled devices; a device is in
+    // one active rollout at a time.
+    let fw2 = store_image(&f.c, "1.2.0", &image[..1000]).await;
+    let r =
+        f.c.ok("POST", "/api/v1/rollouts", Some(json!({"firmware_id": fw2, "percent": 50}))).await;
+    assert_eq!(r["devices_total"], 2);
+    let busy = r["devices"][0]["device"].as_str().unwrap().to_owned();
+    let (status, v) =
+        f.c.call("POST", "/api/v1/rollouts", Some(json!({"firmware_id": fw2, "devices": [busy]})))
+            .await;
+    assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")));
+    let r2 = f.c.ok("POST", &format!("/api/v1/rollouts/{}/abort", r["id"]), None).await;
+    assert_eq!(r2["counts"]["cancelled"], 2);
+    let list = f.c.ok("GET", "/api/v1/rollouts", None).await;
+    assert_eq!(list["rollouts"].as_array().unwrap().len(), 2);
+    let audit = f.c.ok("GET", "/api/v1/audit", None).await.to_string();
+    for action in ["rollout.start", "rollout.pause", "rollout.resume", "rollout.abort"] {
+        assert!(audit.contains(action), "{action} audited");
+    }
+}
+
+#[tokio::test]
+async fn rollout_waves_threshold_and_downloads_on_sqlite() {
+    rollout_goes_wave_by_wave_and_aborts_past_its_threshold(TempDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn rollout_waves_threshold_and_downloads_on_postgresql() {
+    let Some(db) = TempDb::postgres().await else {
+        eprintln!("PostgreSQL part skipped: ECOWATT_TEST_PG_URL is not set");
+        return;
+    };
+    rollout_goes_wave_by_wave_and_aborts_past_its_threshold(db).await;
+}
