@@ -11,17 +11,17 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-struct Op {
-    url: String,
-    token: String,
+pub struct Op {
+    pub url: String,
+    pub token: String,
 }
 
 impl Op {
-    fn of(server: &TestServer) -> Op {
+    pub fn of(server: &TestServer) -> Op {
         Op { url: server.url.clone(), token: server.admin_token.clone() }
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let (url, token, method, path) =
             (self.url.clone(), self.token.clone(), method.to_owned(), path.to_owned());
         tokio::task::spawn_blocking(move || {
@@ -47,7 +47,7 @@ impl Op {
         .unwrap()
     }
 
-    async fn until(
+    pub async fn until(
         &self,
         path: &str,
         what: &str,
@@ -93,7 +93,7 @@ impl Agent {
     }
 }
 
-async fn provision(op: &Op, name: &str) -> Provisioning {
+pub async fn provision(op: &Op, name: &str) -> Provisioning {
     let v = op
         .call("POST", "/api/v1/devices", Some(json!({"name": name, "rated_power_w": 10000})))
         .await;

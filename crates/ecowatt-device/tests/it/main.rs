@@ -6,6 +6,7 @@ mod serial;
 mod sim_http;
 mod slots;
 mod tcp;
+mod update;
 
 use ecowatt_core::link::{Client, RetryPolicy, Transport};
 

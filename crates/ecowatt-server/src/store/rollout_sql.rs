@@ -228,8 +228,12 @@ impl SqlStore {
             return Ok(vec![]);
         }
         sqlx::query(
-            "UPDATE rollout_devices SET state = $1, done = $2, total = $3, reason = $4, updated_ms = $5 \
-             WHERE rollout_id = $6 AND device_id = $7",
+            // Reports after the download (trial, succeeded, rolled back) carry
+            // no byte counts: the download's stay.
+            "UPDATE rollout_devices SET state = $1, \
+             done = CASE WHEN $3 > 0 THEN $2 ELSE done END, \
+             total = CASE WHEN $3 > 0 THEN $3 ELSE total END, \
+             reason = $4, updated_ms = $5 WHERE rollout_id = $6 AND device_id = $7",
         )
         .bind(state)
         .bind(report.done as i64)

@@ -1,0 +1,407 @@
+//! Firmware updates end to end: simulator, server and agent in one process,
+//! the image signed here, uploaded, rolled out, downloaded with ranges,
+//! installed on the file-backed A/B slots and confirmed (or rolled back).
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use ecowatt_core::kv::KeyValue;
+use ecowatt_core::ota::{self, Boot, BootRecord, Slot};
+use ecowatt_device::agent::{self, AgentOptions, Provisioning, RestartMode, Stopped};
+use ecowatt_device::filekv::FileKv;
+use ecowatt_device::slots::FileSlots;
+use ecowatt_device::update::{self, Context, Ended, Source};
+use ecowatt_proto::firmware::{Manifest, Version};
+use ecowatt_proto::messages::{OtaState, UpdateOffer, ota_reason, signature_algorithm};
+use ecowatt_server::testing::{TempDb, TestServer};
+use ecowatt_testkit::TestSim;
+use ed25519_dalek::{Signer, SigningKey};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::agent::{Op, provision};
+
+const K1: [u8; 32] = [11; 32];
+const K2: [u8; 32] = [22; 32];
+
+fn public(seed: &[u8; 32]) -> [u8; 32] {
+    SigningKey::from_bytes(seed).verifying_key().to_bytes()
+}
+
+fn public_hex(seed: &[u8; 32]) -> String {
+    ecowatt_proto::hex::encode_upper(&public(seed))
+}
+
+fn image(len: usize, salt: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(salt) >> 13) as u8)
+        .collect()
+}
+
+fn manifest(data: &[u8], version: &str) -> Manifest {
+    Manifest {
+        version: Version::parse(version).unwrap(),
+        size: data.len() as u64,
+        sha256: Sha256::digest(data).into(),
+        security_counter: 1,
+        target: format!("linux-{}", std::env::consts::ARCH),
+        created_ms: 1_800_000_000_000,
+    }
+}
+
+fn sign(m: &Manifest, seed: &[u8; 32]) -> [u8; 64] {
+    SigningKey::from_bytes(seed).sign(&m.signed_bytes().unwrap()).to_bytes()
+}
+
+/// Uploads a signed image as `ecowatt firmware upload` does.
+async fn upload(op: &Op, data: &[u8], version: &str, seed: &[u8; 32]) -> i64 {
+    let m = manifest(data, version);
+    let json = ecowatt_server::firmware::manifest_json(&m, &public(seed), &sign(&m, seed));
+    let (url, token, data) = (op.url.clone(), op.token.clone(), data.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut resp = agent
+            .post(&format!("{url}/api/v1/firmware"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .header(
+                "ecowatt-manifest",
+                &ecowatt_proto::hex::encode_upper(json.to_string().as_bytes()),
+            )
+            .send(&data[..])
+            .unwrap();
+        let v: Value = resp.body_mut().read_json().unwrap();
+        assert_eq!(resp.status(), 201, "{v}");
+        v["id"].as_i64().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Stopped>,
+}
+
+fn start(opts: AgentOptions) -> Running {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        agent::run(opts, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("agent runs")
+    });
+    Running { stop, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+fn options(p: &Provisioning, sim: &TestSim, state: &Path) -> AgentOptions {
+    let mut opts = AgentOptions::new(p.clone(), sim.http_url(), state.to_path_buf());
+    opts.batch_max = 3;
+    opts.long_poll_ms = 2_000;
+    opts.firmware = "1.0.0".into();
+    opts
+}
+
+async fn rollout_state(op: &Op, id: i64, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    op.until(&format!("/api/v1/rollouts/{id}"), what, Duration::from_secs(40), ok).await
+}
+
+fn boot_record(state: &Path) -> BootRecord {
+    let mut kv = FileKv::open(state).unwrap();
+    BootRecord::load(&mut kv, &Version::parse("1.0.0").unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_updates_the_device_which_restarts_into_the_new_image_and_confirms_it() {
+    let sim = TestSim::start(1).await;
+    let db = TempDb::sqlite();
+    let server = TestServer::start_with(&db, false, "127.0.0.1:0", vec![public_hex(&K1)]).await;
+    let op = Op::of(&server);
+    let p = provision(&op, "roof-1").await;
+    assert_eq!(p.firmware_keys, [public_hex(&K1)], "the provisioning file carries the trusted key");
+    let state = db.dir.path().join("device");
+    let agent = start(options(&p, &sim, &state));
+    op.until(
+        "/api/v1/devices/roof-1",
+        "the device to report 1.0.0",
+        Duration::from_secs(20),
+        |v| v["device"]["firmware"] == "1.0.0",
+    )
+    .await;
+
+    let data = image(300_000, 1);
+    let fw = upload(&op, &data, "1.1.0", &K1).await;
+    let r = op
+        .call("POST", "/api/v1/rollouts", Some(json!({"firmware_id": fw, "devices": ["roof-1"]})))
+        .await;
+    let id = r["id"].as_i64().unwrap();
+    let r = rollout_state(&op, id, "the rollout to complete", |v| v["state"] == "completed").await;
+    let dev = &r["devices"][0];
+    assert_eq!(
+        (dev["state"].as_str(), dev["running"].as_str()),
+        (Some("succeeded"), Some("1.1.0"))
+    );
+    assert_eq!(dev["percent"], 100);
+    let d = op.call("GET", "/api/v1/devices/roof-1", None).await;
+    assert_eq!(d["device"]["firmware"], "1.1.0", "the device reports what it really runs");
+    // The image is in slot B, byte for byte, and slot B is the confirmed one.
+    assert_eq!(std::fs::read(state.join("slots").join("slot-b.bin")).unwrap(), data);
+    let rec = boot_record(&state);
+    assert_eq!((rec.active, rec.version.to_string(), rec.pending), (Slot::B, "1.1.0".into(), None));
+    assert_eq!(rec.security_counter, 1);
+
+    // After a restart it still runs the new image.
+    agent.stop().await;
+    let agent = start(options(&p, &sim, &state));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    op.until("/api/v1/devices/roof-1", "1.1.0 after a restart", Duration::from_secs(20), |v| {
+        v["device"]["firmware"] == "1.1.0"
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_images_never_switch_slots_and_a_failing_wave_aborts_the_rollout() {
+    let sim = TestSim::start(3).await;
+    let db = TempDb::sqlite();
+    let keys = vec![public_hex(&K1), public_hex(&K2)];
+    let server = TestServer::start_with(&db, false, "127.0.0.1:0", keys).await;
+    let op = Op::of(&server);
+    let mut agents = Vec::new();
+    for name in ["a", "b", "c"] {
+        let p = provision(&op, name).await;
+        let mut opts = options(&p, &sim, &db.dir.path().join(name));
+        opts.slave = 0x11 + agents.len() as u8;
+        // The devices trust K1 only (the server trusts both).
+        opts.firmware_keys = vec![public(&K1)];
+        agents.push(start(opts));
+    }
+
+    // A downgrade, properly signed, is refused.
+    let old = upload(&op, &image(10_000, 2), "0.9.0", &K1).await;
+    let r = op
+        .call("POST", "/api/v1/rollouts", Some(json!({"firmware_id": old, "devices": ["a"]})))
+        .await;
+    let r = rollout_state(&op, r["id"].as_i64().unwrap(), "the downgrade to be refused", |v| {
+        v["devices"][0]["state"] == "failed"
+    })
+    .await;
+    assert_eq!(r["devices"][0]["reason"], "downgrade");
+    assert_eq!(r["state"], "aborted", "1 failure of 1 passes the default 20% threshold");
+
+    // A newer image signed by a key the devices do not trust: the first wave
+    // fails, the rollout aborts, the last device is never offered it.
+    let evil = upload(&op, &image(50_000, 3), "1.2.0", &K2).await;
+    let r = op
+        .call(
+            "POST",
+            "/api/v1/rollouts",
+            Some(json!({"firmware_id": evil, "devices": ["a", "b", "c"], "waves": [50, 100],
+                        "failure_threshold_pct": 50})),
+        )
+        .await;
+    let r = rollout_state(&op, r["id"].as_i64().unwrap(), "the rollout to abort", |v| {
+        v["state"] == "aborted"
+    })
+    .await;
+    let states: Vec<(&str, &str)> = r["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["state"].as_str().unwrap(), d["reason"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        states,
+        [("failed", "bad_signature"), ("failed", "bad_signature"), ("cancelled", "")],
+        "{r}"
+    );
+    for name in ["a", "b", "c"] {
+        let state = db.dir.path().join(name);
+        let rec = boot_record(&state);
+        assert_eq!(
+            (rec.active, rec.version.to_string(), rec.pending),
+            (Slot::A, "1.0.0".into(), None)
+        );
+        let slot_b = state.join("slots").join("slot-b.bin");
+        assert!(!slot_b.exists(), "{name}: nothing was written to the inactive slot");
+        let d = op.call("GET", &format!("/api/v1/devices/{name}"), None).await;
+        assert_eq!(d["device"]["firmware"], "1.0.0");
+    }
+    for a in agents {
+        a.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_image_that_cannot_reach_the_cloud_is_rolled_back_and_reported() {
+    let sim = TestSim::start(1).await;
+    let db = TempDb::sqlite();
+    let keys = vec![public_hex(&K1)];
+    let server = TestServer::start_with(&db, false, "127.0.0.1:0", keys.clone()).await;
+    let addr = server.addr.to_string();
+    let op = Op::of(&server);
+    let p = provision(&op, "roof-1").await;
+    let state = db.dir.path().join("device");
+    let mut opts = options(&p, &sim, &state);
+    // Exit after installing, as under a supervisor, so the test decides when it boots again.
+    opts.restart = RestartMode::Exit;
+    opts.health_check = Duration::from_secs(2);
+
+    let fw = upload(&op, &image(120_000, 4), "1.1.0", &K1).await;
+    let r = op
+        .call("POST", "/api/v1/rollouts", Some(json!({"firmware_id": fw, "devices": ["roof-1"]})))
+        .await;
+    let id = r["id"].as_i64().unwrap();
+    let first = start(opts.clone());
+    let stopped = tokio::time::timeout(Duration::from_secs(40), first.task).await.unwrap().unwrap();
+    assert_eq!(stopped, Stopped::Restart, "installed: the agent asks to be restarted");
+    assert!(boot_record(&state).pending.is_some());
+
+    // The new image boots on trial while the cloud is down: its health check
+    // fails and it asks for a restart...
+    server.stop().await;
+    let trial = start(opts.clone());
+    let stopped = tokio::time::timeout(Duration::from_secs(20), trial.task).await.unwrap().unwrap();
+    assert_eq!(stopped, Stopped::Restart);
+    // ...which boots the old image again and reports the rollback.
+    let server = TestServer::start_with(&db, false, &addr, keys).await;
+    let op = Op::of(&server);
+    let again = start(opts);
+    let r = rollout_state(&op, id, "the rollback to be reported", |v| {
+        v["devices"][0]["state"] == "rolled_back"
+    })
+    .await;
+    assert_eq!(r["devices"][0]["reason"], "health_check_failed");
+    assert_eq!(r["state"], "aborted");
+    op.until("/api/v1/devices/roof-1", "the old version", Duration::from_secs(10), |v| {
+        v["device"]["firmware"] == "1.0.0"
+    })
+    .await;
+    let rec = boot_record(&state);
+    assert_eq!((rec.active, rec.version.to_string(), rec.pending), (Slot::A, "1.0.0".into(), None));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(boot_record(&state).rolled_back, None, "reported, then cleared");
+    again.stop().await;
+}
+
+/// Serves an image from memory, cutting the connection once after `cut` bytes.
+struct Flaky {
+    data: Vec<u8>,
+    cut: Option<usize>,
+    opened_at: Vec<u64>,
+}
+
+struct Cut {
+    inner: std::io::Cursor<Vec<u8>>,
+    left: Option<usize>,
+}
+
+impl Read for Cut {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.left {
+            Some(0) => Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut")),
+            Some(n) => {
+                let want = buf.len().min(n);
+                let k = self.inner.read(&mut buf[..want])?;
+                self.left = Some(n - k);
+                Ok(k)
+            }
+            None => self.inner.read(buf),
+        }
+    }
+}
+
+impl Source for Flaky {
+    fn open(&mut self, offset: u64) -> Result<Box<dyn Read + Send>, String> {
+        self.opened_at.push(offset);
+        let inner = std::io::Cursor::new(self.data[offset as usize..].to_vec());
+        Ok(Box::new(Cut { inner, left: self.cut.take() }))
+    }
+}
+
+fn offer(m: &Manifest, seed: &[u8; 32]) -> UpdateOffer {
+    UpdateOffer {
+        token: [0; 16],
+        manifest: m.clone(),
+        algorithm: signature_algorithm::ED25519,
+        signature: sign(m, seed).to_vec(),
+    }
+}
+
+fn install(
+    state: &Path,
+    offer: &UpdateOffer,
+    source: &mut Flaky,
+) -> (Result<(), Ended>, Vec<OtaState>) {
+    let kv = std::sync::Mutex::new(FileKv::open(state).unwrap());
+    let mut slots = FileSlots::open(&state.join("slots")).unwrap();
+    let factory = Version::parse("1.0.0").unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut states = Vec::new();
+    let mut report = |r: ecowatt_proto::messages::OtaReport| {
+        if states.last() != Some(&r.state) {
+            states.push(r.state);
+        }
+    };
+    let key = update::trusted_signer(offer, &[public(&K1)]).expect("signed by K1");
+    let target = format!("linux-{}", std::env::consts::ARCH);
+    let cx = Context { factory: &factory, target: &target, cancel: &cancel, report: &mut report };
+    let result = update::install(|| kv.lock().unwrap(), &mut slots, cx, offer, &key, source);
+    (result, states)
+}
+
+#[test]
+fn a_cut_download_resumes_with_a_range_request_and_a_tampered_image_never_switches() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = image(200_000, 5);
+    let m = manifest(&data, "1.1.0");
+
+    let state = dir.path().join("good");
+    let mut source = Flaky { data: data.clone(), cut: Some(70_000), opened_at: vec![] };
+    let (result, states) = install(&state, &offer(&m, &K1), &mut source);
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(source.opened_at, [0, 70_000], "the second request starts where the cut was");
+    assert_eq!(states, [OtaState::Downloading, OtaState::Verifying, OtaState::Installing]);
+    let mut kv = FileKv::open(&state).unwrap();
+    let factory = Version::parse("1.0.0").unwrap();
+    assert_eq!(ota::boot(&mut kv, &factory).unwrap(), Boot::Trial(Slot::B, m.version.clone()));
+
+    // One byte changed in transit: refused after the download, before any switch.
+    let state = dir.path().join("tampered");
+    let mut bad = data.clone();
+    bad[123_456] ^= 0x01;
+    let mut source = Flaky { data: bad, cut: None, opened_at: vec![] };
+    let (result, _) = install(&state, &offer(&m, &K1), &mut source);
+    assert!(matches!(result, Err(Ended::Failed(ota_reason::HASH_MISMATCH, _))), "{result:?}");
+    let mut kv = FileKv::open(&state).unwrap();
+    assert_eq!(ota::boot(&mut kv, &factory).unwrap(), Boot::Confirmed(Slot::A, factory.clone()));
+    assert_eq!(
+        kv.get("ota.progress").unwrap().as_deref(),
+        Some(&[][..]),
+        "no resume of a bad image"
+    );
+
+    // A signature by a key the device does not trust is refused before anything is written.
+    let evil = offer(&m, &K2);
+    assert!(matches!(
+        update::trusted_signer(&evil, &[public(&K1)]),
+        Err(Ended::Failed(ota_reason::BAD_SIGNATURE, _))
+    ));
+    assert!(matches!(
+        update::trusted_signer(&evil, &[]),
+        Err(Ended::Failed(ota_reason::NO_TRUSTED_KEY, _))
+    ));
+}
