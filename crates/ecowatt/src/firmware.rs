@@ -54,6 +54,11 @@ pub enum FirmwareCommand {
         #[command(flatten)]
         conn: crate::client::ServerConn,
     },
+    /// List the images stored on the server.
+    List {
+        #[command(flatten)]
+        conn: crate::client::ServerConn,
+    },
     /// Check an image against its manifest and a public key.
     Verify {
         /// The image file.
@@ -133,6 +138,25 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
                 manifest.version,
                 out.display()
             );
+        }
+        FirmwareCommand::List { conn } => {
+            let v = conn.connect()?.call("GET", "/api/v1/firmware", None)?;
+            println!(
+                "{:>4} {:<14} {:<16} {:>10} {:>4} uploaded",
+                "id", "version", "target", "bytes", "sc"
+            );
+            for f in v["firmware"].as_array().into_iter().flatten() {
+                println!(
+                    "{:>4} {:<14} {:<16} {:>10} {:>4} {} by {}",
+                    f["id"],
+                    f["version"].as_str().unwrap_or("?"),
+                    f["target"].as_str().unwrap_or("?"),
+                    f["size"],
+                    f["security_counter"],
+                    crate::client::when(&f["uploaded_ms"]),
+                    f["uploaded_by"].as_str().unwrap_or("?")
+                );
+            }
         }
         FirmwareCommand::Upload { image, manifest, conn } => {
             let path = manifest

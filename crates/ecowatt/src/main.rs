@@ -8,6 +8,7 @@ mod firmware;
 mod fleet;
 mod inverter;
 mod operator;
+mod rollout;
 mod server;
 mod sim;
 mod units;
@@ -88,6 +89,13 @@ enum Verb {
     /// Sign firmware images and check them (signed manifests: version, size, SHA-256, security counter).
     #[command(subcommand)]
     Firmware(firmware::FirmwareCommand),
+    /// Roll a stored firmware image out to devices in waves; follow, pause, resume, abort.
+    Rollout {
+        #[command(subcommand)]
+        cmd: rollout::RolloutCommand,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
     /// Measure: Modbus frame rates, simulator requests per second, command queue cycles.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -119,6 +127,7 @@ fn main() -> std::process::ExitCode {
         Verb::Commands { cmd, conn } => operator::commands(&conn, cmd),
         Verb::Token { cmd, conn } => operator::token(&conn, cmd),
         Verb::Audit { limit, conn } => operator::audit(&conn, limit),
+        Verb::Rollout { cmd, conn } => rollout::run(&conn, cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -161,6 +161,21 @@ async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_ran
         assert_eq!(tail, good[65_536..]);
         let whole = ureq::get(&download).call().unwrap().body_mut().with_config().limit(1 << 20).read_to_vec().unwrap();
         assert_eq!(whole, good);
+
+        // The same image rolled out with the CLI, followed, paused, aborted.
+        let out = ok(&with_server(&["firmware", "list"]));
+        assert!(out.contains("1.0.10") && out.contains("70000"), "{out}");
+        refused(&with_server(&["rollout", "start", "--version", "9.9.9", "--devices", "ESP32_EcoWatt_Smart"]), "not_found");
+        refused(&with_server(&["rollout", "start", "--version", "1.0.10", "--devices", "ESP32_EcoWatt_Smart", "--waves", "50"]), "waves");
+        let out = ok(&with_server(&["rollout", "start", "--version", "1.0.10", "--devices", "ESP32_EcoWatt_Smart"]));
+        assert!(out.contains("rollout 1 of 1.0.10") && out.contains("running"), "{out}");
+        assert!(out.contains("ESP32_EcoWatt_Smart") && out.contains("pending"), "{out}");
+        assert!(ok(&with_server(&["rollout", "pause", "1"])).contains("paused"));
+        refused(&with_server(&["rollout", "pause", "1"]), "cannot be paused");
+        assert!(ok(&with_server(&["rollout", "resume", "1"])).contains("running"));
+        let out = ok(&with_server(&["rollout", "abort", "1"]));
+        assert!(out.contains("aborted") && out.contains("cancelled 1"), "{out}");
+        assert!(ok(&with_server(&["rollout", "list"])).contains("aborted by"));
     })
     .await
     .unwrap();
