@@ -1,6 +1,7 @@
 // Drives the dashboard in a real headless Chromium (Debian's, through playwright-core):
 // log in, see the devices, see a chart with data, change a config and see it applied,
-// send a command and see it succeed, see a refused command's error, phone width.
+// send a command and see it succeed, see a refused command's error, upload a signed image,
+// start a rollout and see every device run the new image, phone width.
 // Screenshots go to ./screenshots. Needs: ECOWATT_BIN (the ecowatt binary), /usr/bin/chromium.
 import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
@@ -107,6 +108,21 @@ try {
     await page.setInputFiles("#fwmanifest", image + ".manifest.json");
     await page.click("#fwform button");
     await page.waitForSelector("#error:has-text('image_mismatch')");
+  });
+  await step("a rollout is started in two waves and every device runs the new image", async () => {
+    await page.click("nav >> text=Firmware");
+    await page.waitForSelector("#roform");
+    await page.selectOption("#rofw", { label: "1.1.0 (linux-x86_64)" });
+    await page.selectOption("#rodevices", ["inverter-1", "inverter-2", "inverter-3"]);
+    await page.fill("#rowaves", "34,100");
+    await page.click("#roform button");
+    await page.waitForSelector("h2:has-text('Rollout 1: 1.1.0')");
+    await page.waitForSelector("#rostate:has-text('completed')", { timeout: 90000 });
+    const states = await page.$$eval("[data-device-state]", (tds) => tds.map((td) => td.textContent));
+    assert.deepEqual(states, ["succeeded", "succeeded", "succeeded"]);
+    await page.screenshot({ path: join(shots, "rollout.png"), fullPage: true });
+    await page.click("nav >> text=Fleet");
+    await page.waitForFunction(() => [...document.querySelectorAll("tbody tr")].filter((r) => /1\.1\.0/.test(r.textContent)).length === 3);
   });
   await step("readable at phone width, usable by keyboard", async () => {
     await page.setViewportSize({ width: 390, height: 844 });
