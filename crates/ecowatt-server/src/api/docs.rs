@@ -71,6 +71,33 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("get", "/api/v1/firmware/{id}/image", "An image's bytes (Range supported)", false),
+    ("get", "/api/v1/rollouts", "Rollouts, newest first, with device counts per state", false),
+    (
+        "post",
+        "/api/v1/rollouts",
+        "Start a rollout {firmware_id | version [+target], devices | percent, waves?, failure_threshold_pct?}",
+        true,
+    ),
+    (
+        "get",
+        "/api/v1/rollouts/{id}",
+        "A rollout with each device's progress and running version",
+        false,
+    ),
+    ("post", "/api/v1/rollouts/{id}/pause", "Pause a running rollout (offers withdrawn)", true),
+    ("post", "/api/v1/rollouts/{id}/resume", "Resume a paused rollout", true),
+    (
+        "post",
+        "/api/v1/rollouts/{id}/abort",
+        "Abort a rollout (devices not installing are cancelled)",
+        true,
+    ),
+    (
+        "get",
+        "/api/v1/device/firmware/{token}",
+        "Device: the image an update offer names (Range supported); see docs/firmware.md",
+        false,
+    ),
     (
         "post",
         "/api/v1/device/sync",
@@ -148,6 +175,8 @@ pub async fn page() -> Html<String> {
             summary.replace('<', "&lt;"),
             if *admin {
                 "admin"
+            } else if path.ends_with("{token}") {
+                "download token in the path"
             } else if path.starts_with("/api/v1/device/") {
                 "sealed envelope"
             } else {
