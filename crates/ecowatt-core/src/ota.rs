@@ -12,7 +12,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use ecowatt_proto::firmware::{Manifest, Version};
+use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use sha2::{Digest, Sha256};
 
 use crate::kv::{KeyValue, KvError};
@@ -328,11 +328,11 @@ impl Download {
         slots: &mut impl Slots,
         factory: &Version,
         target: &str,
-        trusted_key: &[u8; 32],
+        trusted_key: &PublicKey,
         manifest: Manifest,
-        signature: &[u8; 64],
+        signature: &[u8],
     ) -> Result<Download, OtaError> {
-        manifest.verify_ed25519(trusted_key, signature).map_err(|_| OtaError::BadSignature)?;
+        trusted_key.verify(&manifest, signature).map_err(|_| OtaError::BadSignature)?;
         let r = BootRecord::load(kv, factory)?;
         if manifest.version <= r.version {
             return Err(OtaError::Downgrade { running: r.version, offered: manifest.version });

@@ -33,7 +33,7 @@ use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use ecowatt_core::ota::{self, Boot, BootRecord};
-use ecowatt_proto::firmware::Version;
+use ecowatt_proto::firmware::{PublicKey, Version};
 use ecowatt_proto::messages::{OtaReport, OtaState, UpdateOffer, ota_reason};
 use tokio::sync::{Mutex, Notify, watch};
 
@@ -81,7 +81,8 @@ pub struct Provisioning {
     pub key_version: u32,
     /// Server URL.
     pub server: String,
-    /// Ed25519 public keys (hex) the device trusts for firmware manifests.
+    /// Public keys (hex: 32-byte Ed25519 or 256-byte RSA-2048 modulus) the
+    /// device trusts for firmware manifests.
     #[serde(default)]
     pub firmware_keys: Vec<String>,
 }
@@ -98,14 +99,16 @@ impl Provisioning {
     }
 
     /// The firmware signing keys it names.
-    pub fn trusted_keys(&self) -> Result<Vec<[u8; 32]>, String> {
+    pub fn trusted_keys(&self) -> Result<Vec<PublicKey>, String> {
         self.firmware_keys
             .iter()
             .map(|k| {
                 ecowatt_proto::hex::decode(k)
                     .ok()
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| format!("firmware key {k:?} must be 64 hex digits"))
+                    .and_then(|b| PublicKey::from_bytes(&b).ok())
+                    .ok_or_else(|| {
+                        format!("firmware key {k:?}: not an Ed25519 key or RSA-2048 modulus in hex")
+                    })
             })
             .collect()
     }
@@ -145,7 +148,7 @@ pub struct AgentOptions {
     /// boot record says).
     pub firmware: String,
     /// Keys whose firmware signatures the device accepts.
-    pub firmware_keys: Vec<[u8; 32]>,
+    pub firmware_keys: Vec<PublicKey>,
     /// Hardware target an image must be built for.
     pub target: String,
     /// How long a new image has, after its restart, to complete a sync

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ecowatt_core::kv::KeyValue;
 use ecowatt_core::ota::{Download, OtaError, Slots};
-use ecowatt_proto::firmware::Version;
+use ecowatt_proto::firmware::{PublicKey, Version};
 use ecowatt_proto::messages::{OtaReport, OtaState, UpdateOffer, ota_reason, signature_algorithm};
 
 /// Bytes asked of the connection at a time.
@@ -47,24 +47,29 @@ impl From<OtaError> for Ended {
     }
 }
 
-/// Checks the offer's signature against the device's trusted keys and returns the key that signed it.
-pub fn trusted_signer(offer: &UpdateOffer, keys: &[[u8; 32]]) -> Result<[u8; 32], Ended> {
+/// Checks the offer's signature against the device's trusted keys (of the
+/// offer's algorithm) and returns the key that signed it.
+pub fn trusted_signer(offer: &UpdateOffer, keys: &[PublicKey]) -> Result<PublicKey, Ended> {
     if keys.is_empty() {
         return Err(Ended::Failed(ota_reason::NO_TRUSTED_KEY, "no trusted firmware key".into()));
     }
-    let sig: Option<[u8; 64]> = offer.signature.as_slice().try_into().ok();
-    let sig = match (offer.algorithm, sig) {
-        (signature_algorithm::ED25519, Some(s)) => s,
-        _ => {
-            return Err(Ended::Failed(
-                ota_reason::BAD_SIGNATURE,
-                format!("signature algorithm {} not supported", offer.algorithm),
-            ));
-        }
+    let algorithm_of = |k: &PublicKey| match k {
+        PublicKey::Ed25519(_) => signature_algorithm::ED25519,
+        PublicKey::Rsa2048(_) => signature_algorithm::RSA2048_SHA256,
     };
-    keys.iter().copied().find(|k| offer.manifest.verify_ed25519(k, &sig).is_ok()).ok_or_else(|| {
-        Ended::Failed(ota_reason::BAD_SIGNATURE, "no trusted key verifies the manifest".into())
-    })
+    keys.iter()
+        .filter(|k| algorithm_of(k) == offer.algorithm)
+        .find(|k| k.verify(&offer.manifest, &offer.signature).is_ok())
+        .cloned()
+        .ok_or_else(|| {
+            Ended::Failed(
+                ota_reason::BAD_SIGNATURE,
+                format!(
+                    "no trusted key verifies the manifest (signature algorithm {})",
+                    offer.algorithm
+                ),
+            )
+        })
 }
 
 /// Where the bytes come from: `GET url` from `offset` on, as a reader.
@@ -121,7 +126,7 @@ pub fn install<K: KeyValue, G: DerefMut<Target = K>>(
     slots: &mut impl Slots,
     cx: Context<'_>,
     offer: &UpdateOffer,
-    key: &[u8; 32],
+    key: &PublicKey,
     source: &mut dyn Source,
 ) -> Result<(), Ended> {
     let m = &offer.manifest;
@@ -130,13 +135,15 @@ pub fn install<K: KeyValue, G: DerefMut<Target = K>>(
     let mut say = |state, done| {
         report(OtaReport { state, version: version.clone(), done, total: m.size, reason: 0 })
     };
-    let sig: [u8; 64] = offer
-        .signature
-        .as_slice()
-        .try_into()
-        .map_err(|_| Ended::Failed(ota_reason::BAD_SIGNATURE, "signature length".into()))?;
-    let mut d =
-        Download::start(&mut *lock_kv(), slots, cx.factory, cx.target, key, m.clone(), &sig)?;
+    let mut d = Download::start(
+        &mut *lock_kv(),
+        slots,
+        cx.factory,
+        cx.target,
+        key,
+        m.clone(),
+        &offer.signature,
+    )?;
     say(OtaState::Downloading, d.written());
     let mut buf = vec![0u8; CHUNK];
     let mut attempt = 0;

@@ -1,6 +1,6 @@
 //! Firmware manifests: what an image is (version, size, SHA-256, security
 //! counter, hardware target, creation time) and who vouches for it (an Ed25519
-//! signature over the canonical bytes below). Semantic versions compare as
+//! or RSA-2048 PKCS#1 v1.5 / SHA-256 signature over the canonical bytes below). Semantic versions compare as
 //! numbers, never as strings (`1.0.10 > 1.0.9`).
 //!
 //! Canonical signed bytes (all integers big-endian):
@@ -14,7 +14,11 @@ use alloc::vec::Vec;
 use core::cmp::Ordering;
 use core::fmt;
 
+use alloc::boxed::Box;
+use crypto_bigint::modular::runtime_mod::{DynResidue, DynResidueParams};
+use crypto_bigint::{Encoding, U2048};
 use ed25519_dalek::{Signature, VerifyingKey};
+use sha2::{Digest, Sha256};
 
 /// A semantic version `major.minor.patch[-pre]` (build metadata not allowed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +40,7 @@ pub enum FirmwareError {
     BadVersion,
     /// A text field longer than 255 bytes or not ASCII printable.
     BadField,
-    /// The public key is not a valid Ed25519 point.
+    /// The public key is not a valid Ed25519 point or RSA-2048 modulus.
     BadKey,
     /// The signature does not verify.
     BadSignature,
@@ -47,7 +51,7 @@ impl fmt::Display for FirmwareError {
         f.write_str(match self {
             FirmwareError::BadVersion => "version must be MAJOR.MINOR.PATCH[-PRE]",
             FirmwareError::BadField => "field too long or not printable ASCII",
-            FirmwareError::BadKey => "not an Ed25519 public key",
+            FirmwareError::BadKey => "not an Ed25519 public key or RSA-2048 modulus",
             FirmwareError::BadSignature => "signature does not verify",
         })
     }
@@ -190,6 +194,104 @@ impl Manifest {
         let key = VerifyingKey::from_bytes(public_key).map_err(|_| FirmwareError::BadKey)?;
         let sig = Signature::from_bytes(signature);
         key.verify_strict(&self.signed_bytes()?, &sig).map_err(|_| FirmwareError::BadSignature)
+    }
+}
+
+/// The RSA public exponent accepted (the universal choice).
+pub const RSA_EXPONENT: u32 = 65_537;
+
+/// DER of the PKCS#1 v1.5 DigestInfo header for SHA-256 (RFC 8017, 9.2 note 1).
+const SHA256_DIGEST_INFO: [u8; 19] = [
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
+
+/// RSASSA-PKCS1-v1_5 verification with SHA-256 for a 2048-bit modulus `n`
+/// (big-endian, top bit set) and exponent 65537: `s^e mod n` must be exactly
+/// `00 01 FF..FF 00 || DigestInfo || SHA-256(message)`.
+pub fn verify_rsa2048(
+    modulus: &[u8; 256],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), FirmwareError> {
+    if modulus[0] & 0x80 == 0 || modulus[255] & 1 == 0 {
+        return Err(FirmwareError::BadKey); // not 2048 bits, or even
+    }
+    if signature.len() != 256 {
+        return Err(FirmwareError::BadSignature);
+    }
+    let n = U2048::from_be_slice(modulus);
+    let s = U2048::from_be_slice(signature);
+    if s >= n {
+        return Err(FirmwareError::BadSignature);
+    }
+    let params = DynResidueParams::new(&n);
+    let m = DynResidue::new(&s, params)
+        .pow_bounded_exp(&U2048::from_u32(RSA_EXPONENT), 17)
+        .retrieve()
+        .to_be_bytes();
+    let mut expected = [0xFFu8; 256];
+    expected[0] = 0x00;
+    expected[1] = 0x01;
+    let t = 256 - 32 - SHA256_DIGEST_INFO.len();
+    expected[t - 1] = 0x00;
+    expected[t..t + SHA256_DIGEST_INFO.len()].copy_from_slice(&SHA256_DIGEST_INFO);
+    expected[256 - 32..].copy_from_slice(&Sha256::digest(message));
+    // Not secret: the signature and the message are public.
+    if m == expected { Ok(()) } else { Err(FirmwareError::BadSignature) }
+}
+
+/// A key that vouches for firmware.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicKey {
+    /// Ed25519, 32 bytes.
+    Ed25519([u8; 32]),
+    /// RSA-2048 with exponent 65537: the modulus, big-endian.
+    Rsa2048(Box<[u8; 256]>),
+}
+
+impl PublicKey {
+    /// From its bytes: 32 for Ed25519, 256 (the modulus) for RSA-2048.
+    pub fn from_bytes(bytes: &[u8]) -> Result<PublicKey, FirmwareError> {
+        match bytes.len() {
+            32 => {
+                let k: [u8; 32] = bytes.try_into().expect("32 bytes");
+                VerifyingKey::from_bytes(&k).map_err(|_| FirmwareError::BadKey)?;
+                Ok(PublicKey::Ed25519(k))
+            }
+            256 if bytes[0] & 0x80 != 0 && bytes[255] & 1 == 1 => {
+                Ok(PublicKey::Rsa2048(Box::new(bytes.try_into().expect("256 bytes"))))
+            }
+            _ => Err(FirmwareError::BadKey),
+        }
+    }
+
+    /// Its bytes (as [`PublicKey::from_bytes`] takes them).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            PublicKey::Ed25519(k) => k,
+            PublicKey::Rsa2048(n) => &n[..],
+        }
+    }
+
+    /// The algorithm's name in manifests.
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            PublicKey::Ed25519(_) => "ed25519",
+            PublicKey::Rsa2048(_) => "rsa2048-pkcs1v15-sha256",
+        }
+    }
+
+    /// Checks `signature` over the manifest.
+    pub fn verify(&self, manifest: &Manifest, signature: &[u8]) -> Result<(), FirmwareError> {
+        match self {
+            PublicKey::Ed25519(k) => {
+                let sig: &[u8; 64] =
+                    signature.try_into().map_err(|_| FirmwareError::BadSignature)?;
+                manifest.verify_ed25519(k, sig)
+            }
+            PublicKey::Rsa2048(n) => verify_rsa2048(n, &manifest.signed_bytes()?, signature),
+        }
     }
 }
 

@@ -3,12 +3,12 @@
 //! resumable downloads.
 
 use anyhow::Context;
-use ecowatt_proto::firmware::{Manifest, Version};
+use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::hex;
 use serde_json::{Value, json};
 
 /// The JSON form of a signed manifest.
-pub fn manifest_json(m: &Manifest, public: &[u8; 32], signature: &[u8; 64]) -> Value {
+pub fn manifest_json(m: &Manifest, public: &PublicKey, signature: &[u8]) -> Value {
     json!({
         "format": "ecowatt-firmware-manifest/1",
         "version": m.version.to_string(),
@@ -17,29 +17,35 @@ pub fn manifest_json(m: &Manifest, public: &[u8; 32], signature: &[u8; 64]) -> V
         "security_counter": m.security_counter,
         "target": m.target,
         "created_ms": m.created_ms,
-        "algorithm": "ed25519",
-        "public_key": hex::encode_upper(public),
+        "algorithm": public.algorithm(),
+        "public_key": hex::encode_upper(public.as_bytes()),
         "signature": hex::encode_upper(signature),
     })
 }
 
 /// Reads a manifest back: the manifest, the signer's public key and the signature.
-pub fn parse_manifest(v: &Value) -> anyhow::Result<(Manifest, [u8; 32], [u8; 64])> {
+pub fn parse_manifest(v: &Value) -> anyhow::Result<(Manifest, PublicKey, Vec<u8>)> {
     let s = |k: &str| v[k].as_str().with_context(|| format!("manifest field {k} missing"));
     let n = |k: &str| v[k].as_u64().with_context(|| format!("manifest field {k} missing"));
-    anyhow::ensure!(s("algorithm")? == "ed25519", "only ed25519 manifests are supported");
     let sha: [u8; 32] = hex::decode(s("sha256")?)
         .ok()
         .and_then(|b| b.try_into().ok())
         .context("sha256 must be 32 bytes hex")?;
-    let key: [u8; 32] = hex::decode(s("public_key")?)
+    let key = hex::decode(s("public_key")?).ok().context("public_key must be hex")?;
+    let key = PublicKey::from_bytes(&key)
+        .map_err(|_| anyhow::anyhow!("public_key: not an Ed25519 key or RSA-2048 modulus"))?;
+    let (algorithm, sig_len) = match &key {
+        PublicKey::Ed25519(_) => ("ed25519", 64),
+        PublicKey::Rsa2048(_) => ("rsa2048-pkcs1v15-sha256", 256),
+    };
+    anyhow::ensure!(
+        s("algorithm")? == algorithm,
+        "algorithm must be {algorithm} for this public key (ed25519 or rsa2048-pkcs1v15-sha256)"
+    );
+    let sig = hex::decode(s("signature")?)
         .ok()
-        .and_then(|b| b.try_into().ok())
-        .context("public_key must be 32 bytes hex")?;
-    let sig: [u8; 64] = hex::decode(s("signature")?)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .context("signature must be 64 bytes hex")?;
+        .filter(|b| b.len() == sig_len)
+        .with_context(|| format!("signature must be {sig_len} bytes hex"))?;
     let m = Manifest {
         version: Version::parse(s("version")?).map_err(|e| anyhow::anyhow!("version: {e}"))?,
         size: n("size")?,

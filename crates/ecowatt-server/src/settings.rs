@@ -72,7 +72,7 @@ pub struct Settings {
     /// URL devices use to reach this server.
     pub public_url: String,
     /// Public keys accepted for firmware signatures.
-    pub firmware_keys: Vec<[u8; 32]>,
+    pub firmware_keys: Vec<ecowatt_proto::firmware::PublicKey>,
 }
 
 impl Settings {
@@ -94,10 +94,14 @@ impl Settings {
             .map(|k| {
                 ecowatt_proto::hex::decode(k.trim())
                     .ok()
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| format!("firmware key {k:?} is not 32 bytes of hex"))
+                    .and_then(|b| ecowatt_proto::firmware::PublicKey::from_bytes(&b).ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "firmware key {k:?} is neither an Ed25519 key (64 hex digits) nor an RSA-2048 modulus (512)"
+                        )
+                    })
             })
-            .collect::<Result<Vec<[u8; 32]>, String>>()?;
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(Settings {
             firmware_keys,
             bind,

@@ -5,19 +5,22 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use ecowatt_proto::firmware::{Manifest, Version};
+use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::hex;
 use ecowatt_server::firmware::{manifest_json, parse_manifest};
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// Make an Ed25519 firmware signing key pair.
+/// Make a firmware signing key pair.
 #[derive(Args, Debug)]
 pub struct KeygenArgs {
     /// Private key file to write (mode 0600); the public key goes to FILE.pub.
     #[arg(long, default_value = "firmware-signing.key")]
     out: PathBuf,
+    /// Signature scheme: Ed25519 (default), or RSA-2048 PKCS#1 v1.5 with SHA-256 (the seed's).
+    #[arg(long, value_enum, default_value = "ed25519")]
+    algorithm: Algorithm,
     /// Overwrite existing files.
     #[arg(long)]
     force: bool,
@@ -72,6 +75,63 @@ pub enum FirmwareCommand {
     },
 }
 
+/// Signature schemes for firmware manifests.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Ed25519.
+    Ed25519,
+    /// RSA-2048, PKCS#1 v1.5, SHA-256, exponent 65537.
+    Rsa2048,
+}
+
+/// A private signing key: Ed25519 (a hex seed) or RSA-2048 (PKCS#8 PEM).
+enum SecretKey {
+    Ed25519(SigningKey),
+    Rsa(rsa::RsaPrivateKey),
+}
+
+impl SecretKey {
+    fn read(path: &Path) -> anyhow::Result<SecretKey> {
+        use rsa::pkcs8::DecodePrivateKey;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading private key {}", path.display()))?;
+        if text.contains("-----BEGIN PRIVATE KEY-----") {
+            let k = rsa::RsaPrivateKey::from_pkcs8_pem(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not an RSA private key: {e}", path.display()))?;
+            anyhow::ensure!(
+                rsa::traits::PublicKeyParts::size(&k) == 256,
+                "{}: only RSA-2048 keys are supported",
+                path.display()
+            );
+            return Ok(SecretKey::Rsa(k));
+        }
+        let seed: [u8; 32] = read_hex(path, "private key")?;
+        Ok(SecretKey::Ed25519(SigningKey::from_bytes(&seed)))
+    }
+
+    fn public(&self) -> PublicKey {
+        match self {
+            SecretKey::Ed25519(k) => PublicKey::Ed25519(k.verifying_key().to_bytes()),
+            SecretKey::Rsa(k) => {
+                let n = rsa::traits::PublicKeyParts::n(k).to_bytes_be();
+                let mut m = [0u8; 256];
+                m[256 - n.len()..].copy_from_slice(&n);
+                PublicKey::Rsa2048(Box::new(m))
+            }
+        }
+    }
+
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        match self {
+            SecretKey::Ed25519(k) => k.sign(message).to_bytes().to_vec(),
+            SecretKey::Rsa(k) => {
+                use rsa::signature::{SignatureEncoding, Signer as _};
+                rsa::pkcs1v15::SigningKey::<Sha256>::new(k.clone()).sign(message).to_vec()
+            }
+        }
+    }
+}
+
 fn read_hex<const N: usize>(path: &Path, what: &str) -> anyhow::Result<[u8; N]> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading {what} {}", path.display()))?;
@@ -81,9 +141,13 @@ fn read_hex<const N: usize>(path: &Path, what: &str) -> anyhow::Result<[u8; N]> 
         .with_context(|| format!("{} is not a {what} ({N} bytes in hex)", path.display()))
 }
 
-/// Reads a public key file (`.pub` from keygen).
-pub fn read_public_key(path: &Path) -> anyhow::Result<[u8; 32]> {
-    read_hex(path, "public key")
+/// Reads a public key file (`.pub` from keygen: an Ed25519 key or an RSA-2048 modulus, in hex).
+pub fn read_public_key(path: &Path) -> anyhow::Result<PublicKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading public key {}", path.display()))?;
+    hex::decode(text.trim()).ok().and_then(|b| PublicKey::from_bytes(&b).ok()).with_context(|| {
+        format!("{} is not a public key (Ed25519 or RSA-2048 modulus, hex)", path.display())
+    })
 }
 
 /// Writes a new key pair (`path`, `path.pub`); returns the public key in hex.
@@ -102,7 +166,17 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     if !args.force && (args.out.exists() || public.exists()) {
         bail!("{} exists; pass --force to replace it", args.out.display());
     }
-    make_key(&args.out)?;
+    if args.algorithm == Algorithm::Rsa2048 {
+        use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+            .map_err(|e| anyhow::anyhow!("RSA key generation: {e}"))?;
+        let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let key_pub = SecretKey::Rsa(key).public();
+        ecowatt_server::run::write_secret(&args.out, pem.trim())?;
+        std::fs::write(&public, format!("{}\n", hex::encode_upper(key_pub.as_bytes())))?;
+    } else {
+        make_key(&args.out)?;
+    }
     println!("Private key: {} (keep it offline; the server never needs it)", args.out.display());
     println!("Public key:  {} (give it to the server and the devices)", public.display());
     Ok(())
@@ -113,8 +187,7 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
         FirmwareCommand::Sign { image, version, key, security_counter, target } => {
             let version = Version::parse(&version)
                 .map_err(|e| anyhow::anyhow!("--version {version:?}: {e}"))?;
-            let seed: [u8; 32] = read_hex(&key, "private key")?;
-            let signing = SigningKey::from_bytes(&seed);
+            let signing = SecretKey::read(&key)?;
             let bytes =
                 std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
             let manifest = Manifest {
@@ -125,11 +198,10 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
                 target,
                 created_ms: ecowatt_server::now_ms() as u64,
             };
-            let signature = signing
-                .sign(&manifest.signed_bytes().map_err(|e| anyhow::anyhow!("{e}"))?)
-                .to_bytes();
+            let signature =
+                signing.sign(&manifest.signed_bytes().map_err(|e| anyhow::anyhow!("{e}"))?);
             let out = PathBuf::from(format!("{}.manifest.json", image.display()));
-            let json = manifest_json(&manifest, signing.verifying_key().as_bytes(), &signature);
+            let json = manifest_json(&manifest, &signing.public(), &signature);
             std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")?;
             println!(
                 "Signed {} ({} bytes, version {}): {}",
@@ -184,9 +256,8 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
                     .with_context(|| format!("reading {}", path.display()))?,
             )?;
             let (m, _signer, sig) = parse_manifest(&v)?;
-            let public: [u8; 32] = read_hex(&public_key, "public key")?;
-            m.verify_ed25519(&public, &sig)
-                .map_err(|e| anyhow::anyhow!("manifest refused: {e}"))?;
+            let public = read_public_key(&public_key)?;
+            public.verify(&m, &sig).map_err(|e| anyhow::anyhow!("manifest refused: {e}"))?;
             let bytes = std::fs::read(&image)?;
             let sha: [u8; 32] = Sha256::digest(&bytes).into();
             if bytes.len() as u64 != m.size || sha != m.sha256 {

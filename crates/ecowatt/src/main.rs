@@ -84,7 +84,7 @@ enum Verb {
         #[command(flatten)]
         conn: client::ServerConn,
     },
-    /// Make an Ed25519 firmware signing key pair (kept offline; the server only gets the public key).
+    /// Make a firmware signing key pair, Ed25519 or RSA-2048 (kept offline; the server only gets the public key).
     Keygen(firmware::KeygenArgs),
     /// Sign firmware images and check them (signed manifests: version, size, SHA-256, security counter).
     #[command(subcommand)]

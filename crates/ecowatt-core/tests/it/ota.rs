@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use ecowatt_core::kv::{KeyValue, KvError, MemoryKv};
 use ecowatt_core::ota::{self, Boot, BootRecord, Download, FlashError, OtaError, Slot, Slots};
-use ecowatt_proto::firmware::{Manifest, Version};
+use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
 
@@ -103,8 +103,8 @@ fn signed(image: &[u8], version: &str, counter: u32, key: &[u8; 32]) -> (Manifes
     (m, sig)
 }
 
-fn trusted() -> [u8; 32] {
-    SigningKey::from_bytes(&KEY).verifying_key().to_bytes()
+fn trusted() -> PublicKey {
+    PublicKey::Ed25519(SigningKey::from_bytes(&KEY).verifying_key().to_bytes())
 }
 
 fn image() -> Vec<u8> {

@@ -23,7 +23,7 @@ fn an_update_on_files_resumes_after_a_restart_and_boots_on_trial() {
         created_ms: 1,
     };
     let sig = key.sign(&manifest.signed_bytes().unwrap()).to_bytes();
-    let trusted = key.verifying_key().to_bytes();
+    let trusted = ecowatt_proto::firmware::PublicKey::Ed25519(key.verifying_key().to_bytes());
 
     {
         let mut kv = FileKv::open(&dir.path().join("kv")).unwrap();

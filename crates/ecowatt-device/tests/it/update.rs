@@ -13,7 +13,7 @@ use ecowatt_device::agent::{self, AgentOptions, Provisioning, RestartMode, Stopp
 use ecowatt_device::filekv::FileKv;
 use ecowatt_device::slots::FileSlots;
 use ecowatt_device::update::{self, Context, Ended, Source};
-use ecowatt_proto::firmware::{Manifest, Version};
+use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::messages::{OtaState, UpdateOffer, ota_reason, signature_algorithm};
 use ecowatt_server::testing::{TempDb, TestServer};
 use ecowatt_testkit::TestSim;
@@ -57,10 +57,36 @@ fn sign(m: &Manifest, seed: &[u8; 32]) -> [u8; 64] {
     SigningKey::from_bytes(seed).sign(&m.signed_bytes().unwrap()).to_bytes()
 }
 
+/// The RSA-2048 test key (made for the tests, never for firmware).
+fn rsa_key() -> (rsa::RsaPrivateKey, PublicKey) {
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::traits::PublicKeyParts;
+    let k = rsa::RsaPrivateKey::from_pkcs8_pem(include_str!(
+        "../../../ecowatt-proto/tests/it/keys/rsa-test-1.pem"
+    ))
+    .unwrap();
+    let n = PublicKey::from_bytes(&k.n().to_bytes_be()).unwrap();
+    (k, n)
+}
+
 /// Uploads a signed image as `ecowatt firmware upload` does.
 async fn upload(op: &Op, data: &[u8], version: &str, seed: &[u8; 32]) -> i64 {
     let m = manifest(data, version);
-    let json = ecowatt_server::firmware::manifest_json(&m, &public(seed), &sign(&m, seed));
+    let key = PublicKey::Ed25519(public(seed));
+    upload_signed(op, data, &m, &key, &sign(&m, seed)).await
+}
+
+/// Uploads an image signed with RSA-2048 PKCS#1 v1.5 / SHA-256.
+async fn upload_rsa(op: &Op, data: &[u8], version: &str) -> i64 {
+    use rsa::signature::{SignatureEncoding, Signer as _};
+    let m = manifest(data, version);
+    let (k, public) = rsa_key();
+    let sig = rsa::pkcs1v15::SigningKey::<Sha256>::new(k).sign(&m.signed_bytes().unwrap()).to_vec();
+    upload_signed(op, data, &m, &public, &sig).await
+}
+
+async fn upload_signed(op: &Op, data: &[u8], m: &Manifest, key: &PublicKey, sig: &[u8]) -> i64 {
+    let json = ecowatt_server::firmware::manifest_json(m, key, sig);
     let (url, token, data) = (op.url.clone(), op.token.clone(), data.to_vec());
     tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent =
@@ -127,10 +153,12 @@ fn boot_record(state: &Path) -> BootRecord {
 async fn a_rollout_updates_the_device_which_restarts_into_the_new_image_and_confirms_it() {
     let sim = TestSim::start(1).await;
     let db = TempDb::sqlite();
-    let server = TestServer::start_with(&db, false, "127.0.0.1:0", vec![public_hex(&K1)]).await;
+    let rsa_hex = ecowatt_proto::hex::encode_upper(rsa_key().1.as_bytes());
+    let keys = vec![public_hex(&K1), rsa_hex];
+    let server = TestServer::start_with(&db, false, "127.0.0.1:0", keys.clone()).await;
     let op = Op::of(&server);
     let p = provision(&op, "roof-1").await;
-    assert_eq!(p.firmware_keys, [public_hex(&K1)], "the provisioning file carries the trusted key");
+    assert_eq!(p.firmware_keys, keys, "the provisioning file carries the trusted keys");
     let state = db.dir.path().join("device");
     let agent = start(options(&p, &sim, &state));
     op.until(
@@ -170,6 +198,20 @@ async fn a_rollout_updates_the_device_which_restarts_into_the_new_image_and_conf
         v["device"]["firmware"] == "1.1.0"
     })
     .await;
+
+    // The next update is signed with RSA-2048 (the seed's scheme) and lands in slot A.
+    let data = image(200_000, 9);
+    let fw = upload_rsa(&op, &data, "1.2.0").await;
+    let r = op
+        .call("POST", "/api/v1/rollouts", Some(json!({"firmware_id": fw, "devices": ["roof-1"]})))
+        .await;
+    let r = rollout_state(&op, r["id"].as_i64().unwrap(), "the RSA-signed rollout", |v| {
+        v["state"] == "completed"
+    })
+    .await;
+    assert_eq!(r["devices"][0]["running"], "1.2.0");
+    assert_eq!(std::fs::read(state.join("slots").join("slot-a.bin")).unwrap(), data);
+    assert_eq!(boot_record(&state).active, Slot::A);
     agent.stop().await;
 }
 
@@ -186,7 +228,7 @@ async fn refused_images_never_switch_slots_and_a_failing_wave_aborts_the_rollout
         let mut opts = options(&p, &sim, &db.dir.path().join(name));
         opts.slave = 0x11 + agents.len() as u8;
         // The devices trust K1 only (the server trusts both).
-        opts.firmware_keys = vec![public(&K1)];
+        opts.firmware_keys = vec![PublicKey::Ed25519(public(&K1))];
         agents.push(start(opts));
     }
 
@@ -356,7 +398,8 @@ fn install(
             states.push(r.state);
         }
     };
-    let key = update::trusted_signer(offer, &[public(&K1)]).expect("signed by K1");
+    let key =
+        update::trusted_signer(offer, &[PublicKey::Ed25519(public(&K1))]).expect("signed by K1");
     let target = format!("linux-{}", std::env::consts::ARCH);
     let cx = Context { factory: &factory, target: &target, cancel: &cancel, report: &mut report };
     let result = update::install(|| kv.lock().unwrap(), &mut slots, cx, offer, &key, source);
@@ -397,7 +440,7 @@ fn a_cut_download_resumes_with_a_range_request_and_a_tampered_image_never_switch
     // A signature by a key the device does not trust is refused before anything is written.
     let evil = offer(&m, &K2);
     assert!(matches!(
-        update::trusted_signer(&evil, &[public(&K1)]),
+        update::trusted_signer(&evil, &[PublicKey::Ed25519(public(&K1))]),
         Err(Ended::Failed(ota_reason::BAD_SIGNATURE, _))
     ));
     assert!(matches!(

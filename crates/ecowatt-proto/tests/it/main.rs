@@ -4,4 +4,5 @@
 mod independent;
 mod props;
 mod protocol_vectors;
+mod rsa_signatures;
 mod vectors;

@@ -88,7 +88,7 @@ fn device_config(c: &messages::ConfigState) -> DeviceConfig {
 /// manifest offers nothing, loudly).
 fn offer(d: &SyncDelivery) -> Option<messages::UpdateOffer> {
     let row = d.update.as_ref()?;
-    let parsed = crate::firmware::parse_manifest(&row.manifest).and_then(|(m, _, sig)| {
+    let parsed = crate::firmware::parse_manifest(&row.manifest).and_then(|(m, signer, sig)| {
         let token: [u8; 16] = ecowatt_proto::hex::decode(&row.token)
             .ok()
             .and_then(|t| t.try_into().ok())
@@ -96,8 +96,15 @@ fn offer(d: &SyncDelivery) -> Option<messages::UpdateOffer> {
         Ok(messages::UpdateOffer {
             token,
             manifest: m,
-            algorithm: messages::signature_algorithm::ED25519,
-            signature: sig.to_vec(),
+            algorithm: match signer {
+                ecowatt_proto::firmware::PublicKey::Ed25519(_) => {
+                    messages::signature_algorithm::ED25519
+                }
+                ecowatt_proto::firmware::PublicKey::Rsa2048(_) => {
+                    messages::signature_algorithm::RSA2048_SHA256
+                }
+            },
+            signature: sig,
         })
     });
     match parsed {

@@ -35,7 +35,7 @@ fn provisioning(state: &AppState, device: &Device, key: &str) -> Value {
             .settings
             .firmware_keys
             .iter()
-            .map(|k| ecowatt_proto::hex::encode_upper(k))
+            .map(|k| ecowatt_proto::hex::encode_upper(k.as_bytes()))
             .collect::<Vec<_>>(),
     })
 }

@@ -67,9 +67,7 @@ pub async fn upload(
             "the manifest is signed by a key this server does not trust",
         ));
     }
-    manifest
-        .verify_ed25519(&signer, &signature)
-        .map_err(|e| bad("bad_signature", e.to_string()))?;
+    signer.verify(&manifest, &signature).map_err(|e| bad("bad_signature", e.to_string()))?;
     let sha: [u8; 32] = Sha256::digest(&body).into();
     if body.len() as u64 != manifest.size || sha != manifest.sha256 {
         return Err(bad(

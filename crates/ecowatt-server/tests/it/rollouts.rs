@@ -28,7 +28,15 @@ async fn store_image(c: &Client, version: &str, data: &[u8]) -> i64 {
     };
     // The store keeps what the upload endpoint checked; the signature is not
     // this test's concern (the device checks it).
-    let manifest = ecowatt_server::firmware::manifest_json(&m, &[1; 32], &[2; 64]);
+    // RFC 8032's first test key: a valid point, whose signature this is not.
+    let key = ecowatt_proto::firmware::PublicKey::from_bytes(
+        &ecowatt_proto::hex::decode(
+            "D75A980182B10AB7D54BFED3C964073A0EE172F3DAA62325AF021A68F707511A",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let manifest = ecowatt_server::firmware::manifest_json(&m, &key, &[2; 64]);
     let fw = Firmware {
         id: 0,
         version: version.into(),

@@ -90,6 +90,34 @@ fn a_signed_image_verifies_and_any_change_is_refused() {
     );
 }
 
+#[test]
+fn rsa_2048_keys_sign_manifests_the_seed_way_and_any_change_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let out = ok(&run(dir, &["keygen", "--algorithm", "rsa2048", "--out", "rsa.key"]));
+    assert!(out.contains("rsa.key.pub"), "{out}");
+    let public = std::fs::read_to_string(dir.join("rsa.key.pub")).unwrap();
+    assert_eq!(public.trim().len(), 512, "the public key file holds the 2048-bit modulus in hex");
+    assert!(std::fs::read_to_string(dir.join("rsa.key")).unwrap().contains("BEGIN PRIVATE KEY"));
+    ok(&run(dir, &["keygen", "--out", "ed.key"]));
+    std::fs::write(dir.join("fw.bin"), vec![0x3Cu8; 40_000]).unwrap();
+    ok(&run(dir, &["firmware", "sign", "fw.bin", "--version", "2.0.0", "--key", "rsa.key"]));
+    let manifest = std::fs::read_to_string(dir.join("fw.bin.manifest.json")).unwrap();
+    assert!(manifest.contains("rsa2048-pkcs1v15-sha256"), "{manifest}");
+    let out = ok(&run(dir, &["firmware", "verify", "fw.bin", "--public-key", "rsa.key.pub"]));
+    assert!(out.contains("version 2.0.0"), "{out}");
+    refused(
+        &run(dir, &["firmware", "verify", "fw.bin", "--public-key", "ed.key.pub"]),
+        "signature does not verify",
+    );
+    let edited = manifest.replace("\"2.0.0\"", "\"2.0.1\"");
+    std::fs::write(dir.join("fw.bin.manifest.json"), edited).unwrap();
+    refused(
+        &run(dir, &["firmware", "verify", "fw.bin", "--public-key", "rsa.key.pub"]),
+        "signature does not verify",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_range() {
     use ecowatt_server::testing::{TempDb, TestServer};
