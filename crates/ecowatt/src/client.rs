@@ -115,13 +115,15 @@ impl Api {
     /// Uploads a firmware image with its manifest (hex JSON in a header).
     pub fn upload_firmware(&self, image: &[u8], manifest_hex: &str) -> anyhow::Result<Value> {
         let url = format!("{}/api/v1/firmware", self.base);
+        let mut reader = Progress::new(image);
         let mut response = self
             .agent
             .post(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
             .header("ecowatt-manifest", manifest_hex)
             .header("content-type", "application/octet-stream")
-            .send(image)
+            .header("content-length", &image.len().to_string())
+            .send(ureq::SendBody::from_reader(&mut reader))
             .with_context(|| format!("cannot reach the server at {}", self.base))?;
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
@@ -135,6 +137,50 @@ impl Api {
             );
         }
         Ok(v)
+    }
+}
+
+/// Reads an upload's bytes and draws a progress bar on stderr (when it is a terminal).
+struct Progress<'a> {
+    data: &'a [u8],
+    at: usize,
+    drawn: usize,
+    tty: bool,
+}
+
+impl<'a> Progress<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        use std::io::IsTerminal;
+        Progress { data, at: 0, drawn: usize::MAX, tty: std::io::stderr().is_terminal() }
+    }
+
+    fn draw(&mut self) {
+        let pct = if self.data.is_empty() { 100 } else { self.at * 100 / self.data.len() };
+        if !self.tty || pct == self.drawn {
+            return;
+        }
+        self.drawn = pct;
+        let filled = pct * 30 / 100;
+        eprint!(
+            "\r  [{}{}] {pct:>3}%  {:.1}/{:.1} MB",
+            "#".repeat(filled),
+            "-".repeat(30 - filled),
+            self.at as f64 / 1e6,
+            self.data.len() as f64 / 1e6
+        );
+        if self.at == self.data.len() {
+            eprintln!();
+        }
+    }
+}
+
+impl std::io::Read for Progress<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.data.len() - self.at).min(64 * 1024);
+        buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+        self.at += n;
+        self.draw();
+        Ok(n)
     }
 }
 
