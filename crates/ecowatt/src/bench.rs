@@ -59,6 +59,10 @@ pub enum BenchCommand {
     /// A simulated fleet against a server process on loopback: uploads, data
     /// points and command delivery latency while devices hold long polls.
     Fleet(crate::fleet::FleetArgs),
+    /// A firmware update's device side: download throughput (range requests,
+    /// slot writes with a sync per chunk, SHA-256) and peak heap, against a
+    /// server in a child process.
+    Ota(crate::ota_bench::OtaArgs),
     /// Command queue -> deliver -> result cycles per second, and config updates
     /// per second, through the store (SQLite in a temp dir, or a throw-away
     /// PostgreSQL database).
@@ -89,6 +93,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             sim(requests.max(1), clients, max_time)
         }
         BenchCommand::Fleet(args) => crate::fleet::run(args),
+        BenchCommand::Ota(args) => crate::ota_bench::run(args),
         BenchCommand::Codec { batch, seed } => {
             codec_bench(batch.clamp(1, 4096), seed);
             Ok(())

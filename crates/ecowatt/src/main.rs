@@ -8,6 +8,7 @@ mod firmware;
 mod fleet;
 mod inverter;
 mod operator;
+mod ota_bench;
 mod rollout;
 mod server;
 mod sim;

@@ -1,0 +1,232 @@
+//! `ecowatt bench ota`: a firmware update's device side, measured. A server
+//! runs as a child process (so its memory is not counted); this process is the
+//! device: it gets the offer on a sealed sync, then runs the agent's own
+//! update path (`ecowatt_device::update::install`: range download, writes to
+//! the file-backed slot with a sync per chunk, SHA-256, progress records,
+//! pending mark) and reports throughput and how much its resident memory grew
+//! at the peak (Linux `VmHWM`, reset before each update).
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use ecowatt_core::kv::MemoryKv;
+use ecowatt_core::session::{Credentials, Session};
+use ecowatt_device::filekv::FileKv;
+use ecowatt_device::slots::FileSlots;
+use ecowatt_device::update::{self, Context as UpdateContext, HttpSource};
+use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
+use ecowatt_proto::hex;
+use ecowatt_proto::messages::{MessageType, SyncRequest, SyncResponse};
+use ed25519_dalek::{Signer, SigningKey};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// `VmHWM` and `VmRSS` of this process, bytes (Linux `/proc`).
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Resets the peak (`VmHWM`) to the current RSS; returns the current RSS.
+fn reset_peak() -> u64 {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    rss().1
+}
+
+/// Options of `ecowatt bench ota`.
+#[derive(Args, Debug)]
+pub struct OtaArgs {
+    /// Image size, bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=32 * 1024 * 1024))]
+    size: u64,
+    /// Updates to measure (each into a fresh device state).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+    runs: u64,
+}
+
+pub fn run(args: OtaArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("ecowatt-ota-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = measure(&args, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn measure(args: &OtaArgs, dir: &Path) -> anyhow::Result<()> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let signing = SigningKey::from_bytes(&seed);
+    let public = signing.verifying_key().to_bytes();
+    std::fs::write(dir.join("key.pub"), hex::encode_upper(&public))?;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let data_dir = dir.join("server");
+    let mut server = std::process::Command::new(std::env::current_exe()?)
+        .args(["server", "--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(&data_dir)
+        .arg("--firmware-key")
+        .arg(dir.join("key.pub"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting the server")?;
+    let result = device_side(args, dir, port, &data_dir, &signing, &public);
+    let _ = std::process::Command::new("kill").args(["-INT", &server.id().to_string()]).status();
+    let _ = server.wait();
+    result
+}
+
+fn device_side(
+    args: &OtaArgs,
+    dir: &Path,
+    port: u16,
+    data_dir: &Path,
+    signing: &SigningKey,
+    public: &[u8; 32],
+) -> anyhow::Result<()> {
+    let base = format!("http://127.0.0.1:{port}");
+    let http: ureq::Agent =
+        ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let t0 = Instant::now();
+    let token = loop {
+        if let Ok(t) = std::fs::read_to_string(data_dir.join("admin.token")) {
+            if http.get(format!("{base}/healthz")).call().is_ok_and(|r| r.status() == 200) {
+                break t.trim().to_owned();
+            }
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "the server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let auth = format!("Bearer {token}");
+    let call = |method: &str, path: &str, body: Value| -> anyhow::Result<Value> {
+        let req = http.post(format!("{base}{path}")).header("Authorization", &auth);
+        let mut resp = match method {
+            "POST" => req.send_json(&body)?,
+            _ => anyhow::bail!("unsupported"),
+        };
+        let v: Value = resp.body_mut().read_json()?;
+        anyhow::ensure!(resp.status().is_success(), "{path}: {v}");
+        Ok(v)
+    };
+
+    // The image: pseudo-random bytes, signed here.
+    let image: Vec<u8> =
+        (0..args.size as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let manifest = Manifest {
+        version: Version::parse("2.0.0")?,
+        size: args.size,
+        sha256: Sha256::digest(&image).into(),
+        security_counter: 1,
+        target: format!("linux-{}", std::env::consts::ARCH),
+        created_ms: ecowatt_server::now_ms() as u64,
+    };
+    let sig = signing.sign(&manifest.signed_bytes().map_err(|e| anyhow::anyhow!("{e}"))?);
+    let json = ecowatt_server::firmware::manifest_json(
+        &manifest,
+        &PublicKey::Ed25519(*public),
+        &sig.to_bytes(),
+    );
+    let mut resp = http
+        .post(format!("{base}/api/v1/firmware"))
+        .header("Authorization", &auth)
+        .header("ecowatt-manifest", &hex::encode_upper(json.to_string().as_bytes()))
+        .send(&image[..])?;
+    let fw: Value = resp.body_mut().read_json()?;
+    anyhow::ensure!(resp.status().is_success(), "upload: {fw}");
+    let image_sha = manifest.sha256;
+    drop(image); // not part of what the device holds
+
+    println!(
+        "Firmware update, device side: {:.1} MiB image, {} runs (server in a child process)",
+        args.size as f64 / 1_048_576.0,
+        args.runs
+    );
+    let (mut rates, mut peaks) = (Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        // A device, a rollout for it, and the offer on a sealed sync.
+        let name = format!("ota-bench-{run}");
+        let v = call("POST", "/api/v1/devices", json!({"name": name}))?;
+        let p = &v["provisioning"];
+        let key: [u8; 16] = hex::decode(p["key"].as_str().unwrap_or(""))
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .context("device key")?;
+        let creds = Credentials {
+            device_id: p["device_id"].as_u64().context("device id")? as u32,
+            key,
+            key_version: 1,
+        };
+        call("POST", "/api/v1/rollouts", json!({"firmware_id": fw["id"], "devices": [name]}))?;
+        let mut kv = MemoryKv::new();
+        let mut session = Session::start(creds, &mut kv).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let req = SyncRequest { firmware: "1.0.0".into(), ..Default::default() };
+        let sealed = session
+            .seal(&mut kv, MessageType::SyncRequest, &req.encode())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut resp = http.post(format!("{base}/api/v1/device/sync")).send(&sealed.bytes[..])?;
+        let answer = resp.body_mut().read_to_vec()?;
+        let (_, body) =
+            session.open(sealed.counter, &answer).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let offer = SyncResponse::decode(&body)?.update.context("no update offered")?;
+
+        let state = dir.join(format!("device-{run}"));
+        let kv = std::sync::Mutex::new(FileKv::open(&state)?);
+        let mut slots = FileSlots::open(&state.join("slots"))?;
+        let factory = Version::parse("1.0.0")?;
+        let target = format!("linux-{}", std::env::consts::ARCH);
+        let cancel = AtomicBool::new(false);
+        let mut reports = 0u64;
+        let mut report = |_| reports += 1;
+        let mut source = HttpSource {
+            http: http.clone(),
+            url: format!("{base}/api/v1/device/firmware/{}", hex::encode_upper(&offer.token)),
+        };
+        let keys = [PublicKey::Ed25519(*public)];
+        let baseline = reset_peak();
+        let started = Instant::now();
+        let signer = update::trusted_signer(&offer, &keys)
+            .map_err(|e| anyhow::anyhow!("signature refused: {e:?}"))?;
+        let cx = UpdateContext {
+            factory: &factory,
+            target: &target,
+            cancel: &cancel,
+            report: &mut report,
+        };
+        update::install(|| kv.lock().expect("kv"), &mut slots, cx, &offer, &signer, &mut source)
+            .map_err(|e| anyhow::anyhow!("update failed: {e:?}"))?;
+        let secs = started.elapsed().as_secs_f64();
+        let peak = rss().0.saturating_sub(baseline);
+        let written: [u8; 32] =
+            Sha256::digest(std::fs::read(slots.path(ecowatt_core::ota::Slot::B))?).into();
+        anyhow::ensure!(written == image_sha, "the slot does not hold the image");
+        let mib_s = args.size as f64 / 1_048_576.0 / secs;
+        println!(
+            "  run {}: {:>7.2} s  {:>7.1} MiB/s  peak RSS +{:>6} KiB over the start of the update  ({} progress reports)",
+            run + 1,
+            secs,
+            mib_s,
+            peak / 1024,
+            reports
+        );
+        rates.push(mib_s);
+        peaks.push(peak);
+    }
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "  median {:.1} MiB/s; peak RSS growth at most {} KiB (download buffer {} KiB, SHA-256 state, HTTP client)",
+        rates[rates.len() / 2],
+        peaks.iter().max().unwrap_or(&0) / 1024,
+        update::CHUNK / 1024
+    );
+    Ok(())
+}
