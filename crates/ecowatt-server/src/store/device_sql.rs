@@ -328,7 +328,7 @@ impl SqlStore {
         .bind(device)
         .bind(kind)
         .bind(detail.to_string())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(())
     }

@@ -30,6 +30,11 @@ pub enum Dialect {
 #[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
+    /// Where write transactions run: on SQLite a pool of one connection, so
+    /// that writers queue here (fairly, without sleeping) instead of in
+    /// SQLite's busy handler, whose back-off sleeps made the latency tail;
+    /// on PostgreSQL the same pool as reads.
+    writer: AnyPool,
     dialect: Dialect,
 }
 
@@ -165,9 +170,8 @@ impl SqlStore {
                 "use sqlite://PATH or postgres://USER@HOST/DB",
             )));
         };
-        let options = AnyPoolOptions::new()
-            .max_connections(if dialect == Dialect::Sqlite { 4 } else { 16 })
-            .after_connect(move |conn, _| {
+        let options = |max| {
+            AnyPoolOptions::new().max_connections(max).after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
                         conn.execute("PRAGMA foreign_keys = ON").await?;
@@ -176,12 +180,16 @@ impl SqlStore {
                     }
                     Ok(())
                 })
-            });
-        let pool = options.connect(url).await?;
-        if dialect == Dialect::Sqlite {
+            })
+        };
+        let pool = options(if dialect == Dialect::Sqlite { 4 } else { 16 }).connect(url).await?;
+        let writer = if dialect == Dialect::Sqlite {
             sqlx::query("PRAGMA journal_mode = WAL").fetch_optional(&pool).await?;
-        }
-        let store = SqlStore { pool, dialect };
+            options(1).connect(url).await?
+        } else {
+            pool.clone()
+        };
+        let store = SqlStore { pool, writer, dialect };
         store.migrate().await?;
         Ok(store)
     }
@@ -196,14 +204,20 @@ impl SqlStore {
         self.dialect
     }
 
-    /// Closes the pool.
+    /// Closes the pools.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 
-    /// The pool.
+    /// The pool (reads).
     pub(super) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The pool single statements that write run on.
+    pub(super) fn writer(&self) -> &AnyPool {
+        &self.writer
     }
 
     /// A write transaction.
@@ -213,8 +227,8 @@ impl SqlStore {
 
     async fn begin(&self) -> StoreResult<Tx> {
         Ok(match self.dialect {
-            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.pool.begin().await?,
+            Dialect::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.writer.begin().await?,
         })
     }
 
@@ -584,7 +598,7 @@ impl Store for SqlStore {
         sqlx::query("UPDATE devices SET last_seen_ms = $1 WHERE name = $2")
             .bind(now)
             .bind(name)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -957,7 +971,7 @@ impl Store for SqlStore {
              WHERE status IN ('queued', 'delivered') AND expires_ms <= $1",
         )
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(done.rows_affected())
     }
@@ -1011,7 +1025,7 @@ impl Store for SqlStore {
         .bind(reading_ms)
         .bind(action)
         .bind(device)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(done.rows_affected())
     }
