@@ -34,8 +34,11 @@ impl SqlStore {
     }
 
     /// Locks the device's row, checks and advances the replay window of the key
-    /// that sealed the message, and records that the device was seen. The caller
-    /// applies the message's effect in the same transaction.
+    /// that sealed the message, and records that the device was seen (plus
+    /// `also`, more `SET` assignments on the same row, in the same statement).
+    /// Returns the device's name, firmware and down counter before the update.
+    /// The caller applies the message's effect in the same transaction.
+    #[allow(clippy::too_many_arguments)] // the message's identity and the row's changes
     async fn admit_in(
         &self,
         tx: &mut Tx,
@@ -43,7 +46,9 @@ impl SqlStore {
         key_slot: KeySlot,
         counter: u64,
         now: i64,
-    ) -> StoreResult<Result<String, SyncRefusal>> {
+        also: &str,
+        also_binds: &[i64],
+    ) -> StoreResult<Result<(String, Option<String>, i64), SyncRefusal>> {
         let row = self.device_row(tx, device_id).await?;
         let mut w = window(&row, key_slot)?;
         if let Err(e) = w.accept(counter) {
@@ -56,16 +61,18 @@ impl SqlStore {
             KeySlot::Current => ("replay_high", "replay_bitmap"),
             KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
         };
-        sqlx::query(&format!(
-            "UPDATE devices SET {h} = $1, {b} = $2, last_seen_ms = $3 WHERE id = $4"
-        ))
-        .bind(w.highest as i64)
-        .bind(w.bitmap as i64)
-        .bind(now)
-        .bind(device_id)
-        .execute(&mut **tx)
-        .await?;
-        Ok(Ok(row.try_get("name")?))
+        let sql =
+            format!("UPDATE devices SET {h} = $1, {b} = $2, last_seen_ms = $3{also} WHERE id = $4");
+        let mut q = sqlx::query(&sql)
+            .bind(w.highest as i64)
+            .bind(w.bitmap as i64)
+            .bind(now)
+            .bind(device_id);
+        for v in also_binds {
+            q = q.bind(*v);
+        }
+        q.execute(&mut **tx).await?;
+        Ok(Ok((row.try_get("name")?, row.try_get("firmware")?, row.try_get("down_counter")?)))
     }
 
     /// Config and commands for the device, and the next down counter.
@@ -129,14 +136,16 @@ impl SqlStore {
         now: i64,
     ) -> StoreResult<Result<SyncDelivery, SyncRefusal>> {
         let mut tx = self.begin_write().await?;
-        let name =
-            match self.admit_in(&mut tx, device_id, report.key_slot, report.counter, now).await? {
-                Ok(name) => name,
-                Err(refusal) => return Ok(Err(refusal)),
-            };
-        if let Some(firmware) = &report.firmware {
+        let admitted = self
+            .admit_in(&mut tx, device_id, report.key_slot, report.counter, now, "", &[])
+            .await?;
+        let (name, firmware_before, _) = match admitted {
+            Ok(a) => a,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        if report.firmware.is_some() && report.firmware != firmware_before {
             sqlx::query("UPDATE devices SET firmware = $1 WHERE id = $2")
-                .bind(firmware.as_str())
+                .bind(report.firmware.as_deref())
                 .bind(device_id)
                 .execute(&mut *tx)
                 .await?;
@@ -221,18 +230,32 @@ impl SqlStore {
         dropped_total: i64,
         now: i64,
     ) -> StoreResult<Result<u64, SyncRefusal>> {
-        let mut tx = self.begin_write().await?;
-        if let Err(refusal) = self.admit_in(&mut tx, device_id, key_slot, counter, now).await? {
-            return Ok(Err(refusal));
+        if let Some(ingest) = self.ingest() {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let job = super::ingest::Job {
+                device_id,
+                key_slot,
+                counter,
+                batch: b.clone(),
+                dropped_total,
+                now,
+                reply,
+            };
+            let gone = || StoreError::Db(sqlx::Error::Protocol("ingest task stopped".into()));
+            ingest.send(job).await.map_err(|_| gone())?;
+            return answer.await.map_err(|_| gone())?;
         }
-        sqlx::query(
-            "UPDATE devices SET dropped_total = CASE WHEN dropped_total > $1 THEN dropped_total ELSE $1 END, \
-             down_counter = down_counter + 1 WHERE id = $2",
-        )
-        .bind(dropped_total)
-        .bind(device_id)
-        .execute(&mut *tx)
-        .await?;
+        let mut tx = self.begin_write().await?;
+        // One statement for the window, last seen, drops and the answer's counter.
+        let also = ", dropped_total = CASE WHEN dropped_total > $5 THEN dropped_total ELSE $5 END, \
+                    down_counter = down_counter + 1";
+        let admitted = self
+            .admit_in(&mut tx, device_id, key_slot, counter, now, also, &[dropped_total])
+            .await?;
+        let down = match admitted {
+            Ok((_, _, before)) => before + 1,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
         sqlx::query(
             "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, last_ms, \
              registers, codec, data, received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
@@ -250,11 +273,6 @@ impl SqlStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let down: i64 = sqlx::query("SELECT down_counter FROM devices WHERE id = $1")
-            .bind(device_id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("down_counter")?;
         tx.commit().await?;
         Ok(Ok(down as u64))
     }

@@ -5,6 +5,7 @@
 //! are written in one transaction.
 
 pub mod device_sql;
+mod ingest;
 pub mod rollout_sql;
 pub mod schema;
 pub mod sql;

@@ -35,6 +35,8 @@ pub struct SqlStore {
     /// SQLite's busy handler, whose back-off sleeps made the latency tail;
     /// on PostgreSQL the same pool as reads.
     writer: AnyPool,
+    /// SQLite: telemetry uploads written in groups (`ingest.rs`).
+    ingest: Option<tokio::sync::mpsc::Sender<super::ingest::Job>>,
     dialect: Dialect,
 }
 
@@ -189,7 +191,8 @@ impl SqlStore {
         } else {
             pool.clone()
         };
-        let store = SqlStore { pool, writer, dialect };
+        let ingest = (dialect == Dialect::Sqlite).then(|| super::ingest::start(writer.clone()));
+        let store = SqlStore { pool, writer, ingest, dialect };
         store.migrate().await?;
         Ok(store)
     }
@@ -213,6 +216,11 @@ impl SqlStore {
     /// The pool (reads).
     pub(super) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The group-commit ingest queue (SQLite).
+    pub(super) fn ingest(&self) -> Option<&tokio::sync::mpsc::Sender<super::ingest::Job>> {
+        self.ingest.as_ref()
     }
 
     /// The pool single statements that write run on.
@@ -1017,6 +1025,19 @@ impl Store for SqlStore {
     ) -> StoreResult<u64> {
         let action =
             serde_json::to_string(&Action::Write { register, value }).expect("action serialises");
+        // Nearly every upload reads the register, nearly never with a write
+        // to confirm: look first, on a reader, and leave the writer alone.
+        let waiting = sqlx::query(
+            "SELECT 1 AS one FROM commands WHERE status = 'succeeded' AND action = $1 \
+             AND device_id = (SELECT id FROM devices WHERE name = $2) LIMIT 1",
+        )
+        .bind(action.as_str())
+        .bind(device)
+        .fetch_optional(&self.pool)
+        .await?;
+        if waiting.is_none() {
+            return Ok(0);
+        }
         let done = sqlx::query(
             "UPDATE commands SET status = 'confirmed', confirmed_ms = $1 \
              WHERE status = 'succeeded' AND action = $2 AND COALESCE(executed_ms, completed_ms) <= $1 \
