@@ -30,7 +30,11 @@ pub struct FleetArgs {
     /// Devices (each holds a long poll open).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     devices: u64,
-    /// How long to measure (after the devices are connected).
+    /// Time before measuring: the devices connect (long polls spread over the
+    /// first 5 s) and the server works off that connection storm.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// How long to measure (after the warm-up).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     duration: Duration,
     /// Real time between two uploads of one device; each carries 60 samples (5 min at a 5 s poll).
@@ -49,6 +53,8 @@ type Http = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Byte
 #[derive(Default)]
 struct Stats {
     upload_lat_us: Vec<u32>,
+    /// Slowest upload started in each 5 s of the measurement, µs.
+    worst_per_5s: Vec<u32>,
     uploads: u64,
     batch_bytes: u64,
     points: u64,
@@ -68,18 +74,40 @@ async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<Vec<u8>, String> 
     if status == 200 { Ok(bytes.to_vec()) } else { Err(format!("http_{status}")) }
 }
 
+/// A process's `/proc` files, opened before the bench holds thousands of
+/// sockets (later opens could fail for want of descriptors).
+struct ProcFiles {
+    status: std::fs::File,
+    stat: std::fs::File,
+}
+
+impl ProcFiles {
+    fn open(pid: u32) -> anyhow::Result<ProcFiles> {
+        Ok(ProcFiles {
+            status: std::fs::File::open(format!("/proc/{pid}/status"))?,
+            stat: std::fs::File::open(format!("/proc/{pid}/stat"))?,
+        })
+    }
+}
+
+fn reread(f: &mut std::fs::File) -> Option<String> {
+    use std::io::{Read, Seek};
+    f.rewind().ok()?;
+    let mut s = String::new();
+    f.read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
 /// (RSS kB, CPU ticks) of a process, from /proc.
-fn proc_usage(pid: u32) -> (u64, u64) {
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
+fn proc_usage(files: &mut ProcFiles) -> (u64, u64) {
+    let rss = reread(&mut files.status)
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0);
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
+    let ticks = reread(&mut files.stat)
         .and_then(|s| {
             let after = s.rsplit_once(')')?.1;
             let f: Vec<&str> = after.split_whitespace().collect();
@@ -162,10 +190,16 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
 
     let http: Http =
         Client::builder(TokioExecutor::new()).pool_max_idle_per_host(usize::MAX).build_http();
+    // A device uploads every few minutes: between two uploads its connection
+    // is gone (the agent's idle timeout), so each upload opens its own rather
+    // than borrowing one of thousands kept idle.
+    let upload_http: Http =
+        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
     let stats = Arc::new(Mutex::new(Stats::default()));
     let queued: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let deadline = Instant::now() + Duration::from_secs(5) + args.duration;
-    let measure_from = Instant::now() + Duration::from_secs(5);
+    let mut proc_files = ProcFiles::open(pid)?;
+    let deadline = Instant::now() + args.warmup + args.duration;
+    let measure_from = Instant::now() + args.warmup;
     let applied = ConfigState {
         version: 1,
         poll_interval_ms: 5_000,
@@ -246,7 +280,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         // Uploads.
         {
             let (http, stats, session, url) = (
-                http.clone(),
+                upload_http.clone(),
                 stats.clone(),
                 session.clone(),
                 format!("{base}/api/v1/device/telemetry"),
@@ -307,7 +341,13 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
                             st.uploads += 1;
                             st.points += 600;
                             st.batch_bytes += len;
-                            st.upload_lat_us.push(lat.as_micros().min(u32::MAX as u128) as u32);
+                            let us = lat.as_micros().min(u32::MAX as u128) as u32;
+                            st.upload_lat_us.push(us);
+                            let slot = (t0 - measure_from).as_secs() as usize / 5;
+                            if st.worst_per_5s.len() <= slot {
+                                st.worst_per_5s.resize(slot + 1, 0);
+                            }
+                            st.worst_per_5s[slot] = st.worst_per_5s[slot].max(us);
                         }
                         (Some(_), _) => {}
                         (None, Err(kind)) => {
@@ -323,7 +363,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     }
     // The operator.
     tokio::time::sleep_until(measure_from.into()).await;
-    let usage_start = proc_usage(pid);
+    let usage_start = proc_usage(&mut proc_files);
     let measure_start = Instant::now();
     let mut rng = 0x9E37_79B9u64;
     let gap = Duration::from_secs_f64(1.0 / args.commands_per_sec.max(0.1));
@@ -348,7 +388,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         });
     }
     let elapsed = measure_start.elapsed().as_secs_f64();
-    let usage_end = proc_usage(pid);
+    let usage_end = proc_usage(&mut proc_files);
     for t in tasks {
         t.abort();
     }
@@ -359,6 +399,8 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         .unwrap_or(0);
     st.upload_lat_us.sort_unstable();
     st.delivery_lat_us.sort_unstable();
+    let worst: Vec<String> =
+        st.worst_per_5s.iter().map(|us| format!("{:.0}", f64::from(*us) / 1000.0)).collect();
     let ms = |v: &[u32], p: f64| f64::from(crate::bench::percentile(v, p)) / 1000.0;
     let (u50, u99, umax) =
         (ms(&st.upload_lat_us, 0.5), ms(&st.upload_lat_us, 0.99), ms(&st.upload_lat_us, 1.0));
@@ -370,6 +412,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         st.uploads as f64 / elapsed,
         st.points as f64 / elapsed,
     );
+    println!("Slowest upload per 5 s, ms: {}", worst.join(" "));
     println!(
         "Long polls answered: {} ({:.0}/s); commands delivered through them: {}; latency p50 {d50:.1} ms p99 {d99:.1} ms max {dmax:.1} ms",
         st.syncs,

@@ -94,10 +94,11 @@ async fn write_group_inner(writer: &AnyPool, group: &[Job]) -> Answers {
          down_counter, dropped_total, last_seen_ms FROM devices WHERE id IN ({list})"
     );
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-    let rows = sqlx::query(&select).fetch_all(&mut *tx).await?;
+    // Not kept in the prepared-statement cache: every group's text differs.
+    let rows = sqlx::query(&select).persistent(false).fetch_all(&mut *tx).await?;
     let (answers, sql) = plan(&rows, group)?;
     if !sql.is_empty() {
-        sqlx::query(&sql).execute(&mut *tx).await?;
+        sqlx::query(&sql).persistent(false).execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(answers)

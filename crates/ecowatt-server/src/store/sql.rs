@@ -179,6 +179,9 @@ impl SqlStore {
                         conn.execute("PRAGMA foreign_keys = ON").await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        // Statement journals and sorts in memory: no temporary
+                        // files to open (a busy server may be short of descriptors).
+                        conn.execute("PRAGMA temp_store = MEMORY").await?;
                     }
                     Ok(())
                 })
