@@ -230,51 +230,20 @@ impl SqlStore {
         dropped_total: i64,
         now: i64,
     ) -> StoreResult<Result<u64, SyncRefusal>> {
-        if let Some(ingest) = self.ingest() {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let job = super::ingest::Job {
-                device_id,
-                key_slot,
-                counter,
-                batch: b.clone(),
-                dropped_total,
-                now,
-                reply,
-            };
-            let gone = || StoreError::Db(sqlx::Error::Protocol("ingest task stopped".into()));
-            ingest.send(job).await.map_err(|_| gone())?;
-            return answer.await.map_err(|_| gone())?;
-        }
-        let mut tx = self.begin_write().await?;
-        // One statement for the window, last seen, drops and the answer's counter.
-        let also = ", dropped_total = CASE WHEN dropped_total > $5 THEN dropped_total ELSE $5 END, \
-                    down_counter = down_counter + 1";
-        let admitted = self
-            .admit_in(&mut tx, device_id, key_slot, counter, now, also, &[dropped_total])
-            .await?;
-        let down = match admitted {
-            Ok((_, _, before)) => before + 1,
-            Err(refusal) => return Ok(Err(refusal)),
+        // Written in groups by the ingest task (`ingest.rs`), answered after commit.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = super::ingest::Job {
+            device_id,
+            key_slot,
+            counter,
+            batch: b.clone(),
+            dropped_total,
+            now,
+            reply,
         };
-        sqlx::query(
-            "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, last_ms, \
-             registers, codec, data, received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING",
-        )
-        .bind(device_id)
-        .bind(b.first_seq)
-        .bind(b.last_seq)
-        .bind(b.count)
-        .bind(b.first_ms)
-        .bind(b.last_ms)
-        .bind(b.registers)
-        .bind(b.codec)
-        .bind(b.data.clone())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Ok(down as u64))
+        let gone = || StoreError::Db(sqlx::Error::Protocol("ingest task stopped".into()));
+        self.ingest().send(job).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     fn batch_from(row: &AnyRow) -> StoreResult<StoredBatch> {

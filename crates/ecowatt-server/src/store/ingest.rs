@@ -1,24 +1,24 @@
-//! Telemetry ingest on SQLite with group commit.
+//! Telemetry ingest with group commit, on both backends.
 //!
-//! Each statement through sqlx's SQLite driver is a round trip to the
-//! connection's worker thread, and a profile of the fleet benchmark showed the
-//! server spending most of its time switching threads, not in SQLite. So
-//! uploads queue here and one task writes them in groups: one transaction per
-//! group, one `SELECT` for the devices' replay windows, the checks in memory,
-//! and one multi-statement write (the devices' new windows and counters, the
-//! batches) — four round trips for up to [`GROUP_MAX`] uploads instead of five
-//! for each. Every upload is still checked against its device's window in
-//! order, answered only after its group is committed, and a refused upload
-//! changes nothing. PostgreSQL keeps one transaction per upload.
+//! A profile of the fleet benchmark on SQLite showed the server spending most
+//! of its time switching to and from sqlx's SQLite worker thread (one round
+//! trip per statement), and on PostgreSQL every upload paid a commit's WAL
+//! flush. So uploads queue here and one task per server writes them in groups
+//! of up to [`GROUP_MAX`]: one transaction, one `SELECT` of the devices' replay
+//! windows (locked in id order on PostgreSQL), the checks in memory in arrival
+//! order, one `UPDATE ... FROM (VALUES ...)` for the devices and one
+//! multi-row `INSERT` for the batches. Every upload is still checked against
+//! its device's window exactly as alone, answered only after its group is
+//! committed, and a refused upload changes nothing.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 
 use ecowatt_proto::replay::ReplayWindow;
 use sqlx::AnyPool;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
+use super::sql::Dialect;
 use super::{KeySlot, StoreError, StoreResult, StoredBatch, SyncRefusal};
 
 /// Most uploads written in one transaction.
@@ -36,16 +36,16 @@ pub struct Job {
 }
 
 /// Starts the ingest task on `writer` (the one-connection write pool).
-pub fn start(writer: AnyPool) -> mpsc::Sender<Job> {
+pub fn start(writer: AnyPool, dialect: Dialect) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel(4 * GROUP_MAX);
-    tokio::spawn(run(writer, rx));
+    tokio::spawn(run(writer, dialect, rx));
     tx
 }
 
-async fn run(writer: AnyPool, mut rx: mpsc::Receiver<Job>) {
+async fn run(writer: AnyPool, dialect: Dialect, mut rx: mpsc::Receiver<Job>) {
     let mut group = Vec::with_capacity(GROUP_MAX);
     while rx.recv_many(&mut group, GROUP_MAX).await > 0 {
-        match write_group(&writer, &group).await {
+        match write_group(&writer, dialect, &group).await {
             Ok(answers) => {
                 for (job, answer) in group.drain(..).zip(answers) {
                     let _ = job.reply.send(Ok(answer));
@@ -79,36 +79,109 @@ type Answers = StoreResult<Vec<Result<u64, SyncRefusal>>>;
 // for every lifetime (sqlx's executor impls trip the compiler's inference).
 fn write_group<'a>(
     writer: &'a AnyPool,
+    dialect: Dialect,
     group: &'a [Job],
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answers> + Send + 'a>> {
-    Box::pin(write_group_inner(writer, group))
+    Box::pin(write_group_inner(writer, dialect, group))
 }
 
-async fn write_group_inner(writer: &AnyPool, group: &[Job]) -> Answers {
+async fn write_group_inner(writer: &AnyPool, dialect: Dialect, group: &[Job]) -> Answers {
     let mut ids: Vec<i64> = group.iter().map(|j| j.device_id).collect();
     ids.sort_unstable();
     ids.dedup();
     let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    // PostgreSQL: lock the rows in id order (another server's group waits, never deadlocks).
+    let lock = if dialect == Dialect::Postgres { " ORDER BY id FOR UPDATE" } else { "" };
     let select = format!(
         "SELECT id, enabled, replay_high, replay_bitmap, prev_replay_high, prev_replay_bitmap, \
-         down_counter, dropped_total, last_seen_ms FROM devices WHERE id IN ({list})"
+         down_counter, dropped_total, last_seen_ms FROM devices WHERE id IN ({list}){lock}"
     );
-    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = match dialect {
+        Dialect::Sqlite => writer.begin_with("BEGIN IMMEDIATE").await?,
+        Dialect::Postgres => writer.begin().await?,
+    };
     // Not kept in the prepared-statement cache: every group's text differs.
     let rows = sqlx::query(&select).persistent(false).fetch_all(&mut *tx).await?;
-    let (answers, sql) = plan(&rows, group)?;
-    if !sql.is_empty() {
-        sqlx::query(&sql).persistent(false).execute(&mut *tx).await?;
+    let plan = plan(&rows, group)?;
+    if !plan.updates.is_empty() {
+        let values = (0..plan.updates.len())
+            .map(|i| {
+                let p = |k: usize| format!("CAST(${} AS BIGINT)", i * 8 + k + 1);
+                format!("({})", (0..8).map(p).collect::<Vec<_>>().join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        // VALUES columns are column1..column8 in both dialects.
+        let sql = format!(
+            "UPDATE devices SET replay_high = v.column2, replay_bitmap = v.column3, \
+             prev_replay_high = v.column4, prev_replay_bitmap = v.column5, down_counter = v.column6, \
+             dropped_total = v.column7, last_seen_ms = v.column8 \
+             FROM (VALUES {values}) AS v WHERE devices.id = v.column1"
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for u in &plan.updates {
+            for v in u {
+                q = q.bind(*v);
+            }
+        }
+        q.execute(&mut *tx).await?;
+    }
+    for chunk in plan.accepted.chunks(200) {
+        let values = (0..chunk.len())
+            .map(|i| {
+                let n = i * 10;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5,
+                    n + 6,
+                    n + 7,
+                    n + 8,
+                    n + 9,
+                    n + 10
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
+             last_ms, registers, codec, data, received_ms) VALUES {values} \
+             ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING"
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for &i in chunk {
+            let (job, b) = (&group[i], &group[i].batch);
+            q = q
+                .bind(job.device_id)
+                .bind(b.first_seq)
+                .bind(b.last_seq)
+                .bind(b.count)
+                .bind(b.first_ms)
+                .bind(b.last_ms)
+                .bind(b.registers)
+                .bind(b.codec)
+                .bind(b.data.clone())
+                .bind(job.now);
+        }
+        q.execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(answers)
+    Ok(plan.answers)
+}
+
+/// What a group does: the answers in order, each touched device's new row
+/// values (`id`, windows, counters, last seen), the uploads to store.
+struct Plan {
+    answers: Vec<Result<u64, SyncRefusal>>,
+    updates: Vec<[i64; 8]>,
+    accepted: Vec<usize>,
 }
 
 /// The checks on the rows read, and the SQL that writes the outcome.
-fn plan(
-    rows: &[sqlx::any::AnyRow],
-    group: &[Job],
-) -> StoreResult<(Vec<Result<u64, SyncRefusal>>, String)> {
+fn plan(rows: &[sqlx::any::AnyRow], group: &[Job]) -> StoreResult<Plan> {
     let mut devices = HashMap::with_capacity(rows.len());
     for row in rows {
         let w = |h: &str, b: &str| -> StoreResult<ReplayWindow> {
@@ -132,8 +205,8 @@ fn plan(
     }
     // The checks, in arrival order, on the rows as the group leaves them.
     let mut answers = Vec::with_capacity(group.len());
-    let mut accepted: Vec<&Job> = Vec::with_capacity(group.len());
-    for job in group {
+    let mut accepted = Vec::with_capacity(group.len());
+    for (i, job) in group.iter().enumerate() {
         let Some(d) = devices.get_mut(&job.device_id) else {
             answers.push(Err(SyncRefusal::Disabled)); // removed while its upload waited
             continue;
@@ -157,49 +230,23 @@ fn plan(
         d.last_seen_ms = d.last_seen_ms.max(job.now);
         d.touched = true;
         answers.push(Ok(d.down_counter as u64));
-        accepted.push(job);
+        accepted.push(i);
     }
-    // One multi-statement write. Only integers and hex blobs are inlined.
-    let mut sql = String::with_capacity(256 * devices.len() + 1400 * accepted.len());
-    for (id, d) in devices.iter().filter(|(_, d)| d.touched) {
-        let _ = write!(
-            sql,
-            "UPDATE devices SET replay_high = {}, replay_bitmap = {}, prev_replay_high = {}, \
-             prev_replay_bitmap = {}, down_counter = {}, dropped_total = {}, last_seen_ms = {} \
-             WHERE id = {id};\n",
-            d.current.highest as i64,
-            d.current.bitmap as i64,
-            d.previous.highest as i64,
-            d.previous.bitmap as i64,
-            d.down_counter,
-            d.dropped_total,
-            d.last_seen_ms,
-        );
-    }
-    for chunk in accepted.chunks(200) {
-        sql.push_str(
-            "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
-             last_ms, registers, codec, data, received_ms) VALUES ",
-        );
-        for (i, job) in chunk.iter().enumerate() {
-            let b = &job.batch;
-            let _ = write!(
-                sql,
-                "{}({}, {}, {}, {}, {}, {}, {}, {}, X'{}', {})",
-                if i == 0 { "" } else { ", " },
-                job.device_id,
-                b.first_seq,
-                b.last_seq,
-                b.count,
-                b.first_ms,
-                b.last_ms,
-                b.registers,
-                b.codec,
-                ecowatt_proto::hex::encode_upper(&b.data),
-                job.now
-            );
-        }
-        sql.push_str(" ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING;\n");
-    }
-    Ok((answers, sql))
+    let updates = devices
+        .iter()
+        .filter(|(_, d)| d.touched)
+        .map(|(id, d)| {
+            [
+                *id,
+                d.current.highest as i64,
+                d.current.bitmap as i64,
+                d.previous.highest as i64,
+                d.previous.bitmap as i64,
+                d.down_counter,
+                d.dropped_total,
+                d.last_seen_ms,
+            ]
+        })
+        .collect();
+    Ok(Plan { answers, updates, accepted })
 }

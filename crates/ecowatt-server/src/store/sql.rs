@@ -35,8 +35,8 @@ pub struct SqlStore {
     /// SQLite's busy handler, whose back-off sleeps made the latency tail;
     /// on PostgreSQL the same pool as reads.
     writer: AnyPool,
-    /// SQLite: telemetry uploads written in groups (`ingest.rs`).
-    ingest: Option<tokio::sync::mpsc::Sender<super::ingest::Job>>,
+    /// Telemetry uploads written in groups (`ingest.rs`).
+    ingest: tokio::sync::mpsc::Sender<super::ingest::Job>,
     dialect: Dialect,
 }
 
@@ -194,7 +194,7 @@ impl SqlStore {
         } else {
             pool.clone()
         };
-        let ingest = (dialect == Dialect::Sqlite).then(|| super::ingest::start(writer.clone()));
+        let ingest = super::ingest::start(writer.clone(), dialect);
         let store = SqlStore { pool, writer, ingest, dialect };
         store.migrate().await?;
         Ok(store)
@@ -221,9 +221,9 @@ impl SqlStore {
         &self.pool
     }
 
-    /// The group-commit ingest queue (SQLite).
-    pub(super) fn ingest(&self) -> Option<&tokio::sync::mpsc::Sender<super::ingest::Job>> {
-        self.ingest.as_ref()
+    /// The group-commit ingest queue.
+    pub(super) fn ingest(&self) -> &tokio::sync::mpsc::Sender<super::ingest::Job> {
+        &self.ingest
     }
 
     /// The pool single statements that write run on.
