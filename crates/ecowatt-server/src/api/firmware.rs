@@ -266,12 +266,18 @@ pub async fn rollout(
     Ok(Json(rollout_json(&r, Some(&devices))))
 }
 
-async fn act(
-    state: AppState,
+/// `POST /api/v1/rollouts/{id}/pause|resume|abort`.
+pub async fn act(
+    State(state): State<AppState>,
     op: Operator,
-    id: i64,
-    action: RolloutAction,
+    Path((id, verb)): Path<(i64, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    let action = match verb.as_str() {
+        "pause" => RolloutAction::Pause,
+        "resume" => RolloutAction::Resume,
+        "abort" => RolloutAction::Abort,
+        _ => return Err(ApiError::not_found(format!("rollout action {verb:?}"))),
+    };
     op.require_admin()?;
     let (_, wake) = state.store.rollout_action(id, action, &op.actor(), crate::now_ms()).await?;
     for name in &wake {
@@ -279,31 +285,4 @@ async fn act(
     }
     let (r, devices) = state.store.rollout(id).await?;
     Ok(Json(rollout_json(&r, Some(&devices))))
-}
-
-/// `POST /api/v1/rollouts/{id}/pause`.
-pub async fn pause(
-    State(state): State<AppState>,
-    op: Operator,
-    Path(id): Path<i64>,
-) -> Result<Json<Value>, ApiError> {
-    act(state, op, id, RolloutAction::Pause).await
-}
-
-/// `POST /api/v1/rollouts/{id}/resume`.
-pub async fn resume(
-    State(state): State<AppState>,
-    op: Operator,
-    Path(id): Path<i64>,
-) -> Result<Json<Value>, ApiError> {
-    act(state, op, id, RolloutAction::Resume).await
-}
-
-/// `POST /api/v1/rollouts/{id}/abort`.
-pub async fn abort(
-    State(state): State<AppState>,
-    op: Operator,
-    Path(id): Path<i64>,
-) -> Result<Json<Value>, ApiError> {
-    act(state, op, id, RolloutAction::Abort).await
 }

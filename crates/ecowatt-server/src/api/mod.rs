@@ -89,9 +89,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/device/firmware/{token}", get(firmware::device_image))
         .route("/api/v1/rollouts", get(firmware::rollouts).post(firmware::start_rollout))
         .route("/api/v1/rollouts/{id}", get(firmware::rollout))
-        .route("/api/v1/rollouts/{id}/pause", post(firmware::pause))
-        .route("/api/v1/rollouts/{id}/resume", post(firmware::resume))
-        .route("/api/v1/rollouts/{id}/abort", post(firmware::abort))
+        .route("/api/v1/rollouts/{id}/{action}", post(firmware::act))
         .route("/api/v1/devices/{name}/telemetry", get(telemetry::query))
         .route("/api/v1/devices/{name}/latest", get(telemetry::latest))
         .route("/api/v1/devices/{name}/completeness", get(telemetry::completeness));

@@ -220,6 +220,8 @@ async fn rollout_goes_wave_by_wave_and_aborts_past_its_threshold(db: TempDb) {
     assert_eq!(r["counts"]["succeeded"], 1);
     let (status, _) = f.c.call("POST", &format!("/api/v1/rollouts/{id}/resume"), None).await;
     assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = f.c.call("POST", &format!("/api/v1/rollouts/{id}/explode"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 
     // A percentage picks that share of the enabled devices; a device is in
     // one active rollout at a time.
