@@ -387,6 +387,8 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
             }
         });
     }
+    // The last gap (or all of it, with a slow operator) runs to the end.
+    tokio::time::sleep_until(deadline.into()).await;
     let elapsed = measure_start.elapsed().as_secs_f64();
     let usage_end = proc_usage(&mut proc_files);
     for t in tasks {
