@@ -16,6 +16,9 @@ use super::*;
 
 /// Device states that end its part in a rollout.
 const FINAL: [&str; 4] = ["succeeded", "failed", "rolled_back", "cancelled"];
+/// Device states in which the offer is (still) sent, as an SQL list: the
+/// device has not started installing. Abort cancels these.
+const WAITING: &str = "('pending', 'offered', 'downloading', 'verifying')";
 
 fn new_token() -> String {
     let mut buf = [0u8; 16];
@@ -110,10 +113,10 @@ impl SqlStore {
 
     /// Names of the devices in `wave` not yet finished (to wake their long polls).
     async fn wave_devices_in(&self, tx: &mut Tx, id: i64, wave: i64) -> StoreResult<Vec<String>> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "SELECT d.name FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
-             WHERE rd.rollout_id = $1 AND rd.wave <= $2 AND rd.state IN ('pending', 'offered', 'downloading', 'verifying')",
-        )
+             WHERE rd.rollout_id = $1 AND rd.wave <= $2 AND rd.state IN {WAITING}"
+        ))
         .bind(id)
         .bind(wave)
         .fetch_all(&mut **tx)
@@ -190,10 +193,10 @@ impl SqlStore {
     }
 
     async fn cancel_waiting_in(&self, tx: &mut Tx, id: i64, now: i64) -> StoreResult<()> {
-        sqlx::query(
+        sqlx::query(&format!(
             "UPDATE rollout_devices SET state = 'cancelled', updated_ms = $1 \
-             WHERE rollout_id = $2 AND state IN ('pending', 'offered', 'downloading', 'verifying')",
-        )
+             WHERE rollout_id = $2 AND state IN {WAITING}"
+        ))
         .bind(now)
         .bind(id)
         .execute(&mut **tx)
@@ -258,14 +261,13 @@ impl SqlStore {
         device_id: i64,
         now: i64,
     ) -> StoreResult<(Option<UpdateOfferRow>, Vec<String>)> {
-        let row = sqlx::query(
+        let row = sqlx::query(&format!(
             "SELECT rd.rollout_id, rd.state, rd.token, f.manifest, f.version, f.size, d.firmware AS running \
              FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
              JOIN firmware f ON f.id = r.firmware_id JOIN devices d ON d.id = rd.device_id \
              WHERE rd.device_id = $1 AND r.state = 'running' AND rd.wave <= r.current_wave \
-             AND rd.state IN ('pending', 'offered', 'downloading', 'verifying') \
-             ORDER BY rd.rollout_id DESC LIMIT 1",
-        )
+             AND rd.state IN {WAITING} ORDER BY rd.rollout_id DESC LIMIT 1"
+        ))
         .bind(device_id)
         .fetch_optional(&mut **tx)
         .await?;
