@@ -136,6 +136,25 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Waits (up to 30 s) for a server child at `base` to answer `/healthz` and to
+/// have written its first admin token into `data_dir`; returns the token.
+pub fn wait_for_server(
+    http: &ureq::Agent,
+    base: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<String> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(t) = std::fs::read_to_string(data_dir.join("admin.token")) {
+            if http.get(format!("{base}/healthz")).call().is_ok_and(|r| r.status() == 200) {
+                return Ok(t.trim().to_owned());
+            }
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "the server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("ecowatt-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -145,16 +164,9 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> anyhow::Result<()> {
     let base = format!("http://127.0.0.1:{port}");
     let ops: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    // Wait for the server and its first admin token.
-    let t0 = Instant::now();
-    let token = loop {
-        if let Ok(t) = std::fs::read_to_string(dir.join("admin.token")) {
-            if ops.get(format!("{base}/healthz")).call().is_ok_and(|r| r.status() == 200) {
-                break t.trim().to_owned();
-            }
-        }
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "the server did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let token = {
+        let (ops, base, dir) = (ops.clone(), base.clone(), dir.to_path_buf());
+        tokio::task::spawn_blocking(move || wait_for_server(&ops, &base, &dir)).await??
     };
     let auth = format!("Bearer {token}");
     // Devices, provisioned through the API (4 at a time).

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
@@ -97,16 +97,7 @@ fn device_side(
     let base = format!("http://127.0.0.1:{port}");
     let http: ureq::Agent =
         ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let t0 = Instant::now();
-    let token = loop {
-        if let Ok(t) = std::fs::read_to_string(data_dir.join("admin.token")) {
-            if http.get(format!("{base}/healthz")).call().is_ok_and(|r| r.status() == 200) {
-                break t.trim().to_owned();
-            }
-        }
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "the server did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let token = crate::fleet::wait_for_server(&http, &base, data_dir)?;
     let auth = format!("Bearer {token}");
     let call = |method: &str, path: &str, body: Value| -> anyhow::Result<Value> {
         let req = http.post(format!("{base}{path}")).header("Authorization", &auth);
