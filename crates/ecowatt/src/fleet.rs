@@ -258,7 +258,10 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
                             results.clear();
                             let now = Instant::now();
                             let mut st = stats.lock().expect("stats");
-                            st.syncs += 1;
+                            // Only answers within the measurement count towards the rate.
+                            if now >= measure_from {
+                                st.syncs += 1;
+                            }
                             for cmd in resp.commands {
                                 if let Some(t) = queued.lock().expect("queued").remove(&cmd.id) {
                                     st.delivery_lat_us.push(
