@@ -6,10 +6,12 @@
 //! flush. So uploads queue here and one task per server writes them in groups
 //! of up to [`GROUP_MAX`]: one transaction, one `SELECT` of the devices' replay
 //! windows (locked in id order on PostgreSQL), the checks in memory in arrival
-//! order, one `UPDATE ... FROM (VALUES ...)` for the devices and one
-//! multi-row `INSERT` for the batches. Every upload is still checked against
-//! its device's window exactly as alone, answered only after its group is
-//! committed, and a refused upload changes nothing.
+//! order, then the writes: on SQLite one script (an `UPDATE` per device, a
+//! multi-row `INSERT`), one round trip; on PostgreSQL one
+//! `UPDATE ... FROM (VALUES ...)` and one multi-row `INSERT`, with binds.
+//! Every upload is still checked against its device's window exactly as
+//! alone, answered only after its group is committed, and a refused upload
+//! changes nothing.
 
 use std::collections::HashMap;
 
@@ -103,6 +105,15 @@ async fn write_group_inner(writer: &AnyPool, dialect: Dialect, group: &[Job]) ->
     // Not kept in the prepared-statement cache: every group's text differs.
     let rows = sqlx::query(&select).persistent(false).fetch_all(&mut *tx).await?;
     let plan = plan(&rows, group)?;
+    if dialect == Dialect::Sqlite {
+        // One multi-statement write: one round trip to the connection's thread.
+        let sql = sqlite_write(&plan, group);
+        if !sql.is_empty() {
+            sqlx::query(&sql).persistent(false).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        return Ok(plan.answers);
+    }
     if !plan.updates.is_empty() {
         let values = (0..plan.updates.len())
             .map(|i| {
@@ -170,6 +181,48 @@ async fn write_group_inner(writer: &AnyPool, dialect: Dialect, group: &[Job]) ->
     }
     tx.commit().await?;
     Ok(plan.answers)
+}
+
+/// The group's writes as one SQLite script. Only integers and hex blob
+/// literals are inlined, all of them produced here, none from a peer's text.
+fn sqlite_write(plan: &Plan, group: &[Job]) -> String {
+    use std::fmt::Write as _;
+    let mut sql = String::with_capacity(256 * plan.updates.len() + 1400 * plan.accepted.len());
+    for u in &plan.updates {
+        let _ = writeln!(
+            sql,
+            "UPDATE devices SET replay_high = {}, replay_bitmap = {}, prev_replay_high = {}, \
+             prev_replay_bitmap = {}, down_counter = {}, dropped_total = {}, last_seen_ms = {} \
+             WHERE id = {};",
+            u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[0]
+        );
+    }
+    for chunk in plan.accepted.chunks(200) {
+        sql.push_str(
+            "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
+             last_ms, registers, codec, data, received_ms) VALUES ",
+        );
+        for (n, &i) in chunk.iter().enumerate() {
+            let (job, b) = (&group[i], &group[i].batch);
+            let _ = write!(
+                sql,
+                "{}({}, {}, {}, {}, {}, {}, {}, {}, X'{}', {})",
+                if n == 0 { "" } else { ", " },
+                job.device_id,
+                b.first_seq,
+                b.last_seq,
+                b.count,
+                b.first_ms,
+                b.last_ms,
+                b.registers,
+                b.codec,
+                ecowatt_proto::hex::encode_upper(&b.data),
+                job.now
+            );
+        }
+        sql.push_str(" ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING;\n");
+    }
+    sql
 }
 
 /// What a group does: the answers in order, each touched device's new row
