@@ -9,7 +9,8 @@ use sqlx::any::AnyRow;
 use super::sql::{Dialect, SqlStore, Tx};
 use super::*;
 
-fn window(row: &AnyRow, slot: KeySlot) -> StoreResult<ReplayWindow> {
+/// The replay window of `slot` as stored in a device row.
+pub(super) fn window(row: &AnyRow, slot: KeySlot) -> StoreResult<ReplayWindow> {
     let (h, b) = match slot {
         KeySlot::Current => ("replay_high", "replay_bitmap"),
         KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
@@ -34,11 +35,10 @@ impl SqlStore {
     }
 
     /// Locks the device's row, checks and advances the replay window of the key
-    /// that sealed the message, and records that the device was seen (plus
-    /// `also`, more `SET` assignments on the same row, in the same statement).
-    /// Returns the device's name, firmware and down counter before the update.
-    /// The caller applies the message's effect in the same transaction.
-    #[allow(clippy::too_many_arguments)] // the message's identity and the row's changes
+    /// that sealed the message, and records that the device was seen. Returns
+    /// the device's name and the firmware it last reported. The caller applies
+    /// the message's effect in the same transaction. (Telemetry uploads are
+    /// checked the same way, in groups, by `ingest.rs`.)
     async fn admit_in(
         &self,
         tx: &mut Tx,
@@ -46,9 +46,7 @@ impl SqlStore {
         key_slot: KeySlot,
         counter: u64,
         now: i64,
-        also: &str,
-        also_binds: &[i64],
-    ) -> StoreResult<Result<(String, Option<String>, i64), SyncRefusal>> {
+    ) -> StoreResult<Result<(String, Option<String>), SyncRefusal>> {
         let row = self.device_row(tx, device_id).await?;
         let mut w = window(&row, key_slot)?;
         if let Err(e) = w.accept(counter) {
@@ -61,18 +59,16 @@ impl SqlStore {
             KeySlot::Current => ("replay_high", "replay_bitmap"),
             KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
         };
-        let sql =
-            format!("UPDATE devices SET {h} = $1, {b} = $2, last_seen_ms = $3{also} WHERE id = $4");
-        let mut q = sqlx::query(&sql)
-            .bind(w.highest as i64)
-            .bind(w.bitmap as i64)
-            .bind(now)
-            .bind(device_id);
-        for v in also_binds {
-            q = q.bind(*v);
-        }
-        q.execute(&mut **tx).await?;
-        Ok(Ok((row.try_get("name")?, row.try_get("firmware")?, row.try_get("down_counter")?)))
+        sqlx::query(&format!(
+            "UPDATE devices SET {h} = $1, {b} = $2, last_seen_ms = $3 WHERE id = $4"
+        ))
+        .bind(w.highest as i64)
+        .bind(w.bitmap as i64)
+        .bind(now)
+        .bind(device_id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(Ok((row.try_get("name")?, row.try_get("firmware")?)))
     }
 
     /// Config and commands for the device, and the next down counter.
@@ -136,10 +132,9 @@ impl SqlStore {
         now: i64,
     ) -> StoreResult<Result<SyncDelivery, SyncRefusal>> {
         let mut tx = self.begin_write().await?;
-        let admitted = self
-            .admit_in(&mut tx, device_id, report.key_slot, report.counter, now, "", &[])
-            .await?;
-        let (name, firmware_before, _) = match admitted {
+        let admitted =
+            self.admit_in(&mut tx, device_id, report.key_slot, report.counter, now).await?;
+        let (name, firmware_before) = match admitted {
             Ok(a) => a,
             Err(refusal) => return Ok(Err(refusal)),
         };

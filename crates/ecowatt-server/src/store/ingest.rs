@@ -20,6 +20,7 @@ use sqlx::AnyPool;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
+use super::device_sql::window;
 use super::sql::Dialect;
 use super::{KeySlot, StoreError, StoreResult, StoredBatch, SyncRefusal};
 
@@ -237,18 +238,12 @@ struct Plan {
 fn plan(rows: &[sqlx::any::AnyRow], group: &[Job]) -> StoreResult<Plan> {
     let mut devices = HashMap::with_capacity(rows.len());
     for row in rows {
-        let w = |h: &str, b: &str| -> StoreResult<ReplayWindow> {
-            Ok(ReplayWindow {
-                highest: row.try_get::<i64, _>(h)? as u64,
-                bitmap: row.try_get::<i64, _>(b)? as u64,
-            })
-        };
         devices.insert(
             row.try_get::<i64, _>("id")?,
             DeviceState {
                 enabled: row.try_get::<i64, _>("enabled")? != 0,
-                current: w("replay_high", "replay_bitmap")?,
-                previous: w("prev_replay_high", "prev_replay_bitmap")?,
+                current: window(row, KeySlot::Current)?,
+                previous: window(row, KeySlot::Previous)?,
                 down_counter: row.try_get("down_counter")?,
                 dropped_total: row.try_get("dropped_total")?,
                 last_seen_ms: row.try_get::<Option<i64>, _>("last_seen_ms")?.unwrap_or(0),
