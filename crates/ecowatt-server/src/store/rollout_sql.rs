@@ -518,31 +518,15 @@ impl SqlStore {
                 }
             )));
         }
+        // The devices whose offer appears (resume) or disappears (pause, abort)
+        // hear at once: those of the current waves that have not started installing.
+        let wake = self.wave_devices_in(&mut tx, id, r.current_wave).await?;
         let reason = (action == RolloutAction::Abort).then(|| format!("aborted by {actor}"));
         self.set_rollout_state_in(&mut tx, id, to, reason.as_deref(), now).await?;
         if action == RolloutAction::Abort {
             self.cancel_waiting_in(&mut tx, id, now).await?;
         }
         Self::audit_in(&mut tx, now, actor, name, &id.to_string(), json!({})).await?;
-        // Devices whose offer appears (resume) or disappears (pause, abort) hear at once.
-        let wake = if action == RolloutAction::Resume {
-            self.wave_devices_in(&mut tx, id, r.current_wave).await?
-        } else {
-            let rows = sqlx::query(
-                "SELECT d.name FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id WHERE rd.rollout_id = $1 AND rd.wave <= $2",
-            )
-            .bind(id)
-            .bind(r.current_wave)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut names = Vec::with_capacity(rows.len());
-            for row in rows {
-                let n: String = row.try_get("name")?;
-                self.notify_in(&mut tx, &n).await?;
-                names.push(n);
-            }
-            names
-        };
         let r = self.rollout_in(&mut tx, id, false).await?;
         tx.commit().await?;
         Ok((r, wake))
