@@ -6,6 +6,7 @@ use serde_json::json;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use super::rollout_sql::WAITING;
 use super::sql::{Dialect, SqlStore, Tx};
 use super::*;
 
@@ -131,6 +132,11 @@ impl SqlStore {
         redeliver_after_ms: i64,
         now: i64,
     ) -> StoreResult<Result<SyncDelivery, SyncRefusal>> {
+        if deliver
+            && let Some(quiet) = self.quiet_sync(device_id, report, redeliver_after_ms, now).await?
+        {
+            return Ok(quiet);
+        }
         let mut tx = self.begin_write().await?;
         let admitted =
             self.admit_in(&mut tx, device_id, report.key_slot, report.counter, now).await?;
@@ -201,6 +207,97 @@ impl SqlStore {
         Ok(Ok(delivery))
     }
 
+    /// Most syncs are quiet long polls: the device reports what it reported
+    /// last time and there is nothing to deliver. Those are found with one
+    /// read (not on the writer) and admitted through the ingest task, whose
+    /// group commit writes their window, down counter and last-seen time with
+    /// the uploads'. Anything else (`None`) takes the full transaction. A
+    /// command or config queued after the read wakes the long poll, which
+    /// then delivers it in its own transaction, as it would have anyway.
+    async fn quiet_sync(
+        &self,
+        device_id: i64,
+        report: &SyncReport,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<Option<Result<SyncDelivery, SyncRefusal>>> {
+        if !report.results.is_empty() || report.ota.is_some() {
+            return Ok(None);
+        }
+        let row = sqlx::query(&format!(
+            "SELECT d.name, d.firmware, c.desired_version, c.reported_version, c.reported, c.rejected, \
+             (SELECT COUNT(*) FROM commands WHERE device_id = d.id AND expires_ms > $2 \
+              AND (status = 'queued' OR (status = 'delivered' AND delivered_ms <= $3))) AS commands, \
+             (SELECT COUNT(*) FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+              WHERE rd.device_id = d.id AND r.state = 'running' AND rd.wave <= r.current_wave \
+              AND rd.state IN {WAITING}) AS offers \
+             FROM devices d JOIN device_configs c ON c.device_id = d.id WHERE d.id = $1"
+        ))
+        .bind(device_id)
+        .bind(now)
+        .bind(now - redeliver_after_ms)
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let firmware: Option<String> = row.try_get("firmware")?;
+        let reported_version: Option<i64> = row.try_get("reported_version")?;
+        let desired_version: i64 = row.try_get("desired_version")?;
+        let same_report = match &report.applied {
+            None => true,
+            Some((version, applied)) => {
+                let reported: Option<String> = row.try_get("reported")?;
+                let rejected: Option<String> = row.try_get("rejected")?;
+                Some(*version) == reported_version
+                    && reported.as_deref()
+                        == Some(serde_json::to_string(applied).expect("config serialises").as_str())
+                    && rejected.as_deref()
+                        == Some(
+                            serde_json::to_string(&report.rejected)
+                                .expect("rejections serialise")
+                                .as_str(),
+                        )
+            }
+        };
+        let quiet = same_report
+            && (report.firmware.is_none() || report.firmware == firmware)
+            && report.applied.as_ref().map(|(v, _)| *v).or(reported_version)
+                == Some(desired_version)
+            && row.try_get::<i64, _>("commands")? == 0
+            && row.try_get::<i64, _>("offers")? == 0;
+        if !quiet {
+            return Ok(None);
+        }
+        let name: String = row.try_get("name")?;
+        let admitted =
+            self.ingest_job(device_id, report.key_slot, report.counter, None, 0, now).await?;
+        Ok(Some(admitted.map(|down_counter| SyncDelivery {
+            device: name,
+            down_counter,
+            config: None,
+            commands: vec![],
+            update: None,
+            wake: vec![],
+        })))
+    }
+
+    /// Queues one job for the ingest task and waits for its group's commit.
+    async fn ingest_job(
+        &self,
+        device_id: i64,
+        key_slot: KeySlot,
+        counter: u64,
+        batch: Option<StoredBatch>,
+        dropped_total: i64,
+        now: i64,
+    ) -> StoreResult<Result<u64, SyncRefusal>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job =
+            super::ingest::Job { device_id, key_slot, counter, batch, dropped_total, now, reply };
+        let gone = || StoreError::Db(sqlx::Error::Protocol("ingest task stopped".into()));
+        self.ingest().send(job).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
     pub(super) async fn device_deliver_impl(
         &self,
         device_id: i64,
@@ -226,19 +323,7 @@ impl SqlStore {
         now: i64,
     ) -> StoreResult<Result<u64, SyncRefusal>> {
         // Written in groups by the ingest task (`ingest.rs`), answered after commit.
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = super::ingest::Job {
-            device_id,
-            key_slot,
-            counter,
-            batch: b.clone(),
-            dropped_total,
-            now,
-            reply,
-        };
-        let gone = || StoreError::Db(sqlx::Error::Protocol("ingest task stopped".into()));
-        self.ingest().send(job).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        self.ingest_job(device_id, key_slot, counter, Some(b.clone()), dropped_total, now).await
     }
 
     fn batch_from(row: &AnyRow) -> StoreResult<StoredBatch> {

@@ -11,7 +11,9 @@
 //! `UPDATE ... FROM (VALUES ...)` and one multi-row `INSERT`, with binds.
 //! Every upload is still checked against its device's window exactly as
 //! alone, answered only after its group is committed, and a refused upload
-//! changes nothing.
+//! changes nothing. Quiet long polls (nothing to record, nothing to deliver)
+//! take the same road with no batch: their window, counter and last-seen
+//! time are written in the group too.
 
 use std::collections::HashMap;
 
@@ -27,12 +29,13 @@ use super::{KeySlot, StoreError, StoreResult, StoredBatch, SyncRefusal};
 /// Most uploads written in one transaction.
 pub const GROUP_MAX: usize = 256;
 
-/// One upload waiting to be written.
+/// One upload (or quiet sync, with no batch) waiting to be written.
 pub struct Job {
     pub device_id: i64,
     pub key_slot: KeySlot,
     pub counter: u64,
-    pub batch: StoredBatch,
+    /// `None` for a sync that only advances the window (see `quiet_sync`).
+    pub batch: Option<StoredBatch>,
     pub dropped_total: i64,
     pub now: i64,
     pub reply: oneshot::Sender<StoreResult<Result<u64, SyncRefusal>>>,
@@ -165,7 +168,7 @@ async fn write_group_inner(writer: &AnyPool, dialect: Dialect, group: &[Job]) ->
         );
         let mut q = sqlx::query(&sql).persistent(false);
         for &i in chunk {
-            let (job, b) = (&group[i], &group[i].batch);
+            let (job, b) = (&group[i], group[i].batch.as_ref().expect("accepted has a batch"));
             q = q
                 .bind(job.device_id)
                 .bind(b.first_seq)
@@ -204,7 +207,7 @@ fn sqlite_write(plan: &Plan, group: &[Job]) -> String {
              last_ms, registers, codec, data, received_ms) VALUES ",
         );
         for (n, &i) in chunk.iter().enumerate() {
-            let (job, b) = (&group[i], &group[i].batch);
+            let (job, b) = (&group[i], group[i].batch.as_ref().expect("accepted has a batch"));
             let _ = write!(
                 sql,
                 "{}({}, {}, {}, {}, {}, {}, {}, {}, X'{}', {})",
@@ -278,7 +281,9 @@ fn plan(rows: &[sqlx::any::AnyRow], group: &[Job]) -> StoreResult<Plan> {
         d.last_seen_ms = d.last_seen_ms.max(job.now);
         d.touched = true;
         answers.push(Ok(d.down_counter as u64));
-        accepted.push(i);
+        if job.batch.is_some() {
+            accepted.push(i);
+        }
     }
     let updates = devices
         .iter()

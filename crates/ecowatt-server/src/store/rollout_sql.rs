@@ -18,7 +18,7 @@ use super::*;
 const FINAL: [&str; 4] = ["succeeded", "failed", "rolled_back", "cancelled"];
 /// Device states in which the offer is (still) sent, as an SQL list: the
 /// device has not started installing. Abort cancels these.
-const WAITING: &str = "('pending', 'offered', 'downloading', 'verifying')";
+pub(super) const WAITING: &str = "('pending', 'offered', 'downloading', 'verifying')";
 
 fn new_token() -> String {
     let mut buf = [0u8; 16];

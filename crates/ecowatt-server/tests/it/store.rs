@@ -454,3 +454,116 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
     })
     .await;
 }
+
+/// Quiet long polls (nothing to record or deliver) are admitted through the
+/// same group commit as uploads: racing syncs, uploads and their replays,
+/// every counter is accepted once whichever kind carried it. A sync that has
+/// news (a command, a new desired config, a changed report) still gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
+    use ecowatt_server::store::{KeySlot, StoredBatch, SyncRefusal, SyncReport};
+    use std::sync::Arc;
+    let report = |counter: u64, applied: Option<(i64, DeviceConfig)>| SyncReport {
+        key_slot: KeySlot::Current,
+        counter,
+        applied,
+        rejected: vec![],
+        results: vec![],
+        firmware: None,
+        ota: None,
+    };
+    each(async |s: &SqlStore, backend: &str| {
+        let s = Arc::new(s.clone());
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            let name = format!("q{i}");
+            ids.push(s.create_device(&name, 10_000, KEY, "t", T0).await.unwrap().id);
+            s.report_config(&name, 1, &DeviceConfig::default(), &[], T0).await.unwrap();
+        }
+        s.set_device_enabled("q5", false, "t", T0).await.unwrap();
+        let mut tasks = Vec::new();
+        for &id in &ids {
+            for round in 0..2 {
+                let s = s.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for c in 1..=30u64 {
+                        let c = if round == 0 { c } else { 31 - c };
+                        let r = if c % 3 == 0 {
+                            s.device_sync(id, &report(c, None), true, 0, T0).await.unwrap().map(
+                                |d| {
+                                    assert!(d.commands.is_empty() && d.config.is_none());
+                                    d.down_counter
+                                },
+                            )
+                        } else {
+                            let b = StoredBatch {
+                                first_seq: c as i64,
+                                last_seq: c as i64,
+                                count: 1,
+                                first_ms: T0,
+                                last_ms: T0,
+                                registers: 1,
+                                codec: 1,
+                                data: vec![1; 8],
+                            };
+                            s.device_telemetry(id, KeySlot::Current, c, &b, 0, T0).await.unwrap()
+                        };
+                        out.push((id, c, r));
+                    }
+                    out
+                }));
+            }
+        }
+        let mut seen: std::collections::HashMap<(i64, u64), u32> = Default::default();
+        let mut downs: std::collections::HashMap<i64, Vec<u64>> = Default::default();
+        for t in tasks {
+            for (id, c, r) in t.await.unwrap() {
+                match r {
+                    Ok(down) => {
+                        *seen.entry((id, c)).or_default() += 1;
+                        downs.entry(id).or_default().push(down);
+                    }
+                    Err(SyncRefusal::Replay(_)) => {}
+                    Err(SyncRefusal::Disabled) => assert_eq!(id, ids[5], "{backend}"),
+                }
+            }
+        }
+        for (i, &id) in ids[..5].iter().enumerate() {
+            for c in 1..=30 {
+                assert_eq!(seen.get(&(id, c)), Some(&1), "{backend}: q{i} counter {c}");
+            }
+            let mut d = downs.remove(&id).unwrap();
+            d.sort_unstable();
+            d.dedup();
+            assert_eq!(d.len(), 30, "{backend}: q{i}: answer counters distinct");
+            let stored = s.telemetry(&format!("q{i}"), 0, i64::MAX).await.unwrap();
+            assert_eq!(stored.len(), 20, "{backend}: q{i}: every upload stored once");
+        }
+        assert!(!downs.contains_key(&ids[5]), "{backend}: a disabled device is refused");
+        let seen_ms = s.device("q0").await.unwrap().last_seen_ms;
+        assert_eq!(seen_ms, Some(T0), "{backend}: a quiet sync records the device as seen");
+
+        // News is never hidden by the quiet path.
+        let (req, act) = set_pct(40);
+        let cmd = s.queue_command("q0", &req, act, 60_000, "op", T0).await.unwrap();
+        let d = s.device_sync(ids[0], &report(31, None), true, 0, T0 + 1).await.unwrap().unwrap();
+        assert_eq!(d.commands.iter().map(|c| c.id).collect::<Vec<_>>(), [cmd.id], "{backend}");
+        let patch = ConfigPatch { poll_interval_ms: Some(10_000), ..Default::default() };
+        let desired = s.update_config("q1", &patch, "op", T0).await.unwrap();
+        let d = s.device_sync(ids[1], &report(31, None), true, 0, T0 + 1).await.unwrap().unwrap();
+        assert_eq!(d.config.map(|(v, _)| v), Some(desired.desired_version), "{backend}");
+        // The device reports the new config: recorded (not quiet), then quiet.
+        let applied = Some((desired.desired_version, desired.desired.clone()));
+        let d = s.device_sync(ids[1], &report(32, applied.clone()), true, 0, T0 + 2).await;
+        assert!(d.unwrap().unwrap().config.is_none(), "{backend}");
+        let c = s.config("q1").await.unwrap();
+        assert_eq!(c.reported_version, Some(desired.desired_version), "{backend}");
+        let d = s.device_sync(ids[1], &report(33, applied), true, 0, T0 + 3).await.unwrap();
+        assert!(d.unwrap().config.is_none(), "{backend}");
+        // A replayed quiet sync is refused.
+        let again = s.device_sync(ids[1], &report(33, None), true, 0, T0 + 4).await.unwrap();
+        assert!(matches!(again, Err(SyncRefusal::Replay(_))), "{backend}");
+    })
+    .await;
+}
