@@ -98,15 +98,17 @@ fn reread(f: &mut std::fs::File) -> Option<String> {
     Some(s)
 }
 
-/// (RSS kB, CPU ticks) of a process, from /proc.
-fn proc_usage(files: &mut ProcFiles) -> (u64, u64) {
-    let rss = reread(&mut files.status)
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0);
+/// (RSS kB, peak RSS kB, CPU ticks) of a process, from /proc.
+fn proc_usage(files: &mut ProcFiles) -> (u64, u64, u64) {
+    let status = reread(&mut files.status).unwrap_or_default();
+    let kb = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (rss, peak) = (kb("VmRSS:"), kb("VmHWM:"));
     let ticks = reread(&mut files.stat)
         .and_then(|s| {
             let after = s.rsplit_once(')')?.1;
@@ -114,7 +116,7 @@ fn proc_usage(files: &mut ProcFiles) -> (u64, u64) {
             Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
         })
         .unwrap_or(0);
-    (rss, ticks)
+    (rss, peak, ticks)
 }
 
 pub fn run(args: FleetArgs) -> anyhow::Result<()> {
@@ -410,7 +412,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         t.abort();
     }
     let mut st = stats.lock().expect("stats");
-    let cpu = (usage_end.1.saturating_sub(usage_start.1)) as f64 / 100.0 / elapsed * 100.0;
+    let cpu = (usage_end.2.saturating_sub(usage_start.2)) as f64 / 100.0 / elapsed * 100.0;
     let db_bytes: u64 = std::fs::read_dir(dir)
         .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0);
@@ -442,8 +444,9 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         String::new()
     };
     println!(
-        "Server: RSS {} MB, CPU {cpu:.0} % (of one core); stored {:.2} B per data point in batches{sqlite}",
+        "Server: RSS {} MB (peak {} MB), CPU {cpu:.0} % (of one core); stored {:.2} B per data point in batches{sqlite}",
         usage_end.0 / 1024,
+        usage_end.1 / 1024,
         if st.points > 0 { st.batch_bytes as f64 / st.points as f64 } else { 0.0 },
     );
     let mut errors: Vec<_> = st.errors.iter().collect();

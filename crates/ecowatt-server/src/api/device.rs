@@ -143,6 +143,7 @@ fn answer_body(d: &SyncDelivery) -> Vec<u8> {
 struct Admitted {
     crypto: DeviceCrypto,
     slot: KeySlot,
+    key: [u8; 16],
     keys: Keys,
     header: Header,
     plaintext: Vec<u8>,
@@ -214,7 +215,7 @@ async fn door(
         event(state, Some(&name), "wrong_type", json!({"type": header.msg_type})).await;
         return Err(refuse(StatusCode::BAD_REQUEST, "wrong_type"));
     }
-    Ok(Admitted { crypto, slot, keys, header, plaintext })
+    Ok(Admitted { crypto, slot, key, keys, header, plaintext })
 }
 
 async fn refused(state: &AppState, name: &str, counter: u64, refusal: SyncRefusal) -> Response {
@@ -231,31 +232,77 @@ async fn refused(state: &AppState, name: &str, counter: u64, refusal: SyncRefusa
     }
 }
 
-fn answer(a: &Admitted, msg_type: MessageType, down_counter: u64, body: &[u8]) -> Response {
+fn answer(keys: &Keys, request: &Header, down_counter: u64, delivery: &SyncDelivery) -> Response {
+    sealed(keys, request, MessageType::SyncResponse, down_counter, &answer_body(delivery))
+}
+
+fn sealed(
+    keys: &Keys,
+    request: &Header,
+    msg_type: MessageType,
+    down_counter: u64,
+    body: &[u8],
+) -> Response {
     let header = Header {
         msg_type: msg_type as u8,
         direction: Direction::Down,
-        key_version: a.header.key_version,
-        device_id: a.header.device_id,
+        key_version: request.key_version,
+        device_id: request.device_id,
         counter: down_counter,
     };
-    let sealed = seal::seal(&a.keys, &header, Some(a.header.counter), body);
+    let sealed = seal::seal(keys, &header, Some(request.counter), body);
     ([(header::CONTENT_TYPE, "application/octet-stream")], sealed).into_response()
+}
+
+/// What a long poll keeps while it waits: enough to seal its answer. (Memory
+/// per open long poll is what bounds a server holding 10,000 of them.)
+struct Held {
+    key: [u8; 16],
+    header: Header,
+    device_id: i64,
+    delivery: SyncDelivery,
+    wait_ms: u32,
+    notified: std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>,
 }
 
 /// `POST /api/v1/device/sync`: the device reports and asks; the answer carries
 /// config and commands, at once or when they arrive within the wait it allows.
 pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let a = match door(&state, body, MessageType::SyncRequest).await {
-        Ok(a) => a,
-        Err(r) => return r,
+    // The door, the decoding and the first transaction run in their own
+    // (boxed) future, finished before the wait: what waits is only `Held`.
+    let held = match Box::pin(sync_first(&state, body)).await {
+        Ok(held) => held,
+        Err(answered) => return answered,
     };
+    let woken = tokio::time::timeout(Duration::from_millis(u64::from(held.wait_ms)), held.notified)
+        .await
+        .is_ok();
+    // A wait that ends with no news answers with what the first transaction
+    // prepared (its down counter is unused): an idle long poll costs one write.
+    let delivery = if woken {
+        match state.store.device_deliver(held.device_id, REDELIVER_MS, crate::now_ms()).await {
+            Ok(d) => d,
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    } else {
+        held.delivery
+    };
+    state.metrics.inc("ecowatt_device_syncs_total", "");
+    answer(&Keys::derive(&held.key), &held.header, delivery.down_counter, &delivery)
+}
+
+/// A sync up to its wait: `Err` is the answer when there is nothing to wait for.
+async fn sync_first(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Held, Response> {
+    let a = door(state, body, MessageType::SyncRequest).await?;
     let name = a.crypto.device.name.clone();
     let request = match SyncRequest::decode(&a.plaintext) {
         Ok(r) => r,
         Err(e) => {
-            event(&state, Some(&name), "malformed_body", json!({"reason": e.to_string()})).await;
-            return refuse(StatusCode::BAD_REQUEST, "malformed_body");
+            event(state, Some(&name), "malformed_body", json!({"reason": e.to_string()})).await;
+            return Err(refuse(StatusCode::BAD_REQUEST, "malformed_body"));
         }
     };
     let report = SyncReport {
@@ -281,17 +328,15 @@ pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesReject
         ota: request.ota.clone(),
     };
     // Listen before looking, so that news arriving in between is not missed.
-    let waiter = state.push.waiter(&name);
-    let notified = waiter.notified();
-    tokio::pin!(notified);
+    let mut notified = Box::pin(state.push.waiter(&name).notified_owned());
     notified.as_mut().enable();
 
     let now = crate::now_ms();
-    let mut delivery =
+    let delivery =
         match state.store.device_sync(a.crypto.device.id, &report, true, REDELIVER_MS, now).await {
             Ok(Ok(d)) => d,
-            Ok(Err(refusal)) => return refused(&state, &name, a.header.counter, refusal).await,
-            Err(e) => return ApiError::from(e).into_response(),
+            Ok(Err(refusal)) => return Err(refused(state, &name, a.header.counter, refusal).await),
+            Err(e) => return Err(ApiError::from(e).into_response()),
         };
     for woken in &delivery.wake {
         state.push.notify(woken);
@@ -300,36 +345,23 @@ pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesReject
         let label = if outcome.success { "success" } else { "failure" };
         state.metrics.inc("ecowatt_command_results_total", format!("outcome=\"{label}\""));
     }
-    let wait = request.wait_ms.min(MAX_WAIT_MS);
+    let wait_ms = request.wait_ms.min(MAX_WAIT_MS);
     // An offer is news unless the device already works on that version.
     let new_offer = delivery.update.as_ref().is_some_and(|u| {
         request.ota.as_ref().map(|o| o.version.as_str()) != u.manifest["version"].as_str()
     });
-    if delivery.config.is_none() && delivery.commands.is_empty() && !new_offer && wait > 0 {
-        let woken =
-            tokio::time::timeout(Duration::from_millis(u64::from(wait)), notified).await.is_ok();
-        // A wait that ends with no news answers with what the first transaction
-        // prepared (its down counter is unused): an idle long poll costs one write.
-        if !woken {
-            state.metrics.inc("ecowatt_device_syncs_total", "");
-            return answer(
-                &a,
-                MessageType::SyncResponse,
-                delivery.down_counter,
-                &answer_body(&delivery),
-            );
-        }
-        delivery = match state
-            .store
-            .device_deliver(a.crypto.device.id, REDELIVER_MS, crate::now_ms())
-            .await
-        {
-            Ok(d) => d,
-            Err(e) => return ApiError::from(e).into_response(),
-        };
+    if delivery.config.is_some() || !delivery.commands.is_empty() || new_offer || wait_ms == 0 {
+        state.metrics.inc("ecowatt_device_syncs_total", "");
+        return Err(answer(&a.keys, &a.header, delivery.down_counter, &delivery));
     }
-    state.metrics.inc("ecowatt_device_syncs_total", "");
-    answer(&a, MessageType::SyncResponse, delivery.down_counter, &answer_body(&delivery))
+    Ok(Held {
+        key: a.key,
+        header: a.header,
+        device_id: a.crypto.device.id,
+        delivery,
+        wait_ms,
+        notified,
+    })
 }
 
 /// `POST /api/v1/device/telemetry`: a batch of samples; stored once, acknowledged.
@@ -396,5 +428,5 @@ pub async fn telemetry(
         }
     }
     let ack = TelemetryAck { acked_through: stored.last_seq as u64 };
-    answer(&a, MessageType::TelemetryAck, down, &ack.encode())
+    sealed(&a.keys, &a.header, MessageType::TelemetryAck, down, &ack.encode())
 }
