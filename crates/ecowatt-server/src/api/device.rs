@@ -417,8 +417,9 @@ pub async fn telemetry(
         Err(e) => return ApiError::from(e).into_response(),
     };
     state.metrics.inc("ecowatt_telemetry_batches_total", "");
-    // A reading of the export limit confirms the writes it shows took effect.
-    if batch.registers & (1 << EXPORT_LIMIT) != 0 {
+    // A reading of the export limit confirms the writes it shows took effect
+    // (asked only when the device has writes waiting for that).
+    if a.crypto.unconfirmed && batch.registers & (1 << EXPORT_LIMIT) != 0 {
         let index = (batch.registers & ((1 << EXPORT_LIMIT) - 1)).count_ones() as usize;
         if let Some(last) = batch.samples.last() {
             let _ = state

@@ -110,10 +110,13 @@ impl SqlStore {
         &self,
         device_id: i64,
     ) -> StoreResult<Option<DeviceCrypto>> {
-        let row = sqlx::query("SELECT * FROM devices WHERE id = $1")
-            .bind(device_id)
-            .fetch_optional(self.pool())
-            .await?;
+        let row = sqlx::query(
+            "SELECT d.*, (SELECT COUNT(*) FROM commands c WHERE c.device_id = d.id \
+             AND c.status = 'succeeded') AS unconfirmed FROM devices d WHERE d.id = $1",
+        )
+        .bind(device_id)
+        .fetch_optional(self.pool())
+        .await?;
         let Some(row) = row else { return Ok(None) };
         let previous_key: Option<String> = row.try_get("previous_key")?;
         let previous_version: Option<i64> = row.try_get("previous_key_version")?;
@@ -121,6 +124,7 @@ impl SqlStore {
             device: sql::device_from(&row)?,
             key_hex: row.try_get("device_key")?,
             previous: previous_key.zip(previous_version),
+            unconfirmed: row.try_get::<i64, _>("unconfirmed")? > 0,
         }))
     }
 

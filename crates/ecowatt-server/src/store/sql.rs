@@ -37,6 +37,11 @@ pub struct SqlStore {
     writer: AnyPool,
     /// Telemetry uploads written in groups (`ingest.rs`).
     ingest: tokio::sync::mpsc::Sender<super::ingest::Job>,
+    /// The ingest task's connection: on SQLite the writer; on PostgreSQL one
+    /// of its own, so that a group never queues behind the reads and single
+    /// writes of the shared pool (under a backlog it did, groups shrank to a
+    /// few uploads each and the server fell further behind).
+    ingest_pool: AnyPool,
     dialect: Dialect,
 }
 
@@ -194,8 +199,13 @@ impl SqlStore {
         } else {
             pool.clone()
         };
-        let ingest = super::ingest::start(writer.clone(), dialect);
-        let store = SqlStore { pool, writer, ingest, dialect };
+        let ingest_pool = if dialect == Dialect::Sqlite {
+            writer.clone()
+        } else {
+            options(1).connect(url).await?
+        };
+        let ingest = super::ingest::start(ingest_pool.clone(), dialect);
+        let store = SqlStore { pool, writer, ingest, ingest_pool, dialect };
         store.migrate().await?;
         Ok(store)
     }
@@ -212,6 +222,7 @@ impl SqlStore {
 
     /// Closes the pools.
     pub async fn close(&self) {
+        self.ingest_pool.close().await;
         self.writer.close().await;
         self.pool.close().await;
     }
