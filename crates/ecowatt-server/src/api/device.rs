@@ -277,8 +277,9 @@ pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesReject
     let woken = tokio::time::timeout(Duration::from_millis(u64::from(held.wait_ms)), held.notified)
         .await
         .is_ok();
-    // A wait that ends with no news answers with what the first transaction
-    // prepared (its down counter is unused): an idle long poll costs one write.
+    // A wait that ends with no news answers with what the first step prepared
+    // (its down counter is unused): an idle long poll costs one read and a
+    // share of a group commit (`SqlStore::quiet_sync`).
     let delivery = if woken {
         match state.store.device_deliver(held.device_id, REDELIVER_MS, crate::now_ms()).await {
             Ok(d) => d,
