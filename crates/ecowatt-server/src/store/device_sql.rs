@@ -112,7 +112,8 @@ impl SqlStore {
     ) -> StoreResult<Option<DeviceCrypto>> {
         let row = sqlx::query(
             "SELECT d.*, (SELECT COUNT(*) FROM commands c WHERE c.device_id = d.id \
-             AND c.status = 'succeeded') AS unconfirmed FROM devices d WHERE d.id = $1",
+             AND c.status = 'succeeded' AND c.action LIKE '{\"op\":\"write\"%') AS unconfirmed \
+             FROM devices d WHERE d.id = $1",
         )
         .bind(device_id)
         .fetch_optional(self.pool())

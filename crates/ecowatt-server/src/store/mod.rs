@@ -272,8 +272,9 @@ pub struct DeviceCrypto {
     pub key_hex: String,
     /// The key before the latest rotation, hex, and its version.
     pub previous: Option<(String, i64)>,
-    /// It has succeeded commands that no reading has confirmed yet (looked
-    /// up in the same query, so an upload only asks again when there are).
+    /// It has succeeded writes that no reading has confirmed yet (looked up
+    /// in the same query, so an upload only asks again when there are; reads
+    /// are never confirmed and do not count).
     pub unconfirmed: bool,
 }
 

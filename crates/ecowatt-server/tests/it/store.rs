@@ -220,7 +220,11 @@ async fn command_lifecycle() {
             matches!(s.record_result("other", c.id, &ok, T0).await, Err(StoreError::NotFound(_))),
             "{b}"
         );
+        let d_id = s.device("d").await.unwrap().id;
+        let unconfirmed = async || s.device_crypto(d_id).await.unwrap().unwrap().unconfirmed;
+        assert!(!unconfirmed().await, "{b}: nothing awaits confirmation yet");
         let done = s.record_result("d", c.id, &ok, T0 + 10_300).await.unwrap();
+        assert!(unconfirmed().await, "{b}: a succeeded write awaits a reading");
         assert_eq!(
             (done.status, done.result_value, done.completed_ms),
             (CommandStatus::Succeeded, Some(30), Some(T0 + 10_300))
@@ -242,6 +246,14 @@ async fn command_lifecycle() {
         assert_eq!(s.confirm_commands("d", 8, 31, T0 + 40_000).await.unwrap(), 0);
         assert_eq!(s.confirm_commands("d", 8, 30, T0 + 40_000).await.unwrap(), 1, "{b}");
         assert_eq!(s.command(c.id).await.unwrap().status, CommandStatus::Confirmed);
+        assert!(!unconfirmed().await, "{b}: confirmed");
+        // A succeeded read is never confirmed and does not count.
+        let read = CommandRequest::ReadRegister { register_address: 9 };
+        let act = read.action(10_000).unwrap();
+        let rc = s.queue_command("d", &read, act, 60_000, "op#1", T0).await.unwrap();
+        s.deliver_commands("d", 0, 10, T0 + 40_100).await.unwrap();
+        s.record_result("d", rc.id, &ok, T0 + 40_200).await.unwrap();
+        assert!(!unconfirmed().await, "{b}: reads await no confirmation");
 
         // Cancel, expiry.
         let c2 = s.queue_command("d", &r, a, 60_000, "op#1", T0).await.unwrap();
