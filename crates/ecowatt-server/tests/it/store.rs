@@ -5,6 +5,7 @@ use ecowatt_server::store::{
     CommandFilter, CommandOutcome, Rejection, Role, SqlStore, Store, StoreError,
 };
 use ecowatt_server::testing::TempDb;
+use std::collections::HashMap;
 
 const T0: i64 = 1_800_000_000_000;
 const KEY: &str = "00112233445566778899aabbccddeeff";
@@ -385,12 +386,39 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
     }
 }
 
+type Outcomes = Vec<(i64, u64, Result<u64, ecowatt_server::store::SyncRefusal>)>;
+
+/// Counts, per (device, counter), how often racing tasks had it accepted, and
+/// collects each device's answer counters; only `disabled` may be refused as
+/// disabled.
+async fn tally(
+    tasks: Vec<tokio::task::JoinHandle<Outcomes>>,
+    disabled: i64,
+    backend: &str,
+) -> (HashMap<(i64, u64), u32>, HashMap<i64, Vec<u64>>) {
+    use ecowatt_server::store::SyncRefusal;
+    let (mut seen, mut downs) = (HashMap::new(), HashMap::<i64, Vec<u64>>::new());
+    for t in tasks {
+        for (id, c, r) in t.await.unwrap() {
+            match r {
+                Ok(down) => {
+                    *seen.entry((id, c)).or_default() += 1;
+                    downs.entry(id).or_default().push(down);
+                }
+                Err(SyncRefusal::Replay(_)) => {}
+                Err(SyncRefusal::Disabled) => assert_eq!(id, disabled, "{backend}"),
+            }
+        }
+    }
+    (seen, downs)
+}
+
 /// Uploads from many devices at once (SQLite writes them in groups): each
 /// counter is accepted once, replays and a disabled device are refused, every
 /// accepted batch is stored once, and answer counters are distinct per device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
-    use ecowatt_server::store::{KeySlot, StoredBatch, SyncRefusal};
+    use ecowatt_server::store::{KeySlot, StoredBatch};
     use std::sync::Arc;
     each(async |s: &SqlStore, backend: &str| {
         let s = Arc::new(s.clone());
@@ -436,20 +464,7 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
                 }));
             }
         }
-        let mut accepted: std::collections::HashMap<i64, Vec<u64>> = Default::default();
-        let mut seen: std::collections::HashMap<(i64, u64), u32> = Default::default();
-        for t in tasks {
-            for (id, c, r) in t.await.unwrap() {
-                match r {
-                    Ok(down) => {
-                        accepted.entry(id).or_default().push(down);
-                        *seen.entry((id, c)).or_default() += 1;
-                    }
-                    Err(SyncRefusal::Replay(_)) => {}
-                    Err(SyncRefusal::Disabled) => assert_eq!(id, ids[11], "{backend}"),
-                }
-            }
-        }
+        let (seen, mut accepted) = tally(tasks, ids[11], backend).await;
         assert!(!accepted.contains_key(&ids[11]), "{backend}: a disabled device stores nothing");
         for (i, &id) in ids[..11].iter().enumerate() {
             let mut downs = accepted.remove(&id).unwrap_or_default();
@@ -527,20 +542,7 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
                 }));
             }
         }
-        let mut seen: std::collections::HashMap<(i64, u64), u32> = Default::default();
-        let mut downs: std::collections::HashMap<i64, Vec<u64>> = Default::default();
-        for t in tasks {
-            for (id, c, r) in t.await.unwrap() {
-                match r {
-                    Ok(down) => {
-                        *seen.entry((id, c)).or_default() += 1;
-                        downs.entry(id).or_default().push(down);
-                    }
-                    Err(SyncRefusal::Replay(_)) => {}
-                    Err(SyncRefusal::Disabled) => assert_eq!(id, ids[5], "{backend}"),
-                }
-            }
-        }
+        let (seen, mut downs) = tally(tasks, ids[5], backend).await;
         for (i, &id) in ids[..5].iter().enumerate() {
             for c in 1..=30 {
                 assert_eq!(seen.get(&(id, c)), Some(&1), "{backend}: q{i} counter {c}");
