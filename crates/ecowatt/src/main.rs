@@ -1,5 +1,11 @@
 //! `ecowatt`: one binary for every EcoWatt role.
 
+// mimalloc rather than glibc's allocator: in the 5-minute fleet benchmark
+// glibc's `malloc_consolidate`/`unlink_chunk` grew from ~14 % to ~21 % of the
+// server's samples as its heap fragmented (docs/performance.md, Fleet).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod agent_cmd;
 mod bench;
 mod client;
