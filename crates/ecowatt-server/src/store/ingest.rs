@@ -119,13 +119,7 @@ async fn write_group_inner(writer: &AnyPool, dialect: Dialect, group: &[Job]) ->
         return Ok(plan.answers);
     }
     if !plan.updates.is_empty() {
-        let values = (0..plan.updates.len())
-            .map(|i| {
-                let p = |k: usize| format!("CAST(${} AS BIGINT)", i * 8 + k + 1);
-                format!("({})", (0..8).map(p).collect::<Vec<_>>().join(", "))
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let values = placeholders(plan.updates.len(), 8, |n| format!("CAST(${n} AS BIGINT)"));
         // VALUES columns are column1..column8 in both dialects.
         let sql = format!(
             "UPDATE devices SET replay_high = v.column2, replay_bitmap = v.column3, \
@@ -142,25 +136,7 @@ async fn write_group_inner(writer: &AnyPool, dialect: Dialect, group: &[Job]) ->
         q.execute(&mut *tx).await?;
     }
     for chunk in plan.accepted.chunks(200) {
-        let values = (0..chunk.len())
-            .map(|i| {
-                let n = i * 10;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    n + 1,
-                    n + 2,
-                    n + 3,
-                    n + 4,
-                    n + 5,
-                    n + 6,
-                    n + 7,
-                    n + 8,
-                    n + 9,
-                    n + 10
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let values = placeholders(chunk.len(), 10, |n| format!("${n}"));
         let sql = format!(
             "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
              last_ms, registers, codec, data, received_ms) VALUES {values} \
@@ -185,6 +161,18 @@ async fn write_group_inner(writer: &AnyPool, dialect: Dialect, group: &[Job]) ->
     }
     tx.commit().await?;
     Ok(plan.answers)
+}
+
+/// `rows` tuples of `cols` numbered placeholders (`$1` up), each written by
+/// `param`: the `VALUES` list of a multi-row statement with binds.
+fn placeholders(rows: usize, cols: usize, param: impl Fn(usize) -> String) -> String {
+    (0..rows)
+        .map(|r| {
+            let row: Vec<String> = (1..=cols).map(|c| param(r * cols + c)).collect();
+            format!("({})", row.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The group's writes as one SQLite script. Only integers and hex blob
