@@ -386,17 +386,37 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
     }
 }
 
-type Outcomes = Vec<(i64, u64, Result<u64, ecowatt_server::store::SyncRefusal>)>;
-
-/// Counts, per (device, counter), how often racing tasks had it accepted, and
-/// collects each device's answer counters; only `disabled` may be refused as
-/// disabled.
-async fn tally(
-    tasks: Vec<tokio::task::JoinHandle<Outcomes>>,
+/// For every device, two tasks race to send counters 1..=`n` with `send`, one
+/// ascending and one descending (so each counter's second send is a replay).
+/// Returns how often each (device, counter) was accepted and each device's
+/// answer counters; only `disabled` may be refused as disabled.
+async fn race<F, Fut>(
+    s: &std::sync::Arc<SqlStore>,
+    ids: &[i64],
+    n: u64,
+    send: F,
     disabled: i64,
     backend: &str,
-) -> (HashMap<(i64, u64), u32>, HashMap<i64, Vec<u64>>) {
+) -> (HashMap<(i64, u64), u32>, HashMap<i64, Vec<u64>>)
+where
+    F: Fn(std::sync::Arc<SqlStore>, i64, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<u64, ecowatt_server::store::SyncRefusal>> + Send,
+{
     use ecowatt_server::store::SyncRefusal;
+    let mut tasks = Vec::new();
+    for &id in ids {
+        for ascending in [true, false] {
+            let (s, send) = (s.clone(), send.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for c in 1..=n {
+                    let c = if ascending { c } else { n + 1 - c };
+                    out.push((id, c, send(s.clone(), id, c).await));
+                }
+                out
+            }));
+        }
+    }
     let (mut seen, mut downs) = (HashMap::new(), HashMap::<i64, Vec<u64>>::new());
     for t in tasks {
         for (id, c, r) in t.await.unwrap() {
@@ -439,32 +459,11 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
         };
         // Every device sends counters 1..=25 twice (the second time a replay),
         // from two tasks racing each other.
-        let mut tasks = Vec::new();
-        for &id in &ids {
-            for round in 0..2 {
-                let s = s.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut out = Vec::new();
-                    for c in 1..=25u64 {
-                        let c = if round == 0 { c } else { 26 - c };
-                        let r = s
-                            .device_telemetry(
-                                id,
-                                KeySlot::Current,
-                                c,
-                                &batch(c as i64),
-                                c as i64,
-                                T0,
-                            )
-                            .await
-                            .unwrap();
-                        out.push((id, c, r));
-                    }
-                    out
-                }));
-            }
-        }
-        let (seen, mut accepted) = tally(tasks, ids[11], backend).await;
+        let upload = move |s: Arc<SqlStore>, id, c: u64| async move {
+            let b = batch(c as i64);
+            s.device_telemetry(id, KeySlot::Current, c, &b, c as i64, T0).await.unwrap()
+        };
+        let (seen, mut accepted) = race(&s, &ids, 25, upload, ids[11], backend).await;
         assert!(!accepted.contains_key(&ids[11]), "{backend}: a disabled device stores nothing");
         for (i, &id) in ids[..11].iter().enumerate() {
             let mut downs = accepted.remove(&id).unwrap_or_default();
@@ -508,41 +507,29 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
             s.report_config(&name, 1, &DeviceConfig::default(), &[], T0).await.unwrap();
         }
         s.set_device_enabled("q5", false, "t", T0).await.unwrap();
-        let mut tasks = Vec::new();
-        for &id in &ids {
-            for round in 0..2 {
-                let s = s.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut out = Vec::new();
-                    for c in 1..=30u64 {
-                        let c = if round == 0 { c } else { 31 - c };
-                        let r = if c % 3 == 0 {
-                            s.device_sync(id, &report(c, None), true, 0, T0).await.unwrap().map(
-                                |d| {
-                                    assert!(d.commands.is_empty() && d.config.is_none());
-                                    d.down_counter
-                                },
-                            )
-                        } else {
-                            let b = StoredBatch {
-                                first_seq: c as i64,
-                                last_seq: c as i64,
-                                count: 1,
-                                first_ms: T0,
-                                last_ms: T0,
-                                registers: 1,
-                                codec: 1,
-                                data: vec![1; 8],
-                            };
-                            s.device_telemetry(id, KeySlot::Current, c, &b, 0, T0).await.unwrap()
-                        };
-                        out.push((id, c, r));
-                    }
-                    out
-                }));
+        // Every third counter is a quiet sync, the rest are uploads.
+        let send = move |s: Arc<SqlStore>, id, c: u64| async move {
+            if c % 3 == 0 {
+                let d = s.device_sync(id, &report(c, None), true, 0, T0).await.unwrap();
+                d.map(|d| {
+                    assert!(d.commands.is_empty() && d.config.is_none());
+                    d.down_counter
+                })
+            } else {
+                let b = StoredBatch {
+                    first_seq: c as i64,
+                    last_seq: c as i64,
+                    count: 1,
+                    first_ms: T0,
+                    last_ms: T0,
+                    registers: 1,
+                    codec: 1,
+                    data: vec![1; 8],
+                };
+                s.device_telemetry(id, KeySlot::Current, c, &b, 0, T0).await.unwrap()
             }
-        }
-        let (seen, mut downs) = tally(tasks, ids[5], backend).await;
+        };
+        let (seen, mut downs) = race(&s, &ids, 30, send, ids[5], backend).await;
         for (i, &id) in ids[..5].iter().enumerate() {
             for c in 1..=30 {
                 assert_eq!(seen.get(&(id, c)), Some(&1), "{backend}: q{i} counter {c}");
