@@ -25,7 +25,7 @@ use crate::domain::{Action, DeviceConfig};
 use crate::error::ApiError;
 use crate::store::device_sql::rejection;
 use crate::store::{
-    CommandOutcome, DeviceCrypto, KeySlot, StoredBatch, SyncDelivery, SyncRefusal, SyncReport,
+    CommandOutcome, DeviceCrypto, StoredBatch, SyncDelivery, SyncRefusal, SyncReport,
 };
 
 /// Longest a sync is held open waiting for news.
@@ -54,15 +54,14 @@ fn key_from_hex(hex: &str) -> Option<[u8; 16]> {
     ecowatt_proto::hex::decode(hex).ok()?.try_into().ok()
 }
 
-/// Picks the key the header names: the current one or the one before it.
-fn key_for(crypto: &DeviceCrypto, key_version: u8) -> Option<(KeySlot, [u8; 16])> {
-    if crypto.device.key_version as u8 == key_version {
-        return key_from_hex(&crypto.key_hex).map(|k| (KeySlot::Current, k));
+/// Picks the key the header names, the current one or the one before it,
+/// with its full version.
+fn key_for(crypto: &DeviceCrypto, key_version: u8) -> Option<(i64, [u8; 16])> {
+    if crypto.key_version as u8 == key_version {
+        return key_from_hex(&crypto.key_hex).map(|k| (crypto.key_version, k));
     }
     match &crypto.previous {
-        Some((hex, v)) if *v as u8 == key_version => {
-            key_from_hex(hex).map(|k| (KeySlot::Previous, k))
-        }
+        Some((hex, v)) if *v as u8 == key_version => key_from_hex(hex).map(|k| (*v, k)),
         _ => None,
     }
 }
@@ -142,7 +141,9 @@ fn answer_body(d: &SyncDelivery) -> Vec<u8> {
 /// An authentic request, past the door.
 struct Admitted {
     crypto: DeviceCrypto,
-    slot: KeySlot,
+    /// The full version of the key that opened it (the store checks it is
+    /// still one of the device's when it admits the message).
+    key_version: i64,
     key: [u8; 16],
     keys: Keys,
     header: Header,
@@ -177,16 +178,17 @@ async fn door(
             return Err(refuse(StatusCode::BAD_REQUEST, "malformed_envelope"));
         }
     };
-    let crypto = match state.store.device_crypto(i64::from(header.device_id)).await {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            event(state, None, "unknown_device", json!({"device_id": header.device_id})).await;
-            return Err(refuse(StatusCode::UNAUTHORIZED, "auth_failed"));
-        }
-        Err(e) => return Err(ApiError::from(e).into_response()),
-    };
-    let name = crypto.device.name.clone();
-    let Some((slot, key)) = key_for(&crypto, header.key_version) else {
+    let crypto =
+        match state.store.device_crypto(i64::from(header.device_id), header.key_version).await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                event(state, None, "unknown_device", json!({"device_id": header.device_id})).await;
+                return Err(refuse(StatusCode::UNAUTHORIZED, "auth_failed"));
+            }
+            Err(e) => return Err(ApiError::from(e).into_response()),
+        };
+    let name = crypto.name.clone();
+    let Some((key_version, key)) = key_for(&crypto, header.key_version) else {
         event(
             state,
             Some(&name),
@@ -215,7 +217,7 @@ async fn door(
         event(state, Some(&name), "wrong_type", json!({"type": header.msg_type})).await;
         return Err(refuse(StatusCode::BAD_REQUEST, "wrong_type"));
     }
-    Ok(Admitted { crypto, slot, key, keys, header, plaintext })
+    Ok(Admitted { crypto, key_version, key, keys, header, plaintext })
 }
 
 async fn refused(state: &AppState, name: &str, counter: u64, refusal: SyncRefusal) -> Response {
@@ -228,6 +230,10 @@ async fn refused(state: &AppState, name: &str, counter: u64, refusal: SyncRefusa
         SyncRefusal::Disabled => {
             event(state, Some(name), "device_disabled", json!({})).await;
             refuse(StatusCode::FORBIDDEN, "device_disabled")
+        }
+        SyncRefusal::StaleKey => {
+            event(state, Some(name), "stale_key", json!({"counter": counter})).await;
+            refuse(StatusCode::UNAUTHORIZED, "auth_failed")
         }
     }
 }
@@ -298,7 +304,7 @@ async fn sync_first(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Held, Response> {
     let a = door(state, body, MessageType::SyncRequest).await?;
-    let name = a.crypto.device.name.clone();
+    let name = a.crypto.name.clone();
     let request = match SyncRequest::decode(&a.plaintext) {
         Ok(r) => r,
         Err(e) => {
@@ -307,7 +313,7 @@ async fn sync_first(
         }
     };
     let report = SyncReport {
-        key_slot: a.slot,
+        key_version: a.key_version,
         counter: a.header.counter,
         applied: request.applied.as_ref().map(|c| (c.version as i64, device_config(c))),
         rejected: request.rejected.iter().map(|r| rejection(r.field, r.reason)).collect(),
@@ -334,7 +340,7 @@ async fn sync_first(
 
     let now = crate::now_ms();
     let delivery =
-        match state.store.device_sync(a.crypto.device.id, &report, true, REDELIVER_MS, now).await {
+        match state.store.device_sync(a.crypto.id, &report, true, REDELIVER_MS, now).await {
             Ok(Ok(d)) => d,
             Ok(Err(refusal)) => return Err(refused(state, &name, a.header.counter, refusal).await),
             Err(e) => return Err(ApiError::from(e).into_response()),
@@ -355,14 +361,7 @@ async fn sync_first(
         state.metrics.inc("ecowatt_device_syncs_total", "");
         return Err(answer(&a.keys, &a.header, delivery.down_counter, &delivery));
     }
-    Ok(Held {
-        key: a.key,
-        header: a.header,
-        device_id: a.crypto.device.id,
-        delivery,
-        wait_ms,
-        notified,
-    })
+    Ok(Held { key: a.key, header: a.header, device_id: a.crypto.id, delivery, wait_ms, notified })
 }
 
 /// `POST /api/v1/device/telemetry`: a batch of samples; stored once, acknowledged.
@@ -374,7 +373,7 @@ pub async fn telemetry(
         Ok(a) => a,
         Err(r) => return r,
     };
-    let name = a.crypto.device.name.clone();
+    let name = a.crypto.name.clone();
     let decoded = TelemetryUpload::decode(&a.plaintext).map_err(|e| e.to_string()).and_then(|up| {
         if up.codec != codec::CODEC_V1 {
             return Err(format!("codec {} unknown", up.codec));
@@ -410,17 +409,17 @@ pub async fn telemetry(
     let dropped = upload.dropped_total.min(i64::MAX as u64) as i64;
     let down = match state
         .store
-        .device_telemetry(a.crypto.device.id, a.slot, a.header.counter, &stored, dropped, now)
+        .device_telemetry(a.crypto.id, a.key_version, a.header.counter, &stored, dropped, now)
         .await
     {
-        Ok(Ok(d)) => d,
+        Ok(Ok(accepted)) => accepted,
         Ok(Err(refusal)) => return refused(&state, &name, a.header.counter, refusal).await,
         Err(e) => return ApiError::from(e).into_response(),
     };
     state.metrics.inc("ecowatt_telemetry_batches_total", "");
     // A reading of the export limit confirms the writes it shows took effect
     // (asked only when the device has writes waiting for that).
-    if a.crypto.unconfirmed && batch.registers & (1 << EXPORT_LIMIT) != 0 {
+    if down.unconfirmed && batch.registers & (1 << EXPORT_LIMIT) != 0 {
         let index = (batch.registers & ((1 << EXPORT_LIMIT) - 1)).count_ones() as usize;
         if let Some(last) = batch.samples.last() {
             let _ = state
@@ -430,5 +429,5 @@ pub async fn telemetry(
         }
     }
     let ack = TelemetryAck { acked_through: stored.last_seq as u64 };
-    sealed(&a.keys, &a.header, MessageType::TelemetryAck, down, &ack.encode())
+    sealed(&a.keys, &a.header, MessageType::TelemetryAck, down.down_counter, &ack.encode())
 }

@@ -10,6 +10,17 @@ use super::rollout_sql::WAITING;
 use super::sql::{Dialect, SqlStore, Tx};
 use super::*;
 
+/// Which of the device's keys (as its row stands) has `key_version`.
+pub(super) fn slot_of(key_version: i64, current: i64, previous: Option<i64>) -> Option<KeySlot> {
+    if key_version == current {
+        Some(KeySlot::Current)
+    } else if previous == Some(key_version) {
+        Some(KeySlot::Previous)
+    } else {
+        None
+    }
+}
+
 /// The replay window of `slot` as stored in a device row.
 pub(super) fn window(row: &AnyRow, slot: KeySlot) -> StoreResult<ReplayWindow> {
     let (h, b) = match slot {
@@ -35,8 +46,9 @@ impl SqlStore {
         row.ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))
     }
 
-    /// Locks the device's row, checks and advances the replay window of the key
-    /// that sealed the message, and records that the device was seen. Returns
+    /// Locks the device's row, checks that the key that sealed the message is
+    /// still one of the device's, checks and advances that key's replay
+    /// window, and records that the device was seen. Returns
     /// the device's name and the firmware it last reported. The caller applies
     /// the message's effect in the same transaction. (Telemetry uploads are
     /// checked the same way, in groups, by `ingest.rs`.)
@@ -44,11 +56,16 @@ impl SqlStore {
         &self,
         tx: &mut Tx,
         device_id: i64,
-        key_slot: KeySlot,
+        key_version: i64,
         counter: u64,
         now: i64,
     ) -> StoreResult<Result<(String, Option<String>), SyncRefusal>> {
         let row = self.device_row(tx, device_id).await?;
+        let current = row.try_get("key_version")?;
+        let Some(key_slot) = slot_of(key_version, current, row.try_get("previous_key_version")?)
+        else {
+            return Ok(Err(SyncRefusal::StaleKey));
+        };
         let mut w = window(&row, key_slot)?;
         if let Err(e) = w.accept(counter) {
             return Ok(Err(SyncRefusal::Replay(e)));
@@ -109,24 +126,39 @@ impl SqlStore {
     pub(super) async fn device_crypto_impl(
         &self,
         device_id: i64,
+        key_version: u8,
     ) -> StoreResult<Option<DeviceCrypto>> {
+        let holds = |c: &DeviceCrypto| {
+            c.key_version as u8 == key_version
+                || c.previous.as_ref().is_some_and(|(_, v)| *v as u8 == key_version)
+        };
+        if let Some(cached) = self.keys().get(device_id)
+            && holds(&cached)
+        {
+            return Ok(Some(cached));
+        }
         let row = sqlx::query(
-            "SELECT d.*, (SELECT COUNT(*) FROM commands c WHERE c.device_id = d.id \
-             AND c.status = 'succeeded' AND c.action LIKE '{\"op\":\"write\"%') AS unconfirmed \
-             FROM devices d WHERE d.id = $1",
+            "SELECT id, name, key_version, device_key, previous_key, previous_key_version \
+             FROM devices WHERE id = $1",
         )
         .bind(device_id)
         .fetch_optional(self.pool())
         .await?;
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = row else {
+            self.keys().forget(device_id);
+            return Ok(None);
+        };
         let previous_key: Option<String> = row.try_get("previous_key")?;
         let previous_version: Option<i64> = row.try_get("previous_key_version")?;
-        Ok(Some(DeviceCrypto {
-            device: sql::device_from(&row)?,
+        let crypto = DeviceCrypto {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            key_version: row.try_get("key_version")?,
             key_hex: row.try_get("device_key")?,
             previous: previous_key.zip(previous_version),
-            unconfirmed: row.try_get::<i64, _>("unconfirmed")? > 0,
-        }))
+        };
+        self.keys().put(crypto.clone());
+        Ok(Some(crypto))
     }
 
     pub(super) async fn device_sync_impl(
@@ -140,14 +172,14 @@ impl SqlStore {
         if deliver
             && let Some(quiet) = self.quiet_sync(device_id, report, redeliver_after_ms, now).await?
         {
-            return Ok(quiet);
+            return Ok(self.forget_stale(device_id, quiet));
         }
         let mut tx = self.begin_write().await?;
         let admitted =
-            self.admit_in(&mut tx, device_id, report.key_slot, report.counter, now).await?;
+            self.admit_in(&mut tx, device_id, report.key_version, report.counter, now).await?;
         let (name, firmware_before) = match admitted {
             Ok(a) => a,
-            Err(refusal) => return Ok(Err(refusal)),
+            Err(refusal) => return Ok(self.forget_stale(device_id, Err(refusal))),
         };
         if report.firmware.is_some() && report.firmware != firmware_before {
             sqlx::query("UPDATE devices SET firmware = $1 WHERE id = $2")
@@ -274,10 +306,10 @@ impl SqlStore {
         }
         let name: String = row.try_get("name")?;
         let admitted =
-            self.ingest_job(device_id, report.key_slot, report.counter, None, 0, now).await?;
-        Ok(Some(admitted.map(|down_counter| SyncDelivery {
+            self.ingest_job(device_id, report.key_version, report.counter, None, 0, now).await?;
+        Ok(Some(admitted.map(|accepted| SyncDelivery {
             device: name,
-            down_counter,
+            down_counter: accepted.down_counter,
             config: None,
             commands: vec![],
             update: None,
@@ -289,15 +321,22 @@ impl SqlStore {
     async fn ingest_job(
         &self,
         device_id: i64,
-        key_slot: KeySlot,
+        key_version: i64,
         counter: u64,
         batch: Option<StoredBatch>,
         dropped_total: i64,
         now: i64,
-    ) -> StoreResult<Result<u64, SyncRefusal>> {
+    ) -> StoreResult<Result<Accepted, SyncRefusal>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job =
-            super::ingest::Job { device_id, key_slot, counter, batch, dropped_total, now, reply };
+        let job = super::ingest::Job {
+            device_id,
+            key_version,
+            counter,
+            batch,
+            dropped_total,
+            now,
+            reply,
+        };
         let gone = || StoreError::Db(sqlx::Error::Protocol("ingest task stopped".into()));
         self.ingest().send(job).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
@@ -321,14 +360,30 @@ impl SqlStore {
     pub(super) async fn device_telemetry_impl(
         &self,
         device_id: i64,
-        key_slot: KeySlot,
+        key_version: i64,
         counter: u64,
         b: &StoredBatch,
         dropped_total: i64,
         now: i64,
-    ) -> StoreResult<Result<u64, SyncRefusal>> {
+    ) -> StoreResult<Result<Accepted, SyncRefusal>> {
         // Written in groups by the ingest task (`ingest.rs`), answered after commit.
-        self.ingest_job(device_id, key_slot, counter, Some(b.clone()), dropped_total, now).await
+        let answer = self
+            .ingest_job(device_id, key_version, counter, Some(b.clone()), dropped_total, now)
+            .await?;
+        Ok(self.forget_stale(device_id, answer))
+    }
+
+    /// Passes `answer` on, forgetting the device's kept keys if it says they
+    /// were stale (rotated by another server process).
+    fn forget_stale<T>(
+        &self,
+        device_id: i64,
+        answer: Result<T, SyncRefusal>,
+    ) -> Result<T, SyncRefusal> {
+        if matches!(answer, Err(SyncRefusal::StaleKey)) {
+            self.keys().forget(device_id);
+        }
+        answer
     }
 
     fn batch_from(row: &AnyRow) -> StoreResult<StoredBatch> {

@@ -4,27 +4,26 @@
 //! of its time switching to and from sqlx's SQLite worker thread (one round
 //! trip per statement), and on PostgreSQL every upload paid a commit's WAL
 //! flush. So uploads queue here and one task per server writes them in groups
-//! of up to [`GROUP_MAX`]: one transaction, one `SELECT` of the devices' replay
-//! windows (locked in id order on PostgreSQL), the checks in memory in arrival
-//! order, then the writes: on SQLite one script (an `UPDATE` per device, a
-//! multi-row `INSERT`), one round trip; on PostgreSQL one
-//! `UPDATE ... FROM (VALUES ...)` and one multi-row `INSERT`, with binds.
-//! Every upload is still checked against its device's window exactly as
-//! alone, answered only after its group is committed, and a refused upload
-//! changes nothing. Quiet long polls (nothing to record, nothing to deliver)
+//! of up to [`GROUP_MAX`]: one transaction, one `SELECT` of the devices' rows
+//! (key versions, replay windows, whether writes await confirmation; locked
+//! in id order on PostgreSQL), the checks in memory in arrival order, then the
+//! writes: on SQLite one script (an `UPDATE` per device, a multi-row
+//! `INSERT`), one round trip; on PostgreSQL one `UPDATE ... FROM UNNEST(...)`
+//! and one `INSERT ... SELECT FROM UNNEST(...)`, the values bound as arrays.
+//! Every upload is still checked exactly as alone (its key still one of the
+//! device's, its counter new to that key's window), answered only after its
+//! group is committed, and a refused upload changes nothing. Quiet long polls (nothing to record, nothing to deliver)
 //! take the same road with no batch: their window, counter and last-seen
 //! time are written in the group too.
 
 use std::collections::HashMap;
 
 use ecowatt_proto::replay::ReplayWindow;
-use sqlx::AnyPool;
-use sqlx::Row;
+use sqlx::{AnyPool, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::device_sql::window;
-use super::sql::Dialect;
-use super::{KeySlot, StoreError, StoreResult, StoredBatch, SyncRefusal};
+use super::device_sql::slot_of;
+use super::{Accepted, KeySlot, StoreError, StoreResult, StoredBatch, SyncRefusal};
 
 /// Most uploads written in one transaction.
 pub const GROUP_MAX: usize = 256;
@@ -32,26 +31,53 @@ pub const GROUP_MAX: usize = 256;
 /// One upload (or quiet sync, with no batch) waiting to be written.
 pub struct Job {
     pub device_id: i64,
-    pub key_slot: KeySlot,
+    /// The version of the key that sealed it (checked against the row).
+    pub key_version: i64,
     pub counter: u64,
     /// `None` for a sync that only advances the window (see `quiet_sync`).
     pub batch: Option<StoredBatch>,
     pub dropped_total: i64,
     pub now: i64,
-    pub reply: oneshot::Sender<StoreResult<Result<u64, SyncRefusal>>>,
+    pub reply: oneshot::Sender<StoreResult<Result<Accepted, SyncRefusal>>>,
 }
 
-/// Starts the ingest task on `writer` (the one-connection write pool).
-pub fn start(writer: AnyPool, dialect: Dialect) -> mpsc::Sender<Job> {
+/// Where the ingest task writes: SQLite's one write connection (through
+/// sqlx's `Any` driver, like the rest of the store), or a PostgreSQL
+/// connection of its own, typed, so that a group's rows go as arrays.
+#[derive(Clone)]
+pub enum Target {
+    Sqlite(AnyPool),
+    Postgres(PgPool),
+}
+
+impl Target {
+    /// Closes the connection.
+    pub async fn close(&self) {
+        match self {
+            Target::Sqlite(pool) => pool.close().await,
+            Target::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// Starts the ingest task on `target`.
+pub fn start(target: Target) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel(4 * GROUP_MAX);
-    tokio::spawn(run(writer, dialect, rx));
+    tokio::spawn(run(target, rx));
     tx
 }
 
-async fn run(writer: AnyPool, dialect: Dialect, mut rx: mpsc::Receiver<Job>) {
+async fn run(target: Target, mut rx: mpsc::Receiver<Job>) {
     let mut group = Vec::with_capacity(GROUP_MAX);
     while rx.recv_many(&mut group, GROUP_MAX).await > 0 {
-        match write_group(&writer, dialect, &group).await {
+        let started = std::time::Instant::now();
+        let written = write_group(&target, &group).await;
+        tracing::debug!(
+            jobs = group.len(),
+            us = started.elapsed().as_micros() as u64,
+            "ingest group"
+        );
+        match written {
             Ok(answers) => {
                 for (job, answer) in group.drain(..).zip(answers) {
                     let _ = job.reply.send(Ok(answer));
@@ -71,6 +97,9 @@ async fn run(writer: AnyPool, dialect: Dialect, mut rx: mpsc::Receiver<Job>) {
 /// A device's row as the group changes it.
 struct DeviceState {
     enabled: bool,
+    key_version: i64,
+    previous_key_version: Option<i64>,
+    unconfirmed: bool,
     current: ReplayWindow,
     previous: ReplayWindow,
     down_counter: i64,
@@ -79,100 +108,163 @@ struct DeviceState {
     touched: bool,
 }
 
-type Answers = StoreResult<Vec<Result<u64, SyncRefusal>>>;
+type Answers = StoreResult<Vec<Result<Accepted, SyncRefusal>>>;
+
+/// The columns a group reads of each device's row.
+macro_rules! columns {
+    () => {
+        "id, enabled, key_version, previous_key_version, replay_high, replay_bitmap, \
+     prev_replay_high, prev_replay_bitmap, down_counter, dropped_total, last_seen_ms, \
+     (SELECT COUNT(*) FROM commands c WHERE c.device_id = devices.id \
+      AND c.status = 'succeeded' AND c.action LIKE '{\"op\":\"write\"%') AS unconfirmed"
+    };
+}
+
+/// A device's row as read, on either backend.
+fn device_state<R: Row>(row: &R) -> StoreResult<(i64, DeviceState)>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let window = |h: &str, b: &str| -> StoreResult<ReplayWindow> {
+        // Stored as BIGINT: counters stay below 2^63, the bitmap is reinterpreted.
+        Ok(ReplayWindow {
+            highest: row.try_get::<i64, _>(h)? as u64,
+            bitmap: row.try_get::<i64, _>(b)? as u64,
+        })
+    };
+    let state = DeviceState {
+        enabled: row.try_get::<i64, _>("enabled")? != 0,
+        key_version: row.try_get("key_version")?,
+        previous_key_version: row.try_get("previous_key_version")?,
+        unconfirmed: row.try_get::<i64, _>("unconfirmed")? > 0,
+        current: window("replay_high", "replay_bitmap")?,
+        previous: window("prev_replay_high", "prev_replay_bitmap")?,
+        down_counter: row.try_get("down_counter")?,
+        dropped_total: row.try_get("dropped_total")?,
+        last_seen_ms: row.try_get::<Option<i64>, _>("last_seen_ms")?.unwrap_or(0),
+        touched: false,
+    };
+    Ok((row.try_get("id")?, state))
+}
 
 // Boxed with an explicit `Send` so that the spawned task's future is `Send`
 // for every lifetime (sqlx's executor impls trip the compiler's inference).
 fn write_group<'a>(
-    writer: &'a AnyPool,
-    dialect: Dialect,
+    target: &'a Target,
     group: &'a [Job],
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answers> + Send + 'a>> {
-    Box::pin(write_group_inner(writer, dialect, group))
+    match target {
+        Target::Sqlite(pool) => Box::pin(write_group_sqlite(pool, group)),
+        Target::Postgres(pool) => Box::pin(write_group_postgres(pool, group)),
+    }
 }
 
-async fn write_group_inner(writer: &AnyPool, dialect: Dialect, group: &[Job]) -> Answers {
+/// The devices of `group`, each once, in id order.
+fn device_ids(group: &[Job]) -> Vec<i64> {
     let mut ids: Vec<i64> = group.iter().map(|j| j.device_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-    // PostgreSQL: lock the rows in id order (another server's group waits, never deadlocks).
-    let lock = if dialect == Dialect::Postgres { " ORDER BY id FOR UPDATE" } else { "" };
-    let select = format!(
-        "SELECT id, enabled, replay_high, replay_bitmap, prev_replay_high, prev_replay_bitmap, \
-         down_counter, dropped_total, last_seen_ms FROM devices WHERE id IN ({list}){lock}"
-    );
-    let mut tx = match dialect {
-        Dialect::Sqlite => writer.begin_with("BEGIN IMMEDIATE").await?,
-        Dialect::Postgres => writer.begin().await?,
-    };
+    ids
+}
+
+async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
+    let list = device_ids(group).iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     // Not kept in the prepared-statement cache: every group's text differs.
+    let select =
+        [concat!("SELECT ", columns!(), " FROM devices WHERE id IN ("), &list, ")"].concat();
     let rows = sqlx::query(&select).persistent(false).fetch_all(&mut *tx).await?;
-    let plan = plan(&rows, group)?;
-    if dialect == Dialect::Sqlite {
-        // One multi-statement write: one round trip to the connection's thread.
-        let sql = sqlite_write(&plan, group);
-        if !sql.is_empty() {
-            sqlx::query(&sql).persistent(false).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        return Ok(plan.answers);
-    }
-    if !plan.updates.is_empty() {
-        let values = placeholders(plan.updates.len(), 8, |n| format!("CAST(${n} AS BIGINT)"));
-        // VALUES columns are column1..column8 in both dialects.
-        let sql = format!(
-            "UPDATE devices SET replay_high = v.column2, replay_bitmap = v.column3, \
-             prev_replay_high = v.column4, prev_replay_bitmap = v.column5, down_counter = v.column6, \
-             dropped_total = v.column7, last_seen_ms = v.column8 \
-             FROM (VALUES {values}) AS v WHERE devices.id = v.column1"
-        );
-        let mut q = sqlx::query(&sql).persistent(false);
-        for u in &plan.updates {
-            for v in u {
-                q = q.bind(*v);
-            }
-        }
-        q.execute(&mut *tx).await?;
-    }
-    for chunk in plan.accepted.chunks(200) {
-        let values = placeholders(chunk.len(), 10, |n| format!("${n}"));
-        let sql = format!(
-            "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
-             last_ms, registers, codec, data, received_ms) VALUES {values} \
-             ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING"
-        );
-        let mut q = sqlx::query(&sql).persistent(false);
-        for &i in chunk {
-            let (job, b) = (&group[i], group[i].batch.as_ref().expect("accepted has a batch"));
-            q = q
-                .bind(job.device_id)
-                .bind(b.first_seq)
-                .bind(b.last_seq)
-                .bind(b.count)
-                .bind(b.first_ms)
-                .bind(b.last_ms)
-                .bind(b.registers)
-                .bind(b.codec)
-                .bind(b.data.clone())
-                .bind(job.now);
-        }
-        q.execute(&mut *tx).await?;
+    let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
+    let plan = plan(states, group);
+    // One multi-statement write: one round trip to the connection's thread.
+    let sql = sqlite_write(&plan, group);
+    if !sql.is_empty() {
+        sqlx::query(&sql).persistent(false).execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(plan.answers)
 }
 
-/// `rows` tuples of `cols` numbered placeholders (`$1` up), each written by
-/// `param`: the `VALUES` list of a multi-row statement with binds.
-fn placeholders(rows: usize, cols: usize, param: impl Fn(usize) -> String) -> String {
-    (0..rows)
-        .map(|r| {
-            let row: Vec<String> = (1..=cols).map(|c| param(r * cols + c)).collect();
-            format!("({})", row.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+/// PostgreSQL: three statements whose text never changes (prepared once on
+/// the connection), the group's values bound as arrays. A profile showed the
+/// ingest backend spending its time parsing and planning when each group
+/// sent its own `VALUES` list of up to 2,000 placeholders.
+async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
+    let ids = device_ids(group);
+    let mut tx = pool.begin().await?;
+    // Locked in id order: another server's group waits, never deadlocks.
+    let select =
+        concat!("SELECT ", columns!(), " FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let rows = sqlx::query(select).bind(&ids).fetch_all(&mut *tx).await?;
+    let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
+    let plan = plan(states, group);
+    if !plan.updates.is_empty() {
+        let mut columns: [Vec<i64>; 8] = Default::default();
+        for u in &plan.updates {
+            for (column, v) in columns.iter_mut().zip(u) {
+                column.push(*v);
+            }
+        }
+        let mut q = sqlx::query(
+            "UPDATE devices SET replay_high = v.rh, replay_bitmap = v.rb, \
+             prev_replay_high = v.prh, prev_replay_bitmap = v.prb, down_counter = v.dc, \
+             dropped_total = v.dt, last_seen_ms = v.ls \
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
+             $6::int8[], $7::int8[], $8::int8[]) AS v(id, rh, rb, prh, prb, dc, dt, ls) \
+             WHERE devices.id = v.id",
+        );
+        for column in columns {
+            q = q.bind(column);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    if !plan.accepted.is_empty() {
+        let mut columns: [Vec<i64>; 9] = Default::default();
+        let mut data: Vec<&[u8]> = Vec::with_capacity(plan.accepted.len());
+        for &i in &plan.accepted {
+            let (job, b) = (&group[i], group[i].batch.as_ref().expect("accepted has a batch"));
+            let row = [
+                job.device_id,
+                b.first_seq,
+                b.last_seq,
+                b.count,
+                b.first_ms,
+                b.last_ms,
+                b.registers,
+                b.codec,
+                job.now,
+            ];
+            for (column, v) in columns.iter_mut().zip(row) {
+                column.push(v);
+            }
+            data.push(&b.data);
+        }
+        let [device, first_seq, last_seq, count, first_ms, last_ms, registers, codec, received] =
+            columns;
+        sqlx::query(
+            "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, \
+             first_ms, last_ms, registers, codec, data, received_ms) \
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
+             $6::int8[], $7::int8[], $8::int8[], $9::bytea[], $10::int8[]) \
+             ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING",
+        )
+        .bind(device)
+        .bind(first_seq)
+        .bind(last_seq)
+        .bind(count)
+        .bind(first_ms)
+        .bind(last_ms)
+        .bind(registers)
+        .bind(codec)
+        .bind(data)
+        .bind(received)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(plan.answers)
 }
 
 /// The group's writes as one SQLite script. Only integers and hex blob
@@ -220,28 +312,14 @@ fn sqlite_write(plan: &Plan, group: &[Job]) -> String {
 /// What a group does: the answers in order, each touched device's new row
 /// values (`id`, windows, counters, last seen), the uploads to store.
 struct Plan {
-    answers: Vec<Result<u64, SyncRefusal>>,
+    answers: Vec<Result<Accepted, SyncRefusal>>,
     updates: Vec<[i64; 8]>,
     accepted: Vec<usize>,
 }
 
-/// The checks on the rows read, and the SQL that writes the outcome.
-fn plan(rows: &[sqlx::any::AnyRow], group: &[Job]) -> StoreResult<Plan> {
-    let mut devices = HashMap::with_capacity(rows.len());
-    for row in rows {
-        devices.insert(
-            row.try_get::<i64, _>("id")?,
-            DeviceState {
-                enabled: row.try_get::<i64, _>("enabled")? != 0,
-                current: window(row, KeySlot::Current)?,
-                previous: window(row, KeySlot::Previous)?,
-                down_counter: row.try_get("down_counter")?,
-                dropped_total: row.try_get("dropped_total")?,
-                last_seen_ms: row.try_get::<Option<i64>, _>("last_seen_ms")?.unwrap_or(0),
-                touched: false,
-            },
-        );
-    }
+/// The checks on the rows read.
+fn plan(rows: Vec<(i64, DeviceState)>, group: &[Job]) -> Plan {
+    let mut devices: HashMap<i64, DeviceState> = rows.into_iter().collect();
     // The checks, in arrival order, on the rows as the group leaves them.
     let mut answers = Vec::with_capacity(group.len());
     let mut accepted = Vec::with_capacity(group.len());
@@ -250,9 +328,13 @@ fn plan(rows: &[sqlx::any::AnyRow], group: &[Job]) -> StoreResult<Plan> {
             answers.push(Err(SyncRefusal::Disabled)); // removed while its upload waited
             continue;
         };
-        let window = match job.key_slot {
-            KeySlot::Current => &mut d.current,
-            KeySlot::Previous => &mut d.previous,
+        let window = match slot_of(job.key_version, d.key_version, d.previous_key_version) {
+            Some(KeySlot::Current) => &mut d.current,
+            Some(KeySlot::Previous) => &mut d.previous,
+            None => {
+                answers.push(Err(SyncRefusal::StaleKey));
+                continue;
+            }
         };
         let mut next = *window;
         if let Err(e) = next.accept(job.counter) {
@@ -268,7 +350,8 @@ fn plan(rows: &[sqlx::any::AnyRow], group: &[Job]) -> StoreResult<Plan> {
         d.dropped_total = d.dropped_total.max(job.dropped_total);
         d.last_seen_ms = d.last_seen_ms.max(job.now);
         d.touched = true;
-        answers.push(Ok(d.down_counter as u64));
+        answers
+            .push(Ok(Accepted { down_counter: d.down_counter as u64, unconfirmed: d.unconfirmed }));
         if job.batch.is_some() {
             accepted.push(i);
         }
@@ -289,5 +372,5 @@ fn plan(rows: &[sqlx::any::AnyRow], group: &[Job]) -> StoreResult<Plan> {
             ]
         })
         .collect();
-    Ok(Plan { answers, updates, accepted })
+    Plan { answers, updates, accepted }
 }

@@ -6,6 +6,7 @@
 
 pub mod device_sql;
 mod ingest;
+mod keys;
 pub mod rollout_sql;
 pub mod schema;
 pub mod sql;
@@ -254,7 +255,10 @@ pub struct CommandStats {
     pub average_delivery_ms: Option<f64>,
 }
 
-/// Which of a device's keys sealed a message.
+/// Which of a device's keys sealed a message: found in the transaction that
+/// admits it, from the key version the door opened it with and the device's
+/// row as it is then (a rotation since the door looked moves that key to
+/// the previous slot, or out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeySlot {
     /// The key from the latest rotation.
@@ -263,26 +267,41 @@ pub enum KeySlot {
     Previous,
 }
 
-/// What the server needs to open a device's envelopes.
-#[derive(Debug, Clone)]
+/// What the server needs to open a device's envelopes. Kept in memory by the
+/// store (a device's keys change only when an operator rotates them), so
+/// that a request costs no read before its transaction; that transaction
+/// checks the key version against the device's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceCrypto {
-    /// The device.
-    pub device: Device,
+    /// The device's id.
+    pub id: i64,
+    /// Its name.
+    pub name: String,
+    /// The version of its current key.
+    pub key_version: i64,
     /// Its key, hex.
     pub key_hex: String,
     /// The key before the latest rotation, hex, and its version.
     pub previous: Option<(String, i64)>,
-    /// It has succeeded writes that no reading has confirmed yet (looked up
-    /// in the same query, so an upload only asks again when there are; reads
-    /// are never confirmed and do not count).
+}
+
+/// An upload (or quiet sync) accepted by the ingest task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The answer's down counter.
+    pub down_counter: u64,
+    /// The device has succeeded writes that no reading has confirmed yet
+    /// (read with its row in the same group, so an upload only asks about
+    /// confirmations when there are some; reads are never confirmed and do
+    /// not count).
     pub unconfirmed: bool,
 }
 
 /// What an authentic sync request reports, to be applied once.
 #[derive(Debug, Clone)]
 pub struct SyncReport {
-    /// The key that sealed it.
-    pub key_slot: KeySlot,
+    /// The version of the key that sealed it.
+    pub key_version: i64,
     /// Its counter.
     pub counter: u64,
     /// The config version and config the device runs.
@@ -304,6 +323,9 @@ pub enum SyncRefusal {
     Replay(ecowatt_proto::replay::ReplayError),
     /// The device is disabled.
     Disabled,
+    /// The key that sealed it is no longer one of the device's two (rotated
+    /// out since the request's key was looked up).
+    StaleKey,
 }
 
 /// What goes back to the device in a sync answer.
@@ -630,8 +652,14 @@ pub trait Store: Send + Sync {
     async fn command_stats(&self, device: Option<&str>) -> StoreResult<CommandStats>;
 
     // --- device protocol
-    /// The keys of the device with this numeric id.
-    async fn device_crypto(&self, device_id: i64) -> StoreResult<Option<DeviceCrypto>>;
+    /// The keys of the device with this numeric id, from memory unless the
+    /// copy there does not hold `key_version` (the low byte an envelope
+    /// carries), in which case they are read again.
+    async fn device_crypto(
+        &self,
+        device_id: i64,
+        key_version: u8,
+    ) -> StoreResult<Option<DeviceCrypto>>;
     /// In one transaction: checks and advances the replay window of the key
     /// that sealed the message, applies what it reports, and (if `deliver`)
     /// hands out the config and commands the device is to get.
@@ -650,18 +678,19 @@ pub trait Store: Send + Sync {
         redeliver_after_ms: i64,
         now: i64,
     ) -> StoreResult<SyncDelivery>;
-    /// In one transaction: checks and advances the replay window, stores the
-    /// batch (a retry of a stored batch changes nothing) and the device's drop
-    /// count. Returns the answer's down counter.
+    /// In one transaction: checks the key version and advances that key's
+    /// replay window, stores the batch (a retry of a stored batch changes
+    /// nothing) and the device's drop count. Returns the answer's down counter
+    /// and whether writes await confirmation.
     async fn device_telemetry(
         &self,
         device_id: i64,
-        key_slot: KeySlot,
+        key_version: i64,
         counter: u64,
         batch: &StoredBatch,
         dropped_total: i64,
         now: i64,
-    ) -> StoreResult<Result<u64, SyncRefusal>>;
+    ) -> StoreResult<Result<Accepted, SyncRefusal>>;
     /// Batches of `device` with samples between `from_ms` and `to_ms`, in `seq` order.
     async fn telemetry(
         &self,

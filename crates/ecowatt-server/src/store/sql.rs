@@ -41,8 +41,10 @@ pub struct SqlStore {
     /// of its own, so that a group never queues behind the reads and single
     /// writes of the shared pool (under a backlog it did, groups shrank to a
     /// few uploads each and the server fell further behind).
-    ingest_pool: AnyPool,
+    ingest_pool: super::ingest::Target,
     dialect: Dialect,
+    /// Devices' keys (`keys.rs`), shared by the clones.
+    keys: std::sync::Arc<super::keys::KeyCache>,
 }
 
 pub(super) type Tx = Transaction<'static, Any>;
@@ -200,12 +202,15 @@ impl SqlStore {
             pool.clone()
         };
         let ingest_pool = if dialect == Dialect::Sqlite {
-            writer.clone()
+            super::ingest::Target::Sqlite(writer.clone())
         } else {
-            options(1).connect(url).await?
+            super::ingest::Target::Postgres(
+                sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await?,
+            )
         };
-        let ingest = super::ingest::start(ingest_pool.clone(), dialect);
-        let store = SqlStore { pool, writer, ingest, ingest_pool, dialect };
+        let ingest = super::ingest::start(ingest_pool.clone());
+        let store =
+            SqlStore { pool, writer, ingest, ingest_pool, dialect, keys: Default::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -230,6 +235,11 @@ impl SqlStore {
     /// The pool (reads).
     pub(super) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Devices' keys kept in memory.
+    pub(super) fn keys(&self) -> &super::keys::KeyCache {
+        &self.keys
     }
 
     /// The group-commit ingest queue.
@@ -597,6 +607,7 @@ impl Store for SqlStore {
         )
         .await?;
         tx.commit().await?;
+        self.keys.forget(device.id);
         Ok(Device { key_version, ..device })
     }
 
@@ -613,6 +624,7 @@ impl Store for SqlStore {
         Self::audit_in(&mut tx, now, actor, "device.remove", name, json!({"id": device.id}))
             .await?;
         tx.commit().await?;
+        self.keys.forget(device.id);
         Ok(())
     }
 
@@ -1101,8 +1113,12 @@ impl Store for SqlStore {
         Ok(stats)
     }
 
-    async fn device_crypto(&self, device_id: i64) -> StoreResult<Option<DeviceCrypto>> {
-        self.device_crypto_impl(device_id).await
+    async fn device_crypto(
+        &self,
+        device_id: i64,
+        key_version: u8,
+    ) -> StoreResult<Option<DeviceCrypto>> {
+        self.device_crypto_impl(device_id, key_version).await
     }
 
     async fn device_sync(
@@ -1146,13 +1162,13 @@ impl Store for SqlStore {
     async fn device_telemetry(
         &self,
         device_id: i64,
-        key_slot: KeySlot,
+        key_version: i64,
         counter: u64,
         batch: &StoredBatch,
         dropped_total: i64,
         now: i64,
-    ) -> StoreResult<Result<u64, SyncRefusal>> {
-        self.device_telemetry_impl(device_id, key_slot, counter, batch, dropped_total, now).await
+    ) -> StoreResult<Result<Accepted, SyncRefusal>> {
+        self.device_telemetry_impl(device_id, key_version, counter, batch, dropped_total, now).await
     }
 
     async fn telemetry(

@@ -221,8 +221,24 @@ async fn command_lifecycle() {
             matches!(s.record_result("other", c.id, &ok, T0).await, Err(StoreError::NotFound(_))),
             "{b}"
         );
-        let d_id = s.device("d").await.unwrap().id;
-        let unconfirmed = async || s.device_crypto(d_id).await.unwrap().unwrap().unconfirmed;
+        // Each upload's answer says whether writes await confirmation.
+        let d = s.device("d").await.unwrap();
+        let sent = std::sync::atomic::AtomicU64::new(0);
+        let unconfirmed = async || {
+            let c = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let b = ecowatt_server::store::StoredBatch {
+                first_seq: c as i64,
+                last_seq: c as i64,
+                count: 1,
+                first_ms: T0,
+                last_ms: T0,
+                registers: 1,
+                codec: 1,
+                data: vec![1; 8],
+            };
+            let up = s.device_telemetry(d.id, d.key_version, c, &b, 0, T0).await.unwrap();
+            up.expect("accepted").unconfirmed
+        };
         assert!(!unconfirmed().await, "{b}: nothing awaits confirmation yet");
         let done = s.record_result("d", c.id, &ok, T0 + 10_300).await.unwrap();
         assert!(unconfirmed().await, "{b}: a succeeded write awaits a reading");
@@ -427,6 +443,7 @@ where
                 }
                 Err(SyncRefusal::Replay(_)) => {}
                 Err(SyncRefusal::Disabled) => assert_eq!(id, disabled, "{backend}"),
+                Err(SyncRefusal::StaleKey) => panic!("{backend}: no key was rotated"),
             }
         }
     }
@@ -438,7 +455,7 @@ where
 /// accepted batch is stored once, and answer counters are distinct per device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
-    use ecowatt_server::store::{KeySlot, StoredBatch};
+    use ecowatt_server::store::StoredBatch;
     use std::sync::Arc;
     each(async |s: &SqlStore, backend: &str| {
         let s = Arc::new(s.clone());
@@ -461,7 +478,8 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
         // from two tasks racing each other.
         let upload = move |s: Arc<SqlStore>, id, c: u64| async move {
             let b = batch(c as i64);
-            s.device_telemetry(id, KeySlot::Current, c, &b, c as i64, T0).await.unwrap()
+            let up = s.device_telemetry(id, 1, c, &b, c as i64, T0).await.unwrap();
+            up.map(|a| a.down_counter)
         };
         let (seen, mut accepted) = race(&s, &ids, 25, upload, ids[11], backend).await;
         assert!(!accepted.contains_key(&ids[11]), "{backend}: a disabled device stores nothing");
@@ -487,10 +505,10 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
 /// news (a command, a new desired config, a changed report) still gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
-    use ecowatt_server::store::{KeySlot, StoredBatch, SyncRefusal, SyncReport};
+    use ecowatt_server::store::{StoredBatch, SyncRefusal, SyncReport};
     use std::sync::Arc;
     let report = |counter: u64, applied: Option<(i64, DeviceConfig)>| SyncReport {
-        key_slot: KeySlot::Current,
+        key_version: 1,
         counter,
         applied,
         rejected: vec![],
@@ -526,7 +544,8 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
                     codec: 1,
                     data: vec![1; 8],
                 };
-                s.device_telemetry(id, KeySlot::Current, c, &b, 0, T0).await.unwrap()
+                let up = s.device_telemetry(id, 1, c, &b, 0, T0).await.unwrap();
+                up.map(|a| a.down_counter)
             }
         };
         let (seen, mut downs) = race(&s, &ids, 30, send, ids[5], backend).await;
@@ -567,4 +586,91 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
         assert!(matches!(again, Err(SyncRefusal::Replay(_))), "{backend}");
     })
     .await;
+}
+
+/// Devices' keys are kept in memory, so another server process (here a second
+/// store on the same database) can rotate a key behind this one's back. That
+/// is caught when a message is admitted: a message sealed with the key that
+/// became the previous one is checked against that key's replay window, one
+/// sealed with a key rotated out is refused as stale (and the kept copy is
+/// dropped), and a version the kept copy does not know is read again.
+#[tokio::test]
+async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
+    use ecowatt_server::store::{StoredBatch, SyncRefusal, SyncReport};
+    const KEY2: &str = "0f0e0d0c0b0a09080706050403020100";
+    const KEY3: &str = "ffeeddccbbaa99887766554433221100";
+    for db in TempDb::each().await {
+        let b = db.backend();
+        let here = SqlStore::open(&db.url).await.unwrap();
+        let other = SqlStore::open(&db.url).await.unwrap();
+        let d = here.create_device("k", 10_000, KEY, "t", T0).await.unwrap();
+        here.report_config("k", 1, &DeviceConfig::default(), &[], T0).await.unwrap();
+        let up = async |store: &SqlStore, version: i64, c: u64| {
+            let batch = StoredBatch {
+                first_seq: c as i64,
+                last_seq: c as i64,
+                count: 1,
+                first_ms: T0,
+                last_ms: T0,
+                registers: 1,
+                codec: 1,
+                data: vec![1; 8],
+            };
+            let answer = store.device_telemetry(d.id, version, c, &batch, 0, T0).await.unwrap();
+            answer.map(|a| a.down_counter)
+        };
+        let sync = async |version: i64, c: u64, deliver: bool| {
+            let report = SyncReport {
+                key_version: version,
+                counter: c,
+                applied: None,
+                rejected: vec![],
+                results: vec![],
+                firmware: None,
+                ota: None,
+            };
+            here.device_sync(d.id, &report, deliver, 0, T0).await.unwrap().map(|_| ())
+        };
+
+        let kept = here.device_crypto(d.id, 1).await.unwrap().unwrap();
+        assert_eq!((kept.key_version, kept.key_hex.as_str(), &kept.previous), (1, KEY, &None));
+        assert!(up(&here, 1, 5).await.is_ok(), "{b}");
+
+        // Rotated by the other process: this one still holds key 1 as current.
+        other.rotate_device_key("k", KEY2, "t", T0).await.unwrap();
+        let still = here.device_crypto(d.id, 1).await.unwrap().unwrap();
+        assert_eq!(still, kept, "{b}: the kept copy, not read again");
+        assert!(
+            matches!(up(&here, 1, 5).await, Err(SyncRefusal::Replay(_))),
+            "{b}: a replay under the rotated-out-of-current key is still a replay"
+        );
+        assert!(up(&here, 1, 6).await.is_ok(), "{b}: the previous key still works");
+        let fresh = here.device_crypto(d.id, 2).await.unwrap().unwrap();
+        assert_eq!(
+            (fresh.key_version, fresh.key_hex.as_str(), fresh.previous.map(|p| p.1)),
+            (2, KEY2, Some(1)),
+            "{b}: a version the kept copy lacks is read again"
+        );
+        assert!(up(&here, 2, 1).await.is_ok(), "{b}");
+
+        // Rotated again elsewhere: key 1 is no longer the device's, whatever
+        // this process kept; uploads, quiet syncs and full syncs refuse it.
+        other.rotate_device_key("k", KEY3, "t", T0).await.unwrap();
+        assert!(matches!(up(&here, 1, 7).await, Err(SyncRefusal::StaleKey)), "{b}");
+        assert!(matches!(sync(1, 8, true).await, Err(SyncRefusal::StaleKey)), "{b}: quiet");
+        assert!(matches!(sync(1, 9, false).await, Err(SyncRefusal::StaleKey)), "{b}: full");
+        assert!(up(&here, 2, 2).await.is_ok(), "{b}: key 2 is now the previous one");
+        let after = here.device_crypto(d.id, 2).await.unwrap().unwrap();
+        assert_eq!(after.key_version, 3, "{b}: the stale copy was dropped and read again");
+
+        // This process's own rotation and removal drop the copy at once.
+        here.rotate_device_key("k", KEY, "t", T0).await.unwrap();
+        assert_eq!(here.device_crypto(d.id, 3).await.unwrap().unwrap().key_version, 4, "{b}");
+        here.delete_device("k", "t", T0).await.unwrap();
+        assert!(here.device_crypto(d.id, 3).await.unwrap().is_none(), "{b}");
+
+        other.close().await;
+        here.close().await;
+        db.cleanup().await;
+    }
 }
