@@ -48,6 +48,9 @@ pub struct FleetArgs {
     database: Option<String>,
 }
 
+/// Loopback source addresses (127.0.1.1 up) the uploads connect from.
+const UPLOAD_SOURCES: u8 = 64;
+
 type Http = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 #[derive(Default)]
@@ -125,7 +128,9 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["server", "--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(&dir)
-        .env("RUST_LOG", "warn");
+        // The server's log filter: warnings, unless ECOWATT_FLEET_SERVER_LOG says
+        // otherwise (`ecowatt_server::store::ingest=debug` logs every group).
+        .env("RUST_LOG", std::env::var("ECOWATT_FLEET_SERVER_LOG").unwrap_or("warn".into()));
     if let Some(db) = &args.database {
         cmd.args(["--database", db]);
     }
@@ -206,9 +211,19 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         Client::builder(TokioExecutor::new()).pool_max_idle_per_host(usize::MAX).build_http();
     // A device uploads every few minutes: between two uploads its connection
     // is gone (the agent's idle timeout), so each upload opens its own rather
-    // than borrowing one of thousands kept idle.
-    let upload_http: Http =
-        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
+    // than borrowing one of thousands kept idle. Those connections come from
+    // `UPLOAD_SOURCES` loopback addresses: from one, at 1,667 new connections
+    // a second, the kernel's search for a free ephemeral port (28,000 of
+    // them, most in use or in TIME_WAIT) took 40 % of this machine's CPU
+    // (`__inet_check_established`), load-generator time that starved the
+    // server it measures.
+    let upload_http: Vec<Http> = (0..UPLOAD_SOURCES)
+        .map(|k| {
+            let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            connector.set_local_address(Some(std::net::Ipv4Addr::new(127, 0, 1, k + 1).into()));
+            Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector)
+        })
+        .collect();
     let stats = Arc::new(Mutex::new(Stats::default()));
     let queued: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let mut proc_files = ProcFiles::open(pid)?;
@@ -297,7 +312,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         // Uploads.
         {
             let (http, stats, session, url) = (
-                upload_http.clone(),
+                upload_http[i % upload_http.len()].clone(),
                 stats.clone(),
                 session.clone(),
                 format!("{base}/api/v1/device/telemetry"),
