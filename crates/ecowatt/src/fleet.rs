@@ -71,10 +71,27 @@ async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<Vec<u8>, String> 
         .header("content-type", "application/octet-stream")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let resp = http.request(req).await.map_err(|_| "connect".to_owned())?;
+    let resp = http.request(req).await.map_err(|e| {
+        // The first failure of each kind is printed whole, for diagnosis.
+        static SHOWN: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+        let kind = if e.is_connect() { "connect" } else { "request" };
+        let mut shown = SHOWN.lock().expect("shown");
+        if !shown.contains(&e.is_connect()) {
+            shown.push(e.is_connect());
+            eprintln!("fleet: first {kind} error: {:?}", std::error::Error::source(&e));
+        }
+        kind.to_owned()
+    })?;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.map_err(|_| "read".to_owned())?.to_bytes();
     if status == 200 { Ok(bytes.to_vec()) } else { Err(format!("http_{status}")) }
+}
+
+/// This process's limit on open files (`/proc/self/limits`).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// A process's `/proc` files, opened before the bench holds thousands of
@@ -224,6 +241,14 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
             Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector)
         })
         .collect();
+    // This process holds a socket per long poll plus one per upload in
+    // flight. While the server works off the first connection storm, uploads
+    // pile up: past the open-files limit they failed here with EMFILE (a
+    // load-generator error, not the server's). They wait for a slot instead;
+    // the wait counts in their latency.
+    let upload_slots = Arc::new(tokio::sync::Semaphore::new(
+        open_files_limit().unwrap_or(1024).saturating_sub(args.devices + 500).max(64) as usize,
+    ));
     let stats = Arc::new(Mutex::new(Stats::default()));
     let queued: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let mut proc_files = ProcFiles::open(pid)?;
@@ -311,11 +336,12 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         }
         // Uploads.
         {
-            let (http, stats, session, url) = (
+            let (http, stats, session, url, slots) = (
                 upload_http[i % upload_http.len()].clone(),
                 stats.clone(),
                 session.clone(),
                 format!("{base}/api/v1/device/telemetry"),
+                upload_slots.clone(),
             );
             let every = args.upload_every;
             let devices = args.devices;
@@ -355,7 +381,10 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
                     };
                     let Ok(sealed) = sealed else { break };
                     let t0 = Instant::now();
-                    let outcome = post(&http, &url, sealed.bytes).await;
+                    let outcome = {
+                        let _slot = slots.acquire().await.expect("never closed");
+                        post(&http, &url, sealed.bytes).await
+                    };
                     let lat = t0.elapsed();
                     let ok = outcome
                         .as_ref()
