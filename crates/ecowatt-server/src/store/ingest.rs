@@ -224,22 +224,11 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
         let mut columns: [Vec<i64>; 9] = Default::default();
         let mut data: Vec<&[u8]> = Vec::with_capacity(plan.accepted.len());
         for &i in &plan.accepted {
-            let (job, b) = (&group[i], group[i].batch.as_ref().expect("accepted has a batch"));
-            let row = [
-                job.device_id,
-                b.first_seq,
-                b.last_seq,
-                b.count,
-                b.first_ms,
-                b.last_ms,
-                b.registers,
-                b.codec,
-                job.now,
-            ];
+            let (row, bytes) = stored_row(&group[i]);
             for (column, v) in columns.iter_mut().zip(row) {
                 column.push(v);
             }
-            data.push(&b.data);
+            data.push(bytes);
         }
         let [device, first_seq, last_seq, count, first_ms, last_ms, registers, codec, received] =
             columns;
@@ -267,6 +256,25 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
     Ok(plan.answers)
 }
 
+/// An accepted upload's `telemetry_batches` row: the integer columns in the
+/// order the inserts name them (`data` goes between `codec` and
+/// `received_ms`), and the batch bytes.
+fn stored_row(job: &Job) -> ([i64; 9], &[u8]) {
+    let b = job.batch.as_ref().expect("accepted has a batch");
+    let row = [
+        job.device_id,
+        b.first_seq,
+        b.last_seq,
+        b.count,
+        b.first_ms,
+        b.last_ms,
+        b.registers,
+        b.codec,
+        job.now,
+    ];
+    (row, &b.data)
+}
+
 /// The group's writes as one SQLite script. Only integers and hex blob
 /// literals are inlined, all of them produced here, none from a peer's text.
 fn sqlite_write(plan: &Plan, group: &[Job]) -> String {
@@ -287,21 +295,16 @@ fn sqlite_write(plan: &Plan, group: &[Job]) -> String {
              last_ms, registers, codec, data, received_ms) VALUES ",
         );
         for (n, &i) in chunk.iter().enumerate() {
-            let (job, b) = (&group[i], group[i].batch.as_ref().expect("accepted has a batch"));
+            let (
+                [device, first_seq, last_seq, count, first_ms, last_ms, registers, codec, now],
+                data,
+            ) = stored_row(&group[i]);
             let _ = write!(
                 sql,
-                "{}({}, {}, {}, {}, {}, {}, {}, {}, X'{}', {})",
+                "{}({device}, {first_seq}, {last_seq}, {count}, {first_ms}, {last_ms}, {registers}, \
+                 {codec}, X'{}', {now})",
                 if n == 0 { "" } else { ", " },
-                job.device_id,
-                b.first_seq,
-                b.last_seq,
-                b.count,
-                b.first_ms,
-                b.last_ms,
-                b.registers,
-                b.codec,
-                ecowatt_proto::hex::encode_upper(&b.data),
-                job.now
+                ecowatt_proto::hex::encode_upper(data),
             );
         }
         sql.push_str(" ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING;\n");

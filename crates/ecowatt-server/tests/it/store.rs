@@ -20,6 +20,20 @@ async fn each(test: impl AsyncFn(&SqlStore, &str)) {
     }
 }
 
+/// A one-sample batch with sequence number `seq`.
+fn small_batch(seq: u64) -> ecowatt_server::store::StoredBatch {
+    ecowatt_server::store::StoredBatch {
+        first_seq: seq as i64,
+        last_seq: seq as i64,
+        count: 1,
+        first_ms: T0,
+        last_ms: T0,
+        registers: 1,
+        codec: 1,
+        data: vec![1; 8],
+    }
+}
+
 fn set_pct(p: i64) -> (CommandRequest, Action) {
     let r = CommandRequest::SetPowerPercentage { percentage: p };
     let a = r.action(10_000).unwrap();
@@ -226,16 +240,7 @@ async fn command_lifecycle() {
         let sent = std::sync::atomic::AtomicU64::new(0);
         let unconfirmed = async || {
             let c = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            let b = ecowatt_server::store::StoredBatch {
-                first_seq: c as i64,
-                last_seq: c as i64,
-                count: 1,
-                first_ms: T0,
-                last_ms: T0,
-                registers: 1,
-                codec: 1,
-                data: vec![1; 8],
-            };
+            let b = small_batch(c);
             let up = s.device_telemetry(d.id, d.key_version, c, &b, 0, T0).await.unwrap();
             up.expect("accepted").unconfirmed
         };
@@ -505,7 +510,7 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
 /// news (a command, a new desired config, a changed report) still gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
-    use ecowatt_server::store::{StoredBatch, SyncRefusal, SyncReport};
+    use ecowatt_server::store::{SyncRefusal, SyncReport};
     use std::sync::Arc;
     let report = |counter: u64, applied: Option<(i64, DeviceConfig)>| SyncReport {
         key_version: 1,
@@ -534,16 +539,7 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
                     d.down_counter
                 })
             } else {
-                let b = StoredBatch {
-                    first_seq: c as i64,
-                    last_seq: c as i64,
-                    count: 1,
-                    first_ms: T0,
-                    last_ms: T0,
-                    registers: 1,
-                    codec: 1,
-                    data: vec![1; 8],
-                };
+                let b = small_batch(c);
                 let up = s.device_telemetry(id, 1, c, &b, 0, T0).await.unwrap();
                 up.map(|a| a.down_counter)
             }
@@ -596,7 +592,7 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
 /// dropped), and a version the kept copy does not know is read again.
 #[tokio::test]
 async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
-    use ecowatt_server::store::{StoredBatch, SyncRefusal, SyncReport};
+    use ecowatt_server::store::{SyncRefusal, SyncReport};
     const KEY2: &str = "0f0e0d0c0b0a09080706050403020100";
     const KEY3: &str = "ffeeddccbbaa99887766554433221100";
     for db in TempDb::each().await {
@@ -606,16 +602,7 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
         let d = here.create_device("k", 10_000, KEY, "t", T0).await.unwrap();
         here.report_config("k", 1, &DeviceConfig::default(), &[], T0).await.unwrap();
         let up = async |store: &SqlStore, version: i64, c: u64| {
-            let batch = StoredBatch {
-                first_seq: c as i64,
-                last_seq: c as i64,
-                count: 1,
-                first_ms: T0,
-                last_ms: T0,
-                registers: 1,
-                codec: 1,
-                data: vec![1; 8],
-            };
+            let batch = small_batch(c);
             let answer = store.device_telemetry(d.id, version, c, &batch, 0, T0).await.unwrap();
             answer.map(|a| a.down_counter)
         };
