@@ -169,4 +169,17 @@ CREATE TABLE rollout_devices (
 CREATE INDEX rollout_devices_by_device ON rollout_devices (device_id, rollout_id)
 "#,
     ),
+    (
+        6,
+        // The expiry sweep's index covers only the commands it sweeps. As
+        // (status, expires_ms) it also served `status = 'succeeded'`: the
+        // ingest group's per-device count of unconfirmed writes ran on it in
+        // the fleet bench (PostgreSQL's plan cached on the connection),
+        // reading every succeeded command of the fleet for each device in
+        // each group — a cost that grew with every command sent.
+        r#"
+DROP INDEX commands_by_expiry;
+CREATE INDEX commands_by_expiry ON commands (expires_ms) WHERE status IN ('queued', 'delivered')
+"#,
+    ),
 ];

@@ -661,3 +661,31 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
         db.cleanup().await;
     }
 }
+
+/// The expiry sweep's index holds only the commands the sweep can expire, so
+/// no per-device query on other statuses (the ingest group's count of
+/// succeeded writes awaiting confirmation) can be planned onto it: as
+/// (status, expires_ms) it was, on PostgreSQL, and read every succeeded
+/// command of the fleet for each device of each group.
+#[tokio::test]
+async fn the_expiry_index_covers_only_commands_that_can_expire() {
+    use sqlx::Row;
+    for db in TempDb::each().await {
+        let b = db.backend();
+        let store = SqlStore::open(&db.url).await.unwrap();
+        let sql = if b == "sqlite" {
+            "SELECT sql AS def FROM sqlite_master WHERE name = 'commands_by_expiry'"
+        } else {
+            "SELECT indexdef AS def FROM pg_indexes WHERE indexname = 'commands_by_expiry'"
+        };
+        let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+        let def: String = sqlx::query(sql).fetch_one(&pool).await.unwrap().get("def");
+        let def = def.to_lowercase().replace(['(', ')', '\'', '"'], "");
+        assert!(def.contains("commands") && def.contains("where"), "{b}: {def}");
+        assert!(def.contains("queued") && def.contains("delivered"), "{b}: {def}");
+        assert!(!def.contains("succeeded"), "{b}: {def}");
+        pool.close().await;
+        store.close().await;
+        db.cleanup().await;
+    }
+}
