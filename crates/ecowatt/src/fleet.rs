@@ -73,11 +73,10 @@ async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<Vec<u8>, String> 
         .map_err(|e| e.to_string())?;
     let resp = http.request(req).await.map_err(|e| {
         // The first failure of each kind is printed whole, for diagnosis.
-        static SHOWN: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static SHOWN: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
         let kind = if e.is_connect() { "connect" } else { "request" };
-        let mut shown = SHOWN.lock().expect("shown");
-        if !shown.contains(&e.is_connect()) {
-            shown.push(e.is_connect());
+        if !SHOWN[usize::from(e.is_connect())].swap(true, Ordering::Relaxed) {
             eprintln!("fleet: first {kind} error: {:?}", std::error::Error::source(&e));
         }
         kind.to_owned()

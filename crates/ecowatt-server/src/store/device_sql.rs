@@ -21,12 +21,22 @@ pub(super) fn slot_of(key_version: i64, current: i64, previous: Option<i64>) -> 
     }
 }
 
-/// The replay window of `slot` as stored in a device row.
-pub(super) fn window(row: &AnyRow, slot: KeySlot) -> StoreResult<ReplayWindow> {
-    let (h, b) = match slot {
+/// The columns of a device row that hold `slot`'s replay window.
+fn window_columns(slot: KeySlot) -> (&'static str, &'static str) {
+    match slot {
         KeySlot::Current => ("replay_high", "replay_bitmap"),
         KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
-    };
+    }
+}
+
+/// The replay window of `slot` as stored in a device row (read through
+/// `Any` or, by the PostgreSQL ingest task, through the typed driver).
+pub(super) fn window<R: Row>(row: &R, slot: KeySlot) -> StoreResult<ReplayWindow>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let (h, b) = window_columns(slot);
     // Stored as BIGINT: counters stay below 2^63, the bitmap is reinterpreted.
     Ok(ReplayWindow {
         highest: row.try_get::<i64, _>(h)? as u64,
@@ -73,10 +83,7 @@ impl SqlStore {
         if row.try_get::<i64, _>("enabled")? == 0 {
             return Ok(Err(SyncRefusal::Disabled));
         }
-        let (h, b) = match key_slot {
-            KeySlot::Current => ("replay_high", "replay_bitmap"),
-            KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
-        };
+        let (h, b) = window_columns(key_slot);
         sqlx::query(&format!(
             "UPDATE devices SET {h} = $1, {b} = $2, last_seen_ms = $3 WHERE id = $4"
         ))

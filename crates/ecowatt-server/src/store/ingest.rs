@@ -12,9 +12,10 @@
 //! and one `INSERT ... SELECT FROM UNNEST(...)`, the values bound as arrays.
 //! Every upload is still checked exactly as alone (its key still one of the
 //! device's, its counter new to that key's window), answered only after its
-//! group is committed, and a refused upload changes nothing. Quiet long polls (nothing to record, nothing to deliver)
-//! take the same road with no batch: their window, counter and last-seen
-//! time are written in the group too.
+//! group is committed, and a refused upload changes nothing. Quiet long
+//! polls (nothing to record, nothing to deliver) take the same road with no
+//! batch: their window, counter and last-seen time are written in the group
+//! too.
 
 use std::collections::HashMap;
 
@@ -22,7 +23,7 @@ use ecowatt_proto::replay::ReplayWindow;
 use sqlx::{AnyPool, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::device_sql::slot_of;
+use super::device_sql::{slot_of, window};
 use super::{Accepted, KeySlot, StoreError, StoreResult, StoredBatch, SyncRefusal};
 
 /// Most uploads written in one transaction.
@@ -127,20 +128,13 @@ where
     for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
-    let window = |h: &str, b: &str| -> StoreResult<ReplayWindow> {
-        // Stored as BIGINT: counters stay below 2^63, the bitmap is reinterpreted.
-        Ok(ReplayWindow {
-            highest: row.try_get::<i64, _>(h)? as u64,
-            bitmap: row.try_get::<i64, _>(b)? as u64,
-        })
-    };
     let state = DeviceState {
         enabled: row.try_get::<i64, _>("enabled")? != 0,
         key_version: row.try_get("key_version")?,
         previous_key_version: row.try_get("previous_key_version")?,
         unconfirmed: row.try_get::<i64, _>("unconfirmed")? > 0,
-        current: window("replay_high", "replay_bitmap")?,
-        previous: window("prev_replay_high", "prev_replay_bitmap")?,
+        current: window(row, KeySlot::Current)?,
+        previous: window(row, KeySlot::Previous)?,
         down_counter: row.try_get("down_counter")?,
         dropped_total: row.try_get("dropped_total")?,
         last_seen_ms: row.try_get::<Option<i64>, _>("last_seen_ms")?.unwrap_or(0),
