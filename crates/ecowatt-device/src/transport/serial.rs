@@ -5,7 +5,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
 use ecowatt_core::link::{Transport, TransportError};
-use ecowatt_proto::modbus::rtu;
+use ecowatt_proto::modbus::{FrameError, rtu};
 use serialport::{ClearBuffer, SerialPort};
 
 /// Parity of the serial line.
@@ -140,8 +140,16 @@ impl Transport for SerialRtu {
                 Err(e) => return Err(io(e)),
             }
         }
-        // Time is up: nothing is a timeout; a partial frame goes to the validator,
-        // which names what is wrong with it.
-        if answer.is_empty() { Err(TransportError::Timeout) } else { Ok(answer) }
+        // Time is up: nothing is a timeout; fewer bytes than the answer announces
+        // is an incomplete answer; anything else goes to the validator, which
+        // names what is wrong with it.
+        let expected = rtu::expected_response_len(&answer).unwrap_or(rtu::MIN_FRAME_LEN);
+        if answer.is_empty() {
+            Err(TransportError::Timeout)
+        } else if answer.len() < expected {
+            Err(TransportError::Frame(FrameError::Incomplete { len: answer.len(), expected }))
+        } else {
+            Ok(answer)
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ecowatt_core::link::{Transport, TransportError};
 use ecowatt_proto::crc::crc16_bytes;
@@ -45,6 +45,8 @@ impl ModbusTcp {
     }
 
     fn exchange(&mut self, unit: u8, pdu: &[u8]) -> Result<Vec<u8>, TransportError> {
+        // One deadline for the whole answer, however it is cut into reads.
+        let deadline = Instant::now() + self.timeout;
         if self.stream.is_none() {
             self.stream = Some(self.connect()?);
         }
@@ -53,7 +55,7 @@ impl ModbusTcp {
         let sent = self.transaction;
         stream.write_all(&tcp::encode(sent, unit, pdu)).map_err(|e| io_error(&self.addr, e))?;
         let mut header = [0u8; tcp::HEADER_LEN];
-        stream.read_exact(&mut header).map_err(|e| io_error(&self.addr, e))?;
+        read_by(stream, &mut header, deadline, &self.addr)?;
         let head = tcp::decode_header(&header)?;
         if head.transaction != sent {
             return Err(FrameError::TransactionMismatch {
@@ -65,11 +67,42 @@ impl ModbusTcp {
         // The answer as an RTU frame: unit, PDU, CRC.
         let mut frame = vec![0u8; 1 + head.pdu_len];
         frame[0] = head.unit;
-        stream.read_exact(&mut frame[1..]).map_err(|e| io_error(&self.addr, e))?;
+        read_by(stream, &mut frame[1..], deadline, &self.addr)?;
         let crc = crc16_bytes(&frame);
         frame.extend_from_slice(&crc);
         Ok(frame)
     }
+}
+
+/// Fills `buf` before `deadline`, however slowly the peer sends: each read
+/// waits only for the time left, so a peer dribbling bytes cannot stretch
+/// the timeout.
+fn read_by(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    addr: &str,
+) -> Result<(), TransportError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(TransportError::Timeout);
+        }
+        stream.set_read_timeout(Some(left)).map_err(|e| io_error(addr, e))?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => {
+                return Err(TransportError::Io(format!(
+                    "{addr}: the inverter closed the connection {}",
+                    if filled == 0 { "without answering" } else { "in the middle of its answer" }
+                )));
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(addr, e)),
+        }
+    }
+    Ok(())
 }
 
 fn io_error(addr: &str, e: std::io::Error) -> TransportError {

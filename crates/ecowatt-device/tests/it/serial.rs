@@ -100,3 +100,25 @@ fn a_silent_line_is_a_timeout() {
     let mut c = client(SerialRtu::from_port(Box::new(ours), Duration::from_millis(100)));
     assert_eq!(c.read_holding(0x11, 0, 10), Err(TransportError::Timeout));
 }
+
+#[test]
+fn an_answer_cut_short_is_reported_incomplete_not_as_a_crc_error() {
+    use ecowatt_core::link::Transport;
+    use ecowatt_proto::modbus::{FrameError, Request};
+    let (ours, theirs) = TTYPort::pair().expect("pseudo-terminal pair");
+    let stop = Arc::new(AtomicBool::new(false));
+    // Every answer loses its last 6 bytes.
+    let slave = inverter_on_the_line(theirs, stop.clone(), |_, mut a| {
+        a.truncate(a.len() - 6);
+        Some(a)
+    });
+    let mut port = SerialRtu::from_port(Box::new(ours), Duration::from_millis(200));
+    let request =
+        rtu::encode_request(0x11, &Request::ReadHoldingRegisters { start: 0, quantity: 10 });
+    assert_eq!(
+        port.transact(&request),
+        Err(TransportError::Frame(FrameError::Incomplete { len: 19, expected: 25 }))
+    );
+    stop.store(true, Ordering::SeqCst);
+    slave.join().unwrap();
+}

@@ -17,6 +17,14 @@ pub enum FrameError {
         /// Largest valid length.
         max: usize,
     },
+    /// Fewer bytes than the answer's own length fields announce: it was cut
+    /// short (a timeout in mid-answer, a line that went quiet).
+    Incomplete {
+        /// Bytes received.
+        len: usize,
+        /// Bytes the answer announces.
+        expected: usize,
+    },
     /// The CRC in the frame is not the CRC of its contents.
     CrcMismatch {
         /// CRC computed over the frame's contents.
@@ -98,6 +106,7 @@ impl FrameError {
         match self {
             FrameError::TooShort { .. } => "too_short",
             FrameError::TooLong { .. } => "too_long",
+            FrameError::Incomplete { .. } => "incomplete",
             FrameError::CrcMismatch { .. } => "crc_mismatch",
             FrameError::SlaveMismatch { .. } => "slave_mismatch",
             FrameError::FunctionMismatch { .. } => "function_mismatch",
@@ -121,6 +130,9 @@ impl fmt::Display for FrameError {
             }
             FrameError::TooLong { len, max } => {
                 write!(f, "frame too long: {len} bytes, at most {max} allowed")
+            }
+            FrameError::Incomplete { len, expected } => {
+                write!(f, "incomplete answer: {len} of its {expected} bytes arrived")
             }
             FrameError::CrcMismatch { expected, actual } => {
                 write!(f, "CRC mismatch: computed {expected:04X}, frame carries {actual:04X}")

@@ -65,7 +65,15 @@ pub fn decode_response(frame: &[u8]) -> Result<(u8, Response), FrameError> {
 /// function, byte count and register count, or the exact echo of a write.
 /// An exception response is `Ok(Response::Exception(_))`: the device said no.
 pub fn decode_reply(slave: u8, request: &Request, frame: &[u8]) -> Result<Response, FrameError> {
-    let (actual, pdu) = split(frame)?;
+    let (actual, pdu) = split(frame).map_err(|e| match (e, expected_response_len(frame)) {
+        // A CRC that fails on fewer bytes than the answer announces: cut short.
+        (FrameError::CrcMismatch { .. } | FrameError::TooShort { .. }, Some(expected))
+            if expected > frame.len() =>
+        {
+            FrameError::Incomplete { len: frame.len(), expected }
+        }
+        (e, _) => e,
+    })?;
     if actual != slave {
         return Err(FrameError::SlaveMismatch { expected: slave, actual });
     }

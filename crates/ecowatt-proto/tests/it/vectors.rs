@@ -80,7 +80,8 @@ fn each_validation_failure_is_its_own_error() {
     let good = bytes("1103040904002A2870");
     let reply = |frame: &[u8]| rtu::decode_reply(0x11, &read2, frame);
 
-    assert_eq!(reply(&good[..3]), Err(FrameError::TooShort { len: 3, min: 4 }));
+    assert_eq!(reply(&good[..3]), Err(FrameError::Incomplete { len: 3, expected: 9 }));
+    assert_eq!(reply(&[0x11, 0x2B, 0]), Err(FrameError::TooShort { len: 3, min: 4 }));
     assert_eq!(reply(&[0u8; 300]), Err(FrameError::TooLong { len: 300, max: 256 }));
     let mut bad_crc = good.clone();
     bad_crc[8] ^= 0xFF;
@@ -172,4 +173,19 @@ fn modbus_tcp_header() {
         tcp::decode_header(&[0, 1, 0, 0, 1, 0, 1]),
         Err(FrameError::TooLong { len: 256, max: 254 })
     );
+}
+
+#[test]
+fn an_answer_cut_short_is_incomplete_and_a_whole_garbled_one_a_crc_error() {
+    let req = Request::ReadHoldingRegisters { start: 0, quantity: 10 };
+    let frame = bytes("11031409040000138F066A066300000000016100320000BAAD");
+    for cut in [4, 10, 24] {
+        assert_eq!(
+            rtu::decode_reply(0x11, &req, &frame[..cut]),
+            Err(FrameError::Incomplete { len: cut, expected: 25 })
+        );
+    }
+    let mut garbled = frame.clone();
+    garbled[10] ^= 0x01;
+    assert!(matches!(rtu::decode_reply(0x11, &req, &garbled), Err(FrameError::CrcMismatch { .. })));
 }
