@@ -21,6 +21,8 @@ use crate::sim::{Answer, Endpoint};
 
 /// Largest request body accepted; a frame is at most 256 bytes (512 hex digits).
 pub const BODY_LIMIT: usize = 4 * 1024;
+/// Longest a request body may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The SIM HTTP API over `state`.
 pub fn app(state: Arc<SimState>) -> Router {
@@ -31,6 +33,7 @@ pub fn app(state: Arc<SimState>) -> Router {
         .route("/api/inverter/error", post(emulate_error))
         .route("/api/sim/state", get(sim_state))
         .route("/healthz", get(|| async { "ok" }))
+        .route_layer(ecowatt_edge::BodyGuardLayer::new(BODY_LIMIT, BODY_TIMEOUT))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

@@ -100,8 +100,13 @@ pub fn spawn(
     };
     let router = http::app(Arc::clone(&state));
     let http_stop = until_stopped(stopped.clone());
+    // The simulator serves a lab: no cap per address (every tool runs on
+    // one machine), the edge's time limits all the same.
+    let defaults = ecowatt_edge::Limits::default();
+    let limits = ecowatt_edge::Limits { max_per_source: defaults.max_connections, ..defaults };
+    let stats = Arc::new(ecowatt_edge::Stats::default());
     let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http, router).with_graceful_shutdown(http_stop).await {
+        if let Err(e) = ecowatt_edge::serve(http, router, limits, stats, http_stop).await {
             tracing::error!(error = %e, "SIM HTTP server failed");
         }
     });

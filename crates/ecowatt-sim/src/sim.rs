@@ -147,7 +147,8 @@ impl Simulator {
         let function = pdu.first().copied().unwrap_or(0);
         let response = match self.answer_pdu(slave, pdu, Some(endpoint), fault) {
             PduAnswer::Respond(r) => r,
-            PduAnswer::Ignore => return Answer::Blank,
+            // The SIM API answers an invalid frame with a blank (the reference's rule).
+            PduAnswer::Ignore | PduAnswer::Malformed => return Answer::Blank,
         };
         let frame = rtu::encode_response(slave, &response);
         match fault {
@@ -171,6 +172,12 @@ impl Simulator {
         };
         match self.answer_pdu(slave, pdu, None, None) {
             PduAnswer::Respond(r) => r,
+            // A PDU whose length is wrong for its function: Modbus's
+            // "illegal data value" (the spec's answer to a malformed request).
+            PduAnswer::Malformed => Response::Exception(Exception {
+                function: pdu.first().copied().unwrap_or(0) & 0x7F,
+                code: ExceptionCode::IllegalDataValue,
+            }),
             // A gateway's answer for a unit that is not there.
             PduAnswer::Ignore => Response::Exception(Exception {
                 function: pdu.first().copied().unwrap_or(0) & 0x7F,
@@ -201,7 +208,7 @@ impl Simulator {
             }
             Err(_) => {
                 self.counters.invalid += 1;
-                return PduAnswer::Ignore;
+                return PduAnswer::Malformed;
             }
         };
         let allowed = match endpoint {
@@ -224,5 +231,8 @@ impl Simulator {
 
 enum PduAnswer {
     Respond(Response),
+    /// No inverter at that address (or the request is lost to a fault).
     Ignore,
+    /// The PDU does not decode (its length is wrong for its function).
+    Malformed,
 }

@@ -11,8 +11,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::SimState;
 
-/// Connections idle this long are closed.
+/// Connections that send nothing this long are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A request begun (its first byte in) must be complete within this, and an
+/// answer must be taken by the client within it: a peer that stops
+/// mid-request, or stops reading, is cut off.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves Modbus TCP on `listener` until `shutdown` completes.
 pub async fn serve(
@@ -43,22 +47,39 @@ pub async fn serve(
 }
 
 async fn connection(mut stream: TcpStream, state: Arc<SimState>) -> std::io::Result<()> {
+    connection_within(&mut stream, state, IDLE_TIMEOUT, REQUEST_TIMEOUT).await
+}
+
+/// Serves one connection: each request's first byte within `idle`, the rest
+/// of it and the answer's delivery within `request`.
+pub async fn connection_within(
+    stream: &mut TcpStream,
+    state: Arc<SimState>,
+    idle: Duration,
+    request: Duration,
+) -> std::io::Result<()> {
+    let timed_out =
+        || std::io::Error::new(std::io::ErrorKind::TimedOut, "request not complete in time");
     stream.set_nodelay(true)?;
     let mut header = [0u8; tcp::HEADER_LEN];
     let mut pdu = [0u8; tcp::MAX_PDU_LEN];
     loop {
-        match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut header)).await {
+        match tokio::time::timeout(idle, stream.read(&mut header[..1])).await {
+            Ok(Ok(0)) | Err(_) => return Ok(()),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Ok(()),
         }
-        // A header that is not Modbus: the stream cannot be resynchronised; close it.
-        let head = tcp::decode_header(&header)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-        let pdu = &mut pdu[..head.pdu_len];
-        stream.read_exact(pdu).await?;
-        let response = state.sim.lock().expect("simulator lock").handle_tcp(head.unit, pdu);
-        stream.write_all(&tcp::encode_response(head.transaction, head.unit, &response)).await?;
+        let answer = tokio::time::timeout(request, async {
+            stream.read_exact(&mut header[1..]).await?;
+            // A header that is not Modbus: the stream cannot be resynchronised; close it.
+            let head = tcp::decode_header(&header)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+            let pdu = &mut pdu[..head.pdu_len];
+            stream.read_exact(pdu).await?;
+            let response = state.sim.lock().expect("simulator lock").handle_tcp(head.unit, pdu);
+            stream.write_all(&tcp::encode_response(head.transaction, head.unit, &response)).await
+        })
+        .await;
+        answer.map_err(|_| timed_out())??;
     }
 }

@@ -56,3 +56,60 @@ async fn a_connection_that_sends_garbage_is_closed_and_others_carry_on() {
     let mut ctx = tcp::connect_slave(f.sim.tcp_addr, Slave(0x11)).await.unwrap();
     assert!(ctx.read_holding_registers(0, 10).await.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn a_request_whose_length_is_wrong_for_its_function_gets_exception_03() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start(1, None).await;
+    let mut raw = tokio::net::TcpStream::connect(f.sim.tcp_addr).await.unwrap();
+    // Read holding registers with one byte too many (PDU of 6 instead of 5).
+    raw.write_all(&[0, 7, 0, 0, 0, 7, 0x11, 0x03, 0, 0, 0, 10, 0xAA]).await.unwrap();
+    let mut answer = [0u8; 9];
+    raw.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer, [0, 7, 0, 0, 0, 3, 0x11, 0x83, 0x03], "exception 03, not 0B");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_mid_request_is_cut_off_and_an_idle_one_too() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start(1, None).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = f.state();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let state = state.clone();
+            tokio::spawn(async move {
+                let r = ecowatt_sim::tcp::connection_within(
+                    &mut s,
+                    state,
+                    Duration::from_millis(600),
+                    Duration::from_millis(300),
+                )
+                .await;
+                let _ = r;
+            });
+        }
+    });
+    // Half a header, then nothing: cut after the request time, not the idle time.
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(&[0, 1, 0, 0]).await.unwrap();
+    let started = Instant::now();
+    let n = half.read(&mut [0u8; 8]).await.unwrap_or(0);
+    assert_eq!(n, 0);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(250) && took < Duration::from_millis(550), "{took:?}");
+    // A complete header and half a PDU: cut the same way.
+    let mut half_pdu = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half_pdu.write_all(&[0, 1, 0, 0, 0, 6, 0x11, 0x03, 0]).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(half_pdu.read(&mut [0u8; 8]).await.unwrap_or(0), 0);
+    assert!(started.elapsed() < Duration::from_millis(550));
+    // Silent: cut after the idle time.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(silent.read(&mut [0u8; 8]).await.unwrap_or(0), 0);
+    assert!(started.elapsed() >= Duration::from_millis(550));
+}
