@@ -196,7 +196,7 @@ async fn connection(
     tokio::pin!(serving);
     let mut graceful = *draining.borrow();
     if graceful {
-        serving.as_mut().graceful_shutdown();
+        return registry.remove(&conn);
     }
     loop {
         tokio::select! {
@@ -209,6 +209,11 @@ async fn connection(
             _ = conn.closed() => break,
             changed = draining.changed(), if !graceful => {
                 if changed.is_err() || *draining.borrow() {
+                    // Nothing in flight (idle, or a header not finished):
+                    // close now; else finish the request, then close.
+                    if conn.is_idle() {
+                        break;
+                    }
                     graceful = true;
                     serving.as_mut().graceful_shutdown();
                 }

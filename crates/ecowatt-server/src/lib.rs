@@ -8,6 +8,7 @@
 //! - [`api`] — the axum router: operator API under `/api/v1`, the seed's
 //!   legacy API behind a flag, `/healthz`, `/metrics`.
 //! - [`firmware`] — manifest files and byte ranges for firmware downloads.
+//! - [`refusals`] — refused traffic tallied per source and minute, budgeted.
 //! - [`settings`] — flags, environment and TOML file, merged.
 //! - [`run`] — start-up (data directory, store, first admin token) and serving
 //!   with graceful shutdown.
@@ -17,6 +18,7 @@ pub mod domain;
 pub mod error;
 pub mod firmware;
 pub mod metrics;
+pub mod refusals;
 pub mod run;
 pub mod settings;
 pub mod store;

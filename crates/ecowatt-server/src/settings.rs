@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -12,6 +13,8 @@ pub const DEFAULT_BIND: &str = "127.0.0.1:5001";
 pub const DEFAULT_DATA_DIR: &str = "./ecowatt-data";
 /// Default request body limit, bytes.
 pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
+/// Default time a request body may take to arrive (beyond its length's allowance).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Name of the admin token file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -33,6 +36,27 @@ pub struct SettingsFile {
     pub public_url: Option<String>,
     /// Ed25519 public keys (hex) whose firmware signatures the server accepts.
     pub firmware_keys: Option<Vec<String>>,
+    /// Seconds from a request's first byte to the end of its header.
+    pub header_timeout_secs: Option<f64>,
+    /// Seconds a request body may take to arrive (plus 1 s per 128 KiB).
+    pub body_timeout_secs: Option<f64>,
+    /// Seconds a connection may wait for its next request.
+    pub idle_timeout_secs: Option<f64>,
+    /// Seconds a response may wait for a peer that does not read it.
+    pub send_timeout_secs: Option<f64>,
+    /// Open connections in all.
+    pub max_connections: Option<usize>,
+    /// Open connections from one address.
+    pub max_connections_per_source: Option<usize>,
+    /// Seconds requests in flight get to finish after SIGINT or SIGTERM.
+    pub shutdown_grace_secs: Option<f64>,
+    /// Refusals of unauthenticated traffic one address may cause per minute
+    /// before it is answered 429 without being looked at.
+    pub refusals_per_minute: Option<u32>,
+    /// Days security events are kept (0: forever).
+    pub security_event_retention_days: Option<u32>,
+    /// Days audit entries are kept (0: forever).
+    pub audit_retention_days: Option<u32>,
 }
 
 impl SettingsFile {
@@ -52,6 +76,20 @@ impl SettingsFile {
             body_limit_bytes: over.body_limit_bytes.or(self.body_limit_bytes),
             public_url: over.public_url.or(self.public_url),
             firmware_keys: over.firmware_keys.or(self.firmware_keys),
+            header_timeout_secs: over.header_timeout_secs.or(self.header_timeout_secs),
+            body_timeout_secs: over.body_timeout_secs.or(self.body_timeout_secs),
+            idle_timeout_secs: over.idle_timeout_secs.or(self.idle_timeout_secs),
+            send_timeout_secs: over.send_timeout_secs.or(self.send_timeout_secs),
+            max_connections: over.max_connections.or(self.max_connections),
+            max_connections_per_source: over
+                .max_connections_per_source
+                .or(self.max_connections_per_source),
+            shutdown_grace_secs: over.shutdown_grace_secs.or(self.shutdown_grace_secs),
+            refusals_per_minute: over.refusals_per_minute.or(self.refusals_per_minute),
+            security_event_retention_days: over
+                .security_event_retention_days
+                .or(self.security_event_retention_days),
+            audit_retention_days: over.audit_retention_days.or(self.audit_retention_days),
         }
     }
 }
@@ -73,6 +111,41 @@ pub struct Settings {
     pub public_url: String,
     /// Public keys accepted for firmware signatures.
     pub firmware_keys: Vec<ecowatt_proto::firmware::PublicKey>,
+    /// The listener's time limits and connection caps.
+    pub limits: ecowatt_edge::Limits,
+    /// The longest a request body may take (plus its length's allowance).
+    pub body_timeout: Duration,
+    /// Refusals one address may cause per minute before it is throttled.
+    pub refusals_per_minute: u32,
+    /// How long security events are kept (`None`: forever).
+    pub security_event_retention: Option<Duration>,
+    /// How long audit entries are kept (`None`: forever).
+    pub audit_retention: Option<Duration>,
+}
+
+/// Default `refusals_per_minute`.
+pub const DEFAULT_REFUSALS_PER_MINUTE: u32 = 120;
+/// Default `security_event_retention_days`.
+pub const DEFAULT_SECURITY_EVENT_RETENTION_DAYS: u32 = 30;
+/// Default `audit_retention_days`.
+pub const DEFAULT_AUDIT_RETENTION_DAYS: u32 = 365;
+
+/// `secs` as a duration, refused outside `range` (seconds) with the key named.
+fn seconds(
+    key: &str,
+    secs: Option<f64>,
+    default: Duration,
+    range: (f64, f64),
+) -> Result<Duration, String> {
+    let Some(secs) = secs else { return Ok(default) };
+    if !(range.0..=range.1).contains(&secs) {
+        return Err(format!("{key} {secs} is outside {}..={}", range.0, range.1));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn days(d: u32) -> Option<Duration> {
+    (d > 0).then(|| Duration::from_secs(u64::from(d) * 86_400))
 }
 
 impl Settings {
@@ -102,7 +175,54 @@ impl Settings {
                     })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let edge = ecowatt_edge::Limits::default();
+        let limits = ecowatt_edge::Limits {
+            header_timeout: seconds(
+                "header_timeout_secs",
+                file.header_timeout_secs,
+                edge.header_timeout,
+                (0.1, 3600.0),
+            )?,
+            idle_timeout: seconds(
+                "idle_timeout_secs",
+                file.idle_timeout_secs,
+                edge.idle_timeout,
+                (0.1, 86_400.0),
+            )?,
+            send_timeout: seconds(
+                "send_timeout_secs",
+                file.send_timeout_secs,
+                edge.send_timeout,
+                (0.1, 3600.0),
+            )?,
+            shutdown_grace: seconds(
+                "shutdown_grace_secs",
+                file.shutdown_grace_secs,
+                edge.shutdown_grace,
+                (0.0, 3600.0),
+            )?,
+            max_connections: file.max_connections.unwrap_or(edge.max_connections),
+            max_per_source: file.max_connections_per_source.unwrap_or(edge.max_per_source),
+        };
+        if limits.max_connections == 0 || limits.max_per_source == 0 {
+            return Err("max_connections and max_connections_per_source must be at least 1".into());
+        }
+        let body_timeout = seconds(
+            "body_timeout_secs",
+            file.body_timeout_secs,
+            DEFAULT_BODY_TIMEOUT,
+            (0.1, 3600.0),
+        )?;
         Ok(Settings {
+            limits,
+            body_timeout,
+            refusals_per_minute: file.refusals_per_minute.unwrap_or(DEFAULT_REFUSALS_PER_MINUTE),
+            security_event_retention: days(
+                file.security_event_retention_days.unwrap_or(DEFAULT_SECURITY_EVENT_RETENTION_DAYS),
+            ),
+            audit_retention: days(
+                file.audit_retention_days.unwrap_or(DEFAULT_AUDIT_RETENTION_DAYS),
+            ),
             firmware_keys,
             bind,
             public_url: file.public_url.unwrap_or_else(|| format!("http://{bind}")),

@@ -121,15 +121,24 @@ impl TestServer {
         addr: &str,
         firmware_keys: Vec<String>,
     ) -> TestServer {
+        let file = SettingsFile {
+            legacy_api: Some(legacy_api),
+            firmware_keys: Some(firmware_keys),
+            ..SettingsFile::default()
+        };
+        TestServer::start_tuned(db, addr, file).await
+    }
+
+    /// Starts a server with these settings (its bind address, data
+    /// directory and database are the fixture's).
+    pub async fn start_tuned(db: &TempDb, addr: &str, file: SettingsFile) -> TestServer {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let file = SettingsFile {
             bind: Some(addr),
             data_dir: Some(db.dir.path().to_path_buf()),
             database: Some(db.url.clone()),
-            legacy_api: Some(legacy_api),
-            firmware_keys: Some(firmware_keys),
-            ..SettingsFile::default()
+            ..file
         };
         let settings = Settings::resolve(file).expect("settings");
         let data_dir = settings.data_dir.clone();
@@ -156,6 +165,11 @@ impl TestServer {
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// Writes the security events tallied so far (the server does every 5 s).
+    pub async fn flush_security_events(&self) {
+        self.state.refusals.flush(&*self.state.store, crate::now_ms()).await.expect("flush");
     }
 
     /// Stops the server and waits for it.

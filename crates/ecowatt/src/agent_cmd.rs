@@ -90,12 +90,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?;
     }
     let rt = tokio::runtime::Runtime::new()?;
-    let stopped = rt.block_on(async move {
-        agent::run(opts, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-    })?;
+    let stopped =
+        rt.block_on(async move { agent::run(opts, crate::signals::stop_requested()).await })?;
     if stopped == Stopped::Restart {
         drop(rt);
         std::process::exit(RESTART_STATUS);

@@ -17,6 +17,7 @@ mod operator;
 mod ota_bench;
 mod rollout;
 mod server;
+mod signals;
 mod sim;
 mod units;
 

@@ -14,7 +14,7 @@ use ecowatt_server::settings::{Settings, SettingsFile};
 /// DATA_DIR/admin.token, where the other commands find it.
 #[derive(Args, Debug)]
 pub struct ServerArgs {
-    /// TOML settings file (keys: bind, data_dir, database, legacy_api, body_limit_bytes, public_url).
+    /// TOML settings file (keys as in docs/server.md: bind, data_dir, database, legacy_api, body_limit_bytes, public_url, timeouts, caps, retention).
     #[arg(long, env = "ECOWATT_CONFIG")]
     config: Option<PathBuf>,
     /// Listen address [default: 127.0.0.1:5001].
@@ -38,6 +38,36 @@ pub struct ServerArgs {
     /// Trust firmware signed by this Ed25519 public key: the `.pub` file from `ecowatt keygen`, or its hex (repeatable).
     #[arg(long = "firmware-key")]
     firmware_keys: Vec<String>,
+    /// Seconds from a request's first byte to the end of its header [default: 10].
+    #[arg(long, env = "ECOWATT_HEADER_TIMEOUT", value_name = "SECS")]
+    header_timeout: Option<f64>,
+    /// Seconds a request body may take to arrive, plus 1 s per 128 KiB [default: 30].
+    #[arg(long, env = "ECOWATT_BODY_TIMEOUT", value_name = "SECS")]
+    body_timeout: Option<f64>,
+    /// Seconds a connection may wait for its next request [default: 60].
+    #[arg(long, env = "ECOWATT_IDLE_TIMEOUT", value_name = "SECS")]
+    idle_timeout: Option<f64>,
+    /// Seconds a response may wait for a client that does not read it [default: 30].
+    #[arg(long, env = "ECOWATT_SEND_TIMEOUT", value_name = "SECS")]
+    send_timeout: Option<f64>,
+    /// Open connections in all [default: the open-files limit minus 128].
+    #[arg(long, env = "ECOWATT_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Open connections from one address (raise it for many devices behind one NAT) [default: 256].
+    #[arg(long, env = "ECOWATT_MAX_CONNECTIONS_PER_SOURCE")]
+    max_connections_per_source: Option<usize>,
+    /// Seconds requests in flight get to finish after Ctrl-C or SIGTERM [default: 5].
+    #[arg(long, env = "ECOWATT_SHUTDOWN_GRACE", value_name = "SECS")]
+    shutdown_grace: Option<f64>,
+    /// Refused requests one address may cause per minute before it gets 429 [default: 120].
+    #[arg(long, env = "ECOWATT_REFUSALS_PER_MINUTE")]
+    refusals_per_minute: Option<u32>,
+    /// Days security events are kept, 0 for ever [default: 30].
+    #[arg(long, env = "ECOWATT_SECURITY_EVENT_RETENTION_DAYS", value_name = "DAYS")]
+    security_event_retention_days: Option<u32>,
+    /// Days audit entries are kept, 0 for ever [default: 365].
+    #[arg(long, env = "ECOWATT_AUDIT_RETENTION_DAYS", value_name = "DAYS")]
+    audit_retention_days: Option<u32>,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -65,7 +95,19 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                     .collect(),
             )
         },
+        header_timeout_secs: args.header_timeout,
+        body_timeout_secs: args.body_timeout,
+        idle_timeout_secs: args.idle_timeout,
+        send_timeout_secs: args.send_timeout,
+        max_connections: args.max_connections,
+        max_connections_per_source: args.max_connections_per_source,
+        shutdown_grace_secs: args.shutdown_grace,
+        refusals_per_minute: args.refusals_per_minute,
+        security_event_retention_days: args.security_event_retention_days,
+        audit_retention_days: args.audit_retention_days,
     };
+    // Before the settings: the default connection cap follows the limit.
+    let open_files = ecowatt_edge::raise_open_files_limit();
     let settings = Settings::resolve(file.overridden_by(flags)).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -76,7 +118,10 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         let data_dir = settings.data_dir.clone();
         let prepared = ecowatt_server::run::prepare(settings).await?;
         let backend = prepared.state.store.backend();
-        tracing::info!(address = %listener.local_addr()?, backend, data_dir = %data_dir.display(), "EcoWatt server listening");
+        let limits = prepared.state.settings.limits;
+        tracing::info!(address = %listener.local_addr()?, backend, data_dir = %data_dir.display(),
+            open_files, max_connections = limits.max_connections, per_source = limits.max_per_source,
+            "EcoWatt server listening");
         if let Some(path) = &prepared.admin_token_file {
             tracing::info!(path = %path.display(), "first start: admin token written (the CLI reads it from there)");
         }
@@ -87,11 +132,14 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             );
         }
         println!("EcoWatt server on http://{} (API docs: /api/docs)", listener.local_addr()?);
-        ecowatt_server::run::serve(listener, prepared.state, async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down: finishing requests in flight");
+        let grace = limits.shutdown_grace;
+        ecowatt_server::run::serve(listener, prepared.state, async move {
+            crate::signals::stop_requested().await;
+            tracing::info!(grace_ms = grace.as_millis() as u64,
+                "shutting down: long polls answered now, requests in flight finish (a second Ctrl-C stops at once)");
         })
         .await?;
+        tracing::info!("server stopped");
         Ok(())
     })
 }

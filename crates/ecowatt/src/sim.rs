@@ -116,7 +116,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             seed = args.fleet.seed,
             "simulator running; Ctrl-C stops it"
         );
-        tokio::signal::ctrl_c().await?;
+        crate::signals::stop_requested().await;
         tracing::info!("stopping");
         sim.shutdown().await;
         Ok(())

@@ -7,10 +7,11 @@
 
 use std::time::Duration;
 
+use std::net::IpAddr;
+
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ecowatt_proto::codec;
 use ecowatt_proto::messages::{
@@ -20,12 +21,12 @@ use ecowatt_proto::registers::EXPORT_LIMIT;
 use ecowatt_proto::seal::{self, Direction, Header, Keys};
 use serde_json::json;
 
-use super::AppState;
+use super::{AppState, Source};
 use crate::domain::{Action, DeviceConfig};
 use crate::error::ApiError;
 use crate::store::device_sql::rejection;
 use crate::store::{
-    CommandOutcome, DeviceCrypto, StoredBatch, SyncDelivery, SyncRefusal, SyncReport,
+    CommandOutcome, DeviceCrypto, KeyLookup, StoredBatch, SyncDelivery, SyncRefusal, SyncReport,
 };
 
 /// Longest a sync is held open waiting for news.
@@ -37,17 +38,39 @@ fn refuse(status: StatusCode, code: &'static str) -> Response {
     ApiError::new(status, code, code.replace('_', " ")).into_response()
 }
 
-async fn event(
+/// The answer to a source that has used up its refusals (see `refusals.rs`).
+fn rate_limited() -> Response {
+    let mut r = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many refused requests from this address; try again later",
+    )
+    .into_response();
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+    r
+}
+
+/// Records a refusal (counted now, written as a tallied security event) and
+/// logs the first of its kind from its source this minute.
+fn event(
     state: &AppState,
+    source: Option<IpAddr>,
     device: Option<&str>,
     kind: &'static str,
     detail: serde_json::Value,
 ) {
     state.metrics.inc("ecowatt_security_events_total", format!("kind=\"{kind}\""));
-    tracing::warn!(device, kind, %detail, "device protocol security event");
-    if let Err(e) = state.store.record_security_event(device, kind, detail, crate::now_ms()).await {
-        tracing::error!(error = %e, "could not record a security event");
+    if state.refusals.refused(source, device, kind, detail.clone(), crate::now_ms()) {
+        tracing::warn!(?source, device, kind, %detail, "device protocol security event (repeats this minute are counted, not logged)");
+    } else {
+        tracing::debug!(?source, device, kind, %detail, "device protocol security event");
     }
+}
+
+/// The refusal at the door: the code the spec lists, or 429 once the source
+/// is throttled.
+fn door_refusal(throttled: bool, status: StatusCode, code: &'static str) -> Response {
+    if throttled { rate_limited() } else { refuse(status, code) }
 }
 
 fn key_from_hex(hex: &str) -> Option<[u8; 16]> {
@@ -150,53 +173,72 @@ struct Admitted {
     plaintext: Vec<u8>,
 }
 
-/// Length, header, device, key, tag and type: everything short of the replay
-/// check (which runs in the transaction that applies the message).
+/// Content type, length, header, device, key, tag and type: everything short
+/// of the replay check (which runs in the transaction that applies the message).
 async fn door(
     state: &AppState,
-    body: Result<Bytes, BytesRejection>,
+    source: Option<IpAddr>,
+    headers: &HeaderMap,
+    body: Bytes,
     expected: MessageType,
 ) -> Result<Admitted, Response> {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            event(state, None, "oversized", json!({})).await;
-            return Err(refuse(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"));
-        }
-        Err(_) => return Err(refuse(StatusCode::BAD_REQUEST, "malformed_envelope")),
-    };
+    let throttled = state.refusals.throttled(source);
+    let octets = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/octet-stream"));
+    if !octets {
+        event(state, source, None, "wrong_content_type", json!({}));
+        return Err(door_refusal(
+            throttled,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ));
+    }
     let header = match Header::parse(&body) {
         Ok(h) => h,
         Err(e) => {
             event(
                 state,
+                source,
                 None,
                 "malformed_envelope",
                 json!({"reason": e.code(), "len": body.len()}),
-            )
-            .await;
-            return Err(refuse(StatusCode::BAD_REQUEST, "malformed_envelope"));
+            );
+            return Err(door_refusal(throttled, StatusCode::BAD_REQUEST, "malformed_envelope"));
         }
     };
-    let crypto =
-        match state.store.device_crypto(i64::from(header.device_id), header.key_version).await {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                event(state, None, "unknown_device", json!({"device_id": header.device_id})).await;
-                return Err(refuse(StatusCode::UNAUTHORIZED, "auth_failed"));
-            }
-            Err(e) => return Err(ApiError::from(e).into_response()),
-        };
+    let crypto = match state
+        .store
+        .device_crypto(i64::from(header.device_id), header.key_version, !throttled)
+        .await
+    {
+        Ok(KeyLookup::Found(c)) => c,
+        Ok(KeyLookup::Unknown) => {
+            // The work a bad tag costs (derive, open), so that an unknown id
+            // cannot be told from a known one by the time its refusal takes.
+            let keys = Keys::derive(std::hint::black_box(&[0xA5; 16]));
+            let _ = std::hint::black_box(seal::open(&keys, &body, None));
+            event(state, source, None, "unknown_device", json!({"device_id": header.device_id}));
+            return Err(door_refusal(throttled, StatusCode::UNAUTHORIZED, "auth_failed"));
+        }
+        Ok(KeyLookup::NotLookedUp) => {
+            event(state, source, None, "rate_limited", json!({"device_id": header.device_id}));
+            return Err(rate_limited());
+        }
+        Err(e) => return Err(ApiError::from(e).into_response()),
+    };
     let name = crypto.name.clone();
     let Some((key_version, key)) = key_for(&crypto, header.key_version) else {
         event(
             state,
+            source,
             Some(&name),
             "unknown_key_version",
             json!({"key_version": header.key_version}),
-        )
-        .await;
-        return Err(refuse(StatusCode::UNAUTHORIZED, "auth_failed"));
+        );
+        return Err(door_refusal(throttled, StatusCode::UNAUTHORIZED, "auth_failed"));
     };
     let keys = Keys::derive(&key);
     let (header, plaintext) = match seal::open(&keys, &body, None) {
@@ -204,35 +246,46 @@ async fn door(
         Err(e) => {
             event(
                 state,
+                source,
                 Some(&name),
                 "bad_tag",
                 json!({"reason": e.code(), "counter": header.counter}),
-            )
-            .await;
-            return Err(refuse(StatusCode::UNAUTHORIZED, "auth_failed"));
+            );
+            return Err(door_refusal(throttled, StatusCode::UNAUTHORIZED, "auth_failed"));
         }
     };
     // Authentic from here on: the header is covered by the tag.
     if header.direction != Direction::Up || header.msg_type != expected as u8 {
-        event(state, Some(&name), "wrong_type", json!({"type": header.msg_type})).await;
+        event(state, source, Some(&name), "wrong_type", json!({"type": header.msg_type}));
         return Err(refuse(StatusCode::BAD_REQUEST, "wrong_type"));
     }
     Ok(Admitted { crypto, key_version, key, keys, header, plaintext })
 }
 
-async fn refused(state: &AppState, name: &str, counter: u64, refusal: SyncRefusal) -> Response {
+fn refused(
+    state: &AppState,
+    source: Option<IpAddr>,
+    name: &str,
+    counter: u64,
+    refusal: SyncRefusal,
+) -> Response {
     match refusal {
         SyncRefusal::Replay(e) => {
-            event(state, Some(name), "replay", json!({"counter": counter, "reason": e.code()}))
-                .await;
+            event(
+                state,
+                source,
+                Some(name),
+                "replay",
+                json!({"counter": counter, "reason": e.code()}),
+            );
             refuse(StatusCode::CONFLICT, "replay")
         }
         SyncRefusal::Disabled => {
-            event(state, Some(name), "device_disabled", json!({})).await;
+            event(state, source, Some(name), "device_disabled", json!({}));
             refuse(StatusCode::FORBIDDEN, "device_disabled")
         }
         SyncRefusal::StaleKey => {
-            event(state, Some(name), "stale_key", json!({"counter": counter})).await;
+            event(state, source, Some(name), "stale_key", json!({"counter": counter}));
             refuse(StatusCode::UNAUTHORIZED, "auth_failed")
         }
     }
@@ -273,16 +326,25 @@ struct Held {
 
 /// `POST /api/v1/device/sync`: the device reports and asks; the answer carries
 /// config and commands, at once or when they arrive within the wait it allows.
-pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn sync(
+    State(state): State<AppState>,
+    Source(source): Source,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     // The door, the decoding and the first transaction run in their own
     // (boxed) future, finished before the wait: what waits is only `Held`.
-    let held = match Box::pin(sync_first(&state, body)).await {
+    let held = match Box::pin(sync_first(&state, source, &headers, body)).await {
         Ok(held) => held,
         Err(answered) => return answered,
     };
-    let woken = tokio::time::timeout(Duration::from_millis(u64::from(held.wait_ms)), held.notified)
-        .await
-        .is_ok();
+    // News, the end of the wait, or the server stopping (which answers now
+    // with what the first step prepared, so that the device syncs again
+    // elsewhere or later instead of waiting for its timeout).
+    let woken = tokio::select! {
+        woken = tokio::time::timeout(Duration::from_millis(u64::from(held.wait_ms)), held.notified) => woken.is_ok(),
+        _ = state.push.stopping() => false,
+    };
     // A wait that ends with no news answers with what the first step prepared
     // (its down counter is unused): an idle long poll costs one read and a
     // share of a group commit (`SqlStore::quiet_sync`).
@@ -301,14 +363,16 @@ pub async fn sync(State(state): State<AppState>, body: Result<Bytes, BytesReject
 /// A sync up to its wait: `Err` is the answer when there is nothing to wait for.
 async fn sync_first(
     state: &AppState,
-    body: Result<Bytes, BytesRejection>,
+    source: Option<IpAddr>,
+    headers: &HeaderMap,
+    body: Bytes,
 ) -> Result<Held, Response> {
-    let a = door(state, body, MessageType::SyncRequest).await?;
+    let a = door(state, source, headers, body, MessageType::SyncRequest).await?;
     let name = a.crypto.name.clone();
     let request = match SyncRequest::decode(&a.plaintext) {
         Ok(r) => r,
         Err(e) => {
-            event(state, Some(&name), "malformed_body", json!({"reason": e.to_string()})).await;
+            event(state, source, Some(&name), "malformed_body", json!({"reason": e.to_string()}));
             return Err(refuse(StatusCode::BAD_REQUEST, "malformed_body"));
         }
     };
@@ -342,7 +406,9 @@ async fn sync_first(
     let delivery =
         match state.store.device_sync(a.crypto.id, &report, true, REDELIVER_MS, now).await {
             Ok(Ok(d)) => d,
-            Ok(Err(refusal)) => return Err(refused(state, &name, a.header.counter, refusal).await),
+            Ok(Err(refusal)) => {
+                return Err(refused(state, source, &name, a.header.counter, refusal));
+            }
             Err(e) => return Err(ApiError::from(e).into_response()),
         };
     for woken in &delivery.wake {
@@ -367,9 +433,11 @@ async fn sync_first(
 /// `POST /api/v1/device/telemetry`: a batch of samples; stored once, acknowledged.
 pub async fn telemetry(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    Source(source): Source,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
-    let a = match door(&state, body, MessageType::TelemetryUpload).await {
+    let a = match door(&state, source, &headers, body, MessageType::TelemetryUpload).await {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -401,7 +469,7 @@ pub async fn telemetry(
     let (upload, batch, stored) = match decoded {
         Ok(d) => d,
         Err(reason) => {
-            event(&state, Some(&name), "malformed_body", json!({"reason": reason})).await;
+            event(&state, source, Some(&name), "malformed_body", json!({"reason": reason}));
             return refuse(StatusCode::BAD_REQUEST, "malformed_body");
         }
     };
@@ -413,7 +481,7 @@ pub async fn telemetry(
         .await
     {
         Ok(Ok(accepted)) => accepted,
-        Ok(Err(refusal)) => return refused(&state, &name, a.header.counter, refusal).await,
+        Ok(Err(refusal)) => return refused(&state, source, &name, a.header.counter, refusal),
         Err(e) => return ApiError::from(e).into_response(),
     };
     state.metrics.inc("ecowatt_telemetry_batches_total", "");

@@ -14,18 +14,23 @@ pub mod push;
 mod telemetry;
 mod tokens;
 
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use ecowatt_edge::BodyGuardLayer;
 
 pub use auth::{Operator, hash_token, new_secret};
 pub use tokens::generate as generate_token;
 
 use crate::metrics::Metrics;
+use crate::refusals::Refusals;
 use crate::settings::Settings;
 use crate::store::Store;
 
@@ -40,11 +45,38 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Wakes long-polling devices.
     pub push: Arc<push::Push>,
+    /// Refusals tallied and budgeted per source address.
+    pub refusals: Arc<Refusals>,
+    /// The listener's connection counters.
+    pub edge: Arc<ecowatt_edge::Stats>,
 }
 
-/// The whole API over `state`.
+/// The peer's address, when the request came over a socket (requests driven
+/// in-process, as some tests do, have none).
+#[derive(Debug, Clone, Copy)]
+pub struct Source(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Source {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Source(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())))
+    }
+}
+
+/// The whole API over `state`. Request bodies are read at the edge
+/// ([`BodyGuardLayer`]): each group of routes has its limit, refused from the
+/// declared length, and the settings' body timeout.
 pub fn app(state: AppState) -> Router {
-    let mut router = Router::new()
+    let timeout = state.settings.body_timeout;
+    let device = Router::new()
+        .route("/api/v1/device/sync", post(device::sync))
+        .route("/api/v1/device/telemetry", post(device::telemetry))
+        .route_layer(BodyGuardLayer::new(ecowatt_proto::seal::MAX_LEN, timeout));
+    let images = Router::new()
+        .route("/api/v1/firmware", get(firmware::list).post(firmware::upload))
+        .route_layer(BodyGuardLayer::new(firmware::MAX_IMAGE, timeout));
+    let mut operator = Router::new()
         .route("/", get(docs::dashboard))
         .route("/dashboard", get(docs::dashboard))
         .route("/healthz", get(ops::healthz))
@@ -71,20 +103,6 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
         .route("/api/v1/audit", get(tokens::audit))
         .route("/api/v1/security-events", get(tokens::security_events))
-        .route(
-            "/api/v1/device/sync",
-            post(device::sync).layer(DefaultBodyLimit::max(ecowatt_proto::seal::MAX_LEN)),
-        )
-        .route(
-            "/api/v1/device/telemetry",
-            post(device::telemetry).layer(DefaultBodyLimit::max(ecowatt_proto::seal::MAX_LEN)),
-        )
-        .route(
-            "/api/v1/firmware",
-            get(firmware::list)
-                .post(firmware::upload)
-                .layer(DefaultBodyLimit::max(firmware::MAX_IMAGE)),
-        )
         .route("/api/v1/firmware/{id}/image", get(firmware::image))
         .route("/api/v1/device/firmware/{token}", get(firmware::device_image))
         .route("/api/v1/rollouts", get(firmware::rollouts).post(firmware::start_rollout))
@@ -94,12 +112,17 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/devices/{name}/latest", get(telemetry::latest))
         .route("/api/v1/devices/{name}/completeness", get(telemetry::completeness));
     if state.settings.legacy_api {
-        router = router.merge(legacy::routes());
+        operator = operator.merge(legacy::routes());
     }
-    router
+    let operator = operator.route_layer(BodyGuardLayer::new(state.settings.body_limit, timeout));
+    operator
+        .merge(device)
+        .merge(images)
         .fallback(ops::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
-        .layer(DefaultBodyLimit::max(state.settings.body_limit))
+        // The guards above enforce every limit; the extractors' own default
+        // (2 MB) would refuse a firmware image the guard allowed.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 

@@ -5,6 +5,7 @@
 //! command queued through another.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -12,10 +13,12 @@ use tokio::sync::Notify;
 /// The PostgreSQL channel carrying device names.
 pub const CHANNEL: &str = "ecowatt_push";
 
-/// Waiters by device name.
+/// Waiters by device name, and the server's shutdown, which ends every wait.
 #[derive(Default)]
 pub struct Push {
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    stopping: AtomicBool,
+    stop: Notify,
 }
 
 impl Push {
@@ -23,6 +26,24 @@ impl Push {
     pub fn waiter(&self, device: &str) -> Arc<Notify> {
         let mut map = self.waiters.lock().expect("push lock");
         Arc::clone(map.entry(device.to_owned()).or_default())
+    }
+
+    /// The server is stopping: every long poll answers now, and new ones do
+    /// not wait.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.notify_waiters();
+    }
+
+    /// Completes when [`Push::stop`] has been called.
+    pub async fn stopping(&self) {
+        let stopped = self.stop.notified();
+        tokio::pin!(stopped);
+        stopped.as_mut().enable();
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        stopped.await;
     }
 
     /// Wakes every request long-polling for `device`.
@@ -34,20 +55,37 @@ impl Push {
     }
 }
 
-/// Forwards PostgreSQL notifications to `push` until the task is dropped.
-pub async fn listen_postgres(url: String, push: Arc<Push>) {
+/// Forwards PostgreSQL notifications until the task is dropped: device news
+/// to `push`, other servers' key changes to the store's copy of the keys
+/// (which counts as complete only while this listens: `store/keys.rs`).
+pub async fn listen_postgres(url: String, push: Arc<Push>, store: Arc<dyn crate::store::Store>) {
+    let keys = crate::store::keys::CHANNEL;
     loop {
         match sqlx::postgres::PgListener::connect(&url).await {
             Ok(mut listener) => {
-                if let Err(e) = listener.listen(CHANNEL).await {
-                    tracing::warn!(error = %e, "LISTEN failed");
-                } else {
-                    loop {
-                        match listener.recv().await {
-                            Ok(n) => push.notify(n.payload()),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "push listener lost its connection");
-                                break;
+                let listening = listener.listen_all([CHANNEL, keys]).await;
+                match listening {
+                    Err(e) => tracing::warn!(error = %e, "LISTEN failed"),
+                    Ok(()) => {
+                        if let Err(e) = store.reload_keys(true).await {
+                            tracing::warn!(error = %e, "cannot reload the devices' keys");
+                        }
+                        loop {
+                            match listener.recv().await {
+                                Ok(n) if n.channel() == keys => {
+                                    let id = n.payload().parse().unwrap_or(-1);
+                                    if let Err(e) = store.refresh_keys(id).await {
+                                        // Start over: the reload after reconnecting
+                                        // makes the copy whole again.
+                                        tracing::warn!(error = %e, "cannot read a device's new keys");
+                                        break;
+                                    }
+                                }
+                                Ok(n) => push.notify(n.payload()),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "push listener lost its connection");
+                                    break;
+                                }
                             }
                         }
                     }
@@ -55,6 +93,7 @@ pub async fn listen_postgres(url: String, push: Arc<Push>) {
             }
             Err(e) => tracing::warn!(error = %e, "push listener cannot connect"),
         }
+        store.keys_unheard();
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }

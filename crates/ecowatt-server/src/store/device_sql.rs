@@ -134,38 +134,65 @@ impl SqlStore {
         &self,
         device_id: i64,
         key_version: u8,
-    ) -> StoreResult<Option<DeviceCrypto>> {
+        may_read: bool,
+    ) -> StoreResult<KeyLookup> {
         let holds = |c: &DeviceCrypto| {
             c.key_version as u8 == key_version
                 || c.previous.as_ref().is_some_and(|(_, v)| *v as u8 == key_version)
         };
-        if let Some(cached) = self.keys().get(device_id)
-            && holds(&cached)
-        {
-            return Ok(Some(cached));
+        let cached = self.keys().get(device_id);
+        match &cached {
+            Some(c) if holds(c) => return Ok(KeyLookup::Found(c.clone())),
+            // Not a device: answered from memory when the copy is complete.
+            None if self.keys().is_complete() => return Ok(KeyLookup::Unknown),
+            // A version the copy lacks (a rotation elsewhere) or a copy that
+            // may lack the device: read again, unless told not to.
+            _ if !may_read => return Ok(KeyLookup::NotLookedUp),
+            _ => {}
         }
-        let row = sqlx::query(
-            "SELECT id, name, key_version, device_key, previous_key, previous_key_version \
-             FROM devices WHERE id = $1",
-        )
-        .bind(device_id)
-        .fetch_optional(self.pool())
-        .await?;
-        let Some(row) = row else {
-            self.keys().forget(device_id);
-            return Ok(None);
-        };
+        Ok(match self.read_keys(device_id).await? {
+            Some(c) => KeyLookup::Found(c),
+            None => KeyLookup::Unknown,
+        })
+    }
+
+    const KEY_COLUMNS: &str =
+        "id, name, key_version, device_key, previous_key, previous_key_version";
+
+    fn crypto_from(row: &AnyRow) -> StoreResult<DeviceCrypto> {
         let previous_key: Option<String> = row.try_get("previous_key")?;
         let previous_version: Option<i64> = row.try_get("previous_key_version")?;
-        let crypto = DeviceCrypto {
+        Ok(DeviceCrypto {
             id: row.try_get("id")?,
             name: row.try_get("name")?,
             key_version: row.try_get("key_version")?,
             key_hex: row.try_get("device_key")?,
             previous: previous_key.zip(previous_version),
+        })
+    }
+
+    /// Reads one device's keys into memory (or forgets it, if it is gone).
+    pub(super) async fn read_keys(&self, device_id: i64) -> StoreResult<Option<DeviceCrypto>> {
+        let row = sqlx::query(&format!("SELECT {} FROM devices WHERE id = $1", Self::KEY_COLUMNS))
+            .bind(device_id)
+            .fetch_optional(self.pool())
+            .await?;
+        let Some(row) = row else {
+            self.keys().forget(device_id);
+            return Ok(None);
         };
+        let crypto = Self::crypto_from(&row)?;
         self.keys().put(crypto.clone());
         Ok(Some(crypto))
+    }
+
+    pub(super) async fn reload_keys_impl(&self, listening: bool) -> StoreResult<()> {
+        let rows = sqlx::query(&format!("SELECT {} FROM devices", Self::KEY_COLUMNS))
+            .fetch_all(self.pool())
+            .await?;
+        let all = rows.iter().map(Self::crypto_from).collect::<StoreResult<Vec<_>>>()?;
+        self.keys().load(all, listening || self.dialect() == Dialect::Sqlite);
+        Ok(())
     }
 
     pub(super) async fn device_sync_impl(
@@ -179,14 +206,14 @@ impl SqlStore {
         if deliver
             && let Some(quiet) = self.quiet_sync(device_id, report, redeliver_after_ms, now).await?
         {
-            return Ok(self.forget_stale(device_id, quiet));
+            return Ok(self.reread_stale(device_id, quiet).await);
         }
         let mut tx = self.begin_write().await?;
         let admitted =
             self.admit_in(&mut tx, device_id, report.key_version, report.counter, now).await?;
         let (name, firmware_before) = match admitted {
             Ok(a) => a,
-            Err(refusal) => return Ok(self.forget_stale(device_id, Err(refusal))),
+            Err(refusal) => return Ok(self.reread_stale(device_id, Err(refusal)).await),
         };
         if report.firmware.is_some() && report.firmware != firmware_before {
             sqlx::query("UPDATE devices SET firmware = $1 WHERE id = $2")
@@ -377,18 +404,20 @@ impl SqlStore {
         let answer = self
             .ingest_job(device_id, key_version, counter, Some(b.clone()), dropped_total, now)
             .await?;
-        Ok(self.forget_stale(device_id, answer))
+        Ok(self.reread_stale(device_id, answer).await)
     }
 
-    /// Passes `answer` on, forgetting the device's kept keys if it says they
-    /// were stale (rotated by another server process).
-    fn forget_stale<T>(
+    /// Passes `answer` on, reading the device's keys again if it says the
+    /// copy in memory was stale (rotated by another server process).
+    async fn reread_stale<T>(
         &self,
         device_id: i64,
         answer: Result<T, SyncRefusal>,
     ) -> Result<T, SyncRefusal> {
-        if matches!(answer, Err(SyncRefusal::StaleKey)) {
-            self.keys().forget(device_id);
+        if matches!(answer, Err(SyncRefusal::StaleKey))
+            && let Err(e) = self.read_keys(device_id).await
+        {
+            tracing::warn!(device_id, error = %e, "cannot read a device's keys again");
         }
         answer
     }
@@ -448,23 +477,65 @@ impl SqlStore {
             .try_get("dropped_total")?)
     }
 
-    pub(super) async fn record_security_event_impl(
+    pub(super) async fn save_security_events_impl(
         &self,
-        device: Option<&str>,
-        kind: &str,
-        detail: serde_json::Value,
-        now: i64,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO security_events (at_ms, device, kind, detail) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(now)
-        .bind(device)
-        .bind(kind)
-        .bind(detail.to_string())
-        .execute(self.writer())
-        .await?;
-        Ok(())
+        rows: &[SecurityEventRow],
+    ) -> StoreResult<Vec<i64>> {
+        let mut tx = self.begin_write().await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id = match r.id {
+                Some(id) => {
+                    sqlx::query("UPDATE security_events SET count = $1, last_ms = $2 WHERE id = $3")
+                        .bind(r.count)
+                        .bind(r.last_ms)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    id
+                }
+                None => sqlx::query(
+                    "INSERT INTO security_events (at_ms, last_ms, count, source, device, kind, detail) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                )
+                .bind(r.at_ms)
+                .bind(r.last_ms)
+                .bind(r.count)
+                .bind(r.source.as_deref())
+                .bind(r.device.as_deref())
+                .bind(r.kind.as_str())
+                .bind(r.detail.to_string())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("id")?,
+            };
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    pub(super) async fn purge_impl(
+        &self,
+        events_before_ms: Option<i64>,
+        audit_before_ms: Option<i64>,
+    ) -> StoreResult<(u64, u64)> {
+        let mut purged = [0u64; 2];
+        for (n, (table, column, before)) in [
+            ("security_events", "last_ms", events_before_ms),
+            ("audit_log", "at_ms", audit_before_ms),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let Some(before) = before else { continue };
+            let done = sqlx::query(&format!("DELETE FROM {table} WHERE {column} < $1"))
+                .bind(before)
+                .execute(self.writer())
+                .await?;
+            purged[n] = done.rows_affected();
+        }
+        Ok((purged[0], purged[1]))
     }
 
     pub(super) async fn security_events_impl(
@@ -484,6 +555,9 @@ impl SqlStore {
                 Ok(SecurityEvent {
                     id: r.try_get("id")?,
                     at_ms: r.try_get("at_ms")?,
+                    last_ms: r.try_get("last_ms")?,
+                    count: r.try_get("count")?,
+                    source: r.try_get("source")?,
                     device: r.try_get("device")?,
                     kind: r.try_get("kind")?,
                     detail: serde_json::from_str(&detail).unwrap_or(json!(detail)),

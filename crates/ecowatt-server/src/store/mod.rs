@@ -6,7 +6,7 @@
 
 pub mod device_sql;
 mod ingest;
-mod keys;
+pub mod keys;
 pub mod rollout_sql;
 pub mod schema;
 pub mod sql;
@@ -285,6 +285,17 @@ pub struct DeviceCrypto {
     pub previous: Option<(String, i64)>,
 }
 
+/// What the door learns of a device id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyLookup {
+    /// Its keys.
+    Found(DeviceCrypto),
+    /// No such device.
+    Unknown,
+    /// Not in memory, and the caller asked not to read the database.
+    NotLookedUp,
+}
+
 /// An upload (or quiet sync) accepted by the ingest task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Accepted {
@@ -446,19 +457,48 @@ pub struct RolloutDevice {
     pub updated_ms: i64,
 }
 
-/// A security event: something refused at the device protocol's door.
+/// A security event: refusals of one kind from one source address (about
+/// one device, when known) within one minute, counted.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SecurityEvent {
     /// Numeric id.
     pub id: i64,
-    /// When.
+    /// The first of them.
     pub at_ms: i64,
+    /// The last of them.
+    pub last_ms: i64,
+    /// How many.
+    pub count: i64,
+    /// The peer's address, when known.
+    pub source: Option<String>,
     /// The device concerned, when known.
     pub device: Option<String>,
-    /// What (`unknown_device`, `bad_tag`, `replay`, ...).
+    /// What (`unknown_device`, `bad_tag`, `replay`, `operator_auth_failed`, ...).
     pub kind: String,
-    /// Details (never key material).
+    /// Details of the first (never key material).
     pub detail: serde_json::Value,
+}
+
+/// A security event as [`crate::refusals::Refusals`] writes it: a new row
+/// (`id` none) or a new count and last time for a row written before.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecurityEventRow {
+    /// The row, once written.
+    pub id: Option<i64>,
+    /// The first refusal.
+    pub at_ms: i64,
+    /// The last refusal.
+    pub last_ms: i64,
+    /// The peer's address.
+    pub source: Option<String>,
+    /// The device concerned.
+    pub device: Option<String>,
+    /// The kind.
+    pub kind: String,
+    /// Details of the first.
+    pub detail: serde_json::Value,
+    /// How many so far.
+    pub count: i64,
 }
 
 /// A telemetry batch as the device sent it, with what the server read from it.
@@ -652,14 +692,23 @@ pub trait Store: Send + Sync {
     async fn command_stats(&self, device: Option<&str>) -> StoreResult<CommandStats>;
 
     // --- device protocol
-    /// The keys of the device with this numeric id, from memory unless the
-    /// copy there does not hold `key_version` (the low byte an envelope
-    /// carries), in which case they are read again.
+    /// The keys of the device with this numeric id, from memory; read from
+    /// the database (if `may_read`) when the copy there does not hold
+    /// `key_version` (the low byte an envelope carries) or is not complete
+    /// (`keys.rs`).
     async fn device_crypto(
         &self,
         device_id: i64,
         key_version: u8,
-    ) -> StoreResult<Option<DeviceCrypto>>;
+        may_read: bool,
+    ) -> StoreResult<KeyLookup>;
+    /// Reads every device's keys into memory; `listening` says whether this
+    /// process hears other servers' key changes (always true on SQLite).
+    async fn reload_keys(&self, listening: bool) -> StoreResult<()>;
+    /// Another server changed this device's keys: read them again.
+    async fn refresh_keys(&self, device_id: i64) -> StoreResult<()>;
+    /// This process stopped hearing other servers' key changes.
+    fn keys_unheard(&self);
     /// In one transaction: checks and advances the replay window of the key
     /// that sealed the message, applies what it reports, and (if `deliver`)
     /// hands out the config and commands the device is to get.
@@ -726,14 +775,17 @@ pub trait Store: Send + Sync {
         actor: &str,
         now: i64,
     ) -> StoreResult<(Rollout, Vec<String>)>;
-    /// Records a security event.
-    async fn record_security_event(
+    /// Writes tallied security events in one transaction: inserts the rows
+    /// without an id, updates the count and last time of the others; returns
+    /// every row's id, in order.
+    async fn save_security_events(&self, rows: &[SecurityEventRow]) -> StoreResult<Vec<i64>>;
+    /// Deletes security events whose last refusal is older than `before_ms`
+    /// and audit entries older than `audit_before_ms`; returns how many of each.
+    async fn purge(
         &self,
-        device: Option<&str>,
-        kind: &str,
-        detail: serde_json::Value,
-        now: i64,
-    ) -> StoreResult<()>;
+        events_before_ms: Option<i64>,
+        audit_before_ms: Option<i64>,
+    ) -> StoreResult<(u64, u64)>;
     /// Security events, newest first.
     async fn security_events(
         &self,

@@ -182,4 +182,19 @@ DROP INDEX commands_by_expiry;
 CREATE INDEX commands_by_expiry ON commands (expires_ms) WHERE status IN ('queued', 'delivered')
 "#,
     ),
+    (
+        7,
+        // Security events are tallies: refusals of one kind from one source
+        // address within a minute, one row with a count (`refusals.rs`).
+        // Retention deletes by `last_ms`, audit entries by `at_ms`.
+        r#"
+ALTER TABLE security_events ADD COLUMN source TEXT;
+ALTER TABLE security_events ADD COLUMN count BIGINT NOT NULL DEFAULT 1;
+ALTER TABLE security_events ADD COLUMN last_ms BIGINT NOT NULL DEFAULT 0;
+UPDATE security_events SET last_ms = at_ms;
+DROP INDEX security_events_by_time;
+CREATE INDEX security_events_by_time ON security_events (last_ms);
+CREATE INDEX audit_by_time ON audit_log (at_ms)
+"#,
+    ),
 ];

@@ -212,6 +212,7 @@ impl SqlStore {
         let store =
             SqlStore { pool, writer, ingest, ingest_pool, dialect, keys: Default::default() };
         store.migrate().await?;
+        store.reload_keys_impl(false).await?;
         Ok(store)
     }
 
@@ -336,6 +337,19 @@ impl SqlStore {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(crate::api::push::CHANNEL)
                 .bind(device)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// On PostgreSQL, tells every server process (at commit) that a device's
+    /// keys changed (`keys.rs`).
+    async fn keys_changed_in(&self, tx: &mut Tx, device_id: i64) -> StoreResult<()> {
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(super::keys::CHANNEL)
+                .bind(device_id.to_string())
                 .execute(&mut **tx)
                 .await?;
         }
@@ -526,7 +540,9 @@ impl Store for SqlStore {
             .await?;
         Self::audit_in(&mut tx, now, actor, "device.add", name, json!({"rated_power_w": rated_w}))
             .await?;
+        self.keys_changed_in(&mut tx, device.id).await?;
         tx.commit().await?;
+        self.read_keys(device.id).await?;
         Ok(device)
     }
 
@@ -606,8 +622,9 @@ impl Store for SqlStore {
             json!({"key_version": key_version}),
         )
         .await?;
+        self.keys_changed_in(&mut tx, device.id).await?;
         tx.commit().await?;
-        self.keys.forget(device.id);
+        self.read_keys(device.id).await?;
         Ok(Device { key_version, ..device })
     }
 
@@ -623,6 +640,7 @@ impl Store for SqlStore {
         sqlx::query("DELETE FROM devices WHERE id = $1").bind(device.id).execute(&mut *tx).await?;
         Self::audit_in(&mut tx, now, actor, "device.remove", name, json!({"id": device.id}))
             .await?;
+        self.keys_changed_in(&mut tx, device.id).await?;
         tx.commit().await?;
         self.keys.forget(device.id);
         Ok(())
@@ -1117,8 +1135,21 @@ impl Store for SqlStore {
         &self,
         device_id: i64,
         key_version: u8,
-    ) -> StoreResult<Option<DeviceCrypto>> {
-        self.device_crypto_impl(device_id, key_version).await
+        may_read: bool,
+    ) -> StoreResult<KeyLookup> {
+        self.device_crypto_impl(device_id, key_version, may_read).await
+    }
+
+    async fn reload_keys(&self, listening: bool) -> StoreResult<()> {
+        self.reload_keys_impl(listening).await
+    }
+
+    async fn refresh_keys(&self, device_id: i64) -> StoreResult<()> {
+        self.read_keys(device_id).await.map(|_| ())
+    }
+
+    fn keys_unheard(&self) {
+        self.keys().set_incomplete();
     }
 
     async fn device_sync(
@@ -1141,14 +1172,16 @@ impl Store for SqlStore {
         self.device_deliver_impl(device_id, redeliver_after_ms, now).await
     }
 
-    async fn record_security_event(
+    async fn save_security_events(&self, rows: &[SecurityEventRow]) -> StoreResult<Vec<i64>> {
+        self.save_security_events_impl(rows).await
+    }
+
+    async fn purge(
         &self,
-        device: Option<&str>,
-        kind: &str,
-        detail: serde_json::Value,
-        now: i64,
-    ) -> StoreResult<()> {
-        self.record_security_event_impl(device, kind, detail, now).await
+        events_before_ms: Option<i64>,
+        audit_before_ms: Option<i64>,
+    ) -> StoreResult<(u64, u64)> {
+        self.purge_impl(events_before_ms, audit_before_ms).await
     }
 
     async fn security_events(

@@ -4,6 +4,7 @@
 
 mod api;
 mod concurrency;
+mod edge;
 mod legacy;
 mod protocol;
 mod rollouts;

@@ -2,7 +2,7 @@
 
 use ecowatt_server::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig};
 use ecowatt_server::store::{
-    CommandFilter, CommandOutcome, Rejection, Role, SqlStore, Store, StoreError,
+    CommandFilter, CommandOutcome, KeyLookup, Rejection, Role, SqlStore, Store, StoreError,
 };
 use ecowatt_server::testing::TempDb;
 use std::collections::HashMap;
@@ -619,20 +619,29 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
             here.device_sync(d.id, &report, deliver, 0, T0).await.unwrap().map(|_| ())
         };
 
-        let kept = here.device_crypto(d.id, 1).await.unwrap().unwrap();
+        let keys = async |store: &SqlStore, id: i64, version: u8| match store
+            .device_crypto(id, version, true)
+            .await
+            .unwrap()
+        {
+            KeyLookup::Found(c) => Some(c),
+            KeyLookup::Unknown => None,
+            KeyLookup::NotLookedUp => panic!("asked to read"),
+        };
+        let kept = keys(&here, d.id, 1).await.unwrap();
         assert_eq!((kept.key_version, kept.key_hex.as_str(), &kept.previous), (1, KEY, &None));
         assert!(up(&here, 1, 5).await.is_ok(), "{b}");
 
         // Rotated by the other process: this one still holds key 1 as current.
         other.rotate_device_key("k", KEY2, "t", T0).await.unwrap();
-        let still = here.device_crypto(d.id, 1).await.unwrap().unwrap();
+        let still = keys(&here, d.id, 1).await.unwrap();
         assert_eq!(still, kept, "{b}: the kept copy, not read again");
         assert!(
             matches!(up(&here, 1, 5).await, Err(SyncRefusal::Replay(_))),
             "{b}: a replay under the rotated-out-of-current key is still a replay"
         );
         assert!(up(&here, 1, 6).await.is_ok(), "{b}: the previous key still works");
-        let fresh = here.device_crypto(d.id, 2).await.unwrap().unwrap();
+        let fresh = keys(&here, d.id, 2).await.unwrap();
         assert_eq!(
             (fresh.key_version, fresh.key_hex.as_str(), fresh.previous.map(|p| p.1)),
             (2, KEY2, Some(1)),
@@ -647,14 +656,14 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
         assert!(matches!(sync(1, 8, true).await, Err(SyncRefusal::StaleKey)), "{b}: quiet");
         assert!(matches!(sync(1, 9, false).await, Err(SyncRefusal::StaleKey)), "{b}: full");
         assert!(up(&here, 2, 2).await.is_ok(), "{b}: key 2 is now the previous one");
-        let after = here.device_crypto(d.id, 2).await.unwrap().unwrap();
+        let after = keys(&here, d.id, 2).await.unwrap();
         assert_eq!(after.key_version, 3, "{b}: the stale copy was dropped and read again");
 
         // This process's own rotation and removal drop the copy at once.
         here.rotate_device_key("k", KEY, "t", T0).await.unwrap();
-        assert_eq!(here.device_crypto(d.id, 3).await.unwrap().unwrap().key_version, 4, "{b}");
+        assert_eq!(keys(&here, d.id, 3).await.unwrap().key_version, 4, "{b}");
         here.delete_device("k", "t", T0).await.unwrap();
-        assert!(here.device_crypto(d.id, 3).await.unwrap().is_none(), "{b}");
+        assert!(keys(&here, d.id, 3).await.is_none(), "{b}");
 
         other.close().await;
         here.close().await;
