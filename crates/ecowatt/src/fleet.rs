@@ -64,6 +64,12 @@ struct Stats {
     errors: HashMap<String, u64>,
     delivery_lat_us: Vec<u32>,
     syncs: u64,
+    /// Long polls answered after the measurement (the server's shutdown answers them).
+    syncs_after: u64,
+    /// Long polls that failed once the server was told to stop.
+    stop_errors: u64,
+    /// The server has been told to stop.
+    stopping: bool,
 }
 
 async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<Vec<u8>, String> {
@@ -144,6 +150,9 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["server", "--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(&dir)
+        // Every simulated device connects from loopback; real devices each
+        // have an address of their own, so the per-address cap is lifted.
+        .args(["--max-connections-per-source", "1000000"])
         // The server's log filter: warnings, unless ECOWATT_FLEET_SERVER_LOG says
         // otherwise (`ecowatt_server::store::ingest=debug` logs every group).
         .env("RUST_LOG", std::env::var("ECOWATT_FLEET_SERVER_LOG").unwrap_or("warn".into()));
@@ -300,7 +309,9 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
                             let now = Instant::now();
                             let mut st = stats.lock().expect("stats");
                             // Only answers within the measurement count towards the rate.
-                            if now >= measure_from {
+                            if now >= deadline {
+                                st.syncs_after += 1;
+                            } else if now >= measure_from {
                                 st.syncs += 1;
                             }
                             for cmd in resp.commands {
@@ -321,12 +332,18 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
                         }
                         Err(kind) => {
                             session.lock().expect("session").0.abandon(sealed.counter);
-                            *stats
-                                .lock()
-                                .expect("stats")
-                                .errors
-                                .entry(format!("sync {kind}"))
-                                .or_default() += 1;
+                            let stopping = {
+                                let mut st = stats.lock().expect("stats");
+                                if st.stopping {
+                                    st.stop_errors += 1;
+                                } else {
+                                    *st.errors.entry(format!("sync {kind}")).or_default() += 1;
+                                }
+                                st.stopping
+                            };
+                            if stopping {
+                                break;
+                            }
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
                     }
@@ -353,8 +370,12 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
                 let offset = every.as_millis() as u64 * i as u64 / devices;
                 tokio::time::sleep(Duration::from_millis(offset)).await;
                 let mut tick = tokio::time::interval(every);
-                while Instant::now() < deadline {
+                loop {
                     tick.tick().await;
+                    // No upload starts after the measurement (the server is stopping).
+                    if Instant::now() >= deadline {
+                        break;
+                    }
                     let samples: Vec<Sample> = (0..60)
                         .map(|k| Sample {
                             seq: seq + k,
@@ -451,10 +472,29 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     tokio::time::sleep_until(deadline.into()).await;
     let elapsed = measure_start.elapsed().as_secs_f64();
     let usage_end = proc_usage(&mut proc_files);
+    // Shutdown under load: SIGTERM with every long poll open, then the time
+    // until the process is gone and how the long polls ended.
+    let open = {
+        let (ops, base) = (ops.clone(), base.clone());
+        tokio::task::spawn_blocking(move || connections_open(&ops, &base)).await?
+    };
+    stats.lock().expect("stats").stopping = true;
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let exited =
+        tokio::task::spawn_blocking(move || wait_exit(pid, Duration::from_secs(60))).await?;
+    // The long polls' answers (or errors) are in by the time the process is gone.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     for t in tasks {
         t.abort();
     }
     let mut st = stats.lock().expect("stats");
+    let shutdown_line = format!(
+        "Shutdown: SIGTERM with {} connections open; exited in {}; long polls answered at once: {}, failed: {}",
+        open.map_or("?".to_owned(), |n| n.to_string()),
+        exited.map_or("more than 60 s".to_owned(), |d| format!("{} ms", d.as_millis())),
+        st.syncs_after,
+        st.stop_errors,
+    );
     let cpu = (usage_end.2.saturating_sub(usage_start.2)) as f64 / 100.0 / elapsed * 100.0;
     let db_bytes: u64 = std::fs::read_dir(dir)
         .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
@@ -498,5 +538,32 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         "Errors: {}",
         if errors.is_empty() { "none".to_owned() } else { format!("{errors:?}") }
     );
+    println!("{shutdown_line}");
     Ok(())
+}
+
+/// The server's open connections, from its `/metrics`.
+fn connections_open(ops: &ureq::Agent, base: &str) -> Option<u64> {
+    let text = ops.get(format!("{base}/metrics")).call().ok()?.body_mut().read_to_string().ok()?;
+    let line = text.lines().find(|l| l.starts_with("ecowatt_connections_open "))?;
+    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|n| n as u64)
+}
+
+/// How long until process `pid` has exited (a zombie or gone), polled every 5 ms.
+fn wait_exit(pid: u32, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return Some(t0.elapsed()),
+            Ok(stat) => {
+                // The state follows the command name in parentheses.
+                let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+                if matches!(state, Some("Z" | "X")) {
+                    return Some(t0.elapsed());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
 }

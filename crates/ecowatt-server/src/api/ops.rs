@@ -1,5 +1,7 @@
 //! `/healthz`, `/metrics` and the JSON 404.
 
+use std::fmt::Write;
+
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -16,7 +18,27 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let devices = state.store.list_devices().await.map(|d| d.len() as f64).unwrap_or(f64::NAN);
-    let body = state.metrics.render(&[("ecowatt_devices", "Registered devices.", devices)]);
+    let edge = &state.edge;
+    let mut body = state.metrics.render(&[
+        ("ecowatt_devices", "Registered devices.", devices),
+        ("ecowatt_connections_open", "Connections open now.", edge.open() as f64),
+    ]);
+    let _ = write!(
+        body,
+        "# HELP ecowatt_connections_accepted_total Connections admitted.\n\
+         # TYPE ecowatt_connections_accepted_total counter\n\
+         ecowatt_connections_accepted_total {}\n\
+         # HELP ecowatt_connections_closed_total Connections closed (or refused, 503) by the edge, by reason.\n\
+         # TYPE ecowatt_connections_closed_total counter\n",
+        edge.accepted()
+    );
+    for (reason, n) in edge.closed_counts() {
+        let _ = writeln!(
+            body,
+            "ecowatt_connections_closed_total{{reason=\"{}\"}} {n}",
+            reason.as_str()
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
