@@ -25,6 +25,11 @@ pub trait KeyValue {
     fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, KvError>;
     /// Stores `value` at `key`, atomically: after a power cut the old or the new value is there.
     fn set(&mut self, key: &str, value: &[u8]) -> Result<(), KvError>;
+    /// Removes `key` (nothing happens if it is absent). A store that cannot
+    /// delete keeps an empty value, which every reader here treats as absent.
+    fn remove(&mut self, key: &str) -> Result<(), KvError> {
+        self.set(key, &[])
+    }
 }
 
 impl<T: KeyValue + ?Sized> KeyValue for &mut T {
@@ -33,6 +38,9 @@ impl<T: KeyValue + ?Sized> KeyValue for &mut T {
     }
     fn set(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
         (**self).set(key, value)
+    }
+    fn remove(&mut self, key: &str) -> Result<(), KvError> {
+        (**self).remove(key)
     }
 }
 
@@ -77,6 +85,15 @@ impl KeyValue for MemoryKv {
             return Err(KvError(String::from("write failed (power cut)")));
         }
         self.values.insert(String::from(key), value.to_vec());
+        self.writes += 1;
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) -> Result<(), KvError> {
+        if self.budget.is_some_and(|b| self.writes >= b) {
+            return Err(KvError(String::from("write failed (power cut)")));
+        }
+        self.values.remove(key);
         self.writes += 1;
         Ok(())
     }

@@ -54,4 +54,12 @@ impl KeyValue for FileKv {
         fs::rename(&tmp, &path).map_err(err)?;
         fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(err)
     }
+
+    fn remove(&mut self, key: &str) -> Result<(), KvError> {
+        match fs::remove_file(self.path(key)) {
+            Ok(()) => fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(err),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
 }

@@ -81,6 +81,10 @@ impl KeyValue for Kv<'_> {
         self.power.tick().map_err(|e| KvError(e.0))?;
         self.inner.set(key, value)
     }
+    fn remove(&mut self, key: &str) -> Result<(), KvError> {
+        self.power.tick().map_err(|e| KvError(e.0))?;
+        self.inner.remove(key)
+    }
 }
 
 const KEY: [u8; 32] = [3; 32];

@@ -88,3 +88,103 @@ fn batches_share_one_register_mask_and_come_oldest_first() {
     assert_eq!(log.batch(100), (0b111, log.batch(100).1));
     assert_eq!(log.batch(100).1[0].values, [1, 2, 3]);
 }
+
+/// The samples waiting, by `seq`, and the drop count.
+fn waiting(log: &SampleLog) -> (Vec<u64>, u64) {
+    (log.batch(100_000).1.iter().map(|s| s.seq).collect(), log.dropped_total())
+}
+
+#[test]
+fn a_new_capacity_keeps_every_waiting_sample_that_fits_and_counts_the_rest() {
+    for (before, after) in [(50, 20), (20, 50), (17, 16), (16, 17), (30, 30)] {
+        let mut kv = MemoryKv::new();
+        let mut log = SampleLog::open(&mut kv, before).unwrap();
+        for i in 0..40u64 {
+            log.append(&mut kv, 1_000 + i, MASK, vec![i as u16, 1]).unwrap();
+        }
+        log.ack(&mut kv, 12).unwrap();
+        let (old_waiting, old_dropped) = waiting(&log);
+        let newest = log.next_seq() - 1;
+        let mut log = SampleLog::open(&mut kv, after).unwrap();
+        let (seqs, dropped) = waiting(&log);
+        let kept = old_waiting.len().min(after as usize);
+        assert_eq!(seqs, old_waiting[old_waiting.len() - kept..], "{before} -> {after}");
+        assert_eq!(
+            dropped,
+            old_dropped + (old_waiting.len() - kept) as u64,
+            "{before} -> {after}: what does not fit is counted"
+        );
+        assert_eq!(log.next_seq(), newest + 1, "{before} -> {after}: no seq given twice");
+        let next = log.append(&mut kv, 9_999, MASK, vec![0, 0]).unwrap();
+        assert_eq!(next, newest + 1);
+        // And the layout holds across another reboot at the new capacity.
+        let log = SampleLog::open(&mut kv, after).unwrap();
+        let (again, _) = waiting(&log);
+        assert_eq!(again.last(), Some(&next), "{before} -> {after}");
+        assert_eq!(again.len(), (kept + 1).min(after as usize));
+    }
+}
+
+#[test]
+fn a_power_cut_at_any_write_of_a_capacity_change_loses_and_repeats_nothing() {
+    for cut in 0..200 {
+        let mut kv = MemoryKv::new();
+        let mut log = SampleLog::open(&mut kv, 40).unwrap();
+        for i in 0..60u64 {
+            log.append(&mut kv, i, MASK, vec![i as u16, 0]).unwrap();
+        }
+        log.ack(&mut kv, 25).unwrap();
+        let (old_waiting, old_dropped) = waiting(&log);
+        let newest = log.next_seq() - 1;
+        kv.fail_after(cut);
+        let first = SampleLog::open(&mut kv, 25);
+        kv.heal();
+        let mut log = SampleLog::open(&mut kv, 25).unwrap();
+        let (seqs, dropped) = waiting(&log);
+        assert_eq!(seqs, old_waiting[old_waiting.len() - 25..], "cut at write {cut}");
+        assert_eq!(dropped, old_dropped + (old_waiting.len() - 25) as u64, "cut at write {cut}");
+        assert_eq!(log.append(&mut kv, 99, MASK, vec![0, 0]).unwrap(), newest + 1, "cut {cut}");
+        if first.is_ok() {
+            // The change went through before the cut: nothing else to prove.
+            assert!(cut > 20, "cut at write {cut}: the change cannot be done in so few writes");
+        }
+    }
+}
+
+#[test]
+fn a_log_written_before_layouts_were_recorded_survives_a_capacity_change() {
+    // What an earlier build left: slots `log.s.<seq % 30>`, no layout key.
+    use ecowatt_core::kv::KeyValue;
+    let mut kv = MemoryKv::new();
+    for seq in 1..=45u64 {
+        let mut entry = Vec::new();
+        entry.extend_from_slice(&seq.to_be_bytes());
+        entry.extend_from_slice(&(1_000 + seq).to_be_bytes());
+        entry.extend_from_slice(&MASK.to_be_bytes());
+        entry.extend_from_slice(&[0, seq as u8, 0, 7]);
+        kv.set(&format!("log.s.{}", seq % 30), &entry).unwrap();
+    }
+    kv.set("log.acked", &20u64.to_be_bytes()).unwrap();
+    for capacity in [10, 64] {
+        let mut copy = kv.clone();
+        let mut log = SampleLog::open(&mut copy, capacity).unwrap();
+        let (seqs, dropped) = waiting(&log);
+        let expected: Vec<u64> = (21..=45).collect();
+        let kept = expected.len().min(capacity as usize);
+        assert_eq!(seqs, expected[expected.len() - kept..], "to {capacity}");
+        assert_eq!(dropped, (expected.len() - kept) as u64, "to {capacity}");
+        assert_eq!(log.append(&mut copy, 0, MASK, vec![0, 0]).unwrap(), 46, "to {capacity}");
+    }
+}
+
+#[test]
+fn samples_the_server_refuses_leave_counted_as_dropped() {
+    let mut kv = MemoryKv::new();
+    let mut log = SampleLog::open(&mut kv, 100).unwrap();
+    for i in 0..10 {
+        log.append(&mut kv, i, MASK, vec![0, 0]).unwrap();
+    }
+    assert_eq!(log.discard(&mut kv, 4).unwrap(), 4);
+    let log = SampleLog::open(&mut kv, 100).unwrap();
+    assert_eq!(waiting(&log), ((5..=10).collect(), 4));
+}
