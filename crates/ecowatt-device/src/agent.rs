@@ -400,6 +400,14 @@ async fn acquire(
         })
         .await;
         match read {
+            // A clock that was never set stamps 1970: such a sample would be
+            // refused by the server, so it is not stored.
+            Ok(Ok(Ok(_))) if now_ms() < ecowatt_proto::messages::EARLIEST_SAMPLE_MS => {
+                tracing::warn!(
+                    now_ms = now_ms(),
+                    "the clock is not set (before 2020): reading not stored"
+                );
+            }
             Ok(Ok(Ok(regs))) => {
                 let mut c = core.lock().await;
                 let Core { kv, log, .. } = &mut *c;
@@ -767,12 +775,10 @@ async fn upload_loop(
         // Oldest first, until the backlog is gone (bounded per round so fresh
         // samples are reached soon).
         for _ in 0..BATCHES_PER_ROUND {
-            let sealed = {
+            let (sealed, last_seq) = {
                 let mut c = core.lock().await;
                 let (mask, samples) = c.log.batch(batch_max);
-                if samples.is_empty() {
-                    break;
-                }
+                let Some(last_seq) = samples.last().map(|s| s.seq) else { break };
                 let batch = match codec::encode(mask, &samples) {
                     Ok(b) => b,
                     Err(e) => {
@@ -789,7 +795,7 @@ async fn upload_loop(
                 };
                 let Core { kv, session, .. } = &mut *c;
                 match session.seal(kv, MessageType::TelemetryUpload, &upload.encode()) {
-                    Ok(s) => s,
+                    Ok(s) => (s, last_seq),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot seal an upload");
                         break;
@@ -813,6 +819,17 @@ async fn upload_loop(
                         "telemetry uploaded"
                     );
                     up.on_success(now_ms());
+                }
+                // The server will never take these (stamped by a clock that
+                // was wrong): keeping them would block every later sample.
+                Err(e) if e.contains("\"sample_time_out_of_range\"") => {
+                    c.session.abandon(sealed.counter);
+                    let Core { kv, log, .. } = &mut *c;
+                    match log.discard(kv, last_seq) {
+                        Ok(n) => tracing::error!(error = %e, discarded = n,
+                            "the server refused the samples' times (is the clock right?); they are counted as dropped"),
+                        Err(k) => tracing::error!(error = %k, "cannot discard refused samples"),
+                    }
                 }
                 Err(e) => {
                     c.session.abandon(sealed.counter);

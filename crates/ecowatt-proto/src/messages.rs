@@ -626,6 +626,19 @@ impl SyncResponse {
     }
 }
 
+/// Earliest sample time the server accepts: 2020-01-01T00:00:00Z (a device
+/// whose clock was never set stamps 1970).
+pub const EARLIEST_SAMPLE_MS: u64 = 1_577_836_800_000;
+/// How far ahead of the server's clock a sample time may be.
+pub const MAX_SAMPLE_AHEAD_MS: u64 = 86_400_000;
+
+/// Whether a sample stamped `unix_ms` is in the range the server accepts
+/// when its clock reads `now_ms`: not before [`EARLIEST_SAMPLE_MS`], not more
+/// than [`MAX_SAMPLE_AHEAD_MS`] ahead.
+pub fn sample_time_ok(unix_ms: u64, now_ms: u64) -> bool {
+    (EARLIEST_SAMPLE_MS..=now_ms.saturating_add(MAX_SAMPLE_AHEAD_MS)).contains(&unix_ms)
+}
+
 /// Device -> server: a batch of samples, encoded with a telemetry codec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TelemetryUpload {

@@ -1,7 +1,9 @@
 //! `/api/v1/devices/{name}/config`: the config shadow.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::json::{Path, Query};
 use serde::Deserialize;
 use serde_json::{Value, json};
 

@@ -454,6 +454,9 @@ pub async fn telemetry(
         if first.seq != up.first_seq || batch.samples.len() != usize::from(up.count) {
             return Err("header disagrees with the batch".into());
         }
+        if last.seq > i64::MAX as u64 {
+            return Err(format!("seq {} is beyond 2^63 - 1", last.seq));
+        }
         let stored = StoredBatch {
             first_seq: first.seq as i64,
             last_seq: last.seq as i64,
@@ -474,6 +477,28 @@ pub async fn telemetry(
         }
     };
     let now = crate::now_ms();
+    // Before anything is stored or acknowledged: a time outside the range the
+    // server keeps would be acknowledged and then never shown.
+    if let Some(bad) =
+        batch.samples.iter().find(|x| !messages::sample_time_ok(x.unix_ms, now as u64))
+    {
+        event(
+            &state,
+            source,
+            Some(&name),
+            "sample_time_out_of_range",
+            json!({"seq": bad.seq, "unix_ms": bad.unix_ms, "server_ms": now}),
+        );
+        return ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "sample_time_out_of_range",
+            format!(
+                "sample {} is stamped {} ms; accepted are times from 2020-01-01 to one day past the server's clock ({now} ms)",
+                bad.seq, bad.unix_ms
+            ),
+        )
+        .into_response();
+    }
     let dropped = upload.dropped_total.min(i64::MAX as u64) as i64;
     let down = match state
         .store

@@ -1,7 +1,9 @@
 //! `/api/v1/devices`: register, list, show, disable, enable, rotate key, remove.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::json::Path;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};

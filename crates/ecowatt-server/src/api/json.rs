@@ -1,8 +1,10 @@
-//! A JSON extractor whose rejections use the API's error shape.
+//! Extractors whose rejections use the API's error shape: JSON bodies, path
+//! segments and query strings.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -35,6 +37,40 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 ),
                 other => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", other.body_text()),
             }),
+        }
+    }
+}
+
+/// Like `axum::extract::Path`, but a path segment of the wrong kind (`/commands/abc`)
+/// gets `400 invalid_path` in the API's error shape.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(rejection) => {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", rejection.body_text()))
+            }
+        }
+    }
+}
+
+/// Like `axum::extract::Query`, but a malformed query string gets
+/// `400 invalid_query` in the API's error shape.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(rejection) => {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", rejection.body_text()))
+            }
         }
     }
 }

@@ -7,7 +7,9 @@
 //! (the original firmware cannot acknowledge), and a command is delivered
 //! again until its result arrives.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::json::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};

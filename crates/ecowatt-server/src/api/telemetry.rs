@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::json::{Path, Query};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use ecowatt_proto::codec;
@@ -46,6 +48,22 @@ fn decode_all(batches: &[StoredBatch]) -> Result<BTreeMap<u64, Row>, ApiError> {
         }
     }
     Ok(rows)
+}
+
+/// The latest time a query may name: 9999-12-31T23:59:59.999Z.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
+/// A time bound of a query, refused outside 0..=[`MAX_TIME_MS`] (so that no
+/// arithmetic on it can overflow and every answer is about real dates).
+fn time_param(field: &str, value: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match value {
+        Some(v) if !(0..=MAX_TIME_MS).contains(&v) => Err(Invalid::new(
+            field,
+            format!("{v} is outside 0..={MAX_TIME_MS} (Unix ms, up to the year 9999)"),
+        )
+        .into()),
+        v => Ok(v),
+    }
 }
 
 #[derive(Deserialize)]
@@ -94,8 +112,8 @@ pub async fn query(
 ) -> Result<Response, ApiError> {
     state.store.device(&name).await?;
     let now = crate::now_ms();
-    let to = q.to_ms.unwrap_or(now);
-    let from = q.from_ms.unwrap_or(to - 86_400_000);
+    let to = time_param("to_ms", q.to_ms)?.unwrap_or(now);
+    let from = time_param("from_ms", q.from_ms)?.unwrap_or((to - 86_400_000).max(0));
     if from > to {
         return Err(Invalid::new("from_ms", "must not be after to_ms").into());
     }
@@ -230,8 +248,11 @@ pub async fn completeness(
     Query(q): Query<CompletenessQuery>,
 ) -> Result<Json<Value>, ApiError> {
     state.store.device(&name).await?;
-    let (from, to) = (q.from_ms.unwrap_or(0), q.to_ms.unwrap_or(i64::MAX));
-    let rows = decode_all(&state.store.telemetry(&name, from, to).await?)?;
+    let from = time_param("from_ms", q.from_ms)?.unwrap_or(0);
+    let to = time_param("to_ms", q.to_ms)?.unwrap_or(MAX_TIME_MS);
+    let batches = state.store.telemetry(&name, from, to).await?;
+    let stored: i64 = batches.iter().map(|b| b.count).sum();
+    let rows = decode_all(&batches)?;
     let seqs: Vec<u64> = rows.keys().copied().collect();
     let mut gaps = Vec::new();
     let mut missing = 0u64;
@@ -248,6 +269,9 @@ pub async fn completeness(
         "first_seq": seqs.first(),
         "last_seq": seqs.last(),
         "received": seqs.len(),
+        // Samples stored more than once (overlapping batches); 0 since ingest
+        // stores only the samples a resent batch adds.
+        "duplicates": stored - seqs.len() as i64,
         "missing": missing,
         "gaps": gaps,
         "dropped_reported": state.store.dropped_total(&name).await?,

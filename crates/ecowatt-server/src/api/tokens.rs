@@ -1,7 +1,9 @@
 //! `/api/v1/tokens` and `/api/v1/audit`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::json::{Path, Query};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};

@@ -17,8 +17,10 @@
 //! batch: their window, counter and last-seen time are written in the group
 //! too.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
+use ecowatt_proto::codec;
 use ecowatt_proto::replay::ReplayWindow;
 use sqlx::{AnyPool, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
@@ -106,6 +108,9 @@ struct DeviceState {
     down_counter: i64,
     dropped_total: i64,
     last_seen_ms: i64,
+    /// Highest `seq` stored for the device: a batch starting at or below it
+    /// may repeat stored samples (a retry whose batch grew).
+    stored_seq: i64,
     touched: bool,
 }
 
@@ -115,7 +120,7 @@ type Answers = StoreResult<Vec<Result<Accepted, SyncRefusal>>>;
 macro_rules! columns {
     () => {
         "id, enabled, key_version, previous_key_version, replay_high, replay_bitmap, \
-     prev_replay_high, prev_replay_bitmap, down_counter, dropped_total, last_seen_ms, \
+     prev_replay_high, prev_replay_bitmap, down_counter, dropped_total, last_seen_ms, stored_seq, \
      (SELECT COUNT(*) FROM commands c WHERE c.device_id = devices.id \
       AND c.status = 'succeeded' AND c.action LIKE '{\"op\":\"write\"%') AS unconfirmed"
     };
@@ -138,6 +143,7 @@ where
         down_counter: row.try_get("down_counter")?,
         dropped_total: row.try_get("dropped_total")?,
         last_seen_ms: row.try_get::<Option<i64>, _>("last_seen_ms")?.unwrap_or(0),
+        stored_seq: row.try_get("stored_seq")?,
         touched: false,
     };
     Ok((row.try_get("id")?, state))
@@ -172,8 +178,16 @@ async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
     let rows = sqlx::query(&select).persistent(false).fetch_all(&mut *tx).await?;
     let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
     let plan = plan(states, group);
+    let mut found = Vec::with_capacity(plan.overlaps.len());
+    for &(i, _) in &plan.overlaps {
+        let (device, b) = (group[i].device_id, group[i].batch.as_ref().expect("has a batch"));
+        let rows = sqlx::query(OVERLAPPING).bind(device).bind(b.first_seq).bind(b.last_seq);
+        let rows = rows.fetch_all(&mut *tx).await?;
+        found.push(rows.iter().map(range_of).collect::<StoreResult<Vec<_>>>()?);
+    }
+    let stored = stored_batches(&plan, group, found)?;
     // One multi-statement write: one round trip to the connection's thread.
-    let sql = sqlite_write(&plan, group);
+    let sql = sqlite_write(&plan, group, &stored);
     if !sql.is_empty() {
         sqlx::query(&sql).persistent(false).execute(&mut *tx).await?;
     }
@@ -194,8 +208,16 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
     let rows = sqlx::query(select).bind(&ids).fetch_all(&mut *tx).await?;
     let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
     let plan = plan(states, group);
+    let mut found = Vec::with_capacity(plan.overlaps.len());
+    for &(i, _) in &plan.overlaps {
+        let (device, b) = (group[i].device_id, group[i].batch.as_ref().expect("has a batch"));
+        let rows = sqlx::query(OVERLAPPING).bind(device).bind(b.first_seq).bind(b.last_seq);
+        let rows = rows.fetch_all(&mut *tx).await?;
+        found.push(rows.iter().map(range_of).collect::<StoreResult<Vec<_>>>()?);
+    }
+    let stored = stored_batches(&plan, group, found)?;
     if !plan.updates.is_empty() {
-        let mut columns: [Vec<i64>; 8] = Default::default();
+        let mut columns: [Vec<i64>; 9] = Default::default();
         for u in &plan.updates {
             for (column, v) in columns.iter_mut().zip(u) {
                 column.push(*v);
@@ -204,9 +226,10 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
         let mut q = sqlx::query(
             "UPDATE devices SET replay_high = v.rh, replay_bitmap = v.rb, \
              prev_replay_high = v.prh, prev_replay_bitmap = v.prb, down_counter = v.dc, \
-             dropped_total = v.dt, last_seen_ms = v.ls \
+             dropped_total = v.dt, last_seen_ms = v.ls, stored_seq = v.ss \
              FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
-             $6::int8[], $7::int8[], $8::int8[]) AS v(id, rh, rb, prh, prb, dc, dt, ls) \
+             $6::int8[], $7::int8[], $8::int8[], $9::int8[]) \
+             AS v(id, rh, rb, prh, prb, dc, dt, ls, ss) \
              WHERE devices.id = v.id",
         );
         for column in columns {
@@ -214,11 +237,11 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
         }
         q.execute(&mut *tx).await?;
     }
-    if !plan.accepted.is_empty() {
+    if !stored.is_empty() {
         let mut columns: [Vec<i64>; 9] = Default::default();
-        let mut data: Vec<&[u8]> = Vec::with_capacity(plan.accepted.len());
-        for &i in &plan.accepted {
-            let (row, bytes) = stored_row(&group[i]);
+        let mut data: Vec<&[u8]> = Vec::with_capacity(stored.len());
+        for (i, b) in &stored {
+            let (row, bytes) = stored_row(&group[*i], b);
             for (column, v) in columns.iter_mut().zip(row) {
                 column.push(v);
             }
@@ -250,11 +273,74 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
     Ok(plan.answers)
 }
 
-/// An accepted upload's `telemetry_batches` row: the integer columns in the
-/// order the inserts name them (`data` goes between `codec` and
-/// `received_ms`), and the batch bytes.
-fn stored_row(job: &Job) -> ([i64; 9], &[u8]) {
-    let b = job.batch.as_ref().expect("accepted has a batch");
+/// The stored batches of one device that share samples with `first_seq..=last_seq`.
+const OVERLAPPING: &str = "SELECT first_seq, last_seq FROM telemetry_batches \
+     WHERE device_id = $1 AND last_seq >= $2 AND first_seq <= $3";
+
+fn range_of<R: Row>(row: &R) -> StoreResult<(i64, i64)>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    Ok((row.try_get("first_seq")?, row.try_get("last_seq")?))
+}
+
+/// What the group stores, by job: each accepted upload's batch, except that
+/// one which may repeat stored samples keeps only the samples no stored batch
+/// (`found`, in the order of `plan.overlaps`) and no earlier upload of the
+/// group covers, re-encoded, or nothing when it adds none.
+fn stored_batches<'g>(
+    plan: &Plan,
+    group: &'g [Job],
+    found: Vec<Vec<(i64, i64)>>,
+) -> StoreResult<Vec<(usize, Cow<'g, StoredBatch>)>> {
+    let mut trimmed: HashMap<usize, Option<StoredBatch>> = HashMap::new();
+    for ((i, earlier), mut covered) in plan.overlaps.iter().zip(found) {
+        covered.extend_from_slice(earlier);
+        let batch = group[*i].batch.as_ref().expect("has a batch");
+        trimmed.insert(*i, trim(batch, &covered)?);
+    }
+    Ok(plan
+        .accepted
+        .iter()
+        .filter_map(|&i| match trimmed.remove(&i) {
+            None => Some((i, Cow::Borrowed(group[i].batch.as_ref().expect("has a batch")))),
+            Some(Some(kept)) => Some((i, Cow::Owned(kept))),
+            Some(None) => None,
+        })
+        .collect())
+}
+
+/// The samples of `batch` that no range in `covered` (`seq` ranges, both
+/// ends included) holds: the batch itself when none is covered, a re-encoded
+/// batch of the others, or `None` when every one is (a resend of stored
+/// samples: the first stored copy stands).
+pub fn trim(batch: &StoredBatch, covered: &[(i64, i64)]) -> StoreResult<Option<StoredBatch>> {
+    let held = |seq: i64| covered.iter().any(|&(a, b)| (a..=b).contains(&seq));
+    let decoded = codec::decode(&batch.data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let total = decoded.samples.len();
+    let new: Vec<_> = decoded.samples.into_iter().filter(|x| !held(x.seq as i64)).collect();
+    if new.len() == total {
+        return Ok(Some(batch.clone()));
+    }
+    let (Some(first), Some(last)) = (new.first(), new.last()) else { return Ok(None) };
+    let data =
+        codec::encode(decoded.registers, &new).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(Some(StoredBatch {
+        first_seq: first.seq as i64,
+        last_seq: last.seq as i64,
+        count: new.len() as i64,
+        first_ms: new.iter().map(|x| x.unix_ms).min().unwrap_or(0) as i64,
+        last_ms: new.iter().map(|x| x.unix_ms).max().unwrap_or(0) as i64,
+        data,
+        ..batch.clone()
+    }))
+}
+
+/// An upload's `telemetry_batches` row: the integer columns in the order the
+/// inserts name them (`data` goes between `codec` and `received_ms`), and the
+/// batch bytes.
+fn stored_row<'b>(job: &Job, b: &'b StoredBatch) -> ([i64; 9], &'b [u8]) {
     let row = [
         job.device_id,
         b.first_seq,
@@ -271,28 +357,28 @@ fn stored_row(job: &Job) -> ([i64; 9], &[u8]) {
 
 /// The group's writes as one SQLite script. Only integers and hex blob
 /// literals are inlined, all of them produced here, none from a peer's text.
-fn sqlite_write(plan: &Plan, group: &[Job]) -> String {
+fn sqlite_write(plan: &Plan, group: &[Job], stored: &[(usize, Cow<'_, StoredBatch>)]) -> String {
     use std::fmt::Write as _;
-    let mut sql = String::with_capacity(256 * plan.updates.len() + 1400 * plan.accepted.len());
+    let mut sql = String::with_capacity(256 * plan.updates.len() + 1400 * stored.len());
     for u in &plan.updates {
         let _ = writeln!(
             sql,
             "UPDATE devices SET replay_high = {}, replay_bitmap = {}, prev_replay_high = {}, \
-             prev_replay_bitmap = {}, down_counter = {}, dropped_total = {}, last_seen_ms = {} \
-             WHERE id = {};",
-            u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[0]
+             prev_replay_bitmap = {}, down_counter = {}, dropped_total = {}, last_seen_ms = {}, \
+             stored_seq = {} WHERE id = {};",
+            u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[0]
         );
     }
-    for chunk in plan.accepted.chunks(200) {
+    for chunk in stored.chunks(200) {
         sql.push_str(
             "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
              last_ms, registers, codec, data, received_ms) VALUES ",
         );
-        for (n, &i) in chunk.iter().enumerate() {
+        for (n, (i, b)) in chunk.iter().enumerate() {
             let (
                 [device, first_seq, last_seq, count, first_ms, last_ms, registers, codec, now],
                 data,
-            ) = stored_row(&group[i]);
+            ) = stored_row(&group[*i], b);
             let _ = write!(
                 sql,
                 "{}({device}, {first_seq}, {last_seq}, {count}, {first_ms}, {last_ms}, {registers}, \
@@ -307,11 +393,14 @@ fn sqlite_write(plan: &Plan, group: &[Job]) -> String {
 }
 
 /// What a group does: the answers in order, each touched device's new row
-/// values (`id`, windows, counters, last seen), the uploads to store.
+/// values (`id`, windows, counters, last seen, stored seq), the uploads to
+/// store, and those of them that may repeat stored samples, each with the
+/// ranges earlier uploads of the group cover for its device.
 struct Plan {
     answers: Vec<Result<Accepted, SyncRefusal>>,
-    updates: Vec<[i64; 8]>,
+    updates: Vec<[i64; 9]>,
     accepted: Vec<usize>,
+    overlaps: Vec<(usize, Vec<(i64, i64)>)>,
 }
 
 /// The checks on the rows read.
@@ -320,6 +409,9 @@ fn plan(rows: Vec<(i64, DeviceState)>, group: &[Job]) -> Plan {
     // The checks, in arrival order, on the rows as the group leaves them.
     let mut answers = Vec::with_capacity(group.len());
     let mut accepted = Vec::with_capacity(group.len());
+    let mut overlaps = Vec::new();
+    // Ranges stored by this group so far, by device (rarely more than one).
+    let mut in_group: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
     for (i, job) in group.iter().enumerate() {
         let Some(d) = devices.get_mut(&job.device_id) else {
             answers.push(Err(SyncRefusal::Disabled)); // removed while its upload waited
@@ -349,8 +441,13 @@ fn plan(rows: Vec<(i64, DeviceState)>, group: &[Job]) -> Plan {
         d.touched = true;
         answers
             .push(Ok(Accepted { down_counter: d.down_counter as u64, unconfirmed: d.unconfirmed }));
-        if job.batch.is_some() {
+        if let Some(b) = &job.batch {
             accepted.push(i);
+            if b.first_seq <= d.stored_seq {
+                overlaps.push((i, in_group.get(&job.device_id).cloned().unwrap_or_default()));
+            }
+            d.stored_seq = d.stored_seq.max(b.last_seq);
+            in_group.entry(job.device_id).or_default().push((b.first_seq, b.last_seq));
         }
     }
     let updates = devices
@@ -366,8 +463,9 @@ fn plan(rows: Vec<(i64, DeviceState)>, group: &[Job]) -> Plan {
                 d.down_counter,
                 d.dropped_total,
                 d.last_seen_ms,
+                d.stored_seq,
             ]
         })
         .collect();
-    Plan { answers, updates, accepted }
+    Plan { answers, updates, accepted, overlaps }
 }

@@ -197,4 +197,14 @@ CREATE INDEX security_events_by_time ON security_events (last_ms);
 CREATE INDEX audit_by_time ON audit_log (at_ms)
 "#,
     ),
+    (
+        8,
+        // The highest `seq` stored per device: an upload starting at or below
+        // it may repeat stored samples, and only those are looked up
+        // (`ingest.rs`), so a resent batch that grew stores only what it adds.
+        r#"
+ALTER TABLE devices ADD COLUMN stored_seq BIGINT NOT NULL DEFAULT 0;
+UPDATE devices SET stored_seq = COALESCE((SELECT MAX(last_seq) FROM telemetry_batches b WHERE b.device_id = devices.id), 0)
+"#,
+    ),
 ];

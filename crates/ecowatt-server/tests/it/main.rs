@@ -9,3 +9,4 @@ mod legacy;
 mod protocol;
 mod rollouts;
 mod store;
+mod telemetry;

@@ -1,0 +1,152 @@
+//! Telemetry at the edges: resent batches that grew, overlapping batches with
+//! other values, and sample times outside the range the server keeps.
+
+use axum::http::StatusCode;
+use ecowatt_proto::codec::{self, Sample};
+use ecowatt_proto::messages::{MessageType, TelemetryAck, TelemetryUpload};
+use ecowatt_server::testing::TempDb;
+
+use crate::api::Client;
+use crate::protocol::{TestDevice, error_code, post_to};
+
+fn samples(seqs: std::ops::RangeInclusive<u64>, t0: u64, base: u16) -> Vec<Sample> {
+    seqs.map(|i| Sample { seq: i, unix_ms: t0 + 5_000 * i, values: vec![base + i as u16, 100] })
+        .collect()
+}
+
+fn upload(samples: &[Sample]) -> TelemetryUpload {
+    TelemetryUpload {
+        first_seq: samples[0].seq,
+        count: samples.len() as u16,
+        dropped_total: 0,
+        codec: codec::CODEC_V1,
+        batch: codec::encode(0x0201, samples).unwrap(),
+    }
+}
+
+/// Uploads; the acknowledged `seq`, or the status and error code.
+async fn send(
+    c: &Client,
+    dev: &mut TestDevice,
+    up: &TelemetryUpload,
+) -> Result<u64, (StatusCode, String)> {
+    let sealed = dev.raw(MessageType::TelemetryUpload, &up.encode());
+    let (status, body) = post_to(&c.server.state, "/api/v1/device/telemetry", sealed).await;
+    if status != StatusCode::OK {
+        return Err((status, error_code(&body)));
+    }
+    let (_, plain) = dev.open(&body).unwrap();
+    Ok(TelemetryAck::decode(&plain).unwrap().acked_through)
+}
+
+#[tokio::test]
+async fn a_resent_batch_that_grew_stores_only_what_it_adds_on_both_backends() {
+    for db in TempDb::each().await {
+        let c = Client::start(&db, false).await;
+        let mut dev = TestDevice::provision(&c, "d").await;
+        let t0 = ecowatt_server::now_ms() as u64 - 3_600_000;
+        assert_eq!(send(&c, &mut dev, &upload(&samples(1..=5, t0, 2300))).await, Ok(5));
+        // The acknowledgement was lost; the device resends with more samples.
+        assert_eq!(send(&c, &mut dev, &upload(&samples(1..=8, t0, 2300))).await, Ok(8));
+        // And again, exactly (a second lost acknowledgement).
+        assert_eq!(send(&c, &mut dev, &upload(&samples(1..=8, t0, 2300))).await, Ok(8));
+        // A batch overlapping stored samples with other values: the stored ones stand.
+        assert_eq!(send(&c, &mut dev, &upload(&samples(6..=10, t0, 4000))).await, Ok(10));
+        let v = c.ok("GET", "/api/v1/devices/d/completeness", None).await;
+        assert_eq!(
+            (v["received"].as_i64(), v["duplicates"].as_i64(), v["missing"].as_i64()),
+            (Some(10), Some(0), Some(0)),
+            "{}: {v}",
+            db.backend()
+        );
+        let batches = c.server.state.store.telemetry("d", 0, i64::MAX).await.unwrap();
+        let ranges: Vec<_> = batches.iter().map(|b| (b.first_seq, b.last_seq, b.count)).collect();
+        assert_eq!(ranges, [(1, 5, 5), (6, 8, 3), (9, 10, 2)], "{}", db.backend());
+        let data = c.ok("GET", "/api/v1/devices/d/telemetry?from_ms=0&registers=0", None).await;
+        let volts: Vec<f64> = data["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["v"][0].as_f64().unwrap())
+            .collect();
+        assert_eq!(volts[5..8], [230.6, 230.7, 230.8], "the first stored values of 6..=8 stand");
+        assert_eq!(volts[8..], [400.9, 401.0], "only 9 and 10 came from the overlapping batch");
+        c.server.stop().await;
+        db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn sample_times_outside_the_kept_range_are_refused_before_acknowledgement() {
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    let mut dev = TestDevice::provision(&c, "d").await;
+    let now = ecowatt_server::now_ms() as u64;
+    let cases: [(&str, Vec<Sample>); 5] = [
+        ("1970: a clock never set", samples(1..=3, 10_000, 2300)),
+        ("2019", samples(1..=3, 1_546_300_800_000, 2300)),
+        ("two days ahead", samples(1..=3, now + 2 * 86_400_000, 2300)),
+        (
+            "at 2^63 (negative once stored)",
+            vec![Sample { seq: 1, unix_ms: 1 << 63, values: vec![1, 2] }],
+        ),
+        (
+            "a step back below 0 (the codec's deltas wrap)",
+            vec![
+                Sample { seq: 1, unix_ms: 1_000, values: vec![1, 2] },
+                Sample { seq: 2, unix_ms: 1_000u64.wrapping_sub(5_000), values: vec![1, 2] },
+            ],
+        ),
+    ];
+    for (what, batch) in cases {
+        assert_eq!(
+            send(&c, &mut dev, &upload(&batch)).await,
+            Err((StatusCode::UNPROCESSABLE_ENTITY, "sample_time_out_of_range".to_owned())),
+            "{what}"
+        );
+    }
+    let v = c.ok("GET", "/api/v1/devices/d/completeness", None).await;
+    assert_eq!(v["received"], 0, "nothing refused was stored: {v}");
+    // Within the range (an hour ago, and a clock a few hours fast): stored and shown.
+    let ok = [samples(1..=2, now - 3_600_000, 2300), samples(3..=4, now + 3 * 3_600_000, 2300)];
+    for batch in ok {
+        assert!(send(&c, &mut dev, &upload(&batch)).await.is_ok());
+    }
+    let v = c.ok("GET", "/api/v1/devices/d/completeness", None).await;
+    assert_eq!((v["received"].as_i64(), v["missing"].as_i64()), (Some(4), Some(0)));
+    let data = c
+        .ok(
+            "GET",
+            &format!("/api/v1/devices/d/telemetry?from_ms=0&to_ms={}", now + 86_400_000),
+            None,
+        )
+        .await;
+    assert_eq!(data["points"].as_array().unwrap().len(), 4, "everything acknowledged is visible");
+    c.server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_paths_queries_and_huge_ranges_get_json_errors() {
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    c.ok("POST", "/api/v1/devices", Some(serde_json::json!({"name": "d"}))).await;
+    let cases = [
+        ("/api/v1/commands/abc", "invalid_path"),
+        ("/api/v1/devices/d/telemetry?from_ms=yesterday", "invalid_query"),
+        ("/api/v1/devices/d/telemetry?max_points=-1", "invalid_query"),
+        (
+            "/api/v1/devices/d/telemetry?from_ms=-9223372036854775808&to_ms=9223372036854775807",
+            "invalid_field",
+        ),
+        ("/api/v1/devices/d/completeness?to_ms=9223372036854775807", "invalid_field"),
+    ];
+    for (path, code) in cases {
+        let (status, v) = c.call("GET", path, None).await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{path}: {v}"
+        );
+    }
+    c.server.stop().await;
+}
