@@ -185,7 +185,7 @@ async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
         let rows = rows.fetch_all(&mut *tx).await?;
         found.push(rows.iter().map(range_of).collect::<StoreResult<Vec<_>>>()?);
     }
-    let stored = stored_batches(&plan, group, found)?;
+    let stored = stored_batches(&plan, group, found);
     // One multi-statement write: one round trip to the connection's thread.
     let sql = sqlite_write(&plan, group, &stored);
     if !sql.is_empty() {
@@ -215,7 +215,7 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
         let rows = rows.fetch_all(&mut *tx).await?;
         found.push(rows.iter().map(range_of).collect::<StoreResult<Vec<_>>>()?);
     }
-    let stored = stored_batches(&plan, group, found)?;
+    let stored = stored_batches(&plan, group, found);
     if !plan.updates.is_empty() {
         let mut columns: [Vec<i64>; 9] = Default::default();
         for u in &plan.updates {
@@ -293,40 +293,54 @@ fn stored_batches<'g>(
     plan: &Plan,
     group: &'g [Job],
     found: Vec<Vec<(i64, i64)>>,
-) -> StoreResult<Vec<(usize, Cow<'g, StoredBatch>)>> {
+) -> Vec<(usize, Cow<'g, StoredBatch>)> {
     let mut trimmed: HashMap<usize, Option<StoredBatch>> = HashMap::new();
     for ((i, earlier), mut covered) in plan.overlaps.iter().zip(found) {
         covered.extend_from_slice(earlier);
         let batch = group[*i].batch.as_ref().expect("has a batch");
-        trimmed.insert(*i, trim(batch, &covered)?);
+        trimmed.insert(*i, trim(batch, &covered));
     }
-    Ok(plan
-        .accepted
+    plan.accepted
         .iter()
         .filter_map(|&i| match trimmed.remove(&i) {
             None => Some((i, Cow::Borrowed(group[i].batch.as_ref().expect("has a batch")))),
             Some(Some(kept)) => Some((i, Cow::Owned(kept))),
             Some(None) => None,
         })
-        .collect())
+        .collect()
 }
 
 /// The samples of `batch` that no range in `covered` (`seq` ranges, both
 /// ends included) holds: the batch itself when none is covered, a re-encoded
 /// batch of the others, or `None` when every one is (a resend of stored
 /// samples: the first stored copy stands).
-pub fn trim(batch: &StoredBatch, covered: &[(i64, i64)]) -> StoreResult<Option<StoredBatch>> {
+///
+/// Only a batch that really shares `seq`s with a covered range is decoded;
+/// one that does not decode (it was checked when it arrived, so never in
+/// practice) is stored whole rather than failing its group.
+pub fn trim(batch: &StoredBatch, covered: &[(i64, i64)]) -> Option<StoredBatch> {
+    let (from, to) = (batch.first_seq, batch.last_seq);
+    let covered: Vec<(i64, i64)> =
+        covered.iter().copied().filter(|&(a, b)| b >= from && a <= to).collect();
+    if covered.is_empty() {
+        return Some(batch.clone());
+    }
     let held = |seq: i64| covered.iter().any(|&(a, b)| (a..=b).contains(&seq));
-    let decoded = codec::decode(&batch.data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let decoded = match codec::decode(&batch.data) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, from, to, "an accepted batch does not decode: stored whole");
+            return Some(batch.clone());
+        }
+    };
     let total = decoded.samples.len();
     let new: Vec<_> = decoded.samples.into_iter().filter(|x| !held(x.seq as i64)).collect();
     if new.len() == total {
-        return Ok(Some(batch.clone()));
+        return Some(batch.clone());
     }
-    let (Some(first), Some(last)) = (new.first(), new.last()) else { return Ok(None) };
-    let data =
-        codec::encode(decoded.registers, &new).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Ok(Some(StoredBatch {
+    let (Some(first), Some(last)) = (new.first(), new.last()) else { return None };
+    let data = codec::encode(decoded.registers, &new).expect("a subset of a valid batch encodes");
+    Some(StoredBatch {
         first_seq: first.seq as i64,
         last_seq: last.seq as i64,
         count: new.len() as i64,
@@ -334,7 +348,7 @@ pub fn trim(batch: &StoredBatch, covered: &[(i64, i64)]) -> StoreResult<Option<S
         last_ms: new.iter().map(|x| x.unix_ms).max().unwrap_or(0) as i64,
         data,
         ..batch.clone()
-    }))
+    })
 }
 
 /// An upload's `telemetry_batches` row: the integer columns in the order the
