@@ -5,7 +5,7 @@
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
-use ecowatt_proto::messages::{CommandResult, ConfigState, Rejection};
+use ecowatt_proto::messages::{CommandResult, ConfigState, Operation, Rejection};
 
 use crate::kv::{KeyValue, KvError};
 
@@ -85,14 +85,40 @@ pub fn store_config(
 
 /// Which commands ran, and the results the server has not confirmed yet.
 ///
-/// Before a command runs its id is written as *in flight*; a reboot that finds
-/// an id in flight reports it failed ("interrupted") instead of running it
-/// again: each id is executed at most once.
+/// Before a command runs, its id and operation are written as *in flight*. A
+/// reboot that finds one in flight never runs it again (each id is executed
+/// at most once); it is [`Journal::interrupted`], and the shell reads the
+/// register back and reports what is true with [`Journal::resolve`]: a
+/// write whose value the inverter holds succeeded, one it does not hold
+/// failed (with the value read), and one that cannot be read back failed
+/// with no value.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Journal {
     done: VecDeque<u64>,
     pending: Vec<CommandResult>,
-    in_flight: Option<u64>,
+    in_flight: Option<(u64, Option<Operation>)>,
+    /// Found in flight at load: run before the reboot, outcome unknown.
+    interrupted: bool,
+}
+
+fn put_op(b: &mut Vec<u8>, op: &Operation) {
+    let (kind, register, value) = match *op {
+        Operation::Write { register, value } => (1u8, register, value),
+        Operation::Read { register } => (2, register, 0),
+    };
+    b.push(kind);
+    b.extend_from_slice(&register.to_be_bytes());
+    b.extend_from_slice(&value.to_be_bytes());
+}
+
+fn get_op(b: &[u8]) -> Option<Operation> {
+    let register = u16::from_be_bytes([*b.get(1)?, *b.get(2)?]);
+    let value = u16::from_be_bytes([*b.get(3)?, *b.get(4)?]);
+    match b.first()? {
+        1 => Some(Operation::Write { register, value }),
+        2 => Some(Operation::Read { register }),
+        _ => None,
+    }
 }
 
 fn put_result(b: &mut Vec<u8>, r: &CommandResult) {
@@ -105,24 +131,50 @@ fn put_result(b: &mut Vec<u8>, r: &CommandResult) {
 }
 
 impl Journal {
-    /// Loads the journal; an id found in flight becomes a failed result.
-    pub fn load(kv: &mut impl KeyValue, now_ms: u64) -> Result<Journal, KvError> {
+    /// Loads the journal; a command found in flight is
+    /// [`Journal::interrupted`] until resolved.
+    pub fn load(kv: &mut impl KeyValue) -> Result<Journal, KvError> {
         let mut j = Journal::default();
         if let Some(b) = kv.get(JOURNAL_KEY)? {
             j = Journal::decode(&b).unwrap_or_default();
         }
-        if let Some(id) = j.in_flight.take() {
-            j.remember(id);
-            j.pending.push(CommandResult {
-                command_id: id,
-                succeeded: false,
-                exception: None,
-                value: None,
-                executed_ms: now_ms,
-            });
-            j.save(kv)?;
-        }
+        j.interrupted = j.in_flight.is_some();
         Ok(j)
+    }
+
+    /// The command a reboot cut short, and its operation (unknown when an
+    /// older build wrote the journal): read the register, then [`Journal::resolve`].
+    pub fn interrupted(&self) -> Option<(u64, Option<Operation>)> {
+        self.in_flight.filter(|_| self.interrupted)
+    }
+
+    /// Records how the interrupted command ended, from `read_back` (the
+    /// register's value now, if it could be read): its result goes to the
+    /// server like any other, and the id is never run.
+    pub fn resolve(
+        &mut self,
+        kv: &mut impl KeyValue,
+        read_back: Option<u16>,
+        now_ms: u64,
+    ) -> Result<(), KvError> {
+        let Some((id, op)) = self.interrupted() else { return Ok(()) };
+        let succeeded = match op {
+            Some(Operation::Write { value, .. }) => read_back == Some(value),
+            Some(Operation::Read { .. }) => read_back.is_some(),
+            None => false,
+        };
+        let value = if op.is_some() { read_back } else { None };
+        self.interrupted = false;
+        self.finish(
+            kv,
+            CommandResult {
+                command_id: id,
+                succeeded,
+                exception: None,
+                value,
+                executed_ms: now_ms,
+            },
+        )
     }
 
     fn decode(b: &[u8]) -> Option<Journal> {
@@ -132,7 +184,7 @@ impl Journal {
             at += n;
             Some(s)
         };
-        let flight = u64::from_be_bytes(take(8)?.try_into().ok()?);
+        let flight_id = u64::from_be_bytes(take(8)?.try_into().ok()?);
         let n_done = u16::from_be_bytes(take(2)?.try_into().ok()?);
         let mut done = VecDeque::new();
         for _ in 0..n_done {
@@ -150,12 +202,15 @@ impl Journal {
                 executed_ms: u64::from_be_bytes(r[13..21].try_into().ok()?),
             });
         }
-        Some(Journal { done, pending, in_flight: (flight != 0).then_some(flight) })
+        // The in-flight command's operation follows (absent when written by an older build).
+        let op = take(5).and_then(get_op);
+        let in_flight = (flight_id != 0).then_some((flight_id, op));
+        Some(Journal { done, pending, in_flight, interrupted: false })
     }
 
     fn save(&self, kv: &mut impl KeyValue) -> Result<(), KvError> {
-        let mut b = Vec::with_capacity(11 + 8 * self.done.len() + 21 * self.pending.len());
-        b.extend_from_slice(&self.in_flight.unwrap_or(0).to_be_bytes());
+        let mut b = Vec::with_capacity(16 + 8 * self.done.len() + 21 * self.pending.len());
+        b.extend_from_slice(&self.in_flight.map_or(0, |(id, _)| id).to_be_bytes());
         b.extend_from_slice(&(self.done.len() as u16).to_be_bytes());
         for id in &self.done {
             b.extend_from_slice(&id.to_be_bytes());
@@ -163,6 +218,9 @@ impl Journal {
         b.push(self.pending.len().min(255) as u8);
         for r in self.pending.iter().take(255) {
             put_result(&mut b, r);
+        }
+        if let Some((_, Some(op))) = &self.in_flight {
+            put_op(&mut b, op);
         }
         kv.set(JOURNAL_KEY, &b)
     }
@@ -174,12 +232,26 @@ impl Journal {
         }
     }
 
-    /// Whether `id` may run now; if so it is recorded as in flight first.
-    pub fn begin(&mut self, kv: &mut impl KeyValue, id: u64) -> Result<bool, KvError> {
-        if self.done.contains(&id) || self.in_flight == Some(id) {
+    /// Whether command `id` may run `op` now; if so it is recorded as in
+    /// flight first. (An interrupted command not resolved yet is resolved as
+    /// unknown first: failed, no value.)
+    pub fn begin(
+        &mut self,
+        kv: &mut impl KeyValue,
+        id: u64,
+        op: Operation,
+    ) -> Result<bool, KvError> {
+        if self.done.contains(&id) || self.in_flight.is_some_and(|(f, _)| f == id) {
             return Ok(false);
         }
-        self.in_flight = Some(id);
+        if self.interrupted {
+            // Never read back: its outcome and time are unknown.
+            if let Some((_, op)) = self.in_flight.as_mut() {
+                *op = None;
+            }
+            self.resolve(kv, None, 0)?;
+        }
+        self.in_flight = Some((id, Some(op)));
         self.save(kv)?;
         Ok(true)
     }

@@ -281,7 +281,7 @@ async fn boot_once(
     let session = Session::start(creds, &mut kv).map_err(|e| state_err(e.to_string()))?;
     let log = SampleLog::open(&mut kv, opts.log_capacity).map_err(|e| state_err(e.to_string()))?;
     let (config, rejected) = control::load_config(&mut kv).map_err(|e| state_err(e.to_string()))?;
-    let journal = Journal::load(&mut kv, now_ms()).map_err(|e| state_err(e.to_string()))?;
+    let mut journal = Journal::load(&mut kv).map_err(|e| state_err(e.to_string()))?;
     tracing::info!(
         device = %opts.provisioning.device,
         firmware = %running,
@@ -297,6 +297,11 @@ async fn boot_once(
     let transport = transport::open(&opts.inverter_url, &opts.link)?;
     let client = Client::new(transport, ThreadDelay).with_policy(RetryPolicy::default());
     let inverter: Inverter = Arc::new(std::sync::Mutex::new(client));
+    if let Some((id, op)) = journal.interrupted() {
+        resolve_interrupted(&inverter, opts.slave, &mut kv, &mut journal, id, op)
+            .await
+            .map_err(|e| state_err(e.to_string()))?;
+    }
     let (config_tx, config_rx) = watch::channel(config);
     let core = Arc::new(Mutex::new(Core { kv, session, log, config, rejected, journal }));
     let server = opts.server.clone().unwrap_or_else(|| opts.provisioning.server.clone());
@@ -342,6 +347,42 @@ async fn boot_once(
         }
     };
     Ok(exit)
+}
+
+/// A command was being executed when the device stopped: it is not run
+/// again; the register is read back and what it holds is reported.
+async fn resolve_interrupted(
+    inverter: &Inverter,
+    slave: u8,
+    kv: &mut FileKv,
+    journal: &mut Journal,
+    id: u64,
+    op: Option<Operation>,
+) -> Result<(), ecowatt_core::kv::KvError> {
+    let register = op.map(|o| match o {
+        Operation::Write { register, .. } | Operation::Read { register } => register,
+    });
+    let read_back = match register {
+        Some(r) => {
+            let inv = inverter.clone();
+            tokio::task::spawn_blocking(move || {
+                inv.lock().expect("inverter lock").read_holding(slave, r, 1)
+            })
+            .await
+            .ok()
+            .and_then(|read| read.ok()?.ok())
+            .and_then(|v| v.first().copied())
+        }
+        None => None,
+    };
+    journal.resolve(kv, read_back, now_ms())?;
+    tracing::warn!(
+        command = id,
+        ?op,
+        ?read_back,
+        "a command was cut short by a restart: not run again; reporting what the inverter holds"
+    );
+    Ok(())
 }
 
 /// Completes when a trial image has not confirmed itself within `bound`.
@@ -598,7 +639,7 @@ async fn sync_loop(
             let run = {
                 let mut c = core.lock().await;
                 let Core { kv, journal, .. } = &mut *c;
-                journal.begin(kv, cmd.id).unwrap_or(false)
+                journal.begin(kv, cmd.id, cmd.op).unwrap_or(false)
             };
             if !run {
                 continue; // already executed; its result is on its way

@@ -50,6 +50,15 @@ impl TestSim {
         format!("tcp://{}", self.sim.tcp_addr)
     }
 
+    /// Sets the export limit register of `slave` as a write would (what a
+    /// command that reached the inverter before a power cut left behind).
+    pub fn set_limit(&self, slave: u8, pct: u16) {
+        let mut sim = self.sim.state.sim.lock().expect("simulator lock");
+        let now = sim.now_ms();
+        let write = ecowatt_proto::modbus::Request::WriteSingleRegister { address: 8, value: pct };
+        sim.inverter_mut(slave).expect("no such slave").handle(&write, now);
+    }
+
     /// The export limit register of `slave`, straight from the simulator.
     pub fn limit_pct(&self, slave: u8) -> u16 {
         let mut sim = self.sim.state.sim.lock().expect("simulator lock");

@@ -262,3 +262,57 @@ async fn nothing_is_lost_while_the_server_is_down_or_the_device_restarts() {
     agent.stop().await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_cut_short_by_a_restart_is_reported_as_the_inverter_holds_it() {
+    use ecowatt_core::control::Journal;
+    use ecowatt_proto::messages::Operation;
+    let sim = TestSim::start(1).await;
+    let db = TempDb::sqlite();
+    let server = TestServer::start(&db, false).await;
+    let op = Op::of(&server);
+    let p = provision(&op, "roof-1").await;
+    let state = db.dir.path().join("device");
+    // Two commands were executing when the device lost power: one whose
+    // write reached the inverter, one whose write did not. Each restart finds
+    // one of them in flight.
+    for (i, pct) in [37u16, 64].into_iter().enumerate() {
+        let v = op
+            .call(
+                "POST",
+                "/api/v1/devices/roof-1/commands",
+                Some(json!({"type": "set_power_percentage", "parameters": {"percentage": pct}})),
+            )
+            .await;
+        let id = &v["id"].as_u64().unwrap();
+        {
+            let mut kv = ecowatt_device::filekv::FileKv::open(&state).unwrap();
+            let mut j = Journal::load(&mut kv).unwrap();
+            assert!(j.begin(&mut kv, *id, Operation::Write { register: 8, value: pct }).unwrap());
+        }
+        if i == 0 {
+            sim.set_limit(0x11, 37); // the write went through before the cut
+        }
+        let agent = start_agent(&p, &sim, &state);
+        let path = format!("/api/v1/commands/{id}");
+        let done = op
+            .until(&path, "the interrupted command's result", Duration::from_secs(20), |v| {
+                v["status"] != "queued" && v["status"] != "delivered"
+            })
+            .await;
+        agent.stop().await;
+        if i == 0 {
+            assert_eq!(
+                (done["status"].as_str(), done["result_value"].as_u64()),
+                (Some("succeeded"), Some(37)),
+                "{done}"
+            );
+        } else {
+            assert_eq!(done["status"], "failed", "{done}");
+            assert_eq!(done["result_value"], 37, "{done}");
+            assert!(done["result_message"].as_str().unwrap().contains("reads 37"), "{done}");
+        }
+    }
+    assert_eq!(sim.limit_pct(0x11), 37, "neither command ran after the restart");
+    server.stop().await;
+}

@@ -324,6 +324,20 @@ struct Held {
     notified: std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>,
 }
 
+/// What a device's result says, in words (the protocol carries only the
+/// outcome, the exception and the value read back).
+fn result_message(r: &messages::CommandResult) -> Option<String> {
+    match (r.succeeded, r.exception, r.value) {
+        (_, Some(e), _) => Some(format!("Modbus exception {e:02X}")),
+        (true, None, _) => None,
+        (false, None, Some(v)) => Some(format!("the register reads {v}, not the value asked for")),
+        (false, None, None) => Some(
+            "no answer from the inverter (or the device restarted before it could read the register back)"
+                .to_owned(),
+        ),
+    }
+}
+
 /// `POST /api/v1/device/sync`: the device reports and asks; the answer carries
 /// config and commands, at once or when they arrive within the wait it allows.
 pub async fn sync(
@@ -387,7 +401,7 @@ async fn sync_first(
             .map(|r| {
                 let outcome = CommandOutcome {
                     success: r.succeeded,
-                    message: r.exception.map(|e| format!("Modbus exception {e:02X}")),
+                    message: result_message(r),
                     exception_code: r.exception,
                     value: r.value,
                     executed_ms: (r.executed_ms > 0).then_some(r.executed_ms as i64),
