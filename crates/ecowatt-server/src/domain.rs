@@ -304,11 +304,13 @@ pub fn check_ttl(ttl_s: i64) -> Result<i64, Invalid> {
 pub fn check_device_name(name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        // A name made of dots is a path step in every URL that names a device.
+        && name.chars().any(|c| c != '.');
     if ok {
         Ok(())
     } else {
-        Err(Invalid::new("name", "use 1 to 64 letters, digits, '_', '-' or '.'"))
+        Err(Invalid::new("name", "use 1 to 64 letters, digits, '_', '-' or '.', not only dots"))
     }
 }
 

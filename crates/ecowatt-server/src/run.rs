@@ -47,7 +47,35 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         move |source| StartError::Io { path, source }
     };
     std::fs::create_dir_all(&settings.data_dir).map_err(io(&settings.data_dir))?;
+    let token_path = settings.data_dir.join(ADMIN_TOKEN_FILE);
+    // A data directory that held a store (its admin token is there) whose
+    // database is gone or empty: never start again empty over it.
+    let had_store = token_path.exists();
+    if had_store
+        && let Some(path) = crate::store::sqlite_file::path_of(&settings.database)
+        && crate::store::sqlite_file::check(&path)?
+            != crate::store::sqlite_file::FileState::Database
+    {
+        return Err(StartError::Store(StoreError::Unusable(format!(
+            "{} is missing or empty, but {} shows this data directory held a store: restore the \
+             database from a backup; to start a new, empty store instead, move {} away",
+            path.display(),
+            token_path.display(),
+            token_path.display()
+        ))));
+    }
     let store = SqlStore::open(&settings.database).await?;
+    if had_store && store.created() {
+        store.close().await;
+        return Err(StartError::Store(StoreError::Unusable(format!(
+            "the database {} was empty (its tables were just created), but {} shows this data \
+             directory belonged to a store with data: check the database URL, or restore the \
+             database; to start a new, empty store, move {} away",
+            redacted(&settings.database),
+            token_path.display(),
+            token_path.display()
+        ))));
+    }
     let mut admin_token_file = None;
     if store.token_count().await? == 0 {
         let secret = api::generate_token();
@@ -66,6 +94,17 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         edge: Arc::new(ecowatt_edge::Stats::default()),
     };
     Ok(Prepared { state, admin_token_file })
+}
+
+/// A database URL without its password.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(at)) => {
+            let user = rest[..at - scheme.len() - 3].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{}", &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Writes a secret readable by its owner only.

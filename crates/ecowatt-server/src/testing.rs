@@ -38,6 +38,14 @@ impl TempDb {
         TempDb { url, dir, pg: None }
     }
 
+    /// A fresh SQLite database in a new directory inside `parent` (a small
+    /// file system a test fills, say).
+    pub fn sqlite_in(parent: &std::path::Path) -> TempDb {
+        let dir = tempfile::tempdir_in(parent).expect("temp dir");
+        let url = SqlStore::sqlite_url(&dir.path().join("ecowatt.db"));
+        TempDb { url, dir, pg: None }
+    }
+
     /// A fresh PostgreSQL database, or `None` when `ECOWATT_TEST_PG_URL` is unset.
     pub async fn postgres() -> Option<TempDb> {
         let admin = std::env::var(PG_ENV).ok()?;

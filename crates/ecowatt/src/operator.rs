@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -133,12 +134,22 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
     /// Create a token; it is printed once.
+    ///
+    /// With --local it is written straight into the store named by --data-dir
+    /// (or --database), without the server: the way back in when no admin
+    /// token works. Run it on the server's machine, as the server's user.
     Create {
         /// Who or what it is for.
         name: String,
         /// admin (may change things) or viewer (may only read).
         #[arg(long, default_value = "viewer", value_parser = ["admin", "viewer"])]
         role: String,
+        /// Write the token into the store directly (no server, no token needed).
+        #[arg(long)]
+        local: bool,
+        /// With --local: the database URL [default: SQLite in --data-dir].
+        #[arg(long, env = "ECOWATT_DATABASE", hide_env_values = true, requires = "local")]
+        database: Option<String>,
     },
     /// List tokens.
     List,
@@ -150,9 +161,12 @@ pub enum TokenCommand {
 }
 
 pub fn token(conn: &ServerConn, cmd: TokenCommand) -> anyhow::Result<()> {
+    if let TokenCommand::Create { name, role, local: true, database } = &cmd {
+        return local_token(conn, name, role, database.as_deref());
+    }
     let api = conn.connect()?;
     match cmd {
-        TokenCommand::Create { name, role } => {
+        TokenCommand::Create { name, role, .. } => {
             let v =
                 api.call("POST", "/api/v1/tokens", Some(&json!({"name": name, "role": role})))?;
             println!("{}", v["token"].as_str().unwrap_or_default());
@@ -180,6 +194,48 @@ pub fn token(conn: &ServerConn, cmd: TokenCommand) -> anyhow::Result<()> {
             println!("Token {id} revoked.");
         }
     }
+    Ok(())
+}
+
+/// `token create --local`: a token written straight into the store.
+fn local_token(
+    conn: &ServerConn,
+    name: &str,
+    role: &str,
+    database: Option<&str>,
+) -> anyhow::Result<()> {
+    use ecowatt_server::store::{Role, SqlStore, Store, sqlite_file};
+    let url = match database {
+        Some(url) => url.to_owned(),
+        None => SqlStore::sqlite_url(&conn.data_dir.join("ecowatt.db")),
+    };
+    // Never create a store here: only an existing one gets a token.
+    if let Some(path) = sqlite_file::path_of(&url)
+        && sqlite_file::check(&path)? != sqlite_file::FileState::Database
+    {
+        anyhow::bail!(
+            "no store at {} (point --data-dir at the server's data directory, or pass --database)",
+            path.display()
+        );
+    }
+    let role = Role::parse(role).context("role")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (secret, token) = rt.block_on(async {
+        let store = SqlStore::open(&url).await?;
+        anyhow::ensure!(!store.created(), "the database at {url} held no store");
+        let secret = ecowatt_server::api::generate_token();
+        let hash = ecowatt_server::api::hash_token(&secret);
+        let actor = format!("local:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+        let token = store.create_token(name, role, &hash, &actor, ecowatt_server::now_ms()).await?;
+        store.close().await;
+        Ok((secret, token))
+    })?;
+    println!("{secret}");
+    eprintln!(
+        "Token {} ({}) written into the store directly; it is shown only now.",
+        token.id,
+        token.role.as_str()
+    );
     Ok(())
 }
 

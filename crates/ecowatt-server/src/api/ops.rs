@@ -9,10 +9,15 @@ use axum::response::IntoResponse;
 use super::AppState;
 use crate::error::ApiError;
 
+/// `ok` when the store answers and can write (a row written at most once a
+/// second); 503 otherwise, so that a supervisor restarts or alerts.
 pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    match state.store.token_count().await {
-        Ok(_) => (StatusCode::OK, "ok"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+    match state.store.writable().await {
+        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check: the store cannot write");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("store cannot write: {e}"))
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod rollout_sql;
 pub mod schema;
 pub mod sql;
+pub mod sqlite_file;
 
 use std::collections::BTreeMap;
 
@@ -37,6 +38,18 @@ pub enum StoreError {
     /// A stored value could not be decoded (a bug or a tampered database).
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
+    /// The database cannot be used as it is (not a database, cut short, or
+    /// missing where one was), with what to do.
+    #[error("{0}")]
+    Unusable(String),
+    /// A change refused by a rule, with the rule's stable code.
+    #[error("{message}")]
+    Refused {
+        /// The stable code (`last_admin_token`, ...).
+        code: &'static str,
+        /// What the rule is.
+        message: String,
+    },
 }
 
 /// Result of a store operation.
@@ -552,6 +565,9 @@ pub struct Firmware {
 pub trait Store: Send + Sync {
     /// Which backend this is (`sqlite`, `postgres`).
     fn backend(&self) -> &'static str;
+
+    /// Whether the store can write now (a probe, reused for a second).
+    async fn writable(&self) -> StoreResult<()>;
 
     // --- devices
     /// Registers a device with its key; its desired config starts at version 1.

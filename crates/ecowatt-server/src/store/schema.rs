@@ -207,4 +207,12 @@ ALTER TABLE devices ADD COLUMN stored_seq BIGINT NOT NULL DEFAULT 0;
 UPDATE devices SET stored_seq = COALESCE((SELECT MAX(last_seq) FROM telemetry_batches b WHERE b.device_id = devices.id), 0)
 "#,
     ),
+    (
+        9,
+        // One row `/healthz` writes (at most once a second): a store that
+        // cannot write (a full disk) is reported unhealthy.
+        r#"
+CREATE TABLE store_health (id BIGINT PRIMARY KEY, at_ms BIGINT NOT NULL)
+"#,
+    ),
 ];

@@ -11,7 +11,7 @@ use std::path::Path;
 use async_trait::async_trait;
 use serde_json::json;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Executor, Row, Transaction};
+use sqlx::{Any, AnyPool, Connection, Executor, Row, Transaction};
 
 use super::schema::MIGRATIONS;
 use super::*;
@@ -45,7 +45,30 @@ pub struct SqlStore {
     dialect: Dialect,
     /// Devices' keys (`keys.rs`), shared by the clones.
     keys: std::sync::Arc<super::keys::KeyCache>,
+    /// This open created the schema (the database was empty).
+    created: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The last write probe: when, and whether it wrote.
+    health: std::sync::Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
 }
+
+/// Whether a pooled connection may be handed out: not when sqlx still counts
+/// it inside a transaction. A rollback queued when a transaction was dropped
+/// runs before the ping returns, so only a connection whose rollback failed
+/// is refused (and the pool opens a new one).
+async fn healthy<C: Connection>(conn: &mut C) -> Result<bool, sqlx::Error> {
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    conn.ping().await?;
+    let ok = !conn.is_in_transaction();
+    if !ok {
+        tracing::warn!("a database connection was left inside a failed transaction: replaced");
+    }
+    Ok(ok)
+}
+
+/// How long a write probe's answer is reused (`/healthz` may be polled often).
+const HEALTH_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) type Tx = Transaction<'static, Any>;
 
@@ -179,20 +202,36 @@ impl SqlStore {
                 "use sqlite://PATH or postgres://USER@HOST/DB",
             )));
         };
+        if let Some(path) = super::sqlite_file::path_of(url)
+            && super::sqlite_file::check(&path)? == super::sqlite_file::FileState::Database
+        {
+            // One connection first: a file SQLite cannot read says why now,
+            // where the pool would retry it for 30 s and say "timed out".
+            let mut conn = sqlx::AnyConnection::connect(url).await?;
+            sqlx::query("SELECT COUNT(*) AS n FROM sqlite_master").fetch_one(&mut conn).await?;
+            conn.close().await?;
+        }
         let options = |max| {
-            AnyPoolOptions::new().max_connections(max).after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if dialect == Dialect::Sqlite {
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        // Statement journals and sorts in memory: no temporary
-                        // files to open (a busy server may be short of descriptors).
-                        conn.execute("PRAGMA temp_store = MEMORY").await?;
-                    }
-                    Ok(())
+            AnyPoolOptions::new()
+                .max_connections(max)
+                // A connection whose transaction failed in a way SQLite rolled
+                // back by itself (a full disk) keeps sqlx's transaction depth
+                // above 0, and every later BEGIN on it fails: it is dropped
+                // instead of handed out (`healthy`).
+                .before_acquire(|conn, _| Box::pin(healthy(conn)))
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if dialect == Dialect::Sqlite {
+                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            // Statement journals and sorts in memory: no temporary
+                            // files to open (a busy server may be short of descriptors).
+                            conn.execute("PRAGMA temp_store = MEMORY").await?;
+                        }
+                        Ok(())
+                    })
                 })
-            })
         };
         let pool = options(if dialect == Dialect::Sqlite { 4 } else { 16 }).connect(url).await?;
         let writer = if dialect == Dialect::Sqlite {
@@ -205,15 +244,76 @@ impl SqlStore {
             super::ingest::Target::Sqlite(writer.clone())
         } else {
             super::ingest::Target::Postgres(
-                sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await?,
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .before_acquire(|conn, _| Box::pin(healthy(conn)))
+                    .connect(url)
+                    .await?,
             )
         };
         let ingest = super::ingest::start(ingest_pool.clone());
-        let store =
-            SqlStore { pool, writer, ingest, ingest_pool, dialect, keys: Default::default() };
+        let store = SqlStore {
+            pool,
+            writer,
+            ingest,
+            ingest_pool,
+            dialect,
+            keys: Default::default(),
+            created: Default::default(),
+            health: Default::default(),
+        };
         store.migrate().await?;
         store.reload_keys_impl(false).await?;
         Ok(store)
+    }
+
+    /// Whether this open created the schema: the database was empty.
+    pub fn created(&self) -> bool {
+        self.created.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Writes one row (at most once per second; later calls reuse the
+    /// answer): whether the store can write now (a full disk, a read-only
+    /// file or a stuck connection say no).
+    pub async fn writable(&self) -> StoreResult<()> {
+        let mut last = self.health.lock().await;
+        if let Some((at, ok)) = *last
+            && at.elapsed() < HEALTH_FRESH
+        {
+            return if ok {
+                Ok(())
+            } else {
+                Err(StoreError::Unusable("the store cannot write".into()))
+            };
+        }
+        let probe = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            sqlx::query(
+                "INSERT INTO store_health (id, at_ms) VALUES (1, $1) \
+                 ON CONFLICT (id) DO UPDATE SET at_ms = excluded.at_ms",
+            )
+            .bind(crate::now_ms())
+            .execute(&self.writer),
+        )
+        .await;
+        let result = match probe {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Db(e)),
+            Err(_) => Err(StoreError::Unusable("the write probe took over 5 s".into())),
+        };
+        *last = Some((std::time::Instant::now(), result.is_ok()));
+        result
+    }
+
+    /// Test support: leaves the write connection as a full disk left it
+    /// before `healthy` existed: SQLite ends a transaction on its own, and
+    /// sqlx, whose ROLLBACK then fails, still counts it open.
+    #[doc(hidden)]
+    pub async fn wedge_writer_like_a_full_disk(&self) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("ROLLBACK").execute(&mut *tx).await?;
+        drop(tx);
+        Ok(())
     }
 
     /// The URL of the SQLite database file at `path`.
@@ -293,6 +393,7 @@ impl SqlStore {
             .iter()
             .map(|r| r.try_get("version"))
             .collect::<Result<_, _>>()?;
+        self.created.store(applied.is_empty(), std::sync::atomic::Ordering::SeqCst);
         for (version, sql) in MIGRATIONS {
             if applied.contains(version) {
                 continue;
@@ -493,6 +594,10 @@ impl Store for SqlStore {
             Dialect::Sqlite => "sqlite",
             Dialect::Postgres => "postgres",
         }
+    }
+
+    async fn writable(&self) -> StoreResult<()> {
+        SqlStore::writable(self).await
     }
 
     async fn create_device(
@@ -711,6 +816,27 @@ impl Store for SqlStore {
             .ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
         if token.revoked_ms.is_some() {
             return Err(StoreError::Conflict(format!("token {id} is already revoked")));
+        }
+        if token.role == Role::Admin {
+            // Every active admin row locked: two revocations at once cannot
+            // each leave the other as the last.
+            let sql = format!(
+                "SELECT id FROM tokens WHERE role = 'admin' AND revoked_ms IS NULL{}",
+                self.for_update()
+            );
+            let admins = sqlx::query(&sql).fetch_all(&mut *tx).await?;
+            let others =
+                admins.iter().filter(|r| r.try_get::<i64, _>("id").ok() != Some(id)).count();
+            if others == 0 {
+                return Err(StoreError::Refused {
+                    code: "last_admin_token",
+                    message: format!(
+                        "token {id} is the last admin token: create another admin token first \
+                         (on the server's machine, `ecowatt token create NAME --role admin --local` \
+                         works without one)"
+                    ),
+                });
+            }
         }
         sqlx::query("UPDATE tokens SET revoked_ms = $1 WHERE id = $2")
             .bind(now)

@@ -123,8 +123,15 @@ async fn devices_are_added_with_a_key_shown_once() {
 
     let (status, v) = c.call("POST", "/api/v1/devices", Some(json!({"name": "roof-1"}))).await;
     assert_eq!((status, code(&v)), (StatusCode::CONFLICT, "conflict"));
-    let (status, v) = c.call("POST", "/api/v1/devices", Some(json!({"name": "roof 2"}))).await;
-    assert_eq!((status, v["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("name")));
+    for bad in ["roof 2", ".", "..", "...", ""] {
+        let (status, v) = c.call("POST", "/api/v1/devices", Some(json!({"name": bad}))).await;
+        assert_eq!(
+            (status, v["error"]["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("name")),
+            "{bad:?}"
+        );
+    }
+    c.ok("POST", "/api/v1/devices", Some(json!({"name": "roof.2"}))).await;
     let (status, v) = c
         .call("POST", "/api/v1/devices", Some(json!({"name": "r", "rated_power_w": 1_000_000})))
         .await;

@@ -5,6 +5,7 @@
 mod api;
 mod concurrency;
 mod edge;
+mod faults;
 mod legacy;
 mod protocol;
 mod rollouts;

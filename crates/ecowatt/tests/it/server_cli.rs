@@ -189,3 +189,50 @@ fn the_server_command_reads_a_toml_file_and_stops_cleanly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_admin_token_is_recovered_on_the_servers_machine() {
+    let db = TempDb::sqlite();
+    let server = TestServer::start(&db, false).await;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().to_path_buf();
+    let server = tokio::task::spawn_blocking(move || {
+        // The only admin token is lost.
+        std::fs::remove_file(server.data_dir.join("admin.token")).unwrap();
+        let locked_out = ecowatt(&server, &dir, &["device", "list"]);
+        assert!(!locked_out.status.success());
+        // Without --local, creating a token needs one.
+        let refused = ecowatt(&server, &dir, &["token", "create", "rescue", "--role", "admin"]);
+        assert!(!refused.status.success());
+        let token = stdout(&ecowatt(
+            &server,
+            &dir,
+            &["token", "create", "rescue", "--role", "admin", "--local"],
+        ));
+        let token = token.trim();
+        assert!(token.starts_with("ewt_"), "{token}");
+        let listed = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+            .args(["token", "list", "--token", token])
+            .env("ECOWATT_SERVER", &server.url)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let listed = stdout(&listed);
+        assert!(listed.contains("rescue") && listed.contains("admin"), "{listed}");
+        // It never makes a store where there was none.
+        let nowhere = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+            .args(["token", "create", "x", "--local", "--data-dir"])
+            .arg(dir.join("no-such-dir"))
+            .output()
+            .unwrap();
+        assert!(!nowhere.status.success());
+        assert!(String::from_utf8_lossy(&nowhere.stderr).contains("no store at"));
+        assert!(!dir.join("no-such-dir").exists());
+        server
+    })
+    .await
+    .unwrap();
+    let audit = server.state.store.audit(None, 10).await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "token.create" && e.actor.starts_with("local:")));
+    server.stop().await;
+}
