@@ -63,6 +63,8 @@ pub struct Refusals {
     per_minute: u32,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
     tallies: Mutex<HashMap<Key, Tally>>,
+    /// One flush at a time: two would both insert a row for a new tally.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl Refusals {
@@ -72,6 +74,7 @@ impl Refusals {
             per_minute: per_minute.max(1),
             buckets: Mutex::default(),
             tallies: Mutex::default(),
+            flushing: tokio::sync::Mutex::default(),
         }
     }
 
@@ -149,6 +152,7 @@ impl Refusals {
     /// Writes what was tallied since the last flush: a new row per new key,
     /// a new count for the others; keys of past minutes are then forgotten.
     pub async fn flush(&self, store: &dyn Store, now_ms: i64) -> StoreResult<()> {
+        let _one_at_a_time = self.flushing.lock().await;
         let (keys, rows): (Vec<Key>, Vec<SecurityEventRow>) = {
             let tallies = lock(&self.tallies);
             let mut changed: Vec<(&Key, &Tally)> =
@@ -224,6 +228,27 @@ mod tests {
         let first = Key { minute: 0, source: Some(a), kind: "bad_tag", device: None };
         assert_eq!(tallies[&first].count, 2);
         assert_eq!((tallies[&first].first_ms, tallies[&first].last_ms), (1_000, 2_000));
+    }
+
+    #[tokio::test]
+    async fn flushes_at_once_write_one_row_per_tally_with_its_whole_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::store::SqlStore::sqlite_url(&dir.path().join("e.db"));
+        let store = crate::store::SqlStore::open(&url).await.unwrap();
+        let r = Refusals::new(1000);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        for round in 0..3 {
+            for _ in 0..5 {
+                r.refused(Some(a), None, "bad_tag", Value::Null, 1_000 + round);
+            }
+            let (x, y) = tokio::join!(r.flush(&store, 2_000), r.flush(&store, 2_000));
+            x.unwrap();
+            y.unwrap();
+        }
+        let events = store.security_events(None, 10).await.unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!((events[0].count, events[0].source.as_deref()), (15, Some("192.0.2.1")));
+        store.close().await;
     }
 
     #[test]

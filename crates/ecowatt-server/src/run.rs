@@ -156,6 +156,7 @@ pub async fn serve(
     if let Some(task) = listener_task {
         task.abort();
     }
+    state.store.close().await;
     result
 }
 

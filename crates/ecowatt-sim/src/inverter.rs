@@ -10,12 +10,24 @@ use crate::model::{Model, ModelConfig, Reading};
 pub struct Inverter {
     slave: u8,
     model: Model,
+    writes: std::collections::VecDeque<u16>,
+    writes_total: u64,
 }
+
+/// Writes of the export limit an inverter remembers (oldest forgotten first).
+pub const WRITES_KEPT: usize = 1_000;
 
 impl Inverter {
     /// An inverter at `slave` with the given physics.
     pub fn new(slave: u8, config: ModelConfig) -> Self {
-        Inverter { slave, model: Model::new(config) }
+        Inverter { slave, model: Model::new(config), writes: Default::default(), writes_total: 0 }
+    }
+
+    /// The values the export limit was written with, oldest first (the
+    /// last [`WRITES_KEPT`]), and how many writes there were in all: what a
+    /// test counts to see that no command ran twice.
+    pub fn writes(&self) -> (Vec<u16>, u64) {
+        (self.writes.iter().copied().collect(), self.writes_total)
     }
 
     /// Its slave address.
@@ -56,6 +68,11 @@ impl Inverter {
                     Ok(_) => {
                         // Register 8 is the only writable one.
                         self.model.set_limit_pct(value);
+                        self.writes_total += 1;
+                        if self.writes.len() == WRITES_KEPT {
+                            self.writes.pop_front();
+                        }
+                        self.writes.push_back(value);
                         Response::WriteSingleRegister { address, value }
                     }
                     Err(WriteError::OutOfRange { .. }) => refuse(ExceptionCode::IllegalDataValue),

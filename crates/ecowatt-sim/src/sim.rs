@@ -74,6 +74,11 @@ pub struct InverterState {
     pub limit_pct: u16,
     /// Irradiance on its array, W/m².
     pub irradiance: f64,
+    /// The values the export limit was written with, oldest first (the last
+    /// [`crate::inverter::WRITES_KEPT`]).
+    pub limit_writes: Vec<u16>,
+    /// Writes of the export limit in all.
+    pub limit_writes_total: u64,
 }
 
 impl Simulator {
@@ -128,6 +133,8 @@ impl Simulator {
                     pac_w: reading.pac,
                     limit_pct: reading.limit_pct,
                     irradiance: inv.model().irradiance(now / 1000),
+                    limit_writes: inv.writes().0,
+                    limit_writes_total: inv.writes().1,
                 }
             })
             .collect()

@@ -569,6 +569,10 @@ pub trait Store: Send + Sync {
     /// Whether the store can write now (a probe, reused for a second).
     async fn writable(&self) -> StoreResult<()>;
 
+    /// Closes the connections (SQLite then folds its write-ahead log into
+    /// the database file).
+    async fn close(&self);
+
     // --- devices
     /// Registers a device with its key; its desired config starts at version 1.
     async fn create_device(

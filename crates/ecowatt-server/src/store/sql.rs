@@ -600,6 +600,10 @@ impl Store for SqlStore {
         SqlStore::writable(self).await
     }
 
+    async fn close(&self) {
+        SqlStore::close(self).await
+    }
+
     async fn create_device(
         &self,
         name: &str,
