@@ -126,6 +126,26 @@ macro_rules! columns {
     };
 }
 
+/// The stored batches of one device that share samples with `first_seq..=last_seq`.
+const OVERLAPPING: &str = "SELECT first_seq, last_seq FROM telemetry_batches \
+     WHERE device_id = $1 AND last_seq >= $2 AND first_seq <= $3";
+
+/// For each upload of `plan.overlaps`, the `seq` ranges of the stored
+/// batches it may repeat, read in the group's transaction `tx` (either
+/// backend's: a macro, as their executors differ in type).
+macro_rules! overlapping {
+    ($tx:ident, $plan:ident, $group:ident) => {{
+        let mut found = Vec::with_capacity($plan.overlaps.len());
+        for &(i, _) in &$plan.overlaps {
+            let (device, b) = ($group[i].device_id, $group[i].batch.as_ref().expect("a batch"));
+            let rows = sqlx::query(OVERLAPPING).bind(device).bind(b.first_seq).bind(b.last_seq);
+            let rows = rows.fetch_all(&mut *$tx).await?;
+            found.push(rows.iter().map(range_of).collect::<StoreResult<Vec<_>>>()?);
+        }
+        found
+    }};
+}
+
 /// A device's row as read, on either backend.
 fn device_state<R: Row>(row: &R) -> StoreResult<(i64, DeviceState)>
 where
@@ -178,13 +198,7 @@ async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
     let rows = sqlx::query(&select).persistent(false).fetch_all(&mut *tx).await?;
     let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
     let plan = plan(states, group);
-    let mut found = Vec::with_capacity(plan.overlaps.len());
-    for &(i, _) in &plan.overlaps {
-        let (device, b) = (group[i].device_id, group[i].batch.as_ref().expect("has a batch"));
-        let rows = sqlx::query(OVERLAPPING).bind(device).bind(b.first_seq).bind(b.last_seq);
-        let rows = rows.fetch_all(&mut *tx).await?;
-        found.push(rows.iter().map(range_of).collect::<StoreResult<Vec<_>>>()?);
-    }
+    let found = overlapping!(tx, plan, group);
     let stored = stored_batches(&plan, group, found);
     // One multi-statement write: one round trip to the connection's thread.
     let sql = sqlite_write(&plan, group, &stored);
@@ -208,13 +222,7 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
     let rows = sqlx::query(select).bind(&ids).fetch_all(&mut *tx).await?;
     let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
     let plan = plan(states, group);
-    let mut found = Vec::with_capacity(plan.overlaps.len());
-    for &(i, _) in &plan.overlaps {
-        let (device, b) = (group[i].device_id, group[i].batch.as_ref().expect("has a batch"));
-        let rows = sqlx::query(OVERLAPPING).bind(device).bind(b.first_seq).bind(b.last_seq);
-        let rows = rows.fetch_all(&mut *tx).await?;
-        found.push(rows.iter().map(range_of).collect::<StoreResult<Vec<_>>>()?);
-    }
+    let found = overlapping!(tx, plan, group);
     let stored = stored_batches(&plan, group, found);
     if !plan.updates.is_empty() {
         let mut columns: [Vec<i64>; 9] = Default::default();
@@ -272,10 +280,6 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
     tx.commit().await?;
     Ok(plan.answers)
 }
-
-/// The stored batches of one device that share samples with `first_seq..=last_seq`.
-const OVERLAPPING: &str = "SELECT first_seq, last_seq FROM telemetry_batches \
-     WHERE device_id = $1 AND last_seq >= $2 AND first_seq <= $3";
 
 fn range_of<R: Row>(row: &R) -> StoreResult<(i64, i64)>
 where
