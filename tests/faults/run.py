@@ -322,11 +322,28 @@ def phase(args, full, quick):
     return quick if args.quick else full
 
 
-def server_kill_9(args, work):
-    f = Fleet(args.bin, work)
+def started(args, work, full, quick, **fleet):
+    """A fleet started and left running `full` (or `quick`) seconds before the fault."""
+    f = Fleet(args.bin, work, **fleet)
     f.start_server()
     f.start_devices()
-    time.sleep(phase(args, 25, 15))
+    time.sleep(phase(args, full, quick))
+    return f
+
+
+def finish(f, since, devices=None, limit=120):
+    """Settles the fleet after a fault that ended at `since`, and checks it:
+    the result, and the seconds until every device (or those given) uploaded."""
+    settled = f.settle(since, limit)
+    back = f.first_upload_after(since, devices)
+    result = f.check()
+    result["settled_s"] = settled
+    result["recovery_s"] = back
+    return result, back
+
+
+def server_kill_9(args, work):
+    f = started(args, work, 25, 15)
     f.server.signal(signal.SIGKILL)
     f.server.wait(10)
     killed = time.time()
@@ -335,48 +352,31 @@ def server_kill_9(args, work):
     f.start_server(wait=False)
     up = f.wait_healthy(30)
     restarted = time.time()
-    settled = f.settle(restarted)
-    back = f.first_upload_after(restarted)
-    result = f.check()
-    result["recovery_s"] = back
+    result, back = finish(f, restarted)
     result["seen"] = (f"kill -9; down {restarted - killed:.0f} s (operator API: "
                       f"{'connection refused' if code == 0 else code}); restart healthy in {up:.1f} s; "
                       f"every device uploading again {back:.1f} s after; "
                       f"{f.warnings('sync failed|upload failed')} agent retry warnings")
-    result["settled_s"] = settled
-    f.stop()
     return result
 
 
 def agent_kill_9(args, work):
-    f = Fleet(args.bin, work)
-    f.start_server()
-    f.start_devices()
-    time.sleep(phase(args, 25, 15))
+    f = started(args, work, 25, 15)
     victim = f.agents[0]
     victim.signal(signal.SIGKILL)
     victim.wait(10)
     time.sleep(5)
     f.agents[0] = f.agent(0)
-    f.agents[0].log_path = victim.log_path
     f.agents[0].start()
     restarted = time.time()
-    settled = f.settle(restarted)
-    back = f.first_upload_after(restarted, [0])
-    result = f.check()
-    result["recovery_s"] = back
+    result, back = finish(f, restarted, devices=[0])
     result["seen"] = (f"device agent killed -9 and restarted 5 s later; it resumed from its "
                       f"state directory and uploaded {back:.1f} s after the restart")
-    result["settled_s"] = settled
-    f.stop()
     return result
 
 
 def outage(args, work):
-    f = Fleet(args.bin, work)
-    f.start_server()
-    f.start_devices()
-    time.sleep(phase(args, 20, 12))
+    f = started(args, work, 20, 12)
     t0 = time.time()
     f.server.signal(signal.SIGTERM)
     code = f.server.wait(15)
@@ -386,14 +386,12 @@ def outage(args, work):
     f.start_server(wait=False)
     f.wait_healthy(30)
     restarted = time.time()
-    settled = f.settle(restarted, limit=180)
-    result = f.check()
+    result, _ = finish(f, restarted, limit=180)
+    settled = result["settled_s"]
     result["recovery_s"] = settled
     result["seen"] = (f"server stopped (SIGTERM: exited {code} in {stopped_in:.1f} s) for {down} s; "
                       f"devices kept sampling and caught up {settled:.0f} s after it was back; "
                       f"commands queued meanwhile: {f.queue_refused} refused (server down)")
-    result["settled_s"] = settled
-    f.stop()
     return result
 
 
@@ -405,10 +403,7 @@ def disk_full(args, work):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", disk]).returncode != 0:
         return {"skipped": "cannot mount a tmpfs"}
     try:
-        f = Fleet(args.bin, work, data_dir=os.path.join(disk, "data"))
-        f.start_server()
-        f.start_devices()
-        time.sleep(phase(args, 20, 12))
+        f = started(args, work, 20, 12, data_dir=os.path.join(disk, "data"))
         filler = os.path.join(disk, "filler")
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"],
                        capture_output=True)
@@ -421,15 +416,11 @@ def disk_full(args, work):
         os.remove(filler)
         freed = time.time()
         healthy_in = f.wait_healthy(30)
-        settled = f.settle(freed)
-        back = f.first_upload_after(freed)
-        result = f.check()
-        result["recovery_s"] = back
+        result, back = finish(f, freed)
         result["seen"] = (f"disk full for {freed - full_at:.0f} s: /healthz 503 in {unhealthy} of "
                           f"{samples} checks, {f.warnings('upload failed')} upload retries by devices; "
                           f"space freed: healthy in {healthy_in:.1f} s, every device uploading "
                           f"{back:.1f} s after, no restart")
-        result["settled_s"] = settled
         f.stop()
         return result
     finally:
@@ -445,10 +436,7 @@ def postgres_terminate(args, work):
     subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {name}"], check=True)
     base = admin.rsplit("/", 1)[0]
     try:
-        f = Fleet(args.bin, work, database=f"{base}/{name}")
-        f.start_server()
-        f.start_devices()
-        time.sleep(phase(args, 15, 10))
+        f = started(args, work, 15, 10, database=f"{base}/{name}")
         storm_until = time.time() + phase(args, 40, 20)
         killed = 0
         while time.time() < storm_until:
@@ -458,15 +446,10 @@ def postgres_terminate(args, work):
                                  capture_output=True, text=True)
             killed += int(out.stdout.strip() or 0)
             time.sleep(2)
-        ended = time.time()
-        settled = f.settle(ended)
-        back = f.first_upload_after(ended)
-        result = f.check()
-        result["recovery_s"] = back
+        result, back = finish(f, time.time())
         result["seen"] = (f"{killed} PostgreSQL connections terminated over "
                           f"{phase(args, 40, 20)} s; {f.warnings('upload failed|sync failed')} "
                           f"device retries; every device uploading {back:.1f} s after the last")
-        result["settled_s"] = settled
         f.stop()
         return result
     finally:
@@ -474,10 +457,7 @@ def postgres_terminate(args, work):
 
 
 def sqlite_corrupt_start(args, work):
-    f = Fleet(args.bin, work)
-    f.start_server()
-    f.start_devices()
-    time.sleep(phase(args, 15, 12))
+    f = started(args, work, 15, 12)
     f.settle(time.time())
     for a in f.agents:
         a.stop()
@@ -542,10 +522,7 @@ def network(args, work):
                                 "80ms", "40ms", "reorder", "20%"], capture_output=True)
         delay = ("80 ms ± 40 ms delay with 20 % reordering (netem)" if netem.returncode == 0
                  else "no delay or reordering (this kernel has no sch_netem)")
-        f = Fleet(args.bin, work, ns=ns, server_host="10.231.0.1")
-        f.start_server()
-        f.start_devices()
-        time.sleep(phase(args, 20, 12))
+        f = started(args, work, 20, 12, ns=ns, server_host="10.231.0.1")
         loss = 15
         rules = (f"table inet {ns} {{\n"
                  f"  chain in {{ type filter hook input priority 0; "
@@ -562,15 +539,13 @@ def network(args, work):
                        input=rules.replace(f"numgen random mod 100 < {loss} ", "").encode())
         time.sleep(partition)
         run("nft", "delete", "table", "inet", ns)
-        ended = time.time()
-        settled = f.settle(ended)
-        result = f.check()
+        result, _ = finish(f, time.time())
+        settled = result["settled_s"]
         result["recovery_s"] = settled
         result["seen"] = (f"{loss} % of packets dropped each way for {lossy} s between devices and "
                           f"server, then a {partition} s partition; {delay}; "
                           f"{f.warnings('sync failed|upload failed')} device retries; caught up "
                           f"{settled:.0f} s after the partition ended")
-        result["settled_s"] = settled
         f.stop()
         return result
     finally:
