@@ -14,10 +14,12 @@
 //!   with graceful shutdown.
 
 pub mod api;
+pub mod db;
 pub mod domain;
 pub mod error;
 pub mod firmware;
 pub mod metrics;
+pub mod news;
 pub mod refusals;
 pub mod run;
 pub mod settings;

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::metrics::Metrics;
+use crate::news::News;
 use crate::refusals::Refusals;
 use crate::settings::{ADMIN_TOKEN_FILE, Settings};
 use crate::store::{Role, SqlStore, Store, StoreError};
@@ -64,7 +65,8 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
             token_path.display()
         ))));
     }
-    let store = SqlStore::open(&settings.database).await?;
+    let news = Arc::new(News::default());
+    let store = SqlStore::open_with(&settings.database, Arc::clone(&news)).await?;
     if had_store && store.created() {
         store.close().await;
         return Err(StartError::Store(StoreError::Unusable(format!(
@@ -90,7 +92,7 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         metrics: Arc::new(Metrics::default()),
         refusals: Arc::new(Refusals::new(settings.refusals_per_minute)),
         settings: Arc::new(settings),
-        push: Arc::new(api::push::Push::default()),
+        news,
         edge: Arc::new(ecowatt_edge::Stats::default()),
     };
     Ok(Prepared { state, admin_token_file })
@@ -136,16 +138,16 @@ pub async fn serve(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(background(state.clone(), stopped));
     let listener_task = state.settings.database.starts_with("postgres").then(|| {
-        tokio::spawn(api::push::listen_postgres(
+        tokio::spawn(listen_postgres(
             state.settings.database.clone(),
-            Arc::clone(&state.push),
+            Arc::clone(&state.news),
             Arc::clone(&state.store),
         ))
     });
-    let push = Arc::clone(&state.push);
+    let news = Arc::clone(&state.news);
     let shutdown = async move {
         shutdown.await;
-        push.stop();
+        news.stop();
     };
     let limits = state.settings.limits;
     let stats = Arc::clone(&state.edge);
@@ -207,5 +209,45 @@ async fn purge_old(state: &AppState) {
             )
         }
         Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+    }
+}
+
+/// Forwards PostgreSQL notifications until the task is dropped: device news
+/// to `news`, other servers' key changes to the store's copy of the keys
+/// (which counts as complete only while this listens: `store/keys.rs`).
+async fn listen_postgres(url: String, news: Arc<News>, store: Arc<dyn Store>) {
+    let keys = crate::store::keys::CHANNEL;
+    loop {
+        match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(mut listener) => match listener.listen_all([crate::news::CHANNEL, keys]).await {
+                Err(e) => tracing::warn!(error = %e, "LISTEN failed"),
+                Ok(()) => {
+                    if let Err(e) = store.reload_keys(true).await {
+                        tracing::warn!(error = %e, "cannot reload the devices' keys");
+                    }
+                    loop {
+                        match listener.recv().await {
+                            Ok(n) if n.channel() == keys => {
+                                let id = n.payload().parse().unwrap_or(-1);
+                                if let Err(e) = store.refresh_keys(id).await {
+                                    // Start over: the reload after reconnecting
+                                    // makes the copy whole again.
+                                    tracing::warn!(error = %e, "cannot read a device's new keys");
+                                    break;
+                                }
+                            }
+                            Ok(n) => news.device(n.payload()),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "notification listener lost its connection");
+                                break;
+                            }
+                        }
+                    }
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "notification listener cannot connect"),
+        }
+        store.keys_unheard();
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

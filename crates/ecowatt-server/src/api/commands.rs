@@ -56,7 +56,6 @@ pub async fn queue(
     op.require_admin()?;
     let command = queue_for(state.store.as_ref(), &name, body, &op.actor()).await?;
     state.metrics.inc("ecowatt_commands_queued_total", "");
-    state.push.notify(&name);
     Ok((StatusCode::CREATED, Json(command)))
 }
 

@@ -30,7 +30,6 @@ pub async fn update(
     op.require_admin()?;
     let shadow = state.store.update_config(&name, &patch, &op.actor(), crate::now_ms()).await?;
     state.metrics.inc("ecowatt_config_updates_total", "");
-    state.push.notify(&name);
     Ok(Json(shadow))
 }
 

@@ -357,7 +357,7 @@ pub async fn sync(
     // elsewhere or later instead of waiting for its timeout).
     let woken = tokio::select! {
         woken = tokio::time::timeout(Duration::from_millis(u64::from(held.wait_ms)), held.notified) => woken.is_ok(),
-        _ = state.push.stopping() => false,
+        _ = state.news.stopping() => false,
     };
     // A wait that ends with no news answers with what the first step prepared
     // (its down counter is unused): an idle long poll costs one read and a
@@ -413,7 +413,7 @@ async fn sync_first(
         ota: request.ota.clone(),
     };
     // Listen before looking, so that news arriving in between is not missed.
-    let mut notified = Box::pin(state.push.waiter(&name).notified_owned());
+    let mut notified = Box::pin(state.news.waiter(&name).notified_owned());
     notified.as_mut().enable();
 
     let now = crate::now_ms();
@@ -425,9 +425,6 @@ async fn sync_first(
             }
             Err(e) => return Err(ApiError::from(e).into_response()),
         };
-    for woken in &delivery.wake {
-        state.push.notify(woken);
-    }
     for (_, outcome) in &report.results {
         let label = if outcome.success { "success" } else { "failure" };
         state.metrics.inc("ecowatt_command_results_total", format!("outcome=\"{label}\""));

@@ -242,9 +242,6 @@ pub async fn start_rollout(
     };
     let r = state.store.create_rollout(&new, &op.actor(), crate::now_ms()).await?;
     let (r, devices) = state.store.rollout(r.id).await?;
-    for d in devices.iter().filter(|d| d.wave == 0) {
-        state.push.notify(&d.device);
-    }
     Ok((StatusCode::CREATED, Json(rollout_json(&r, Some(&devices)))))
 }
 
@@ -281,10 +278,7 @@ pub async fn act(
         _ => return Err(ApiError::not_found(format!("rollout action {verb:?}"))),
     };
     op.require_admin()?;
-    let (_, wake) = state.store.rollout_action(id, action, &op.actor(), crate::now_ms()).await?;
-    for name in &wake {
-        state.push.notify(name);
-    }
+    state.store.rollout_action(id, action, &op.actor(), crate::now_ms()).await?;
     let (r, devices) = state.store.rollout(id).await?;
     Ok(Json(rollout_json(&r, Some(&devices))))
 }

@@ -98,7 +98,6 @@ async fn config_update(
             });
             e
         })?;
-    state.push.notify(&device);
     Ok(Json(json!({"status": "success", "version": shadow.desired_version})))
 }
 
@@ -165,7 +164,6 @@ async fn command_queue(
     });
     let command = super::commands::queue_for(state.store.as_ref(), &device, request, ACTOR).await?;
     state.metrics.inc("ecowatt_commands_queued_total", "");
-    state.push.notify(&device);
     Ok(Json(json!({"command_id": legacy_id(command.id)})))
 }
 

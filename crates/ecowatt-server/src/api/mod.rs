@@ -10,7 +10,6 @@ pub mod firmware;
 mod json;
 mod legacy;
 mod ops;
-pub mod push;
 mod telemetry;
 mod tokens;
 
@@ -43,8 +42,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Settings in force.
     pub settings: Arc<Settings>,
-    /// Wakes long-polling devices.
-    pub push: Arc<push::Push>,
+    /// Wakes long-polling devices (and ends their waits at shutdown).
+    pub news: Arc<crate::news::News>,
     /// Refusals tallied and budgeted per source address.
     pub refusals: Arc<Refusals>,
     /// The listener's connection counters.

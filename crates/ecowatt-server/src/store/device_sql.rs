@@ -48,7 +48,7 @@ const REJECT_FIELDS: [&str; 3] = ["poll_interval_ms", "upload_interval_ms", "reg
 
 impl SqlStore {
     async fn device_row(&self, tx: &mut Tx, device_id: i64) -> StoreResult<AnyRow> {
-        let lock = if self.dialect() == Dialect::Postgres { " FOR UPDATE" } else { "" };
+        let lock = self.db().for_update();
         let row = sqlx::query(&format!("SELECT * FROM devices WHERE id = $1{lock}"))
             .bind(device_id)
             .fetch_optional(&mut **tx)
@@ -175,7 +175,7 @@ impl SqlStore {
     pub(super) async fn read_keys(&self, device_id: i64) -> StoreResult<Option<DeviceCrypto>> {
         let row = sqlx::query(&format!("SELECT {} FROM devices WHERE id = $1", Self::KEY_COLUMNS))
             .bind(device_id)
-            .fetch_optional(self.pool())
+            .fetch_optional(self.db().reader())
             .await?;
         let Some(row) = row else {
             self.keys().forget(device_id);
@@ -188,10 +188,10 @@ impl SqlStore {
 
     pub(super) async fn reload_keys_impl(&self, listening: bool) -> StoreResult<()> {
         let rows = sqlx::query(&format!("SELECT {} FROM devices", Self::KEY_COLUMNS))
-            .fetch_all(self.pool())
+            .fetch_all(self.db().reader())
             .await?;
         let all = rows.iter().map(Self::crypto_from).collect::<StoreResult<Vec<_>>>()?;
-        self.keys().load(all, listening || self.dialect() == Dialect::Sqlite);
+        self.keys().load(all, listening || self.db().dialect() == Dialect::Sqlite);
         Ok(())
     }
 
@@ -208,7 +208,7 @@ impl SqlStore {
         {
             return Ok(self.reread_stale(device_id, quiet).await);
         }
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.db().write().await?;
         let admitted =
             self.admit_in(&mut tx, device_id, report.key_version, report.counter, now).await?;
         let (name, firmware_before) = match admitted {
@@ -307,7 +307,7 @@ impl SqlStore {
         .bind(device_id)
         .bind(now)
         .bind(now - redeliver_after_ms)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.db().reader())
         .await?;
         let Some(row) = row else { return Ok(None) };
         let firmware: Option<String> = row.try_get("firmware")?;
@@ -382,7 +382,7 @@ impl SqlStore {
         redeliver_after_ms: i64,
         now: i64,
     ) -> StoreResult<SyncDelivery> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.db().write().await?;
         let row = self.device_row(&mut tx, device_id).await?;
         let name: String = row.try_get("name")?;
         let delivery =
@@ -448,7 +448,7 @@ impl SqlStore {
         .bind(device)
         .bind(from_ms)
         .bind(to_ms)
-        .fetch_all(self.pool())
+        .fetch_all(self.db().reader())
         .await?;
         rows.iter().map(Self::batch_from).collect()
     }
@@ -462,7 +462,7 @@ impl SqlStore {
              WHERE d.name = $1 ORDER BY b.last_seq DESC LIMIT 1",
         )
         .bind(device)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.db().reader())
         .await?;
         row.as_ref().map(Self::batch_from).transpose()
     }
@@ -470,7 +470,7 @@ impl SqlStore {
     pub(super) async fn dropped_total_impl(&self, device: &str) -> StoreResult<i64> {
         let row = sqlx::query("SELECT dropped_total FROM devices WHERE name = $1")
             .bind(device)
-            .fetch_optional(self.pool())
+            .fetch_optional(self.db().reader())
             .await?;
         Ok(row
             .ok_or_else(|| StoreError::NotFound(format!("device {device:?}")))?
@@ -481,7 +481,7 @@ impl SqlStore {
         &self,
         rows: &[SecurityEventRow],
     ) -> StoreResult<Vec<i64>> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.db().write().await?;
         let mut ids = Vec::with_capacity(rows.len());
         for r in rows {
             let id = match r.id {
@@ -531,7 +531,7 @@ impl SqlStore {
             let Some(before) = before else { continue };
             let done = sqlx::query(&format!("DELETE FROM {table} WHERE {column} < $1"))
                 .bind(before)
-                .execute(self.writer())
+                .execute(self.db().writer())
                 .await?;
             purged[n] = done.rows_affected();
         }
@@ -547,7 +547,7 @@ impl SqlStore {
             sqlx::query("SELECT * FROM security_events WHERE id < $1 ORDER BY id DESC LIMIT $2")
                 .bind(before_id.unwrap_or(i64::MAX))
                 .bind(limit.clamp(1, 1000))
-                .fetch_all(self.pool())
+                .fetch_all(self.db().reader())
                 .await?;
         rows.iter()
             .map(|r| {

@@ -8,9 +8,10 @@ pub mod device_sql;
 mod ingest;
 pub mod keys;
 pub mod rollout_sql;
-pub mod schema;
 pub mod sql;
-pub mod sqlite_file;
+
+pub use crate::db::sqlite_file;
+pub use crate::db::{StoreError, StoreResult};
 
 use std::collections::BTreeMap;
 
@@ -19,41 +20,6 @@ use serde::Serialize;
 
 use crate::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig, Invalid};
 pub use sql::SqlStore;
-
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No such record.
-    #[error("{0} not found")]
-    NotFound(String),
-    /// The change conflicts with the current state (duplicate name, finished command).
-    #[error("{0}")]
-    Conflict(String),
-    /// The value is not valid.
-    #[error(transparent)]
-    Invalid(#[from] Invalid),
-    /// The database failed.
-    #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
-    /// A stored value could not be decoded (a bug or a tampered database).
-    #[error("corrupt stored value: {0}")]
-    Corrupt(String),
-    /// The database cannot be used as it is (not a database, cut short, or
-    /// missing where one was), with what to do.
-    #[error("{0}")]
-    Unusable(String),
-    /// A change refused by a rule, with the rule's stable code.
-    #[error("{message}")]
-    Refused {
-        /// The stable code (`last_admin_token`, ...).
-        code: &'static str,
-        /// What the rule is.
-        message: String,
-    },
-}
-
-/// Result of a store operation.
-pub type StoreResult<T> = Result<T, StoreError>;
 
 /// An operator role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]

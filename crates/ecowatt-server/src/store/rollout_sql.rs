@@ -11,7 +11,9 @@ use serde_json::json;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::sql::{Dialect, SqlStore, Tx, firmware_from};
+use sqlx::AnyConnection;
+
+use super::sql::{SqlStore, Tx, firmware_from};
 use super::*;
 
 /// Device states that end its part in a rollout.
@@ -63,25 +65,24 @@ const ROLLOUT_SELECT: &str =
     "SELECT r.*, f.version, f.target FROM rollouts r JOIN firmware f ON f.id = r.firmware_id";
 
 impl SqlStore {
-    async fn rollout_in(&self, tx: &mut Tx, id: i64, lock: bool) -> StoreResult<Rollout> {
-        let lock =
-            if lock && self.dialect() == Dialect::Postgres { " FOR UPDATE OF r" } else { "" };
+    async fn rollout_in(&self, c: &mut AnyConnection, id: i64, lock: bool) -> StoreResult<Rollout> {
+        let lock = if lock { self.db().for_update_of("r") } else { String::new() };
         let row = sqlx::query(&format!("{ROLLOUT_SELECT} WHERE r.id = $1{lock}"))
             .bind(id)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *c)
             .await?;
         let mut r =
             rollout_from(&row.ok_or_else(|| StoreError::NotFound(format!("rollout {id}")))?)?;
-        self.counts_in(tx, &mut r).await?;
+        self.counts_in(c, &mut r).await?;
         Ok(r)
     }
 
-    async fn counts_in(&self, tx: &mut Tx, r: &mut Rollout) -> StoreResult<()> {
+    async fn counts_in(&self, c: &mut AnyConnection, r: &mut Rollout) -> StoreResult<()> {
         let rows = sqlx::query(
             "SELECT state, COUNT(*) AS n FROM rollout_devices WHERE rollout_id = $1 GROUP BY state",
         )
         .bind(r.id)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *c)
         .await?;
         r.counts.clear();
         r.devices_total = 0;
@@ -124,7 +125,7 @@ impl SqlStore {
         let mut names = Vec::with_capacity(rows.len());
         for row in rows {
             let name: String = row.try_get("name")?;
-            self.notify_in(tx, &name).await?;
+            tx.announce(&name).await?;
             names.push(name);
         }
         Ok(names)
@@ -133,7 +134,7 @@ impl SqlStore {
     /// After a device's report: abort on too many failures, move to the next
     /// wave when this one is done, complete after the last.
     async fn evaluate_in(&self, tx: &mut Tx, id: i64, now: i64) -> StoreResult<Vec<String>> {
-        let r = self.rollout_in(tx, id, true).await?;
+        let r = self.rollout_in(&mut *tx, id, true).await?;
         if r.state != "running" {
             return Ok(vec![]);
         }
@@ -311,7 +312,7 @@ impl SqlStore {
              JOIN firmware f ON f.id = r.firmware_id WHERE rd.token = $1",
         )
         .bind(token.to_ascii_uppercase())
-        .fetch_optional(self.pool())
+        .fetch_optional(self.db().reader())
         .await?;
         let row = row.ok_or_else(|| StoreError::NotFound("download".into()))?;
         Ok((firmware_from(&row)?, row.try_get("data")?))
@@ -340,7 +341,7 @@ impl SqlStore {
         if new.failure_threshold_pct > 100 {
             return Err(invalid("failure_threshold_pct", "a percentage, 0 to 100".into()));
         }
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.db().write().await?;
         let fw = sqlx::query("SELECT id FROM firmware WHERE id = $1")
             .bind(new.firmware_id)
             .fetch_optional(&mut *tx)
@@ -447,7 +448,7 @@ impl SqlStore {
     }
 
     pub(super) async fn rollouts_impl(&self) -> StoreResult<Vec<Rollout>> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.db().read().await?;
         let rows = sqlx::query(&format!("{ROLLOUT_SELECT} ORDER BY r.id DESC LIMIT 200"))
             .fetch_all(&mut *tx)
             .await?;
@@ -462,7 +463,7 @@ impl SqlStore {
     }
 
     pub(super) async fn rollout_impl(&self, id: i64) -> StoreResult<(Rollout, Vec<RolloutDevice>)> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.db().read().await?;
         let r = self.rollout_in(&mut tx, id, false).await?;
         let rows = sqlx::query(
             "SELECT d.name, d.firmware, rd.* FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
@@ -500,7 +501,7 @@ impl SqlStore {
         actor: &str,
         now: i64,
     ) -> StoreResult<(Rollout, Vec<String>)> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.db().write().await?;
         let r = self.rollout_in(&mut tx, id, true).await?;
         let (from, to, name): (&[&str], &str, &str) = match action {
             RolloutAction::Pause => (&["running"], "paused", "rollout.pause"),

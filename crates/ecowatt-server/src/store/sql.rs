@@ -1,40 +1,20 @@
-//! [`Store`] over SQL: SQLite and PostgreSQL through sqlx's `Any` driver.
-//!
-//! Queries use `$N` placeholders, which both databases accept. Write
-//! transactions on SQLite start with `BEGIN IMMEDIATE`, so concurrent writers
-//! queue on the write lock instead of failing on upgrade; on PostgreSQL, rows
-//! that a transaction will change are read `FOR UPDATE` (and command
-//! delivery skips rows another server is delivering).
-
-use std::path::Path;
+//! [`Store`] over SQL: SQLite and PostgreSQL through sqlx's `Any` driver, on
+//! the database core ([`crate::db`]).
 
 use async_trait::async_trait;
 use serde_json::json;
-use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Connection, Executor, Row, Transaction};
+use sqlx::Row;
+use sqlx::any::AnyRow;
 
-use super::schema::MIGRATIONS;
 use super::*;
+pub use crate::db::Dialect;
+use crate::db::{Db, json_col};
 use crate::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig};
-
-/// The SQL dialect behind the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    /// SQLite 3.35 or newer (bundled).
-    Sqlite,
-    /// PostgreSQL 12 or newer.
-    Postgres,
-}
 
 /// The SQL store.
 #[derive(Clone)]
 pub struct SqlStore {
-    pool: AnyPool,
-    /// Where write transactions run: on SQLite a pool of one connection, so
-    /// that writers queue here (fairly, without sleeping) instead of in
-    /// SQLite's busy handler, whose back-off sleeps made the latency tail;
-    /// on PostgreSQL the same pool as reads.
-    writer: AnyPool,
+    db: Db,
     /// Telemetry uploads written in groups (`ingest.rs`).
     ingest: tokio::sync::mpsc::Sender<super::ingest::Job>,
     /// The ingest task's connection: on SQLite the writer; on PostgreSQL one
@@ -42,35 +22,11 @@ pub struct SqlStore {
     /// writes of the shared pool (under a backlog it did, groups shrank to a
     /// few uploads each and the server fell further behind).
     ingest_pool: super::ingest::Target,
-    dialect: Dialect,
     /// Devices' keys (`keys.rs`), shared by the clones.
     keys: std::sync::Arc<super::keys::KeyCache>,
-    /// This open created the schema (the database was empty).
-    created: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// The last write probe: when, and whether it wrote.
-    health: std::sync::Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
 }
 
-/// Whether a pooled connection may be handed out: not when sqlx still counts
-/// it inside a transaction. A rollback queued when a transaction was dropped
-/// runs before the ping returns, so only a connection whose rollback failed
-/// is refused (and the pool opens a new one).
-async fn healthy<C: Connection>(conn: &mut C) -> Result<bool, sqlx::Error> {
-    if !conn.is_in_transaction() {
-        return Ok(true);
-    }
-    conn.ping().await?;
-    let ok = !conn.is_in_transaction();
-    if !ok {
-        tracing::warn!("a database connection was left inside a failed transaction: replaced");
-    }
-    Ok(ok)
-}
-
-/// How long a write probe's answer is reused (`/healthz` may be polled often).
-const HEALTH_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
-
-pub(super) type Tx = Transaction<'static, Any>;
+pub(super) type Tx = crate::db::WriteTx;
 
 enum Bind {
     I(i64),
@@ -78,9 +34,9 @@ enum Bind {
 }
 
 fn bind_all<'q>(
-    mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
     binds: &'q [Bind],
-) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
     for b in binds {
         q = match b {
             Bind::I(i) => q.bind(*i),
@@ -90,14 +46,7 @@ fn bind_all<'q>(
     q
 }
 
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
-}
-
-fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> StoreResult<T> {
-    let text: String = row.try_get(col)?;
-    serde_json::from_str(&text).map_err(|e| corrupt(col, e))
-}
+use crate::db::corrupt;
 
 pub(super) fn firmware_from(row: &AnyRow) -> StoreResult<Firmware> {
     Ok(Firmware {
@@ -189,153 +138,68 @@ fn shadow_from(row: &AnyRow) -> StoreResult<ConfigShadow> {
 
 impl SqlStore {
     /// Opens (creating if needed) the database at `url` and migrates it:
-    /// `sqlite://PATH?mode=rwc` or `postgres://...`.
-    pub async fn open(url: &str) -> StoreResult<Self> {
-        sqlx::any::install_default_drivers();
-        let dialect = if url.starts_with("sqlite:") {
-            Dialect::Sqlite
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Dialect::Postgres
-        } else {
-            return Err(StoreError::Invalid(crate::domain::Invalid::new(
-                "database",
-                "use sqlite://PATH or postgres://USER@HOST/DB",
-            )));
-        };
-        if let Some(path) = super::sqlite_file::path_of(url)
-            && super::sqlite_file::check(&path)? == super::sqlite_file::FileState::Database
-        {
-            // One connection first: a file SQLite cannot read says why now,
-            // where the pool would retry it for 30 s and say "timed out".
-            let mut conn = sqlx::AnyConnection::connect(url).await?;
-            sqlx::query("SELECT COUNT(*) AS n FROM sqlite_master").fetch_one(&mut conn).await?;
-            conn.close().await?;
-        }
-        let options = |max| {
-            AnyPoolOptions::new()
-                .max_connections(max)
-                // A connection whose transaction failed in a way SQLite rolled
-                // back by itself (a full disk) keeps sqlx's transaction depth
-                // above 0, and every later BEGIN on it fails: it is dropped
-                // instead of handed out (`healthy`).
-                .before_acquire(|conn, _| Box::pin(healthy(conn)))
-                .after_connect(move |conn, _| {
-                    Box::pin(async move {
-                        if dialect == Dialect::Sqlite {
-                            conn.execute("PRAGMA foreign_keys = ON").await?;
-                            conn.execute("PRAGMA busy_timeout = 10000").await?;
-                            conn.execute("PRAGMA synchronous = NORMAL").await?;
-                            // Statement journals and sorts in memory: no temporary
-                            // files to open (a busy server may be short of descriptors).
-                            conn.execute("PRAGMA temp_store = MEMORY").await?;
-                        }
-                        Ok(())
-                    })
-                })
-        };
-        let pool = options(if dialect == Dialect::Sqlite { 4 } else { 16 }).connect(url).await?;
-        let writer = if dialect == Dialect::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL").fetch_optional(&pool).await?;
-            options(1).connect(url).await?
-        } else {
-            pool.clone()
-        };
-        let ingest_pool = if dialect == Dialect::Sqlite {
-            super::ingest::Target::Sqlite(writer.clone())
-        } else {
-            super::ingest::Target::Postgres(
+    /// `sqlite://PATH?mode=rwc` or `postgres://...`; writes announce to `news`.
+    pub async fn open_with(
+        url: &str,
+        news: std::sync::Arc<crate::news::News>,
+    ) -> StoreResult<Self> {
+        let db = Db::open(url, news).await?;
+        let ingest_pool = match db.dialect() {
+            Dialect::Sqlite => super::ingest::Target::Sqlite(db.writer().clone()),
+            Dialect::Postgres => super::ingest::Target::Postgres(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(1)
-                    .before_acquire(|conn, _| Box::pin(healthy(conn)))
+                    .before_acquire(|conn, _| Box::pin(crate::db::healthy(conn)))
                     .connect(url)
                     .await?,
-            )
+            ),
         };
         let ingest = super::ingest::start(ingest_pool.clone());
-        let store = SqlStore {
-            pool,
-            writer,
-            ingest,
-            ingest_pool,
-            dialect,
-            keys: Default::default(),
-            created: Default::default(),
-            health: Default::default(),
-        };
-        store.migrate().await?;
+        let store = SqlStore { db, ingest, ingest_pool, keys: Default::default() };
         store.reload_keys_impl(false).await?;
         Ok(store)
     }
 
+    /// Opens the store with news that reaches nobody (tools, tests).
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        SqlStore::open_with(url, Default::default()).await
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     /// Whether this open created the schema: the database was empty.
     pub fn created(&self) -> bool {
-        self.created.load(std::sync::atomic::Ordering::SeqCst)
+        self.db.created()
     }
 
-    /// Writes one row (at most once per second; later calls reuse the
-    /// answer): whether the store can write now (a full disk, a read-only
-    /// file or a stuck connection say no).
+    /// Whether the store can write now ([`Db::writable`]).
     pub async fn writable(&self) -> StoreResult<()> {
-        let mut last = self.health.lock().await;
-        if let Some((at, ok)) = *last
-            && at.elapsed() < HEALTH_FRESH
-        {
-            return if ok {
-                Ok(())
-            } else {
-                Err(StoreError::Unusable("the store cannot write".into()))
-            };
-        }
-        let probe = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            sqlx::query(
-                "INSERT INTO store_health (id, at_ms) VALUES (1, $1) \
-                 ON CONFLICT (id) DO UPDATE SET at_ms = excluded.at_ms",
-            )
-            .bind(crate::now_ms())
-            .execute(&self.writer),
-        )
-        .await;
-        let result = match probe {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Db(e)),
-            Err(_) => Err(StoreError::Unusable("the write probe took over 5 s".into())),
-        };
-        *last = Some((std::time::Instant::now(), result.is_ok()));
-        result
+        self.db.writable().await
     }
 
-    /// Test support: leaves the write connection as a full disk left it
-    /// before `healthy` existed: SQLite ends a transaction on its own, and
-    /// sqlx, whose ROLLBACK then fails, still counts it open.
+    /// Test support: see [`Db::wedge_writer_like_a_full_disk`].
     #[doc(hidden)]
     pub async fn wedge_writer_like_a_full_disk(&self) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query("ROLLBACK").execute(&mut *tx).await?;
-        drop(tx);
-        Ok(())
+        self.db.wedge_writer_like_a_full_disk().await
     }
 
     /// The URL of the SQLite database file at `path`.
-    pub fn sqlite_url(path: &Path) -> String {
+    pub fn sqlite_url(path: &std::path::Path) -> String {
         format!("sqlite://{}?mode=rwc", path.display())
     }
 
     /// The dialect.
     pub fn dialect(&self) -> Dialect {
-        self.dialect
+        self.db.dialect()
     }
 
     /// Closes the pools.
     pub async fn close(&self) {
         self.ingest_pool.close().await;
-        self.writer.close().await;
-        self.pool.close().await;
-    }
-
-    /// The pool (reads).
-    pub(super) fn pool(&self) -> &AnyPool {
-        &self.pool
+        self.db.close().await;
     }
 
     /// Devices' keys kept in memory.
@@ -346,71 +210,6 @@ impl SqlStore {
     /// The group-commit ingest queue.
     pub(super) fn ingest(&self) -> &tokio::sync::mpsc::Sender<super::ingest::Job> {
         &self.ingest
-    }
-
-    /// The pool single statements that write run on.
-    pub(super) fn writer(&self) -> &AnyPool {
-        &self.writer
-    }
-
-    /// A write transaction.
-    pub(super) async fn begin_write(&self) -> StoreResult<Tx> {
-        self.begin().await
-    }
-
-    async fn begin(&self) -> StoreResult<Tx> {
-        Ok(match self.dialect {
-            Dialect::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.writer.begin().await?,
-        })
-    }
-
-    /// ` FOR UPDATE` on PostgreSQL (SQLite's write lock covers it).
-    pub(super) fn for_update(&self) -> &'static str {
-        match self.dialect {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE",
-        }
-    }
-
-    async fn migrate(&self) -> StoreResult<()> {
-        let pk = match self.dialect {
-            Dialect::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
-            Dialect::Postgres => "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
-        };
-        let mut tx = self.begin().await?;
-        if self.dialect == Dialect::Postgres {
-            // Several servers starting at once migrate one after the other.
-            sqlx::query("SELECT pg_advisory_xact_lock(7426000)").execute(&mut *tx).await?;
-        }
-        tx.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
-        )
-        .await?;
-        let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get("version"))
-            .collect::<Result<_, _>>()?;
-        self.created.store(applied.is_empty(), std::sync::atomic::Ordering::SeqCst);
-        for (version, sql) in MIGRATIONS {
-            if applied.contains(version) {
-                continue;
-            }
-            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                let blob = if self.dialect == Dialect::Sqlite { "BLOB" } else { "BYTEA" };
-                tx.execute(statement.replace("{pk}", pk).replace("{blob}", blob).as_str()).await?;
-            }
-            sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
-                .bind(*version)
-                .bind(crate::now_ms())
-                .execute(&mut *tx)
-                .await?;
-            tracing::info!(version, backend = self.backend(), "applied schema migration");
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     pub(super) async fn audit_in(
@@ -432,33 +231,14 @@ impl SqlStore {
         Ok(())
     }
 
-    /// On PostgreSQL, tells every server process (at commit) that `device` has news.
-    pub(super) async fn notify_in(&self, tx: &mut Tx, device: &str) -> StoreResult<()> {
-        if self.dialect == Dialect::Postgres {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(crate::api::push::CHANNEL)
-                .bind(device)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
-    }
-
     /// On PostgreSQL, tells every server process (at commit) that a device's
     /// keys changed (`keys.rs`).
-    async fn keys_changed_in(&self, tx: &mut Tx, device_id: i64) -> StoreResult<()> {
-        if self.dialect == Dialect::Postgres {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(super::keys::CHANNEL)
-                .bind(device_id.to_string())
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+    async fn keys_changed_in(tx: &mut Tx, device_id: i64) -> StoreResult<()> {
+        tx.notify(super::keys::CHANNEL, &device_id.to_string()).await
     }
 
     async fn device_in(&self, tx: &mut Tx, name: &str) -> StoreResult<Device> {
-        let sql = format!("SELECT * FROM devices WHERE name = $1{}", self.for_update());
+        let sql = format!("SELECT * FROM devices WHERE name = $1{}", self.db.for_update());
         let row = sqlx::query(&sql).bind(name).fetch_optional(&mut **tx).await?;
         row.as_ref()
             .map(device_from)
@@ -498,7 +278,7 @@ impl SqlStore {
     ) -> StoreResult<Command> {
         let sql = format!(
             "SELECT c.status, d.name FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.id = $1{}",
-            match self.dialect {
+            match self.db.dialect() {
                 Dialect::Sqlite => "",
                 Dialect::Postgres => " FOR UPDATE OF c",
             }
@@ -553,7 +333,7 @@ impl SqlStore {
         max: i64,
         now: i64,
     ) -> StoreResult<Vec<Command>> {
-        let lock = match self.dialect {
+        let lock = match self.db.dialect() {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
         };
@@ -590,7 +370,7 @@ impl SqlStore {
 #[async_trait]
 impl Store for SqlStore {
     fn backend(&self) -> &'static str {
-        match self.dialect {
+        match self.db.dialect() {
             Dialect::Sqlite => "sqlite",
             Dialect::Postgres => "postgres",
         }
@@ -614,7 +394,7 @@ impl Store for SqlStore {
     ) -> StoreResult<Device> {
         crate::domain::check_device_name(name)?;
         crate::domain::check_rated_w(rated_w)?;
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let exists = sqlx::query("SELECT id FROM devices WHERE name = $1")
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -649,21 +429,22 @@ impl Store for SqlStore {
             .await?;
         Self::audit_in(&mut tx, now, actor, "device.add", name, json!({"rated_power_w": rated_w}))
             .await?;
-        self.keys_changed_in(&mut tx, device.id).await?;
+        Self::keys_changed_in(&mut tx, device.id).await?;
         tx.commit().await?;
         self.read_keys(device.id).await?;
         Ok(device)
     }
 
     async fn list_devices(&self) -> StoreResult<Vec<Device>> {
-        let rows = sqlx::query("SELECT * FROM devices ORDER BY name").fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT * FROM devices ORDER BY name").fetch_all(self.db.reader()).await?;
         rows.iter().map(device_from).collect()
     }
 
     async fn device(&self, name: &str) -> StoreResult<Device> {
         let row = sqlx::query("SELECT * FROM devices WHERE name = $1")
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.reader())
             .await?;
         row.as_ref()
             .map(device_from)
@@ -674,7 +455,7 @@ impl Store for SqlStore {
     async fn device_key(&self, name: &str) -> StoreResult<(Device, String)> {
         let row = sqlx::query("SELECT * FROM devices WHERE name = $1")
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.reader())
             .await?;
         let row = row.ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))?;
         Ok((device_from(&row)?, row.try_get("device_key")?))
@@ -687,7 +468,7 @@ impl Store for SqlStore {
         actor: &str,
         now: i64,
     ) -> StoreResult<Device> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let device = self.device_in(&mut tx, name).await?;
         sqlx::query("UPDATE devices SET enabled = $1 WHERE id = $2")
             .bind(i64::from(enabled))
@@ -707,7 +488,7 @@ impl Store for SqlStore {
         actor: &str,
         now: i64,
     ) -> StoreResult<Device> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let device = self.device_in(&mut tx, name).await?;
         // The old key stays valid (with its own replay window) until the next
         // rotation, so that nothing the device sealed before it is lost.
@@ -731,14 +512,14 @@ impl Store for SqlStore {
             json!({"key_version": key_version}),
         )
         .await?;
-        self.keys_changed_in(&mut tx, device.id).await?;
+        Self::keys_changed_in(&mut tx, device.id).await?;
         tx.commit().await?;
         self.read_keys(device.id).await?;
         Ok(Device { key_version, ..device })
     }
 
     async fn delete_device(&self, name: &str, actor: &str, now: i64) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let device = self.device_in(&mut tx, name).await?;
         for table in ["commands", "config_history", "device_configs", "telemetry_batches"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE device_id = $1"))
@@ -749,7 +530,7 @@ impl Store for SqlStore {
         sqlx::query("DELETE FROM devices WHERE id = $1").bind(device.id).execute(&mut *tx).await?;
         Self::audit_in(&mut tx, now, actor, "device.remove", name, json!({"id": device.id}))
             .await?;
-        self.keys_changed_in(&mut tx, device.id).await?;
+        Self::keys_changed_in(&mut tx, device.id).await?;
         tx.commit().await?;
         self.keys.forget(device.id);
         Ok(())
@@ -759,14 +540,14 @@ impl Store for SqlStore {
         sqlx::query("UPDATE devices SET last_seen_ms = $1 WHERE name = $2")
             .bind(now)
             .bind(name)
-            .execute(&self.writer)
+            .execute(self.db.writer())
             .await?;
         Ok(())
     }
 
     async fn token_count(&self) -> StoreResult<i64> {
         Ok(sqlx::query("SELECT COUNT(*) AS n FROM tokens")
-            .fetch_one(&self.pool)
+            .fetch_one(self.db.reader())
             .await?
             .try_get("n")?)
     }
@@ -782,7 +563,7 @@ impl Store for SqlStore {
         if name.trim().is_empty() || name.len() > 64 {
             return Err(crate::domain::Invalid::new("name", "1 to 64 characters").into());
         }
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let row = sqlx::query("INSERT INTO tokens (name, role, token_hash, created_ms) VALUES ($1, $2, $3, $4) RETURNING *")
             .bind(name)
             .bind(role.as_str())
@@ -805,13 +586,14 @@ impl Store for SqlStore {
     }
 
     async fn list_tokens(&self) -> StoreResult<Vec<Token>> {
-        let rows = sqlx::query("SELECT * FROM tokens ORDER BY id").fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT * FROM tokens ORDER BY id").fetch_all(self.db.reader()).await?;
         rows.iter().map(token_from).collect()
     }
 
     async fn revoke_token(&self, id: i64, actor: &str, now: i64) -> StoreResult<Token> {
-        let mut tx = self.begin().await?;
-        let sql = format!("SELECT * FROM tokens WHERE id = $1{}", self.for_update());
+        let mut tx = self.db.write().await?;
+        let sql = format!("SELECT * FROM tokens WHERE id = $1{}", self.db.for_update());
         let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
         let token = row
             .as_ref()
@@ -826,7 +608,7 @@ impl Store for SqlStore {
             // each leave the other as the last.
             let sql = format!(
                 "SELECT id FROM tokens WHERE role = 'admin' AND revoked_ms IS NULL{}",
-                self.for_update()
+                self.db.for_update()
             );
             let admins = sqlx::query(&sql).fetch_all(&mut *tx).await?;
             let others =
@@ -863,7 +645,7 @@ impl Store for SqlStore {
     async fn token_by_hash(&self, hash: &str) -> StoreResult<Option<Token>> {
         let row = sqlx::query("SELECT * FROM tokens WHERE token_hash = $1 AND revoked_ms IS NULL")
             .bind(hash)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.reader())
             .await?;
         row.as_ref().map(token_from).transpose()
     }
@@ -872,7 +654,7 @@ impl Store for SqlStore {
         let rows = sqlx::query("SELECT * FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2")
             .bind(before_id.unwrap_or(i64::MAX))
             .bind(limit.clamp(1, 1000))
-            .fetch_all(&self.pool)
+            .fetch_all(self.db.reader())
             .await?;
         rows.iter()
             .map(|r| {
@@ -891,7 +673,7 @@ impl Store for SqlStore {
     async fn config(&self, device: &str) -> StoreResult<ConfigShadow> {
         let row = sqlx::query("SELECT d.name, c.* FROM device_configs c JOIN devices d ON d.id = c.device_id WHERE d.name = $1")
             .bind(device)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.reader())
             .await?;
         row.as_ref()
             .map(shadow_from)
@@ -906,7 +688,7 @@ impl Store for SqlStore {
         actor: &str,
         now: i64,
     ) -> StoreResult<ConfigShadow> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let d = self.device_in(&mut tx, device).await?;
         let current = Self::shadow_in(&mut tx, d.id).await?;
         let next = current.desired.patched(patch)?;
@@ -936,7 +718,7 @@ impl Store for SqlStore {
             json!({"version": version, "config": next}),
         )
         .await?;
-        self.notify_in(&mut tx, device).await?;
+        tx.announce(device).await?;
         let shadow = Self::shadow_in(&mut tx, d.id).await?;
         tx.commit().await?;
         Ok(shadow)
@@ -949,7 +731,7 @@ impl Store for SqlStore {
         )
         .bind(d.id)
         .bind(limit.clamp(1, 1000))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.reader())
         .await?;
         rows.iter()
             .map(|r| {
@@ -971,7 +753,7 @@ impl Store for SqlStore {
         rejected: &[Rejection],
         now: i64,
     ) -> StoreResult<ConfigShadow> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let d = self.device_in(&mut tx, device).await?;
         let current = Self::shadow_in(&mut tx, d.id).await?;
         if version > current.desired_version || version < 1 {
@@ -1001,7 +783,7 @@ impl Store for SqlStore {
         repeat: i64,
         now: i64,
     ) -> StoreResult<(bool, DeviceConfig)> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let d = self.device_in(&mut tx, device).await?;
         let row = sqlx::query("SELECT * FROM device_configs WHERE device_id = $1")
             .bind(d.id)
@@ -1048,7 +830,7 @@ impl Store for SqlStore {
         actor: &str,
         now: i64,
     ) -> StoreResult<Command> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let d = self.device_in(&mut tx, device).await?;
         let row = sqlx::query(
             "INSERT INTO commands (device_id, kind, parameters, action, status, created_ms, created_by, expires_ms) \
@@ -1073,7 +855,7 @@ impl Store for SqlStore {
             json!({"device": device, "type": request.kind(), "parameters": request.parameters()}),
         )
         .await?;
-        self.notify_in(&mut tx, device).await?;
+        tx.announce(device).await?;
         let command = Self::command_in(&mut tx, id).await?;
         tx.commit().await?;
         Ok(command)
@@ -1083,7 +865,7 @@ impl Store for SqlStore {
         let sql = format!(
             "SELECT {COMMAND_COLUMNS} FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.id = $1"
         );
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql).bind(id).fetch_optional(self.db.reader()).await?;
         row.as_ref()
             .map(command_from)
             .transpose()?
@@ -1113,13 +895,13 @@ impl Store for SqlStore {
         }
         binds.push(Bind::I(filter.limit.clamp(1, 100_000)));
         sql.push_str(&format!(" ORDER BY c.id DESC LIMIT ${}", binds.len()));
-        let rows = bind_all(sqlx::query(&sql), &binds).fetch_all(&self.pool).await?;
+        let rows = bind_all(sqlx::query(&sql), &binds).fetch_all(self.db.reader()).await?;
         rows.iter().map(command_from).collect()
     }
 
     async fn cancel_command(&self, id: i64, actor: &str, now: i64) -> StoreResult<Command> {
-        let mut tx = self.begin().await?;
-        let sql = format!("SELECT status FROM commands WHERE id = $1{}", self.for_update());
+        let mut tx = self.db.write().await?;
+        let sql = format!("SELECT status FROM commands WHERE id = $1{}", self.db.for_update());
         let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
         let status: String =
             row.ok_or_else(|| StoreError::NotFound(format!("command {id}")))?.try_get("status")?;
@@ -1153,7 +935,7 @@ impl Store for SqlStore {
              WHERE status IN ('queued', 'delivered') AND expires_ms <= $1",
         )
         .bind(now)
-        .execute(&self.writer)
+        .execute(self.db.writer())
         .await?;
         Ok(done.rows_affected())
     }
@@ -1165,7 +947,7 @@ impl Store for SqlStore {
         max: i64,
         now: i64,
     ) -> StoreResult<Vec<Command>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let d = sqlx::query("SELECT id FROM devices WHERE name = $1")
             .bind(device)
             .fetch_optional(&mut *tx)
@@ -1184,7 +966,7 @@ impl Store for SqlStore {
         outcome: &CommandOutcome,
         now: i64,
     ) -> StoreResult<Command> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let command = self.record_result_in(&mut tx, device, id, outcome, now).await?;
         tx.commit().await?;
         Ok(command)
@@ -1207,7 +989,7 @@ impl Store for SqlStore {
         )
         .bind(action.as_str())
         .bind(device)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.reader())
         .await?;
         if waiting.is_none() {
             return Ok(0);
@@ -1220,7 +1002,7 @@ impl Store for SqlStore {
         .bind(reading_ms)
         .bind(action)
         .bind(device)
-        .execute(&self.writer)
+        .execute(self.db.writer())
         .await?;
         Ok(done.rows_affected())
     }
@@ -1237,7 +1019,7 @@ impl Store for SqlStore {
         let sql = format!(
             "SELECT status, kind, COUNT(*) AS n FROM commands {filter} GROUP BY status, kind"
         );
-        for row in bind_all(sqlx::query(&sql), &binds).fetch_all(&self.pool).await? {
+        for row in bind_all(sqlx::query(&sql), &binds).fetch_all(self.db.reader()).await? {
             let (status, kind, n): (String, String, i64) =
                 (row.try_get("status")?, row.try_get("kind")?, row.try_get("n")?);
             *stats.by_status.entry(status).or_default() += n;
@@ -1248,7 +1030,7 @@ impl Store for SqlStore {
             "SELECT CAST(AVG(CASE WHEN status IN ('succeeded','failed','confirmed') THEN completed_ms - created_ms END) AS DOUBLE PRECISION) AS completion, \
              CAST(AVG(first_delivered_ms - created_ms) AS DOUBLE PRECISION) AS delivery FROM commands {filter}"
         );
-        let row = bind_all(sqlx::query(&sql), &binds).fetch_one(&self.pool).await?;
+        let row = bind_all(sqlx::query(&sql), &binds).fetch_one(self.db.reader()).await?;
         stats.average_completion_ms = row.try_get("completion")?;
         stats.average_delivery_ms = row.try_get("delivery")?;
         let count = |s: &str| stats.by_status.get(s).copied().unwrap_or(0);
@@ -1352,7 +1134,7 @@ impl Store for SqlStore {
     }
 
     async fn add_firmware(&self, fw: &Firmware, data: &[u8], actor: &str) -> StoreResult<Firmware> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.write().await?;
         let exists = sqlx::query("SELECT id FROM firmware WHERE version = $1 AND target = $2")
             .bind(fw.version.as_str())
             .bind(fw.target.as_str())
@@ -1399,7 +1181,7 @@ impl Store for SqlStore {
             "SELECT id, version, target, size, sha256, security_counter, created_ms, manifest, uploaded_ms, uploaded_by \
              FROM firmware ORDER BY id DESC",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.reader())
         .await?;
         rows.iter().map(firmware_from).collect()
     }
@@ -1407,7 +1189,7 @@ impl Store for SqlStore {
     async fn firmware_data(&self, id: i64) -> StoreResult<(Firmware, Vec<u8>)> {
         let row = sqlx::query("SELECT * FROM firmware WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.reader())
             .await?;
         let row = row.ok_or_else(|| StoreError::NotFound(format!("firmware {id}")))?;
         Ok((firmware_from(&row)?, row.try_get("data")?))
