@@ -20,11 +20,19 @@ pub mod error;
 pub mod firmware;
 pub mod metrics;
 pub mod news;
+pub mod operators;
 pub mod refusals;
 pub mod run;
 pub mod settings;
 pub mod store;
 pub mod testing;
+
+/// `bytes` random bytes from the OS, as lowercase hex (keys, tokens, names).
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS random number generator works");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> i64 {

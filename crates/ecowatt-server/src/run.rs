@@ -12,9 +12,10 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::metrics::Metrics;
 use crate::news::News;
+use crate::operators::{Role, generate_token, hash_token};
 use crate::refusals::Refusals;
 use crate::settings::{ADMIN_TOKEN_FILE, Settings};
-use crate::store::{Role, SqlStore, Store, StoreError};
+use crate::store::{SqlStore, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -78,11 +79,12 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
             token_path.display()
         ))));
     }
+    let operators = store.operators();
     let mut admin_token_file = None;
-    if store.token_count().await? == 0 {
-        let secret = api::generate_token();
+    if operators.count().await? == 0 {
+        let secret = generate_token();
         let now = crate::now_ms();
-        store.create_token("admin", Role::Admin, &api::hash_token(&secret), "system", now).await?;
+        operators.create("admin", Role::Admin, &hash_token(&secret), "system", now).await?;
         let path = settings.data_dir.join(ADMIN_TOKEN_FILE);
         write_secret(&path, &secret).map_err(io(&path))?;
         admin_token_file = Some(path);
@@ -93,6 +95,7 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         refusals: Arc::new(Refusals::new(settings.refusals_per_minute)),
         settings: Arc::new(settings),
         news,
+        operators,
         edge: Arc::new(ecowatt_edge::Stats::default()),
     };
     Ok(Prepared { state, admin_token_file })
@@ -193,22 +196,21 @@ async fn flush_refusals(state: &AppState) {
 
 async fn purge_old(state: &AppState) {
     let now = crate::now_ms();
-    let before = |keep: Option<Duration>| keep.map(|d| now - d.as_millis() as i64);
+    let before = |keep: Duration| now - keep.as_millis() as i64;
     let settings = &state.settings;
-    match state
-        .store
-        .purge(before(settings.security_event_retention), before(settings.audit_retention))
-        .await
-    {
-        Ok((0, 0)) => {}
-        Ok((events, audit)) => {
-            tracing::info!(
-                events,
-                audit,
-                "deleted security events and audit entries past retention"
-            )
+    if let Some(keep) = settings.security_event_retention {
+        match state.store.purge_security_events(before(keep)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "deleted security events past retention"),
+            Err(e) => tracing::warn!(error = %e, "security event retention sweep failed"),
         }
-        Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+    }
+    if let Some(keep) = settings.audit_retention {
+        match crate::operators::audit::purge(state.operators.db(), before(keep)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "deleted audit entries past retention"),
+            Err(e) => tracing::warn!(error = %e, "audit retention sweep failed"),
+        }
     }
 }
 

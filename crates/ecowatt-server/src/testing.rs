@@ -55,7 +55,7 @@ impl TempDb {
     /// A fresh PostgreSQL database named `PREFIX_<random>` on the server at `admin`.
     pub async fn postgres_at(admin: &str, prefix: &str) -> TempDb {
         let admin = admin.to_owned();
-        let name = format!("{prefix}_{}", crate::api::new_secret(6));
+        let name = format!("{prefix}_{}", crate::random_hex(6));
         let mut conn =
             sqlx::PgConnection::connect(&admin).await.expect("connect to ECOWATT_TEST_PG_URL");
         sqlx::query(&format!("CREATE DATABASE {name}"))

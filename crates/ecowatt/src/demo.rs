@@ -114,7 +114,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let mut names = Vec::new();
         for (i, (slave, _)) in fleet.iter().enumerate() {
             let name = format!("inverter-{}", i + 1);
-            let key = ecowatt_server::api::new_secret(16);
+            let key = ecowatt_server::random_hex(16);
             let now = ecowatt_server::now_ms();
             let device = state.store.create_device(&name, i64::from(args.rated_power), &key, "demo", now).await?;
             let patch = ecowatt_server::domain::ConfigPatch {

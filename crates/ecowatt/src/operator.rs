@@ -204,7 +204,8 @@ fn local_token(
     role: &str,
     database: Option<&str>,
 ) -> anyhow::Result<()> {
-    use ecowatt_server::store::{Role, SqlStore, Store, sqlite_file};
+    use ecowatt_server::operators::Role;
+    use ecowatt_server::store::{SqlStore, sqlite_file};
     let url = match database {
         Some(url) => url.to_owned(),
         None => SqlStore::sqlite_url(&conn.data_dir.join("ecowatt.db")),
@@ -223,10 +224,11 @@ fn local_token(
     let (secret, token) = rt.block_on(async {
         let store = SqlStore::open(&url).await?;
         anyhow::ensure!(!store.created(), "the database at {url} held no store");
-        let secret = ecowatt_server::api::generate_token();
-        let hash = ecowatt_server::api::hash_token(&secret);
+        let secret = ecowatt_server::operators::generate_token();
+        let hash = ecowatt_server::operators::hash_token(&secret);
         let actor = format!("local:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
-        let token = store.create_token(name, role, &hash, &actor, ecowatt_server::now_ms()).await?;
+        let token =
+            store.operators().create(name, role, &hash, &actor, ecowatt_server::now_ms()).await?;
         store.close().await;
         Ok((secret, token))
     })?;

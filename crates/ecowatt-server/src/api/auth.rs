@@ -4,11 +4,10 @@
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use sha2::{Digest, Sha256};
 
 use super::{AppState, Source};
 use crate::error::ApiError;
-use crate::store::{Role, Token};
+use crate::operators::{Role, Token, hash_token};
 
 /// An authenticated operator.
 pub struct Operator(pub Token);
@@ -30,18 +29,6 @@ impl Operator {
             )),
         }
     }
-}
-
-/// Hex SHA-256 of a token, as stored.
-pub fn hash_token(token: &str) -> String {
-    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `bytes` random bytes from the OS, as lowercase hex.
-pub fn new_secret(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).expect("the OS random number generator works");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The token of an `Authorization` header: the `Bearer` scheme in any case
@@ -86,7 +73,7 @@ impl FromRequestParts<AppState> for Operator {
         let Some(token) = header.and_then(bearer) else {
             return Err(refuse("missing", "send Authorization: Bearer <token>"));
         };
-        match state.store.token_by_hash(&hash_token(token)).await? {
+        match state.operators.by_hash(&hash_token(token)).await? {
             Some(t) => Ok(Operator(t)),
             None => Err(refuse("invalid", "unknown or revoked token")),
         }

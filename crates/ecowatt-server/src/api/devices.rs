@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::json::ApiJson;
-use super::{AppState, Operator, new_secret};
+use super::{AppState, Operator};
 use crate::error::ApiError;
 use crate::store::Device;
 
@@ -48,7 +48,7 @@ pub async fn add(
     ApiJson(req): ApiJson<NewDevice>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     op.require_admin()?;
-    let key = new_secret(16);
+    let key = crate::random_hex(16);
     let rated = req.rated_power_w.unwrap_or(DEFAULT_RATED_W);
     let device =
         state.store.create_device(&req.name, rated, &key, &op.actor(), crate::now_ms()).await?;
@@ -108,7 +108,7 @@ pub async fn rotate_key(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     op.require_admin()?;
-    let key = new_secret(16);
+    let key = crate::random_hex(16);
     let device = state.store.rotate_device_key(&name, &key, &op.actor(), crate::now_ms()).await?;
     let provisioning = provisioning(&state, &device, &key);
     Ok(Json(json!({ "device": device, "provisioning": provisioning })))

@@ -25,8 +25,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use ecowatt_edge::BodyGuardLayer;
 
-pub use auth::{Operator, hash_token, new_secret};
-pub use tokens::generate as generate_token;
+pub use auth::Operator;
 
 use crate::metrics::Metrics;
 use crate::refusals::Refusals;
@@ -38,6 +37,8 @@ use crate::store::Store;
 pub struct AppState {
     /// Durable state.
     pub store: Arc<dyn Store>,
+    /// Operators' tokens and the audit log.
+    pub operators: crate::operators::Operators,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// Settings in force.

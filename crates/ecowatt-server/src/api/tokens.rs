@@ -9,9 +9,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::json::ApiJson;
-use super::{AppState, Operator, hash_token, new_secret};
+use super::{AppState, Operator};
 use crate::error::ApiError;
-use crate::store::{Role, Token};
+use crate::operators::{Role, Token, generate_token, hash_token};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,28 +20,23 @@ pub struct NewToken {
     role: Role,
 }
 
-/// A new operator token: `ewt_` and 40 hex digits (160 random bits).
-pub fn generate() -> String {
-    format!("ewt_{}", new_secret(20))
-}
-
 pub async fn create(
     State(state): State<AppState>,
     op: Operator,
     ApiJson(req): ApiJson<NewToken>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     op.require_admin()?;
-    let secret = generate();
+    let secret = generate_token();
     let token = state
-        .store
-        .create_token(&req.name, req.role, &hash_token(&secret), &op.actor(), crate::now_ms())
+        .operators
+        .create(&req.name, req.role, &hash_token(&secret), &op.actor(), crate::now_ms())
         .await?;
     Ok((StatusCode::CREATED, Json(json!({ "token": secret, "info": token }))))
 }
 
 pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Value>, ApiError> {
     op.require_admin()?;
-    Ok(Json(json!({ "tokens": state.store.list_tokens().await? })))
+    Ok(Json(json!({ "tokens": state.operators.list().await? })))
 }
 
 pub async fn revoke(
@@ -50,7 +45,7 @@ pub async fn revoke(
     Path(id): Path<i64>,
 ) -> Result<Json<Token>, ApiError> {
     op.require_admin()?;
-    Ok(Json(state.store.revoke_token(id, &op.actor(), crate::now_ms()).await?))
+    Ok(Json(state.operators.revoke(id, &op.actor(), crate::now_ms()).await?))
 }
 
 #[derive(Deserialize)]
@@ -64,7 +59,7 @@ pub async fn audit(
     _op: Operator,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let entries = state.store.audit(q.before, q.limit.unwrap_or(100)).await?;
+    let entries = state.operators.audit(q.before, q.limit.unwrap_or(100)).await?;
     let next = if entries.len() as i64 == q.limit.unwrap_or(100).clamp(1, 1000) {
         entries.last().map(|e| e.id)
     } else {

@@ -515,27 +515,12 @@ impl SqlStore {
         Ok(ids)
     }
 
-    pub(super) async fn purge_impl(
-        &self,
-        events_before_ms: Option<i64>,
-        audit_before_ms: Option<i64>,
-    ) -> StoreResult<(u64, u64)> {
-        let mut purged = [0u64; 2];
-        for (n, (table, column, before)) in [
-            ("security_events", "last_ms", events_before_ms),
-            ("audit_log", "at_ms", audit_before_ms),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let Some(before) = before else { continue };
-            let done = sqlx::query(&format!("DELETE FROM {table} WHERE {column} < $1"))
-                .bind(before)
-                .execute(self.db().writer())
-                .await?;
-            purged[n] = done.rows_affected();
-        }
-        Ok((purged[0], purged[1]))
+    pub(super) async fn purge_impl(&self, before_ms: i64) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM security_events WHERE last_ms < $1")
+            .bind(before_ms)
+            .execute(self.db().writer())
+            .await?;
+        Ok(done.rows_affected())
     }
 
     pub(super) async fn security_events_impl(

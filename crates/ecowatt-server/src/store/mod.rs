@@ -21,35 +21,6 @@ use serde::Serialize;
 use crate::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig, Invalid};
 pub use sql::SqlStore;
 
-/// An operator role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// May do everything.
-    Admin,
-    /// May read everything and change nothing.
-    Viewer,
-}
-
-impl Role {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Viewer => "viewer",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "admin" => Some(Role::Admin),
-            "viewer" => Some(Role::Viewer),
-            _ => None,
-        }
-    }
-}
-
 /// A registered device (its key is never part of this).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Device {
@@ -69,38 +40,6 @@ pub struct Device {
     pub last_seen_ms: Option<i64>,
     /// The firmware version it last reported.
     pub firmware: Option<String>,
-}
-
-/// An operator token's record (the token itself is stored only as a hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Token {
-    /// Numeric id.
-    pub id: i64,
-    /// Who or what it is for.
-    pub name: String,
-    /// What it may do.
-    pub role: Role,
-    /// When it was created.
-    pub created_ms: i64,
-    /// When it was revoked, if it was.
-    pub revoked_ms: Option<i64>,
-}
-
-/// One audit-log entry.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AuditEntry {
-    /// Numeric id, increasing.
-    pub id: i64,
-    /// When.
-    pub at_ms: i64,
-    /// Who (an operator token's name, `legacy-api`, or `system`).
-    pub actor: String,
-    /// What (`device.add`, `command.queue`, ...).
-    pub action: String,
-    /// On what (a device name, a command id, a token id).
-    pub target: String,
-    /// Details.
-    pub detail: serde_json::Value,
 }
 
 /// A device's config shadow: what it should run and what it reports running.
@@ -576,27 +515,6 @@ pub trait Store: Send + Sync {
     /// Records that a device talked to the server.
     async fn touch_device(&self, name: &str, now: i64) -> StoreResult<()>;
 
-    // --- operators
-    /// Number of tokens, revoked ones included.
-    async fn token_count(&self) -> StoreResult<i64>;
-    /// Stores a new token by its hash.
-    async fn create_token(
-        &self,
-        name: &str,
-        role: Role,
-        hash: &str,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Token>;
-    /// Every token.
-    async fn list_tokens(&self) -> StoreResult<Vec<Token>>;
-    /// Revokes a token.
-    async fn revoke_token(&self, id: i64, actor: &str, now: i64) -> StoreResult<Token>;
-    /// The active token with this hash.
-    async fn token_by_hash(&self, hash: &str) -> StoreResult<Option<Token>>;
-    /// Audit entries, newest first.
-    async fn audit(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>>;
-
     // --- config shadow
     /// A device's config shadow.
     async fn config(&self, device: &str) -> StoreResult<ConfigShadow>;
@@ -765,13 +683,9 @@ pub trait Store: Send + Sync {
     /// without an id, updates the count and last time of the others; returns
     /// every row's id, in order.
     async fn save_security_events(&self, rows: &[SecurityEventRow]) -> StoreResult<Vec<i64>>;
-    /// Deletes security events whose last refusal is older than `before_ms`
-    /// and audit entries older than `audit_before_ms`; returns how many of each.
-    async fn purge(
-        &self,
-        events_before_ms: Option<i64>,
-        audit_before_ms: Option<i64>,
-    ) -> StoreResult<(u64, u64)>;
+    /// Deletes security events whose last refusal is older than `before_ms`;
+    /// returns how many.
+    async fn purge_security_events(&self, before_ms: i64) -> StoreResult<u64>;
     /// Security events, newest first.
     async fn security_events(
         &self,

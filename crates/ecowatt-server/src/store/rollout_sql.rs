@@ -161,7 +161,7 @@ impl SqlStore {
                 );
                 self.set_rollout_state_in(tx, id, "aborted", Some(&reason), now).await?;
                 self.cancel_waiting_in(tx, id, now).await?;
-                Self::audit_in(
+                crate::operators::audit::record(
                     tx,
                     now,
                     "system",
@@ -431,7 +431,7 @@ impl SqlStore {
             .execute(&mut *tx)
             .await?;
         }
-        Self::audit_in(
+        crate::operators::audit::record(
             &mut tx,
             now,
             actor,
@@ -527,7 +527,8 @@ impl SqlStore {
         if action == RolloutAction::Abort {
             self.cancel_waiting_in(&mut tx, id, now).await?;
         }
-        Self::audit_in(&mut tx, now, actor, name, &id.to_string(), json!({})).await?;
+        crate::operators::audit::record(&mut tx, now, actor, name, &id.to_string(), json!({}))
+            .await?;
         let r = self.rollout_in(&mut tx, id, false).await?;
         tx.commit().await?;
         Ok((r, wake))

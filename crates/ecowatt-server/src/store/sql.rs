@@ -76,17 +76,6 @@ pub(super) fn device_from(row: &AnyRow) -> StoreResult<Device> {
     })
 }
 
-fn token_from(row: &AnyRow) -> StoreResult<Token> {
-    let role: String = row.try_get("role")?;
-    Ok(Token {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
-        created_ms: row.try_get("created_ms")?,
-        revoked_ms: row.try_get("revoked_ms")?,
-    })
-}
-
 const COMMAND_COLUMNS: &str = "c.id, d.name AS device_name, c.kind, c.parameters, c.action, c.status, \
      c.created_ms, c.created_by, c.expires_ms, c.delivered_ms, c.delivery_count, c.completed_ms, \
      c.executed_ms, c.result_message, c.exception_code, c.result_value, c.confirmed_ms";
@@ -170,6 +159,11 @@ impl SqlStore {
         &self.db
     }
 
+    /// Tokens and the audit log.
+    pub fn operators(&self) -> crate::operators::Operators {
+        crate::operators::Operators::new(self.db.clone())
+    }
+
     /// Whether this open created the schema: the database was empty.
     pub fn created(&self) -> bool {
         self.db.created()
@@ -210,25 +204,6 @@ impl SqlStore {
     /// The group-commit ingest queue.
     pub(super) fn ingest(&self) -> &tokio::sync::mpsc::Sender<super::ingest::Job> {
         &self.ingest
-    }
-
-    pub(super) async fn audit_in(
-        tx: &mut Tx,
-        now: i64,
-        actor: &str,
-        action: &str,
-        target: &str,
-        detail: serde_json::Value,
-    ) -> StoreResult<()> {
-        sqlx::query("INSERT INTO audit_log (at_ms, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)")
-            .bind(now)
-            .bind(actor)
-            .bind(action)
-            .bind(target)
-            .bind(detail.to_string())
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
     }
 
     /// On PostgreSQL, tells every server process (at commit) that a device's
@@ -427,8 +402,15 @@ impl Store for SqlStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        Self::audit_in(&mut tx, now, actor, "device.add", name, json!({"rated_power_w": rated_w}))
-            .await?;
+        crate::operators::audit::record(
+            &mut tx,
+            now,
+            actor,
+            "device.add",
+            name,
+            json!({"rated_power_w": rated_w}),
+        )
+        .await?;
         Self::keys_changed_in(&mut tx, device.id).await?;
         tx.commit().await?;
         self.read_keys(device.id).await?;
@@ -476,7 +458,7 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await?;
         let action = if enabled { "device.enable" } else { "device.disable" };
-        Self::audit_in(&mut tx, now, actor, action, name, json!({})).await?;
+        crate::operators::audit::record(&mut tx, now, actor, action, name, json!({})).await?;
         tx.commit().await?;
         Ok(Device { enabled, ..device })
     }
@@ -503,7 +485,7 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await?;
         let key_version = device.key_version + 1;
-        Self::audit_in(
+        crate::operators::audit::record(
             &mut tx,
             now,
             actor,
@@ -528,8 +510,15 @@ impl Store for SqlStore {
                 .await?;
         }
         sqlx::query("DELETE FROM devices WHERE id = $1").bind(device.id).execute(&mut *tx).await?;
-        Self::audit_in(&mut tx, now, actor, "device.remove", name, json!({"id": device.id}))
-            .await?;
+        crate::operators::audit::record(
+            &mut tx,
+            now,
+            actor,
+            "device.remove",
+            name,
+            json!({"id": device.id}),
+        )
+        .await?;
         Self::keys_changed_in(&mut tx, device.id).await?;
         tx.commit().await?;
         self.keys.forget(device.id);
@@ -543,131 +532,6 @@ impl Store for SqlStore {
             .execute(self.db.writer())
             .await?;
         Ok(())
-    }
-
-    async fn token_count(&self) -> StoreResult<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM tokens")
-            .fetch_one(self.db.reader())
-            .await?
-            .try_get("n")?)
-    }
-
-    async fn create_token(
-        &self,
-        name: &str,
-        role: Role,
-        hash: &str,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Token> {
-        if name.trim().is_empty() || name.len() > 64 {
-            return Err(crate::domain::Invalid::new("name", "1 to 64 characters").into());
-        }
-        let mut tx = self.db.write().await?;
-        let row = sqlx::query("INSERT INTO tokens (name, role, token_hash, created_ms) VALUES ($1, $2, $3, $4) RETURNING *")
-            .bind(name)
-            .bind(role.as_str())
-            .bind(hash)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-        let token = token_from(&row)?;
-        Self::audit_in(
-            &mut tx,
-            now,
-            actor,
-            "token.create",
-            &token.id.to_string(),
-            json!({"name": name, "role": role}),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(token)
-    }
-
-    async fn list_tokens(&self) -> StoreResult<Vec<Token>> {
-        let rows =
-            sqlx::query("SELECT * FROM tokens ORDER BY id").fetch_all(self.db.reader()).await?;
-        rows.iter().map(token_from).collect()
-    }
-
-    async fn revoke_token(&self, id: i64, actor: &str, now: i64) -> StoreResult<Token> {
-        let mut tx = self.db.write().await?;
-        let sql = format!("SELECT * FROM tokens WHERE id = $1{}", self.db.for_update());
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
-        let token = row
-            .as_ref()
-            .map(token_from)
-            .transpose()?
-            .ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
-        if token.revoked_ms.is_some() {
-            return Err(StoreError::Conflict(format!("token {id} is already revoked")));
-        }
-        if token.role == Role::Admin {
-            // Every active admin row locked: two revocations at once cannot
-            // each leave the other as the last.
-            let sql = format!(
-                "SELECT id FROM tokens WHERE role = 'admin' AND revoked_ms IS NULL{}",
-                self.db.for_update()
-            );
-            let admins = sqlx::query(&sql).fetch_all(&mut *tx).await?;
-            let others =
-                admins.iter().filter(|r| r.try_get::<i64, _>("id").ok() != Some(id)).count();
-            if others == 0 {
-                return Err(StoreError::Refused {
-                    code: "last_admin_token",
-                    message: format!(
-                        "token {id} is the last admin token: create another admin token first \
-                         (on the server's machine, `ecowatt token create NAME --role admin --local` \
-                         works without one)"
-                    ),
-                });
-            }
-        }
-        sqlx::query("UPDATE tokens SET revoked_ms = $1 WHERE id = $2")
-            .bind(now)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        Self::audit_in(
-            &mut tx,
-            now,
-            actor,
-            "token.revoke",
-            &id.to_string(),
-            json!({"name": token.name}),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Token { revoked_ms: Some(now), ..token })
-    }
-
-    async fn token_by_hash(&self, hash: &str) -> StoreResult<Option<Token>> {
-        let row = sqlx::query("SELECT * FROM tokens WHERE token_hash = $1 AND revoked_ms IS NULL")
-            .bind(hash)
-            .fetch_optional(self.db.reader())
-            .await?;
-        row.as_ref().map(token_from).transpose()
-    }
-
-    async fn audit(&self, before_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>> {
-        let rows = sqlx::query("SELECT * FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2")
-            .bind(before_id.unwrap_or(i64::MAX))
-            .bind(limit.clamp(1, 1000))
-            .fetch_all(self.db.reader())
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditEntry {
-                    id: r.try_get("id")?,
-                    at_ms: r.try_get("at_ms")?,
-                    actor: r.try_get("actor")?,
-                    action: r.try_get("action")?,
-                    target: r.try_get("target")?,
-                    detail: json_col(r, "detail")?,
-                })
-            })
-            .collect()
     }
 
     async fn config(&self, device: &str) -> StoreResult<ConfigShadow> {
@@ -709,7 +573,7 @@ impl Store for SqlStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        Self::audit_in(
+        crate::operators::audit::record(
             &mut tx,
             now,
             actor,
@@ -846,7 +710,7 @@ impl Store for SqlStore {
         .fetch_one(&mut *tx)
         .await?;
         let id: i64 = row.try_get("id")?;
-        Self::audit_in(
+        crate::operators::audit::record(
             &mut tx,
             now,
             actor,
@@ -914,7 +778,7 @@ impl Store for SqlStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        Self::audit_in(
+        crate::operators::audit::record(
             &mut tx,
             now,
             actor,
@@ -1088,12 +952,8 @@ impl Store for SqlStore {
         self.save_security_events_impl(rows).await
     }
 
-    async fn purge(
-        &self,
-        events_before_ms: Option<i64>,
-        audit_before_ms: Option<i64>,
-    ) -> StoreResult<(u64, u64)> {
-        self.purge_impl(events_before_ms, audit_before_ms).await
+    async fn purge_security_events(&self, before_ms: i64) -> StoreResult<u64> {
+        self.purge_impl(before_ms).await
     }
 
     async fn security_events(
@@ -1163,7 +1023,7 @@ impl Store for SqlStore {
         .fetch_one(&mut *tx)
         .await?;
         let id: i64 = row.try_get("id")?;
-        Self::audit_in(
+        crate::operators::audit::record(
             &mut tx,
             fw.uploaded_ms,
             actor,

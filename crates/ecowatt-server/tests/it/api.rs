@@ -368,7 +368,7 @@ async fn the_first_start_creates_one_admin_token_and_later_starts_keep_it() {
     c.server.stop().await;
     let again = TestServer::start(&db, false).await;
     assert_eq!(again.admin_token, token, "the token file is kept");
-    assert_eq!(again.state.store.token_count().await.unwrap(), 1, "no second admin token");
+    assert_eq!(again.state.operators.count().await.unwrap(), 1, "no second admin token");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -1,8 +1,9 @@
 //! The same store suite on every backend.
 
 use ecowatt_server::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig};
+use ecowatt_server::operators::Role;
 use ecowatt_server::store::{
-    CommandFilter, CommandOutcome, KeyLookup, Rejection, Role, SqlStore, Store, StoreError,
+    CommandFilter, CommandOutcome, KeyLookup, Rejection, SqlStore, Store, StoreError,
 };
 use ecowatt_server::testing::TempDb;
 use std::collections::HashMap;
@@ -91,7 +92,7 @@ async fn devices_lifecycle() {
             "{b}"
         );
         let actions: Vec<String> =
-            s.audit(None, 100).await.unwrap().into_iter().map(|e| e.action).collect();
+            s.operators().audit(None, 100).await.unwrap().into_iter().map(|e| e.action).collect();
         assert_eq!(
             actions,
             ["device.remove", "device.rotate_key", "device.disable", "device.add", "device.add"],
@@ -104,19 +105,26 @@ async fn devices_lifecycle() {
 #[tokio::test]
 async fn tokens_and_audit_paging() {
     each(async |s, b| {
-        assert_eq!(s.token_count().await.unwrap(), 0);
-        let t = s.create_token("ci", Role::Viewer, "hash-1", "system", T0).await.unwrap();
-        assert_eq!(s.token_by_hash("hash-1").await.unwrap().unwrap().role, Role::Viewer, "{b}");
-        assert!(s.token_by_hash("nope").await.unwrap().is_none());
-        s.revoke_token(t.id, "admin#1", T0 + 1).await.unwrap();
+        assert_eq!(s.operators().count().await.unwrap(), 0);
+        let t = s.operators().create("ci", Role::Viewer, "hash-1", "system", T0).await.unwrap();
+        assert_eq!(
+            s.operators().by_hash("hash-1").await.unwrap().unwrap().role,
+            Role::Viewer,
+            "{b}"
+        );
+        assert!(s.operators().by_hash("nope").await.unwrap().is_none());
+        s.operators().revoke(t.id, "admin#1", T0 + 1).await.unwrap();
         assert!(
-            s.token_by_hash("hash-1").await.unwrap().is_none(),
+            s.operators().by_hash("hash-1").await.unwrap().is_none(),
             "{b}: revoked tokens stop working"
         );
-        assert!(matches!(s.revoke_token(t.id, "admin#1", T0).await, Err(StoreError::Conflict(_))));
-        assert_eq!(s.list_tokens().await.unwrap()[0].revoked_ms, Some(T0 + 1));
-        let page1 = s.audit(None, 1).await.unwrap();
-        let page2 = s.audit(Some(page1[0].id), 1).await.unwrap();
+        assert!(matches!(
+            s.operators().revoke(t.id, "admin#1", T0).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(s.operators().list().await.unwrap()[0].revoked_ms, Some(T0 + 1));
+        let page1 = s.operators().audit(None, 1).await.unwrap();
+        let page2 = s.operators().audit(Some(page1[0].id), 1).await.unwrap();
         assert_eq!(
             (page1[0].action.as_str(), page2[0].action.as_str()),
             ("token.revoke", "token.create"),

@@ -232,7 +232,7 @@ async fn a_lost_admin_token_is_recovered_on_the_servers_machine() {
     })
     .await
     .unwrap();
-    let audit = server.state.store.audit(None, 10).await.unwrap();
+    let audit = server.state.operators.audit(None, 10).await.unwrap();
     assert!(audit.iter().any(|e| e.action == "token.create" && e.actor.starts_with("local:")));
     server.stop().await;
 }
