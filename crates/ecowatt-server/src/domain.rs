@@ -300,35 +300,6 @@ pub fn check_ttl(ttl_s: i64) -> Result<i64, Invalid> {
     }
 }
 
-/// Validates a device name: 1..=64 characters of letters, digits, `_`, `-`, `.`.
-pub fn check_device_name(name: &str) -> Result<(), Invalid> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        // A name made of dots is a path step in every URL that names a device.
-        && name.chars().any(|c| c != '.');
-    if ok {
-        Ok(())
-    } else {
-        Err(Invalid::new("name", "use 1 to 64 letters, digits, '_', '-' or '.', not only dots"))
-    }
-}
-
-/// Rated power limits, watts.
-pub const RATED_W: (i64, i64) = (100, 65_000);
-
-/// Validates a rated power.
-pub fn check_rated_w(w: i64) -> Result<i64, Invalid> {
-    if (RATED_W.0..=RATED_W.1).contains(&w) {
-        Ok(w)
-    } else {
-        Err(Invalid::new(
-            "rated_power_w",
-            format!("{w} W is outside {}..={} W", RATED_W.0, RATED_W.1),
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

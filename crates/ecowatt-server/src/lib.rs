@@ -14,7 +14,9 @@
 //!   with graceful shutdown.
 
 pub mod api;
+pub mod config;
 pub mod db;
+pub mod devices;
 pub mod domain;
 pub mod error;
 pub mod firmware;

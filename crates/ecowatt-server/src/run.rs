@@ -15,7 +15,7 @@ use crate::news::News;
 use crate::operators::{Role, generate_token, hash_token};
 use crate::refusals::Refusals;
 use crate::settings::{ADMIN_TOKEN_FILE, Settings};
-use crate::store::{SqlStore, Store, StoreError};
+use crate::store::{SqlStore, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,7 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         write_secret(&path, &secret).map_err(io(&path))?;
         admin_token_file = Some(path);
     }
+    let devices = store.devices();
     let state = AppState {
         store: Arc::new(store),
         metrics: Arc::new(Metrics::default()),
@@ -96,6 +97,7 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         settings: Arc::new(settings),
         news,
         operators,
+        devices,
         edge: Arc::new(ecowatt_edge::Stats::default()),
     };
     Ok(Prepared { state, admin_token_file })
@@ -144,7 +146,7 @@ pub async fn serve(
         tokio::spawn(listen_postgres(
             state.settings.database.clone(),
             Arc::clone(&state.news),
-            Arc::clone(&state.store),
+            state.devices.clone(),
         ))
     });
     let news = Arc::clone(&state.news);
@@ -217,21 +219,21 @@ async fn purge_old(state: &AppState) {
 /// Forwards PostgreSQL notifications until the task is dropped: device news
 /// to `news`, other servers' key changes to the store's copy of the keys
 /// (which counts as complete only while this listens: `store/keys.rs`).
-async fn listen_postgres(url: String, news: Arc<News>, store: Arc<dyn Store>) {
-    let keys = crate::store::keys::CHANNEL;
+async fn listen_postgres(url: String, news: Arc<News>, devices: crate::devices::Devices) {
+    let keys = crate::devices::keys::CHANNEL;
     loop {
         match sqlx::postgres::PgListener::connect(&url).await {
             Ok(mut listener) => match listener.listen_all([crate::news::CHANNEL, keys]).await {
                 Err(e) => tracing::warn!(error = %e, "LISTEN failed"),
                 Ok(()) => {
-                    if let Err(e) = store.reload_keys(true).await {
+                    if let Err(e) = devices.reload_keys(true).await {
                         tracing::warn!(error = %e, "cannot reload the devices' keys");
                     }
                     loop {
                         match listener.recv().await {
                             Ok(n) if n.channel() == keys => {
                                 let id = n.payload().parse().unwrap_or(-1);
-                                if let Err(e) = store.refresh_keys(id).await {
+                                if let Err(e) = devices.refresh_keys(id).await {
                                     // Start over: the reload after reconnecting
                                     // makes the copy whole again.
                                     tracing::warn!(error = %e, "cannot read a device's new keys");
@@ -249,7 +251,7 @@ async fn listen_postgres(url: String, news: Arc<News>, store: Arc<dyn Store>) {
             },
             Err(e) => tracing::warn!(error = %e, "notification listener cannot connect"),
         }
-        store.keys_unheard();
+        devices.keys_unheard();
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -273,7 +273,7 @@ async fn commands(
     let store = std::sync::Arc::new(SqlStore::open(&db.url).await?);
     let now = ecowatt_server::now_ms();
     for w in 0..workers {
-        store.create_device(&format!("bench-{w}"), 10_000, "00", "bench", now).await?;
+        store.devices().create(&format!("bench-{w}"), 10_000, "00", "bench", now).await?;
     }
     println!(
         "Command store, {} backend, {workers} workers (one device each), at most {cycles} operations or {max_time:?}:",
@@ -447,7 +447,7 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
     let mut creds = Vec::new();
     for d in 0..devices {
         let key = [d as u8; 16];
-        let device = rt.block_on(server.state.store.create_device(
+        let device = rt.block_on(server.state.devices.create(
             &format!("bench-{d}"),
             10_000,
             &ecowatt_proto::hex::encode_upper(&key),
@@ -518,7 +518,7 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
     // latency from the API's answer to the device holding the command.
     let name = "bench-push";
     let key = [0xA5u8; 16];
-    let device = rt.block_on(server.state.store.create_device(
+    let device = rt.block_on(server.state.devices.create(
         name,
         10_000,
         &ecowatt_proto::hex::encode_upper(&key),

@@ -116,7 +116,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             let name = format!("inverter-{}", i + 1);
             let key = ecowatt_server::random_hex(16);
             let now = ecowatt_server::now_ms();
-            let device = state.store.create_device(&name, i64::from(args.rated_power), &key, "demo", now).await?;
+            let device = state.devices.create(&name, i64::from(args.rated_power), &key, "demo", now).await?;
             let patch = ecowatt_server::domain::ConfigPatch {
                 poll_interval_ms: Some(1_000),
                 upload_interval_ms: Some(10_000),

@@ -14,11 +14,11 @@ use super::json::ApiJson;
 use super::{AppState, Operator};
 use crate::domain::{self, CommandRequest, CommandStatus, Invalid};
 use crate::error::ApiError;
-use crate::store::{Command, CommandFilter, Store};
+use crate::store::{Command, CommandFilter};
 
 /// Validates and queues `body` (`{"type", "parameters", "ttl_s"?}`) for `device`.
 pub async fn queue_for(
-    store: &dyn Store,
+    state: &AppState,
     device: &str,
     mut body: Value,
     actor: &str,
@@ -35,7 +35,7 @@ pub async fn queue_for(
             format!("{e}; types: set_power_percentage, set_power, write_register, read_register"),
         ))
     })?;
-    let d = store.device(device).await?;
+    let d = state.devices.get(device).await?;
     if !d.enabled {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -44,7 +44,10 @@ pub async fn queue_for(
         ));
     }
     let action = request.action(d.rated_power_w)?;
-    Ok(store.queue_command(device, &request, action, ttl_s * 1000, actor, crate::now_ms()).await?)
+    Ok(state
+        .store
+        .queue_command(device, &request, action, ttl_s * 1000, actor, crate::now_ms())
+        .await?)
 }
 
 pub async fn queue(
@@ -54,7 +57,7 @@ pub async fn queue(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<(StatusCode, Json<Command>), ApiError> {
     op.require_admin()?;
-    let command = queue_for(state.store.as_ref(), &name, body, &op.actor()).await?;
+    let command = queue_for(&state, &name, body, &op.actor()).await?;
     state.metrics.inc("ecowatt_commands_queued_total", "");
     Ok((StatusCode::CREATED, Json(command)))
 }
@@ -117,7 +120,7 @@ pub async fn list_for_device(
     Path(name): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    state.store.device(&name).await?;
+    state.devices.get(&name).await?;
     let mut filter = q.filter(1000)?;
     filter.device = Some(name);
     page(&state, filter).await
@@ -151,7 +154,7 @@ pub async fn statistics(
     Query(q): Query<StatsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     if let Some(d) = &q.device {
-        state.store.device(d).await?;
+        state.devices.get(d).await?;
     }
     let stats = state.store.command_stats(q.device.as_deref()).await?;
     Ok(Json(json!({ "device": q.device, "statistics": stats })))

@@ -73,22 +73,6 @@ fn door_refusal(throttled: bool, status: StatusCode, code: &'static str) -> Resp
     if throttled { rate_limited() } else { refuse(status, code) }
 }
 
-fn key_from_hex(hex: &str) -> Option<[u8; 16]> {
-    ecowatt_proto::hex::decode(hex).ok()?.try_into().ok()
-}
-
-/// Picks the key the header names, the current one or the one before it,
-/// with its full version.
-fn key_for(crypto: &DeviceCrypto, key_version: u8) -> Option<(i64, [u8; 16])> {
-    if crypto.key_version as u8 == key_version {
-        return key_from_hex(&crypto.key_hex).map(|k| (crypto.key_version, k));
-    }
-    match &crypto.previous {
-        Some((hex, v)) if *v as u8 == key_version => key_from_hex(hex).map(|k| (*v, k)),
-        _ => None,
-    }
-}
-
 fn config_state(version: i64, c: &DeviceConfig) -> messages::ConfigState {
     messages::ConfigState {
         version: version as u64,
@@ -210,8 +194,8 @@ async fn door(
         }
     };
     let crypto = match state
-        .store
-        .device_crypto(i64::from(header.device_id), header.key_version, !throttled)
+        .devices
+        .crypto(i64::from(header.device_id), header.key_version, !throttled)
         .await
     {
         Ok(KeyLookup::Found(c)) => c,
@@ -230,7 +214,7 @@ async fn door(
         Err(e) => return Err(ApiError::from(e).into_response()),
     };
     let name = crypto.name.clone();
-    let Some((key_version, key)) = key_for(&crypto, header.key_version) else {
+    let Some((key_version, key)) = crypto.key_for(header.key_version) else {
         event(
             state,
             source,

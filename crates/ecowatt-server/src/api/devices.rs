@@ -50,8 +50,7 @@ pub async fn add(
     op.require_admin()?;
     let key = crate::random_hex(16);
     let rated = req.rated_power_w.unwrap_or(DEFAULT_RATED_W);
-    let device =
-        state.store.create_device(&req.name, rated, &key, &op.actor(), crate::now_ms()).await?;
+    let device = state.devices.create(&req.name, rated, &key, &op.actor(), crate::now_ms()).await?;
     let provisioning = provisioning(&state, &device, &key);
     Ok((StatusCode::CREATED, Json(json!({ "device": device, "provisioning": provisioning }))))
 }
@@ -59,8 +58,8 @@ pub async fn add(
 pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
     let now = crate::now_ms();
     let devices: Vec<Value> = state
-        .store
-        .list_devices()
+        .devices
+        .list()
         .await?
         .into_iter()
         .map(|d| {
@@ -79,7 +78,7 @@ pub async fn show(
     _op: Operator,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let device = state.store.device(&name).await?;
+    let device = state.devices.get(&name).await?;
     let config = state.store.config(&name).await?;
     Ok(Json(json!({ "device": device, "config": config })))
 }
@@ -90,7 +89,7 @@ pub async fn disable(
     Path(name): Path<String>,
 ) -> Result<Json<Device>, ApiError> {
     op.require_admin()?;
-    Ok(Json(state.store.set_device_enabled(&name, false, &op.actor(), crate::now_ms()).await?))
+    Ok(Json(state.devices.set_enabled(&name, false, &op.actor(), crate::now_ms()).await?))
 }
 
 pub async fn enable(
@@ -99,7 +98,7 @@ pub async fn enable(
     Path(name): Path<String>,
 ) -> Result<Json<Device>, ApiError> {
     op.require_admin()?;
-    Ok(Json(state.store.set_device_enabled(&name, true, &op.actor(), crate::now_ms()).await?))
+    Ok(Json(state.devices.set_enabled(&name, true, &op.actor(), crate::now_ms()).await?))
 }
 
 pub async fn rotate_key(
@@ -109,7 +108,7 @@ pub async fn rotate_key(
 ) -> Result<Json<Value>, ApiError> {
     op.require_admin()?;
     let key = crate::random_hex(16);
-    let device = state.store.rotate_device_key(&name, &key, &op.actor(), crate::now_ms()).await?;
+    let device = state.devices.rotate_key(&name, &key, &op.actor(), crate::now_ms()).await?;
     let provisioning = provisioning(&state, &device, &key);
     Ok(Json(json!({ "device": device, "provisioning": provisioning })))
 }
@@ -120,6 +119,6 @@ pub async fn remove(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     op.require_admin()?;
-    state.store.delete_device(&name, &op.actor(), crate::now_ms()).await?;
+    state.devices.delete(&name, &op.actor(), crate::now_ms()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

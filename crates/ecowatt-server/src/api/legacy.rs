@@ -57,7 +57,7 @@ fn device_id(body: &Value) -> Result<String, ApiError> {
 /// The device behind `device_id`, refused when disabled.
 async fn enabled_device(state: &AppState, body: &Value) -> Result<String, ApiError> {
     let name = device_id(body)?;
-    if !state.store.device(&name).await?.enabled {
+    if !state.devices.get(&name).await?.enabled {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "device_disabled",
@@ -108,7 +108,7 @@ async fn changes(
     let device = enabled_device(&state, &body).await?;
     let now = crate::now_ms();
     let (changed, config) = state.store.legacy_config_poll(&device, CONFIG_REPEAT, now).await?;
-    state.store.touch_device(&device, now).await?;
+    state.devices.touch(&device, now).await?;
     Ok(Json(json!({
         "Changed": changed,
         "pollFreqChanged": changed,
@@ -162,7 +162,7 @@ async fn command_queue(
         "type": body.get("command_type").cloned().unwrap_or(Value::Null),
         "parameters": body.get("parameters").cloned().unwrap_or_else(|| json!({})),
     });
-    let command = super::commands::queue_for(state.store.as_ref(), &device, request, ACTOR).await?;
+    let command = super::commands::queue_for(&state, &device, request, ACTOR).await?;
     state.metrics.inc("ecowatt_commands_queued_total", "");
     Ok(Json(json!({"command_id": legacy_id(command.id)})))
 }
@@ -173,7 +173,7 @@ async fn command_poll(
 ) -> Result<Json<Value>, ApiError> {
     let device = enabled_device(&state, &body).await?;
     let now = crate::now_ms();
-    state.store.touch_device(&device, now).await?;
+    state.devices.touch(&device, now).await?;
     let delivered = state.store.deliver_commands(&device, REDELIVER_MS, 1, now).await?;
     Ok(Json(json!({
         "command": delivered.first().map(|c| json!({
@@ -203,7 +203,7 @@ async fn command_result(
         other => other.to_string(),
     });
     let command = state.store.command(id).await?;
-    if !state.store.device(&command.device).await?.enabled {
+    if !state.devices.get(&command.device).await?.enabled {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "device_disabled",
@@ -238,7 +238,7 @@ async fn listing(
     open_only: bool,
 ) -> Result<Vec<Value>, ApiError> {
     if let Some(d) = &device {
-        state.store.device(d).await?;
+        state.devices.get(d).await?;
     }
     let filter = CommandFilter { device, limit: 10_000, ..CommandFilter::default() };
     let commands = state.store.commands(&filter).await?;

@@ -39,6 +39,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Operators' tokens and the audit log.
     pub operators: crate::operators::Operators,
+    /// Devices and their keys.
+    pub devices: crate::devices::Devices,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// Settings in force.

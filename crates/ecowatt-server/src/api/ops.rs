@@ -22,7 +22,7 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let devices = state.store.list_devices().await.map(|d| d.len() as f64).unwrap_or(f64::NAN);
+    let devices = state.devices.list().await.map(|d| d.len() as f64).unwrap_or(f64::NAN);
     let edge = &state.edge;
     let mut body = state.metrics.render(&[
         ("ecowatt_devices", "Registered devices.", devices),

@@ -110,7 +110,7 @@ pub async fn query(
     Path(name): Path<String>,
     Query(q): Query<RangeQuery>,
 ) -> Result<Response, ApiError> {
-    state.store.device(&name).await?;
+    state.devices.get(&name).await?;
     let now = crate::now_ms();
     let to = time_param("to_ms", q.to_ms)?.unwrap_or(now);
     let from = time_param("from_ms", q.from_ms)?.unwrap_or((to - 86_400_000).max(0));
@@ -213,7 +213,7 @@ pub async fn latest(
     _op: Operator,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let device = state.store.device(&name).await?;
+    let device = state.devices.get(&name).await?;
     let online = device.last_seen_ms.is_some_and(|t| crate::now_ms() - t <= ONLINE_WITHIN_MS);
     let Some(batch) = state.store.telemetry_latest(&name).await? else {
         return Ok(Json(
@@ -247,7 +247,7 @@ pub async fn completeness(
     Path(name): Path<String>,
     Query(q): Query<CompletenessQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    state.store.device(&name).await?;
+    state.devices.get(&name).await?;
     let from = time_param("from_ms", q.from_ms)?.unwrap_or(0);
     let to = time_param("to_ms", q.to_ms)?.unwrap_or(MAX_TIME_MS);
     let batches = state.store.telemetry(&name, from, to).await?;

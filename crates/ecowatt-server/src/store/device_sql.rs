@@ -1,48 +1,14 @@
 //! The device protocol's transactions on [`SqlStore`]: the replay window is
 //! checked and advanced in the same transaction that applies the message.
 
-use ecowatt_proto::replay::ReplayWindow;
 use serde_json::json;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::rollout_sql::WAITING;
-use super::sql::{Dialect, SqlStore, Tx};
+use super::sql::{SqlStore, Tx};
 use super::*;
-
-/// Which of the device's keys (as its row stands) has `key_version`.
-pub(super) fn slot_of(key_version: i64, current: i64, previous: Option<i64>) -> Option<KeySlot> {
-    if key_version == current {
-        Some(KeySlot::Current)
-    } else if previous == Some(key_version) {
-        Some(KeySlot::Previous)
-    } else {
-        None
-    }
-}
-
-/// The columns of a device row that hold `slot`'s replay window.
-fn window_columns(slot: KeySlot) -> (&'static str, &'static str) {
-    match slot {
-        KeySlot::Current => ("replay_high", "replay_bitmap"),
-        KeySlot::Previous => ("prev_replay_high", "prev_replay_bitmap"),
-    }
-}
-
-/// The replay window of `slot` as stored in a device row (read through
-/// `Any` or, by the PostgreSQL ingest task, through the typed driver).
-pub(super) fn window<R: Row>(row: &R, slot: KeySlot) -> StoreResult<ReplayWindow>
-where
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> &'r str: sqlx::ColumnIndex<R>,
-{
-    let (h, b) = window_columns(slot);
-    // Stored as BIGINT: counters stay below 2^63, the bitmap is reinterpreted.
-    Ok(ReplayWindow {
-        highest: row.try_get::<i64, _>(h)? as u64,
-        bitmap: row.try_get::<i64, _>(b)? as u64,
-    })
-}
+use crate::devices::keys::{slot_of, window, window_columns};
 
 const REJECT_FIELDS: [&str; 3] = ["poll_interval_ms", "upload_interval_ms", "registers"];
 
@@ -128,71 +94,6 @@ impl SqlStore {
         let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
         let (update, wake) = self.offer_in(tx, device_id, now).await?;
         Ok(SyncDelivery { device: name, down_counter, config, commands, update, wake })
-    }
-
-    pub(super) async fn device_crypto_impl(
-        &self,
-        device_id: i64,
-        key_version: u8,
-        may_read: bool,
-    ) -> StoreResult<KeyLookup> {
-        let holds = |c: &DeviceCrypto| {
-            c.key_version as u8 == key_version
-                || c.previous.as_ref().is_some_and(|(_, v)| *v as u8 == key_version)
-        };
-        let cached = self.keys().get(device_id);
-        match &cached {
-            Some(c) if holds(c) => return Ok(KeyLookup::Found(c.clone())),
-            // Not a device: answered from memory when the copy is complete.
-            None if self.keys().is_complete() => return Ok(KeyLookup::Unknown),
-            // A version the copy lacks (a rotation elsewhere) or a copy that
-            // may lack the device: read again, unless told not to.
-            _ if !may_read => return Ok(KeyLookup::NotLookedUp),
-            _ => {}
-        }
-        Ok(match self.read_keys(device_id).await? {
-            Some(c) => KeyLookup::Found(c),
-            None => KeyLookup::Unknown,
-        })
-    }
-
-    const KEY_COLUMNS: &str =
-        "id, name, key_version, device_key, previous_key, previous_key_version";
-
-    fn crypto_from(row: &AnyRow) -> StoreResult<DeviceCrypto> {
-        let previous_key: Option<String> = row.try_get("previous_key")?;
-        let previous_version: Option<i64> = row.try_get("previous_key_version")?;
-        Ok(DeviceCrypto {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            key_version: row.try_get("key_version")?,
-            key_hex: row.try_get("device_key")?,
-            previous: previous_key.zip(previous_version),
-        })
-    }
-
-    /// Reads one device's keys into memory (or forgets it, if it is gone).
-    pub(super) async fn read_keys(&self, device_id: i64) -> StoreResult<Option<DeviceCrypto>> {
-        let row = sqlx::query(&format!("SELECT {} FROM devices WHERE id = $1", Self::KEY_COLUMNS))
-            .bind(device_id)
-            .fetch_optional(self.db().reader())
-            .await?;
-        let Some(row) = row else {
-            self.keys().forget(device_id);
-            return Ok(None);
-        };
-        let crypto = Self::crypto_from(&row)?;
-        self.keys().put(crypto.clone());
-        Ok(Some(crypto))
-    }
-
-    pub(super) async fn reload_keys_impl(&self, listening: bool) -> StoreResult<()> {
-        let rows = sqlx::query(&format!("SELECT {} FROM devices", Self::KEY_COLUMNS))
-            .fetch_all(self.db().reader())
-            .await?;
-        let all = rows.iter().map(Self::crypto_from).collect::<StoreResult<Vec<_>>>()?;
-        self.keys().load(all, listening || self.db().dialect() == Dialect::Sqlite);
-        Ok(())
     }
 
     pub(super) async fn device_sync_impl(
@@ -415,7 +316,7 @@ impl SqlStore {
         answer: Result<T, SyncRefusal>,
     ) -> Result<T, SyncRefusal> {
         if matches!(answer, Err(SyncRefusal::StaleKey))
-            && let Err(e) = self.read_keys(device_id).await
+            && let Err(e) = self.keys().read(self.db(), device_id).await
         {
             tracing::warn!(device_id, error = %e, "cannot read a device's keys again");
         }

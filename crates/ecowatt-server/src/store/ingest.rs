@@ -25,8 +25,8 @@ use ecowatt_proto::replay::ReplayWindow;
 use sqlx::{AnyPool, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::device_sql::{slot_of, window};
-use super::{Accepted, KeySlot, StoreError, StoreResult, StoredBatch, SyncRefusal};
+use super::{Accepted, StoreError, StoreResult, StoredBatch, SyncRefusal};
+use crate::devices::keys::{KeySlot, slot_of, window};
 
 /// Most uploads written in one transaction.
 pub const GROUP_MAX: usize = 256;

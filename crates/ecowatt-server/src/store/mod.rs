@@ -6,7 +6,6 @@
 
 pub mod device_sql;
 mod ingest;
-pub mod keys;
 pub mod rollout_sql;
 pub mod sql;
 
@@ -18,29 +17,9 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub use crate::devices::{Device, DeviceCrypto, KeyLookup, KeySlot};
 use crate::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig, Invalid};
 pub use sql::SqlStore;
-
-/// A registered device (its key is never part of this).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Device {
-    /// Numeric id, never reused.
-    pub id: i64,
-    /// Unique name (the seed's `device_id`).
-    pub name: String,
-    /// Rated AC power of its inverter, W.
-    pub rated_power_w: i64,
-    /// Disabled devices are refused by the device-facing APIs.
-    pub enabled: bool,
-    /// Incremented on each key rotation.
-    pub key_version: i64,
-    /// When it was added.
-    pub created_ms: i64,
-    /// When it last talked to the server.
-    pub last_seen_ms: Option<i64>,
-    /// The firmware version it last reported.
-    pub firmware: Option<String>,
-}
 
 /// A device's config shadow: what it should run and what it reports running.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -171,47 +150,6 @@ pub struct CommandStats {
     pub average_completion_ms: Option<f64>,
     /// Mean time from queued to first delivery, ms.
     pub average_delivery_ms: Option<f64>,
-}
-
-/// Which of a device's keys sealed a message: found in the transaction that
-/// admits it, from the key version the door opened it with and the device's
-/// row as it is then (a rotation since the door looked moves that key to
-/// the previous slot, or out).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeySlot {
-    /// The key from the latest rotation.
-    Current,
-    /// The key before it, still accepted so that nothing in flight is lost.
-    Previous,
-}
-
-/// What the server needs to open a device's envelopes. Kept in memory by the
-/// store (a device's keys change only when an operator rotates them), so
-/// that a request costs no read before its transaction; that transaction
-/// checks the key version against the device's row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceCrypto {
-    /// The device's id.
-    pub id: i64,
-    /// Its name.
-    pub name: String,
-    /// The version of its current key.
-    pub key_version: i64,
-    /// Its key, hex.
-    pub key_hex: String,
-    /// The key before the latest rotation, hex, and its version.
-    pub previous: Option<(String, i64)>,
-}
-
-/// What the door learns of a device id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyLookup {
-    /// Its keys.
-    Found(DeviceCrypto),
-    /// No such device.
-    Unknown,
-    /// Not in memory, and the caller asked not to read the database.
-    NotLookedUp,
 }
 
 /// An upload (or quiet sync) accepted by the ingest task.
@@ -478,43 +416,6 @@ pub trait Store: Send + Sync {
     /// the database file).
     async fn close(&self);
 
-    // --- devices
-    /// Registers a device with its key; its desired config starts at version 1.
-    async fn create_device(
-        &self,
-        name: &str,
-        rated_w: i64,
-        key_hex: &str,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Device>;
-    /// Every device, by name.
-    async fn list_devices(&self) -> StoreResult<Vec<Device>>;
-    /// One device.
-    async fn device(&self, name: &str) -> StoreResult<Device>;
-    /// A device's key (hex) and key version.
-    async fn device_key(&self, name: &str) -> StoreResult<(Device, String)>;
-    /// Enables or disables a device.
-    async fn set_device_enabled(
-        &self,
-        name: &str,
-        enabled: bool,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Device>;
-    /// Replaces a device's key.
-    async fn rotate_device_key(
-        &self,
-        name: &str,
-        key_hex: &str,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Device>;
-    /// Removes a device with its config and commands (the audit log keeps its history).
-    async fn delete_device(&self, name: &str, actor: &str, now: i64) -> StoreResult<()>;
-    /// Records that a device talked to the server.
-    async fn touch_device(&self, name: &str, now: i64) -> StoreResult<()>;
-
     // --- config shadow
     /// A device's config shadow.
     async fn config(&self, device: &str) -> StoreResult<ConfigShadow>;
@@ -596,23 +497,6 @@ pub trait Store: Send + Sync {
     async fn command_stats(&self, device: Option<&str>) -> StoreResult<CommandStats>;
 
     // --- device protocol
-    /// The keys of the device with this numeric id, from memory; read from
-    /// the database (if `may_read`) when the copy there does not hold
-    /// `key_version` (the low byte an envelope carries) or is not complete
-    /// (`keys.rs`).
-    async fn device_crypto(
-        &self,
-        device_id: i64,
-        key_version: u8,
-        may_read: bool,
-    ) -> StoreResult<KeyLookup>;
-    /// Reads every device's keys into memory; `listening` says whether this
-    /// process hears other servers' key changes (always true on SQLite).
-    async fn reload_keys(&self, listening: bool) -> StoreResult<()>;
-    /// Another server changed this device's keys: read them again.
-    async fn refresh_keys(&self, device_id: i64) -> StoreResult<()>;
-    /// This process stopped hearing other servers' key changes.
-    fn keys_unheard(&self);
     /// In one transaction: checks and advances the replay window of the key
     /// that sealed the message, applies what it reports, and (if `deliver`)
     /// hands out the config and commands the device is to get.

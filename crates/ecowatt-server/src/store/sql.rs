@@ -22,8 +22,8 @@ pub struct SqlStore {
     /// writes of the shared pool (under a backlog it did, groups shrank to a
     /// few uploads each and the server fell further behind).
     ingest_pool: super::ingest::Target,
-    /// Devices' keys (`keys.rs`), shared by the clones.
-    keys: std::sync::Arc<super::keys::KeyCache>,
+    /// The devices, with their keys in memory.
+    devices: crate::devices::Devices,
 }
 
 pub(super) type Tx = crate::db::WriteTx;
@@ -60,19 +60,6 @@ pub(super) fn firmware_from(row: &AnyRow) -> StoreResult<Firmware> {
         manifest: json_col(row, "manifest")?,
         uploaded_ms: row.try_get("uploaded_ms")?,
         uploaded_by: row.try_get("uploaded_by")?,
-    })
-}
-
-pub(super) fn device_from(row: &AnyRow) -> StoreResult<Device> {
-    Ok(Device {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        rated_power_w: row.try_get("rated_w")?,
-        enabled: row.try_get::<i64, _>("enabled")? != 0,
-        key_version: row.try_get("key_version")?,
-        created_ms: row.try_get("created_ms")?,
-        last_seen_ms: row.try_get("last_seen_ms")?,
-        firmware: row.try_get("firmware")?,
     })
 }
 
@@ -144,9 +131,8 @@ impl SqlStore {
             ),
         };
         let ingest = super::ingest::start(ingest_pool.clone());
-        let store = SqlStore { db, ingest, ingest_pool, keys: Default::default() };
-        store.reload_keys_impl(false).await?;
-        Ok(store)
+        let devices = crate::devices::Devices::open(db.clone()).await?;
+        Ok(SqlStore { db, ingest, ingest_pool, devices })
     }
 
     /// Opens the store with news that reaches nobody (tools, tests).
@@ -197,28 +183,18 @@ impl SqlStore {
     }
 
     /// Devices' keys kept in memory.
-    pub(super) fn keys(&self) -> &super::keys::KeyCache {
-        &self.keys
+    pub(super) fn keys(&self) -> &crate::devices::keys::KeyCache {
+        self.devices.keys()
+    }
+
+    /// The devices.
+    pub fn devices(&self) -> crate::devices::Devices {
+        self.devices.clone()
     }
 
     /// The group-commit ingest queue.
     pub(super) fn ingest(&self) -> &tokio::sync::mpsc::Sender<super::ingest::Job> {
         &self.ingest
-    }
-
-    /// On PostgreSQL, tells every server process (at commit) that a device's
-    /// keys changed (`keys.rs`).
-    async fn keys_changed_in(tx: &mut Tx, device_id: i64) -> StoreResult<()> {
-        tx.notify(super::keys::CHANNEL, &device_id.to_string()).await
-    }
-
-    async fn device_in(&self, tx: &mut Tx, name: &str) -> StoreResult<Device> {
-        let sql = format!("SELECT * FROM devices WHERE name = $1{}", self.db.for_update());
-        let row = sqlx::query(&sql).bind(name).fetch_optional(&mut **tx).await?;
-        row.as_ref()
-            .map(device_from)
-            .transpose()?
-            .ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))
     }
 
     async fn command_in(tx: &mut Tx, id: i64) -> StoreResult<Command> {
@@ -359,181 +335,6 @@ impl Store for SqlStore {
         SqlStore::close(self).await
     }
 
-    async fn create_device(
-        &self,
-        name: &str,
-        rated_w: i64,
-        key_hex: &str,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Device> {
-        crate::domain::check_device_name(name)?;
-        crate::domain::check_rated_w(rated_w)?;
-        let mut tx = self.db.write().await?;
-        let exists = sqlx::query("SELECT id FROM devices WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_some() {
-            return Err(StoreError::Conflict(format!("a device named {name:?} already exists")));
-        }
-        let row = sqlx::query(
-            "INSERT INTO devices (name, device_key, key_version, rated_w, enabled, created_ms) \
-             VALUES ($1, $2, 1, $3, 1, $4) RETURNING *",
-        )
-        .bind(name)
-        .bind(key_hex)
-        .bind(rated_w)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let device = device_from(&row)?;
-        let config = serde_json::to_string(&DeviceConfig::default()).expect("config serialises");
-        sqlx::query("INSERT INTO device_configs (device_id, desired_version, desired, desired_ms) VALUES ($1, 1, $2, $3)")
-            .bind(device.id)
-            .bind(&config)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO config_history (device_id, version, config, actor, at_ms) VALUES ($1, 1, $2, $3, $4)")
-            .bind(device.id)
-            .bind(&config)
-            .bind(actor)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        crate::operators::audit::record(
-            &mut tx,
-            now,
-            actor,
-            "device.add",
-            name,
-            json!({"rated_power_w": rated_w}),
-        )
-        .await?;
-        Self::keys_changed_in(&mut tx, device.id).await?;
-        tx.commit().await?;
-        self.read_keys(device.id).await?;
-        Ok(device)
-    }
-
-    async fn list_devices(&self) -> StoreResult<Vec<Device>> {
-        let rows =
-            sqlx::query("SELECT * FROM devices ORDER BY name").fetch_all(self.db.reader()).await?;
-        rows.iter().map(device_from).collect()
-    }
-
-    async fn device(&self, name: &str) -> StoreResult<Device> {
-        let row = sqlx::query("SELECT * FROM devices WHERE name = $1")
-            .bind(name)
-            .fetch_optional(self.db.reader())
-            .await?;
-        row.as_ref()
-            .map(device_from)
-            .transpose()?
-            .ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))
-    }
-
-    async fn device_key(&self, name: &str) -> StoreResult<(Device, String)> {
-        let row = sqlx::query("SELECT * FROM devices WHERE name = $1")
-            .bind(name)
-            .fetch_optional(self.db.reader())
-            .await?;
-        let row = row.ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))?;
-        Ok((device_from(&row)?, row.try_get("device_key")?))
-    }
-
-    async fn set_device_enabled(
-        &self,
-        name: &str,
-        enabled: bool,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Device> {
-        let mut tx = self.db.write().await?;
-        let device = self.device_in(&mut tx, name).await?;
-        sqlx::query("UPDATE devices SET enabled = $1 WHERE id = $2")
-            .bind(i64::from(enabled))
-            .bind(device.id)
-            .execute(&mut *tx)
-            .await?;
-        let action = if enabled { "device.enable" } else { "device.disable" };
-        crate::operators::audit::record(&mut tx, now, actor, action, name, json!({})).await?;
-        tx.commit().await?;
-        Ok(Device { enabled, ..device })
-    }
-
-    async fn rotate_device_key(
-        &self,
-        name: &str,
-        key_hex: &str,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Device> {
-        let mut tx = self.db.write().await?;
-        let device = self.device_in(&mut tx, name).await?;
-        // The old key stays valid (with its own replay window) until the next
-        // rotation, so that nothing the device sealed before it is lost.
-        sqlx::query(
-            "UPDATE devices SET previous_key = device_key, previous_key_version = key_version, \
-             prev_replay_high = replay_high, prev_replay_bitmap = replay_bitmap, \
-             replay_high = 0, replay_bitmap = 0, device_key = $1, key_version = key_version + 1 \
-             WHERE id = $2",
-        )
-        .bind(key_hex)
-        .bind(device.id)
-        .execute(&mut *tx)
-        .await?;
-        let key_version = device.key_version + 1;
-        crate::operators::audit::record(
-            &mut tx,
-            now,
-            actor,
-            "device.rotate_key",
-            name,
-            json!({"key_version": key_version}),
-        )
-        .await?;
-        Self::keys_changed_in(&mut tx, device.id).await?;
-        tx.commit().await?;
-        self.read_keys(device.id).await?;
-        Ok(Device { key_version, ..device })
-    }
-
-    async fn delete_device(&self, name: &str, actor: &str, now: i64) -> StoreResult<()> {
-        let mut tx = self.db.write().await?;
-        let device = self.device_in(&mut tx, name).await?;
-        for table in ["commands", "config_history", "device_configs", "telemetry_batches"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE device_id = $1"))
-                .bind(device.id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query("DELETE FROM devices WHERE id = $1").bind(device.id).execute(&mut *tx).await?;
-        crate::operators::audit::record(
-            &mut tx,
-            now,
-            actor,
-            "device.remove",
-            name,
-            json!({"id": device.id}),
-        )
-        .await?;
-        Self::keys_changed_in(&mut tx, device.id).await?;
-        tx.commit().await?;
-        self.keys.forget(device.id);
-        Ok(())
-    }
-
-    async fn touch_device(&self, name: &str, now: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE devices SET last_seen_ms = $1 WHERE name = $2")
-            .bind(now)
-            .bind(name)
-            .execute(self.db.writer())
-            .await?;
-        Ok(())
-    }
-
     async fn config(&self, device: &str) -> StoreResult<ConfigShadow> {
         let row = sqlx::query("SELECT d.name, c.* FROM device_configs c JOIN devices d ON d.id = c.device_id WHERE d.name = $1")
             .bind(device)
@@ -553,7 +354,7 @@ impl Store for SqlStore {
         now: i64,
     ) -> StoreResult<ConfigShadow> {
         let mut tx = self.db.write().await?;
-        let d = self.device_in(&mut tx, device).await?;
+        let d = crate::devices::named_in(&self.db, &mut tx, device, true).await?;
         let current = Self::shadow_in(&mut tx, d.id).await?;
         let next = current.desired.patched(patch)?;
         let version = current.desired_version + 1;
@@ -589,7 +390,7 @@ impl Store for SqlStore {
     }
 
     async fn config_history(&self, device: &str, limit: i64) -> StoreResult<Vec<ConfigVersion>> {
-        let d = self.device(device).await?;
+        let d = self.devices.get(device).await?;
         let rows = sqlx::query(
             "SELECT * FROM config_history WHERE device_id = $1 ORDER BY version DESC LIMIT $2",
         )
@@ -618,7 +419,7 @@ impl Store for SqlStore {
         now: i64,
     ) -> StoreResult<ConfigShadow> {
         let mut tx = self.db.write().await?;
-        let d = self.device_in(&mut tx, device).await?;
+        let d = crate::devices::named_in(&self.db, &mut tx, device, true).await?;
         let current = Self::shadow_in(&mut tx, d.id).await?;
         if version > current.desired_version || version < 1 {
             return Err(StoreError::Conflict(format!(
@@ -648,7 +449,7 @@ impl Store for SqlStore {
         now: i64,
     ) -> StoreResult<(bool, DeviceConfig)> {
         let mut tx = self.db.write().await?;
-        let d = self.device_in(&mut tx, device).await?;
+        let d = crate::devices::named_in(&self.db, &mut tx, device, true).await?;
         let row = sqlx::query("SELECT * FROM device_configs WHERE device_id = $1")
             .bind(d.id)
             .fetch_one(&mut *tx)
@@ -695,7 +496,7 @@ impl Store for SqlStore {
         now: i64,
     ) -> StoreResult<Command> {
         let mut tx = self.db.write().await?;
-        let d = self.device_in(&mut tx, device).await?;
+        let d = crate::devices::named_in(&self.db, &mut tx, device, true).await?;
         let row = sqlx::query(
             "INSERT INTO commands (device_id, kind, parameters, action, status, created_ms, created_by, expires_ms) \
              VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7) RETURNING id",
@@ -905,27 +706,6 @@ impl Store for SqlStore {
             stats.by_status.entry(status.as_str().to_owned()).or_default();
         }
         Ok(stats)
-    }
-
-    async fn device_crypto(
-        &self,
-        device_id: i64,
-        key_version: u8,
-        may_read: bool,
-    ) -> StoreResult<KeyLookup> {
-        self.device_crypto_impl(device_id, key_version, may_read).await
-    }
-
-    async fn reload_keys(&self, listening: bool) -> StoreResult<()> {
-        self.reload_keys_impl(listening).await
-    }
-
-    async fn refresh_keys(&self, device_id: i64) -> StoreResult<()> {
-        self.read_keys(device_id).await.map(|_| ())
-    }
-
-    fn keys_unheard(&self) {
-        self.keys().set_incomplete();
     }
 
     async fn device_sync(

@@ -17,11 +17,14 @@ const T0: i64 = 1_800_000_000_000;
 async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
     for db in TempDb::each().await {
         let b = db.backend();
-        let one: Arc<dyn Store> = Arc::new(SqlStore::open(&db.url).await.unwrap());
-        let two: Arc<dyn Store> = Arc::new(SqlStore::open(&db.url).await.unwrap());
+        let (first, second) =
+            (SqlStore::open(&db.url).await.unwrap(), SqlStore::open(&db.url).await.unwrap());
+        let devices = first.devices();
+        let one: Arc<dyn Store> = Arc::new(first);
+        let two: Arc<dyn Store> = Arc::new(second);
         let servers = [one.clone(), two.clone()];
         for d in 0..DEVICES {
-            one.create_device(&format!("dev-{d}"), 10_000, "00", "t", T0).await.unwrap();
+            devices.create(&format!("dev-{d}"), 10_000, "00", "t", T0).await.unwrap();
         }
 
         // Operators queue through both servers at once.

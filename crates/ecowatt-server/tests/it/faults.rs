@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use ecowatt_server::store::{SqlStore, Store};
+use ecowatt_server::store::SqlStore;
 use ecowatt_server::testing::{TempDb, TestServer};
 use serde_json::json;
 
@@ -14,13 +14,13 @@ use crate::api::Client;
 async fn a_write_connection_left_in_a_failed_transaction_is_replaced() {
     let db = TempDb::sqlite();
     let store = SqlStore::open(&db.url).await.unwrap();
-    store.create_device("a", 10_000, "00", "t", 0).await.unwrap();
+    store.devices().create("a", 10_000, "00", "t", 0).await.unwrap();
     store.wedge_writer_like_a_full_disk().await.unwrap();
     // Before: "attempted to call begin_with at non-zero transaction depth" on
     // every write until a restart.
-    store.create_device("b", 10_000, "00", "t", 0).await.expect("writes work again");
+    store.devices().create("b", 10_000, "00", "t", 0).await.expect("writes work again");
     store.writable().await.expect("and the store says so");
-    assert_eq!(store.list_devices().await.unwrap().len(), 2);
+    assert_eq!(store.devices().list().await.unwrap().len(), 2);
     store.close().await;
 }
 
@@ -147,7 +147,7 @@ async fn a_database_gone_or_empty_under_a_used_data_directory_is_refused_not_sta
         std::fs::write(&wal, w).unwrap();
     }
     let server = TestServer::start(&db, false).await;
-    assert_eq!(server.state.store.device("kept").await.unwrap().name, "kept");
+    assert_eq!(server.state.devices.get("kept").await.unwrap().name, "kept");
     server.stop().await;
 }
 

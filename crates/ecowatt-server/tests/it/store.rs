@@ -44,7 +44,7 @@ fn set_pct(p: i64) -> (CommandRequest, Action) {
 #[tokio::test]
 async fn devices_lifecycle() {
     each(async |s, b| {
-        let d = s.create_device("inv-1", 8_000, KEY, "alice#1", T0).await.unwrap();
+        let d = s.devices().create("inv-1", 8_000, KEY, "alice#1", T0).await.unwrap();
         assert_eq!(
             (d.name.as_str(), d.rated_power_w, d.enabled, d.key_version),
             ("inv-1", 8_000, true, 1),
@@ -52,43 +52,44 @@ async fn devices_lifecycle() {
         );
         assert!(
             matches!(
-                s.create_device("inv-1", 8_000, KEY, "a", T0).await,
+                s.devices().create("inv-1", 8_000, KEY, "a", T0).await,
                 Err(StoreError::Conflict(_))
             ),
             "{b}"
         );
         assert!(
             matches!(
-                s.create_device("bad name!", 8_000, KEY, "a", T0).await,
+                s.devices().create("bad name!", 8_000, KEY, "a", T0).await,
                 Err(StoreError::Invalid(_))
             ),
             "{b}"
         );
         assert!(
-            matches!(s.create_device("x", 10, KEY, "a", T0).await, Err(StoreError::Invalid(_))),
+            matches!(s.devices().create("x", 10, KEY, "a", T0).await, Err(StoreError::Invalid(_))),
             "{b}"
         );
-        s.create_device("inv-0", 10_000, KEY, "alice#1", T0).await.unwrap();
+        s.devices().create("inv-0", 10_000, KEY, "alice#1", T0).await.unwrap();
         let names: Vec<String> =
-            s.list_devices().await.unwrap().into_iter().map(|d| d.name).collect();
+            s.devices().list().await.unwrap().into_iter().map(|d| d.name).collect();
         assert_eq!(names, ["inv-0", "inv-1"], "{b}");
 
-        assert!(!s.set_device_enabled("inv-1", false, "a", T0).await.unwrap().enabled);
-        assert!(!s.device("inv-1").await.unwrap().enabled, "{b}");
+        assert!(!s.devices().set_enabled("inv-1", false, "a", T0).await.unwrap().enabled);
+        assert!(!s.devices().get("inv-1").await.unwrap().enabled, "{b}");
         let rotated = s
-            .rotate_device_key("inv-1", "ffeeddccbbaa99887766554433221100", "a", T0)
+            .devices()
+            .rotate_key("inv-1", "ffeeddccbbaa99887766554433221100", "a", T0)
             .await
             .unwrap();
         assert_eq!(rotated.key_version, 2, "{b}");
-        let (_, key) = s.device_key("inv-1").await.unwrap();
+        let (_, key) = s.devices().with_key("inv-1").await.unwrap();
         assert_eq!(key, "ffeeddccbbaa99887766554433221100", "{b}");
-        s.touch_device("inv-1", T0 + 5).await.unwrap();
-        assert_eq!(s.device("inv-1").await.unwrap().last_seen_ms, Some(T0 + 5), "{b}");
+        s.devices().touch("inv-1", T0 + 5).await.unwrap();
+        assert_eq!(s.devices().get("inv-1").await.unwrap().last_seen_ms, Some(T0 + 5), "{b}");
 
-        s.delete_device("inv-1", "a", T0).await.unwrap();
-        assert!(matches!(s.device("inv-1").await, Err(StoreError::NotFound(_))), "{b}");
+        s.devices().delete("inv-1", "a", T0).await.unwrap();
+        assert!(matches!(s.devices().get("inv-1").await, Err(StoreError::NotFound(_))), "{b}");
         assert!(
-            matches!(s.delete_device("inv-1", "a", T0).await, Err(StoreError::NotFound(_))),
+            matches!(s.devices().delete("inv-1", "a", T0).await, Err(StoreError::NotFound(_))),
             "{b}"
         );
         let actions: Vec<String> =
@@ -138,7 +139,7 @@ async fn tokens_and_audit_paging() {
 #[tokio::test]
 async fn config_shadow_versions_validation_and_reports() {
     each(async |s, b| {
-        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
+        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
         let c = s.config("d").await.unwrap();
         assert_eq!(
             (c.desired_version, c.desired.clone(), c.reported_version),
@@ -185,7 +186,7 @@ async fn config_shadow_versions_validation_and_reports() {
 #[tokio::test]
 async fn legacy_config_poll_repeats_a_change_then_counts_it_applied() {
     each(async |s, b| {
-        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
+        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
         s.update_config(
             "d",
             &ConfigPatch { poll_interval_ms: Some(10_000), ..Default::default() },
@@ -210,8 +211,8 @@ async fn legacy_config_poll_repeats_a_change_then_counts_it_applied() {
 #[tokio::test]
 async fn command_lifecycle() {
     each(async |s, b| {
-        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
-        s.create_device("other", 10_000, KEY, "a", T0).await.unwrap();
+        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
+        s.devices().create("other", 10_000, KEY, "a", T0).await.unwrap();
         let (r, a) = set_pct(30);
         let c = s.queue_command("d", &r, a, 60_000, "op#1", T0).await.unwrap();
         assert_eq!(
@@ -244,7 +245,7 @@ async fn command_lifecycle() {
             "{b}"
         );
         // Each upload's answer says whether writes await confirmation.
-        let d = s.device("d").await.unwrap();
+        let d = s.devices().get("d").await.unwrap();
         let sent = std::sync::atomic::AtomicU64::new(0);
         let unconfirmed = async || {
             let c = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -303,8 +304,8 @@ async fn command_lifecycle() {
 #[tokio::test]
 async fn filters_paging_and_statistics() {
     each(async |s, b| {
-        s.create_device("a", 10_000, KEY, "x", T0).await.unwrap();
-        s.create_device("z", 10_000, KEY, "x", T0).await.unwrap();
+        s.devices().create("a", 10_000, KEY, "x", T0).await.unwrap();
+        s.devices().create("z", 10_000, KEY, "x", T0).await.unwrap();
         let (r, a) = set_pct(50);
         let read = CommandRequest::ReadRegister { register_address: 9 };
         for i in 0..5 {
@@ -387,7 +388,7 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
     for db in TempDb::each().await {
         let b = db.backend();
         let s = SqlStore::open(&db.url).await.unwrap();
-        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
+        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
         let (r, a) = set_pct(40);
         let c1 = s.queue_command("d", &r, a, 600_000, "a", T0).await.unwrap();
         s.update_config(
@@ -404,8 +405,8 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
         assert_eq!(s.command(c1.id).await.unwrap().status, CommandStatus::Queued, "{b}");
         assert_eq!(s.config("d").await.unwrap().desired.poll_interval_ms, 7_000);
         // Remove the device (and so its commands), then queue again: a new id.
-        s.delete_device("d", "a", T0).await.unwrap();
-        s.create_device("d", 10_000, KEY, "a", T0).await.unwrap();
+        s.devices().delete("d", "a", T0).await.unwrap();
+        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
         s.close().await;
         let s = SqlStore::open(&db.url).await.unwrap();
         let c2 = s.queue_command("d", &r, a, 600_000, "a", T0).await.unwrap();
@@ -474,9 +475,9 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
         let s = Arc::new(s.clone());
         let mut ids = Vec::new();
         for i in 0..12 {
-            ids.push(s.create_device(&format!("u{i}"), 10_000, KEY, "t", T0).await.unwrap().id);
+            ids.push(s.devices().create(&format!("u{i}"), 10_000, KEY, "t", T0).await.unwrap().id);
         }
-        s.set_device_enabled("u11", false, "t", T0).await.unwrap();
+        s.devices().set_enabled("u11", false, "t", T0).await.unwrap();
         let batch = |seq: i64| StoredBatch {
             first_seq: seq,
             last_seq: seq,
@@ -534,10 +535,10 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
         let mut ids = Vec::new();
         for i in 0..6 {
             let name = format!("q{i}");
-            ids.push(s.create_device(&name, 10_000, KEY, "t", T0).await.unwrap().id);
+            ids.push(s.devices().create(&name, 10_000, KEY, "t", T0).await.unwrap().id);
             s.report_config(&name, 1, &DeviceConfig::default(), &[], T0).await.unwrap();
         }
-        s.set_device_enabled("q5", false, "t", T0).await.unwrap();
+        s.devices().set_enabled("q5", false, "t", T0).await.unwrap();
         // Every third counter is a quiet sync, the rest are uploads.
         let send = move |s: Arc<SqlStore>, id, c: u64| async move {
             if c % 3 == 0 {
@@ -565,7 +566,7 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
             assert_eq!(stored.len(), 20, "{backend}: q{i}: every upload stored once");
         }
         assert!(!downs.contains_key(&ids[5]), "{backend}: a disabled device is refused");
-        let seen_ms = s.device("q0").await.unwrap().last_seen_ms;
+        let seen_ms = s.devices().get("q0").await.unwrap().last_seen_ms;
         assert_eq!(seen_ms, Some(T0), "{backend}: a quiet sync records the device as seen");
 
         // News is never hidden by the quiet path.
@@ -607,7 +608,7 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
         let b = db.backend();
         let here = SqlStore::open(&db.url).await.unwrap();
         let other = SqlStore::open(&db.url).await.unwrap();
-        let d = here.create_device("k", 10_000, KEY, "t", T0).await.unwrap();
+        let d = here.devices().create("k", 10_000, KEY, "t", T0).await.unwrap();
         here.report_config("k", 1, &DeviceConfig::default(), &[], T0).await.unwrap();
         let up = async |store: &SqlStore, version: i64, c: u64| {
             let batch = small_batch(c);
@@ -628,7 +629,8 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
         };
 
         let keys = async |store: &SqlStore, id: i64, version: u8| match store
-            .device_crypto(id, version, true)
+            .devices()
+            .crypto(id, version, true)
             .await
             .unwrap()
         {
@@ -641,7 +643,7 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
         assert!(up(&here, 1, 5).await.is_ok(), "{b}");
 
         // Rotated by the other process: this one still holds key 1 as current.
-        other.rotate_device_key("k", KEY2, "t", T0).await.unwrap();
+        other.devices().rotate_key("k", KEY2, "t", T0).await.unwrap();
         let still = keys(&here, d.id, 1).await.unwrap();
         assert_eq!(still, kept, "{b}: the kept copy, not read again");
         assert!(
@@ -659,7 +661,7 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
 
         // Rotated again elsewhere: key 1 is no longer the device's, whatever
         // this process kept; uploads, quiet syncs and full syncs refuse it.
-        other.rotate_device_key("k", KEY3, "t", T0).await.unwrap();
+        other.devices().rotate_key("k", KEY3, "t", T0).await.unwrap();
         assert!(matches!(up(&here, 1, 7).await, Err(SyncRefusal::StaleKey)), "{b}");
         assert!(matches!(sync(1, 8, true).await, Err(SyncRefusal::StaleKey)), "{b}: quiet");
         assert!(matches!(sync(1, 9, false).await, Err(SyncRefusal::StaleKey)), "{b}: full");
@@ -668,9 +670,9 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
         assert_eq!(after.key_version, 3, "{b}: the stale copy was dropped and read again");
 
         // This process's own rotation and removal drop the copy at once.
-        here.rotate_device_key("k", KEY, "t", T0).await.unwrap();
+        here.devices().rotate_key("k", KEY, "t", T0).await.unwrap();
         assert_eq!(keys(&here, d.id, 3).await.unwrap().key_version, 4, "{b}");
-        here.delete_device("k", "t", T0).await.unwrap();
+        here.devices().delete("k", "t", T0).await.unwrap();
         assert!(keys(&here, d.id, 3).await.is_none(), "{b}");
 
         other.close().await;
