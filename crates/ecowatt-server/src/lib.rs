@@ -14,6 +14,7 @@
 //!   with graceful shutdown.
 
 pub mod api;
+pub mod commands;
 pub mod config;
 pub mod db;
 pub mod devices;

@@ -89,7 +89,7 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         write_secret(&path, &secret).map_err(io(&path))?;
         admin_token_file = Some(path);
     }
-    let devices = store.devices();
+    let (devices, configs, commands) = (store.devices(), store.configs(), store.commands());
     let state = AppState {
         store: Arc::new(store),
         metrics: Arc::new(Metrics::default()),
@@ -98,6 +98,8 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         news,
         operators,
         devices,
+        configs,
+        commands,
         edge: Arc::new(ecowatt_edge::Stats::default()),
     };
     Ok(Prepared { state, admin_token_file })
@@ -177,7 +179,7 @@ async fn background(state: AppState, mut stopped: tokio::sync::watch::Receiver<b
     }
     loop {
         tokio::select! {
-            _ = expire.tick() => match state.store.expire_commands(crate::now_ms()).await {
+            _ = expire.tick() => match state.commands.expire(crate::now_ms()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(count = n, "commands expired"),
                 Err(e) => tracing::warn!(error = %e, "expiring commands failed"),

@@ -262,8 +262,9 @@ async fn commands(
     cycles: u64,
     max_time: Duration,
 ) -> anyhow::Result<()> {
-    use ecowatt_server::domain::{CommandRequest, ConfigPatch};
-    use ecowatt_server::store::{CommandOutcome, SqlStore, Store};
+    use ecowatt_server::commands::{CommandOutcome, CommandRequest};
+    use ecowatt_server::config::ConfigPatch;
+    use ecowatt_server::store::{SqlStore, Store};
     use ecowatt_server::testing::TempDb;
 
     let db = match &postgres {
@@ -302,10 +303,9 @@ async fn commands(
                         if kind == 0 {
                             let r =
                                 CommandRequest::SetPowerPercentage { percentage: (i % 101) as i64 };
-                            let a = r.action(10_000).expect("valid");
-                            let c =
-                                store.queue_command(&device, &r, a, 600_000, "bench", now).await?;
-                            let got = store.deliver_commands(&device, 600_000, 1, now).await?;
+                            let commands = store.commands();
+                            let c = commands.queue(&device, &r, 600, "bench", now).await?;
+                            let got = commands.deliver(&device, 600_000, 1, now).await?;
                             anyhow::ensure!(
                                 got.len() == 1 && got[0].id == c.id,
                                 "delivered {got:?}"
@@ -317,13 +317,13 @@ async fn commands(
                                 value: None,
                                 executed_ms: None,
                             };
-                            store.record_result(&device, c.id, &ok, now).await?;
+                            commands.record_result(&device, c.id, &ok, now).await?;
                         } else {
                             let patch = ConfigPatch {
                                 poll_interval_ms: Some(1_000 + (i % 1000) as i64),
                                 ..Default::default()
                             };
-                            store.update_config(&device, &patch, "bench", now).await?;
+                            store.configs().update(&device, &patch, "bench", now).await?;
                         }
                         lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
                     }

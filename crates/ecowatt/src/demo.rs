@@ -117,12 +117,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             let key = ecowatt_server::random_hex(16);
             let now = ecowatt_server::now_ms();
             let device = state.devices.create(&name, i64::from(args.rated_power), &key, "demo", now).await?;
-            let patch = ecowatt_server::domain::ConfigPatch {
+            let patch = ecowatt_server::config::ConfigPatch {
                 poll_interval_ms: Some(1_000),
                 upload_interval_ms: Some(10_000),
                 registers: None,
             };
-            state.store.update_config(&name, &patch, "demo", now).await?;
+            state.configs.update(&name, &patch, "demo", now).await?;
             let provisioning = Provisioning {
                 device: name.clone(),
                 device_id: device.id as u32,

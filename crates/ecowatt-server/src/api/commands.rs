@@ -12,11 +12,12 @@ use serde_json::{Value, json};
 
 use super::json::ApiJson;
 use super::{AppState, Operator};
-use crate::domain::{self, CommandRequest, CommandStatus, Invalid};
+use crate::commands::{self, Command, CommandFilter, CommandRequest, CommandStatus};
+use crate::domain::Invalid;
 use crate::error::ApiError;
-use crate::store::{Command, CommandFilter};
 
-/// Validates and queues `body` (`{"type", "parameters", "ttl_s"?}`) for `device`.
+/// Queues `body` (`{"type", "parameters", "ttl_s"?}`, the seed's shape) for
+/// `device`; the commands aggregate validates it.
 pub async fn queue_for(
     state: &AppState,
     device: &str,
@@ -24,10 +25,8 @@ pub async fn queue_for(
     actor: &str,
 ) -> Result<Command, ApiError> {
     let ttl_s = match body.as_object_mut().and_then(|o| o.remove("ttl_s")) {
-        None | Some(Value::Null) => domain::DEFAULT_TTL_S,
-        Some(v) => domain::check_ttl(
-            v.as_i64().ok_or_else(|| Invalid::new("ttl_s", "must be whole seconds"))?,
-        )?,
+        None | Some(Value::Null) => commands::DEFAULT_TTL_S,
+        Some(v) => v.as_i64().ok_or_else(|| Invalid::new("ttl_s", "must be whole seconds"))?,
     };
     let request: CommandRequest = serde_json::from_value(body).map_err(|e| {
         ApiError::invalid(Invalid::new(
@@ -35,19 +34,7 @@ pub async fn queue_for(
             format!("{e}; types: set_power_percentage, set_power, write_register, read_register"),
         ))
     })?;
-    let d = state.devices.get(device).await?;
-    if !d.enabled {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "device_disabled",
-            format!("device {device:?} is disabled"),
-        ));
-    }
-    let action = request.action(d.rated_power_w)?;
-    Ok(state
-        .store
-        .queue_command(device, &request, action, ttl_s * 1000, actor, crate::now_ms())
-        .await?)
+    Ok(state.commands.queue(device, &request, ttl_s, actor, crate::now_ms()).await?)
 }
 
 pub async fn queue(
@@ -100,7 +87,7 @@ impl ListQuery {
 }
 
 async fn page(state: &AppState, filter: CommandFilter) -> Result<Json<Value>, ApiError> {
-    let commands = state.store.commands(&filter).await?;
+    let commands = state.commands.list(&filter).await?;
     let next =
         (commands.len() as i64 == filter.limit).then(|| commands.last().map(|c| c.id)).flatten();
     Ok(Json(json!({ "commands": commands, "next_before": next })))
@@ -131,7 +118,7 @@ pub async fn show(
     _op: Operator,
     Path(id): Path<i64>,
 ) -> Result<Json<Command>, ApiError> {
-    Ok(Json(state.store.command(id).await?))
+    Ok(Json(state.commands.get(id).await?))
 }
 
 pub async fn cancel(
@@ -140,7 +127,7 @@ pub async fn cancel(
     Path(id): Path<i64>,
 ) -> Result<Json<Command>, ApiError> {
     op.require_admin()?;
-    Ok(Json(state.store.cancel_command(id, &op.actor(), crate::now_ms()).await?))
+    Ok(Json(state.commands.cancel(id, &op.actor(), crate::now_ms()).await?))
 }
 
 #[derive(Deserialize)]
@@ -156,7 +143,7 @@ pub async fn statistics(
     if let Some(d) = &q.device {
         state.devices.get(d).await?;
     }
-    let stats = state.store.command_stats(q.device.as_deref()).await?;
+    let stats = state.commands.stats(q.device.as_deref()).await?;
     Ok(Json(json!({ "device": q.device, "statistics": stats })))
 }
 
@@ -206,7 +193,7 @@ pub async fn export(
     if q.list.limit.is_none() {
         filter.limit = 100_000;
     }
-    let commands = state.store.commands(&filter).await?;
+    let commands = state.commands.list(&filter).await?;
     match q.format.as_deref().unwrap_or("jsonl") {
         "jsonl" => {
             let mut body = String::new();

@@ -9,16 +9,16 @@ use serde_json::{Value, json};
 
 use super::json::ApiJson;
 use super::{AppState, Operator};
-use crate::domain::ConfigPatch;
+use crate::config::ConfigPatch;
+use crate::config::ConfigShadow;
 use crate::error::ApiError;
-use crate::store::ConfigShadow;
 
 pub async fn show(
     State(state): State<AppState>,
     _op: Operator,
     Path(name): Path<String>,
 ) -> Result<Json<ConfigShadow>, ApiError> {
-    Ok(Json(state.store.config(&name).await?))
+    Ok(Json(state.configs.shadow(&name).await?))
 }
 
 pub async fn update(
@@ -28,7 +28,7 @@ pub async fn update(
     ApiJson(patch): ApiJson<ConfigPatch>,
 ) -> Result<Json<ConfigShadow>, ApiError> {
     op.require_admin()?;
-    let shadow = state.store.update_config(&name, &patch, &op.actor(), crate::now_ms()).await?;
+    let shadow = state.configs.update(&name, &patch, &op.actor(), crate::now_ms()).await?;
     state.metrics.inc("ecowatt_config_updates_total", "");
     Ok(Json(shadow))
 }
@@ -44,6 +44,6 @@ pub async fn history(
     Path(name): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let versions = state.store.config_history(&name, q.limit.unwrap_or(100)).await?;
+    let versions = state.configs.history(&name, q.limit.unwrap_or(100)).await?;
     Ok(Json(json!({ "device": name, "versions": versions })))
 }

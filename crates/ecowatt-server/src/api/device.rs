@@ -22,9 +22,9 @@ use ecowatt_proto::seal::{self, Direction, Header, Keys};
 use serde_json::json;
 
 use super::{AppState, Source};
-use crate::domain::{Action, DeviceConfig};
+use crate::commands::Action;
+use crate::config::{DeviceConfig, Rejection};
 use crate::error::ApiError;
-use crate::store::device_sql::rejection;
 use crate::store::{
     CommandOutcome, DeviceCrypto, KeyLookup, StoredBatch, SyncDelivery, SyncRefusal, SyncReport,
 };
@@ -378,7 +378,11 @@ async fn sync_first(
         key_version: a.key_version,
         counter: a.header.counter,
         applied: request.applied.as_ref().map(|c| (c.version as i64, device_config(c))),
-        rejected: request.rejected.iter().map(|r| rejection(r.field, r.reason)).collect(),
+        rejected: request
+            .rejected
+            .iter()
+            .map(|r| Rejection::from_protocol(r.field, r.reason))
+            .collect(),
         results: request
             .results
             .iter()
@@ -510,10 +514,8 @@ pub async fn telemetry(
     if down.unconfirmed && batch.registers & (1 << EXPORT_LIMIT) != 0 {
         let index = (batch.registers & ((1 << EXPORT_LIMIT) - 1)).count_ones() as usize;
         if let Some(last) = batch.samples.last() {
-            let _ = state
-                .store
-                .confirm_commands(&name, EXPORT_LIMIT, last.values[index], last.unix_ms as i64)
-                .await;
+            let reading = (EXPORT_LIMIT, last.values[index], last.unix_ms as i64);
+            let _ = state.commands.confirm(a.crypto.id, reading.0, reading.1, reading.2).await;
         }
     }
     let ack = TelemetryAck { acked_through: stored.last_seq as u64 };

@@ -79,7 +79,7 @@ pub async fn show(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let device = state.devices.get(&name).await?;
-    let config = state.store.config(&name).await?;
+    let config = state.configs.shadow(&name).await?;
     Ok(Json(json!({ "device": device, "config": config })))
 }
 

@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::json::ApiJson;
-use crate::domain::{ConfigPatch, Invalid};
+use crate::config::ConfigPatch;
+use crate::domain::Invalid;
 use crate::error::ApiError;
 use crate::store::{Command, CommandFilter, CommandOutcome};
 
@@ -88,7 +89,7 @@ async fn config_update(
         registers: None,
     };
     let shadow =
-        state.store.update_config(&device, &patch, ACTOR, crate::now_ms()).await.map_err(|e| {
+        state.configs.update(&device, &patch, ACTOR, crate::now_ms()).await.map_err(|e| {
             // Name the seed's fields in errors, not ours.
             let mut e = ApiError::from(e);
             e.field = e.field.map(|f| match f.as_str() {
@@ -107,7 +108,7 @@ async fn changes(
 ) -> Result<Json<Value>, ApiError> {
     let device = enabled_device(&state, &body).await?;
     let now = crate::now_ms();
-    let (changed, config) = state.store.legacy_config_poll(&device, CONFIG_REPEAT, now).await?;
+    let (changed, config) = state.configs.legacy_poll(&device, CONFIG_REPEAT, now).await?;
     state.devices.touch(&device, now).await?;
     Ok(Json(json!({
         "Changed": changed,
@@ -174,7 +175,7 @@ async fn command_poll(
     let device = enabled_device(&state, &body).await?;
     let now = crate::now_ms();
     state.devices.touch(&device, now).await?;
-    let delivered = state.store.deliver_commands(&device, REDELIVER_MS, 1, now).await?;
+    let delivered = state.commands.deliver(&device, REDELIVER_MS, 1, now).await?;
     Ok(Json(json!({
         "command": delivered.first().map(|c| json!({
             "command_id": legacy_id(c.id),
@@ -202,7 +203,7 @@ async fn command_result(
         Value::String(s) => s.clone(),
         other => other.to_string(),
     });
-    let command = state.store.command(id).await?;
+    let command = state.commands.get(id).await?;
     if !state.devices.get(&command.device).await?.enabled {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -212,7 +213,7 @@ async fn command_result(
     }
     let outcome =
         CommandOutcome { success, message, exception_code: None, value: None, executed_ms: None };
-    state.store.record_result(&command.device, id, &outcome, crate::now_ms()).await?;
+    state.commands.record_result(&command.device, id, &outcome, crate::now_ms()).await?;
     state.metrics.inc(
         "ecowatt_command_results_total",
         format!("outcome=\"{}\"", if success { "success" } else { "failure" }),
@@ -224,7 +225,7 @@ async fn command_status(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(seed_command(&state.store.command(parse_id(&id)?).await?)))
+    Ok(Json(seed_command(&state.commands.get(parse_id(&id)?).await?)))
 }
 
 #[derive(Deserialize)]
@@ -241,7 +242,7 @@ async fn listing(
         state.devices.get(d).await?;
     }
     let filter = CommandFilter { device, limit: 10_000, ..CommandFilter::default() };
-    let commands = state.store.commands(&filter).await?;
+    let commands = state.commands.list(&filter).await?;
     Ok(commands.iter().filter(|c| !open_only || c.status.is_open()).map(seed_command).collect())
 }
 
@@ -264,7 +265,7 @@ async fn command_statistics(
     State(state): State<AppState>,
     Query(q): Query<DeviceQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let s = state.store.command_stats(q.device_id.as_deref()).await?;
+    let s = state.commands.stats(q.device_id.as_deref()).await?;
     let n = |k: &str| s.by_status.get(k).copied().unwrap_or(0);
     Ok(Json(json!({
         "total_commands": s.total_commands,

@@ -41,6 +41,10 @@ pub struct AppState {
     pub operators: crate::operators::Operators,
     /// Devices and their keys.
     pub devices: crate::devices::Devices,
+    /// The config shadows.
+    pub configs: crate::config::Configs,
+    /// The commands.
+    pub commands: crate::commands::Commands,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// Settings in force.

@@ -1,6 +1,6 @@
 //! The schema and its migrations, applied in order on start. Each migration is
-//! written once with `{pk}` standing for the dialect's auto-increment key and `{blob}` for
-//! its binary type.
+//! written once with `{pk}` standing for the dialect's auto-increment key, `{blob}` for
+//! its binary type and `{json:column.field}` for a JSON text field.
 
 use sqlx::{Executor, Row};
 
@@ -219,7 +219,37 @@ UPDATE devices SET stored_seq = COALESCE((SELECT MAX(last_seq) FROM telemetry_ba
 CREATE TABLE store_health (id BIGINT PRIMARY KEY, at_ms BIGINT NOT NULL)
 "#,
     ),
+    (
+        10,
+        // A command's action in typed columns: the rules that pick writes
+        // to confirm match `op`, `register` and `value`, not JSON text.
+        r#"
+ALTER TABLE commands ADD COLUMN op TEXT;
+ALTER TABLE commands ADD COLUMN register BIGINT;
+ALTER TABLE commands ADD COLUMN value BIGINT;
+UPDATE commands SET op = {json:action.op}, register = CAST({json:action.register} AS BIGINT), value = CAST({json:action.value} AS BIGINT);
+ALTER TABLE commands DROP COLUMN action
+"#,
+    ),
 ];
+
+/// `{json:COLUMN.FIELD}`: the text of a JSON column's field, in the dialect.
+fn json_fields(statement: &str, dialect: Dialect) -> String {
+    let mut out = String::with_capacity(statement.len());
+    let mut rest = statement;
+    while let Some(start) = rest.find("{json:") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("a closed {json:...}") + start;
+        let (column, field) = rest[start + 6..end].split_once('.').expect("{json:column.field}");
+        out.push_str(&match dialect {
+            Dialect::Sqlite => format!("json_extract({column}, '$.{field}')"),
+            Dialect::Postgres => format!("({column}::json ->> '{field}')"),
+        });
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
 
 /// Applies the migrations not applied yet, in one transaction (several
 /// servers starting at once on PostgreSQL migrate one after the other).
@@ -248,6 +278,7 @@ pub async fn run(db: &Db) -> StoreResult<bool> {
             continue;
         }
         for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            let statement = json_fields(statement, db.dialect());
             tx.execute(statement.replace("{pk}", pk).replace("{blob}", blob).as_str()).await?;
         }
         sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
@@ -259,4 +290,20 @@ pub async fn run(db: &Db) -> StoreResult<bool> {
     }
     tx.commit().await?;
     Ok(applied.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn json_fields_read_in_each_dialect() {
+        let sql = "SET op = {json:action.op}, v = {json:action.value}";
+        assert_eq!(
+            super::json_fields(sql, super::Dialect::Sqlite),
+            "SET op = json_extract(action, '$.op'), v = json_extract(action, '$.value')"
+        );
+        assert_eq!(
+            super::json_fields(sql, super::Dialect::Postgres),
+            "SET op = (action::json ->> 'op'), v = (action::json ->> 'value')"
+        );
+    }
 }

@@ -10,8 +10,6 @@ use super::sql::{SqlStore, Tx};
 use super::*;
 use crate::devices::keys::{slot_of, window, window_columns};
 
-const REJECT_FIELDS: [&str; 3] = ["poll_interval_ms", "upload_interval_ms", "registers"];
-
 impl SqlStore {
     async fn device_row(&self, tx: &mut Tx, device_id: i64) -> StoreResult<AnyRow> {
         let lock = self.db().for_update();
@@ -72,21 +70,16 @@ impl SqlStore {
         redeliver_after_ms: i64,
         now: i64,
     ) -> StoreResult<SyncDelivery> {
-        let cfg = sqlx::query("SELECT desired_version, desired, reported_version FROM device_configs WHERE device_id = $1")
-            .bind(device_id)
-            .fetch_one(&mut **tx)
-            .await?;
-        let desired_version: i64 = cfg.try_get("desired_version")?;
-        let running = applied_version.or(cfg.try_get("reported_version")?);
-        let config = if running == Some(desired_version) {
-            None
-        } else {
-            let text: String = cfg.try_get("desired")?;
-            let desired = serde_json::from_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("desired: {e}")))?;
-            Some((desired_version, desired))
-        };
-        let commands = self.deliver_in(tx, device_id, redeliver_after_ms, 32, now).await?;
+        let config = crate::config::to_send_in(tx, device_id, applied_version).await?;
+        let commands = crate::commands::store::deliver_in(
+            self.db(),
+            tx,
+            device_id,
+            redeliver_after_ms,
+            32,
+            now,
+        )
+        .await?;
         let row = sqlx::query("UPDATE devices SET down_counter = down_counter + 1 WHERE id = $1 RETURNING down_counter")
             .bind(device_id)
             .fetch_one(&mut **tx)
@@ -125,7 +118,16 @@ impl SqlStore {
         }
 
         for (id, outcome) in &report.results {
-            match self.record_result_in(&mut tx, &name, *id, outcome, now).await {
+            match crate::commands::store::record_result_in(
+                self.db(),
+                &mut tx,
+                &name,
+                *id,
+                outcome,
+                now,
+            )
+            .await
+            {
                 Ok(_) => {}
                 // A result for a command this device does not have: nothing to record.
                 Err(StoreError::NotFound(_)) => {
@@ -135,25 +137,8 @@ impl SqlStore {
             }
         }
         if let Some((version, applied)) = &report.applied {
-            let desired: i64 =
-                sqlx::query("SELECT desired_version FROM device_configs WHERE device_id = $1")
-                    .bind(device_id)
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .try_get("desired_version")?;
-            if (1..=desired).contains(version) {
-                let rejected: Vec<Rejection> = report.rejected.clone();
-                sqlx::query(
-                    "UPDATE device_configs SET reported_version = $1, reported = $2, rejected = $3, reported_ms = $4 WHERE device_id = $5",
-                )
-                .bind(*version)
-                .bind(serde_json::to_string(applied).expect("config serialises"))
-                .bind(serde_json::to_string(&rejected).expect("rejections serialise"))
-                .bind(now)
-                .bind(device_id)
-                .execute(&mut *tx)
+            crate::config::report_in(&mut tx, device_id, *version, applied, &report.rejected, now)
                 .await?;
-            }
         }
         let mut wake = match &report.ota {
             Some(ota) => self.ota_report_in(&mut tx, device_id, ota, now).await?,
@@ -198,12 +183,12 @@ impl SqlStore {
         }
         let row = sqlx::query(&format!(
             "SELECT d.name, d.firmware, c.desired_version, c.reported_version, c.reported, c.rejected, \
-             (SELECT COUNT(*) FROM commands WHERE device_id = d.id AND expires_ms > $2 \
-              AND (status = 'queued' OR (status = 'delivered' AND delivered_ms <= $3))) AS commands, \
+             (SELECT COUNT(*) FROM commands WHERE device_id = d.id AND {deliverable}) AS commands, \
              (SELECT COUNT(*) FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
               WHERE rd.device_id = d.id AND r.state = 'running' AND rd.wave <= r.current_wave \
               AND rd.state IN {WAITING}) AS offers \
-             FROM devices d JOIN device_configs c ON c.device_id = d.id WHERE d.id = $1"
+             FROM devices d JOIN device_configs c ON c.device_id = d.id WHERE d.id = $1",
+            deliverable = crate::commands::store::deliverable_sql("$2", "$3"),
         ))
         .bind(device_id)
         .bind(now)
@@ -451,15 +436,4 @@ impl SqlStore {
             })
             .collect()
     }
-}
-
-/// Maps a protocol rejection to the field name the shadow uses.
-pub fn rejection(field: u8, reason: u8) -> Rejection {
-    let field = REJECT_FIELDS.get(usize::from(field).wrapping_sub(1)).copied().unwrap_or("unknown");
-    let reason = match reason {
-        1 => "out of range for this device",
-        2 => "not supported by this device",
-        _ => "refused by the device",
-    };
-    Rejection { field: field.to_owned(), reason: reason.to_owned() }
 }

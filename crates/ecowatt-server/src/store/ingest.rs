@@ -116,15 +116,16 @@ struct DeviceState {
 
 type Answers = StoreResult<Vec<Result<Accepted, SyncRefusal>>>;
 
-/// The columns a group reads of each device's row.
-macro_rules! columns {
-    () => {
+/// The columns a group reads of each device's row, with whether writes
+/// await confirmation by a reading (the commands' rule, as SQL).
+static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "id, enabled, key_version, previous_key_version, replay_high, replay_bitmap, \
-     prev_replay_high, prev_replay_bitmap, down_counter, dropped_total, last_seen_ms, stored_seq, \
-     (SELECT COUNT(*) FROM commands c WHERE c.device_id = devices.id \
-      AND c.status = 'succeeded' AND c.action LIKE '{\"op\":\"write\"%') AS unconfirmed"
-    };
-}
+         prev_replay_high, prev_replay_bitmap, down_counter, dropped_total, last_seen_ms, stored_seq, \
+         (SELECT COUNT(*) FROM commands WHERE device_id = devices.id AND {}) AS unconfirmed",
+        crate::commands::store::AWAITS_CONFIRMATION
+    )
+});
 
 /// The stored batches of one device that share samples with `first_seq..=last_seq`.
 const OVERLAPPING: &str = "SELECT first_seq, last_seq FROM telemetry_batches \
@@ -193,8 +194,7 @@ async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
     let list = device_ids(group).iter().map(i64::to_string).collect::<Vec<_>>().join(",");
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     // Not kept in the prepared-statement cache: every group's text differs.
-    let select =
-        [concat!("SELECT ", columns!(), " FROM devices WHERE id IN ("), &list, ")"].concat();
+    let select = format!("SELECT {} FROM devices WHERE id IN ({list})", *COLUMNS);
     let rows = sqlx::query(&select).persistent(false).fetch_all(&mut *tx).await?;
     let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
     let plan = plan(states, group);
@@ -218,8 +218,8 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
     let mut tx = pool.begin().await?;
     // Locked in id order: another server's group waits, never deadlocks.
     let select =
-        concat!("SELECT ", columns!(), " FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE");
-    let rows = sqlx::query(select).bind(&ids).fetch_all(&mut *tx).await?;
+        format!("SELECT {} FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE", *COLUMNS);
+    let rows = sqlx::query(&select).bind(&ids).fetch_all(&mut *tx).await?;
     let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
     let plan = plan(states, group);
     let found = overlapping!(tx, plan, group);

@@ -5,8 +5,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use ecowatt_server::domain::{CommandRequest, CommandStatus};
-use ecowatt_server::store::{CommandFilter, CommandOutcome, SqlStore, Store};
+use ecowatt_server::commands::{CommandFilter, CommandOutcome, CommandRequest, CommandStatus};
+use ecowatt_server::store::SqlStore;
 use ecowatt_server::testing::TempDb;
 
 const DEVICES: usize = 4;
@@ -20,8 +20,8 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
         let (first, second) =
             (SqlStore::open(&db.url).await.unwrap(), SqlStore::open(&db.url).await.unwrap());
         let devices = first.devices();
-        let one: Arc<dyn Store> = Arc::new(first);
-        let two: Arc<dyn Store> = Arc::new(second);
+        let one = Arc::new(first.commands());
+        let two = Arc::new(second.commands());
         let servers = [one.clone(), two.clone()];
         for d in 0..DEVICES {
             devices.create(&format!("dev-{d}"), 10_000, "00", "t", T0).await.unwrap();
@@ -34,12 +34,7 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
                 let store = servers[i % 2].clone();
                 queued.push(tokio::spawn(async move {
                     let r = CommandRequest::SetPowerPercentage { percentage: (i % 101) as i64 };
-                    let a = r.action(10_000).unwrap();
-                    store
-                        .queue_command(&format!("dev-{d}"), &r, a, 3_600_000, "op", T0)
-                        .await
-                        .unwrap()
-                        .id
+                    store.queue(&format!("dev-{d}"), &r, 3_600, "op", T0).await.unwrap().id
                 }));
             }
         }
@@ -52,8 +47,7 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
                     let name = format!("dev-{d}");
                     let mut mine = vec![];
                     for round in 0..400 {
-                        let got =
-                            store.deliver_commands(&name, 3_600_000, 5, T0 + 1).await.unwrap();
+                        let got = store.deliver(&name, 3_600_000, 5, T0 + 1).await.unwrap();
                         for c in &got {
                             let ok = CommandOutcome {
                                 success: true,
@@ -89,7 +83,7 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
         // Anything queued after the workers stopped looking is delivered now.
         for d in 0..DEVICES {
             let name = format!("dev-{d}");
-            for c in one.deliver_commands(&name, 3_600_000, 100, T0 + 1).await.unwrap() {
+            for c in one.deliver(&name, 3_600_000, 100, T0 + 1).await.unwrap() {
                 let ok = CommandOutcome {
                     success: true,
                     message: None,
@@ -105,8 +99,7 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
         assert_eq!(delivered.len(), delivered_set.len(), "{b}: a command was delivered twice");
         assert_eq!(delivered_set, unique, "{b}: every command delivered");
 
-        let all =
-            one.commands(&CommandFilter { limit: 10_000, ..Default::default() }).await.unwrap();
+        let all = one.list(&CommandFilter { limit: 10_000, ..Default::default() }).await.unwrap();
         assert_eq!(all.len(), DEVICES * PER_DEVICE, "{b}");
         for c in &all {
             assert_eq!(
@@ -116,6 +109,8 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
             );
         }
         drop((servers, one, two));
+        first.close().await;
+        second.close().await;
         db.cleanup().await;
     }
 }

@@ -1,6 +1,7 @@
 //! The same store suite on every backend.
 
-use ecowatt_server::domain::{Action, CommandRequest, CommandStatus, ConfigPatch, DeviceConfig};
+use ecowatt_server::commands::{Action, CommandRequest, CommandStatus};
+use ecowatt_server::config::{ConfigPatch, DeviceConfig};
 use ecowatt_server::operators::Role;
 use ecowatt_server::store::{
     CommandFilter, CommandOutcome, KeyLookup, Rejection, SqlStore, Store, StoreError,
@@ -35,10 +36,8 @@ fn small_batch(seq: u64) -> ecowatt_server::store::StoredBatch {
     }
 }
 
-fn set_pct(p: i64) -> (CommandRequest, Action) {
-    let r = CommandRequest::SetPowerPercentage { percentage: p };
-    let a = r.action(10_000).unwrap();
-    (r, a)
+fn set_pct(p: i64) -> CommandRequest {
+    CommandRequest::SetPowerPercentage { percentage: p }
 }
 
 #[tokio::test]
@@ -140,7 +139,7 @@ async fn tokens_and_audit_paging() {
 async fn config_shadow_versions_validation_and_reports() {
     each(async |s, b| {
         s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
-        let c = s.config("d").await.unwrap();
+        let c = s.configs().shadow("d").await.unwrap();
         assert_eq!(
             (c.desired_version, c.desired.clone(), c.reported_version),
             (1, DeviceConfig::default(), None),
@@ -152,33 +151,33 @@ async fn config_shadow_versions_validation_and_reports() {
             upload_interval_ms: Some(60_000),
             ..Default::default()
         };
-        let c = s.update_config("d", &patch, "op#2", T0 + 1).await.unwrap();
+        let c = s.configs().update("d", &patch, "op#2", T0 + 1).await.unwrap();
         assert_eq!(
             (c.desired_version, c.desired.poll_interval_ms, c.desired.upload_interval_ms),
             (2, 10_000, 60_000)
         );
         let bad = ConfigPatch { poll_interval_ms: Some(100), ..Default::default() };
-        match s.update_config("d", &bad, "op#2", T0 + 2).await {
+        match s.configs().update("d", &bad, "op#2", T0 + 2).await {
             Err(StoreError::Invalid(i)) => assert_eq!(i.field, "poll_interval_ms"),
             other => panic!("{b}: {other:?}"),
         }
         assert_eq!(
-            s.config("d").await.unwrap().desired_version,
+            s.configs().shadow("d").await.unwrap().desired_version,
             2,
             "{b}: a refused change stores nothing"
         );
-        let history = s.config_history("d", 10).await.unwrap();
+        let history = s.configs().history("d", 10).await.unwrap();
         assert_eq!(history.iter().map(|v| v.version).collect::<Vec<_>>(), [2, 1]);
         assert_eq!(history[0].actor, "op#2");
 
         let rejected = [Rejection { field: "registers".into(), reason: "not supported".into() }];
-        let c = s.report_config("d", 2, &c.desired, &rejected, T0 + 3).await.unwrap();
+        let c = s.configs().report("d", 2, &c.desired, &rejected, T0 + 3).await.unwrap();
         assert_eq!((c.reported_version, c.rejected.len()), (Some(2), 1), "{b}");
         assert!(matches!(
-            s.report_config("d", 3, &c.desired, &[], T0).await,
+            s.configs().report("d", 3, &c.desired, &[], T0).await,
             Err(StoreError::Conflict(_))
         ));
-        assert!(matches!(s.config("nope").await, Err(StoreError::NotFound(_))));
+        assert!(matches!(s.configs().shadow("nope").await, Err(StoreError::NotFound(_))));
     })
     .await;
 }
@@ -187,23 +186,24 @@ async fn config_shadow_versions_validation_and_reports() {
 async fn legacy_config_poll_repeats_a_change_then_counts_it_applied() {
     each(async |s, b| {
         s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
-        s.update_config(
-            "d",
-            &ConfigPatch { poll_interval_ms: Some(10_000), ..Default::default() },
-            "a",
-            T0,
-        )
-        .await
-        .unwrap();
+        s.configs()
+            .update(
+                "d",
+                &ConfigPatch { poll_interval_ms: Some(10_000), ..Default::default() },
+                "a",
+                T0,
+            )
+            .await
+            .unwrap();
         let polls: Vec<bool> = {
             let mut v = vec![];
             for i in 0..5 {
-                v.push(s.legacy_config_poll("d", 3, T0 + i).await.unwrap().0);
+                v.push(s.configs().legacy_poll("d", 3, T0 + i).await.unwrap().0);
             }
             v
         };
         assert_eq!(polls, [true, true, true, false, false], "{b}: not lost after one lost answer");
-        assert_eq!(s.config("d").await.unwrap().reported_version, Some(2));
+        assert_eq!(s.configs().shadow("d").await.unwrap().reported_version, Some(2));
     })
     .await;
 }
@@ -213,8 +213,8 @@ async fn command_lifecycle() {
     each(async |s, b| {
         s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
         s.devices().create("other", 10_000, KEY, "a", T0).await.unwrap();
-        let (r, a) = set_pct(30);
-        let c = s.queue_command("d", &r, a, 60_000, "op#1", T0).await.unwrap();
+        let r = set_pct(30);
+        let c = s.commands().queue("d", &r, 60, "op#1", T0).await.unwrap();
         assert_eq!(
             (c.status, c.kind.as_str(), c.expires_ms),
             (CommandStatus::Queued, "set_power_percentage", T0 + 60_000)
@@ -222,15 +222,15 @@ async fn command_lifecycle() {
         assert_eq!(c.action, Action::Write { register: 8, value: 30 });
 
         // Delivered, not again right away, again after the redelivery window.
-        let got = s.deliver_commands("d", 10_000, 10, T0 + 100).await.unwrap();
+        let got = s.commands().deliver("d", 10_000, 10, T0 + 100).await.unwrap();
         assert_eq!(
             (got.len(), got[0].status, got[0].delivery_count),
             (1, CommandStatus::Delivered, 1),
             "{b}"
         );
-        assert!(s.deliver_commands("d", 10_000, 10, T0 + 5_000).await.unwrap().is_empty());
-        assert!(s.deliver_commands("other", 10_000, 10, T0 + 5_000).await.unwrap().is_empty());
-        let again = s.deliver_commands("d", 10_000, 10, T0 + 10_100).await.unwrap();
+        assert!(s.commands().deliver("d", 10_000, 10, T0 + 5_000).await.unwrap().is_empty());
+        assert!(s.commands().deliver("other", 10_000, 10, T0 + 5_000).await.unwrap().is_empty());
+        let again = s.commands().deliver("d", 10_000, 10, T0 + 10_100).await.unwrap();
         assert_eq!(again[0].delivery_count, 2, "{b}: delivered again until a result arrives");
 
         let ok = CommandOutcome {
@@ -241,7 +241,10 @@ async fn command_lifecycle() {
             executed_ms: Some(T0 + 10_200),
         };
         assert!(
-            matches!(s.record_result("other", c.id, &ok, T0).await, Err(StoreError::NotFound(_))),
+            matches!(
+                s.commands().record_result("other", c.id, &ok, T0).await,
+                Err(StoreError::NotFound(_))
+            ),
             "{b}"
         );
         // Each upload's answer says whether writes await confirmation.
@@ -254,48 +257,47 @@ async fn command_lifecycle() {
             up.expect("accepted").unconfirmed
         };
         assert!(!unconfirmed().await, "{b}: nothing awaits confirmation yet");
-        let done = s.record_result("d", c.id, &ok, T0 + 10_300).await.unwrap();
+        let done = s.commands().record_result("d", c.id, &ok, T0 + 10_300).await.unwrap();
         assert!(unconfirmed().await, "{b}: a succeeded write awaits a reading");
         assert_eq!(
             (done.status, done.result_value, done.completed_ms),
             (CommandStatus::Succeeded, Some(30), Some(T0 + 10_300))
         );
         let failed = CommandOutcome { success: false, ..ok.clone() };
-        let same = s.record_result("d", c.id, &failed, T0 + 20_000).await.unwrap();
+        let same = s.commands().record_result("d", c.id, &failed, T0 + 20_000).await.unwrap();
         assert_eq!(
             (same.status, same.completed_ms),
             (CommandStatus::Succeeded, Some(T0 + 10_300)),
             "{b}: recorded once"
         );
         assert!(
-            s.deliver_commands("d", 0, 10, T0 + 30_000).await.unwrap().is_empty(),
+            s.commands().deliver("d", 0, 10, T0 + 30_000).await.unwrap().is_empty(),
             "{b}: finished commands stay finished"
         );
-        assert!(matches!(s.cancel_command(c.id, "op", T0).await, Err(StoreError::Conflict(_))));
+        assert!(matches!(s.commands().cancel(c.id, "op", T0).await, Err(StoreError::Conflict(_))));
 
         // A reading with the value confirms it; another value does not.
-        assert_eq!(s.confirm_commands("d", 8, 31, T0 + 40_000).await.unwrap(), 0);
-        assert_eq!(s.confirm_commands("d", 8, 30, T0 + 40_000).await.unwrap(), 1, "{b}");
-        assert_eq!(s.command(c.id).await.unwrap().status, CommandStatus::Confirmed);
+        assert_eq!(s.commands().confirm(d.id, 8, 31, T0 + 40_000).await.unwrap(), 0);
+        assert_eq!(s.commands().confirm(d.id, 8, 30, T0 + 40_000).await.unwrap(), 1, "{b}");
+        assert_eq!(s.commands().get(c.id).await.unwrap().status, CommandStatus::Confirmed);
         assert!(!unconfirmed().await, "{b}: confirmed");
         // A succeeded read is never confirmed and does not count.
         let read = CommandRequest::ReadRegister { register_address: 9 };
-        let act = read.action(10_000).unwrap();
-        let rc = s.queue_command("d", &read, act, 60_000, "op#1", T0).await.unwrap();
-        s.deliver_commands("d", 0, 10, T0 + 40_100).await.unwrap();
-        s.record_result("d", rc.id, &ok, T0 + 40_200).await.unwrap();
+        let rc = s.commands().queue("d", &read, 60, "op#1", T0).await.unwrap();
+        s.commands().deliver("d", 0, 10, T0 + 40_100).await.unwrap();
+        s.commands().record_result("d", rc.id, &ok, T0 + 40_200).await.unwrap();
         assert!(!unconfirmed().await, "{b}: reads await no confirmation");
 
         // Cancel, expiry.
-        let c2 = s.queue_command("d", &r, a, 60_000, "op#1", T0).await.unwrap();
+        let c2 = s.commands().queue("d", &r, 60, "op#1", T0).await.unwrap();
         assert_eq!(
-            s.cancel_command(c2.id, "op#1", T0 + 1).await.unwrap().status,
+            s.commands().cancel(c2.id, "op#1", T0 + 1).await.unwrap().status,
             CommandStatus::Cancelled
         );
-        let c3 = s.queue_command("d", &r, a, 60_000, "op#1", T0).await.unwrap();
-        assert_eq!(s.expire_commands(T0 + 59_999).await.unwrap(), 0);
-        assert_eq!(s.expire_commands(T0 + 60_000).await.unwrap(), 1, "{b}");
-        assert_eq!(s.command(c3.id).await.unwrap().status, CommandStatus::Expired);
+        let c3 = s.commands().queue("d", &r, 60, "op#1", T0).await.unwrap();
+        assert_eq!(s.commands().expire(T0 + 59_999).await.unwrap(), 0);
+        assert_eq!(s.commands().expire(T0 + 60_000).await.unwrap(), 1, "{b}");
+        assert_eq!(s.commands().get(c3.id).await.unwrap().status, CommandStatus::Expired);
         assert!(c3.id > c2.id && c2.id > c.id, "{b}: ids increase");
     })
     .await;
@@ -306,20 +308,23 @@ async fn filters_paging_and_statistics() {
     each(async |s, b| {
         s.devices().create("a", 10_000, KEY, "x", T0).await.unwrap();
         s.devices().create("z", 10_000, KEY, "x", T0).await.unwrap();
-        let (r, a) = set_pct(50);
+        let r = set_pct(50);
         let read = CommandRequest::ReadRegister { register_address: 9 };
         for i in 0..5 {
-            s.queue_command("a", &r, a, 60_000, "x", T0 + i).await.unwrap();
+            s.commands().queue("a", &r, 60, "x", T0 + i).await.unwrap();
         }
-        s.queue_command("z", &read, read.action(10_000).unwrap(), 60_000, "x", T0).await.unwrap();
-        let all = s.commands(&CommandFilter { limit: 100, ..Default::default() }).await.unwrap();
+        s.commands().queue("z", &read, 60, "x", T0).await.unwrap();
+        let all =
+            s.commands().list(&CommandFilter { limit: 100, ..Default::default() }).await.unwrap();
         assert_eq!(all.len(), 6, "{b}");
         let page = s
-            .commands(&CommandFilter { device: Some("a".into()), limit: 2, ..Default::default() })
+            .commands()
+            .list(&CommandFilter { device: Some("a".into()), limit: 2, ..Default::default() })
             .await
             .unwrap();
         let next = s
-            .commands(&CommandFilter {
+            .commands()
+            .list(&CommandFilter {
                 device: Some("a".into()),
                 limit: 2,
                 before_id: Some(page[1].id),
@@ -332,7 +337,8 @@ async fn filters_paging_and_statistics() {
             "{b}: newest first, pages continue"
         );
         let reads = s
-            .commands(&CommandFilter {
+            .commands()
+            .list(&CommandFilter {
                 kind: Some("read_register".into()),
                 limit: 10,
                 ..Default::default()
@@ -342,7 +348,7 @@ async fn filters_paging_and_statistics() {
         assert_eq!(reads.len(), 1);
         assert_eq!(reads[0].device, "z");
 
-        let d = s.deliver_commands("a", 30_000, 2, T0 + 1_000).await.unwrap();
+        let d = s.commands().deliver("a", 30_000, 2, T0 + 1_000).await.unwrap();
         let ok = CommandOutcome {
             success: true,
             message: None,
@@ -350,7 +356,7 @@ async fn filters_paging_and_statistics() {
             value: Some(50),
             executed_ms: None,
         };
-        s.record_result("a", d[0].id, &ok, T0 + 2_000).await.unwrap();
+        s.commands().record_result("a", d[0].id, &ok, T0 + 2_000).await.unwrap();
         let bad = CommandOutcome {
             success: false,
             message: Some("exception 04".into()),
@@ -358,9 +364,10 @@ async fn filters_paging_and_statistics() {
             value: None,
             executed_ms: None,
         };
-        s.record_result("a", d[1].id, &bad, T0 + 4_000).await.unwrap();
+        s.commands().record_result("a", d[1].id, &bad, T0 + 4_000).await.unwrap();
         let delivered = s
-            .commands(&CommandFilter {
+            .commands()
+            .list(&CommandFilter {
                 status: Some(CommandStatus::Failed),
                 limit: 10,
                 ..Default::default()
@@ -369,7 +376,7 @@ async fn filters_paging_and_statistics() {
             .unwrap();
         assert_eq!(delivered[0].exception_code, Some(4), "{b}");
 
-        let st = s.command_stats(Some("a")).await.unwrap();
+        let st = s.commands().stats(Some("a")).await.unwrap();
         assert_eq!(st.total_commands, 5, "{b}");
         assert_eq!(
             (st.by_status["succeeded"], st.by_status["failed"], st.by_status["queued"]),
@@ -378,7 +385,7 @@ async fn filters_paging_and_statistics() {
         assert_eq!(st.success_rate, 50.0);
         assert_eq!(st.average_completion_ms, Some(2_999.5), "{b}: (2000 + 3999) / 2");
         assert_eq!(st.average_delivery_ms, Some(999.5), "{b}: (1000 + 999) / 2");
-        assert_eq!(s.command_stats(None).await.unwrap().total_commands, 6);
+        assert_eq!(s.commands().stats(None).await.unwrap().total_commands, 6);
     })
     .await;
 }
@@ -389,27 +396,28 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
         let b = db.backend();
         let s = SqlStore::open(&db.url).await.unwrap();
         s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
-        let (r, a) = set_pct(40);
-        let c1 = s.queue_command("d", &r, a, 600_000, "a", T0).await.unwrap();
-        s.update_config(
-            "d",
-            &ConfigPatch { poll_interval_ms: Some(7_000), ..Default::default() },
-            "a",
-            T0,
-        )
-        .await
-        .unwrap();
+        let r = set_pct(40);
+        let c1 = s.commands().queue("d", &r, 600, "a", T0).await.unwrap();
+        s.configs()
+            .update(
+                "d",
+                &ConfigPatch { poll_interval_ms: Some(7_000), ..Default::default() },
+                "a",
+                T0,
+            )
+            .await
+            .unwrap();
         s.close().await;
 
         let s = SqlStore::open(&db.url).await.unwrap();
-        assert_eq!(s.command(c1.id).await.unwrap().status, CommandStatus::Queued, "{b}");
-        assert_eq!(s.config("d").await.unwrap().desired.poll_interval_ms, 7_000);
+        assert_eq!(s.commands().get(c1.id).await.unwrap().status, CommandStatus::Queued, "{b}");
+        assert_eq!(s.configs().shadow("d").await.unwrap().desired.poll_interval_ms, 7_000);
         // Remove the device (and so its commands), then queue again: a new id.
         s.devices().delete("d", "a", T0).await.unwrap();
         s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
         s.close().await;
         let s = SqlStore::open(&db.url).await.unwrap();
-        let c2 = s.queue_command("d", &r, a, 600_000, "a", T0).await.unwrap();
+        let c2 = s.commands().queue("d", &r, 600, "a", T0).await.unwrap();
         assert!(c2.id > c1.id, "{b}: id {} reused after {}", c2.id, c1.id);
         s.close().await;
         db.cleanup().await;
@@ -536,7 +544,7 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
         for i in 0..6 {
             let name = format!("q{i}");
             ids.push(s.devices().create(&name, 10_000, KEY, "t", T0).await.unwrap().id);
-            s.report_config(&name, 1, &DeviceConfig::default(), &[], T0).await.unwrap();
+            s.configs().report(&name, 1, &DeviceConfig::default(), &[], T0).await.unwrap();
         }
         s.devices().set_enabled("q5", false, "t", T0).await.unwrap();
         // Every third counter is a quiet sync, the rest are uploads.
@@ -570,19 +578,19 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
         assert_eq!(seen_ms, Some(T0), "{backend}: a quiet sync records the device as seen");
 
         // News is never hidden by the quiet path.
-        let (req, act) = set_pct(40);
-        let cmd = s.queue_command("q0", &req, act, 60_000, "op", T0).await.unwrap();
+        let req = set_pct(40);
+        let cmd = s.commands().queue("q0", &req, 60, "op", T0).await.unwrap();
         let d = s.device_sync(ids[0], &report(31, None), true, 0, T0 + 1).await.unwrap().unwrap();
         assert_eq!(d.commands.iter().map(|c| c.id).collect::<Vec<_>>(), [cmd.id], "{backend}");
         let patch = ConfigPatch { poll_interval_ms: Some(10_000), ..Default::default() };
-        let desired = s.update_config("q1", &patch, "op", T0).await.unwrap();
+        let desired = s.configs().update("q1", &patch, "op", T0).await.unwrap();
         let d = s.device_sync(ids[1], &report(31, None), true, 0, T0 + 1).await.unwrap().unwrap();
         assert_eq!(d.config.map(|(v, _)| v), Some(desired.desired_version), "{backend}");
         // The device reports the new config: recorded (not quiet), then quiet.
         let applied = Some((desired.desired_version, desired.desired.clone()));
         let d = s.device_sync(ids[1], &report(32, applied.clone()), true, 0, T0 + 2).await;
         assert!(d.unwrap().unwrap().config.is_none(), "{backend}");
-        let c = s.config("q1").await.unwrap();
+        let c = s.configs().shadow("q1").await.unwrap();
         assert_eq!(c.reported_version, Some(desired.desired_version), "{backend}");
         let d = s.device_sync(ids[1], &report(33, applied), true, 0, T0 + 3).await.unwrap();
         assert!(d.unwrap().config.is_none(), "{backend}");
@@ -609,7 +617,7 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
         let here = SqlStore::open(&db.url).await.unwrap();
         let other = SqlStore::open(&db.url).await.unwrap();
         let d = here.devices().create("k", 10_000, KEY, "t", T0).await.unwrap();
-        here.report_config("k", 1, &DeviceConfig::default(), &[], T0).await.unwrap();
+        here.configs().report("k", 1, &DeviceConfig::default(), &[], T0).await.unwrap();
         let up = async |store: &SqlStore, version: i64, c: u64| {
             let batch = small_batch(c);
             let answer = store.device_telemetry(d.id, version, c, &batch, 0, T0).await.unwrap();
@@ -705,6 +713,75 @@ async fn the_expiry_index_covers_only_commands_that_can_expire() {
         assert!(!def.contains("succeeded"), "{b}: {def}");
         pool.close().await;
         store.close().await;
+        db.cleanup().await;
+    }
+}
+
+/// A database from before typed command columns: its commands' JSON actions
+/// are read into `op`, `register` and `value` by the migration.
+#[tokio::test]
+async fn commands_stored_as_json_are_migrated_to_typed_columns() {
+    use ecowatt_server::db::migrate::MIGRATIONS;
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    for db in TempDb::each().await {
+        let b = db.backend();
+        let (pk, blob) = if b == "sqlite" {
+            ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB")
+        } else {
+            ("BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", "BYTEA")
+        };
+        let mut c = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+        sqlx::query("CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= 9) {
+            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(&statement.replace("{pk}", pk).replace("{blob}", blob))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+            sqlx::query("INSERT INTO schema_migrations VALUES ($1, 0)")
+                .bind(*version)
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO devices (name, device_key, key_version, rated_w, enabled, created_ms) \
+             VALUES ('old', '00', 1, 10000, 1, 0)",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+        for (action, status) in [
+            (r#"{"op":"write","register":8,"value":40}"#, "succeeded"),
+            (r#"{"op":"read","register":9}"#, "queued"),
+        ] {
+            sqlx::query(
+                "INSERT INTO commands (device_id, kind, parameters, action, status, created_ms, created_by, expires_ms, completed_ms) \
+                 VALUES (1, 'k', '{}', $1, $2, 0, 'op', 1, 0)",
+            )
+            .bind(action)
+            .bind(status)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        }
+        c.close().await.unwrap();
+        let s = SqlStore::open(&db.url).await.unwrap();
+        let commands = s.commands();
+        assert_eq!(
+            commands.get(1).await.unwrap().action,
+            Action::Write { register: 8, value: 40 },
+            "{b}"
+        );
+        assert_eq!(commands.get(2).await.unwrap().action, Action::Read { register: 9 }, "{b}");
+        // The migrated write awaits its reading, and one confirms it.
+        assert_eq!(commands.confirm(1, 8, 40, 1).await.unwrap(), 1, "{b}");
+        s.close().await;
         db.cleanup().await;
     }
 }
