@@ -91,6 +91,8 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
     }
     let (devices, configs, commands) = (store.devices(), store.configs(), store.commands());
     let state = AppState {
+        firmware: store.firmwares(),
+        rollouts: store.rollouts(),
         store: Arc::new(store),
         metrics: Arc::new(Metrics::default()),
         refusals: Arc::new(Refusals::new(settings.refusals_per_minute)),

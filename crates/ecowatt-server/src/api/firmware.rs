@@ -7,22 +7,21 @@ use axum::body::Bytes;
 use axum::extract::State;
 
 use super::json::Path;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use ecowatt_proto::hex;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use serde::Deserialize;
 
 use super::json::ApiJson;
+use super::ranges::serve_bytes;
 use super::{AppState, Operator};
+use crate::db::StoreError;
 use crate::domain::Invalid;
 use crate::error::ApiError;
-use crate::firmware::{byte_range, parse_manifest};
-use crate::store::{
-    Firmware, NewRollout, Rollout, RolloutAction, RolloutDevice, RolloutTarget, StoreError,
-};
+use crate::firmware::rollouts::{NewRollout, Rollout, RolloutAction, RolloutDevice, RolloutTarget};
+use crate::firmware::{Firmware, ImageRefused};
 
 /// Header carrying the manifest JSON, hex-encoded, beside the raw image body.
 pub const MANIFEST_HEADER: &str = "ecowatt-manifest";
@@ -59,70 +58,21 @@ pub async fn upload(
                 format!("send the manifest JSON hex-encoded in the {MANIFEST_HEADER} header"),
             )
         })?;
-    let json: Value =
-        serde_json::from_str(&text).map_err(|e| bad("invalid_manifest", e.to_string()))?;
-    let (manifest, signer, signature) =
-        parse_manifest(&json).map_err(|e| bad("invalid_manifest", e.to_string()))?;
-    if !state.settings.firmware_keys.contains(&signer) {
-        return Err(bad(
-            "unknown_signer",
-            "the manifest is signed by a key this server does not trust",
-        ));
-    }
-    signer.verify(&manifest, &signature).map_err(|e| bad("bad_signature", e.to_string()))?;
-    let sha: [u8; 32] = Sha256::digest(&body).into();
-    if body.len() as u64 != manifest.size || sha != manifest.sha256 {
-        return Err(bad(
-            "image_mismatch",
-            "the image's size or SHA-256 differs from its signed manifest",
-        ));
-    }
-    let now = crate::now_ms();
-    let record = Firmware {
-        id: 0,
-        version: manifest.version.to_string(),
-        target: manifest.target.clone(),
-        size: manifest.size as i64,
-        sha256: hex::encode_upper(&manifest.sha256),
-        security_counter: i64::from(manifest.security_counter),
-        created_ms: manifest.created_ms as i64,
-        manifest: json,
-        uploaded_ms: now,
-        uploaded_by: op.actor(),
-    };
-    let stored = state.store.add_firmware(&record, &body, &op.actor()).await?;
+    let record = crate::firmware::verify(
+        &state.settings.firmware_keys,
+        &text,
+        &body,
+        &op.actor(),
+        crate::now_ms(),
+    )
+    .map_err(|ImageRefused { code, message }| bad(code, message))?;
+    let stored = state.firmware.add(&record, &body).await?;
     Ok((StatusCode::CREATED, Json(stored)))
 }
 
 /// `GET /api/v1/firmware`: every stored image's record.
 pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "firmware": state.store.list_firmware().await? })))
-}
-
-/// The bytes of an image, whole or the range asked for.
-pub fn serve_bytes(headers: &HeaderMap, data: Vec<u8>) -> Response {
-    let len = data.len() as u64;
-    match byte_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), len) {
-        Ok(None) => (
-            [(header::CONTENT_TYPE, "application/octet-stream"), (header::ACCEPT_RANGES, "bytes")],
-            data,
-        )
-            .into_response(),
-        Ok(Some((start, end))) => (
-            StatusCode::PARTIAL_CONTENT,
-            [
-                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-                (header::ACCEPT_RANGES, "bytes".to_owned()),
-                (header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}")),
-            ],
-            data[start as usize..=end as usize].to_vec(),
-        )
-            .into_response(),
-        Err(_) => {
-            (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))])
-                .into_response()
-        }
-    }
+    Ok(Json(json!({ "firmware": state.firmware.list().await? })))
 }
 
 /// `GET /api/v1/firmware/{id}/image`: the bytes, honouring `Range`.
@@ -132,7 +82,7 @@ pub async fn image(
     Path(id): Path<i64>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (_, data) = state.store.firmware_data(id).await?;
+    let (_, data) = state.firmware.data(id).await?;
     Ok(serve_bytes(&headers, data))
 }
 
@@ -148,7 +98,7 @@ pub async fn device_image(
     if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such download"));
     }
-    let (_, data) = state.store.firmware_by_token(&token).await.map_err(|e| match e {
+    let (_, data) = state.rollouts.image_by_token(&token).await.map_err(|e| match e {
         StoreError::NotFound(_) => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such download")
         }
@@ -194,29 +144,7 @@ pub async fn start_rollout(
     op.require_admin()?;
     let firmware_id = match (req.firmware_id, &req.version) {
         (Some(id), None) => id,
-        (None, Some(v)) => {
-            let all = state.store.list_firmware().await?;
-            let hits: Vec<&Firmware> = all
-                .iter()
-                .filter(|f| &f.version == v && req.target.as_ref().is_none_or(|t| &f.target == t))
-                .collect();
-            match hits.as_slice() {
-                [one] => one.id,
-                [] => {
-                    return Err(ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        format!("no stored firmware {v}"),
-                    ));
-                }
-                _ => {
-                    return Err(ApiError::invalid(Invalid::new(
-                        "target",
-                        format!("firmware {v} is stored for several targets: name one"),
-                    )));
-                }
-            }
-        }
+        (None, Some(v)) => state.firmware.by_version(v, req.target.as_deref()).await?.id,
         _ => {
             return Err(ApiError::invalid(Invalid::new(
                 "firmware_id",
@@ -240,8 +168,8 @@ pub async fn start_rollout(
         waves: req.waves.unwrap_or_else(|| vec![100]),
         failure_threshold_pct: req.failure_threshold_pct.unwrap_or(20),
     };
-    let r = state.store.create_rollout(&new, &op.actor(), crate::now_ms()).await?;
-    let (r, devices) = state.store.rollout(r.id).await?;
+    let r = state.rollouts.create(&new, &op.actor(), crate::now_ms()).await?;
+    let (r, devices) = state.rollouts.get(r.id).await?;
     Ok((StatusCode::CREATED, Json(rollout_json(&r, Some(&devices)))))
 }
 
@@ -251,7 +179,7 @@ pub async fn rollouts(
     _op: Operator,
 ) -> Result<Json<Value>, ApiError> {
     let list: Vec<Value> =
-        state.store.rollouts().await?.iter().map(|r| rollout_json(r, None)).collect();
+        state.rollouts.list().await?.iter().map(|r| rollout_json(r, None)).collect();
     Ok(Json(json!({ "rollouts": list })))
 }
 
@@ -261,7 +189,7 @@ pub async fn rollout(
     _op: Operator,
     Path(id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
-    let (r, devices) = state.store.rollout(id).await?;
+    let (r, devices) = state.rollouts.get(id).await?;
     Ok(Json(rollout_json(&r, Some(&devices))))
 }
 
@@ -278,7 +206,7 @@ pub async fn act(
         _ => return Err(ApiError::not_found(format!("rollout action {verb:?}"))),
     };
     op.require_admin()?;
-    state.store.rollout_action(id, action, &op.actor(), crate::now_ms()).await?;
-    let (r, devices) = state.store.rollout(id).await?;
+    state.rollouts.act(id, action, &op.actor(), crate::now_ms()).await?;
+    let (r, devices) = state.rollouts.get(id).await?;
     Ok(Json(rollout_json(&r, Some(&devices))))
 }

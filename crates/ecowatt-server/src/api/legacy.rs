@@ -299,8 +299,8 @@ async fn ota_check(
     })?;
     // Semantic versions, not strings: 1.0.10 is newer than 1.0.9, and never a downgrade.
     let newest = state
-        .store
-        .list_firmware()
+        .firmware
+        .list()
         .await?
         .into_iter()
         .filter_map(|f| Version::parse(&f.version).ok().map(|v| (v, f)))
@@ -332,12 +332,12 @@ async fn ota_download(
         .and_then(|f| f.strip_suffix(".bin"))
         .ok_or_else(|| ApiError::not_found(format!("firmware file {file:?}")))?;
     let record = state
-        .store
-        .list_firmware()
+        .firmware
+        .list()
         .await?
         .into_iter()
         .find(|f| f.version == version)
         .ok_or_else(|| ApiError::not_found(format!("firmware file {file:?}")))?;
-    let (_, data) = state.store.firmware_data(record.id).await?;
-    Ok(super::firmware::serve_bytes(&headers, data))
+    let (_, data) = state.firmware.data(record.id).await?;
+    Ok(super::ranges::serve_bytes(&headers, data))
 }

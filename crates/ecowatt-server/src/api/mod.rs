@@ -10,6 +10,7 @@ pub mod firmware;
 mod json;
 mod legacy;
 mod ops;
+mod ranges;
 mod telemetry;
 mod tokens;
 
@@ -45,6 +46,10 @@ pub struct AppState {
     pub configs: crate::config::Configs,
     /// The commands.
     pub commands: crate::commands::Commands,
+    /// Stored firmware images.
+    pub firmware: crate::firmware::Firmwares,
+    /// Firmware rollouts.
+    pub rollouts: crate::firmware::Rollouts,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// Settings in force.

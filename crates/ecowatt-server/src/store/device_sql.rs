@@ -5,7 +5,6 @@ use serde_json::json;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::rollout_sql::WAITING;
 use super::sql::{SqlStore, Tx};
 use super::*;
 use crate::devices::keys::{slot_of, window, window_columns};
@@ -85,8 +84,9 @@ impl SqlStore {
             .fetch_one(&mut **tx)
             .await?;
         let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
-        let (update, wake) = self.offer_in(tx, device_id, now).await?;
-        Ok(SyncDelivery { device: name, down_counter, config, commands, update, wake })
+        let update =
+            crate::firmware::rollouts::store::offer_in(self.db(), tx, device_id, now).await?;
+        Ok(SyncDelivery { device: name, down_counter, config, commands, update })
     }
 
     pub(super) async fn device_sync_impl(
@@ -140,12 +140,18 @@ impl SqlStore {
             crate::config::report_in(&mut tx, device_id, *version, applied, &report.rejected, now)
                 .await?;
         }
-        let mut wake = match &report.ota {
-            Some(ota) => self.ota_report_in(&mut tx, device_id, ota, now).await?,
-            None => vec![],
-        };
+        if let Some(ota) = &report.ota {
+            crate::firmware::rollouts::store::ota_report_in(
+                self.db(),
+                &mut tx,
+                device_id,
+                ota,
+                now,
+            )
+            .await?;
+        }
         let applied_version = report.applied.as_ref().map(|(v, _)| *v);
-        let mut delivery = if deliver {
+        let delivery = if deliver {
             self.delivery_in(&mut tx, device_id, name, applied_version, redeliver_after_ms, now)
                 .await?
         } else {
@@ -155,11 +161,8 @@ impl SqlStore {
                 config: None,
                 commands: vec![],
                 update: None,
-                wake: vec![],
             }
         };
-        wake.append(&mut delivery.wake);
-        delivery.wake = wake;
         tx.commit().await?;
         Ok(Ok(delivery))
     }
@@ -184,11 +187,10 @@ impl SqlStore {
         let row = sqlx::query(&format!(
             "SELECT d.name, d.firmware, c.desired_version, c.reported_version, c.reported, c.rejected, \
              (SELECT COUNT(*) FROM commands WHERE device_id = d.id AND {deliverable}) AS commands, \
-             (SELECT COUNT(*) FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
-              WHERE rd.device_id = d.id AND r.state = 'running' AND rd.wave <= r.current_wave \
-              AND rd.state IN {WAITING}) AS offers \
+             {offers} AS offers \
              FROM devices d JOIN device_configs c ON c.device_id = d.id WHERE d.id = $1",
             deliverable = crate::commands::store::deliverable_sql("$2", "$3"),
+            offers = crate::firmware::rollouts::store::offer_waiting_sql("d.id"),
         ))
         .bind(device_id)
         .bind(now)
@@ -233,7 +235,6 @@ impl SqlStore {
             config: None,
             commands: vec![],
             update: None,
-            wake: vec![],
         })))
     }
 

@@ -6,13 +6,10 @@
 
 pub mod device_sql;
 mod ingest;
-pub mod rollout_sql;
 pub mod sql;
 
 pub use crate::db::sqlite_file;
 pub use crate::db::{StoreError, StoreResult};
-
-use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -21,7 +18,6 @@ pub use crate::commands::{Command, CommandFilter, CommandOutcome, CommandStats};
 use crate::config::DeviceConfig;
 pub use crate::config::{ConfigShadow, ConfigVersion, Rejection};
 pub use crate::devices::{Device, DeviceCrypto, KeyLookup, KeySlot};
-use crate::domain::Invalid;
 pub use sql::SqlStore;
 
 /// An upload (or quiet sync) accepted by the ingest task.
@@ -79,110 +75,7 @@ pub struct SyncDelivery {
     /// Commands handed out.
     pub commands: Vec<Command>,
     /// A firmware update to offer.
-    pub update: Option<UpdateOfferRow>,
-    /// Devices whose offer just became due (a rollout moved to its next
-    /// wave): their long polls are woken.
-    pub wake: Vec<String>,
-}
-
-/// A firmware update offered to one device in one rollout.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpdateOfferRow {
-    /// Names the download (hex of 16 random bytes).
-    pub token: String,
-    /// The image's signed manifest JSON, as uploaded.
-    pub manifest: serde_json::Value,
-}
-
-/// Which devices a rollout is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RolloutTarget {
-    /// These devices, by name.
-    Devices(Vec<String>),
-    /// This percentage (1-100) of the enabled devices.
-    Percent(u32),
-}
-
-/// A rollout to create.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewRollout {
-    /// The image.
-    pub firmware_id: i64,
-    /// The devices.
-    pub target: RolloutTarget,
-    /// Cumulative percentages of the rollout's devices per wave, ending at 100.
-    pub waves: Vec<u32>,
-    /// A wave whose failures (failed or rolled back) exceed this percentage of
-    /// its devices aborts the rollout.
-    pub failure_threshold_pct: u32,
-}
-
-/// What an operator does to a rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RolloutAction {
-    /// Stop offering; downloads in flight stop and keep their progress.
-    Pause,
-    /// Offer again.
-    Resume,
-    /// Stop for good: devices not yet installing are cancelled.
-    Abort,
-}
-
-/// A rollout with its progress.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Rollout {
-    /// Numeric id.
-    pub id: i64,
-    /// The image.
-    pub firmware_id: i64,
-    /// Its version.
-    pub version: String,
-    /// Its hardware target.
-    pub target: String,
-    /// `running`, `paused`, `aborted` or `completed`.
-    pub state: String,
-    /// Cumulative percentages per wave.
-    pub waves: Vec<u32>,
-    /// The wave being offered (from 0).
-    pub current_wave: i64,
-    /// Abort threshold, percent of a wave.
-    pub failure_threshold_pct: i64,
-    /// Why it was aborted.
-    pub reason: Option<String>,
-    /// When it was created.
-    pub created_ms: i64,
-    /// Who created it.
-    pub created_by: String,
-    /// Last change.
-    pub updated_ms: i64,
-    /// Devices per state.
-    pub counts: BTreeMap<String, i64>,
-    /// Devices in it.
-    pub devices_total: i64,
-}
-
-/// One device's progress in a rollout.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RolloutDevice {
-    /// Device name.
-    pub device: String,
-    /// Its wave (from 0).
-    pub wave: i64,
-    /// `pending`, `offered`, `downloading`, `verifying`, `installing`, `trial`,
-    /// `succeeded`, `failed`, `rolled_back` or `cancelled`.
-    pub state: String,
-    /// Bytes downloaded.
-    pub done: i64,
-    /// Image size.
-    pub total: i64,
-    /// Download progress, percent.
-    pub percent: i64,
-    /// Why it failed or rolled back.
-    pub reason: Option<String>,
-    /// The version the device reports running.
-    pub running: Option<String>,
-    /// Last change.
-    pub updated_ms: i64,
+    pub update: Option<crate::firmware::rollouts::Offer>,
 }
 
 /// A security event: refusals of one kind from one source address (about
@@ -250,31 +143,6 @@ pub struct StoredBatch {
     pub data: Vec<u8>,
 }
 
-/// A stored firmware image's record (the bytes are fetched separately).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Firmware {
-    /// Numeric id.
-    pub id: i64,
-    /// Semantic version.
-    pub version: String,
-    /// Hardware target.
-    pub target: String,
-    /// Size, bytes.
-    pub size: i64,
-    /// SHA-256, hex.
-    pub sha256: String,
-    /// Anti-rollback counter.
-    pub security_counter: i64,
-    /// When it was signed.
-    pub created_ms: i64,
-    /// The signed manifest as uploaded.
-    pub manifest: serde_json::Value,
-    /// When it was uploaded.
-    pub uploaded_ms: i64,
-    /// Who uploaded it.
-    pub uploaded_by: String,
-}
-
 /// Everything the server keeps.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -331,30 +199,6 @@ pub trait Store: Send + Sync {
     async fn telemetry_latest(&self, device: &str) -> StoreResult<Option<StoredBatch>>;
     /// Samples the device reported dropping.
     async fn dropped_total(&self, device: &str) -> StoreResult<i64>;
-    /// Stores a verified firmware image (Conflict if that version and target exist).
-    async fn add_firmware(&self, fw: &Firmware, data: &[u8], actor: &str) -> StoreResult<Firmware>;
-    /// Every firmware image's record, newest upload first.
-    async fn list_firmware(&self) -> StoreResult<Vec<Firmware>>;
-    /// A firmware image's bytes.
-    async fn firmware_data(&self, id: i64) -> StoreResult<(Firmware, Vec<u8>)>;
-    /// The image a device download token names.
-    async fn firmware_by_token(&self, token: &str) -> StoreResult<(Firmware, Vec<u8>)>;
-    /// Starts a rollout (its first wave is offered at the devices' next sync).
-    async fn create_rollout(&self, new: &NewRollout, actor: &str, now: i64)
-    -> StoreResult<Rollout>;
-    /// Every rollout, newest first.
-    async fn rollouts(&self) -> StoreResult<Vec<Rollout>>;
-    /// One rollout with every device's progress.
-    async fn rollout(&self, id: i64) -> StoreResult<(Rollout, Vec<RolloutDevice>)>;
-    /// Pauses, resumes or aborts a rollout; the devices whose long polls should
-    /// wake come back with it.
-    async fn rollout_action(
-        &self,
-        id: i64,
-        action: RolloutAction,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<(Rollout, Vec<String>)>;
     /// Writes tallied security events in one transaction: inserts the rows
     /// without an id, updates the count and last time of the others; returns
     /// every row's id, in order.

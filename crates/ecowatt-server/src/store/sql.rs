@@ -2,13 +2,10 @@
 //! the database core ([`crate::db`]).
 
 use async_trait::async_trait;
-use serde_json::json;
-use sqlx::Row;
-use sqlx::any::AnyRow;
 
 use super::*;
+use crate::db::Db;
 pub use crate::db::Dialect;
-use crate::db::{Db, json_col};
 
 /// The SQL store.
 #[derive(Clone)]
@@ -26,21 +23,6 @@ pub struct SqlStore {
 }
 
 pub(super) type Tx = crate::db::WriteTx;
-
-pub(super) fn firmware_from(row: &AnyRow) -> StoreResult<Firmware> {
-    Ok(Firmware {
-        id: row.try_get("id")?,
-        version: row.try_get("version")?,
-        target: row.try_get("target")?,
-        size: row.try_get("size")?,
-        sha256: row.try_get("sha256")?,
-        security_counter: row.try_get("security_counter")?,
-        created_ms: row.try_get("created_ms")?,
-        manifest: json_col(row, "manifest")?,
-        uploaded_ms: row.try_get("uploaded_ms")?,
-        uploaded_by: row.try_get("uploaded_by")?,
-    })
-}
 
 impl SqlStore {
     /// Opens (creating if needed) the database at `url` and migrates it:
@@ -68,6 +50,16 @@ impl SqlStore {
     /// Opens the store with news that reaches nobody (tools, tests).
     pub async fn open(url: &str) -> StoreResult<Self> {
         SqlStore::open_with(url, Default::default()).await
+    }
+
+    /// Stored firmware images.
+    pub fn firmwares(&self) -> crate::firmware::Firmwares {
+        crate::firmware::Firmwares::new(self.db.clone())
+    }
+
+    /// Firmware rollouts.
+    pub fn rollouts(&self) -> crate::firmware::Rollouts {
+        crate::firmware::Rollouts::new(self.db.clone())
     }
 
     /// The database.
@@ -218,98 +210,5 @@ impl Store for SqlStore {
 
     async fn dropped_total(&self, device: &str) -> StoreResult<i64> {
         self.dropped_total_impl(device).await
-    }
-
-    async fn add_firmware(&self, fw: &Firmware, data: &[u8], actor: &str) -> StoreResult<Firmware> {
-        let mut tx = self.db.write().await?;
-        let exists = sqlx::query("SELECT id FROM firmware WHERE version = $1 AND target = $2")
-            .bind(fw.version.as_str())
-            .bind(fw.target.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_some() {
-            return Err(StoreError::Conflict(format!(
-                "firmware {} for {} is already stored",
-                fw.version, fw.target
-            )));
-        }
-        let row = sqlx::query(
-            "INSERT INTO firmware (version, target, size, sha256, security_counter, created_ms, manifest, data, uploaded_ms, uploaded_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
-        )
-        .bind(fw.version.as_str())
-        .bind(fw.target.as_str())
-        .bind(fw.size)
-        .bind(fw.sha256.as_str())
-        .bind(fw.security_counter)
-        .bind(fw.created_ms)
-        .bind(fw.manifest.to_string())
-        .bind(data.to_vec())
-        .bind(fw.uploaded_ms)
-        .bind(actor)
-        .fetch_one(&mut *tx)
-        .await?;
-        let id: i64 = row.try_get("id")?;
-        crate::operators::audit::record(
-            &mut tx,
-            fw.uploaded_ms,
-            actor,
-            "firmware.upload",
-            &id.to_string(),
-            json!({"version": fw.version, "target": fw.target, "size": fw.size}),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Firmware { id, uploaded_by: actor.to_owned(), ..fw.clone() })
-    }
-
-    async fn list_firmware(&self) -> StoreResult<Vec<Firmware>> {
-        let rows = sqlx::query(
-            "SELECT id, version, target, size, sha256, security_counter, created_ms, manifest, uploaded_ms, uploaded_by \
-             FROM firmware ORDER BY id DESC",
-        )
-        .fetch_all(self.db.reader())
-        .await?;
-        rows.iter().map(firmware_from).collect()
-    }
-
-    async fn firmware_data(&self, id: i64) -> StoreResult<(Firmware, Vec<u8>)> {
-        let row = sqlx::query("SELECT * FROM firmware WHERE id = $1")
-            .bind(id)
-            .fetch_optional(self.db.reader())
-            .await?;
-        let row = row.ok_or_else(|| StoreError::NotFound(format!("firmware {id}")))?;
-        Ok((firmware_from(&row)?, row.try_get("data")?))
-    }
-
-    async fn firmware_by_token(&self, token: &str) -> StoreResult<(Firmware, Vec<u8>)> {
-        self.firmware_by_token_impl(token).await
-    }
-
-    async fn create_rollout(
-        &self,
-        new: &NewRollout,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Rollout> {
-        self.create_rollout_impl(new, actor, now).await
-    }
-
-    async fn rollouts(&self) -> StoreResult<Vec<Rollout>> {
-        self.rollouts_impl().await
-    }
-
-    async fn rollout(&self, id: i64) -> StoreResult<(Rollout, Vec<RolloutDevice>)> {
-        self.rollout_impl(id).await
-    }
-
-    async fn rollout_action(
-        &self,
-        id: i64,
-        action: RolloutAction,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<(Rollout, Vec<String>)> {
-        self.rollout_action_impl(id, action, actor, now).await
     }
 }

@@ -7,7 +7,7 @@ use axum::http::{Request, StatusCode};
 use ecowatt_proto::firmware::{Manifest, Version};
 use ecowatt_proto::messages::{OtaReport, OtaState, SyncRequest, SyncResponse, ota_reason};
 use ecowatt_server::api::app;
-use ecowatt_server::store::Firmware;
+use ecowatt_server::firmware::Firmware;
 use ecowatt_server::testing::TempDb;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -49,7 +49,7 @@ async fn store_image(c: &Client, version: &str, data: &[u8]) -> i64 {
         uploaded_ms: 1,
         uploaded_by: "test".into(),
     };
-    c.server.state.store.add_firmware(&fw, data, "test").await.unwrap().id
+    c.server.state.firmware.add(&fw, data).await.unwrap().id
 }
 
 fn report(state: OtaState, version: &str, done: u64, total: u64, reason: u8) -> SyncRequest {

@@ -1,6 +1,5 @@
 //! Firmware manifests as JSON files (`IMAGE.manifest.json`), shared by the CLI
-//! that signs them and the server that checks them, and byte ranges for
-//! resumable downloads.
+//! that signs them and the server that checks them.
 
 use anyhow::Context;
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
@@ -55,59 +54,4 @@ pub fn parse_manifest(v: &Value) -> anyhow::Result<(Manifest, PublicKey, Vec<u8>
         created_ms: n("created_ms")?,
     };
     Ok((m, key, sig))
-}
-
-/// A `Range` header that cannot be served (answered with 416).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unsatisfiable;
-
-/// A byte range asked for with `Range: bytes=...`, resolved against `len`:
-/// `Ok(None)` for the whole body.
-pub fn byte_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
-    let Some(h) = header else { return Ok(None) };
-    let spec = h.trim().strip_prefix("bytes=").ok_or(Unsatisfiable)?;
-    if spec.contains(',') {
-        return Err(Unsatisfiable); // one range at a time
-    }
-    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", suffix) => {
-            let n: u64 = suffix.parse().map_err(|_| Unsatisfiable)?;
-            if n == 0 {
-                return Err(Unsatisfiable);
-            }
-            (len.saturating_sub(n), len.checked_sub(1).ok_or(Unsatisfiable)?)
-        }
-        (s, "") => {
-            (s.parse().map_err(|_| Unsatisfiable)?, len.checked_sub(1).ok_or(Unsatisfiable)?)
-        }
-        (s, e) => {
-            let (s, e): (u64, u64) =
-                (s.parse().map_err(|_| Unsatisfiable)?, e.parse().map_err(|_| Unsatisfiable)?);
-            (s, e.min(len.saturating_sub(1)))
-        }
-    };
-    if start > end || start >= len {
-        return Err(Unsatisfiable);
-    }
-    Ok(Some((start, end)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Unsatisfiable, byte_range};
-
-    #[test]
-    fn ranges() {
-        assert_eq!(byte_range(None, 100), Ok(None));
-        assert_eq!(byte_range(Some("bytes=0-9"), 100), Ok(Some((0, 9))));
-        assert_eq!(byte_range(Some("bytes=90-"), 100), Ok(Some((90, 99))));
-        assert_eq!(byte_range(Some("bytes=-10"), 100), Ok(Some((90, 99))));
-        assert_eq!(byte_range(Some("bytes=50-500"), 100), Ok(Some((50, 99))));
-        for bad in
-            ["bytes=100-", "bytes=5-1", "items=0-1", "bytes=0-1,5-6", "bytes=-0", "bytes=a-b"]
-        {
-            assert_eq!(byte_range(Some(bad), 100), Err(Unsatisfiable), "{bad}");
-        }
-    }
 }
