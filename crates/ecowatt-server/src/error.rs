@@ -6,8 +6,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::db::StoreError;
 use crate::domain::Invalid;
-use crate::store::StoreError;
 
 /// An API error.
 #[derive(Debug)]

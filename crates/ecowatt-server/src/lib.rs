@@ -1,17 +1,11 @@
 //! The EcoWatt cloud server.
 //!
-//! Parts:
-//! - [`domain`] — what an operator works with, validated: device configs
-//!   (the shadow's desired side) and inverter commands.
-//! - [`store`] — the [`store::Store`] trait and its SQL implementation, which
-//!   serves SQLite (default) and PostgreSQL from one code path; migrations.
-//! - [`api`] — the axum router: operator API under `/api/v1`, the seed's
-//!   legacy API behind a flag, `/healthz`, `/metrics`.
-//! - [`firmware`] — manifest files and byte ranges for firmware downloads.
-//! - [`refusals`] — refused traffic tallied per source and minute, budgeted.
-//! - [`settings`] — flags, environment and TOML file, merged.
-//! - [`run`] — start-up (data directory, store, first admin token) and serving
-//!   with graceful shutdown.
+//! By aggregate (`docs/design.md` has the map): a database core ([`db`]),
+//! one module per part of the domain, each with its types, its rules as
+//! plain functions and its SQL for both dialects ([`devices`],
+//! [`operators`], [`config`], [`commands`], [`protocol`], [`telemetry`],
+//! [`firmware`], [`security`]), composed by [`store`]; thin HTTP handlers
+//! ([`api`]); start-up and shutdown ([`run`], [`settings`]).
 
 pub mod api;
 pub mod commands;
@@ -24,10 +18,12 @@ pub mod firmware;
 pub mod metrics;
 pub mod news;
 pub mod operators;
-pub mod refusals;
+pub mod protocol;
 pub mod run;
+pub mod security;
 pub mod settings;
 pub mod store;
+pub mod telemetry;
 pub mod testing;
 
 /// `bytes` random bytes from the OS, as lowercase hex (keys, tokens, names).

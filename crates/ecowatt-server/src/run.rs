@@ -10,12 +10,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
-use crate::metrics::Metrics;
+use crate::db::StoreError;
 use crate::news::News;
 use crate::operators::{Role, generate_token, hash_token};
-use crate::refusals::Refusals;
 use crate::settings::{ADMIN_TOKEN_FILE, Settings};
-use crate::store::{SqlStore, StoreError};
+use crate::store::Store;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +53,8 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
     // database is gone or empty: never start again empty over it.
     let had_store = token_path.exists();
     if had_store
-        && let Some(path) = crate::store::sqlite_file::path_of(&settings.database)
-        && crate::store::sqlite_file::check(&path)?
-            != crate::store::sqlite_file::FileState::Database
+        && let Some(path) = crate::db::sqlite_file::path_of(&settings.database)
+        && crate::db::sqlite_file::check(&path)? != crate::db::sqlite_file::FileState::Database
     {
         return Err(StartError::Store(StoreError::Unusable(format!(
             "{} is missing or empty, but {} shows this data directory held a store: restore the \
@@ -67,7 +65,7 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         ))));
     }
     let news = Arc::new(News::default());
-    let store = SqlStore::open_with(&settings.database, Arc::clone(&news)).await?;
+    let store = Store::open_with(&settings.database, Arc::clone(&news)).await?;
     if had_store && store.created() {
         store.close().await;
         return Err(StartError::Store(StoreError::Unusable(format!(
@@ -89,21 +87,7 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         write_secret(&path, &secret).map_err(io(&path))?;
         admin_token_file = Some(path);
     }
-    let (devices, configs, commands) = (store.devices(), store.configs(), store.commands());
-    let state = AppState {
-        firmware: store.firmwares(),
-        rollouts: store.rollouts(),
-        store: Arc::new(store),
-        metrics: Arc::new(Metrics::default()),
-        refusals: Arc::new(Refusals::new(settings.refusals_per_minute)),
-        settings: Arc::new(settings),
-        news,
-        operators,
-        devices,
-        configs,
-        commands,
-        edge: Arc::new(ecowatt_edge::Stats::default()),
-    };
+    let state = AppState::new(store, settings, news);
     Ok(Prepared { state, admin_token_file })
 }
 
@@ -174,7 +158,7 @@ pub async fn serve(
 /// The sweeps: expired commands, tallied security events, retention.
 async fn background(state: AppState, mut stopped: tokio::sync::watch::Receiver<bool>) {
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
-    let mut flush = tokio::time::interval(crate::refusals::FLUSH_EVERY);
+    let mut flush = tokio::time::interval(crate::security::refusals::FLUSH_EVERY);
     let mut purge = tokio::time::interval(PURGE_EVERY);
     for tick in [&mut expire, &mut flush, &mut purge] {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,7 +179,7 @@ async fn background(state: AppState, mut stopped: tokio::sync::watch::Receiver<b
 }
 
 async fn flush_refusals(state: &AppState) {
-    if let Err(e) = state.refusals.flush(&*state.store, crate::now_ms()).await {
+    if let Err(e) = state.refusals.flush(&state.security_events, crate::now_ms()).await {
         tracing::warn!(error = %e, "could not write the security events tallied (kept for the next try)");
     }
 }
@@ -205,7 +189,7 @@ async fn purge_old(state: &AppState) {
     let before = |keep: Duration| now - keep.as_millis() as i64;
     let settings = &state.settings;
     if let Some(keep) = settings.security_event_retention {
-        match state.store.purge_security_events(before(keep)).await {
+        match state.security_events.purge(before(keep)).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(count = n, "deleted security events past retention"),
             Err(e) => tracing::warn!(error = %e, "security event retention sweep failed"),
@@ -222,7 +206,7 @@ async fn purge_old(state: &AppState) {
 
 /// Forwards PostgreSQL notifications until the task is dropped: device news
 /// to `news`, other servers' key changes to the store's copy of the keys
-/// (which counts as complete only while this listens: `store/keys.rs`).
+/// (which counts as complete only while this listens: `devices/keys.rs`).
 async fn listen_postgres(url: String, news: Arc<News>, devices: crate::devices::Devices) {
     let keys = crate::devices::keys::CHANNEL;
     loop {

@@ -153,9 +153,8 @@ impl Settings {
     pub fn resolve(file: SettingsFile) -> Result<Settings, String> {
         let bind = file.bind.unwrap_or_else(|| DEFAULT_BIND.parse().expect("default bind parses"));
         let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let database = file
-            .database
-            .unwrap_or_else(|| crate::store::SqlStore::sqlite_url(&data_dir.join("ecowatt.db")));
+        let database =
+            file.database.unwrap_or_else(|| crate::db::sqlite_url(&data_dir.join("ecowatt.db")));
         let body_limit = file.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT);
         if !(1024..=64 * 1024 * 1024).contains(&body_limit) {
             return Err(format!("body_limit_bytes {body_limit} is outside 1024..=67108864"));

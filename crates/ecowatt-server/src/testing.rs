@@ -16,7 +16,6 @@ use tokio::sync::oneshot;
 use crate::api::AppState;
 use crate::run;
 use crate::settings::{ADMIN_TOKEN_FILE, Settings, SettingsFile};
-use crate::store::SqlStore;
 
 /// Environment variable naming the PostgreSQL server for tests.
 pub const PG_ENV: &str = "ECOWATT_TEST_PG_URL";
@@ -34,7 +33,7 @@ impl TempDb {
     /// A fresh SQLite database in a temporary directory.
     pub fn sqlite() -> TempDb {
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = SqlStore::sqlite_url(&dir.path().join("ecowatt.db"));
+        let url = crate::db::sqlite_url(&dir.path().join("ecowatt.db"));
         TempDb { url, dir, pg: None }
     }
 
@@ -42,7 +41,7 @@ impl TempDb {
     /// file system a test fills, say).
     pub fn sqlite_in(parent: &std::path::Path) -> TempDb {
         let dir = tempfile::tempdir_in(parent).expect("temp dir");
-        let url = SqlStore::sqlite_url(&dir.path().join("ecowatt.db"));
+        let url = crate::db::sqlite_url(&dir.path().join("ecowatt.db"));
         TempDb { url, dir, pg: None }
     }
 
@@ -177,7 +176,11 @@ impl TestServer {
 
     /// Writes the security events tallied so far (the server does every 5 s).
     pub async fn flush_security_events(&self) {
-        self.state.refusals.flush(&*self.state.store, crate::now_ms()).await.expect("flush");
+        self.state
+            .refusals
+            .flush(&self.state.security_events, crate::now_ms())
+            .await
+            .expect("flush");
     }
 
     /// Stops the server and waits for it.

@@ -264,21 +264,21 @@ async fn commands(
 ) -> anyhow::Result<()> {
     use ecowatt_server::commands::{CommandOutcome, CommandRequest};
     use ecowatt_server::config::ConfigPatch;
-    use ecowatt_server::store::{SqlStore, Store};
+    use ecowatt_server::store::Store;
     use ecowatt_server::testing::TempDb;
 
     let db = match &postgres {
         Some(url) => TempDb::postgres_at(url, "ecowatt_bench").await,
         None => TempDb::sqlite(),
     };
-    let store = std::sync::Arc::new(SqlStore::open(&db.url).await?);
+    let store = std::sync::Arc::new(Store::open(&db.url).await?);
     let now = ecowatt_server::now_ms();
     for w in 0..workers {
         store.devices().create(&format!("bench-{w}"), 10_000, "00", "bench", now).await?;
     }
     println!(
         "Command store, {} backend, {workers} workers (one device each), at most {cycles} operations or {max_time:?}:",
-        store.backend()
+        store.db().backend()
     );
     let per_worker = cycles.div_ceil(workers);
 

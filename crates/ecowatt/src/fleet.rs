@@ -154,7 +154,7 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
         // have an address of their own, so the per-address cap is lifted.
         .args(["--max-connections-per-source", "1000000"])
         // The server's log filter: warnings, unless ECOWATT_FLEET_SERVER_LOG says
-        // otherwise (`ecowatt_server::store::ingest=debug` logs every group).
+        // otherwise (`ecowatt_server::telemetry::ingest=debug` logs every group).
         .env("RUST_LOG", std::env::var("ECOWATT_FLEET_SERVER_LOG").unwrap_or("warn".into()));
     if let Some(db) = &args.database {
         cmd.args(["--database", db]);

@@ -204,11 +204,12 @@ fn local_token(
     role: &str,
     database: Option<&str>,
 ) -> anyhow::Result<()> {
+    use ecowatt_server::db::sqlite_file;
     use ecowatt_server::operators::Role;
-    use ecowatt_server::store::{SqlStore, sqlite_file};
+    use ecowatt_server::store::Store;
     let url = match database {
         Some(url) => url.to_owned(),
-        None => SqlStore::sqlite_url(&conn.data_dir.join("ecowatt.db")),
+        None => ecowatt_server::db::sqlite_url(&conn.data_dir.join("ecowatt.db")),
     };
     // Never create a store here: only an existing one gets a token.
     if let Some(path) = sqlite_file::path_of(&url)
@@ -222,7 +223,7 @@ fn local_token(
     let role = Role::parse(role).context("role")?;
     let rt = tokio::runtime::Runtime::new()?;
     let (secret, token) = rt.block_on(async {
-        let store = SqlStore::open(&url).await?;
+        let store = Store::open(&url).await?;
         anyhow::ensure!(!store.created(), "the database at {url} held no store");
         let secret = ecowatt_server::operators::generate_token();
         let hash = ecowatt_server::operators::hash_token(&secret);

@@ -117,7 +117,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         let legacy = settings.legacy_api;
         let data_dir = settings.data_dir.clone();
         let prepared = ecowatt_server::run::prepare(settings).await?;
-        let backend = prepared.state.store.backend();
+        let backend = prepared.state.store.db().backend();
         let limits = prepared.state.settings.limits;
         tracing::info!(address = %listener.local_addr()?, backend, data_dir = %data_dir.display(),
             open_files, max_connections = limits.max_connections, per_source = limits.max_per_source,

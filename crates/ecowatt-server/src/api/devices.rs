@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use super::json::ApiJson;
 use super::{AppState, Operator};
+use crate::devices::Device;
 use crate::error::ApiError;
-use crate::store::Device;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,7 +64,7 @@ pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<V
         .into_iter()
         .map(|d| {
             let online =
-                d.last_seen_ms.is_some_and(|t| now - t <= super::telemetry::ONLINE_WITHIN_MS);
+                d.last_seen_ms.is_some_and(|t| now - t <= crate::telemetry::read::ONLINE_WITHIN_MS);
             let mut v = serde_json::to_value(&d).expect("device serialises");
             v["online"] = json!(online);
             v

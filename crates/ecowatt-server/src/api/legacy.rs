@@ -20,10 +20,10 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::json::ApiJson;
+use crate::commands::{Command, CommandFilter, CommandOutcome};
 use crate::config::ConfigPatch;
 use crate::domain::Invalid;
 use crate::error::ApiError;
-use crate::store::{Command, CommandFilter, CommandOutcome};
 
 /// Who the audit log names for changes made through this API.
 const ACTOR: &str = "legacy-api";

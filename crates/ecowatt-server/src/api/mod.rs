@@ -29,15 +29,17 @@ use ecowatt_edge::BodyGuardLayer;
 pub use auth::Operator;
 
 use crate::metrics::Metrics;
-use crate::refusals::Refusals;
+use crate::security::Refusals;
 use crate::settings::Settings;
 use crate::store::Store;
 
-/// What every handler shares.
+/// What every handler shares: a handle on each aggregate, and the server's
+/// own counters and settings.
 #[derive(Clone)]
 pub struct AppState {
-    /// Durable state.
-    pub store: Arc<dyn Store>,
+    /// The store as a whole: its health and its closing (handlers use the
+    /// aggregates below).
+    pub store: Store,
     /// Operators' tokens and the audit log.
     pub operators: crate::operators::Operators,
     /// Devices and their keys.
@@ -50,16 +52,47 @@ pub struct AppState {
     pub firmware: crate::firmware::Firmwares,
     /// Firmware rollouts.
     pub rollouts: crate::firmware::Rollouts,
+    /// Stored telemetry.
+    pub telemetry: crate::telemetry::Telemetry,
+    /// The device protocol's transactions.
+    pub protocol: crate::protocol::Protocol,
+    /// Security events as stored.
+    pub security_events: crate::security::SecurityEvents,
+    /// Refusals tallied and budgeted per source address (written to
+    /// `security_events`).
+    pub refusals: Arc<Refusals>,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// Settings in force.
     pub settings: Arc<Settings>,
     /// Wakes long-polling devices (and ends their waits at shutdown).
     pub news: Arc<crate::news::News>,
-    /// Refusals tallied and budgeted per source address.
-    pub refusals: Arc<Refusals>,
     /// The listener's connection counters.
     pub edge: Arc<ecowatt_edge::Stats>,
+}
+
+impl AppState {
+    /// The state of a server over `store` with `settings`; `news` is the one
+    /// the store announces to.
+    pub fn new(store: Store, settings: Settings, news: Arc<crate::news::News>) -> Self {
+        AppState {
+            operators: store.operators(),
+            devices: store.devices(),
+            configs: store.configs(),
+            commands: store.commands(),
+            firmware: store.firmwares(),
+            rollouts: store.rollouts(),
+            telemetry: store.telemetry(),
+            protocol: store.protocol(),
+            security_events: store.security_events(),
+            refusals: Arc::new(Refusals::new(settings.refusals_per_minute)),
+            metrics: Arc::new(Metrics::default()),
+            settings: Arc::new(settings),
+            news,
+            edge: Arc::new(ecowatt_edge::Stats::default()),
+            store,
+        }
+    }
 }
 
 /// The peer's address, when the request came over a socket (requests driven

@@ -73,6 +73,6 @@ pub async fn security_events(
     _op: Operator,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let events = state.store.security_events(q.before, q.limit.unwrap_or(100)).await?;
+    let events = state.security_events.list(q.before, q.limit.unwrap_or(100)).await?;
     Ok(Json(json!({ "events": events })))
 }

@@ -189,7 +189,7 @@ CREATE INDEX commands_by_expiry ON commands (expires_ms) WHERE status IN ('queue
     (
         7,
         // Security events are tallies: refusals of one kind from one source
-        // address within a minute, one row with a count (`refusals.rs`).
+        // address within a minute, one row with a count (`security/refusals.rs`).
         // Retention deletes by `last_ms`, audit entries by `at_ms`.
         r#"
 ALTER TABLE security_events ADD COLUMN source TEXT;
@@ -205,7 +205,7 @@ CREATE INDEX audit_by_time ON audit_log (at_ms)
         8,
         // The highest `seq` stored per device: an upload starting at or below
         // it may repeat stored samples, and only those are looked up
-        // (`ingest.rs`), so a resent batch that grew stores only what it adds.
+        // (`telemetry/ingest.rs`), so a resent batch that grew stores only what it adds.
         r#"
 ALTER TABLE devices ADD COLUMN stored_seq BIGINT NOT NULL DEFAULT 0;
 UPDATE devices SET stored_seq = COALESCE((SELECT MAX(last_seq) FROM telemetry_batches b WHERE b.device_id = devices.id), 0)

@@ -96,6 +96,11 @@ pub struct Db {
     health: Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>,
 }
 
+/// The URL of the SQLite database file at `path` (created when missing).
+pub fn sqlite_url(path: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
 /// Whether a pooled connection may be handed out: not when sqlx still counts
 /// it inside a transaction. A rollback queued when a transaction was dropped
 /// runs before the ping returns, so only a connection whose rollback failed

@@ -3,6 +3,7 @@
 //! window, until the next rotation), removal, and every device's keys kept in
 //! memory ([`keys`]) so that a request needs no read before its transaction.
 
+pub mod admission;
 pub mod keys;
 
 use serde::Serialize;

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use ecowatt_server::commands::{CommandFilter, CommandOutcome, CommandRequest, CommandStatus};
-use ecowatt_server::store::SqlStore;
+use ecowatt_server::store::Store;
 use ecowatt_server::testing::TempDb;
 
 const DEVICES: usize = 4;
@@ -18,7 +18,7 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
     for db in TempDb::each().await {
         let b = db.backend();
         let (first, second) =
-            (SqlStore::open(&db.url).await.unwrap(), SqlStore::open(&db.url).await.unwrap());
+            (Store::open(&db.url).await.unwrap(), Store::open(&db.url).await.unwrap());
         let devices = first.devices();
         let one = Arc::new(first.commands());
         let two = Arc::new(second.commands());

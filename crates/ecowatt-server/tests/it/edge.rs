@@ -168,7 +168,7 @@ async fn a_garbage_flood_is_one_tallied_event_then_429_while_the_device_passes()
     let (status, body) = http(addr, "GET /api/v1/devices HTTP/1.1\r\nhost: x", b"").await;
     assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
     c.server.flush_security_events().await;
-    let events = c.server.state.store.security_events(None, 100).await.unwrap();
+    let events = c.server.state.security_events.list(None, 100).await.unwrap();
     let unknown: Vec<_> = events.iter().filter(|e| e.kind == "unknown_device").collect();
     assert_eq!(unknown.len(), 1, "one row per source, kind and minute: {events:?}");
     assert_eq!(unknown[0].count, 300, "{events:?}");

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use ecowatt_server::store::SqlStore;
+use ecowatt_server::store::Store;
 use ecowatt_server::testing::{TempDb, TestServer};
 use serde_json::json;
 
@@ -13,9 +13,9 @@ use crate::api::Client;
 #[tokio::test]
 async fn a_write_connection_left_in_a_failed_transaction_is_replaced() {
     let db = TempDb::sqlite();
-    let store = SqlStore::open(&db.url).await.unwrap();
+    let store = Store::open(&db.url).await.unwrap();
     store.devices().create("a", 10_000, "00", "t", 0).await.unwrap();
-    store.wedge_writer_like_a_full_disk().await.unwrap();
+    store.db().wedge_writer_like_a_full_disk().await.unwrap();
     // Before: "attempted to call begin_with at non-zero transaction depth" on
     // every write until a restart.
     store.devices().create("b", 10_000, "00", "t", 0).await.expect("writes work again");

@@ -200,7 +200,7 @@ async fn the_same_bytes_are_refused_again_also_after_restarts() {
     dev.sync(&server.state, &SyncRequest::default()).await.unwrap();
     assert_eq!(post(&server.state, sealed).await.0, StatusCode::CONFLICT);
     server.flush_security_events().await;
-    let events = server.state.store.security_events(None, 10).await.unwrap();
+    let events = server.state.security_events.list(None, 10).await.unwrap();
     let replays: i64 = events.iter().filter(|e| e.kind == "replay").map(|e| e.count).sum();
     assert!(replays >= 3, "{events:?}");
     server.stop().await;
@@ -614,7 +614,7 @@ async fn keys_changed_through_another_server_are_heard() {
     let check = within("B's listener").await;
     while !matches!(
         b.state.devices.crypto(4242, 1, false).await.unwrap(),
-        ecowatt_server::store::KeyLookup::Unknown
+        ecowatt_server::devices::KeyLookup::Unknown
     ) {
         check();
         tokio::time::sleep(Duration::from_millis(20)).await;

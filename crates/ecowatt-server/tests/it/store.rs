@@ -1,30 +1,38 @@
 //! The same store suite on every backend.
 
 use ecowatt_server::commands::{Action, CommandRequest, CommandStatus};
+use ecowatt_server::commands::{CommandFilter, CommandOutcome};
+use ecowatt_server::config::Rejection;
 use ecowatt_server::config::{ConfigPatch, DeviceConfig};
+use ecowatt_server::db::StoreError;
+use ecowatt_server::devices::KeyLookup;
 use ecowatt_server::operators::Role;
-use ecowatt_server::store::{
-    CommandFilter, CommandOutcome, KeyLookup, Rejection, SqlStore, Store, StoreError,
-};
+use ecowatt_server::protocol::Upload;
+use ecowatt_server::store::Store;
+use ecowatt_server::telemetry::StoredBatch;
 use ecowatt_server::testing::TempDb;
 use std::collections::HashMap;
 
 const T0: i64 = 1_800_000_000_000;
 const KEY: &str = "00112233445566778899aabbccddeeff";
 
-async fn each(test: impl AsyncFn(&SqlStore, &str)) {
+async fn each(test: impl AsyncFn(&Store, &str)) {
     for db in TempDb::each().await {
-        let store =
-            SqlStore::open(&db.url).await.unwrap_or_else(|e| panic!("{}: {e}", db.backend()));
+        let store = Store::open(&db.url).await.unwrap_or_else(|e| panic!("{}: {e}", db.backend()));
         test(&store, db.backend()).await;
         store.close().await;
         db.cleanup().await;
     }
 }
 
+/// An upload of `batch` from a device that has dropped `dropped_total` samples.
+fn upload(batch: &StoredBatch, dropped_total: i64) -> Upload {
+    Upload { batch: batch.clone(), dropped_total, export_limit: None }
+}
+
 /// A one-sample batch with sequence number `seq`.
-fn small_batch(seq: u64) -> ecowatt_server::store::StoredBatch {
-    ecowatt_server::store::StoredBatch {
+fn small_batch(seq: u64) -> StoredBatch {
+    StoredBatch {
         first_seq: seq as i64,
         last_seq: seq as i64,
         count: 1,
@@ -253,7 +261,7 @@ async fn command_lifecycle() {
         let unconfirmed = async || {
             let c = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             let b = small_batch(c);
-            let up = s.device_telemetry(d.id, d.key_version, c, &b, 0, T0).await.unwrap();
+            let up = s.protocol().upload(d.id, d.key_version, c, &upload(&b, 0), T0).await.unwrap();
             up.expect("accepted").unconfirmed
         };
         assert!(!unconfirmed().await, "{b}: nothing awaits confirmation yet");
@@ -394,7 +402,7 @@ async fn filters_paging_and_statistics() {
 async fn everything_survives_a_restart_and_ids_are_never_reused() {
     for db in TempDb::each().await {
         let b = db.backend();
-        let s = SqlStore::open(&db.url).await.unwrap();
+        let s = Store::open(&db.url).await.unwrap();
         s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
         let r = set_pct(40);
         let c1 = s.commands().queue("d", &r, 600, "a", T0).await.unwrap();
@@ -409,14 +417,14 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
             .unwrap();
         s.close().await;
 
-        let s = SqlStore::open(&db.url).await.unwrap();
+        let s = Store::open(&db.url).await.unwrap();
         assert_eq!(s.commands().get(c1.id).await.unwrap().status, CommandStatus::Queued, "{b}");
         assert_eq!(s.configs().shadow("d").await.unwrap().desired.poll_interval_ms, 7_000);
         // Remove the device (and so its commands), then queue again: a new id.
         s.devices().delete("d", "a", T0).await.unwrap();
         s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
         s.close().await;
-        let s = SqlStore::open(&db.url).await.unwrap();
+        let s = Store::open(&db.url).await.unwrap();
         let c2 = s.commands().queue("d", &r, 600, "a", T0).await.unwrap();
         assert!(c2.id > c1.id, "{b}: id {} reused after {}", c2.id, c1.id);
         s.close().await;
@@ -429,7 +437,7 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
 /// Returns how often each (device, counter) was accepted and each device's
 /// answer counters; only `disabled` may be refused as disabled.
 async fn race<F, Fut>(
-    s: &std::sync::Arc<SqlStore>,
+    s: &std::sync::Arc<Store>,
     ids: &[i64],
     n: u64,
     send: F,
@@ -437,10 +445,10 @@ async fn race<F, Fut>(
     backend: &str,
 ) -> (HashMap<(i64, u64), u32>, HashMap<i64, Vec<u64>>)
 where
-    F: Fn(std::sync::Arc<SqlStore>, i64, u64) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Result<u64, ecowatt_server::store::SyncRefusal>> + Send,
+    F: Fn(std::sync::Arc<Store>, i64, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<u64, ecowatt_server::protocol::SyncRefusal>> + Send,
 {
-    use ecowatt_server::store::SyncRefusal;
+    use ecowatt_server::protocol::SyncRefusal;
     let mut tasks = Vec::new();
     for &id in ids {
         for ascending in [true, false] {
@@ -477,9 +485,8 @@ where
 /// accepted batch is stored once, and answer counters are distinct per device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
-    use ecowatt_server::store::StoredBatch;
     use std::sync::Arc;
-    each(async |s: &SqlStore, backend: &str| {
+    each(async |s: &Store, backend: &str| {
         let s = Arc::new(s.clone());
         let mut ids = Vec::new();
         for i in 0..12 {
@@ -498,9 +505,9 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
         };
         // Every device sends counters 1..=25 twice (the second time a replay),
         // from two tasks racing each other.
-        let upload = move |s: Arc<SqlStore>, id, c: u64| async move {
+        let upload = move |s: Arc<Store>, id, c: u64| async move {
             let b = batch(c as i64);
-            let up = s.device_telemetry(id, 1, c, &b, c as i64, T0).await.unwrap();
+            let up = s.protocol().upload(id, 1, c, &upload(&b, c as i64), T0).await.unwrap();
             up.map(|a| a.down_counter)
         };
         let (seen, mut accepted) = race(&s, &ids, 25, upload, ids[11], backend).await;
@@ -513,9 +520,13 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
             for c in 1..=25 {
                 assert_eq!(seen.get(&(id, c)), Some(&1), "{backend}: device {i} counter {c}");
             }
-            let stored = s.telemetry(&format!("u{i}"), 0, i64::MAX).await.unwrap();
+            let stored = s.telemetry().range(&format!("u{i}"), 0, i64::MAX).await.unwrap();
             assert_eq!(stored.len(), 25, "{backend}: device {i}: every batch stored once");
-            assert_eq!(s.dropped_total(&format!("u{i}")).await.unwrap(), 25, "{backend}");
+            assert_eq!(
+                s.telemetry().dropped_total(&format!("u{i}")).await.unwrap(),
+                25,
+                "{backend}"
+            );
         }
     })
     .await;
@@ -527,7 +538,7 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
 /// news (a command, a new desired config, a changed report) still gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
-    use ecowatt_server::store::{SyncRefusal, SyncReport};
+    use ecowatt_server::protocol::{SyncRefusal, SyncReport};
     use std::sync::Arc;
     let report = |counter: u64, applied: Option<(i64, DeviceConfig)>| SyncReport {
         key_version: 1,
@@ -538,7 +549,7 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
         firmware: None,
         ota: None,
     };
-    each(async |s: &SqlStore, backend: &str| {
+    each(async |s: &Store, backend: &str| {
         let s = Arc::new(s.clone());
         let mut ids = Vec::new();
         for i in 0..6 {
@@ -548,16 +559,16 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
         }
         s.devices().set_enabled("q5", false, "t", T0).await.unwrap();
         // Every third counter is a quiet sync, the rest are uploads.
-        let send = move |s: Arc<SqlStore>, id, c: u64| async move {
+        let send = move |s: Arc<Store>, id, c: u64| async move {
             if c % 3 == 0 {
-                let d = s.device_sync(id, &report(c, None), true, 0, T0).await.unwrap();
+                let d = s.protocol().sync(id, &report(c, None), true, 0, T0).await.unwrap();
                 d.map(|d| {
                     assert!(d.commands.is_empty() && d.config.is_none());
                     d.down_counter
                 })
             } else {
                 let b = small_batch(c);
-                let up = s.device_telemetry(id, 1, c, &b, 0, T0).await.unwrap();
+                let up = s.protocol().upload(id, 1, c, &upload(&b, 0), T0).await.unwrap();
                 up.map(|a| a.down_counter)
             }
         };
@@ -570,7 +581,7 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
             d.sort_unstable();
             d.dedup();
             assert_eq!(d.len(), 30, "{backend}: q{i}: answer counters distinct");
-            let stored = s.telemetry(&format!("q{i}"), 0, i64::MAX).await.unwrap();
+            let stored = s.telemetry().range(&format!("q{i}"), 0, i64::MAX).await.unwrap();
             assert_eq!(stored.len(), 20, "{backend}: q{i}: every upload stored once");
         }
         assert!(!downs.contains_key(&ids[5]), "{backend}: a disabled device is refused");
@@ -580,22 +591,24 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
         // News is never hidden by the quiet path.
         let req = set_pct(40);
         let cmd = s.commands().queue("q0", &req, 60, "op", T0).await.unwrap();
-        let d = s.device_sync(ids[0], &report(31, None), true, 0, T0 + 1).await.unwrap().unwrap();
+        let d =
+            s.protocol().sync(ids[0], &report(31, None), true, 0, T0 + 1).await.unwrap().unwrap();
         assert_eq!(d.commands.iter().map(|c| c.id).collect::<Vec<_>>(), [cmd.id], "{backend}");
         let patch = ConfigPatch { poll_interval_ms: Some(10_000), ..Default::default() };
         let desired = s.configs().update("q1", &patch, "op", T0).await.unwrap();
-        let d = s.device_sync(ids[1], &report(31, None), true, 0, T0 + 1).await.unwrap().unwrap();
+        let d =
+            s.protocol().sync(ids[1], &report(31, None), true, 0, T0 + 1).await.unwrap().unwrap();
         assert_eq!(d.config.map(|(v, _)| v), Some(desired.desired_version), "{backend}");
         // The device reports the new config: recorded (not quiet), then quiet.
         let applied = Some((desired.desired_version, desired.desired.clone()));
-        let d = s.device_sync(ids[1], &report(32, applied.clone()), true, 0, T0 + 2).await;
+        let d = s.protocol().sync(ids[1], &report(32, applied.clone()), true, 0, T0 + 2).await;
         assert!(d.unwrap().unwrap().config.is_none(), "{backend}");
         let c = s.configs().shadow("q1").await.unwrap();
         assert_eq!(c.reported_version, Some(desired.desired_version), "{backend}");
-        let d = s.device_sync(ids[1], &report(33, applied), true, 0, T0 + 3).await.unwrap();
+        let d = s.protocol().sync(ids[1], &report(33, applied), true, 0, T0 + 3).await.unwrap();
         assert!(d.unwrap().config.is_none(), "{backend}");
         // A replayed quiet sync is refused.
-        let again = s.device_sync(ids[1], &report(33, None), true, 0, T0 + 4).await.unwrap();
+        let again = s.protocol().sync(ids[1], &report(33, None), true, 0, T0 + 4).await.unwrap();
         assert!(matches!(again, Err(SyncRefusal::Replay(_))), "{backend}");
     })
     .await;
@@ -609,18 +622,19 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
 /// dropped), and a version the kept copy does not know is read again.
 #[tokio::test]
 async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
-    use ecowatt_server::store::{SyncRefusal, SyncReport};
+    use ecowatt_server::protocol::{SyncRefusal, SyncReport};
     const KEY2: &str = "0f0e0d0c0b0a09080706050403020100";
     const KEY3: &str = "ffeeddccbbaa99887766554433221100";
     for db in TempDb::each().await {
         let b = db.backend();
-        let here = SqlStore::open(&db.url).await.unwrap();
-        let other = SqlStore::open(&db.url).await.unwrap();
+        let here = Store::open(&db.url).await.unwrap();
+        let other = Store::open(&db.url).await.unwrap();
         let d = here.devices().create("k", 10_000, KEY, "t", T0).await.unwrap();
         here.configs().report("k", 1, &DeviceConfig::default(), &[], T0).await.unwrap();
-        let up = async |store: &SqlStore, version: i64, c: u64| {
+        let up = async |store: &Store, version: i64, c: u64| {
             let batch = small_batch(c);
-            let answer = store.device_telemetry(d.id, version, c, &batch, 0, T0).await.unwrap();
+            let answer =
+                store.protocol().upload(d.id, version, c, &upload(&batch, 0), T0).await.unwrap();
             answer.map(|a| a.down_counter)
         };
         let sync = async |version: i64, c: u64, deliver: bool| {
@@ -633,10 +647,10 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
                 firmware: None,
                 ota: None,
             };
-            here.device_sync(d.id, &report, deliver, 0, T0).await.unwrap().map(|_| ())
+            here.protocol().sync(d.id, &report, deliver, 0, T0).await.unwrap().map(|_| ())
         };
 
-        let keys = async |store: &SqlStore, id: i64, version: u8| match store
+        let keys = async |store: &Store, id: i64, version: u8| match store
             .devices()
             .crypto(id, version, true)
             .await
@@ -699,7 +713,7 @@ async fn the_expiry_index_covers_only_commands_that_can_expire() {
     use sqlx::Row;
     for db in TempDb::each().await {
         let b = db.backend();
-        let store = SqlStore::open(&db.url).await.unwrap();
+        let store = Store::open(&db.url).await.unwrap();
         let sql = if b == "sqlite" {
             "SELECT sql AS def FROM sqlite_master WHERE name = 'commands_by_expiry'"
         } else {
@@ -771,7 +785,7 @@ async fn commands_stored_as_json_are_migrated_to_typed_columns() {
             .unwrap();
         }
         c.close().await.unwrap();
-        let s = SqlStore::open(&db.url).await.unwrap();
+        let s = Store::open(&db.url).await.unwrap();
         let commands = s.commands();
         assert_eq!(
             commands.get(1).await.unwrap().action,

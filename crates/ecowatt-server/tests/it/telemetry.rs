@@ -59,7 +59,7 @@ async fn a_resent_batch_that_grew_stores_only_what_it_adds_on_both_backends() {
             "{}: {v}",
             db.backend()
         );
-        let batches = c.server.state.store.telemetry("d", 0, i64::MAX).await.unwrap();
+        let batches = c.server.state.telemetry.range("d", 0, i64::MAX).await.unwrap();
         let ranges: Vec<_> = batches.iter().map(|b| (b.first_seq, b.last_seq, b.count)).collect();
         assert_eq!(ranges, [(1, 5, 5), (6, 8, 3), (9, 10, 2)], "{}", db.backend());
         let data = c.ok("GET", "/api/v1/devices/d/telemetry?from_ms=0&registers=0", None).await;

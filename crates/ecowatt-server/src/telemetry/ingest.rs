@@ -20,24 +20,37 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use ecowatt_proto::codec;
 use ecowatt_proto::replay::ReplayWindow;
 use sqlx::{AnyPool, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Accepted, StoreError, StoreResult, StoredBatch, SyncRefusal};
+use super::{StoredBatch, trim};
+use crate::db::{Db, Dialect, StoreError, StoreResult};
+use crate::devices::admission::SyncRefusal;
 use crate::devices::keys::{KeySlot, slot_of, window};
+
+/// An upload (or quiet sync) accepted by the ingest task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The answer's down counter.
+    pub down_counter: u64,
+    /// The device has succeeded writes that no reading has confirmed yet
+    /// (read with its row in the same group, so an upload only asks about
+    /// confirmations when there are some; reads are never confirmed and do
+    /// not count).
+    pub unconfirmed: bool,
+}
 
 /// Most uploads written in one transaction.
 pub const GROUP_MAX: usize = 256;
 
 /// One upload (or quiet sync, with no batch) waiting to be written.
-pub struct Job {
+struct Job {
     pub device_id: i64,
     /// The version of the key that sealed it (checked against the row).
     pub key_version: i64,
     pub counter: u64,
-    /// `None` for a sync that only advances the window (see `quiet_sync`).
+    /// `None` for a sync that only advances the window (a quiet sync).
     pub batch: Option<StoredBatch>,
     pub dropped_total: i64,
     pub now: i64,
@@ -48,7 +61,7 @@ pub struct Job {
 /// sqlx's `Any` driver, like the rest of the store), or a PostgreSQL
 /// connection of its own, typed, so that a group's rows go as arrays.
 #[derive(Clone)]
-pub enum Target {
+enum Target {
     Sqlite(AnyPool),
     Postgres(PgPool),
 }
@@ -63,11 +76,57 @@ impl Target {
     }
 }
 
-/// Starts the ingest task on `target`.
-pub fn start(target: Target) -> mpsc::Sender<Job> {
-    let (tx, rx) = mpsc::channel(4 * GROUP_MAX);
-    tokio::spawn(run(target, rx));
-    tx
+/// The ingest task's queue.
+#[derive(Clone)]
+pub struct Ingest {
+    queue: mpsc::Sender<Job>,
+    /// On SQLite the writer; on PostgreSQL a connection of its own, so that
+    /// a group never queues behind the reads and single writes of the shared
+    /// pool (under a backlog it did, groups shrank to a few uploads each and
+    /// the server fell further behind).
+    target: Target,
+}
+
+impl Ingest {
+    /// Starts the ingest task for `db`.
+    pub async fn start(db: &Db) -> StoreResult<Ingest> {
+        let target = match db.dialect() {
+            Dialect::Sqlite => Target::Sqlite(db.writer().clone()),
+            Dialect::Postgres => Target::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .before_acquire(|conn, _| Box::pin(crate::db::healthy(conn)))
+                    .connect(db.url())
+                    .await?,
+            ),
+        };
+        let (queue, rx) = mpsc::channel(4 * GROUP_MAX);
+        tokio::spawn(run(target.clone(), rx));
+        Ok(Ingest { queue, target })
+    }
+
+    /// Queues an upload (or, with no batch, a quiet sync) and waits for its
+    /// group's commit: checked exactly as alone, answered only once durable.
+    pub async fn submit(
+        &self,
+        device_id: i64,
+        key_version: i64,
+        counter: u64,
+        batch: Option<StoredBatch>,
+        dropped_total: i64,
+        now: i64,
+    ) -> StoreResult<Result<Accepted, SyncRefusal>> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job { device_id, key_version, counter, batch, dropped_total, now, reply };
+        let gone = || StoreError::Db(sqlx::Error::Protocol("ingest task stopped".into()));
+        self.queue.send(job).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Closes its connection.
+    pub async fn close(&self) {
+        self.target.close().await;
+    }
 }
 
 async fn run(target: Target, mut rx: mpsc::Receiver<Job>) {
@@ -312,47 +371,6 @@ fn stored_batches<'g>(
             Some(None) => None,
         })
         .collect()
-}
-
-/// The samples of `batch` that no range in `covered` (`seq` ranges, both
-/// ends included) holds: the batch itself when none is covered, a re-encoded
-/// batch of the others, or `None` when every one is (a resend of stored
-/// samples: the first stored copy stands).
-///
-/// Only a batch that really shares `seq`s with a covered range is decoded;
-/// one that does not decode (it was checked when it arrived, so never in
-/// practice) is stored whole rather than failing its group.
-pub fn trim(batch: &StoredBatch, covered: &[(i64, i64)]) -> Option<StoredBatch> {
-    let (from, to) = (batch.first_seq, batch.last_seq);
-    let covered: Vec<(i64, i64)> =
-        covered.iter().copied().filter(|&(a, b)| b >= from && a <= to).collect();
-    if covered.is_empty() {
-        return Some(batch.clone());
-    }
-    let held = |seq: i64| covered.iter().any(|&(a, b)| (a..=b).contains(&seq));
-    let decoded = match codec::decode(&batch.data) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, from, to, "an accepted batch does not decode: stored whole");
-            return Some(batch.clone());
-        }
-    };
-    let total = decoded.samples.len();
-    let new: Vec<_> = decoded.samples.into_iter().filter(|x| !held(x.seq as i64)).collect();
-    if new.len() == total {
-        return Some(batch.clone());
-    }
-    let (Some(first), Some(last)) = (new.first(), new.last()) else { return None };
-    let data = codec::encode(decoded.registers, &new).expect("a subset of a valid batch encodes");
-    Some(StoredBatch {
-        first_seq: first.seq as i64,
-        last_seq: last.seq as i64,
-        count: new.len() as i64,
-        first_ms: new.iter().map(|x| x.unix_ms).min().unwrap_or(0) as i64,
-        last_ms: new.iter().map(|x| x.unix_ms).max().unwrap_or(0) as i64,
-        data,
-        ..batch.clone()
-    })
 }
 
 /// An upload's `telemetry_batches` row: the integer columns in the order the

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::store::{SecurityEventRow, Store, StoreResult};
+use super::{SecurityEventRow, SecurityEvents};
+use crate::db::StoreResult;
 
 /// How often the tallies are written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
@@ -151,7 +152,7 @@ impl Refusals {
 
     /// Writes what was tallied since the last flush: a new row per new key,
     /// a new count for the others; keys of past minutes are then forgotten.
-    pub async fn flush(&self, store: &dyn Store, now_ms: i64) -> StoreResult<()> {
+    pub async fn flush(&self, events: &SecurityEvents, now_ms: i64) -> StoreResult<()> {
         let _one_at_a_time = self.flushing.lock().await;
         let (keys, rows): (Vec<Key>, Vec<SecurityEventRow>) = {
             let tallies = lock(&self.tallies);
@@ -176,8 +177,7 @@ impl Refusals {
                 })
                 .unzip()
         };
-        let ids =
-            if rows.is_empty() { Vec::new() } else { store.save_security_events(&rows).await? };
+        let ids = if rows.is_empty() { Vec::new() } else { events.save(&rows).await? };
         let minute = now_ms.div_euclid(60_000);
         let mut tallies = lock(&self.tallies);
         for ((key, row), id) in keys.iter().zip(&rows).zip(ids) {
@@ -233,8 +233,9 @@ mod tests {
     #[tokio::test]
     async fn flushes_at_once_write_one_row_per_tally_with_its_whole_count() {
         let dir = tempfile::tempdir().unwrap();
-        let url = crate::store::SqlStore::sqlite_url(&dir.path().join("e.db"));
-        let store = crate::store::SqlStore::open(&url).await.unwrap();
+        let url = crate::db::sqlite_url(&dir.path().join("e.db"));
+        let db = crate::db::Db::open(&url, Default::default()).await.unwrap();
+        let store = SecurityEvents::new(db.clone());
         let r = Refusals::new(1000);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         for round in 0..3 {
@@ -245,10 +246,10 @@ mod tests {
             x.unwrap();
             y.unwrap();
         }
-        let events = store.security_events(None, 10).await.unwrap();
+        let events = store.list(None, 10).await.unwrap();
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!((events[0].count, events[0].source.as_deref()), (15, Some("192.0.2.1")));
-        store.close().await;
+        db.close().await;
     }
 
     #[test]

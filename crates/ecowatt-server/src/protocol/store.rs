@@ -1,0 +1,241 @@
+//! The device protocol's transactions: a message is admitted (key, replay
+//! window, enabled) in the transaction that applies it, so that a replay
+//! changes nothing. Quiet syncs and uploads go through the telemetry
+//! ingest's group commit, checked exactly as alone.
+
+use sqlx::Row;
+
+use super::{
+    Accepted, COMMANDS_PER_ANSWER, Stored, SyncDelivery, SyncRefusal, SyncReport, Upload, is_quiet,
+};
+use crate::commands::Commands;
+use crate::db::{Db, StoreError, StoreResult, WriteTx};
+use crate::devices::Devices;
+use crate::devices::admission::{admit_in, name_in};
+use crate::firmware::rollouts::store::{offer_in, offer_waiting_sql, ota_report_in};
+use crate::telemetry::Ingest;
+
+/// The device protocol's side of the store.
+#[derive(Clone)]
+pub struct Protocol {
+    db: Db,
+    devices: Devices,
+    ingest: Ingest,
+}
+
+impl Protocol {
+    /// Over `db`, with the devices' keys and the telemetry ingest.
+    pub fn new(db: Db, devices: Devices, ingest: Ingest) -> Self {
+        Protocol { db, devices, ingest }
+    }
+
+    /// Applies an authentic sync once (firmware, command results, the
+    /// config it runs, its OTA progress) and, when `deliver`, prepares the
+    /// answer (config, commands not handed out within `redeliver_after_ms`,
+    /// an update offer, the down counter).
+    pub async fn sync(
+        &self,
+        device_id: i64,
+        report: &SyncReport,
+        deliver: bool,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<Result<SyncDelivery, SyncRefusal>> {
+        if deliver
+            && let Some(quiet) = self.quiet(device_id, report, redeliver_after_ms, now).await?
+        {
+            return Ok(self.reread_stale(device_id, quiet).await);
+        }
+        let mut tx = self.db.write().await?;
+        let admitted =
+            match admit_in(&mut tx, device_id, report.key_version, report.counter, now).await? {
+                Ok(a) => a,
+                Err(refusal) => return Ok(self.reread_stale(device_id, Err(refusal)).await),
+            };
+        let name = admitted.name;
+        if report.firmware.is_some() && report.firmware != admitted.firmware {
+            sqlx::query("UPDATE devices SET firmware = $1 WHERE id = $2")
+                .bind(report.firmware.as_deref())
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (id, outcome) in &report.results {
+            match crate::commands::store::record_result_in(
+                &self.db, &mut tx, &name, *id, outcome, now,
+            )
+            .await
+            {
+                Ok(_) => {}
+                // A result for a command this device does not have: nothing to record.
+                Err(StoreError::NotFound(_)) => {
+                    tracing::warn!(device = %name, command = id, "result for an unknown command")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((version, applied)) = &report.applied {
+            crate::config::report_in(&mut tx, device_id, *version, applied, &report.rejected, now)
+                .await?;
+        }
+        if let Some(ota) = &report.ota {
+            ota_report_in(&self.db, &mut tx, device_id, ota, now).await?;
+        }
+        let delivery = if deliver {
+            let applied = report.applied.as_ref().map(|(v, _)| *v);
+            self.delivery_in(&mut tx, device_id, name, applied, redeliver_after_ms, now).await?
+        } else {
+            SyncDelivery::empty(name, 0)
+        };
+        tx.commit().await?;
+        Ok(Ok(delivery))
+    }
+
+    /// The answer to a long poll woken by news: what there is to deliver now.
+    pub async fn deliver(
+        &self,
+        device_id: i64,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<SyncDelivery> {
+        let mut tx = self.db.write().await?;
+        let name = name_in(&mut tx, device_id).await?;
+        let delivery =
+            self.delivery_in(&mut tx, device_id, name, None, redeliver_after_ms, now).await?;
+        tx.commit().await?;
+        Ok(delivery)
+    }
+
+    /// Stores an upload (written in groups by the ingest task, answered after
+    /// commit; a retry of stored samples stores nothing new). A reading of
+    /// the export limit in it confirms the writes it shows took effect (asked
+    /// only when the device has writes waiting for that).
+    pub async fn upload(
+        &self,
+        device_id: i64,
+        key_version: i64,
+        counter: u64,
+        upload: &Upload,
+        now: i64,
+    ) -> StoreResult<Result<Accepted, SyncRefusal>> {
+        let answer = self
+            .ingest
+            .submit(
+                device_id,
+                key_version,
+                counter,
+                Some(upload.batch.clone()),
+                upload.dropped_total,
+                now,
+            )
+            .await?;
+        let answer = self.reread_stale(device_id, answer).await;
+        if let (Ok(accepted), Some((value, at_ms))) = (&answer, upload.export_limit)
+            && accepted.unconfirmed
+        {
+            let register = ecowatt_proto::registers::EXPORT_LIMIT;
+            if let Err(e) =
+                Commands::new(self.db.clone()).confirm(device_id, register, value, at_ms).await
+            {
+                tracing::warn!(device_id, error = %e, "confirming writes by a reading failed");
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Config and commands for the device, an update offer, and the next
+    /// down counter.
+    async fn delivery_in(
+        &self,
+        tx: &mut WriteTx,
+        device_id: i64,
+        name: String,
+        applied_version: Option<i64>,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<SyncDelivery> {
+        let config = crate::config::to_send_in(tx, device_id, applied_version).await?;
+        let commands = crate::commands::store::deliver_in(
+            &self.db,
+            tx,
+            device_id,
+            redeliver_after_ms,
+            COMMANDS_PER_ANSWER,
+            now,
+        )
+        .await?;
+        let row = sqlx::query(
+            "UPDATE devices SET down_counter = down_counter + 1 WHERE id = $1 RETURNING down_counter",
+        )
+        .bind(device_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
+        let update = offer_in(&self.db, tx, device_id, now).await?;
+        Ok(SyncDelivery { device: name, down_counter, config, commands, update })
+    }
+
+    /// Most syncs are quiet long polls ([`is_quiet`]): those are found with
+    /// one read (not on the writer) and admitted through the ingest task,
+    /// whose group commit writes their window, down counter and last-seen
+    /// time with the uploads'. Anything else (`None`) takes the full
+    /// transaction. A command or config queued after the read wakes the long
+    /// poll, which then delivers it in its own transaction, as it would have
+    /// anyway.
+    async fn quiet(
+        &self,
+        device_id: i64,
+        report: &SyncReport,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<Option<Result<SyncDelivery, SyncRefusal>>> {
+        if !report.results.is_empty() || report.ota.is_some() {
+            return Ok(None); // not quiet, whatever is stored
+        }
+        let row = sqlx::query(&format!(
+            "SELECT d.name, d.firmware, c.desired_version, c.reported_version, c.reported, c.rejected, \
+             (SELECT COUNT(*) FROM commands WHERE device_id = d.id AND {deliverable}) AS commands, \
+             {offers} AS offers \
+             FROM devices d JOIN device_configs c ON c.device_id = d.id WHERE d.id = $1",
+            deliverable = crate::commands::store::deliverable_sql("$2", "$3"),
+            offers = offer_waiting_sql("d.id"),
+        ))
+        .bind(device_id)
+        .bind(now)
+        .bind(now - redeliver_after_ms)
+        .fetch_optional(self.db.reader())
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let stored = Stored {
+            firmware: row.try_get("firmware")?,
+            reported_version: row.try_get("reported_version")?,
+            reported: row.try_get("reported")?,
+            rejected: row.try_get("rejected")?,
+            desired_version: row.try_get("desired_version")?,
+            commands: row.try_get("commands")?,
+            offers: row.try_get("offers")?,
+        };
+        if !is_quiet(report, &stored) {
+            return Ok(None);
+        }
+        let name: String = row.try_get("name")?;
+        let admitted =
+            self.ingest.submit(device_id, report.key_version, report.counter, None, 0, now).await?;
+        Ok(Some(admitted.map(|a| SyncDelivery::empty(name, a.down_counter))))
+    }
+
+    /// Passes `answer` on, reading the device's keys again if it says the
+    /// copy in memory was stale (rotated by another server process).
+    async fn reread_stale<T>(
+        &self,
+        device_id: i64,
+        answer: Result<T, SyncRefusal>,
+    ) -> Result<T, SyncRefusal> {
+        if matches!(answer, Err(SyncRefusal::StaleKey))
+            && let Err(e) = self.devices.keys().read(&self.db, device_id).await
+        {
+            tracing::warn!(device_id, error = %e, "cannot read a device's keys again");
+        }
+        answer
+    }
+}
