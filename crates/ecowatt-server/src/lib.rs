@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod news;
 pub mod operators;
 pub mod protocol;
+pub mod registration;
 pub mod run;
 pub mod security;
 pub mod settings;

@@ -274,7 +274,15 @@ async fn commands(
     let store = std::sync::Arc::new(Store::open(&db.url).await?);
     let now = ecowatt_server::now_ms();
     for w in 0..workers {
-        store.devices().create(&format!("bench-{w}"), 10_000, "00", "bench", now).await?;
+        ecowatt_server::registration::register(
+            &store.devices(),
+            &format!("bench-{w}"),
+            10_000,
+            "00",
+            "bench",
+            now,
+        )
+        .await?;
     }
     println!(
         "Command store, {} backend, {workers} workers (one device each), at most {cycles} operations or {max_time:?}:",
@@ -447,7 +455,8 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
     let mut creds = Vec::new();
     for d in 0..devices {
         let key = [d as u8; 16];
-        let device = rt.block_on(server.state.devices.create(
+        let device = rt.block_on(ecowatt_server::registration::register(
+            &server.state.devices,
             &format!("bench-{d}"),
             10_000,
             &ecowatt_proto::hex::encode_upper(&key),
@@ -518,7 +527,8 @@ fn protocol(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<(
     // latency from the API's answer to the device holding the command.
     let name = "bench-push";
     let key = [0xA5u8; 16];
-    let device = rt.block_on(server.state.devices.create(
+    let device = rt.block_on(ecowatt_server::registration::register(
+        &server.state.devices,
         name,
         10_000,
         &ecowatt_proto::hex::encode_upper(&key),

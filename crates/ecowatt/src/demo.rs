@@ -116,7 +116,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             let name = format!("inverter-{}", i + 1);
             let key = ecowatt_server::random_hex(16);
             let now = ecowatt_server::now_ms();
-            let device = state.devices.create(&name, i64::from(args.rated_power), &key, "demo", now).await?;
+            let device = ecowatt_server::registration::register(&state.devices, &name, i64::from(args.rated_power), &key, "demo", now).await?;
             let patch = ecowatt_server::config::ConfigPatch {
                 poll_interval_ms: Some(1_000),
                 upload_interval_ms: Some(10_000),

@@ -50,7 +50,15 @@ pub async fn add(
     op.require_admin()?;
     let key = crate::random_hex(16);
     let rated = req.rated_power_w.unwrap_or(DEFAULT_RATED_W);
-    let device = state.devices.create(&req.name, rated, &key, &op.actor(), crate::now_ms()).await?;
+    let device = crate::registration::register(
+        &state.devices,
+        &req.name,
+        rated,
+        &key,
+        &op.actor(),
+        crate::now_ms(),
+    )
+    .await?;
     let provisioning = provisioning(&state, &device, &key);
     Ok((StatusCode::CREATED, Json(json!({ "device": device, "provisioning": provisioning }))))
 }

@@ -105,6 +105,44 @@ pub async fn named_in(
         .ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))
 }
 
+/// Adds a device with its key (version 1) and its audit entry in `tx`;
+/// every server process learns its keys at commit ([`Devices::learn_keys`]
+/// for this one). Registration (`crate::registration`) gives it its first
+/// desired config in the same transaction.
+pub async fn create_in(
+    tx: &mut WriteTx,
+    name: &str,
+    rated_w: i64,
+    key_hex: &str,
+    actor: &str,
+    now: i64,
+) -> StoreResult<Device> {
+    check_name(name)?;
+    check_rated_w(rated_w)?;
+    let exists = sqlx::query("SELECT id FROM devices WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if exists.is_some() {
+        return Err(StoreError::Conflict(format!("a device named {name:?} already exists")));
+    }
+    let row = sqlx::query(
+        "INSERT INTO devices (name, device_key, key_version, rated_w, enabled, created_ms) \
+         VALUES ($1, $2, 1, $3, 1, $4) RETURNING *",
+    )
+    .bind(name)
+    .bind(key_hex)
+    .bind(rated_w)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await?;
+    let device = device_from(&row)?;
+    let detail = json!({"rated_power_w": rated_w});
+    audit::record(tx, now, actor, "device.add", name, detail).await?;
+    keys_changed_in(tx, device.id).await?;
+    Ok(device)
+}
+
 /// The devices.
 #[derive(Clone)]
 pub struct Devices {
@@ -125,44 +163,14 @@ impl Devices {
         &self.keys
     }
 
-    /// Registers a device with its key, and its first desired config (the
-    /// config aggregate's) in the same transaction.
-    pub async fn create(
-        &self,
-        name: &str,
-        rated_w: i64,
-        key_hex: &str,
-        actor: &str,
-        now: i64,
-    ) -> StoreResult<Device> {
-        check_name(name)?;
-        check_rated_w(rated_w)?;
-        let mut tx = self.db.write().await?;
-        let exists = sqlx::query("SELECT id FROM devices WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_some() {
-            return Err(StoreError::Conflict(format!("a device named {name:?} already exists")));
-        }
-        let row = sqlx::query(
-            "INSERT INTO devices (name, device_key, key_version, rated_w, enabled, created_ms) \
-             VALUES ($1, $2, 1, $3, 1, $4) RETURNING *",
-        )
-        .bind(name)
-        .bind(key_hex)
-        .bind(rated_w)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let device = device_from(&row)?;
-        crate::config::create_in(&mut tx, device.id, actor, now).await?;
-        let detail = json!({"rated_power_w": rated_w});
-        audit::record(&mut tx, now, actor, "device.add", name, detail).await?;
-        keys_changed_in(&mut tx, device.id).await?;
-        tx.commit().await?;
-        self.keys.read(&self.db, device.id).await?;
-        Ok(device)
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Reads a device's keys into memory (after the commit that made them).
+    pub async fn learn_keys(&self, device_id: i64) -> StoreResult<()> {
+        self.keys.read(&self.db, device_id).await.map(drop)
     }
 
     /// Every device, by name.

@@ -24,7 +24,16 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
         let two = Arc::new(second.commands());
         let servers = [one.clone(), two.clone()];
         for d in 0..DEVICES {
-            devices.create(&format!("dev-{d}"), 10_000, "00", "t", T0).await.unwrap();
+            ecowatt_server::registration::register(
+                &devices,
+                &format!("dev-{d}"),
+                10_000,
+                "00",
+                "t",
+                T0,
+            )
+            .await
+            .unwrap();
         }
 
         // Operators queue through both servers at once.

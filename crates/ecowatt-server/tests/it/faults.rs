@@ -14,11 +14,15 @@ use crate::api::Client;
 async fn a_write_connection_left_in_a_failed_transaction_is_replaced() {
     let db = TempDb::sqlite();
     let store = Store::open(&db.url).await.unwrap();
-    store.devices().create("a", 10_000, "00", "t", 0).await.unwrap();
+    ecowatt_server::registration::register(&store.devices(), "a", 10_000, "00", "t", 0)
+        .await
+        .unwrap();
     store.db().wedge_writer_like_a_full_disk().await.unwrap();
     // Before: "attempted to call begin_with at non-zero transaction depth" on
     // every write until a restart.
-    store.devices().create("b", 10_000, "00", "t", 0).await.expect("writes work again");
+    ecowatt_server::registration::register(&store.devices(), "b", 10_000, "00", "t", 0)
+        .await
+        .expect("writes work again");
     store.writable().await.expect("and the store says so");
     assert_eq!(store.devices().list().await.unwrap().len(), 2);
     store.close().await;

@@ -51,7 +51,16 @@ fn set_pct(p: i64) -> CommandRequest {
 #[tokio::test]
 async fn devices_lifecycle() {
     each(async |s, b| {
-        let d = s.devices().create("inv-1", 8_000, KEY, "alice#1", T0).await.unwrap();
+        let d = ecowatt_server::registration::register(
+            &s.devices(),
+            "inv-1",
+            8_000,
+            KEY,
+            "alice#1",
+            T0,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             (d.name.as_str(), d.rated_power_w, d.enabled, d.key_version),
             ("inv-1", 8_000, true, 1),
@@ -59,23 +68,37 @@ async fn devices_lifecycle() {
         );
         assert!(
             matches!(
-                s.devices().create("inv-1", 8_000, KEY, "a", T0).await,
+                ecowatt_server::registration::register(&s.devices(), "inv-1", 8_000, KEY, "a", T0)
+                    .await,
                 Err(StoreError::Conflict(_))
             ),
             "{b}"
         );
         assert!(
             matches!(
-                s.devices().create("bad name!", 8_000, KEY, "a", T0).await,
+                ecowatt_server::registration::register(
+                    &s.devices(),
+                    "bad name!",
+                    8_000,
+                    KEY,
+                    "a",
+                    T0
+                )
+                .await,
                 Err(StoreError::Invalid(_))
             ),
             "{b}"
         );
         assert!(
-            matches!(s.devices().create("x", 10, KEY, "a", T0).await, Err(StoreError::Invalid(_))),
+            matches!(
+                ecowatt_server::registration::register(&s.devices(), "x", 10, KEY, "a", T0).await,
+                Err(StoreError::Invalid(_))
+            ),
             "{b}"
         );
-        s.devices().create("inv-0", 10_000, KEY, "alice#1", T0).await.unwrap();
+        ecowatt_server::registration::register(&s.devices(), "inv-0", 10_000, KEY, "alice#1", T0)
+            .await
+            .unwrap();
         let names: Vec<String> =
             s.devices().list().await.unwrap().into_iter().map(|d| d.name).collect();
         assert_eq!(names, ["inv-0", "inv-1"], "{b}");
@@ -146,7 +169,9 @@ async fn tokens_and_audit_paging() {
 #[tokio::test]
 async fn config_shadow_versions_validation_and_reports() {
     each(async |s, b| {
-        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
+        ecowatt_server::registration::register(&s.devices(), "d", 10_000, KEY, "a", T0)
+            .await
+            .unwrap();
         let c = s.configs().shadow("d").await.unwrap();
         assert_eq!(
             (c.desired_version, c.desired.clone(), c.reported_version),
@@ -193,7 +218,9 @@ async fn config_shadow_versions_validation_and_reports() {
 #[tokio::test]
 async fn legacy_config_poll_repeats_a_change_then_counts_it_applied() {
     each(async |s, b| {
-        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
+        ecowatt_server::registration::register(&s.devices(), "d", 10_000, KEY, "a", T0)
+            .await
+            .unwrap();
         s.configs()
             .update(
                 "d",
@@ -219,8 +246,12 @@ async fn legacy_config_poll_repeats_a_change_then_counts_it_applied() {
 #[tokio::test]
 async fn command_lifecycle() {
     each(async |s, b| {
-        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
-        s.devices().create("other", 10_000, KEY, "a", T0).await.unwrap();
+        ecowatt_server::registration::register(&s.devices(), "d", 10_000, KEY, "a", T0)
+            .await
+            .unwrap();
+        ecowatt_server::registration::register(&s.devices(), "other", 10_000, KEY, "a", T0)
+            .await
+            .unwrap();
         let r = set_pct(30);
         let c = s.commands().queue("d", &r, 60, "op#1", T0).await.unwrap();
         assert_eq!(
@@ -314,8 +345,12 @@ async fn command_lifecycle() {
 #[tokio::test]
 async fn filters_paging_and_statistics() {
     each(async |s, b| {
-        s.devices().create("a", 10_000, KEY, "x", T0).await.unwrap();
-        s.devices().create("z", 10_000, KEY, "x", T0).await.unwrap();
+        ecowatt_server::registration::register(&s.devices(), "a", 10_000, KEY, "x", T0)
+            .await
+            .unwrap();
+        ecowatt_server::registration::register(&s.devices(), "z", 10_000, KEY, "x", T0)
+            .await
+            .unwrap();
         let r = set_pct(50);
         let read = CommandRequest::ReadRegister { register_address: 9 };
         for i in 0..5 {
@@ -403,7 +438,9 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
     for db in TempDb::each().await {
         let b = db.backend();
         let s = Store::open(&db.url).await.unwrap();
-        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
+        ecowatt_server::registration::register(&s.devices(), "d", 10_000, KEY, "a", T0)
+            .await
+            .unwrap();
         let r = set_pct(40);
         let c1 = s.commands().queue("d", &r, 600, "a", T0).await.unwrap();
         s.configs()
@@ -422,7 +459,9 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
         assert_eq!(s.configs().shadow("d").await.unwrap().desired.poll_interval_ms, 7_000);
         // Remove the device (and so its commands), then queue again: a new id.
         s.devices().delete("d", "a", T0).await.unwrap();
-        s.devices().create("d", 10_000, KEY, "a", T0).await.unwrap();
+        ecowatt_server::registration::register(&s.devices(), "d", 10_000, KEY, "a", T0)
+            .await
+            .unwrap();
         s.close().await;
         let s = Store::open(&db.url).await.unwrap();
         let c2 = s.commands().queue("d", &r, 600, "a", T0).await.unwrap();
@@ -490,7 +529,19 @@ async fn concurrent_uploads_are_checked_one_by_one_and_stored_once() {
         let s = Arc::new(s.clone());
         let mut ids = Vec::new();
         for i in 0..12 {
-            ids.push(s.devices().create(&format!("u{i}"), 10_000, KEY, "t", T0).await.unwrap().id);
+            ids.push(
+                ecowatt_server::registration::register(
+                    &s.devices(),
+                    &format!("u{i}"),
+                    10_000,
+                    KEY,
+                    "t",
+                    T0,
+                )
+                .await
+                .unwrap()
+                .id,
+            );
         }
         s.devices().set_enabled("u11", false, "t", T0).await.unwrap();
         let batch = |seq: i64| StoredBatch {
@@ -554,7 +605,12 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
         let mut ids = Vec::new();
         for i in 0..6 {
             let name = format!("q{i}");
-            ids.push(s.devices().create(&name, 10_000, KEY, "t", T0).await.unwrap().id);
+            ids.push(
+                ecowatt_server::registration::register(&s.devices(), &name, 10_000, KEY, "t", T0)
+                    .await
+                    .unwrap()
+                    .id,
+            );
             s.configs().report(&name, 1, &DeviceConfig::default(), &[], T0).await.unwrap();
         }
         s.devices().set_enabled("q5", false, "t", T0).await.unwrap();
@@ -629,7 +685,9 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
         let b = db.backend();
         let here = Store::open(&db.url).await.unwrap();
         let other = Store::open(&db.url).await.unwrap();
-        let d = here.devices().create("k", 10_000, KEY, "t", T0).await.unwrap();
+        let d = ecowatt_server::registration::register(&here.devices(), "k", 10_000, KEY, "t", T0)
+            .await
+            .unwrap();
         here.configs().report("k", 1, &DeviceConfig::default(), &[], T0).await.unwrap();
         let up = async |store: &Store, version: i64, c: u64| {
             let batch = small_batch(c);
