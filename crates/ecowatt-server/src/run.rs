@@ -84,7 +84,7 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
         let now = crate::now_ms();
         operators.create("admin", Role::Admin, &hash_token(&secret), "system", now).await?;
         let path = settings.data_dir.join(ADMIN_TOKEN_FILE);
-        write_secret(&path, &secret).map_err(io(&path))?;
+        ecowatt_formats::secret::write_secret(&path, &secret).map_err(io(&path))?;
         admin_token_file = Some(path);
     }
     let state = AppState::new(store, settings, news);
@@ -100,18 +100,6 @@ fn redacted(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-/// Writes a secret readable by its owner only.
-pub fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(secret.as_bytes())?;
-    file.write_all(b"\n")
 }
 
 /// How often expired commands are swept.

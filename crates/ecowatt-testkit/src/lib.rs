@@ -1,5 +1,8 @@
 //! Test fixtures shared by EcoWatt's crates: a simulator on port 0 whose clock
-//! moves only when the test says so.
+//! moves only when the test says so, and ([`server`]) throw-away databases
+//! and a server on port 0.
+
+pub mod server;
 
 use std::sync::Arc;
 

@@ -198,6 +198,8 @@ pub fn segment(text: &str) -> String {
 
 /// Unix ms as a short UTC time, or `-`.
 pub fn when(ms: &Value) -> String {
-    ms.as_i64()
-        .map_or_else(|| "-".to_owned(), |ms| ecowatt_server::iso8601(ms)[..19].replace('T', " "))
+    ms.as_i64().map_or_else(
+        || "-".to_owned(),
+        |ms| ecowatt_formats::time::iso8601(ms)[..19].replace('T', " "),
+    )
 }

@@ -89,33 +89,24 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.bind)
             .await
             .with_context(|| format!("cannot listen on {} (is a server running? use --bind 127.0.0.1:0)", args.bind))?;
-        let addr = listener.local_addr()?;
         // A firmware signing key for the demo, so that images can be signed and uploaded.
         let key_path = data_dir.join("firmware-signing.key");
         let public = crate::firmware::make_key(&key_path)?;
         let file = ecowatt_server::settings::SettingsFile {
-            bind: Some(addr),
             data_dir: Some(data_dir.join("server")),
             firmware_keys: Some(vec![public.clone()]),
             ..Default::default()
         };
-        let settings = ecowatt_server::settings::Settings::resolve(file).map_err(anyhow::Error::msg)?;
-        let prepared = ecowatt_server::run::prepare(settings).await?;
-        let state = prepared.state.clone();
-        let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(ecowatt_server::run::serve(listener, prepared.state, async {
-            let _ = server_stopped.await;
-        }));
-        let token = std::fs::read_to_string(data_dir.join("server").join("admin.token"))?.trim().to_owned();
-        let url = format!("http://{addr}");
+        let server = crate::server::InProcess::start(listener, file).await?;
+        let (state, token, url) = (server.state.clone(), server.admin_token.clone(), server.url.clone());
 
         // One device per inverter, provisioned as an operator would, config'd for a demo.
         let mut agents = Vec::new();
         let mut names = Vec::new();
         for (i, (slave, _)) in fleet.iter().enumerate() {
             let name = format!("inverter-{}", i + 1);
-            let key = ecowatt_server::random_hex(16);
-            let now = ecowatt_server::now_ms();
+            let key = ecowatt_server::devices::new_key();
+            let now = ecowatt_formats::time::now_ms();
             let device = ecowatt_server::registration::register(&state.devices, &name, i64::from(args.rated_power), &key, "demo", now).await?;
             let patch = ecowatt_server::config::ConfigPatch {
                 poll_interval_ms: Some(1_000),
@@ -178,8 +169,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         for a in agents {
             a.abort();
         }
-        let _ = stop_server.send(());
-        let _ = server.await;
+        server.stop().await?;
         sim.shutdown().await;
         Ok(())
     })

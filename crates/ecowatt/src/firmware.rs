@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use ecowatt_formats::manifest::{manifest_json, parse_manifest};
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::hex;
-use ecowatt_server::firmware::{manifest_json, parse_manifest};
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -156,7 +156,7 @@ pub fn make_key(path: &Path) -> anyhow::Result<String> {
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let key = SigningKey::from_bytes(&seed);
     let public = hex::encode_upper(key.verifying_key().as_bytes());
-    ecowatt_server::run::write_secret(path, &hex::encode_upper(&seed))?;
+    ecowatt_formats::secret::write_secret(path, &hex::encode_upper(&seed))?;
     std::fs::write(format!("{}.pub", path.display()), format!("{public}\n"))?;
     Ok(public)
 }
@@ -172,7 +172,7 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("RSA key generation: {e}"))?;
         let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| anyhow::anyhow!("{e}"))?;
         let key_pub = SecretKey::Rsa(key).public();
-        ecowatt_server::run::write_secret(&args.out, pem.trim())?;
+        ecowatt_formats::secret::write_secret(&args.out, pem.trim())?;
         std::fs::write(&public, format!("{}\n", hex::encode_upper(key_pub.as_bytes())))?;
     } else {
         make_key(&args.out)?;
@@ -196,7 +196,7 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
                 sha256: Sha256::digest(&bytes).into(),
                 security_counter,
                 target,
-                created_ms: ecowatt_server::now_ms() as u64,
+                created_ms: ecowatt_formats::time::now_ms() as u64,
             };
             let signature =
                 signing.sign(&manifest.signed_bytes().map_err(|e| anyhow::anyhow!("{e}"))?);

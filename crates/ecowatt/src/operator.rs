@@ -62,7 +62,7 @@ pub enum DeviceCommand {
 fn write_provisioning(v: &Value, name: &str, out: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let path = out.unwrap_or_else(|| PathBuf::from(format!("{name}.provision.json")));
     let text = serde_json::to_string_pretty(&v["provisioning"])?;
-    ecowatt_server::run::write_secret(&path, &text)?;
+    ecowatt_formats::secret::write_secret(&path, &text)?;
     Ok(path)
 }
 
@@ -228,8 +228,10 @@ fn local_token(
         let secret = ecowatt_server::operators::generate_token();
         let hash = ecowatt_server::operators::hash_token(&secret);
         let actor = format!("local:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
-        let token =
-            store.operators().create(name, role, &hash, &actor, ecowatt_server::now_ms()).await?;
+        let token = store
+            .operators()
+            .create(name, role, &hash, &actor, ecowatt_formats::time::now_ms())
+            .await?;
         store.close().await;
         Ok((secret, token))
     })?;

@@ -143,3 +143,47 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// A server running inside this process, on a listener already bound (the
+/// demo, and the benches that measure the server without a child process).
+pub struct InProcess {
+    /// Its base URL.
+    pub url: String,
+    /// The admin token (read from the data directory).
+    pub admin_token: String,
+    /// Its state: the aggregates, for provisioning without going through HTTP.
+    pub state: ecowatt_server::api::AppState,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl InProcess {
+    /// Starts a server on `listener` with `file`'s settings (its bind address
+    /// is the listener's; `data_dir` must be set).
+    pub async fn start(
+        listener: tokio::net::TcpListener,
+        file: SettingsFile,
+    ) -> anyhow::Result<InProcess> {
+        let addr = listener.local_addr()?;
+        let settings = Settings::resolve(SettingsFile { bind: Some(addr), ..file })
+            .map_err(anyhow::Error::msg)?;
+        let token_file = settings.data_dir.join(ecowatt_server::settings::ADMIN_TOKEN_FILE);
+        let prepared = ecowatt_server::run::prepare(settings).await?;
+        let admin_token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?
+            .trim()
+            .to_owned();
+        let state = prepared.state.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ecowatt_server::run::serve(listener, prepared.state, async {
+            let _ = stopped.await;
+        }));
+        Ok(InProcess { url: format!("http://{addr}"), admin_token, state, stop, task })
+    }
+
+    /// Stops it gracefully and waits.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        Ok(self.task.await??)
+    }
+}

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ecowatt_device::agent::{self, AgentOptions, Provisioning};
-use ecowatt_server::testing::{TempDb, TestServer};
 use ecowatt_testkit::TestSim;
+use ecowatt_testkit::server::{TempDb, TestServer};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

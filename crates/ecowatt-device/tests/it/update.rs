@@ -15,8 +15,8 @@ use ecowatt_device::slots::FileSlots;
 use ecowatt_device::update::{self, Context, Ended, Source};
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::messages::{OtaState, UpdateOffer, ota_reason, signature_algorithm};
-use ecowatt_server::testing::{TempDb, TestServer};
 use ecowatt_testkit::TestSim;
+use ecowatt_testkit::server::{TempDb, TestServer};
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -86,7 +86,7 @@ async fn upload_rsa(op: &Op, data: &[u8], version: &str) -> i64 {
 }
 
 async fn upload_signed(op: &Op, data: &[u8], m: &Manifest, key: &PublicKey, sig: &[u8]) -> i64 {
-    let json = ecowatt_server::firmware::manifest_json(m, key, sig);
+    let json = ecowatt_formats::manifest::manifest_json(m, key, sig);
     let (url, token, data) = (op.url.clone(), op.token.clone(), data.to_vec());
     tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent =

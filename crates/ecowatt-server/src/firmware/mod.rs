@@ -3,7 +3,6 @@
 //! the manifest names ([`verify`]); the private key never comes here. One
 //! image per version and target.
 
-pub mod manifest;
 pub mod rollouts;
 
 use ecowatt_proto::firmware::PublicKey;
@@ -14,7 +13,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-pub use manifest::{manifest_json, parse_manifest};
+use ecowatt_formats::manifest::parse_manifest;
 pub use rollouts::Rollouts;
 
 use crate::db::{Db, StoreError, StoreResult, json_col};
@@ -218,6 +217,8 @@ impl Firmwares {
 mod tests {
     use ecowatt_proto::firmware::{Manifest, Version};
     use ed25519_dalek::{Signer, SigningKey};
+
+    use ecowatt_formats::manifest::manifest_json;
 
     use super::*;
 

@@ -81,18 +81,19 @@ pub fn report_of(request: &SyncRequest, key_version: i64, counter: u64) -> SyncR
 /// offers nothing, loudly).
 fn offer(d: &SyncDelivery) -> Option<messages::UpdateOffer> {
     let stored = d.update.as_ref()?;
-    let parsed =
-        crate::firmware::parse_manifest(&stored.manifest).and_then(|(manifest, signer, sig)| {
+    let parsed = ecowatt_formats::manifest::parse_manifest(&stored.manifest).and_then(
+        |(manifest, signer, sig)| {
             let token: [u8; 16] = ecowatt_proto::hex::decode(&stored.token)
                 .ok()
                 .and_then(|t| t.try_into().ok())
-                .ok_or_else(|| anyhow::anyhow!("bad token"))?;
+                .ok_or_else(|| ecowatt_formats::manifest::ManifestError("bad token".into()))?;
             let algorithm = match signer {
                 PublicKey::Ed25519(_) => messages::signature_algorithm::ED25519,
                 PublicKey::Rsa2048(_) => messages::signature_algorithm::RSA2048_SHA256,
             };
             Ok(messages::UpdateOffer { token, manifest, algorithm, signature: sig })
-        });
+        },
+    );
     match parsed {
         Ok(o) => Some(o),
         Err(e) => {

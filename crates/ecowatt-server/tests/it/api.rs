@@ -3,7 +3,7 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use ecowatt_server::api::app;
-use ecowatt_server::testing::{TempDb, TestServer};
+use ecowatt_testkit::server::{TempDb, TestServer};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;

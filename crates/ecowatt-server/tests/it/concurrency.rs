@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ecowatt_server::commands::{CommandFilter, CommandOutcome, CommandRequest, CommandStatus};
 use ecowatt_server::store::Store;
-use ecowatt_server::testing::TempDb;
+use ecowatt_testkit::server::TempDb;
 
 const DEVICES: usize = 4;
 const PER_DEVICE: usize = 25;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ecowatt_edge::Closed;
 use ecowatt_proto::messages::{MessageType, SyncRequest, SyncResponse};
 use ecowatt_server::settings::SettingsFile;
-use ecowatt_server::testing::{TempDb, TestServer};
+use ecowatt_testkit::server::{TempDb, TestServer};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use ecowatt_server::store::Store;
-use ecowatt_server::testing::{TempDb, TestServer};
+use ecowatt_testkit::server::{TempDb, TestServer};
 use serde_json::json;
 
 use crate::api::Client;

@@ -2,7 +2,7 @@
 //! that must not come back (lost config changes, commands sent once).
 
 use axum::http::StatusCode;
-use ecowatt_server::testing::TempDb;
+use ecowatt_testkit::server::TempDb;
 use serde_json::json;
 
 use crate::api::Client;

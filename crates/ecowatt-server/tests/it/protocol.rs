@@ -10,7 +10,7 @@ use ecowatt_core::session::{Credentials, Session, SessionError};
 use ecowatt_proto::messages::{CommandResult, ConfigState, MessageType, SyncRequest, SyncResponse};
 use ecowatt_proto::seal::{self, EnvelopeError};
 use ecowatt_server::api::{AppState, app};
-use ecowatt_server::testing::{TempDb, TestServer};
+use ecowatt_testkit::server::{TempDb, TestServer};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -546,7 +546,7 @@ async fn telemetry_is_acknowledged_stored_once_and_never_replayed() {
     let c = Client::start(&db, false).await;
     let mut dev = TestDevice::provision(&c, "d").await;
     let state = c.server.state.clone();
-    let t0 = ecowatt_server::now_ms() as u64 - 3_600_000;
+    let t0 = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
     let samples: Vec<Sample> = (1..=5)
         .map(|i| Sample { seq: i, unix_ms: t0 + 5_000 * i, values: vec![2300 + i as u16, 100] })
         .collect();

@@ -8,7 +8,7 @@ use ecowatt_proto::firmware::{Manifest, Version};
 use ecowatt_proto::messages::{OtaReport, OtaState, SyncRequest, SyncResponse, ota_reason};
 use ecowatt_server::api::app;
 use ecowatt_server::firmware::Firmware;
-use ecowatt_server::testing::TempDb;
+use ecowatt_testkit::server::TempDb;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -36,7 +36,7 @@ async fn store_image(c: &Client, version: &str, data: &[u8]) -> i64 {
         .unwrap(),
     )
     .unwrap();
-    let manifest = ecowatt_server::firmware::manifest_json(&m, &key, &[2; 64]);
+    let manifest = ecowatt_formats::manifest::manifest_json(&m, &key, &[2; 64]);
     let fw = Firmware {
         id: 0,
         version: version.into(),

@@ -10,7 +10,7 @@ use ecowatt_server::operators::Role;
 use ecowatt_server::protocol::Upload;
 use ecowatt_server::store::Store;
 use ecowatt_server::telemetry::StoredBatch;
-use ecowatt_server::testing::TempDb;
+use ecowatt_testkit::server::TempDb;
 use std::collections::HashMap;
 
 const T0: i64 = 1_800_000_000_000;

@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use ecowatt_proto::codec::{self, Sample};
 use ecowatt_proto::messages::{MessageType, TelemetryAck, TelemetryUpload};
-use ecowatt_server::testing::TempDb;
+use ecowatt_testkit::server::TempDb;
 
 use crate::api::Client;
 use crate::protocol::{TestDevice, error_code, post_to};
@@ -44,7 +44,7 @@ async fn a_resent_batch_that_grew_stores_only_what_it_adds_on_both_backends() {
     for db in TempDb::each().await {
         let c = Client::start(&db, false).await;
         let mut dev = TestDevice::provision(&c, "d").await;
-        let t0 = ecowatt_server::now_ms() as u64 - 3_600_000;
+        let t0 = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
         assert_eq!(send(&c, &mut dev, &upload(&samples(1..=5, t0, 2300))).await, Ok(5));
         // The acknowledgement was lost; the device resends with more samples.
         assert_eq!(send(&c, &mut dev, &upload(&samples(1..=8, t0, 2300))).await, Ok(8));
@@ -81,7 +81,7 @@ async fn sample_times_outside_the_kept_range_are_refused_before_acknowledgement(
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
     let mut dev = TestDevice::provision(&c, "d").await;
-    let now = ecowatt_server::now_ms() as u64;
+    let now = ecowatt_formats::time::now_ms() as u64;
     let cases: [(&str, Vec<Sample>); 5] = [
         ("1970: a clock never set", samples(1..=3, 10_000, 2300)),
         ("2019", samples(1..=3, 1_546_300_800_000, 2300)),

@@ -120,7 +120,7 @@ fn rsa_2048_keys_sign_manifests_the_seed_way_and_any_change_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_range() {
-    use ecowatt_server::testing::{TempDb, TestServer};
+    use ecowatt_testkit::server::{TempDb, TestServer};
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().to_path_buf();
     let prep = dir.clone();

@@ -2,7 +2,7 @@
 
 use std::process::{Command, Output, Stdio};
 
-use ecowatt_server::testing::{TempDb, TestServer};
+use ecowatt_testkit::server::{TempDb, TestServer};
 use serde_json::{Value, json};
 
 fn ecowatt(server: &TestServer, dir: &std::path::Path, args: &[&str]) -> Output {

@@ -60,7 +60,7 @@ fn post(url: &str, path: &str, token: Option<&str>, body: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_server_processes_share_one_postgresql_without_losing_or_duplicating() {
-    let Some(db) = ecowatt_server::testing::TempDb::postgres().await else {
+    let Some(db) = ecowatt_testkit::server::TempDb::postgres().await else {
         eprintln!("note: ECOWATT_TEST_PG_URL is unset; PostgreSQL part skipped");
         return;
     };

@@ -168,25 +168,6 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Waits (up to 30 s) for a server child at `base` to answer `/healthz` and to
-/// have written its first admin token into `data_dir`; returns the token.
-pub fn wait_for_server(
-    http: &ureq::Agent,
-    base: &str,
-    data_dir: &std::path::Path,
-) -> anyhow::Result<String> {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(t) = std::fs::read_to_string(data_dir.join("admin.token")) {
-            if http.get(format!("{base}/healthz")).call().is_ok_and(|r| r.status() == 200) {
-                return Ok(t.trim().to_owned());
-            }
-        }
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "the server did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("ecowatt-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -198,7 +179,8 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     let ops: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let token = {
         let (ops, base, dir) = (ops.clone(), base.clone(), dir.to_path_buf());
-        tokio::task::spawn_blocking(move || wait_for_server(&ops, &base, &dir)).await??
+        tokio::task::spawn_blocking(move || super::measure::wait_for_server(&ops, &base, &dir))
+            .await??
     };
     let auth = format!("Bearer {token}");
     // Devices, provisioned through the API (4 at a time).
@@ -503,7 +485,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     st.delivery_lat_us.sort_unstable();
     let worst: Vec<String> =
         st.worst_per_5s.iter().map(|us| format!("{:.0}", f64::from(*us) / 1000.0)).collect();
-    let ms = |v: &[u32], p: f64| f64::from(crate::bench::percentile(v, p)) / 1000.0;
+    let ms = |v: &[u32], p: f64| f64::from(super::measure::percentile(v, p)) / 1000.0;
     let (u50, u99, umax) =
         (ms(&st.upload_lat_us, 0.5), ms(&st.upload_lat_us, 0.99), ms(&st.upload_lat_us, 1.0));
     let (d50, d99, dmax) =

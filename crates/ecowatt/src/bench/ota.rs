@@ -97,7 +97,7 @@ fn device_side(
     let base = format!("http://127.0.0.1:{port}");
     let http: ureq::Agent =
         ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let token = crate::fleet::wait_for_server(&http, &base, data_dir)?;
+    let token = super::measure::wait_for_server(&http, &base, data_dir)?;
     let auth = format!("Bearer {token}");
     let call = |method: &str, path: &str, body: Value| -> anyhow::Result<Value> {
         let req = http.post(format!("{base}{path}")).header("Authorization", &auth);
@@ -119,10 +119,10 @@ fn device_side(
         sha256: Sha256::digest(&image).into(),
         security_counter: 1,
         target: format!("linux-{}", std::env::consts::ARCH),
-        created_ms: ecowatt_server::now_ms() as u64,
+        created_ms: ecowatt_formats::time::now_ms() as u64,
     };
     let sig = signing.sign(&manifest.signed_bytes().map_err(|e| anyhow::anyhow!("{e}"))?);
-    let json = ecowatt_server::firmware::manifest_json(
+    let json = ecowatt_formats::manifest::manifest_json(
         &manifest,
         &PublicKey::Ed25519(*public),
         &sig.to_bytes(),

@@ -1,5 +1,5 @@
-//! Test fixtures, used by this crate's tests and by `ecowatt-testkit`: a
-//! throw-away database on either backend, and a server on port 0.
+//! Server fixtures: a throw-away database on either backend, and a server
+//! on port 0.
 //!
 //! PostgreSQL databases are created on the server named by
 //! `ECOWATT_TEST_PG_URL` (e.g. `postgres://postgres@127.0.0.1:5432/postgres`),
@@ -13,9 +13,9 @@ use sqlx::Connection;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::api::AppState;
-use crate::run;
-use crate::settings::{ADMIN_TOKEN_FILE, Settings, SettingsFile};
+use ecowatt_server::api::AppState;
+use ecowatt_server::run;
+use ecowatt_server::settings::{ADMIN_TOKEN_FILE, Settings, SettingsFile};
 
 /// Environment variable naming the PostgreSQL server for tests.
 pub const PG_ENV: &str = "ECOWATT_TEST_PG_URL";
@@ -33,7 +33,7 @@ impl TempDb {
     /// A fresh SQLite database in a temporary directory.
     pub fn sqlite() -> TempDb {
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = crate::db::sqlite_url(&dir.path().join("ecowatt.db"));
+        let url = ecowatt_server::db::sqlite_url(&dir.path().join("ecowatt.db"));
         TempDb { url, dir, pg: None }
     }
 
@@ -41,7 +41,7 @@ impl TempDb {
     /// file system a test fills, say).
     pub fn sqlite_in(parent: &std::path::Path) -> TempDb {
         let dir = tempfile::tempdir_in(parent).expect("temp dir");
-        let url = crate::db::sqlite_url(&dir.path().join("ecowatt.db"));
+        let url = ecowatt_server::db::sqlite_url(&dir.path().join("ecowatt.db"));
         TempDb { url, dir, pg: None }
     }
 
@@ -54,7 +54,7 @@ impl TempDb {
     /// A fresh PostgreSQL database named `PREFIX_<random>` on the server at `admin`.
     pub async fn postgres_at(admin: &str, prefix: &str) -> TempDb {
         let admin = admin.to_owned();
-        let name = format!("{prefix}_{}", crate::random_hex(6));
+        let name = format!("{prefix}_{}", ecowatt_server::random_hex(6));
         let mut conn =
             sqlx::PgConnection::connect(&admin).await.expect("connect to ECOWATT_TEST_PG_URL");
         sqlx::query(&format!("CREATE DATABASE {name}"))
@@ -178,7 +178,7 @@ impl TestServer {
     pub async fn flush_security_events(&self) {
         self.state
             .refusals
-            .flush(&self.state.security_events, crate::now_ms())
+            .flush(&self.state.security_events, ecowatt_formats::time::now_ms())
             .await
             .expect("flush");
     }

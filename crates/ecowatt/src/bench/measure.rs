@@ -1,0 +1,72 @@
+//! What every bench shares: a run's counts and latencies, their quantiles
+//! and report line, operations per second, and waiting for a server child.
+
+use std::time::{Duration, Instant};
+
+/// The outcome of a load: counts, sorted latencies, and how long it took.
+pub struct Run {
+    /// Requests that succeeded.
+    pub ok: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// Latencies, µs, sorted.
+    pub latencies_us: Vec<u32>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// The `p` quantile (0..=1) of sorted latencies, 0 when there are none.
+pub fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// One line: rate, counts and latency quantiles.
+pub fn report(label: &str, run: &Run) {
+    let pct = |p: f64| percentile(&run.latencies_us, p);
+    println!(
+        "  {label:<14} {:>9.0} req/s  ok {:>7}  failed {:>4}  p50 {:>6} us  p99 {:>6} us  max {:>7} us  ({:.1} s)",
+        run.ok as f64 / run.elapsed.as_secs_f64(),
+        run.ok,
+        run.failed,
+        pct(0.50),
+        pct(0.99),
+        run.latencies_us.last().copied().unwrap_or(0),
+        run.elapsed.as_secs_f64()
+    );
+}
+
+/// Runs `f` `iterations` times and prints operations per second.
+pub fn rate(label: &str, iterations: u64, f: impl Fn(u64)) {
+    let started = Instant::now();
+    for i in 0..iterations {
+        f(i);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "  {label:<44} {:>12.0} ops/s  {:>7.1} ns/op",
+        iterations as f64 / secs,
+        secs * 1e9 / iterations as f64
+    );
+}
+
+/// Waits (up to 30 s) for a server child at `base` to answer `/healthz` and to
+/// have written its first admin token into `data_dir`; returns the token.
+pub fn wait_for_server(
+    http: &ureq::Agent,
+    base: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<String> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(t) = std::fs::read_to_string(data_dir.join("admin.token")) {
+            if http.get(format!("{base}/healthz")).call().is_ok_and(|r| r.status() == 200) {
+                return Ok(t.trim().to_owned());
+            }
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "the server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

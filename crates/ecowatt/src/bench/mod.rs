@@ -1,0 +1,116 @@
+//! `ecowatt bench`: repeatable measurements, bounded in count and time, on
+//! loopback only. Figures go to `docs/performance.md`.
+
+mod commands;
+mod fleet;
+mod measure;
+mod micro;
+mod ota;
+mod protocol;
+mod sim;
+
+use std::time::Duration;
+
+use clap::Subcommand;
+
+use crate::units::parse_duration;
+
+/// What to measure.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Modbus RTU frame encode/decode (and CRC) operations per second, one core.
+    Frames {
+        /// Operations per measurement.
+        #[arg(long, default_value_t = 2_000_000)]
+        iterations: u64,
+    },
+    /// Simulator requests per second over the SIM HTTP API and Modbus TCP (loopback, in-process).
+    Sim {
+        /// Requests per protocol, at most.
+        #[arg(long, default_value_t = 50_000)]
+        requests: u64,
+        /// Concurrent clients (one connection each).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+        clients: u64,
+        /// Time limit per protocol.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        max_time: Duration,
+    },
+    /// Telemetry codec: bytes per sample on a simulated day and on constant night
+    /// data, against raw registers and deflate (miniz_oxide) on the same batches.
+    Codec {
+        /// Samples per batch (60 = 5 min at a 5 s poll; 180 = 15 min).
+        #[arg(long, default_value_t = 60)]
+        batch: usize,
+        /// Seed of the simulated weather.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Device protocol: seal and open per second (one core), and sealed sync
+    /// requests per second a server on loopback sustains (SQLite, in process).
+    Protocol {
+        /// Simulated devices, one thread and one connection each.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+        devices: u64,
+        /// Sync requests in total, at most.
+        #[arg(long, default_value_t = 20_000)]
+        requests: u64,
+        /// Time limit of the server measurement.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        max_time: Duration,
+    },
+    /// A simulated fleet against a server process on loopback: uploads, data
+    /// points and command delivery latency while devices hold long polls.
+    Fleet(fleet::FleetArgs),
+    /// A firmware update's device side: download throughput (range requests,
+    /// slot writes with a sync per chunk, SHA-256) and peak heap, against a
+    /// server in a child process.
+    Ota(ota::OtaArgs),
+    /// Command queue -> deliver -> result cycles per second, and config updates
+    /// per second, through the store (SQLite in a temp dir, or the database given).
+    Commands {
+        /// Database to run in (e.g. postgres://postgres@127.0.0.1:5432/ecowatt_bench):
+        /// its schema is created if need be, and the bench's devices are removed
+        /// afterwards; SQLite in a temporary directory if absent.
+        #[arg(long)]
+        database: Option<String>,
+        /// Concurrent workers (one device each).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+        workers: u64,
+        /// Cycles (and config updates) in total, at most.
+        #[arg(long, default_value_t = 5_000)]
+        cycles: u64,
+        /// Time limit per measurement.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        max_time: Duration,
+    },
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Frames { iterations } => {
+            micro::frames(iterations.max(1));
+            Ok(())
+        }
+        BenchCommand::Sim { requests, clients, max_time } => {
+            sim::run(requests.max(1), clients, max_time)
+        }
+        BenchCommand::Fleet(args) => fleet::run(args),
+        BenchCommand::Ota(args) => ota::run(args),
+        BenchCommand::Codec { batch, seed } => {
+            micro::codec(batch.clamp(1, 4096), seed);
+            Ok(())
+        }
+        BenchCommand::Protocol { devices, requests, max_time } => {
+            protocol::run(devices, requests.max(1), max_time)
+        }
+        BenchCommand::Commands { database, workers, cycles, max_time } => {
+            tokio::runtime::Runtime::new()?.block_on(commands::run(
+                database,
+                workers,
+                cycles.max(1),
+                max_time,
+            ))
+        }
+    }
+}
