@@ -10,7 +10,7 @@ use sqlx::{AnyConnection, Row};
 use ecowatt_proto::registers::REGISTER_COUNT;
 
 use crate::db::{Db, StoreError, StoreResult, WriteTx, corrupt, json_col};
-use crate::devices::named_in;
+use crate::devices::{DeviceId, named_in};
 use crate::domain::Invalid;
 use crate::operators::audit;
 
@@ -194,7 +194,7 @@ fn shadow_from(row: &AnyRow) -> StoreResult<ConfigShadow> {
     })
 }
 
-async fn shadow_in(c: &mut AnyConnection, device_id: i64) -> StoreResult<ConfigShadow> {
+async fn shadow_in(c: &mut AnyConnection, device_id: DeviceId) -> StoreResult<ConfigShadow> {
     let row = sqlx::query(
         "SELECT d.name, c.* FROM device_configs c JOIN devices d ON d.id = c.device_id WHERE c.device_id = $1",
     )
@@ -206,7 +206,12 @@ async fn shadow_in(c: &mut AnyConnection, device_id: i64) -> StoreResult<ConfigS
 
 /// Gives a new device its first desired config (version 1, the defaults),
 /// in the transaction that registers it.
-pub async fn create_in(tx: &mut WriteTx, device_id: i64, actor: &str, now: i64) -> StoreResult<()> {
+pub async fn create_in(
+    tx: &mut WriteTx,
+    device_id: DeviceId,
+    actor: &str,
+    now: i64,
+) -> StoreResult<()> {
     let config = serde_json::to_string(&DeviceConfig::default()).expect("config serialises");
     sqlx::query(
         "INSERT INTO device_configs (device_id, desired_version, desired, desired_ms) VALUES ($1, 1, $2, $3)",
@@ -232,7 +237,7 @@ pub async fn create_in(tx: &mut WriteTx, device_id: i64, actor: &str, now: i64) 
 /// (`running`, or else what it last reported).
 pub async fn to_send_in(
     c: &mut AnyConnection,
-    device_id: i64,
+    device_id: DeviceId,
     running: Option<i64>,
 ) -> StoreResult<Option<(i64, DeviceConfig)>> {
     let row = sqlx::query(
@@ -253,7 +258,7 @@ pub async fn to_send_in(
 /// its report; a version never issued is ignored.
 pub async fn report_in(
     tx: &mut WriteTx,
-    device_id: i64,
+    device_id: DeviceId,
     version: i64,
     applied: &DeviceConfig,
     rejected: &[Rejection],

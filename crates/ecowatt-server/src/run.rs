@@ -208,7 +208,8 @@ async fn listen_postgres(url: String, news: Arc<News>, devices: crate::devices::
                     loop {
                         match listener.recv().await {
                             Ok(n) if n.channel() == keys => {
-                                let id = n.payload().parse().unwrap_or(-1);
+                                let id =
+                                    crate::devices::DeviceId(n.payload().parse().unwrap_or(-1));
                                 if let Err(e) = devices.refresh_keys(id).await {
                                     // Start over: the reload after reconnecting
                                     // makes the copy whole again.

@@ -116,7 +116,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             state.configs.update(&name, &patch, "demo", now).await?;
             let provisioning = Provisioning {
                 device: name.clone(),
-                device_id: device.id as u32,
+                device_id: device.id.0 as u32,
                 key,
                 key_version: 1,
                 server: url.clone(),

@@ -15,6 +15,7 @@ use ecowatt_proto::seal::{self, Direction, Header, Keys};
 use serde_json::json;
 
 use super::{AppState, Source};
+use crate::devices::DeviceId;
 use crate::error::ApiError;
 use crate::protocol::door::{self, Answer, Refused};
 use crate::protocol::{MAX_WAIT_MS, REDELIVER_MS, SyncDelivery, answer_now, messages};
@@ -95,7 +96,7 @@ fn content_type(headers: &HeaderMap) -> Option<&str> {
 struct Held {
     key: [u8; 16],
     header: Header,
-    device_id: i64,
+    device_id: DeviceId,
     delivery: SyncDelivery,
     wait_ms: u32,
     notified: std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>,

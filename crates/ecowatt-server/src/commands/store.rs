@@ -12,7 +12,7 @@ use super::{
     ResultEffect, result_effect,
 };
 use crate::db::{Db, StoreError, StoreResult, WriteTx, corrupt, json_col};
-use crate::devices::named_in;
+use crate::devices::{DeviceId, named_in};
 use crate::operators::audit;
 
 const COLUMNS: &str = "c.id, d.name AS device_name, c.kind, c.parameters, c.op, c.register, \
@@ -122,7 +122,7 @@ pub async fn record_result_in(
 pub async fn deliver_in(
     db: &Db,
     tx: &mut WriteTx,
-    device_id: i64,
+    device_id: DeviceId,
     redeliver_after_ms: i64,
     max: i64,
     now: i64,
@@ -339,7 +339,7 @@ impl Commands {
     /// writes it shows ([`super::confirmed_by`]); returns how many.
     pub async fn confirm(
         &self,
-        device_id: i64,
+        device_id: DeviceId,
         register: u16,
         value: u16,
         reading_ms: i64,

@@ -6,6 +6,7 @@
 
 use sqlx::Row;
 
+use super::DeviceId;
 use super::keys::{slot_of, window, window_columns};
 use crate::db::{StoreError, StoreResult, WriteTx};
 
@@ -35,7 +36,7 @@ pub struct Admitted {
 /// applies the message in the same transaction.
 pub async fn admit_in(
     tx: &mut WriteTx,
-    device_id: i64,
+    device_id: DeviceId,
     key_version: i64,
     counter: u64,
     now: i64,
@@ -69,7 +70,7 @@ pub async fn admit_in(
 }
 
 /// The device's name, locking its row (a delivery without a message to admit).
-pub async fn name_in(tx: &mut WriteTx, device_id: i64) -> StoreResult<String> {
+pub async fn name_in(tx: &mut WriteTx, device_id: DeviceId) -> StoreResult<String> {
     let lock = tx.db().for_update();
     let row = sqlx::query(&format!("SELECT name FROM devices WHERE id = $1{lock}"))
         .bind(device_id)

@@ -28,6 +28,7 @@ use ecowatt_proto::replay::ReplayWindow;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use super::DeviceId;
 use crate::db::{Db, Dialect, StoreResult};
 
 /// Which of a device's keys sealed a message: found in the transaction that
@@ -80,7 +81,7 @@ where
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceCrypto {
     /// The device's id.
-    pub id: i64,
+    pub id: DeviceId,
     /// Its name.
     pub name: String,
     /// The version of its current key.
@@ -150,7 +151,7 @@ const MAX_ENTRIES: usize = 1_000_000;
 /// Device id → keys.
 #[derive(Default)]
 pub struct KeyCache {
-    map: Mutex<HashMap<i64, DeviceCrypto>>,
+    map: Mutex<HashMap<DeviceId, DeviceCrypto>>,
     complete: AtomicBool,
 }
 
@@ -161,7 +162,7 @@ impl KeyCache {
     pub async fn lookup(
         &self,
         db: &Db,
-        device_id: i64,
+        device_id: DeviceId,
         key_version: u8,
         may_read: bool,
     ) -> StoreResult<KeyLookup> {
@@ -181,7 +182,7 @@ impl KeyCache {
     }
 
     /// Reads one device's keys into memory (or forgets it, if it is gone).
-    pub async fn read(&self, db: &Db, device_id: i64) -> StoreResult<Option<DeviceCrypto>> {
+    pub async fn read(&self, db: &Db, device_id: DeviceId) -> StoreResult<Option<DeviceCrypto>> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM devices WHERE id = $1"))
             .bind(device_id)
             .fetch_optional(db.reader())
@@ -230,7 +231,7 @@ impl KeyCache {
     }
 
     /// The keys kept for `device_id`.
-    pub fn get(&self, device_id: i64) -> Option<DeviceCrypto> {
+    pub fn get(&self, device_id: DeviceId) -> Option<DeviceCrypto> {
         self.lock().get(&device_id).cloned()
     }
 
@@ -245,11 +246,11 @@ impl KeyCache {
     }
 
     /// Drops what is kept for `device_id`.
-    pub fn forget(&self, device_id: i64) {
+    pub fn forget(&self, device_id: DeviceId) {
         self.lock().remove(&device_id);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, DeviceCrypto>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, DeviceCrypto>> {
         // A panic while holding the lock cannot leave the map half-changed.
         self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }

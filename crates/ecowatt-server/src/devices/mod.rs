@@ -4,6 +4,7 @@
 //! memory ([`keys`]) so that a request needs no read before its transaction.
 
 pub mod admission;
+mod id;
 pub mod keys;
 
 use serde::Serialize;
@@ -11,6 +12,7 @@ use serde_json::json;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
+pub use id::DeviceId;
 pub use keys::{DeviceCrypto, KeyLookup, KeySlot};
 
 use crate::db::{Db, StoreError, StoreResult, WriteTx};
@@ -21,7 +23,7 @@ use crate::operators::audit;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Device {
     /// Numeric id, never reused.
-    pub id: i64,
+    pub id: DeviceId,
     /// Unique name (the seed's `device_id`).
     pub name: String,
     /// Rated AC power of its inverter, W.
@@ -169,7 +171,7 @@ impl Devices {
     }
 
     /// Reads a device's keys into memory (after the commit that made them).
-    pub async fn learn_keys(&self, device_id: i64) -> StoreResult<()> {
+    pub async fn learn_keys(&self, device_id: DeviceId) -> StoreResult<()> {
         self.keys.read(&self.db, device_id).await.map(drop)
     }
 
@@ -275,7 +277,7 @@ impl Devices {
     /// The keys of the device with this numeric id (see [`keys::KeyCache::lookup`]).
     pub async fn crypto(
         &self,
-        device_id: i64,
+        device_id: DeviceId,
         key_version: u8,
         may_read: bool,
     ) -> StoreResult<KeyLookup> {
@@ -289,7 +291,7 @@ impl Devices {
     }
 
     /// Another server changed this device's keys: read them again.
-    pub async fn refresh_keys(&self, device_id: i64) -> StoreResult<()> {
+    pub async fn refresh_keys(&self, device_id: DeviceId) -> StoreResult<()> {
         self.keys.read(&self.db, device_id).await.map(|_| ())
     }
 
@@ -301,7 +303,7 @@ impl Devices {
 
 /// On PostgreSQL, tells every server process (at commit) that a device's
 /// keys changed.
-async fn keys_changed_in(tx: &mut WriteTx, device_id: i64) -> StoreResult<()> {
+async fn keys_changed_in(tx: &mut WriteTx, device_id: DeviceId) -> StoreResult<()> {
     tx.notify(keys::CHANNEL, &device_id.to_string()).await
 }
 

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::SyncRefusal;
 use crate::db::StoreError;
-use crate::devices::{DeviceCrypto, Devices, KeyLookup};
+use crate::devices::{DeviceCrypto, DeviceId, Devices, KeyLookup};
 use crate::security::Refusals;
 
 /// What a refused peer is told.
@@ -171,7 +171,7 @@ pub async fn open(
         refuse(Answer::MalformedEnvelope, "malformed_envelope", None, detail)
     })?;
     let device_id = i64::from(header.device_id);
-    let crypto = match devices.crypto(device_id, header.key_version, !throttled).await {
+    let crypto = match devices.crypto(DeviceId(device_id), header.key_version, !throttled).await {
         Ok(KeyLookup::Found(c)) => c,
         Ok(KeyLookup::Unknown) => {
             // The work a bad tag costs (derive, open), so that an unknown id

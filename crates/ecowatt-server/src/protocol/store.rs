@@ -10,8 +10,8 @@ use super::{
 };
 use crate::commands::Commands;
 use crate::db::{Db, StoreError, StoreResult, WriteTx};
-use crate::devices::Devices;
 use crate::devices::admission::{admit_in, name_in};
+use crate::devices::{DeviceId, Devices};
 use crate::firmware::rollouts::store::{offer_in, offer_waiting_sql, ota_report_in};
 use crate::telemetry::Ingest;
 
@@ -35,7 +35,7 @@ impl Protocol {
     /// an update offer, the down counter).
     pub async fn sync(
         &self,
-        device_id: i64,
+        device_id: DeviceId,
         report: &SyncReport,
         deliver: bool,
         redeliver_after_ms: i64,
@@ -94,7 +94,7 @@ impl Protocol {
     /// The answer to a long poll woken by news: what there is to deliver now.
     pub async fn deliver(
         &self,
-        device_id: i64,
+        device_id: DeviceId,
         redeliver_after_ms: i64,
         now: i64,
     ) -> StoreResult<SyncDelivery> {
@@ -112,7 +112,7 @@ impl Protocol {
     /// only when the device has writes waiting for that).
     pub async fn upload(
         &self,
-        device_id: i64,
+        device_id: DeviceId,
         key_version: i64,
         counter: u64,
         upload: &Upload,
@@ -137,7 +137,7 @@ impl Protocol {
             if let Err(e) =
                 Commands::new(self.db.clone()).confirm(device_id, register, value, at_ms).await
             {
-                tracing::warn!(device_id, error = %e, "confirming writes by a reading failed");
+                tracing::warn!(device_id = device_id.0, error = %e, "confirming writes by a reading failed");
             }
         }
         Ok(answer)
@@ -148,7 +148,7 @@ impl Protocol {
     async fn delivery_in(
         &self,
         tx: &mut WriteTx,
-        device_id: i64,
+        device_id: DeviceId,
         name: String,
         applied_version: Option<i64>,
         redeliver_after_ms: i64,
@@ -184,7 +184,7 @@ impl Protocol {
     /// anyway.
     async fn quiet(
         &self,
-        device_id: i64,
+        device_id: DeviceId,
         report: &SyncReport,
         redeliver_after_ms: i64,
         now: i64,
@@ -228,13 +228,13 @@ impl Protocol {
     /// copy in memory was stale (rotated by another server process).
     async fn reread_stale<T>(
         &self,
-        device_id: i64,
+        device_id: DeviceId,
         answer: Result<T, SyncRefusal>,
     ) -> Result<T, SyncRefusal> {
         if matches!(answer, Err(SyncRefusal::StaleKey))
             && let Err(e) = self.devices.keys().read(&self.db, device_id).await
         {
-            tracing::warn!(device_id, error = %e, "cannot read a device's keys again");
+            tracing::warn!(device_id = device_id.0, error = %e, "cannot read a device's keys again");
         }
         answer
     }

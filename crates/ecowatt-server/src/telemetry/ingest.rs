@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{StoredBatch, trim};
 use crate::db::{Db, Dialect, StoreError, StoreResult};
+use crate::devices::DeviceId;
 use crate::devices::admission::SyncRefusal;
 use crate::devices::keys::{KeySlot, slot_of, window};
 
@@ -46,7 +47,7 @@ pub const GROUP_MAX: usize = 256;
 
 /// One upload (or quiet sync, with no batch) waiting to be written.
 struct Job {
-    pub device_id: i64,
+    pub device_id: DeviceId,
     /// The version of the key that sealed it (checked against the row).
     pub key_version: i64,
     pub counter: u64,
@@ -109,7 +110,7 @@ impl Ingest {
     /// group's commit: checked exactly as alone, answered only once durable.
     pub async fn submit(
         &self,
-        device_id: i64,
+        device_id: DeviceId,
         key_version: i64,
         counter: u64,
         batch: Option<StoredBatch>,
@@ -197,7 +198,7 @@ macro_rules! overlapping {
     ($tx:ident, $plan:ident, $group:ident) => {{
         let mut found = Vec::with_capacity($plan.overlaps.len());
         for &(i, _) in &$plan.overlaps {
-            let (device, b) = ($group[i].device_id, $group[i].batch.as_ref().expect("a batch"));
+            let (device, b) = ($group[i].device_id.0, $group[i].batch.as_ref().expect("a batch"));
             let rows = sqlx::query(OVERLAPPING).bind(device).bind(b.first_seq).bind(b.last_seq);
             let rows = rows.fetch_all(&mut *$tx).await?;
             found.push(rows.iter().map(range_of).collect::<StoreResult<Vec<_>>>()?);
@@ -243,7 +244,7 @@ fn write_group<'a>(
 
 /// The devices of `group`, each once, in id order.
 fn device_ids(group: &[Job]) -> Vec<i64> {
-    let mut ids: Vec<i64> = group.iter().map(|j| j.device_id).collect();
+    let mut ids: Vec<i64> = group.iter().map(|j| j.device_id.0).collect();
     ids.sort_unstable();
     ids.dedup();
     ids
@@ -378,7 +379,7 @@ fn stored_batches<'g>(
 /// batch bytes.
 fn stored_row<'b>(job: &Job, b: &'b StoredBatch) -> ([i64; 9], &'b [u8]) {
     let row = [
-        job.device_id,
+        job.device_id.0,
         b.first_seq,
         b.last_seq,
         b.count,
@@ -449,7 +450,7 @@ fn plan(rows: Vec<(i64, DeviceState)>, group: &[Job]) -> Plan {
     // Ranges stored by this group so far, by device (rarely more than one).
     let mut in_group: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
     for (i, job) in group.iter().enumerate() {
-        let Some(d) = devices.get_mut(&job.device_id) else {
+        let Some(d) = devices.get_mut(&job.device_id.0) else {
             answers.push(Err(SyncRefusal::Disabled)); // removed while its upload waited
             continue;
         };
@@ -480,10 +481,10 @@ fn plan(rows: Vec<(i64, DeviceState)>, group: &[Job]) -> Plan {
         if let Some(b) = &job.batch {
             accepted.push(i);
             if b.first_seq <= d.stored_seq {
-                overlaps.push((i, in_group.get(&job.device_id).cloned().unwrap_or_default()));
+                overlaps.push((i, in_group.get(&job.device_id.0).cloned().unwrap_or_default()));
             }
             d.stored_seq = d.stored_seq.max(b.last_seq);
-            in_group.entry(job.device_id).or_default().push((b.first_seq, b.last_seq));
+            in_group.entry(job.device_id.0).or_default().push((b.first_seq, b.last_seq));
         }
     }
     let updates = devices

@@ -613,7 +613,7 @@ async fn keys_changed_through_another_server_are_heard() {
     // B listens and has loaded every key: complete.
     let check = within("B's listener").await;
     while !matches!(
-        b.state.devices.crypto(4242, 1, false).await.unwrap(),
+        b.state.devices.crypto(ecowatt_server::devices::DeviceId(4242), 1, false).await.unwrap(),
         ecowatt_server::devices::KeyLookup::Unknown
     ) {
         check();

@@ -5,7 +5,7 @@ use ecowatt_server::commands::{CommandFilter, CommandOutcome};
 use ecowatt_server::config::Rejection;
 use ecowatt_server::config::{ConfigPatch, DeviceConfig};
 use ecowatt_server::db::StoreError;
-use ecowatt_server::devices::KeyLookup;
+use ecowatt_server::devices::{DeviceId, KeyLookup};
 use ecowatt_server::operators::Role;
 use ecowatt_server::protocol::Upload;
 use ecowatt_server::store::Store;
@@ -477,14 +477,14 @@ async fn everything_survives_a_restart_and_ids_are_never_reused() {
 /// answer counters; only `disabled` may be refused as disabled.
 async fn race<F, Fut>(
     s: &std::sync::Arc<Store>,
-    ids: &[i64],
+    ids: &[DeviceId],
     n: u64,
     send: F,
-    disabled: i64,
+    disabled: DeviceId,
     backend: &str,
-) -> (HashMap<(i64, u64), u32>, HashMap<i64, Vec<u64>>)
+) -> (HashMap<(DeviceId, u64), u32>, HashMap<DeviceId, Vec<u64>>)
 where
-    F: Fn(std::sync::Arc<Store>, i64, u64) -> Fut + Clone + Send + 'static,
+    F: Fn(std::sync::Arc<Store>, DeviceId, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<u64, ecowatt_server::protocol::SyncRefusal>> + Send,
 {
     use ecowatt_server::protocol::SyncRefusal;
@@ -502,7 +502,7 @@ where
             }));
         }
     }
-    let (mut seen, mut downs) = (HashMap::new(), HashMap::<i64, Vec<u64>>::new());
+    let (mut seen, mut downs) = (HashMap::new(), HashMap::<DeviceId, Vec<u64>>::new());
     for t in tasks {
         for (id, c, r) in t.await.unwrap() {
             match r {
@@ -708,7 +708,7 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
             here.protocol().sync(d.id, &report, deliver, 0, T0).await.unwrap().map(|_| ())
         };
 
-        let keys = async |store: &Store, id: i64, version: u8| match store
+        let keys = async |store: &Store, id: DeviceId, version: u8| match store
             .devices()
             .crypto(id, version, true)
             .await
@@ -852,7 +852,7 @@ async fn commands_stored_as_json_are_migrated_to_typed_columns() {
         );
         assert_eq!(commands.get(2).await.unwrap().action, Action::Read { register: 9 }, "{b}");
         // The migrated write awaits its reading, and one confirms it.
-        assert_eq!(commands.confirm(1, 8, 40, 1).await.unwrap(), 1, "{b}");
+        assert_eq!(commands.confirm(DeviceId(1), 8, 40, 1).await.unwrap(), 1, "{b}");
         s.close().await;
         db.cleanup().await;
     }

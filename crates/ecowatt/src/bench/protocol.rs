@@ -119,7 +119,7 @@ pub fn run(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<()
             "bench",
             ecowatt_formats::time::now_ms(),
         ))?;
-        creds.push(Credentials { device_id: device.id as u32, key, key_version: 1 });
+        creds.push(Credentials { device_id: device.id.0 as u32, key, key_version: 1 });
     }
     println!(
         "Sealed syncs against the server on loopback (SQLite), {devices} devices, at most {requests} requests or {max_time:?}:"
@@ -191,7 +191,7 @@ pub fn run(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<()
         "bench",
         ecowatt_formats::time::now_ms(),
     ))?;
-    let c = Credentials { device_id: device.id as u32, key, key_version: 1 };
+    let c = Credentials { device_id: device.id.0 as u32, key, key_version: 1 };
     let api: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let queue_url = format!("{}/api/v1/devices/{name}/commands", server.url);
     let token = format!("Bearer {}", server.admin_token);

@@ -12,6 +12,7 @@ use super::{
     RolloutTarget, WaveOutcome, spread, sql_list, wave_of, wave_outcome,
 };
 use crate::db::{Db, StoreError, StoreResult, WriteTx, corrupt};
+use crate::devices::DeviceId;
 use crate::firmware::{Firmware, firmware_from};
 use crate::operators::audit;
 
@@ -193,7 +194,7 @@ async fn evaluate_in(db: &Db, tx: &mut WriteTx, id: i64, now: i64) -> StoreResul
 pub async fn ota_report_in(
     db: &Db,
     tx: &mut WriteTx,
-    device_id: i64,
+    device_id: DeviceId,
     report: &ecowatt_proto::messages::OtaReport,
     now: i64,
 ) -> StoreResult<()> {
@@ -243,7 +244,7 @@ pub async fn ota_report_in(
 pub async fn offer_in(
     db: &Db,
     tx: &mut WriteTx,
-    device_id: i64,
+    device_id: DeviceId,
     now: i64,
 ) -> StoreResult<Option<Offer>> {
     let row = sqlx::query(&format!(
