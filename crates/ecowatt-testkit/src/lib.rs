@@ -68,4 +68,11 @@ impl TestSim {
         let now = sim.now_ms();
         sim.inverter_mut(slave).expect("no such slave").read(now).limit_pct
     }
+
+    /// The values the export limit of `slave` was written with, oldest first
+    /// (what shows that a command ran once, not twice).
+    pub fn limit_writes(&self, slave: u8) -> Vec<u16> {
+        let mut sim = self.sim.state.sim.lock().expect("simulator lock");
+        sim.inverter_mut(slave).expect("no such slave").writes().0
+    }
 }

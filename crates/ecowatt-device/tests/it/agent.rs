@@ -240,13 +240,10 @@ async fn nothing_is_lost_while_the_server_is_down_or_the_device_restarts() {
         )
         .await;
     assert_eq!(v["missing"], 0, "no gap after a restart: {v}");
-    let data =
-        op.call("GET", "/api/v1/devices/roof-2/telemetry?from_ms=0&max_points=10000", None).await;
-    let seqs: Vec<u64> =
-        data["points"].as_array().unwrap().iter().map(|p| p["seq"].as_u64().unwrap()).collect();
-    let mut unique = seqs.clone();
-    unique.dedup();
-    assert_eq!(seqs, unique, "no duplicate");
+    // The backlog resent after the outage and the restart overlapped what was
+    // stored: every sample is stored once (the telemetry query merges by
+    // `seq`, so only the stored counts can show a duplicate).
+    assert_eq!(v["duplicates"], 0, "no sample stored twice: {v}");
 
     // The command queued during the outage ran exactly once, and the config
     // survived the restart.
@@ -255,8 +252,13 @@ async fn nothing_is_lost_while_the_server_is_down_or_the_device_restarts() {
             v["status"] == "confirmed" || v["status"] == "succeeded"
         })
         .await;
-    assert_eq!(c["delivery_count"].as_i64().map(|n| n >= 1), Some(true));
     assert_eq!(sim.limit_pct(0x11), 55);
+    assert_eq!(
+        sim.limit_writes(0x11).iter().filter(|&&w| w == 55).count(),
+        1,
+        "the inverter was written once, whatever the redeliveries ({} deliveries)",
+        c["delivery_count"]
+    );
     let shadow = op.call("GET", "/api/v1/devices/roof-2/config", None).await;
     assert_eq!(shadow["reported"]["poll_interval_ms"], 1000);
     agent.stop().await;

@@ -190,14 +190,28 @@ async fn a_rollout_updates_the_device_which_restarts_into_the_new_image_and_conf
     assert_eq!((rec.active, rec.version.to_string(), rec.pending), (Slot::B, "1.1.0".into(), None));
     assert_eq!(rec.security_counter, 1);
 
-    // After a restart it still runs the new image.
+    // After a restart it still runs the new image: a command queued while it
+    // is down can only be answered by a sync of the restarted agent, and that
+    // sync reports the version it booted.
     agent.stop().await;
+    let read = op
+        .call(
+            "POST",
+            "/api/v1/devices/roof-1/commands",
+            Some(json!({"type": "read_register", "parameters": {"register_address": 9}})),
+        )
+        .await;
     let agent = start(options(&p, &sim, &state));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    op.until("/api/v1/devices/roof-1", "1.1.0 after a restart", Duration::from_secs(20), |v| {
-        v["device"]["firmware"] == "1.1.0"
-    })
+    op.until(
+        &format!("/api/v1/commands/{}", read["id"]),
+        "a result from the restarted agent",
+        Duration::from_secs(20),
+        |v| v["status"] == "succeeded",
+    )
     .await;
+    let d = op.call("GET", "/api/v1/devices/roof-1", None).await;
+    assert_eq!(d["device"]["firmware"], "1.1.0", "the restarted agent runs the new image");
+    assert_eq!(boot_record(&state).active, Slot::B);
 
     // The next update is signed with RSA-2048 (the seed's scheme) and lands in slot A.
     let data = image(200_000, 9);
@@ -334,8 +348,13 @@ async fn an_image_that_cannot_reach_the_cloud_is_rolled_back_and_reported() {
     .await;
     let rec = boot_record(&state);
     assert_eq!((rec.active, rec.version.to_string(), rec.pending), (Slot::A, "1.0.0".into(), None));
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(boot_record(&state).rolled_back, None, "reported, then cleared");
+    // Reported, then cleared once the server has acknowledged the report
+    // (polled: the agent's long polls make the moment vary).
+    let t0 = std::time::Instant::now();
+    while boot_record(&state).rolled_back.is_some() {
+        assert!(t0.elapsed() < Duration::from_secs(15), "the rollback record was never cleared");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     again.stop().await;
 }
 
