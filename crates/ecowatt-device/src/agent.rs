@@ -41,6 +41,7 @@ use crate::slots::FileSlots;
 use crate::update::{self, Ended, HttpSource, UpdateStatus};
 
 use crate::ThreadDelay;
+use crate::clock::{Clock, SystemClock};
 use crate::filekv::FileKv;
 use crate::transport::{self, LinkOptions};
 
@@ -156,6 +157,9 @@ pub struct AgentOptions {
     pub health_check: Duration,
     /// How the agent restarts into a new image.
     pub restart: RestartMode,
+    /// Its clock: stamps samples and results, paces polls, uploads,
+    /// back-offs and the health check.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// How the agent "reboots" after installing an image (or when a trial image
@@ -197,6 +201,7 @@ impl AgentOptions {
             target: format!("linux-{}", std::env::consts::ARCH),
             health_check: Duration::from_secs(60),
             restart: RestartMode::InProcess,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -211,12 +216,6 @@ struct Core {
 }
 
 type Inverter = Arc<std::sync::Mutex<Client<Box<dyn Transport + Send>, ThreadDelay>>>;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// How one boot of the agent ended.
 enum Exit {
@@ -298,7 +297,7 @@ async fn boot_once(
     let client = Client::new(transport, ThreadDelay).with_policy(RetryPolicy::default());
     let inverter: Inverter = Arc::new(std::sync::Mutex::new(client));
     if let Some((id, op)) = journal.interrupted() {
-        resolve_interrupted(&inverter, opts.slave, &mut kv, &mut journal, id, op)
+        resolve_interrupted(&inverter, opts.slave, &mut kv, &mut journal, id, op, &*opts.clock)
             .await
             .map_err(|e| state_err(e.to_string()))?;
     }
@@ -320,7 +319,8 @@ async fn boot_once(
         cancel: Arc::new(AtomicBool::new(false)),
     };
 
-    let acquisition = acquire(core.clone(), inverter.clone(), opts.slave, config_rx.clone());
+    let acquisition =
+        acquire(core.clone(), inverter.clone(), opts.slave, config_rx.clone(), opts.clock.clone());
     let sync = sync_loop(
         core.clone(),
         inverter,
@@ -330,8 +330,8 @@ async fn boot_once(
         config_tx,
         updates.clone(),
     );
-    let upload = upload_loop(core, opts.batch_max, server, http, config_rx);
-    let health = health_check(updates.trial.clone(), opts.health_check);
+    let upload = upload_loop(core, opts.batch_max, server, http, config_rx, opts.clock.clone());
+    let health = health_check(updates.trial.clone(), opts.health_check, opts.clock.clone());
     let exit = tokio::select! {
         _ = acquisition => Exit::Shutdown,
         _ = sync => Exit::Shutdown,
@@ -358,6 +358,7 @@ async fn resolve_interrupted(
     journal: &mut Journal,
     id: u64,
     op: Option<Operation>,
+    clock: &dyn Clock,
 ) -> Result<(), ecowatt_core::kv::KvError> {
     let register = op.map(|o| match o {
         Operation::Write { register, .. } | Operation::Read { register } => register,
@@ -375,7 +376,7 @@ async fn resolve_interrupted(
         }
         None => None,
     };
-    journal.resolve(kv, read_back, now_ms())?;
+    journal.resolve(kv, read_back, clock.now_ms())?;
     tracing::warn!(
         command = id,
         ?op,
@@ -386,11 +387,11 @@ async fn resolve_interrupted(
 }
 
 /// Completes when a trial image has not confirmed itself within `bound`.
-async fn health_check(trial: Arc<AtomicBool>, bound: Duration) {
+async fn health_check(trial: Arc<AtomicBool>, bound: Duration, clock: Arc<dyn Clock>) {
     if !trial.load(Ordering::SeqCst) {
         return std::future::pending().await;
     }
-    tokio::time::sleep(bound).await;
+    clock.sleep(bound).await;
     if !trial.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
@@ -419,13 +420,15 @@ async fn acquire(
     inverter: Inverter,
     slave: u8,
     mut config: watch::Receiver<ConfigState>,
+    clock: Arc<dyn Clock>,
 ) {
+    let now_ms = || clock.now_ms();
     let mut cfg = *config.borrow_and_update();
     let mut sched = Scheduler::new(&cfg, now_ms());
     loop {
         let wait = Duration::from_millis(sched.next_poll().saturating_sub(now_ms()));
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = clock.sleep(wait) => {}
             _ = config.changed() => {
                 cfg = *config.borrow_and_update();
                 sched.reconfigure(&cfg, now_ms());
@@ -497,7 +500,13 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(Uploader::backoff_ms(failures))
 }
 
-async fn execute(inverter: &Inverter, slave: u8, id: u64, op: Operation) -> CommandResult {
+async fn execute(
+    inverter: &Inverter,
+    slave: u8,
+    id: u64,
+    op: Operation,
+    clock: &dyn Clock,
+) -> CommandResult {
     let inv = inverter.clone();
     let outcome = tokio::task::spawn_blocking(move || {
         let mut client = inv.lock().expect("inverter lock");
@@ -531,7 +540,7 @@ async fn execute(inverter: &Inverter, slave: u8, id: u64, op: Operation) -> Comm
         succeeded: outcome.0,
         exception: outcome.1,
         value: outcome.2,
-        executed_ms: now_ms(),
+        executed_ms: clock.now_ms(),
     }
 }
 
@@ -571,7 +580,7 @@ async fn sync_loop(
                 Err(e) => {
                     tracing::error!(error = %e, "cannot seal a sync request");
                     drop(c);
-                    tokio::time::sleep(backoff(6)).await;
+                    opts.clock.sleep(backoff(6)).await;
                     continue;
                 }
             }
@@ -601,7 +610,7 @@ async fn sync_loop(
             }
         };
         let Some(response) = response else {
-            tokio::time::sleep(backoff(failures)).await;
+            opts.clock.sleep(backoff(failures)).await;
             failures += 1;
             continue;
         };
@@ -633,7 +642,7 @@ async fn sync_loop(
             }
         }
         for cmd in response.commands {
-            if cmd.expires_ms < now_ms() {
+            if cmd.expires_ms < opts.clock.now_ms() {
                 continue;
             }
             let run = {
@@ -644,7 +653,7 @@ async fn sync_loop(
             if !run {
                 continue; // already executed; its result is on its way
             }
-            let result = execute(&inverter, opts.slave, cmd.id, cmd.op).await;
+            let result = execute(&inverter, opts.slave, cmd.id, cmd.op, &*opts.clock).await;
             tracing::info!(
                 command = cmd.id,
                 op = ?cmd.op,
@@ -741,6 +750,7 @@ fn spawn_update(
     offer: UpdateOffer,
     mut source: HttpSource,
 ) {
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let version = offer.manifest.version.to_string();
         let total = offer.manifest.size;
@@ -774,9 +784,9 @@ fn spawn_update(
                 tracing::info!(%version, "image verified and installed; restarting into it");
                 st.restart = true;
                 // Restart once the server has heard, or after 10 s without it.
-                let restart = updates.restart.clone();
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_secs(10));
+                let (restart, clock) = (updates.restart.clone(), opts.clock.clone());
+                runtime.spawn(async move {
+                    clock.sleep(Duration::from_secs(10)).await;
                     restart.notify_one();
                 });
             }
@@ -801,11 +811,13 @@ async fn upload_loop(
     server: String,
     http: ureq::Agent,
     mut config: watch::Receiver<ConfigState>,
+    clock: Arc<dyn Clock>,
 ) {
+    let now_ms = || clock.now_ms();
     let url = format!("{server}/api/v1/device/telemetry");
     let mut up = Uploader::new(&config.borrow_and_update(), batch_max, now_ms());
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        clock.sleep(Duration::from_millis(250)).await;
         if config.has_changed().unwrap_or(false) {
             up.reconfigure(&config.borrow_and_update());
         }

@@ -7,8 +7,10 @@
 //! - [`filekv`] — the key-value store as a directory of atomically replaced files.
 //! - [`slots`] — A/B firmware slots as two files, for `ecowatt_core::ota`.
 //! - [`agent`] — `ecowatt device`: acquisition, sync, upload.
+//! - [`clock`] — the agent's clock (the system's, or a faster one in tests).
 
 pub mod agent;
+pub mod clock;
 pub mod filekv;
 pub mod slots;
 pub mod transport;

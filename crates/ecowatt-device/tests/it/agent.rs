@@ -1,5 +1,6 @@
 //! The device agent end to end, in one process: simulator, server and agent on
-//! loopback, in real time with short intervals (1 s polls, small batches).
+//! loopback, with short intervals (1 s polls, small batches) on an agent clock
+//! that runs [`SPEED`] times as fast as real time.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -71,10 +72,14 @@ struct Agent {
     task: JoinHandle<()>,
 }
 
+/// How much faster than real time the agents' clocks run.
+pub const SPEED: u32 = 5;
+
 fn start_agent(p: &Provisioning, sim: &TestSim, state: &Path) -> Agent {
     let mut opts = AgentOptions::new(p.clone(), sim.http_url(), state.to_path_buf());
     opts.batch_max = 3;
     opts.long_poll_ms = 2_000;
+    opts.clock = std::sync::Arc::new(ecowatt_device::clock::FastClock::new(SPEED));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         agent::run(opts, async {
@@ -178,7 +183,15 @@ async fn telemetry_arrives_and_a_command_is_executed_confirmed_and_followed() {
     .unwrap();
     assert_eq!(status, 400);
 
-    let data = op.call("GET", "/api/v1/devices/roof-1/telemetry?registers=Pac,Pow", None).await;
+    // The agent's fast clock stamps samples ahead of the server's: name the range.
+    let to = ecowatt_formats::time::now_ms() + 86_400_000;
+    let data = op
+        .call(
+            "GET",
+            &format!("/api/v1/devices/roof-1/telemetry?registers=Pac,Pow&to_ms={to}"),
+            None,
+        )
+        .await;
     assert!(data["points"].as_array().unwrap().len() >= 6);
     assert_eq!(data["registers"][0]["name"], "Pac");
     agent.stop().await;
@@ -203,9 +216,9 @@ async fn nothing_is_lost_while_the_server_is_down_or_the_device_restarts() {
     )
     .await;
 
-    // The server goes away; the device keeps sampling.
+    // The server goes away; the device keeps sampling (for 10 s of its time).
     server.stop().await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(10) / SPEED).await;
     // A command is queued while the device cannot reach us... once the server is back.
     let server = TestServer::start_on(&db, false, &addr).await;
     let op = Op::of(&server);
@@ -226,7 +239,7 @@ async fn nothing_is_lost_while_the_server_is_down_or_the_device_restarts() {
 
     // The device restarts with samples still unsent.
     agent.stop().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let before = op.call("GET", "/api/v1/devices/roof-2/completeness", None).await["last_seq"]
         .as_u64()
         .unwrap();

@@ -137,6 +137,7 @@ fn options(p: &Provisioning, sim: &TestSim, state: &Path) -> AgentOptions {
     opts.batch_max = 3;
     opts.long_poll_ms = 2_000;
     opts.firmware = "1.0.0".into();
+    opts.clock = std::sync::Arc::new(ecowatt_device::clock::FastClock::new(super::agent::SPEED));
     opts
 }
 
