@@ -126,8 +126,11 @@ pub async fn sync(
     // A wait that ends with no news answers with what the first step prepared
     // (its down counter is unused): an idle long poll costs one read and a
     // share of a group commit (`Protocol::sync`).
+    // Boxed, so that the transaction's future is not part of every waiting
+    // long poll's (10,000 of them held ~70 MB more when it was inline).
     let delivery = if woken {
-        match state.protocol.deliver(held.device_id, REDELIVER_MS, crate::now_ms()).await {
+        match Box::pin(state.protocol.deliver(held.device_id, REDELIVER_MS, crate::now_ms())).await
+        {
             Ok(d) => d,
             Err(e) => return ApiError::from(e).into_response(),
         }
@@ -224,4 +227,36 @@ pub async fn telemetry(
     state.metrics.inc("ecowatt_telemetry_batches_total", "");
     let ack = TelemetryAck { acked_through: upload.batch.last_seq as u64 };
     sealed(&a.keys, &a.header, MessageType::TelemetryAck, accepted.down_counter, &ack.encode())
+}
+
+#[cfg(test)]
+mod tests {
+    /// What a waiting long poll holds is the `sync` future (its first step
+    /// and its delivery are boxed, its state is one `Arc`): 10,000 of them
+    /// at once is the fleet's memory. When the delivery's transaction was
+    /// inline and the state a handle per aggregate, the future was 2,464
+    /// bytes and the fleet bench's server 90 MB bigger.
+    #[tokio::test]
+    async fn a_waiting_long_poll_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::db::sqlite_url(&dir.path().join("e.db"));
+        let store = crate::store::Store::open(&url).await.unwrap();
+        let file = crate::settings::SettingsFile {
+            data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let settings = crate::settings::Settings::resolve(file).unwrap();
+        let state = super::AppState::new(store.clone(), settings, Default::default());
+        assert_eq!(std::mem::size_of_val(&state), std::mem::size_of::<usize>());
+        let waiting = super::sync(
+            axum::extract::State(state),
+            super::Source(None),
+            axum::http::HeaderMap::new(),
+            axum::body::Bytes::new(),
+        );
+        let size = std::mem::size_of_val(&waiting);
+        assert!(size <= 1024, "the sync future is {size} bytes");
+        drop(waiting);
+        store.close().await;
+    }
 }

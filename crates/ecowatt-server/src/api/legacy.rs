@@ -297,16 +297,8 @@ async fn ota_check(
     let current = Version::parse(current_text).map_err(|_| {
         ApiError::from(Invalid::new("current_version", "MAJOR.MINOR.PATCH, e.g. 1.0.3"))
     })?;
-    // Semantic versions, not strings: 1.0.10 is newer than 1.0.9, and never a downgrade.
-    let newest = state
-        .firmware
-        .list()
-        .await?
-        .into_iter()
-        .filter_map(|f| Version::parse(&f.version).ok().map(|v| (v, f)))
-        .filter(|(v, _)| *v > current)
-        .max_by(|a, b| a.0.cmp(&b.0));
-    Ok(Json(match newest {
+    let images = state.firmware.list().await?;
+    Ok(Json(match crate::firmware::newest_above(&images, &current) {
         Some((v, f)) => json!({
             "update_available": true,
             "version": v.to_string(),

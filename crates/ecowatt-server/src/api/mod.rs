@@ -33,10 +33,22 @@ use crate::security::Refusals;
 use crate::settings::Settings;
 use crate::store::Store;
 
-/// What every handler shares: a handle on each aggregate, and the server's
-/// own counters and settings.
+/// What every handler shares, behind one `Arc`: every request clones it, and
+/// a long poll holds its clone while it waits (10,000 of them), so a clone is
+/// one counter, not one per aggregate.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// A handle on each aggregate, and the server's own counters and settings.
+pub struct Shared {
     /// The store as a whole: its health and its closing (handlers use the
     /// aggregates below).
     pub store: Store,
@@ -75,7 +87,7 @@ impl AppState {
     /// The state of a server over `store` with `settings`; `news` is the one
     /// the store announces to.
     pub fn new(store: Store, settings: Settings, news: Arc<crate::news::News>) -> Self {
-        AppState {
+        AppState(Arc::new(Shared {
             operators: store.operators(),
             devices: store.devices(),
             configs: store.configs(),
@@ -91,7 +103,7 @@ impl AppState {
             news,
             edge: Arc::new(ecowatt_edge::Stats::default()),
             store,
-        }
+        }))
     }
 }
 
