@@ -9,6 +9,8 @@
 //! - [`schedule`] — when to poll and when to upload (with backoff), from the time passed in.
 //! - [`control`] — config applied with the device's own limits, commands run at most once.
 //! - [`samplelog`] — readings kept until acknowledged, bounded, power-cut safe.
+//! - [`machine`] — the device as one machine joining the parts: events in
+//!   (time, inverter and server answers, image chunks), actions out.
 //! - [`kv`] — the key-value store trait, and an in-memory double that fails on demand.
 //! - [`session`] — the device side of protocol v1: sealing with counters reserved
 //!   in blocks, opening only the answer to the request outstanding.
@@ -19,6 +21,7 @@ extern crate alloc;
 pub mod control;
 pub mod kv;
 pub mod link;
+pub mod machine;
 pub mod ota;
 pub mod samplelog;
 pub mod schedule;

@@ -93,6 +93,19 @@ impl Uploader {
         backlog >= self.batch_max || now_ms >= self.last_upload + self.upload_ms
     }
 
+    /// When an upload is next due with `backlog` samples waiting (`None`: nothing waits).
+    pub fn next_due(&self, backlog: usize) -> Option<u64> {
+        if backlog == 0 {
+            None
+        } else if self.failures > 0 {
+            Some(self.retry_at)
+        } else if backlog >= self.batch_max {
+            Some(0)
+        } else {
+            Some(self.last_upload + self.upload_ms)
+        }
+    }
+
     /// The server acknowledged a batch.
     pub fn on_success(&mut self, now_ms: u64) {
         self.failures = 0;

@@ -1,91 +1,15 @@
 //! Firmware updates on A/B slots: verify before download, resume, hash check,
 //! trial boot, confirmation, rollback; and a power cut at every write.
 
-use std::cell::Cell;
 use std::rc::Rc;
 
-use ecowatt_core::kv::{KeyValue, KvError, MemoryKv};
-use ecowatt_core::ota::{self, Boot, BootRecord, Download, FlashError, OtaError, Slot, Slots};
+use ecowatt_core::kv::MemoryKv;
+use ecowatt_core::ota::{self, Boot, BootRecord, Download, OtaError, Slot};
+
+use crate::doubles::{Flash, Kv, Power, idx};
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
-
-/// One power supply for flash and key-value store: after `budget` writes of
-/// either kind, every write fails.
-#[derive(Default)]
-struct Power {
-    writes: Cell<usize>,
-    budget: Cell<Option<usize>>,
-}
-
-impl Power {
-    fn tick(&self) -> Result<(), FlashError> {
-        if self.budget.get().is_some_and(|b| self.writes.get() >= b) {
-            return Err(FlashError("power cut".into()));
-        }
-        self.writes.set(self.writes.get() + 1);
-        Ok(())
-    }
-}
-
-/// Two slots of flash that insist on erase before write, and front-to-back writes.
-#[derive(Default)]
-struct Flash {
-    slots: [Vec<u8>; 2],
-    erased: [bool; 2],
-    power: Rc<Power>,
-    erases: usize,
-}
-
-fn idx(s: Slot) -> usize {
-    match s {
-        Slot::A => 0,
-        Slot::B => 1,
-    }
-}
-
-impl Slots for Flash {
-    fn erase(&mut self, slot: Slot) -> Result<(), FlashError> {
-        self.power.tick()?;
-        self.erases += 1;
-        self.slots[idx(slot)].clear();
-        self.erased[idx(slot)] = true;
-        Ok(())
-    }
-    fn write(&mut self, slot: Slot, offset: u64, data: &[u8]) -> Result<(), FlashError> {
-        let i = idx(slot);
-        assert!(self.erased[i], "write before erase");
-        assert_eq!(offset as usize, self.slots[i].len(), "writes go front to back");
-        self.power.tick()?;
-        self.slots[i].extend_from_slice(data);
-        Ok(())
-    }
-    fn read(&mut self, slot: Slot, offset: u64, buf: &mut [u8]) -> Result<(), FlashError> {
-        let s = &self.slots[idx(slot)];
-        buf.copy_from_slice(&s[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-}
-
-/// The key-value store on the same power supply as the flash.
-struct Kv<'a> {
-    inner: &'a mut MemoryKv,
-    power: Rc<Power>,
-}
-
-impl KeyValue for Kv<'_> {
-    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.get(key)
-    }
-    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
-        self.power.tick().map_err(|e| KvError(e.0))?;
-        self.inner.set(key, value)
-    }
-    fn remove(&mut self, key: &str) -> Result<(), KvError> {
-        self.power.tick().map_err(|e| KvError(e.0))?;
-        self.inner.remove(key)
-    }
-}
 
 const KEY: [u8; 32] = [3; 32];
 const TARGET: &str = "linux-x86_64";
@@ -238,7 +162,7 @@ fn a_power_cut_at_any_write_leaves_a_bootable_verified_image() {
     for cut in 0..60 {
         let mut kv = MemoryKv::new();
         let power = Rc::new(Power::default());
-        power.budget.set(Some(cut));
+        power.cut_after(cut);
         let mut flash = Flash { power: power.clone(), ..Flash::default() };
         // Everything the device does for one update, the power going at write `cut`
         // (flash and key-value writes counted together).
@@ -268,7 +192,7 @@ fn a_power_cut_at_any_write_leaves_a_bootable_verified_image() {
             cut_somewhere += 1;
         }
         // Power back: the bootloader chooses; the image it boots must be a verified one.
-        power.budget.set(None);
+        power.restore();
         let mut store = Kv { inner: &mut kv, power: power.clone() };
         match ota::boot(&mut store, &factory()).unwrap() {
             Boot::Confirmed(Slot::A, v) => assert_eq!(v, factory(), "cut {cut}"),

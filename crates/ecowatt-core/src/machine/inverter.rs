@@ -1,0 +1,198 @@
+//! The inverter, one request at a time: a command cut short by a restart is
+//! read back first, then commands (a write, then a read-back that decides
+//! success), then the periodic sample.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+
+use ecowatt_proto::messages::{CommandResult, DeviceCommand, EARLIEST_SAMPLE_MS, Operation};
+use ecowatt_proto::modbus::{Request, Response};
+use ecowatt_proto::registers::REGISTER_COUNT;
+
+use super::{Action, Device, Note};
+use crate::kv::KeyValue;
+use crate::link::Outcome;
+use crate::ota::Slots;
+
+/// What the request outstanding is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    /// The periodic read of registers 0..=9.
+    Sample,
+    /// Reading back the register of a command a restart cut short.
+    Resolve,
+    /// A command's write.
+    Write(u64, Operation),
+    /// A command's read-back (after its write, or the read it is).
+    ReadBack(u64, Operation),
+}
+
+/// The inverter side of the device.
+#[derive(Debug, Default)]
+pub(super) struct Inverter {
+    outstanding: Option<Job>,
+    /// Commands brought by syncs, waiting for the inverter.
+    queue: VecDeque<DeviceCommand>,
+    /// The interrupted command was looked at this boot.
+    resolved: bool,
+}
+
+impl Inverter {
+    pub(super) fn idle(&self) -> bool {
+        self.outstanding.is_none()
+    }
+
+    pub(super) fn enqueue(&mut self, commands: Vec<DeviceCommand>) {
+        for c in commands {
+            if !self.queue.iter().any(|q| q.id == c.id) {
+                self.queue.push_back(c);
+            }
+        }
+    }
+}
+
+fn register_of(op: Operation) -> u16 {
+    match op {
+        Operation::Write { register, .. } | Operation::Read { register } => register,
+    }
+}
+
+/// Values of the registers in `mask`, in address order.
+fn selected(regs: &[u16], mask: u16) -> Vec<u16> {
+    (0..REGISTER_COUNT.min(regs.len())).filter(|r| mask & (1 << r) != 0).map(|r| regs[r]).collect()
+}
+
+fn read_one(register: u16) -> Request {
+    Request::ReadHoldingRegisters { start: register, quantity: 1 }
+}
+
+impl<K: KeyValue, S: Slots> Device<K, S> {
+    fn ask(&mut self, job: Job, request: Request) {
+        self.inverter.outstanding = Some(job);
+        let slave = self.settings.slave;
+        self.actions.push_back(Action::Inverter { slave, request });
+    }
+
+    pub(super) fn advance_inverter(&mut self, now_ms: u64) {
+        if !self.inverter.idle() {
+            return;
+        }
+        if !self.inverter.resolved {
+            self.inverter.resolved = true;
+            if let Some((_, op)) = self.journal.interrupted() {
+                match op {
+                    Some(op) => return self.ask(Job::Resolve, read_one(register_of(op))),
+                    None => self.resolve(now_ms, None),
+                }
+            }
+        }
+        while let Some(cmd) = self.inverter.queue.pop_front() {
+            if cmd.expires_ms < now_ms {
+                continue;
+            }
+            match self.journal.begin(&mut self.kv, cmd.id, cmd.op) {
+                Ok(true) => {}
+                Ok(false) => continue, // already executed; its result is on its way
+                Err(e) => {
+                    // Not recorded as in flight, so not run: it comes again with the next sync.
+                    self.say(Note::StorageFailed("command journal", e));
+                    continue;
+                }
+            }
+            return match cmd.op {
+                Operation::Write { register, value } => self.ask(
+                    Job::Write(cmd.id, cmd.op),
+                    Request::WriteSingleRegister { address: register, value },
+                ),
+                Operation::Read { register } => {
+                    self.ask(Job::ReadBack(cmd.id, cmd.op), read_one(register))
+                }
+            };
+        }
+        if self.sched.poll_due(now_ms) {
+            let request =
+                Request::ReadHoldingRegisters { start: 0, quantity: REGISTER_COUNT as u16 };
+            self.ask(Job::Sample, request);
+        }
+    }
+
+    pub(super) fn on_inverter(&mut self, now_ms: u64, outcome: Outcome) {
+        let Some(job) = self.inverter.outstanding.take() else { return };
+        let values = match &outcome {
+            Ok(Ok(Response::ReadHoldingRegisters(v))) => Some(v.as_slice()),
+            _ => None,
+        };
+        match job {
+            Job::Sample => self.on_sample(now_ms, outcome),
+            Job::Resolve => self.resolve(now_ms, values.and_then(|v| v.first().copied())),
+            Job::Write(id, op) => match outcome {
+                Ok(Ok(_)) => self.ask(Job::ReadBack(id, op), read_one(register_of(op))),
+                Ok(Err(exception)) => {
+                    self.finish_command(id, op, false, Some(exception.code.as_u8()), None, now_ms)
+                }
+                Err(_) => self.finish_command(id, op, false, None, None, now_ms),
+            },
+            Job::ReadBack(id, op) => match (&outcome, values.and_then(|v| v.first().copied())) {
+                (_, Some(v)) => {
+                    // Success is what the register reads back, not the echo.
+                    let ok = match op {
+                        Operation::Write { value, .. } => v == value,
+                        Operation::Read { .. } => true,
+                    };
+                    self.finish_command(id, op, ok, None, Some(v), now_ms)
+                }
+                (Ok(Err(exception)), None) => {
+                    self.finish_command(id, op, false, Some(exception.code.as_u8()), None, now_ms)
+                }
+                _ => self.finish_command(id, op, false, None, None, now_ms),
+            },
+        }
+    }
+
+    fn on_sample(&mut self, now_ms: u64, outcome: Outcome) {
+        match outcome {
+            // A clock that was never set stamps 1970: the server would refuse
+            // such a sample, so it is not stored.
+            Ok(Ok(_)) if now_ms < EARLIEST_SAMPLE_MS => self.say(Note::ClockNotSet),
+            Ok(Ok(Response::ReadHoldingRegisters(regs))) => {
+                let mask = self.config.registers;
+                match self.log.append(&mut self.kv, now_ms, mask, selected(&regs, mask)) {
+                    Ok(seq) => self.say(Note::Sampled { seq }),
+                    Err(e) => self.say(Note::StorageFailed("sample", e)),
+                }
+            }
+            Ok(Ok(_)) => {} // the link checks an answer matches its request
+            Ok(Err(exception)) => self.say(Note::InverterRefused(exception)),
+            Err(e) => self.say(Note::InverterUnreachable(e)),
+        }
+    }
+
+    fn resolve(&mut self, now_ms: u64, read_back: Option<u16>) {
+        match self.journal.resolve(&mut self.kv, read_back, now_ms) {
+            Ok(()) => {
+                if let Some(r) = self.journal.results().last().copied() {
+                    self.say(Note::InterruptedResolved(r));
+                }
+            }
+            Err(e) => self.say(Note::StorageFailed("command journal", e)),
+        }
+    }
+
+    fn finish_command(
+        &mut self,
+        id: u64,
+        op: Operation,
+        succeeded: bool,
+        exception: Option<u8>,
+        value: Option<u16>,
+        now_ms: u64,
+    ) {
+        let result =
+            CommandResult { command_id: id, succeeded, exception, value, executed_ms: now_ms };
+        self.say(Note::CommandExecuted { op, result });
+        if let Err(e) = self.journal.finish(&mut self.kv, result) {
+            // Still in flight in the store: after a restart it is read back and reported.
+            self.say(Note::StorageFailed("command result", e));
+        }
+    }
+}

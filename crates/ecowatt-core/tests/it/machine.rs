@@ -1,0 +1,323 @@
+//! The device machine on virtual time: a whole day, outages, reboots and power
+//! cuts at every storage write, updates (with a cut at every write), and bad
+//! input from every side. No test sleeps.
+
+use ecowatt_core::machine::{MAX_ANSWER, Note};
+use ecowatt_proto::firmware::Version;
+use ecowatt_proto::messages::{ConfigState, OtaState, ota_reason};
+use sha2::{Digest, Sha256};
+
+use crate::doubles::idx;
+use crate::world::{HOUR, MINUTE, SECOND, T0, World, image};
+
+fn sampled(w: &World) -> Vec<u64> {
+    w.notes
+        .iter()
+        .filter_map(|n| match n {
+            Note::Sampled { seq } => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every sample the device stored reached the server once, with one content.
+fn nothing_lost(w: &World) {
+    assert_eq!(w.server.conflicts, 0, "a seq was reused for a different sample");
+    assert_eq!(w.server.replays, 0, "a counter was reused");
+    let waiting = w.device().log().len() as u64;
+    for seq in sampled(w) {
+        assert!(
+            w.server.stored.contains_key(&seq) || seq > w.device().log().acked(),
+            "sample {seq} lost ({waiting} waiting)"
+        );
+    }
+}
+
+#[test]
+fn a_day_of_a_device() {
+    let mut w = World::new();
+    w.run_until(T0 + 2 * HOUR);
+    assert_eq!(w.device().config().version, 1, "the server's config is applied");
+    // An hour without the server: sampling goes on, uploads back off.
+    w.server.up = false;
+    w.run_until(T0 + 3 * HOUR);
+    assert!(w.device().log().len() >= 700, "an hour of backlog: {}", w.device().log().len());
+    w.server.up = true;
+    // Commands, one of them already expired, and a new config.
+    w.server.command(1, 40, T0 + 24 * HOUR);
+    w.server.command(2, 70, T0 + HOUR);
+    w.server.desired = ConfigState {
+        version: 2,
+        poll_interval_ms: 10_000,
+        upload_interval_ms: 120_000,
+        registers: 0x0301,
+    };
+    w.run_until(T0 + 4 * HOUR);
+    w.reboot();
+    w.run_until(T0 + 24 * HOUR);
+
+    nothing_lost(&w);
+    let stored = w.stored_contiguous();
+    let samples = sampled(&w).len() as u64;
+    assert_eq!(stored + w.device().log().len() as u64, samples, "no gap, no duplicate");
+    assert!(samples > 3 * 720 + 20 * 360 - 10, "a day of samples ({samples})");
+    assert!(w.device().log().len() < 60, "caught up");
+    assert_eq!(w.device().config().version, 2);
+    assert_eq!(w.server.applied.unwrap().poll_interval_ms, 10_000);
+    let last = w.server.stored.values().last().unwrap();
+    assert_eq!(last.values.len(), 3, "the new register selection");
+    assert_eq!(w.inverter.writes, vec![(8, 40)], "the expired command never ran");
+    let (r, _) = w.server.results[&1];
+    assert!(r.succeeded && r.value == Some(40), "confirmed by reading back: {r:?}");
+    assert!(w.count(|n| matches!(n, Note::SyncFailed { .. })) > 50, "syncs backed off");
+    assert_eq!(w.server.commands.len(), 1, "the expired command is still queued at the server");
+}
+
+#[test]
+fn a_power_cut_at_every_storage_write_loses_nothing() {
+    // One clean run counts the writes of the scenario; then the power goes at
+    // each of them in turn.
+    let scenario = |cut: Option<usize>| {
+        let mut w = World::new();
+        if let Some(n) = cut {
+            w.power.cut_after(n);
+        }
+        w.server.command(7, 33, T0 + HOUR);
+        w.run_until(T0 + 2 * MINUTE);
+        w.server.up = false;
+        w.run_until(T0 + 4 * MINUTE);
+        w.server.up = true;
+        w.run_until(T0 + 12 * MINUTE);
+        w
+    };
+    let at_boot = World::new().power.writes();
+    let clean = scenario(None);
+    let writes = clean.power.writes() - at_boot;
+    assert!(writes > 40, "the scenario writes ({writes})");
+    let mut cuts = 0;
+    for n in 0..writes {
+        let w = scenario(Some(n));
+        cuts += w.cuts;
+        nothing_lost(&w);
+        let writes_of_7 = w.inverter.writes.iter().filter(|wr| **wr == (8, 33)).count();
+        assert!(writes_of_7 <= 1, "cut at write {n}: the command ran {writes_of_7} times");
+        let (r, _) = w.server.results.get(&7).unwrap_or_else(|| panic!("cut at {n}: no result"));
+        assert_eq!(r.succeeded, writes_of_7 == 1, "cut at {n}: the result says what happened");
+        assert!(w.device().log().len() < 60, "cut at {n}: caught up");
+    }
+    assert!(cuts as usize >= writes, "every write was cut once ({cuts} of {writes})");
+}
+
+fn updated(w: &World) -> bool {
+    let b = w.device().booted();
+    b.running == Version::parse("1.1.0").unwrap() && !b.trial
+}
+
+#[test]
+fn an_update_installs_boots_on_trial_and_confirms() {
+    let mut w = World::new();
+    let img = image(50_000);
+    w.run_until(T0 + MINUTE);
+    w.server.offer_update("1.1.0", img.clone(), false);
+    let ok = w.run_until_true(5 * MINUTE, updated);
+    let notes: Vec<_> = w
+        .notes
+        .iter()
+        .filter(|n| !matches!(n, Note::Sampled { .. } | Note::Uploaded { .. }))
+        .collect();
+    assert!(ok, "updated: {notes:?} {:?}", w.server.reports);
+    let b = w.device().booted().clone();
+    assert_eq!(Sha256::digest(&w.flash.borrow().slots[idx(b.slot)]), Sha256::digest(&img));
+    let states: Vec<OtaState> = w.server.reports.iter().map(|r| r.state).collect();
+    assert_eq!(states.first(), Some(&OtaState::Downloading));
+    assert!(states.contains(&OtaState::Installing) && states.contains(&OtaState::Trial));
+    w.server.offer = None;
+    w.run_until(w.now + MINUTE);
+    assert_eq!(w.server.reports.last().unwrap().state, OtaState::Succeeded);
+    assert_eq!(w.server.firmware, "1.1.0");
+    assert_eq!(w.boots, 2, "one restart");
+    nothing_lost(&w);
+}
+
+#[test]
+fn an_update_with_a_power_cut_at_every_write_ends_on_a_verified_image() {
+    // A cut before the new image confirmed itself looks like a crash to the
+    // bootloader: the old image boots again and the rollback is reported.
+    // Any other cut: the update resumes and completes.
+    let img = image(20_000);
+    let rolled_back = |w: &World| {
+        w.device().booted().running == Version::parse("1.0.0").unwrap()
+            && w.server.reports.last().is_some_and(|r| r.state == OtaState::RolledBack)
+    };
+    let succeeded = |w: &World| {
+        updated(w) && w.server.reports.last().is_some_and(|r| r.state == OtaState::Succeeded)
+    };
+    let scenario = |cut: Option<usize>| {
+        let mut w = World::new();
+        w.run_until(T0 + 30 * SECOND);
+        w.server.offer_update("1.1.0", img.clone(), false);
+        if let Some(n) = cut {
+            w.power.cut_after(n);
+        }
+        w.run_until_true(30 * MINUTE, |w| succeeded(w) || rolled_back(w));
+        w
+    };
+    let clean = scenario(None);
+    assert!(succeeded(&clean));
+    let writes = clean.power.writes() - World::new().power.writes();
+    let (mut completed, mut returned) = (0, 0);
+    for n in 0..writes.min(150) {
+        let w = scenario(Some(n));
+        let b = w.device().booted();
+        if succeeded(&w) {
+            completed += 1;
+            let flash = w.flash.borrow();
+            let running = Sha256::digest(&flash.slots[idx(b.slot)]);
+            assert_eq!(running, Sha256::digest(&img), "cut at write {n}: runs the verified image");
+        } else {
+            assert!(rolled_back(&w), "cut at write {n}: neither updated nor rolled back");
+            assert_eq!(b.slot, ecowatt_core::ota::Slot::A, "cut at write {n}: the old slot");
+            returned += 1;
+        }
+        nothing_lost(&w);
+    }
+    assert!(
+        completed > 0 && returned > 0,
+        "cuts before and during the trial ({completed}/{returned})"
+    );
+}
+
+#[test]
+fn a_trial_image_that_cannot_reach_the_server_rolls_back() {
+    let mut w = World::new();
+    w.run_until(T0 + MINUTE);
+    w.server.offer_update("1.1.0", image(10_000), false);
+    assert!(w.run_until_true(5 * MINUTE, |w| w.device().booted().trial), "on trial");
+    w.server.up = false;
+    w.run_until(w.now + 2 * MINUTE); // the health check is 60 s
+    assert!(w.count(|n| *n == Note::HealthCheckFailed) == 1);
+    assert_eq!(w.device().booted().running, Version::parse("1.0.0").unwrap());
+    w.server.offer = None;
+    w.server.up = true;
+    w.run_until(w.now + MINUTE);
+    let last = w.server.reports.last().unwrap();
+    assert_eq!((last.state, last.reason), (OtaState::RolledBack, ota_reason::HEALTH_CHECK));
+    w.reboot();
+    w.run_until(w.now + MINUTE);
+    let rolled_back = w.server.reports.iter().filter(|r| r.state == OtaState::RolledBack).count();
+    assert_eq!(rolled_back, 1, "reported once, then cleared");
+}
+
+#[test]
+fn a_forged_update_is_refused_before_a_byte_is_fetched() {
+    let mut w = World::new();
+    w.server.offer_update("1.1.0", image(10_000), true);
+    w.run_until(T0 + 5 * MINUTE);
+    let last = w.server.reports.last().unwrap();
+    assert_eq!((last.state, last.reason), (OtaState::Failed, ota_reason::BAD_SIGNATURE));
+    assert_eq!(w.flash.borrow().erases, 0, "the slot was not touched");
+    assert_eq!(w.count(|n| matches!(n, Note::UpdateOffered { .. })), 1, "not tried again");
+    assert_eq!(w.device().booted().running, Version::parse("1.0.0").unwrap());
+}
+
+#[test]
+fn a_broken_flash_fails_the_update_and_the_device_goes_on() {
+    let mut w = World::new();
+    w.flash.borrow_mut().broken = true;
+    w.server.offer_update("1.1.0", image(10_000), false);
+    w.run_until(T0 + 5 * MINUTE);
+    let last = w.server.reports.last().unwrap();
+    assert_eq!((last.state, last.reason), (OtaState::Failed, ota_reason::FLASH));
+    nothing_lost(&w);
+    assert!(w.server.stored.len() > 40, "telemetry went on");
+}
+
+#[test]
+fn an_update_whose_download_keeps_failing_is_reported_failed() {
+    let mut w = World::new();
+    w.run_until(T0 + 10 * SECOND);
+    w.server.downloads = false;
+    w.server.offer_update("1.1.0", image(100_000), false);
+    w.run_until(w.now + 5 * MINUTE);
+    let failed = w.server.reports.iter().find(|r| r.state == OtaState::Failed);
+    let failed = failed.expect("reported failed");
+    assert_eq!(failed.reason, ota_reason::DOWNLOAD_FAILED);
+    assert!(w.count(|n| matches!(n, Note::FetchFailed { .. })) >= 7, "retried first");
+}
+
+#[test]
+fn garbage_and_oversized_answers_are_refused_and_nothing_is_lost() {
+    let mut w = World::new();
+    w.run_until(T0 + MINUTE);
+    w.server.garbage = Some((ecowatt_core::machine::Channel::Sync, vec![0x55; 100]));
+    w.run_until(w.now + MINUTE);
+    w.server.garbage = Some((ecowatt_core::machine::Channel::Sync, vec![0; MAX_ANSWER + 1]));
+    w.run_until(w.now + MINUTE);
+    w.server.garbage = Some((ecowatt_core::machine::Channel::Upload, vec![1, 2, 3]));
+    w.run_until(w.now + 10 * MINUTE);
+    assert!(w.count(|n| matches!(n, Note::SyncFailed { .. })) >= 2);
+    assert_eq!(w.count(|n| matches!(n, Note::UploadFailed { .. })), 1);
+    nothing_lost(&w);
+    assert_eq!(w.stored_contiguous() + w.device().log().len() as u64, sampled(&w).len() as u64);
+}
+
+#[test]
+fn a_silent_inverter_is_reported_and_the_device_stays_in_touch() {
+    let mut w = World::new();
+    w.inverter.silent = true;
+    w.server.command(3, 20, T0 + HOUR);
+    w.run_until(T0 + 10 * MINUTE);
+    assert!(sampled(&w).is_empty());
+    assert!(w.count(|n| matches!(n, Note::InverterUnreachable(_))) > 50);
+    let (r, _) = w.server.results[&3];
+    assert!(!r.succeeded && r.value.is_none() && r.exception.is_none(), "{r:?}");
+    assert!(w.server.syncs > 5, "syncs go on");
+    w.inverter.silent = false;
+    w.run_until(w.now + 5 * MINUTE);
+    assert!(!sampled(&w).is_empty(), "sampling resumes");
+}
+
+#[test]
+fn a_full_store_loses_no_acknowledged_sample() {
+    let mut w = World::new();
+    w.run_until(T0 + 3 * MINUTE);
+    w.power.set_full(true);
+    w.run_until(w.now + 5 * MINUTE);
+    assert!(w.count(|n| matches!(n, Note::StorageFailed("sample", _))) > 10);
+    w.power.set_full(false);
+    w.run_until(w.now + 5 * MINUTE);
+    nothing_lost(&w);
+    assert!(w.device().log().len() < 60, "caught up after space came back");
+    w.reboot();
+    w.run_until(w.now + 3 * MINUTE);
+    nothing_lost(&w);
+}
+
+#[test]
+fn samples_the_server_will_never_take_are_dropped_and_counted() {
+    let mut w = World::new();
+    w.server.refuse_times = true;
+    w.run_until(T0 + 3 * MINUTE);
+    assert!(w.count(|n| matches!(n, Note::SamplesRefused { .. })) >= 1);
+    assert!(w.device().log().dropped_total() > 0);
+    w.server.refuse_times = false;
+    w.run_until(w.now + 3 * MINUTE);
+    assert!(!w.server.stored.is_empty(), "later samples go through");
+}
+
+#[test]
+fn a_command_delivered_again_runs_once() {
+    let mut w = World::new();
+    w.server.command(5, 60, T0 + HOUR);
+    w.run_until(T0 + MINUTE);
+    assert_eq!(w.inverter.writes, vec![(8, 60)]);
+    // The server delivers it again (as it does when a result is slow to come),
+    // once now and once after a reboot.
+    w.server.command(5, 60, T0 + HOUR);
+    w.run_until(w.now + MINUTE);
+    w.reboot();
+    w.server.command(5, 60, T0 + HOUR);
+    w.run_until(w.now + MINUTE);
+    assert_eq!(w.inverter.writes, vec![(8, 60)], "written once");
+    assert_eq!(w.server.commands.len(), 2, "the repeats get no new result");
+}

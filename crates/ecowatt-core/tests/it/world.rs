@@ -1,0 +1,558 @@
+//! A world for the device machine on virtual time: an inverter, a server that
+//! speaks protocol v1 (sealing, replay window, long polls, acknowledgements,
+//! downloads), power that can be cut at any write, and a shell that carries
+//! the machine's actions out with latency and reboots it when asked or when
+//! the power goes. Nothing sleeps: time jumps to the next thing due.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use ecowatt_core::kv::{KeyValue, KvError, MemoryKv};
+use ecowatt_core::machine::{Action, Channel, Device, Event, Failure, Note, Settings};
+use ecowatt_core::ota::{FlashError, Slot, Slots};
+use ecowatt_core::session::Credentials;
+use ecowatt_proto::codec::{self, Sample};
+use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
+use ecowatt_proto::messages::{
+    CommandResult, ConfigState, DeviceCommand, MessageType, OtaReport, SyncRequest, SyncResponse,
+    TelemetryAck, TelemetryUpload, UpdateOffer, signature_algorithm,
+};
+use ecowatt_proto::modbus::{Exception, ExceptionCode, Request, Response};
+use ecowatt_proto::replay::ReplayWindow;
+use ecowatt_proto::seal::{self, Direction, Header, Keys};
+use ed25519_dalek::{Signer, SigningKey};
+use sha2::{Digest, Sha256};
+
+use crate::doubles::{Flash, Kv, Power};
+
+pub const T0: u64 = 1_800_000_000_000;
+pub const SECOND: u64 = 1_000;
+pub const MINUTE: u64 = 60 * SECOND;
+pub const HOUR: u64 = 60 * MINUTE;
+const DEVICE_KEY: [u8; 16] = [9; 16];
+const SIGNING_KEY: [u8; 32] = [5; 32];
+const TARGET: &str = "esp32c3";
+/// Round trip to the inverter and to the server.
+const INVERTER_MS: u64 = 40;
+const SERVER_MS: u64 = 15;
+
+pub type Dev = Device<Kv<SharedKv>, SharedFlash>;
+
+/// The key-value store's content, shared by the boots that use it.
+#[derive(Clone, Default)]
+pub struct SharedKv(pub Rc<RefCell<MemoryKv>>);
+
+impl KeyValue for SharedKv {
+    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        self.0.borrow_mut().get(key)
+    }
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        self.0.borrow_mut().set(key, value)
+    }
+    fn remove(&mut self, key: &str) -> Result<(), KvError> {
+        self.0.borrow_mut().remove(key)
+    }
+}
+
+/// The flash, shared by the boots that use it.
+pub struct SharedFlash(pub Rc<RefCell<Flash>>);
+
+impl Slots for SharedFlash {
+    fn erase(&mut self, slot: Slot) -> Result<(), FlashError> {
+        self.0.borrow_mut().erase(slot)
+    }
+    fn write(&mut self, slot: Slot, offset: u64, data: &[u8]) -> Result<(), FlashError> {
+        self.0.borrow_mut().write(slot, offset, data)
+    }
+    fn read(&mut self, slot: Slot, offset: u64, buf: &mut [u8]) -> Result<(), FlashError> {
+        self.0.borrow_mut().read(slot, offset, buf)
+    }
+}
+
+/// The inverter: ten registers, a write log, and a switch for silence.
+pub struct Inverter {
+    pub regs: [u16; 10],
+    pub writes: Vec<(u16, u16)>,
+    pub silent: bool,
+}
+
+impl Inverter {
+    fn answer(&mut self, request: &Request) -> ecowatt_core::link::Outcome {
+        if self.silent {
+            return Err(ecowatt_core::link::TransportError::Timeout);
+        }
+        match *request {
+            Request::ReadHoldingRegisters { start, quantity } => {
+                let (s, n) = (start as usize, quantity as usize);
+                match self.regs.get(s..s + n) {
+                    Some(v) => Ok(Ok(Response::ReadHoldingRegisters(v.to_vec()))),
+                    None => {
+                        Ok(Err(Exception { function: 3, code: ExceptionCode::IllegalDataAddress }))
+                    }
+                }
+            }
+            Request::WriteSingleRegister { address, value } => {
+                if address != 8 {
+                    return Ok(Err(Exception {
+                        function: 6,
+                        code: ExceptionCode::IllegalDataAddress,
+                    }));
+                }
+                self.writes.push((address, value));
+                self.regs[address as usize] = value.min(100);
+                Ok(Ok(Response::WriteSingleRegister { address, value }))
+            }
+        }
+    }
+}
+
+/// The server, as the device protocol shows it.
+pub struct Server {
+    keys: Keys,
+    window: ReplayWindow,
+    down_counter: u64,
+    /// Reachable (an outage when false).
+    pub up: bool,
+    /// Samples stored, by seq.
+    pub stored: BTreeMap<u64, Sample>,
+    /// A seq uploaded again with different content (a reused seq: a lost sample).
+    pub conflicts: u64,
+    /// The config the operator wants.
+    pub desired: ConfigState,
+    /// What the device last said it runs.
+    pub applied: Option<ConfigState>,
+    /// Queued commands, and when each was last delivered.
+    pub commands: Vec<(DeviceCommand, Option<u64>)>,
+    /// Results received, by command id, with how many times each came.
+    pub results: BTreeMap<u64, (CommandResult, u32)>,
+    /// The update offered, and its image.
+    pub offer: Option<(UpdateOffer, Vec<u8>)>,
+    /// Update reports received, in order.
+    pub reports: Vec<OtaReport>,
+    /// The firmware the device said it runs.
+    pub firmware: String,
+    /// Requests whose counter the window refused.
+    pub replays: u64,
+    /// Syncs answered.
+    pub syncs: u64,
+    /// Image downloads work (`false`: every fetch gets a 503).
+    pub downloads: bool,
+    /// Uploads are refused as stamped by a clock the server cannot believe.
+    pub refuse_times: bool,
+    /// The next answer to this channel is replaced by these bytes.
+    pub garbage: Option<(Channel, Vec<u8>)>,
+}
+
+impl Server {
+    fn new() -> Self {
+        Server {
+            keys: Keys::derive(&DEVICE_KEY),
+            window: ReplayWindow { highest: 0, bitmap: 0 },
+            down_counter: 0,
+            up: true,
+            stored: BTreeMap::new(),
+            conflicts: 0,
+            desired: ConfigState {
+                version: 1,
+                poll_interval_ms: 5_000,
+                upload_interval_ms: 60_000,
+                registers: 0x03FF,
+            },
+            applied: None,
+            commands: Vec::new(),
+            results: BTreeMap::new(),
+            offer: None,
+            reports: Vec::new(),
+            firmware: String::new(),
+            replays: 0,
+            syncs: 0,
+            downloads: true,
+            refuse_times: false,
+            garbage: None,
+        }
+    }
+
+    /// Queues a command to write the export limit.
+    pub fn command(&mut self, id: u64, value: u16, expires_ms: u64) {
+        let op = ecowatt_proto::messages::Operation::Write { register: 8, value };
+        self.commands.push((DeviceCommand { id, op, expires_ms }, None));
+    }
+
+    fn open(&mut self, bytes: &[u8]) -> Option<(u64, Vec<u8>)> {
+        let (h, body) = seal::open(&self.keys, bytes, None).ok()?;
+        if self.window.accept(h.counter).is_err() {
+            self.replays += 1;
+            return None;
+        }
+        Some((h.counter, body))
+    }
+
+    fn answer(&mut self, answers: u64, msg_type: MessageType, body: &[u8]) -> Vec<u8> {
+        self.down_counter += 1;
+        let header = Header {
+            msg_type: msg_type as u8,
+            direction: Direction::Down,
+            key_version: 1,
+            device_id: 42,
+            counter: self.down_counter,
+        };
+        seal::seal(&self.keys, &header, Some(answers), body)
+    }
+
+    /// Something to tell a device that runs `applied`, at `now`.
+    fn has_news(&self, now: u64) -> bool {
+        self.applied.is_none_or(|a| a.version != self.desired.version)
+            || self.commands.iter().any(|(_, at)| at.is_none_or(|t| now >= t + 30 * SECOND))
+    }
+
+    fn take_sync(&mut self, body: &[u8]) -> Option<SyncRequest> {
+        let req = SyncRequest::decode(body).ok()?;
+        self.applied = req.applied;
+        self.firmware = req.firmware.clone();
+        // Like the real server: no offer to a device that runs it (or newer).
+        let runs = Version::parse(&req.firmware).ok();
+        if self.offer.as_ref().is_some_and(|(o, _)| runs.as_ref() >= Some(&o.manifest.version)) {
+            self.offer = None;
+        }
+        for r in &req.results {
+            self.results.entry(r.command_id).or_insert((*r, 0)).1 += 1;
+            self.commands.retain(|(c, _)| c.id != r.command_id);
+        }
+        if let Some(report) = &req.ota {
+            if self.reports.last() != Some(report) {
+                self.reports.push(report.clone());
+            }
+        }
+        Some(req)
+    }
+
+    fn sync_answer(&mut self, counter: u64, now: u64) -> Vec<u8> {
+        self.syncs += 1;
+        let config = (self.applied.is_none_or(|a| a.version != self.desired.version))
+            .then_some(self.desired);
+        let mut commands = Vec::new();
+        for (c, at) in &mut self.commands {
+            if at.is_none_or(|t| now >= t + 30 * SECOND) {
+                *at = Some(now);
+                commands.push(*c);
+            }
+        }
+        let update = self.offer.as_ref().map(|(o, _)| o.clone());
+        let r = SyncResponse { server_time_ms: now, config, commands, update };
+        self.answer(counter, MessageType::SyncResponse, &r.encode())
+    }
+
+    fn upload(&mut self, bytes: &[u8]) -> Result<Vec<u8>, Failure> {
+        let refused = || Failure { status: Some(401), message: "unauthorized".into() };
+        let (counter, body) = self.open(bytes).ok_or_else(refused)?;
+        let up = TelemetryUpload::decode(&body).map_err(|_| refused())?;
+        if self.refuse_times {
+            let message = r#"{"error":{"code":"sample_time_out_of_range"}}"#.into();
+            return Err(Failure { status: Some(422), message });
+        }
+        let batch = codec::decode(&up.batch).map_err(|_| refused())?;
+        let mut last = 0;
+        for s in batch.samples {
+            last = s.seq;
+            match self.stored.get(&s.seq) {
+                Some(old) if *old != s => self.conflicts += 1,
+                _ => {
+                    self.stored.insert(s.seq, s);
+                }
+            }
+        }
+        let ack = TelemetryAck { acked_through: last };
+        Ok(self.answer(counter, MessageType::TelemetryAck, &ack.encode()))
+    }
+
+    /// Offers `image` as `version` (signed by the trusted key unless `forged`).
+    pub fn offer_update(&mut self, version: &str, image: Vec<u8>, forged: bool) {
+        let manifest = Manifest {
+            version: Version::parse(version).unwrap(),
+            size: image.len() as u64,
+            sha256: Sha256::digest(&image).into(),
+            security_counter: 1,
+            target: TARGET.into(),
+            created_ms: T0,
+        };
+        let key = if forged { [6; 32] } else { SIGNING_KEY };
+        let signature = SigningKey::from_bytes(&key)
+            .sign(&manifest.signed_bytes().unwrap())
+            .to_bytes()
+            .to_vec();
+        let offer = UpdateOffer {
+            token: [0xAB; 16],
+            manifest,
+            algorithm: signature_algorithm::ED25519,
+            signature,
+        };
+        self.offer = Some((offer, image));
+    }
+}
+
+pub fn image(len: usize) -> Vec<u8> {
+    (0..len as u32).map(|i| (i.wrapping_mul(7) % 251) as u8).collect()
+}
+
+/// An answer on its way to the device.
+struct Due {
+    at: u64,
+    event: Event,
+}
+
+/// A sync the server holds open.
+struct Held {
+    counter: u64,
+    until: u64,
+}
+
+/// The device, its inverter and server, its power, and the time.
+pub struct World {
+    pub now: u64,
+    pub device: Option<Dev>,
+    pub inverter: Inverter,
+    pub server: Server,
+    pub power: Rc<Power>,
+    /// What the key-value store holds (survives reboots and power cuts).
+    pub kv: SharedKv,
+    /// The image slots (survive reboots and power cuts).
+    pub flash: Rc<RefCell<Flash>>,
+    pub settings: Settings,
+    pub notes: Vec<Note>,
+    /// Boots, the first one included.
+    pub boots: u32,
+    /// Power cuts that took the device down.
+    pub cuts: u32,
+    due: Vec<Due>,
+    held: Option<Held>,
+}
+
+pub fn creds() -> Credentials {
+    Credentials { device_id: 42, key: DEVICE_KEY, key_version: 1 }
+}
+
+pub fn trusted_key() -> PublicKey {
+    PublicKey::Ed25519(SigningKey::from_bytes(&SIGNING_KEY).verifying_key().to_bytes())
+}
+
+impl World {
+    pub fn new() -> Self {
+        let mut settings = Settings::new(Version::parse("1.0.0").unwrap(), TARGET);
+        settings.batch_max = 60;
+        settings.chunk = 4_096;
+        settings.firmware_keys = vec![trusted_key()];
+        let power = Rc::new(Power::default());
+        let flash = Flash { power: power.clone(), ..Flash::default() };
+        let mut w = World {
+            now: T0,
+            device: None,
+            inverter: Inverter {
+                regs: [2300, 50, 2400, 48, 5000, 2310, 30, 450, 100, 1500],
+                writes: Vec::new(),
+                silent: false,
+            },
+            server: Server::new(),
+            kv: SharedKv::default(),
+            flash: Rc::new(RefCell::new(flash)),
+            power,
+            settings,
+            notes: Vec::new(),
+            boots: 0,
+            cuts: 0,
+            due: Vec::new(),
+            held: None,
+        };
+        w.boot();
+        w
+    }
+
+    /// Boots (again) from the stores; a boot the power cuts short is tried
+    /// again with the power back.
+    fn boot(&mut self) {
+        self.due.clear();
+        self.held = None;
+        loop {
+            self.boots += 1;
+            let kv = Kv { inner: self.kv.clone(), power: self.power.clone() };
+            match Device::boot(
+                kv,
+                SharedFlash(self.flash.clone()),
+                creds(),
+                self.settings.clone(),
+                self.now,
+            ) {
+                Ok(d) => {
+                    self.device = Some(d);
+                    return;
+                }
+                Err(e) => {
+                    assert!(self.power.is_cut(), "boot failed without a power cut: {e}");
+                    self.cuts += 1;
+                    self.power.restore();
+                    self.now += 2 * SECOND;
+                }
+            }
+        }
+    }
+
+    pub fn device(&self) -> &Dev {
+        self.device.as_ref().expect("device running")
+    }
+
+    /// The device restarts (power stays on).
+    pub fn reboot(&mut self) {
+        self.device = None;
+        self.boot();
+    }
+
+    /// Runs until `end`.
+    pub fn run_until(&mut self, end: u64) {
+        loop {
+            self.carry_out();
+            let next = self.next_time();
+            if next > end {
+                self.now = self.now.max(end);
+                return;
+            }
+            self.now = self.now.max(next);
+            self.step();
+        }
+    }
+
+    /// Runs until `f` holds, for at most `limit` of virtual time.
+    pub fn run_until_true(&mut self, limit: u64, mut f: impl FnMut(&World) -> bool) -> bool {
+        let end = self.now + limit;
+        while self.now < end {
+            if f(self) {
+                return true;
+            }
+            let next = (self.now + SECOND).min(end);
+            self.run_until(next);
+        }
+        f(self)
+    }
+
+    fn next_time(&self) -> u64 {
+        let mut t = self.device().next_wakeup();
+        for d in &self.due {
+            t = t.min(d.at);
+        }
+        if let Some(h) = &self.held {
+            t = t.min(if self.server.has_news(self.now) { self.now } else { h.until });
+        }
+        t
+    }
+
+    /// Delivers what is due now, or just the time.
+    fn step(&mut self) {
+        if let Some(h) = &self.held {
+            if self.now >= h.until || self.server.has_news(self.now) {
+                let counter = h.counter;
+                self.held = None;
+                let answer = self.server.sync_answer(counter, self.now);
+                self.due.push(Due {
+                    at: self.now + SERVER_MS,
+                    event: Event::Server { channel: Channel::Sync, answer: Ok(answer) },
+                });
+            }
+        }
+        let event = match self.due.iter().position(|d| d.at <= self.now) {
+            Some(i) => self.due.remove(i).event,
+            None => Event::Tick,
+        };
+        self.device.as_mut().expect("device").handle(self.now, event);
+        if self.power.is_cut() {
+            // The device died at the write that failed: nothing it asked for
+            // in this step happened. Power comes back a little later.
+            while self.device.as_mut().expect("device").poll_action().is_some() {}
+            self.cuts += 1;
+            self.power.restore();
+            self.now += 2 * SECOND;
+            self.reboot();
+        }
+    }
+
+    /// Carries out every action the device asked for.
+    fn carry_out(&mut self) {
+        while let Some(action) = self.device.as_mut().expect("device").poll_action() {
+            match action {
+                Action::Note(n) => self.notes.push(n),
+                Action::Inverter { request, .. } => {
+                    let outcome = self.inverter.answer(&request);
+                    self.due
+                        .push(Due { at: self.now + INVERTER_MS, event: Event::Inverter(outcome) });
+                }
+                Action::Post { channel, body, timeout_ms } => self.post(channel, body, timeout_ms),
+                Action::Fetch { offset, len, .. } => {
+                    let answer = match (&self.server.offer, self.server.up) {
+                        (Some(_), true) if !self.server.downloads => {
+                            Err(Failure { status: Some(503), message: "busy".into() })
+                        }
+                        (Some((_, img)), true) => {
+                            let end = (offset as usize + len as usize).min(img.len());
+                            Ok(img[offset as usize..end].to_vec())
+                        }
+                        (None, true) => {
+                            Err(Failure { status: Some(404), message: "no offer".into() })
+                        }
+                        (_, false) => Err(Failure::unreachable("connection refused")),
+                    };
+                    self.due.push(Due { at: self.now + SERVER_MS, event: Event::Chunk(answer) });
+                }
+                Action::Restart => {
+                    self.reboot();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn post(&mut self, channel: Channel, body: Vec<u8>, timeout_ms: u64) {
+        let at = self.now + SERVER_MS;
+        if !self.server.up {
+            let answer = Err(Failure::unreachable("connection refused"));
+            self.due.push(Due { at, event: Event::Server { channel, answer } });
+            return;
+        }
+        if let Some((c, bytes)) = self.server.garbage.take_if(|(c, _)| *c == channel) {
+            let _ = c;
+            self.due.push(Due { at, event: Event::Server { channel, answer: Ok(bytes) } });
+            return;
+        }
+        let answer = match channel {
+            Channel::Upload => self.server.upload(&body),
+            Channel::Sync => {
+                let Some((counter, req)) = self.server.open(&body) else {
+                    let answer = Err(Failure { status: Some(401), message: "unauthorized".into() });
+                    self.due.push(Due { at, event: Event::Server { channel, answer } });
+                    return;
+                };
+                let Some(req) = self.server.take_sync(&req) else {
+                    let answer = Err(Failure { status: Some(400), message: "bad request".into() });
+                    self.due.push(Due { at, event: Event::Server { channel, answer } });
+                    return;
+                };
+                let wait = u64::from(req.wait_ms).min(timeout_ms);
+                self.held = Some(Held { counter, until: self.now + wait });
+                return;
+            }
+        };
+        self.due.push(Due { at, event: Event::Server { channel, answer } });
+    }
+
+    /// Every sample seq the server holds, checked to be 1..=n without gaps.
+    pub fn stored_contiguous(&self) -> u64 {
+        let seqs: Vec<u64> = self.server.stored.keys().copied().collect();
+        assert!(
+            seqs.iter().enumerate().all(|(i, s)| *s == i as u64 + seqs[0]),
+            "no gap in what the server stored"
+        );
+        seqs.len() as u64
+    }
+
+    /// Notes matching `f`.
+    pub fn count(&self, f: impl Fn(&Note) -> bool) -> usize {
+        self.notes.iter().filter(|n| f(n)).count()
+    }
+}
