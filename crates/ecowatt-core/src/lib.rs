@@ -11,6 +11,12 @@
 //! - [`samplelog`] — readings kept until acknowledged, bounded, power-cut safe.
 //! - [`machine`] — the device as one machine joining the parts: events in
 //!   (time, inverter and server answers, image chunks), actions out.
+//! - [`flashkv`] — the key-value store on raw NOR flash, log-structured and
+//!   safe against a power cut at any word.
+//! - [`provision`] — the provisioning partition's format (identity, key,
+//!   server, Wi-Fi, trusted firmware keys).
+//! - [`http1`] — the HTTP/1.1 a device speaks (sealed POST, ranged GET,
+//!   reading an answer with limits), without I/O.
 //! - [`kv`] — the key-value store trait, and an in-memory double that fails on demand.
 //! - [`session`] — the device side of protocol v1: sealing with counters reserved
 //!   in blocks, opening only the answer to the request outstanding.
@@ -19,10 +25,13 @@
 extern crate alloc;
 
 pub mod control;
+pub mod flashkv;
+pub mod http1;
 pub mod kv;
 pub mod link;
 pub mod machine;
 pub mod ota;
+pub mod provision;
 pub mod samplelog;
 pub mod schedule;
 pub mod session;

@@ -32,9 +32,10 @@ impl Scheduler {
         if now_ms < self.next_poll {
             return false;
         }
-        while self.next_poll <= now_ms {
-            self.next_poll += self.poll_ms;
-        }
+        // Missed polls are skipped in one step, even after a clock that
+        // jumped by years (a device setting its clock from the server).
+        let missed = (now_ms - self.next_poll) / self.poll_ms + 1;
+        self.next_poll += missed * self.poll_ms;
         true
     }
 

@@ -32,7 +32,7 @@ pub struct Sealed {
 }
 
 /// What the device needs to talk to the server (from its provisioning file).
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// The device's numeric id.
     pub device_id: u32,

@@ -6,15 +6,16 @@
 //!   from a URL.
 //! - [`filekv`] — the key-value store as a directory of atomically replaced files.
 //! - [`slots`] — A/B firmware slots as two files, for `ecowatt_core::ota`.
-//! - [`agent`] — `ecowatt device`: acquisition, sync, upload.
+//! - [`net`] — the device protocol over HTTP: sealed POSTs, image range fetches.
+//! - [`agent`] — `ecowatt device`: the shell that drives the core's device machine.
 //! - [`clock`] — the agent's clock (the system's, or a faster one in tests).
 
 pub mod agent;
 pub mod clock;
 pub mod filekv;
+pub mod net;
 pub mod slots;
 pub mod transport;
-pub mod update;
 
 /// Waits by sleeping the thread: the real-time [`ecowatt_core::link::Delay`].
 #[derive(Debug, Default, Clone, Copy)]

@@ -6,13 +6,17 @@ use std::path::Path;
 /// Writes `secret` and a newline to `path`, created (or truncated) with
 /// mode 0600 on Unix.
 pub fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    write_secret_bytes(path, &[secret.as_bytes(), b"\n"].concat())
+}
+
+/// Writes `bytes` to `path`, created (or truncated) with mode 0600 on Unix.
+pub fn write_secret_bytes(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(path)?;
-    file.write_all(secret.as_bytes())?;
-    file.write_all(b"\n")
+    file.write_all(bytes)
 }
 
 #[cfg(test)]

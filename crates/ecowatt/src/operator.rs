@@ -49,6 +49,31 @@ pub enum DeviceCommand {
         /// Device name.
         name: String,
     },
+    /// Write the provisioning partition of an ESP32-C3 device (offline): the
+    /// provisioning file's identity, key, server and firmware keys, and the
+    /// Wi-Fi network. Flash it with `espflash write-bin 0x3F0000 FILE`
+    /// (docs/firmware-esp32c3.md); it is never compiled into the image.
+    ProvisionImage {
+        /// The device's provisioning file (from `device add`).
+        #[arg(long)]
+        provision: PathBuf,
+        /// Wi-Fi network name.
+        #[arg(long)]
+        wifi_ssid: String,
+        /// Wi-Fi password (empty for an open network).
+        #[arg(long, env = "ECOWATT_WIFI_PASSWORD", hide_env_values = true, default_value = "")]
+        wifi_password: String,
+        /// The server the device reaches, if not the provisioning file's
+        /// (the device resolves names with DNS; `http://` only).
+        #[arg(long)]
+        server: Option<String>,
+        /// Partition size, bytes (the partition table's `provision`).
+        #[arg(long, default_value_t = 0x10000)]
+        size: usize,
+        /// Where to write it [default: NAME.provision.bin].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Give a device a new key and write a new provisioning file.
     RotateKey {
         /// Device name.
@@ -66,7 +91,59 @@ fn write_provisioning(v: &Value, name: &str, out: Option<PathBuf>) -> anyhow::Re
     Ok(path)
 }
 
+/// The provisioning partition's bytes for a device.
+pub fn provision_image(
+    file: &ecowatt_device::agent::Provisioning,
+    wifi_ssid: &str,
+    wifi_password: &str,
+    server: Option<String>,
+    size: usize,
+) -> anyhow::Result<Vec<u8>> {
+    let bad = |e: String| anyhow::anyhow!("provisioning file: {e}");
+    let p = ecowatt_core::provision::Provision {
+        device: file.device.clone(),
+        creds: file.credentials().map_err(bad)?,
+        server: server.unwrap_or_else(|| file.server.clone()).trim_end_matches('/').to_owned(),
+        wifi_ssid: wifi_ssid.to_owned(),
+        wifi_password: wifi_password.to_owned(),
+        firmware_keys: file.trusted_keys().map_err(bad)?,
+    };
+    if wifi_ssid.is_empty() || wifi_ssid.contains('\n') || wifi_password.contains('\n') {
+        bail!("the Wi-Fi name must be given, and neither it nor the password may hold a newline");
+    }
+    let mut bytes = p.encode();
+    // The device reads back what it is given, or nothing.
+    ecowatt_core::provision::Provision::decode(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if bytes.len() > size {
+        bail!("the provisioning ({} bytes) does not fit a {size}-byte partition", bytes.len());
+    }
+    bytes.resize(size, 0xFF);
+    Ok(bytes)
+}
+
 pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
+    if let DeviceCommand::ProvisionImage {
+        provision,
+        wifi_ssid,
+        wifi_password,
+        server,
+        size,
+        out,
+    } = cmd
+    {
+        let file = ecowatt_device::agent::Provisioning::load(&provision)?;
+        let bytes = provision_image(&file, &wifi_ssid, &wifi_password, server, size)?;
+        let path = out.unwrap_or_else(|| PathBuf::from(format!("{}.provision.bin", file.device)));
+        ecowatt_formats::secret::write_secret_bytes(&path, &bytes)?;
+        println!(
+            "Provisioning partition for {} ({} bytes): {} (it holds the device key and the Wi-Fi password; keep it secret)",
+            file.device,
+            bytes.len(),
+            path.display()
+        );
+        println!("Flash it: espflash write-bin 0x3F0000 {}", path.display());
+        return Ok(());
+    }
     let api = conn.connect()?;
     match cmd {
         DeviceCommand::Add { name, rated_power, out } => {
@@ -116,6 +193,7 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
             api.call("DELETE", &format!("/api/v1/devices/{}", segment(&name)), None)?;
             println!("Device {name} removed.");
         }
+        DeviceCommand::ProvisionImage { .. } => unreachable!("handled above"),
         DeviceCommand::RotateKey { name, out } => {
             let v =
                 api.call("POST", &format!("/api/v1/devices/{}/rotate-key", segment(&name)), None)?;
@@ -604,4 +682,43 @@ pub fn audit(conn: &ServerConn, limit: i64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod provision_tests {
+    use super::provision_image;
+
+    fn file() -> ecowatt_device::agent::Provisioning {
+        serde_json::from_value(serde_json::json!({
+            "device": "roof-1", "device_id": 12, "key": "00112233445566778899AABBCCDDEEFF",
+            "key_version": 3, "server": "http://192.0.2.10:8000/",
+            "firmware_keys": ["0101010101010101010101010101010101010101010101010101010101010101"]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_partition_holds_what_the_firmware_reads() {
+        let bytes = provision_image(&file(), "home", "pass word", None, 0x10000).unwrap();
+        assert_eq!(bytes.len(), 0x10000);
+        assert!(bytes[bytes.len() - 1] == 0xFF, "the rest is erased");
+        let p = ecowatt_core::provision::Provision::decode(&bytes).unwrap();
+        assert_eq!((p.device.as_str(), p.creds.device_id, p.creds.key_version), ("roof-1", 12, 3));
+        assert_eq!(p.creds.key[0..2], [0x00, 0x11]);
+        assert_eq!((p.server.as_str(), p.wifi_ssid.as_str()), ("http://192.0.2.10:8000", "home"));
+        assert_eq!((p.wifi_password.as_str(), p.firmware_keys.len()), ("pass word", 1));
+        let other = provision_image(&file(), "home", "", Some("http://cloud:80".into()), 4096);
+        assert_eq!(
+            ecowatt_core::provision::Provision::decode(&other.unwrap()).unwrap().server,
+            "http://cloud:80"
+        );
+    }
+
+    #[test]
+    fn what_the_device_could_not_use_is_refused_here() {
+        assert!(provision_image(&file(), "", "x", None, 0x10000).is_err(), "no Wi-Fi name");
+        assert!(provision_image(&file(), "a\nb", "x", None, 0x10000).is_err(), "a newline");
+        assert!(provision_image(&file(), "home", "x", Some("https://c".into()), 0x10000).is_err());
+        assert!(provision_image(&file(), "home", "x", None, 64).is_err(), "too small a partition");
+    }
 }

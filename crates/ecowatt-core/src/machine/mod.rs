@@ -215,6 +215,9 @@ pub enum Note {
     },
     /// A sync went through after failures.
     ServerBack,
+    /// The server's clock at its answer, Unix ms (a device without a clock
+    /// of its own sets it from this).
+    ServerTime(u64),
     /// A new config is applied (some fields may have been refused).
     ConfigApplied {
         /// The config now running.

@@ -108,6 +108,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         }
         self.sync.failures = 0;
         self.sync.next_at = now_ms;
+        self.say(Note::ServerTime(response.server_time_ms));
         if let Err(e) = self.journal.acknowledged(&mut self.kv, &sent.results) {
             // They stay pending and are reported again; the server ignores repeats.
             self.say(Note::StorageFailed("command journal", e));

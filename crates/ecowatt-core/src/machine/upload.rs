@@ -1,7 +1,8 @@
 //! Uploads: every upload interval (or at once when a batch is full) the
-//! oldest unacknowledged samples, sealed, batch after batch until the backlog
-//! is gone (at most [`BATCHES_PER_ROUND`] per round, so fresh samples are
-//! reached soon). Samples leave the log only when the server acknowledges them.
+//! oldest unacknowledged samples, sealed; then more batches while full ones
+//! wait (a backlog after an outage; at most [`BATCHES_PER_ROUND`] per round,
+//! so fresh samples are reached soon), the remainder with the next interval.
+//! Samples leave the log only when the server acknowledges them.
 
 use alloc::string::ToString;
 use alloc::vec::Vec;
@@ -110,6 +111,11 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                     Err(e) => self.say(Note::StorageFailed("acknowledgement", e)),
                 }
                 self.up.on_success(now_ms);
+                // The round goes on while full batches wait (a backlog after
+                // an outage); a remainder rides with the next interval.
+                if self.log.len() < self.up.batch_max() {
+                    self.upload.round_left = 0;
+                }
             }
             // The server will never take these (stamped by a clock that was
             // wrong): keeping them would block every later sample.

@@ -43,3 +43,19 @@ fn uploads_back_off_on_failure_and_a_full_batch_goes_at_once() {
     u.on_success(5);
     assert_eq!(u.failures(), 0);
 }
+
+#[test]
+fn a_clock_set_forward_by_years_moves_the_next_poll_past_it() {
+    let c = ConfigState {
+        version: 1,
+        poll_interval_ms: 5_000,
+        upload_interval_ms: 900_000,
+        registers: 0x3FF,
+    };
+    // A device without a clock counts from 0 until the server's time arrives.
+    let mut s = Scheduler::new(&c, 1_000);
+    assert!(s.poll_due(1_000));
+    let set = 1_800_000_000_123;
+    assert!(s.poll_due(set));
+    assert!(s.next_poll() > set && s.next_poll() <= set + 5_000, "{}", s.next_poll());
+}

@@ -2,19 +2,13 @@
 //! the image signed here, uploaded, rolled out, downloaded with ranges,
 //! installed on the file-backed A/B slots and confirmed (or rolled back).
 
-use std::io::Read;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use ecowatt_core::kv::KeyValue;
-use ecowatt_core::ota::{self, Boot, BootRecord, Slot};
+use ecowatt_core::ota::{BootRecord, Slot};
 use ecowatt_device::agent::{self, AgentOptions, Provisioning, RestartMode, Stopped};
 use ecowatt_device::filekv::FileKv;
-use ecowatt_device::slots::FileSlots;
-use ecowatt_device::update::{self, Context, Ended, Source};
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
-use ecowatt_proto::messages::{OtaState, UpdateOffer, ota_reason, signature_algorithm};
 use ecowatt_testkit::TestSim;
 use ecowatt_testkit::server::{TempDb, TestServer};
 use ed25519_dalek::{Signer, SigningKey};
@@ -357,114 +351,4 @@ async fn an_image_that_cannot_reach_the_cloud_is_rolled_back_and_reported() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     again.stop().await;
-}
-
-/// Serves an image from memory, cutting the connection once after `cut` bytes.
-struct Flaky {
-    data: Vec<u8>,
-    cut: Option<usize>,
-    opened_at: Vec<u64>,
-}
-
-struct Cut {
-    inner: std::io::Cursor<Vec<u8>>,
-    left: Option<usize>,
-}
-
-impl Read for Cut {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self.left {
-            Some(0) => Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut")),
-            Some(n) => {
-                let want = buf.len().min(n);
-                let k = self.inner.read(&mut buf[..want])?;
-                self.left = Some(n - k);
-                Ok(k)
-            }
-            None => self.inner.read(buf),
-        }
-    }
-}
-
-impl Source for Flaky {
-    fn open(&mut self, offset: u64) -> Result<Box<dyn Read + Send>, String> {
-        self.opened_at.push(offset);
-        let inner = std::io::Cursor::new(self.data[offset as usize..].to_vec());
-        Ok(Box::new(Cut { inner, left: self.cut.take() }))
-    }
-}
-
-fn offer(m: &Manifest, seed: &[u8; 32]) -> UpdateOffer {
-    UpdateOffer {
-        token: [0; 16],
-        manifest: m.clone(),
-        algorithm: signature_algorithm::ED25519,
-        signature: sign(m, seed).to_vec(),
-    }
-}
-
-fn install(
-    state: &Path,
-    offer: &UpdateOffer,
-    source: &mut Flaky,
-) -> (Result<(), Ended>, Vec<OtaState>) {
-    let kv = std::sync::Mutex::new(FileKv::open(state).unwrap());
-    let mut slots = FileSlots::open(&state.join("slots")).unwrap();
-    let factory = Version::parse("1.0.0").unwrap();
-    let cancel = AtomicBool::new(false);
-    let mut states = Vec::new();
-    let mut report = |r: ecowatt_proto::messages::OtaReport| {
-        if states.last() != Some(&r.state) {
-            states.push(r.state);
-        }
-    };
-    let key =
-        update::trusted_signer(offer, &[PublicKey::Ed25519(public(&K1))]).expect("signed by K1");
-    let target = format!("linux-{}", std::env::consts::ARCH);
-    let cx = Context { factory: &factory, target: &target, cancel: &cancel, report: &mut report };
-    let result = update::install(|| kv.lock().unwrap(), &mut slots, cx, offer, &key, source);
-    (result, states)
-}
-
-#[test]
-fn a_cut_download_resumes_with_a_range_request_and_a_tampered_image_never_switches() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = image(200_000, 5);
-    let m = manifest(&data, "1.1.0");
-
-    let state = dir.path().join("good");
-    let mut source = Flaky { data: data.clone(), cut: Some(70_000), opened_at: vec![] };
-    let (result, states) = install(&state, &offer(&m, &K1), &mut source);
-    assert!(result.is_ok(), "{result:?}");
-    assert_eq!(source.opened_at, [0, 70_000], "the second request starts where the cut was");
-    assert_eq!(states, [OtaState::Downloading, OtaState::Verifying, OtaState::Installing]);
-    let mut kv = FileKv::open(&state).unwrap();
-    let factory = Version::parse("1.0.0").unwrap();
-    assert_eq!(ota::boot(&mut kv, &factory).unwrap(), Boot::Trial(Slot::B, m.version.clone()));
-
-    // One byte changed in transit: refused after the download, before any switch.
-    let state = dir.path().join("tampered");
-    let mut bad = data.clone();
-    bad[123_456] ^= 0x01;
-    let mut source = Flaky { data: bad, cut: None, opened_at: vec![] };
-    let (result, _) = install(&state, &offer(&m, &K1), &mut source);
-    assert!(matches!(result, Err(Ended::Failed(ota_reason::HASH_MISMATCH, _))), "{result:?}");
-    let mut kv = FileKv::open(&state).unwrap();
-    assert_eq!(ota::boot(&mut kv, &factory).unwrap(), Boot::Confirmed(Slot::A, factory.clone()));
-    assert_eq!(
-        kv.get("ota.progress").unwrap().as_deref(),
-        Some(&[][..]),
-        "no resume of a bad image"
-    );
-
-    // A signature by a key the device does not trust is refused before anything is written.
-    let evil = offer(&m, &K2);
-    assert!(matches!(
-        update::trusted_signer(&evil, &[PublicKey::Ed25519(public(&K1))]),
-        Err(Ended::Failed(ota_reason::BAD_SIGNATURE, _))
-    ));
-    assert!(matches!(
-        update::trusted_signer(&evil, &[]),
-        Err(Ended::Failed(ota_reason::NO_TRUSTED_KEY, _))
-    ));
 }

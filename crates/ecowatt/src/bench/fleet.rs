@@ -1,7 +1,10 @@
-//! `ecowatt bench fleet`: many simulated devices in this process speaking the
-//! real protocol (sealed long-poll syncs, sealed uploads of realistic 60-sample
-//! batches) against an `ecowatt server` child process on loopback, while an
-//! operator queues commands. Bounded in devices and time.
+//! `ecowatt bench fleet`: many devices in this process against an `ecowatt
+//! server` child process on loopback, while an operator queues commands.
+//! Each device is the core's device machine, as `ecowatt device` runs it
+//! (sampling, sealed long-poll syncs, sealed uploads of 60-sample batches,
+//! commands executed with read-back), with the simulator's model as its
+//! inverter and memory as its stores, on a clock that runs fast enough for a
+//! 5 s poll to fill a batch every `--upload-every`. Bounded in devices and time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,12 +13,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use ecowatt_core::kv::MemoryKv;
-use ecowatt_core::session::{Credentials, Session};
-use ecowatt_proto::codec::{self, Sample};
-use ecowatt_proto::messages::{
-    CommandResult, ConfigState, MessageType, SyncRequest, SyncResponse, TelemetryAck,
-    TelemetryUpload,
-};
+use ecowatt_core::link::Outcome;
+use ecowatt_core::machine::{Action, Channel, Device, Event, Failure, Note, Settings};
+use ecowatt_core::ota::{FlashError, Slot, Slots};
+use ecowatt_core::session::Credentials;
+use ecowatt_proto::firmware::Version;
+use ecowatt_proto::modbus::{Exception, ExceptionCode, Request, Response};
 use ecowatt_sim::model::{Model, ModelConfig};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -72,11 +75,11 @@ struct Stats {
     stopping: bool,
 }
 
-async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<Vec<u8>, String> {
+async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<Vec<u8>, Failure> {
     let req = hyper::Request::post(url)
         .header("content-type", "application/octet-stream")
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::unreachable(e.to_string()))?;
     let resp = http.request(req).await.map_err(|e| {
         // The first failure of each kind is printed whole, for diagnosis.
         use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,11 +88,255 @@ async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<Vec<u8>, String> 
         if !SHOWN[usize::from(e.is_connect())].swap(true, Ordering::Relaxed) {
             eprintln!("fleet: first {kind} error: {:?}", std::error::Error::source(&e));
         }
-        kind.to_owned()
+        Failure::unreachable(kind)
     })?;
     let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.map_err(|_| "read".to_owned())?.to_bytes();
-    if status == 200 { Ok(bytes.to_vec()) } else { Err(format!("http_{status}")) }
+    let bytes =
+        resp.into_body().collect().await.map_err(|_| Failure::unreachable("read"))?.to_bytes();
+    if status == 200 {
+        Ok(bytes.to_vec())
+    } else {
+        Err(Failure { status: Some(status), message: String::from_utf8_lossy(&bytes).into() })
+    }
+}
+
+/// How a failed request is counted.
+fn kind(f: &Failure) -> String {
+    match f.status {
+        Some(s) => format!("http_{s}"),
+        None => f.message.clone(),
+    }
+}
+
+/// A device of the fleet has no image slots: it is never offered an update.
+struct NoSlots;
+
+impl Slots for NoSlots {
+    fn erase(&mut self, _: Slot) -> Result<(), FlashError> {
+        Err(FlashError("no image slots".into()))
+    }
+    fn write(&mut self, _: Slot, _: u64, _: &[u8]) -> Result<(), FlashError> {
+        Err(FlashError("no image slots".into()))
+    }
+    fn read(&mut self, _: Slot, _: u64, _: &mut [u8]) -> Result<(), FlashError> {
+        Err(FlashError("no image slots".into()))
+    }
+}
+
+/// The simulator's model answering a Modbus request at `t_ms`.
+fn inverter(model: &mut Model, request: &Request, t_ms: u64) -> Outcome {
+    let regs = model.read(t_ms).to_registers();
+    match *request {
+        Request::ReadHoldingRegisters { start, quantity } => {
+            match regs.get(start as usize..start as usize + quantity as usize) {
+                Some(v) => Ok(Ok(Response::ReadHoldingRegisters(v.to_vec()))),
+                None => Ok(Err(Exception { function: 3, code: ExceptionCode::IllegalDataAddress })),
+            }
+        }
+        Request::WriteSingleRegister { address, value } => {
+            Ok(Ok(Response::WriteSingleRegister { address, value }))
+        }
+    }
+}
+
+/// What every device of the fleet shares.
+struct Fleet {
+    http: Http,
+    upload_http: Vec<Http>,
+    upload_slots: Arc<tokio::sync::Semaphore>,
+    stats: Arc<Mutex<Stats>>,
+    queued: Arc<Mutex<HashMap<u64, Instant>>>,
+    base: String,
+    devices: u64,
+    every: Duration,
+    start: Instant,
+    measure_from: Instant,
+    deadline: Instant,
+}
+
+/// Virtual ms per real ms: a 5 s poll fills a 60-sample batch every `every`.
+fn speed(every: Duration) -> f64 {
+    300_000.0 / (every.as_millis().max(1) as f64)
+}
+
+/// One device: boots when its turn comes (spread over one upload interval),
+/// then replays its virtual time in order, carrying out what the machine asks.
+async fn run_device(i: usize, creds: Credentials, fleet: Arc<Fleet>) {
+    let speed = speed(fleet.every);
+    let boot_at = fleet.start + fleet.every.mul_f64(i as f64 / fleet.devices as f64);
+    tokio::time::sleep_until(boot_at.into()).await;
+    // Daytime readings, a different hour for each device.
+    let v0 = 1_782_043_200_000u64 - 6 * 3_600_000 + (i as u64 % 100) * 300_000;
+    let vnow = || v0 + (boot_at.elapsed().as_secs_f64() * 1000.0 * speed) as u64;
+    let mut settings = Settings::new(Version::parse("1.0.0").expect("a version"), "fleet");
+    settings.log_capacity = 240;
+    settings.batch_max = 60;
+    // Long polls run out at different times, as in a real fleet.
+    settings.long_poll_ms = 15_000 + (i as u32 % 10) * 1_000;
+    let Ok(mut device) = Device::boot(MemoryKv::new(), NoSlots, creds, settings, v0) else {
+        return;
+    };
+    let mut model = Model::new(ModelConfig { seed: i as u64, ..ModelConfig::default() });
+    let upload_http = fleet.upload_http[i % fleet.upload_http.len()].clone();
+    let (answers_tx, mut answers) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let mut clock = v0;
+    let mut upload_started: Option<(Instant, u64)> = None;
+    let mut acked = 0u64;
+    loop {
+        // What the machine asked for (at boot, or after the last event).
+        carry(
+            &mut device,
+            &mut model,
+            clock,
+            &fleet,
+            &upload_http,
+            &answers_tx,
+            &mut upload_started,
+            &mut acked,
+        );
+        // Virtual time up to now, in order: each sample at its own time.
+        let now = vnow();
+        while device.next_wakeup() <= now {
+            clock = clock.max(device.next_wakeup());
+            device.handle(clock, Event::Tick);
+            carry(
+                &mut device,
+                &mut model,
+                clock,
+                &fleet,
+                &upload_http,
+                &answers_tx,
+                &mut upload_started,
+                &mut acked,
+            );
+        }
+        let real_wait = ((device.next_wakeup().saturating_sub(now)) as f64 / speed) as u64;
+        let wake = Instant::now() + Duration::from_millis(real_wait.clamp(50, 1_000));
+        tokio::select! {
+            Some(event) = answers.recv() => {
+                let stopping = fleet.stats.lock().expect("stats").stopping;
+                let now = Instant::now();
+                let (failed, sync_ok) = match &event {
+                    Event::Server { channel: Channel::Sync, answer } => (answer.as_ref().err().map(|f| format!("sync {}", kind(f))), answer.is_ok()),
+                    Event::Server { channel: Channel::Upload, answer } => (answer.as_ref().err().map(|f| format!("upload {}", kind(f))), false),
+                    _ => (None, false),
+                };
+                {
+                    let mut st = fleet.stats.lock().expect("stats");
+                    // Only answers within the measurement count towards the rate.
+                    if sync_ok && now >= fleet.deadline {
+                        st.syncs_after += 1;
+                    } else if sync_ok && now >= fleet.measure_from {
+                        st.syncs += 1;
+                    }
+                    if let Some(kind) = failed {
+                        if stopping {
+                            st.stop_errors += 1;
+                        } else {
+                            *st.errors.entry(kind).or_default() += 1;
+                        }
+                    }
+                }
+                if stopping && !sync_ok {
+                    return;
+                }
+                clock = clock.max(vnow());
+                device.handle(clock, event);
+                carry(&mut device, &mut model, clock, &fleet, &upload_http, &answers_tx, &mut upload_started, &mut acked);
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+/// Carries out the machine's actions: the inverter at once (in process), the
+/// server's requests on tasks whose answers come back as events.
+#[allow(clippy::too_many_arguments)] // one device's shell state
+fn carry(
+    device: &mut Device<MemoryKv, NoSlots>,
+    model: &mut Model,
+    clock: u64,
+    fleet: &Arc<Fleet>,
+    upload_http: &Http,
+    answers: &tokio::sync::mpsc::UnboundedSender<Event>,
+    upload_started: &mut Option<(Instant, u64)>,
+    acked: &mut u64,
+) {
+    while let Some(action) = device.poll_action() {
+        match action {
+            Action::Inverter { request, .. } => {
+                let outcome = inverter(model, &request, clock);
+                device.handle(clock, Event::Inverter(outcome));
+            }
+            // No request starts after the measurement (the server is stopping).
+            Action::Post { .. } if Instant::now() >= fleet.deadline => {}
+            Action::Post { channel: Channel::Sync, body, .. } => {
+                let (http, answers) = (fleet.http.clone(), answers.clone());
+                let url = format!("{}{}", fleet.base, Channel::Sync.path());
+                tokio::spawn(async move {
+                    let answer = post(&http, &url, body).await;
+                    let _ = answers.send(Event::Server { channel: Channel::Sync, answer });
+                });
+            }
+            Action::Post { channel: Channel::Upload, body, .. } => {
+                let (http, answers, slots) =
+                    (upload_http.clone(), answers.clone(), fleet.upload_slots.clone());
+                let url = format!("{}{}", fleet.base, Channel::Upload.path());
+                *upload_started = Some((Instant::now(), body.len() as u64));
+                tokio::spawn(async move {
+                    let answer = {
+                        let _slot = slots.acquire().await.expect("never closed");
+                        post(&http, &url, body).await
+                    };
+                    let _ = answers.send(Event::Server { channel: Channel::Upload, answer });
+                });
+            }
+            Action::Fetch { .. } => {
+                let _ = answers.send(Event::Chunk(Err(Failure::unreachable("no image slots"))));
+            }
+            Action::Restart => {}
+            Action::Note(note) => note_stats(&note, fleet, upload_started, acked),
+        }
+    }
+}
+
+fn note_stats(
+    note: &Note,
+    fleet: &Fleet,
+    upload_started: &mut Option<(Instant, u64)>,
+    acked: &mut u64,
+) {
+    match note {
+        Note::Uploaded { acked_through, .. } => {
+            let points = acked_through.saturating_sub(*acked) * 10;
+            *acked = (*acked).max(*acked_through);
+            let Some((t0, bytes)) = upload_started.take() else { return };
+            if t0 < fleet.measure_from {
+                return;
+            }
+            let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+            let mut st = fleet.stats.lock().expect("stats");
+            st.uploads += 1;
+            st.points += points;
+            st.batch_bytes += bytes;
+            st.upload_lat_us.push(us);
+            let slot = (t0 - fleet.measure_from).as_secs() as usize / 5;
+            if st.worst_per_5s.len() <= slot {
+                st.worst_per_5s.resize(slot + 1, 0);
+            }
+            st.worst_per_5s[slot] = st.worst_per_5s[slot].max(us);
+        }
+        Note::UploadFailed { .. } => {
+            *upload_started = None;
+        }
+        Note::CommandExecuted { result, .. } => {
+            if let Some(t) = fleet.queued.lock().expect("queued").remove(&result.command_id) {
+                let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                fleet.stats.lock().expect("stats").delivery_lat_us.push(us);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// This process's limit on open files (`/proc/self/limits`).
@@ -242,188 +489,26 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     let stats = Arc::new(Mutex::new(Stats::default()));
     let queued: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let mut proc_files = ProcFiles::open(pid)?;
-    let deadline = Instant::now() + args.warmup + args.duration;
-    let measure_from = Instant::now() + args.warmup;
-    let applied = ConfigState {
-        version: 1,
-        poll_interval_ms: 5_000,
-        upload_interval_ms: 900_000,
-        registers: 0x03FF,
-    };
-    let mut tasks = Vec::new();
-    for (i, c) in creds.into_iter().enumerate() {
-        let mut kv = MemoryKv::new();
-        let session = Arc::new(Mutex::new((Session::start(c, &mut kv)?, kv)));
-        // Long poll.
-        {
-            let (http, stats, queued, session, url) = (
-                http.clone(),
-                stats.clone(),
-                queued.clone(),
-                session.clone(),
-                format!("{base}/api/v1/device/sync"),
-            );
-            tasks.push(tokio::spawn(async move {
-                // Connect over 5 s rather than all at once.
-                tokio::time::sleep(Duration::from_millis(i as u64 * 5_000 / 10_000)).await;
-                let mut results: Vec<CommandResult> = Vec::new();
-                while Instant::now() < deadline {
-                    // Long polls run out at different times, as in a real fleet.
-                    let req = SyncRequest {
-                        wait_ms: 15_000 + (i as u32 % 10) * 1_000,
-                        applied: Some(applied),
-                        results: results.clone(),
-                        ..Default::default()
-                    };
-                    let sealed = {
-                        let mut g = session.lock().expect("session");
-                        let (s, kv) = &mut *g;
-                        s.seal(kv, MessageType::SyncRequest, &req.encode())
-                    };
-                    let Ok(sealed) = sealed else { break };
-                    match post(&http, &url, sealed.bytes).await {
-                        Ok(answer) => {
-                            let opened =
-                                session.lock().expect("session").0.open(sealed.counter, &answer);
-                            let Ok((_, body)) = opened else { continue };
-                            let Ok(resp) = SyncResponse::decode(&body) else { continue };
-                            results.clear();
-                            let now = Instant::now();
-                            let mut st = stats.lock().expect("stats");
-                            // Only answers within the measurement count towards the rate.
-                            if now >= deadline {
-                                st.syncs_after += 1;
-                            } else if now >= measure_from {
-                                st.syncs += 1;
-                            }
-                            for cmd in resp.commands {
-                                if let Some(t) = queued.lock().expect("queued").remove(&cmd.id) {
-                                    st.delivery_lat_us.push(
-                                        now.duration_since(t).as_micros().min(u32::MAX as u128)
-                                            as u32,
-                                    );
-                                }
-                                results.push(CommandResult {
-                                    command_id: cmd.id,
-                                    succeeded: true,
-                                    exception: None,
-                                    value: Some(50),
-                                    executed_ms: 0,
-                                });
-                            }
-                        }
-                        Err(kind) => {
-                            session.lock().expect("session").0.abandon(sealed.counter);
-                            let stopping = {
-                                let mut st = stats.lock().expect("stats");
-                                if st.stopping {
-                                    st.stop_errors += 1;
-                                } else {
-                                    *st.errors.entry(format!("sync {kind}")).or_default() += 1;
-                                }
-                                st.stopping
-                            };
-                            if stopping {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
-                }
-            }));
-        }
-        // Uploads.
-        {
-            let (http, stats, session, url, slots) = (
-                upload_http[i % upload_http.len()].clone(),
-                stats.clone(),
-                session.clone(),
-                format!("{base}/api/v1/device/telemetry"),
-                upload_slots.clone(),
-            );
-            let every = args.upload_every;
-            let devices = args.devices;
-            tasks.push(tokio::spawn(async move {
-                let mut model =
-                    Model::new(ModelConfig { seed: i as u64, ..ModelConfig::default() });
-                let mut seq = 1u64;
-                let mut t_ms = 1_782_043_200_000u64 - 6 * 3_600_000 + (i as u64 % 100) * 300_000;
-                // Spread the devices' uploads evenly over the interval.
-                let offset = every.as_millis() as u64 * i as u64 / devices;
-                tokio::time::sleep(Duration::from_millis(offset)).await;
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    // No upload starts after the measurement (the server is stopping).
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                    let samples: Vec<Sample> = (0..60)
-                        .map(|k| Sample {
-                            seq: seq + k,
-                            unix_ms: t_ms + k * 5_000,
-                            values: model.read(t_ms + k * 5_000).to_registers().to_vec(),
-                        })
-                        .collect();
-                    let batch = codec::encode(0x03FF, &samples).expect("valid batch");
-                    let len = batch.len() as u64;
-                    let up = TelemetryUpload {
-                        first_seq: seq,
-                        count: 60,
-                        dropped_total: 0,
-                        codec: codec::CODEC_V1,
-                        batch,
-                    };
-                    seq += 60;
-                    t_ms += 300_000;
-                    let sealed = {
-                        let mut g = session.lock().expect("session");
-                        let (s, kv) = &mut *g;
-                        s.seal(kv, MessageType::TelemetryUpload, &up.encode())
-                    };
-                    let Ok(sealed) = sealed else { break };
-                    let t0 = Instant::now();
-                    let outcome = {
-                        let _slot = slots.acquire().await.expect("never closed");
-                        post(&http, &url, sealed.bytes).await
-                    };
-                    let lat = t0.elapsed();
-                    let ok = outcome
-                        .as_ref()
-                        .ok()
-                        .and_then(|a| {
-                            session.lock().expect("session").0.open(sealed.counter, a).ok()
-                        })
-                        .and_then(|(_, b)| TelemetryAck::decode(&b).ok());
-                    if ok.is_none() {
-                        session.lock().expect("session").0.abandon(sealed.counter);
-                    }
-                    let mut st = stats.lock().expect("stats");
-                    match (ok, outcome) {
-                        (Some(_), _) if t0 >= measure_from => {
-                            st.uploads += 1;
-                            st.points += 600;
-                            st.batch_bytes += len;
-                            let us = lat.as_micros().min(u32::MAX as u128) as u32;
-                            st.upload_lat_us.push(us);
-                            let slot = (t0 - measure_from).as_secs() as usize / 5;
-                            if st.worst_per_5s.len() <= slot {
-                                st.worst_per_5s.resize(slot + 1, 0);
-                            }
-                            st.worst_per_5s[slot] = st.worst_per_5s[slot].max(us);
-                        }
-                        (Some(_), _) => {}
-                        (None, Err(kind)) => {
-                            *st.errors.entry(format!("upload {kind}")).or_default() += 1
-                        }
-                        (None, Ok(_)) => {
-                            *st.errors.entry("upload bad_answer".into()).or_default() += 1
-                        }
-                    }
-                }
-            }));
-        }
-    }
+    let start = Instant::now();
+    let fleet = Arc::new(Fleet {
+        http,
+        upload_http,
+        upload_slots,
+        stats: stats.clone(),
+        queued: queued.clone(),
+        base: base.clone(),
+        devices: args.devices,
+        every: args.upload_every,
+        start,
+        measure_from: start + args.warmup,
+        deadline: start + args.warmup + args.duration,
+    });
+    let (measure_from, deadline) = (fleet.measure_from, fleet.deadline);
+    let tasks: Vec<_> = creds
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| tokio::spawn(run_device(i, c, fleet.clone())))
+        .collect();
     // The operator.
     tokio::time::sleep_until(measure_from.into()).await;
     let usage_start = proc_usage(&mut proc_files);
@@ -509,7 +594,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         String::new()
     };
     println!(
-        "Server: RSS {} MB (peak {} MB), CPU {cpu:.0} % (of one core); stored {:.2} B per data point in batches{sqlite}",
+        "Server: RSS {} MB (peak {} MB), CPU {cpu:.0} % (of one core); {:.2} B per data point uploaded (sealed batches){sqlite}",
         usage_end.0 / 1024,
         usage_end.1 / 1024,
         if st.points > 0 { st.batch_bytes as f64 / st.points as f64 } else { 0.0 },

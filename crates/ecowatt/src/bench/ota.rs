@@ -1,25 +1,27 @@
 //! `ecowatt bench ota`: a firmware update's device side, measured. A server
 //! runs as a child process (so its memory is not counted); this process is the
-//! device: it gets the offer on a sealed sync, then runs the agent's own
-//! update path (`ecowatt_device::update::install`: range download, writes to
-//! the file-backed slot with a sync per chunk, SHA-256, progress records,
-//! pending mark) and reports throughput and how much its resident memory grew
-//! at the peak (Linux `VmHWM`, reset before each update).
+//! device: the core's device machine on the agent's stores (`FileKv`,
+//! `FileSlots`) and its HTTP side (`ecowatt_device::net`), as `ecowatt device`
+//! runs it: the offer on a sealed sync, range fetches written to the
+//! file-backed slot with a sync per chunk, SHA-256, progress records, pending
+//! mark. It reports throughput and how much its resident memory grew at the
+//! peak (Linux `VmHWM`, reset before each update).
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use ecowatt_core::kv::MemoryKv;
-use ecowatt_core::session::{Credentials, Session};
+use ecowatt_core::link::TransportError;
+use ecowatt_core::machine::{Action, Device, Event, Note, Settings};
+use ecowatt_core::session::Credentials;
+use ecowatt_device::agent::CHUNK;
 use ecowatt_device::filekv::FileKv;
+use ecowatt_device::net::Net;
 use ecowatt_device::slots::FileSlots;
-use ecowatt_device::update::{self, Context as UpdateContext, HttpSource};
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::hex;
-use ecowatt_proto::messages::{MessageType, SyncRequest, SyncResponse};
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -158,66 +160,80 @@ fn device_side(
             key_version: 1,
         };
         call("POST", "/api/v1/rollouts", json!({"firmware_id": fw["id"], "devices": [name]}))?;
-        let mut kv = MemoryKv::new();
-        let mut session = Session::start(creds, &mut kv).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let req = SyncRequest { firmware: "1.0.0".into(), ..Default::default() };
-        let sealed = session
-            .seal(&mut kv, MessageType::SyncRequest, &req.encode())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut resp = http.post(format!("{base}/api/v1/device/sync")).send(&sealed.bytes[..])?;
-        let answer = resp.body_mut().read_to_vec()?;
-        let (_, body) =
-            session.open(sealed.counter, &answer).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let offer = SyncResponse::decode(&body)?.update.context("no update offered")?;
-
         let state = dir.join(format!("device-{run}"));
-        let kv = std::sync::Mutex::new(FileKv::open(&state)?);
-        let mut slots = FileSlots::open(&state.join("slots"))?;
-        let factory = Version::parse("1.0.0")?;
-        let target = format!("linux-{}", std::env::consts::ARCH);
-        let cancel = AtomicBool::new(false);
-        let mut reports = 0u64;
-        let mut report = |_| reports += 1;
-        let mut source = HttpSource {
-            http: http.clone(),
-            url: format!("{base}/api/v1/device/firmware/{}", hex::encode_upper(&offer.token)),
-        };
-        let keys = [PublicKey::Ed25519(*public)];
+        let mut settings = Settings::new(Version::parse("1.0.0")?, &manifest.target);
+        settings.firmware_keys = vec![PublicKey::Ed25519(*public)];
+        settings.chunk = CHUNK;
+        let (kv, slots) = (FileKv::open(&state)?, FileSlots::open(&state.join("slots"))?);
+        let slot_b = slots.path(ecowatt_core::ota::Slot::B);
+        let device = Device::boot(kv, slots, creds, settings, now_ms())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let baseline = reset_peak();
-        let started = Instant::now();
-        let signer = update::trusted_signer(&offer, &keys)
-            .map_err(|e| anyhow::anyhow!("signature refused: {e:?}"))?;
-        let cx = UpdateContext {
-            factory: &factory,
-            target: &target,
-            cancel: &cancel,
-            report: &mut report,
-        };
-        update::install(|| kv.lock().expect("kv"), &mut slots, cx, &offer, &signer, &mut source)
-            .map_err(|e| anyhow::anyhow!("update failed: {e:?}"))?;
+        let (started, fetches) = update(device, &Net::new(&base))?;
         let secs = started.elapsed().as_secs_f64();
         let peak = rss().0.saturating_sub(baseline);
-        let written: [u8; 32] =
-            Sha256::digest(std::fs::read(slots.path(ecowatt_core::ota::Slot::B))?).into();
+        let written: [u8; 32] = Sha256::digest(std::fs::read(&slot_b)?).into();
         anyhow::ensure!(written == image_sha, "the slot does not hold the image");
         let mib_s = args.size as f64 / 1_048_576.0 / secs;
         println!(
-            "  run {}: {:>7.2} s  {:>7.1} MiB/s  peak RSS +{:>6} KiB over the start of the update  ({} progress reports)",
+            "  run {}: {:>7.2} s  {:>7.1} MiB/s  peak RSS +{:>6} KiB over the start of the update  ({} range fetches)",
             run + 1,
             secs,
             mib_s,
             peak / 1024,
-            reports
+            fetches
         );
         rates.push(mib_s);
         peaks.push(peak);
     }
     rates.sort_by(f64::total_cmp);
     println!(
-        "  median {:.1} MiB/s; peak RSS growth at most {} KiB (download buffer {} KiB, SHA-256 state, HTTP client)",
+        "  median {:.1} MiB/s; peak RSS growth at most {} KiB (fetch buffer {} KiB, SHA-256 state, HTTP client)",
         rates[rates.len() / 2],
         peaks.iter().max().unwrap_or(&0) / 1024,
-        update::CHUNK / 1024
+        CHUNK / 1024
     );
     Ok(())
+}
+
+fn now_ms() -> u64 {
+    ecowatt_formats::time::now_ms() as u64
+}
+
+/// Drives the machine (no inverter attached) until the image is installed:
+/// when the offer came, and how many fetches it took. Requests run on
+/// threads as in the agent, so a held long poll never delays a fetch.
+fn update(mut device: Device<FileKv, FileSlots>, net: &Net) -> anyhow::Result<(Instant, u64)> {
+    let (events, answers) = mpsc::channel::<Event>();
+    let (mut started, mut fetches) = (Instant::now(), 0);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        while let Some(action) = device.poll_action() {
+            match action {
+                Action::Note(Note::UpdateOffered { .. }) => started = Instant::now(),
+                Action::Note(Note::UpdateInstalled { .. }) => return Ok((started, fetches)),
+                Action::Note(Note::UpdateFailed { reason, message }) => {
+                    anyhow::bail!("update failed ({reason}): {message}")
+                }
+                Action::Note(_) => {}
+                Action::Restart => anyhow::bail!("restart before the image was installed"),
+                Action::Inverter { .. } => {
+                    let _ = events.send(Event::Inverter(Err(TransportError::Timeout)));
+                }
+                action => {
+                    fetches += u64::from(matches!(action, Action::Fetch { .. }));
+                    let (net, events) = (net.clone(), events.clone());
+                    std::thread::spawn(move || {
+                        if let Some(event) = net.carry(&action) {
+                            let _ = events.send(event);
+                        }
+                    });
+                }
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no update within 10 minutes");
+        let wait = device.next_wakeup().saturating_sub(now_ms()).min(1_000);
+        let event = answers.recv_timeout(Duration::from_millis(wait)).unwrap_or(Event::Tick);
+        device.handle(now_ms(), event);
+    }
 }

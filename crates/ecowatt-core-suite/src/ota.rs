@@ -1,7 +1,9 @@
 //! Firmware updates on A/B slots: verify before download, resume, hash check,
 //! trial boot, confirmation, rollback; and a power cut at every write.
 
-use std::rc::Rc;
+use alloc::vec::Vec;
+
+use alloc::rc::Rc;
 
 use ecowatt_core::kv::MemoryKv;
 use ecowatt_core::ota::{self, Boot, BootRecord, Download, OtaError, Slot};
@@ -57,8 +59,7 @@ fn update(
     d.finish(kv, &factory())
 }
 
-#[test]
-fn a_good_update_boots_on_trial_and_is_kept_once_confirmed() {
+pub fn a_good_update_boots_on_trial_and_is_kept_once_confirmed() {
     let (mut kv, mut flash, img) = (MemoryKv::new(), Flash::default(), image());
     let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
     update(&mut kv, &mut flash, &img, &m, &sig).unwrap();
@@ -76,8 +77,7 @@ fn a_good_update_boots_on_trial_and_is_kept_once_confirmed() {
     assert_eq!(ota::boot(&mut kv, &factory()).unwrap(), Boot::Trial(Slot::A, m2.version));
 }
 
-#[test]
-fn nothing_is_switched_for_a_changed_byte_a_wrong_key_or_an_old_version() {
+pub fn nothing_is_switched_for_a_changed_byte_a_wrong_key_or_an_old_version() {
     let (mut kv, mut flash, img) = (MemoryKv::new(), Flash::default(), image());
     let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
     let mut bad = img.clone();
@@ -110,8 +110,7 @@ fn nothing_is_switched_for_a_changed_byte_a_wrong_key_or_an_old_version() {
     );
 }
 
-#[test]
-fn an_image_that_fails_its_health_check_is_rolled_back() {
+pub fn an_image_that_fails_its_health_check_is_rolled_back() {
     let (mut kv, mut flash, img) = (MemoryKv::new(), Flash::default(), image());
     let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
     update(&mut kv, &mut flash, &img, &m, &sig).unwrap();
@@ -123,8 +122,7 @@ fn an_image_that_fails_its_health_check_is_rolled_back() {
     assert!(record.pending.is_none());
 }
 
-#[test]
-fn a_cut_download_resumes_where_it_stopped() {
+pub fn a_cut_download_resumes_where_it_stopped() {
     let (mut kv, mut flash, img) = (MemoryKv::new(), Flash::default(), image());
     let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
     let mut d =
@@ -153,8 +151,7 @@ fn a_cut_download_resumes_where_it_stopped() {
     assert_eq!(flash.slots[1], img);
 }
 
-#[test]
-fn a_power_cut_at_any_write_leaves_a_bootable_verified_image() {
+pub fn a_power_cut_at_any_write_leaves_a_bootable_verified_image() {
     let img: Vec<u8> = (0..20_000u32).map(|i| (i % 249) as u8).collect();
     let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
     let good = Sha256::digest(&img);

@@ -2,6 +2,8 @@
 //! cuts at every storage write, updates (with a cut at every write), and bad
 //! input from every side. No test sleeps.
 
+use alloc::{vec, vec::Vec};
+
 use ecowatt_core::machine::{MAX_ANSWER, Note};
 use ecowatt_proto::firmware::Version;
 use ecowatt_proto::messages::{ConfigState, OtaState, ota_reason};
@@ -33,8 +35,7 @@ fn nothing_lost(w: &World) {
     }
 }
 
-#[test]
-fn a_day_of_a_device() {
+pub fn a_day_of_a_device() {
     let mut w = World::new();
     w.run_until(T0 + 2 * HOUR);
     assert_eq!(w.device().config().version, 1, "the server's config is applied");
@@ -73,12 +74,24 @@ fn a_day_of_a_device() {
     assert_eq!(w.server.commands.len(), 1, "the expired command is still queued at the server");
 }
 
-#[test]
-fn a_power_cut_at_every_storage_write_loses_nothing() {
+pub fn a_power_cut_at_every_storage_write_loses_nothing() {
+    power_cuts(World::new);
+}
+
+/// The same on the flash key-value store: the power goes at every flash
+/// write and erase (a word half programmed, a sector half erased) as well.
+pub fn a_device_on_flash_loses_nothing_at_a_power_cut_at_any_flash_operation() {
+    power_cuts(World::on_flash);
+}
+
+/// The scenario of the two tests above, with the power cut at every write in
+/// turn: nothing the device stored is lost or changed, no counter
+/// is used twice, the command runs at most once and says what happened.
+fn power_cuts(world: fn() -> World) {
     // One clean run counts the writes of the scenario; then the power goes at
     // each of them in turn.
     let scenario = |cut: Option<usize>| {
-        let mut w = World::new();
+        let mut w = world();
         if let Some(n) = cut {
             w.power.cut_after(n);
         }
@@ -90,7 +103,7 @@ fn a_power_cut_at_every_storage_write_loses_nothing() {
         w.run_until(T0 + 12 * MINUTE);
         w
     };
-    let at_boot = World::new().power.writes();
+    let at_boot = world().power.writes();
     let clean = scenario(None);
     let writes = clean.power.writes() - at_boot;
     assert!(writes > 40, "the scenario writes ({writes})");
@@ -113,8 +126,7 @@ fn updated(w: &World) -> bool {
     b.running == Version::parse("1.1.0").unwrap() && !b.trial
 }
 
-#[test]
-fn an_update_installs_boots_on_trial_and_confirms() {
+pub fn an_update_installs_boots_on_trial_and_confirms() {
     let mut w = World::new();
     let img = image(50_000);
     w.run_until(T0 + MINUTE);
@@ -139,8 +151,7 @@ fn an_update_installs_boots_on_trial_and_confirms() {
     nothing_lost(&w);
 }
 
-#[test]
-fn an_update_with_a_power_cut_at_every_write_ends_on_a_verified_image() {
+pub fn an_update_with_a_power_cut_at_every_write_ends_on_a_verified_image() {
     // A cut before the new image confirmed itself looks like a crash to the
     // bootloader: the old image boots again and the rollback is reported.
     // Any other cut: the update resumes and completes.
@@ -187,8 +198,7 @@ fn an_update_with_a_power_cut_at_every_write_ends_on_a_verified_image() {
     );
 }
 
-#[test]
-fn a_trial_image_that_cannot_reach_the_server_rolls_back() {
+pub fn a_trial_image_that_cannot_reach_the_server_rolls_back() {
     let mut w = World::new();
     w.run_until(T0 + MINUTE);
     w.server.offer_update("1.1.0", image(10_000), false);
@@ -208,8 +218,7 @@ fn a_trial_image_that_cannot_reach_the_server_rolls_back() {
     assert_eq!(rolled_back, 1, "reported once, then cleared");
 }
 
-#[test]
-fn a_forged_update_is_refused_before_a_byte_is_fetched() {
+pub fn a_forged_update_is_refused_before_a_byte_is_fetched() {
     let mut w = World::new();
     w.server.offer_update("1.1.0", image(10_000), true);
     w.run_until(T0 + 5 * MINUTE);
@@ -220,8 +229,7 @@ fn a_forged_update_is_refused_before_a_byte_is_fetched() {
     assert_eq!(w.device().booted().running, Version::parse("1.0.0").unwrap());
 }
 
-#[test]
-fn a_broken_flash_fails_the_update_and_the_device_goes_on() {
+pub fn a_broken_flash_fails_the_update_and_the_device_goes_on() {
     let mut w = World::new();
     w.flash.borrow_mut().broken = true;
     w.server.offer_update("1.1.0", image(10_000), false);
@@ -232,8 +240,7 @@ fn a_broken_flash_fails_the_update_and_the_device_goes_on() {
     assert!(w.server.stored.len() > 40, "telemetry went on");
 }
 
-#[test]
-fn an_update_whose_download_keeps_failing_is_reported_failed() {
+pub fn an_update_whose_download_keeps_failing_is_reported_failed() {
     let mut w = World::new();
     w.run_until(T0 + 10 * SECOND);
     w.server.downloads = false;
@@ -245,8 +252,7 @@ fn an_update_whose_download_keeps_failing_is_reported_failed() {
     assert!(w.count(|n| matches!(n, Note::FetchFailed { .. })) >= 7, "retried first");
 }
 
-#[test]
-fn garbage_and_oversized_answers_are_refused_and_nothing_is_lost() {
+pub fn garbage_and_oversized_answers_are_refused_and_nothing_is_lost() {
     let mut w = World::new();
     w.run_until(T0 + MINUTE);
     w.server.garbage = Some((ecowatt_core::machine::Channel::Sync, vec![0x55; 100]));
@@ -261,8 +267,7 @@ fn garbage_and_oversized_answers_are_refused_and_nothing_is_lost() {
     assert_eq!(w.stored_contiguous() + w.device().log().len() as u64, sampled(&w).len() as u64);
 }
 
-#[test]
-fn a_silent_inverter_is_reported_and_the_device_stays_in_touch() {
+pub fn a_silent_inverter_is_reported_and_the_device_stays_in_touch() {
     let mut w = World::new();
     w.inverter.silent = true;
     w.server.command(3, 20, T0 + HOUR);
@@ -277,8 +282,7 @@ fn a_silent_inverter_is_reported_and_the_device_stays_in_touch() {
     assert!(!sampled(&w).is_empty(), "sampling resumes");
 }
 
-#[test]
-fn a_full_store_loses_no_acknowledged_sample() {
+pub fn a_full_store_loses_no_acknowledged_sample() {
     let mut w = World::new();
     w.run_until(T0 + 3 * MINUTE);
     w.power.set_full(true);
@@ -293,8 +297,7 @@ fn a_full_store_loses_no_acknowledged_sample() {
     nothing_lost(&w);
 }
 
-#[test]
-fn samples_the_server_will_never_take_are_dropped_and_counted() {
+pub fn samples_the_server_will_never_take_are_dropped_and_counted() {
     let mut w = World::new();
     w.server.refuse_times = true;
     w.run_until(T0 + 3 * MINUTE);
@@ -305,8 +308,7 @@ fn samples_the_server_will_never_take_are_dropped_and_counted() {
     assert!(!w.server.stored.is_empty(), "later samples go through");
 }
 
-#[test]
-fn a_command_delivered_again_runs_once() {
+pub fn a_command_delivered_again_runs_once() {
     let mut w = World::new();
     w.server.command(5, 60, T0 + HOUR);
     w.run_until(T0 + MINUTE);
@@ -320,4 +322,60 @@ fn a_command_delivered_again_runs_once() {
     w.run_until(w.now + MINUTE);
     assert_eq!(w.inverter.writes, vec![(8, 60)], "written once");
     assert_eq!(w.server.commands.len(), 2, "the repeats get no new result");
+}
+
+pub fn a_cut_fetch_resumes_where_it_stopped() {
+    let mut w = World::new();
+    w.server.cut_fetch_at = Some(30_000);
+    w.server.offer_update("1.1.0", image(50_000), false);
+    assert!(w.run_until_true(5 * MINUTE, updated));
+    let f = &w.server.fetches;
+    let at = f.iter().position(|o| *o == 28_672).expect("the fetch that was cut");
+    assert_eq!(f[at + 1], 28_672, "asked again from where it stopped, not from 0");
+    assert!(f.windows(2).all(|p| p[1] >= p[0]), "never from the start again: {f:?}");
+}
+
+pub fn a_tampered_image_is_refused_after_download_and_never_boots() {
+    let mut w = World::new();
+    w.server.tamper_at = Some(12_345);
+    w.server.offer_update("1.1.0", image(30_000), false);
+    w.run_until(T0 + 5 * MINUTE);
+    let last = w.server.reports.last().unwrap();
+    assert_eq!((last.state, last.reason), (OtaState::Failed, ota_reason::HASH_MISMATCH));
+    w.reboot();
+    assert_eq!(w.device().booted().running, Version::parse("1.0.0").unwrap());
+    assert_eq!(w.device().booted().slot, ecowatt_core::ota::Slot::A);
+    assert_eq!(w.boots, 2, "no restart into it");
+}
+
+pub fn a_device_without_trusted_keys_refuses_every_update() {
+    let mut w = World::new();
+    w.settings.firmware_keys.clear();
+    w.reboot();
+    w.server.offer_update("1.1.0", image(10_000), false);
+    w.run_until(T0 + 2 * MINUTE);
+    let last = w.server.reports.last().unwrap();
+    assert_eq!((last.state, last.reason), (OtaState::Failed, ota_reason::NO_TRUSTED_KEY));
+    assert_eq!(w.flash.borrow().erases, 0);
+}
+
+pub fn a_backlog_goes_in_full_batches_and_the_rest_waits_for_the_interval() {
+    let mut w = World::new();
+    w.run_until(T0 + 10 * MINUTE);
+    w.server.up = false;
+    w.run_until(T0 + 40 * MINUTE);
+    w.server.up = true;
+    let back = w.now;
+    w.run_until(T0 + 50 * MINUTE);
+    let uploads = &w.server.uploads;
+    let first = uploads.iter().find(|(t, _)| *t >= back).expect("uploads after the outage").0;
+    let catch_up: Vec<usize> = uploads
+        .iter()
+        .filter(|(t, _)| (first..first + 10 * SECOND).contains(t))
+        .map(|(_, n)| *n)
+        .collect();
+    assert!(catch_up.len() >= 6, "half an hour of backlog goes at once: {catch_up:?}");
+    assert!(catch_up.iter().all(|n| *n == 60), "full batches only: {catch_up:?}");
+    nothing_lost(&w);
+    assert!(w.device().log().len() < 60, "the rest went with the next interval");
 }

@@ -4,10 +4,13 @@
 //! the machine's actions out with latency and reboots it when asked or when
 //! the power goes. Nothing sleeps: time jumps to the next thing due.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::rc::Rc;
+use alloc::{string::String, vec, vec::Vec};
 
+use alloc::collections::BTreeMap;
+use alloc::rc::Rc;
+use core::cell::RefCell;
+
+use ecowatt_core::flashkv::FlashKv;
 use ecowatt_core::kv::{KeyValue, KvError, MemoryKv};
 use ecowatt_core::machine::{Action, Channel, Device, Event, Failure, Note, Settings};
 use ecowatt_core::ota::{FlashError, Slot, Slots};
@@ -25,6 +28,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
 
 use crate::doubles::{Flash, Kv, Power};
+use crate::flashkv::Nor;
 
 pub const T0: u64 = 1_800_000_000_000;
 pub const SECOND: u64 = 1_000;
@@ -39,19 +43,49 @@ const SERVER_MS: u64 = 15;
 
 pub type Dev = Device<Kv<SharedKv>, SharedFlash>;
 
+/// Where the device's key-value store lives: memory, or a key-value store
+/// on simulated NOR flash (mounted again at every boot: RAM is lost).
+pub enum Store {
+    Memory(MemoryKv),
+    Flash(Option<FlashKv<Nor>>),
+}
+
 /// The key-value store's content, shared by the boots that use it.
-#[derive(Clone, Default)]
-pub struct SharedKv(pub Rc<RefCell<MemoryKv>>);
+#[derive(Clone)]
+pub struct SharedKv(pub Rc<RefCell<Store>>);
+
+impl Default for SharedKv {
+    fn default() -> Self {
+        SharedKv(Rc::new(RefCell::new(Store::Memory(MemoryKv::new()))))
+    }
+}
+
+impl SharedKv {
+    /// What a boot finds: the flash store is mounted again from the flash.
+    fn remount(&self) {
+        if let Store::Flash(f) = &mut *self.0.borrow_mut() {
+            let nor = f.take().expect("mounted").into_flash();
+            *f = Some(FlashKv::mount(nor).expect("the flash store mounts"));
+        }
+    }
+
+    fn with<T>(&self, op: impl FnOnce(&mut dyn KeyValue) -> T) -> T {
+        match &mut *self.0.borrow_mut() {
+            Store::Memory(m) => op(m),
+            Store::Flash(f) => op(f.as_mut().expect("mounted")),
+        }
+    }
+}
 
 impl KeyValue for SharedKv {
     fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        self.0.borrow_mut().get(key)
+        self.with(|kv| kv.get(key))
     }
     fn set(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
-        self.0.borrow_mut().set(key, value)
+        self.with(|kv| kv.set(key, value))
     }
     fn remove(&mut self, key: &str) -> Result<(), KvError> {
-        self.0.borrow_mut().remove(key)
+        self.with(|kv| kv.remove(key))
     }
 }
 
@@ -136,8 +170,16 @@ pub struct Server {
     pub replays: u64,
     /// Syncs answered.
     pub syncs: u64,
+    /// Every upload stored: when, and how many samples.
+    pub uploads: Vec<(u64, usize)>,
     /// Image downloads work (`false`: every fetch gets a 503).
     pub downloads: bool,
+    /// The fetch that reaches this offset fails once (a cut connection).
+    pub cut_fetch_at: Option<u64>,
+    /// The offset of every fetch, in order.
+    pub fetches: Vec<u64>,
+    /// The image served differs from the one signed in this byte.
+    pub tamper_at: Option<usize>,
     /// Uploads are refused as stamped by a clock the server cannot believe.
     pub refuse_times: bool,
     /// The next answer to this channel is replaced by these bytes.
@@ -167,7 +209,11 @@ impl Server {
             firmware: String::new(),
             replays: 0,
             syncs: 0,
+            uploads: Vec::new(),
             downloads: true,
+            cut_fetch_at: None,
+            fetches: Vec::new(),
+            tamper_at: None,
             refuse_times: false,
             garbage: None,
         }
@@ -243,7 +289,7 @@ impl Server {
         self.answer(counter, MessageType::SyncResponse, &r.encode())
     }
 
-    fn upload(&mut self, bytes: &[u8]) -> Result<Vec<u8>, Failure> {
+    fn upload(&mut self, bytes: &[u8], now: u64) -> Result<Vec<u8>, Failure> {
         let refused = || Failure { status: Some(401), message: "unauthorized".into() };
         let (counter, body) = self.open(bytes).ok_or_else(refused)?;
         let up = TelemetryUpload::decode(&body).map_err(|_| refused())?;
@@ -252,6 +298,7 @@ impl Server {
             return Err(Failure { status: Some(422), message });
         }
         let batch = codec::decode(&up.batch).map_err(|_| refused())?;
+        self.uploads.push((now, batch.samples.len()));
         let mut last = 0;
         for s in batch.samples {
             last = s.seq;
@@ -336,7 +383,26 @@ pub fn trusted_key() -> PublicKey {
     PublicKey::Ed25519(SigningKey::from_bytes(&SIGNING_KEY).verifying_key().to_bytes())
 }
 
+impl Default for World {
+    fn default() -> Self {
+        World::new()
+    }
+}
+
 impl World {
+    /// A device whose key-value store is on (simulated) NOR flash, 64 sectors
+    /// of 4 KiB, with a sample log sized for it.
+    pub fn on_flash() -> Self {
+        let mut w = World::new();
+        w.settings.log_capacity = 240;
+        let nor = Nor::new(64, w.power.clone());
+        let store = FlashKv::mount(nor).expect("an erased region mounts");
+        w.kv = SharedKv(Rc::new(RefCell::new(Store::Flash(Some(store)))));
+        w.reboot();
+        w.boots = 1;
+        w
+    }
+
     pub fn new() -> Self {
         let mut settings = Settings::new(Version::parse("1.0.0").unwrap(), TARGET);
         settings.batch_max = 60;
@@ -374,6 +440,7 @@ impl World {
         self.held = None;
         loop {
             self.boots += 1;
+            self.kv.remount();
             let kv = Kv { inner: self.kv.clone(), power: self.power.clone() };
             match Device::boot(
                 kv,
@@ -485,13 +552,25 @@ impl World {
                 }
                 Action::Post { channel, body, timeout_ms } => self.post(channel, body, timeout_ms),
                 Action::Fetch { offset, len, .. } => {
+                    self.server.fetches.push(offset);
+                    let end = offset + u64::from(len);
+                    let cut = self.server.cut_fetch_at.take_if(|c| (offset..end).contains(c));
                     let answer = match (&self.server.offer, self.server.up) {
+                        (Some(_), true) if cut.is_some() => {
+                            Err(Failure::unreachable("connection reset"))
+                        }
                         (Some(_), true) if !self.server.downloads => {
                             Err(Failure { status: Some(503), message: "busy".into() })
                         }
                         (Some((_, img)), true) => {
                             let end = (offset as usize + len as usize).min(img.len());
-                            Ok(img[offset as usize..end].to_vec())
+                            let mut bytes = img[offset as usize..end].to_vec();
+                            if let Some(t) = self.server.tamper_at {
+                                if (offset as usize..end).contains(&t) {
+                                    bytes[t - offset as usize] ^= 1;
+                                }
+                            }
+                            Ok(bytes)
                         }
                         (None, true) => {
                             Err(Failure { status: Some(404), message: "no offer".into() })
@@ -521,7 +600,7 @@ impl World {
             return;
         }
         let answer = match channel {
-            Channel::Upload => self.server.upload(&body),
+            Channel::Upload => self.server.upload(&body, self.now),
             Channel::Sync => {
                 let Some((counter, req)) = self.server.open(&body) else {
                     let answer = Err(Failure { status: Some(401), message: "unauthorized".into() });

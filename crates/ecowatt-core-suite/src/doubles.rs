@@ -1,8 +1,10 @@
 //! Flash and key-value store on one power supply, with the flash's rules, for
 //! power-cut tests of the OTA parts and of the whole device machine.
 
-use std::cell::Cell;
-use std::rc::Rc;
+use alloc::vec::Vec;
+
+use alloc::rc::Rc;
+use core::cell::Cell;
 
 use ecowatt_core::kv::{KeyValue, KvError};
 use ecowatt_core::ota::{FlashError, Slot, Slots};
@@ -18,7 +20,7 @@ pub struct Power {
 }
 
 impl Power {
-    fn tick(&self) -> Result<(), FlashError> {
+    pub fn tick(&self) -> Result<(), FlashError> {
         if self.full.get() {
             return Err(FlashError("no space left".into()));
         }
