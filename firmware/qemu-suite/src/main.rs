@@ -84,7 +84,11 @@ impl Write for Console {
 fn exit(ok: bool) -> ! {
     let reason = if ok { ADP_STOPPED_APPLICATION_EXIT } else { ADP_STOPPED_RUNTIME_ERROR_UNKNOWN };
     semihost(SYS_EXIT, reason);
-    loop {}
+    // Not reached: QEMU has exited. Wait for interrupts that never come.
+    loop {
+        // SAFETY: `wfi` only pauses the hart.
+        unsafe { core::arch::asm!("wfi") };
+    }
 }
 
 unsafe extern "C" {
@@ -123,7 +127,11 @@ struct SingleHartNoInterrupts;
 critical_section::set_impl!(SingleHartNoInterrupts);
 
 // SAFETY: see above; nothing runs concurrently with the suite.
+// (The restore state's type follows the features other crates of this
+// workspace enable; there is nothing to restore either way.)
 unsafe impl critical_section::Impl for SingleHartNoInterrupts {
-    unsafe fn acquire() {}
-    unsafe fn release(_: ()) {}
+    unsafe fn acquire() -> critical_section::RawRestoreState {
+        Default::default()
+    }
+    unsafe fn release(_: critical_section::RawRestoreState) {}
 }

@@ -176,166 +176,151 @@ async fn run_device(i: usize, creds: Credentials, fleet: Arc<Fleet>) {
     let Ok(mut device) = Device::boot(MemoryKv::new(), NoSlots, creds, settings, v0) else {
         return;
     };
-    let mut model = Model::new(ModelConfig { seed: i as u64, ..ModelConfig::default() });
-    let upload_http = fleet.upload_http[i % fleet.upload_http.len()].clone();
-    let (answers_tx, mut answers) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let mut shell = Shell {
+        model: Model::new(ModelConfig { seed: i as u64, ..ModelConfig::default() }),
+        upload_http: fleet.upload_http[i % fleet.upload_http.len()].clone(),
+        fleet,
+        answers,
+        upload_started: None,
+        acked: 0,
+    };
     let mut clock = v0;
-    let mut upload_started: Option<(Instant, u64)> = None;
-    let mut acked = 0u64;
     loop {
         // What the machine asked for (at boot, or after the last event).
-        carry(
-            &mut device,
-            &mut model,
-            clock,
-            &fleet,
-            &upload_http,
-            &answers_tx,
-            &mut upload_started,
-            &mut acked,
-        );
+        shell.carry(&mut device, clock);
         // Virtual time up to now, in order: each sample at its own time.
         let now = vnow();
         while device.next_wakeup() <= now {
             clock = clock.max(device.next_wakeup());
             device.handle(clock, Event::Tick);
-            carry(
-                &mut device,
-                &mut model,
-                clock,
-                &fleet,
-                &upload_http,
-                &answers_tx,
-                &mut upload_started,
-                &mut acked,
-            );
+            shell.carry(&mut device, clock);
         }
         let real_wait = ((device.next_wakeup().saturating_sub(now)) as f64 / speed) as u64;
         let wake = Instant::now() + Duration::from_millis(real_wait.clamp(50, 1_000));
         tokio::select! {
-            Some(event) = answers.recv() => {
-                let stopping = fleet.stats.lock().expect("stats").stopping;
-                let now = Instant::now();
-                let (failed, sync_ok) = match &event {
-                    Event::Server { channel: Channel::Sync, answer } => (answer.as_ref().err().map(|f| format!("sync {}", kind(f))), answer.is_ok()),
-                    Event::Server { channel: Channel::Upload, answer } => (answer.as_ref().err().map(|f| format!("upload {}", kind(f))), false),
-                    _ => (None, false),
-                };
-                {
-                    let mut st = fleet.stats.lock().expect("stats");
-                    // Only answers within the measurement count towards the rate.
-                    if sync_ok && now >= fleet.deadline {
-                        st.syncs_after += 1;
-                    } else if sync_ok && now >= fleet.measure_from {
-                        st.syncs += 1;
-                    }
-                    if let Some(kind) = failed {
-                        if stopping {
-                            st.stop_errors += 1;
-                        } else {
-                            *st.errors.entry(kind).or_default() += 1;
-                        }
-                    }
-                }
-                if stopping && !sync_ok {
+            Some(event) = answered.recv() => {
+                if !shell.count(&event) {
                     return;
                 }
                 clock = clock.max(vnow());
                 device.handle(clock, event);
-                carry(&mut device, &mut model, clock, &fleet, &upload_http, &answers_tx, &mut upload_started, &mut acked);
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
     }
 }
 
-/// Carries out the machine's actions: the inverter at once (in process), the
-/// server's requests on tasks whose answers come back as events.
-#[allow(clippy::too_many_arguments)] // one device's shell state
-fn carry(
-    device: &mut Device<MemoryKv, NoSlots>,
-    model: &mut Model,
-    clock: u64,
-    fleet: &Arc<Fleet>,
-    upload_http: &Http,
-    answers: &tokio::sync::mpsc::UnboundedSender<Event>,
-    upload_started: &mut Option<(Instant, u64)>,
-    acked: &mut u64,
-) {
-    while let Some(action) = device.poll_action() {
-        match action {
-            Action::Inverter { request, .. } => {
-                let outcome = inverter(model, &request, clock);
-                device.handle(clock, Event::Inverter(outcome));
-            }
-            // No request starts after the measurement (the server is stopping).
-            Action::Post { .. } if Instant::now() >= fleet.deadline => {}
-            Action::Post { channel: Channel::Sync, body, .. } => {
-                let (http, answers) = (fleet.http.clone(), answers.clone());
-                let url = format!("{}{}", fleet.base, Channel::Sync.path());
-                tokio::spawn(async move {
-                    let answer = post(&http, &url, body).await;
-                    let _ = answers.send(Event::Server { channel: Channel::Sync, answer });
-                });
-            }
-            Action::Post { channel: Channel::Upload, body, .. } => {
-                let (http, answers, slots) =
-                    (upload_http.clone(), answers.clone(), fleet.upload_slots.clone());
-                let url = format!("{}{}", fleet.base, Channel::Upload.path());
-                *upload_started = Some((Instant::now(), body.len() as u64));
-                tokio::spawn(async move {
-                    let answer = {
-                        let _slot = slots.acquire().await.expect("never closed");
-                        post(&http, &url, body).await
-                    };
-                    let _ = answers.send(Event::Server { channel: Channel::Upload, answer });
-                });
-            }
-            Action::Fetch { .. } => {
-                let _ = answers.send(Event::Chunk(Err(Failure::unreachable("no image slots"))));
-            }
-            Action::Restart => {}
-            Action::Note(note) => note_stats(&note, fleet, upload_started, acked),
-        }
-    }
+/// One device's shell: its inverter (the simulator's model), its upload
+/// client, where answers go, and what the statistics need.
+struct Shell {
+    fleet: Arc<Fleet>,
+    model: Model,
+    upload_http: Http,
+    answers: tokio::sync::mpsc::UnboundedSender<Event>,
+    /// The upload outstanding: when it left and its size.
+    upload_started: Option<(Instant, u64)>,
+    /// The highest seq the server acknowledged.
+    acked: u64,
 }
 
-fn note_stats(
-    note: &Note,
-    fleet: &Fleet,
-    upload_started: &mut Option<(Instant, u64)>,
-    acked: &mut u64,
-) {
-    match note {
-        Note::Uploaded { acked_through, .. } => {
-            let points = acked_through.saturating_sub(*acked) * 10;
-            *acked = (*acked).max(*acked_through);
-            let Some((t0, bytes)) = upload_started.take() else { return };
-            if t0 < fleet.measure_from {
-                return;
+impl Shell {
+    /// Carries out the machine's actions: the inverter at once (in process),
+    /// the server's requests on tasks whose answers come back as events.
+    fn carry(&mut self, device: &mut Device<MemoryKv, NoSlots>, clock: u64) {
+        while let Some(action) = device.poll_action() {
+            match action {
+                Action::Inverter { request, .. } => {
+                    let outcome = inverter(&mut self.model, &request, clock);
+                    device.handle(clock, Event::Inverter(outcome));
+                }
+                // No request starts after the measurement (the server is stopping).
+                Action::Post { .. } if Instant::now() >= self.fleet.deadline => {}
+                Action::Post { channel, body, .. } => {
+                    let (http, slots) = match channel {
+                        Channel::Sync => (self.fleet.http.clone(), None),
+                        Channel::Upload => {
+                            self.upload_started = Some((Instant::now(), body.len() as u64));
+                            (self.upload_http.clone(), Some(self.fleet.upload_slots.clone()))
+                        }
+                    };
+                    let answers = self.answers.clone();
+                    let url = format!("{}{}", self.fleet.base, channel.path());
+                    tokio::spawn(async move {
+                        let _slot = match &slots {
+                            Some(s) => Some(s.acquire().await.expect("never closed")),
+                            None => None,
+                        };
+                        let answer = post(&http, &url, body).await;
+                        let _ = answers.send(Event::Server { channel, answer });
+                    });
+                }
+                Action::Fetch { .. } => {
+                    let answer = Err(Failure::unreachable("no image slots"));
+                    let _ = self.answers.send(Event::Chunk(answer));
+                }
+                Action::Restart => {}
+                Action::Note(note) => self.note(&note),
             }
-            let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
-            let mut st = fleet.stats.lock().expect("stats");
-            st.uploads += 1;
-            st.points += points;
-            st.batch_bytes += bytes;
-            st.upload_lat_us.push(us);
-            let slot = (t0 - fleet.measure_from).as_secs() as usize / 5;
-            if st.worst_per_5s.len() <= slot {
-                st.worst_per_5s.resize(slot + 1, 0);
+        }
+    }
+
+    /// Counts an answer; `false` when the device is to stop (the server is
+    /// stopping and this was not a long poll's answer).
+    fn count(&self, event: &Event) -> bool {
+        let Event::Server { channel, answer } = event else { return true };
+        let now = Instant::now();
+        let mut st = self.fleet.stats.lock().expect("stats");
+        let stopping = st.stopping;
+        let sync_ok = *channel == Channel::Sync && answer.is_ok();
+        // Only answers within the measurement count towards the rate.
+        if sync_ok && now >= self.fleet.deadline {
+            st.syncs_after += 1;
+        } else if sync_ok && now >= self.fleet.measure_from {
+            st.syncs += 1;
+        }
+        if let Err(f) = answer {
+            if stopping {
+                st.stop_errors += 1;
+            } else {
+                let name = if *channel == Channel::Sync { "sync" } else { "upload" };
+                *st.errors.entry(format!("{name} {}", kind(f))).or_default() += 1;
             }
-            st.worst_per_5s[slot] = st.worst_per_5s[slot].max(us);
         }
-        Note::UploadFailed { .. } => {
-            *upload_started = None;
-        }
-        Note::CommandExecuted { result, .. } => {
-            if let Some(t) = fleet.queued.lock().expect("queued").remove(&result.command_id) {
-                let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                fleet.stats.lock().expect("stats").delivery_lat_us.push(us);
+        !stopping || sync_ok
+    }
+
+    fn note(&mut self, note: &Note) {
+        let fleet = &self.fleet;
+        match note {
+            Note::Uploaded { acked_through, .. } => {
+                let points = acked_through.saturating_sub(self.acked) * 10;
+                self.acked = self.acked.max(*acked_through);
+                let Some((t0, bytes)) = self.upload_started.take() else { return };
+                if t0 < fleet.measure_from {
+                    return;
+                }
+                let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                let mut st = fleet.stats.lock().expect("stats");
+                st.uploads += 1;
+                st.points += points;
+                st.batch_bytes += bytes;
+                st.upload_lat_us.push(us);
+                let slot = (t0 - fleet.measure_from).as_secs() as usize / 5;
+                if st.worst_per_5s.len() <= slot {
+                    st.worst_per_5s.resize(slot + 1, 0);
+                }
+                st.worst_per_5s[slot] = st.worst_per_5s[slot].max(us);
             }
+            Note::UploadFailed { .. } => self.upload_started = None,
+            Note::CommandExecuted { result, .. } => {
+                if let Some(t) = fleet.queued.lock().expect("queued").remove(&result.command_id) {
+                    let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    fleet.stats.lock().expect("stats").delivery_lat_us.push(us);
+                }
+            }
+            _ => {}
         }
-        _ => {}
     }
 }
 
@@ -489,6 +474,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     let stats = Arc::new(Mutex::new(Stats::default()));
     let queued: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let mut proc_files = ProcFiles::open(pid)?;
+    let mut own_files = ProcFiles::open(std::process::id())?;
     let start = Instant::now();
     let fleet = Arc::new(Fleet {
         http,
@@ -512,6 +498,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     // The operator.
     tokio::time::sleep_until(measure_from.into()).await;
     let usage_start = proc_usage(&mut proc_files);
+    let own_start = proc_usage(&mut own_files);
     let measure_start = Instant::now();
     let mut rng = 0x9E37_79B9u64;
     let gap = Duration::from_secs_f64(1.0 / args.commands_per_sec.max(0.1));
@@ -539,6 +526,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     tokio::time::sleep_until(deadline.into()).await;
     let elapsed = measure_start.elapsed().as_secs_f64();
     let usage_end = proc_usage(&mut proc_files);
+    let own_end = proc_usage(&mut own_files);
     // Shutdown under load: SIGTERM with every long poll open, then the time
     // until the process is gone and how the long polls ended.
     let open = {
@@ -563,6 +551,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         st.stop_errors,
     );
     let cpu = (usage_end.2.saturating_sub(usage_start.2)) as f64 / 100.0 / elapsed * 100.0;
+    let own_cpu = (own_end.2.saturating_sub(own_start.2)) as f64 / 100.0 / elapsed * 100.0;
     let db_bytes: u64 = std::fs::read_dir(dir)
         .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0);
@@ -598,6 +587,10 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         usage_end.0 / 1024,
         usage_end.1 / 1024,
         if st.points > 0 { st.batch_bytes as f64 / st.points as f64 } else { 0.0 },
+    );
+    println!(
+        "Load generator (this process: the devices and the operator): CPU {own_cpu:.0} % (of one core), RSS {} MB",
+        own_end.0 / 1024
     );
     let mut errors: Vec<_> = st.errors.iter().collect();
     errors.sort();
