@@ -23,6 +23,7 @@ pub struct Store {
     db: Db,
     devices: Devices,
     ingest: Ingest,
+    firmwares: Firmwares,
 }
 
 impl Store {
@@ -32,7 +33,8 @@ impl Store {
         let db = Db::open(url, news).await?;
         let ingest = Ingest::start(&db).await?;
         let devices = Devices::open(db.clone()).await?;
-        Ok(Store { db, devices, ingest })
+        let firmwares = Firmwares::new(db.clone());
+        Ok(Store { db, devices, ingest, firmwares })
     }
 
     /// Opens the store with news that reaches nobody (tools, tests).
@@ -86,9 +88,9 @@ impl Store {
         Commands::new(self.db.clone())
     }
 
-    /// Stored firmware images.
+    /// Stored firmware images (one handle, sharing its image cache).
     pub fn firmwares(&self) -> Firmwares {
-        Firmwares::new(self.db.clone())
+        self.firmwares.clone()
     }
 
     /// Firmware rollouts.

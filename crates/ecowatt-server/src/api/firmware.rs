@@ -82,8 +82,8 @@ pub async fn image(
     Path(id): Path<i64>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (_, data) = state.firmware.data(id).await?;
-    Ok(serve_bytes(&headers, data))
+    let data = state.firmware.bytes(id).await?;
+    Ok(serve_bytes(&headers, &data))
 }
 
 /// `GET /api/v1/device/firmware/{token}`: the image an update offer names,
@@ -98,14 +98,15 @@ pub async fn device_image(
     if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such download"));
     }
-    let (_, data) = state.rollouts.image_by_token(&token).await.map_err(|e| match e {
+    let id = state.rollouts.firmware_by_token(&token).await.map_err(|e| match e {
         StoreError::NotFound(_) => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such download")
         }
         e => e.into(),
     })?;
+    let data = state.firmware.bytes(id).await?;
     state.metrics.inc("ecowatt_firmware_downloads_total", "");
-    Ok(serve_bytes(&headers, data))
+    Ok(serve_bytes(&headers, &data))
 }
 
 /// `POST /api/v1/rollouts` body.

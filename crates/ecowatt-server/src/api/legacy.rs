@@ -330,6 +330,6 @@ async fn ota_download(
         .into_iter()
         .find(|f| f.version == version)
         .ok_or_else(|| ApiError::not_found(format!("firmware file {file:?}")))?;
-    let (_, data) = state.firmware.data(record.id).await?;
-    Ok(super::ranges::serve_bytes(&headers, data))
+    let data = state.firmware.bytes(record.id).await?;
+    Ok(super::ranges::serve_bytes(&headers, &data))
 }

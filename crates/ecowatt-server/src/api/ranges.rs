@@ -4,12 +4,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 /// The bytes of an image, whole or the range asked for.
-pub fn serve_bytes(headers: &HeaderMap, data: Vec<u8>) -> Response {
+pub fn serve_bytes(headers: &HeaderMap, data: &[u8]) -> Response {
     let len = data.len() as u64;
     match byte_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), len) {
         Ok(None) => (
             [(header::CONTENT_TYPE, "application/octet-stream"), (header::ACCEPT_RANGES, "bytes")],
-            data,
+            data.to_vec(),
         )
             .into_response(),
         Ok(Some((start, end))) => (

@@ -5,6 +5,8 @@
 
 pub mod rollouts;
 
+use std::sync::{Arc, Mutex};
+
 use ecowatt_proto::firmware::{PublicKey, Version};
 use ecowatt_proto::hex;
 use serde::Serialize;
@@ -128,16 +130,41 @@ pub fn newest_above<'a>(
         .max_by(|a, b| a.0.cmp(&b.0))
 }
 
+/// An image's id and bytes.
+type Cached = (i64, Arc<[u8]>);
+
 /// The stored images.
 #[derive(Clone)]
 pub struct Firmwares {
     db: Db,
+    /// The image served last, by id: a rollout's devices fetch one image in
+    /// ranges, each range a request; reading the whole blob from the
+    /// database for each would make a download quadratic in its size.
+    /// Images never change once stored, so the copy is never stale.
+    cache: Arc<Mutex<Option<Cached>>>,
 }
 
 impl Firmwares {
     /// Over `db`.
     pub fn new(db: Db) -> Self {
-        Firmwares { db }
+        Firmwares { db, cache: Arc::default() }
+    }
+
+    /// The bytes of image `id`, from the cache when it holds that image.
+    pub async fn bytes(&self, id: i64) -> StoreResult<Arc<[u8]>> {
+        if let Some((cached, bytes)) = &*self.cache.lock().expect("image cache") {
+            if *cached == id {
+                return Ok(bytes.clone());
+            }
+        }
+        let row = sqlx::query("SELECT data FROM firmware WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.db.reader())
+            .await?;
+        let row = row.ok_or_else(|| StoreError::NotFound(format!("firmware {id}")))?;
+        let bytes: Arc<[u8]> = row.try_get::<Vec<u8>, _>("data")?.into();
+        *self.cache.lock().expect("image cache") = Some((id, bytes.clone()));
+        Ok(bytes)
     }
 
     /// Stores a verified image (Conflict if that version and target exist).
@@ -213,16 +240,6 @@ impl Firmwares {
             )
             .into()),
         }
-    }
-
-    /// An image's record and bytes.
-    pub async fn data(&self, id: i64) -> StoreResult<(Firmware, Vec<u8>)> {
-        let row = sqlx::query("SELECT * FROM firmware WHERE id = $1")
-            .bind(id)
-            .fetch_optional(self.db.reader())
-            .await?;
-        let row = row.ok_or_else(|| StoreError::NotFound(format!("firmware {id}")))?;
-        Ok((firmware_from(&row)?, row.try_get("data")?))
     }
 }
 

@@ -157,6 +157,24 @@ async fn rollout_goes_wave_by_wave_and_aborts_past_its_threshold(db: TempDb) {
     let (status, body) = get_range(&f.c, &path, "bytes=65536-").await;
     assert_eq!(status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(body, image[65_536..]);
+    // Ranges as a device fetches them, 4 KiB at a time: one read of the image
+    // from the database serves them all (the copy is the one held).
+    let firmware_id =
+        f.c.server
+            .state
+            .rollouts
+            .firmware_by_token(&ecowatt_proto::hex::encode_upper(&offer.token))
+            .await
+            .unwrap();
+    let held = f.c.server.state.firmware.bytes(firmware_id).await.unwrap();
+    for at in (0..image.len()).step_by(4096).take(8) {
+        let last = (at + 4095).min(image.len() - 1);
+        let (status, body) = get_range(&f.c, &path, &format!("bytes={at}-{last}")).await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+        assert_eq!(body, image[at..=last]);
+    }
+    let again = f.c.server.state.firmware.bytes(firmware_id).await.unwrap();
+    assert!(std::sync::Arc::ptr_eq(&held, &again), "served from the copy in memory");
     let (status, _) =
         get_range(&f.c, "/api/v1/device/firmware/00000000000000000000000000000000", "bytes=0-")
             .await;

@@ -13,7 +13,6 @@ use super::{
 };
 use crate::db::{Db, StoreError, StoreResult, WriteTx, corrupt};
 use crate::devices::DeviceId;
-use crate::firmware::{Firmware, firmware_from};
 use crate::operators::audit;
 
 fn new_token() -> String {
@@ -305,16 +304,16 @@ impl Rollouts {
     }
 
     /// The image a device download token names.
-    pub async fn image_by_token(&self, token: &str) -> StoreResult<(Firmware, Vec<u8>)> {
+    pub async fn firmware_by_token(&self, token: &str) -> StoreResult<i64> {
         let row = sqlx::query(
-            "SELECT f.* FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
-             JOIN firmware f ON f.id = r.firmware_id WHERE rd.token = $1",
+            "SELECT r.firmware_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+             WHERE rd.token = $1",
         )
         .bind(token.to_ascii_uppercase())
         .fetch_optional(self.db.reader())
         .await?;
         let row = row.ok_or_else(|| StoreError::NotFound("download".into()))?;
-        Ok((firmware_from(&row)?, row.try_get("data")?))
+        Ok(row.try_get("firmware_id")?)
     }
 
     /// Starts a rollout; its first wave's devices hear of it at once. One
