@@ -63,4 +63,5 @@ suite! {
     ota::an_image_that_fails_its_health_check_is_rolled_back,
     ota::a_cut_download_resumes_where_it_stopped,
     ota::a_power_cut_at_any_write_leaves_a_bootable_verified_image,
+    ota::an_update_on_flash_slots_survives_a_power_cut_at_every_flash_operation,
 }

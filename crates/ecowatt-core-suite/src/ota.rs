@@ -205,3 +205,86 @@ pub fn a_power_cut_at_any_write_leaves_a_bootable_verified_image() {
     }
     assert!(cut_somewhere >= 20, "the power went at every write of the update ({cut_somewhere})");
 }
+
+/// The chip's drivers: the boot record in `FlashKv`, the image in
+/// `FlashSlots`, both on NOR flash, the power going at every flash write and
+/// erase in turn (a word half programmed, a sector half erased). The device
+/// comes back, resumes, and in the end boots the verified image on trial.
+pub fn an_update_on_flash_slots_survives_a_power_cut_at_every_flash_operation() {
+    use ecowatt_core::flashkv::FlashKv;
+    use ecowatt_core::flashslots::FlashSlots;
+
+    use crate::flashkv::{Nor, SECTOR};
+
+    let img: Vec<u8> = (0..40_003u32).map(|i| (i.wrapping_mul(31) % 255) as u8).collect();
+    let (m, sig) = signed(&img, "1.1.0", 1, &KEY);
+    let run = |cut: Option<usize>| {
+        let power = Rc::new(Power::default());
+        let mut kv = FlashKv::mount(Nor::new(6, power.clone())).unwrap();
+        let mut slots = FlashSlots::new(Nor::new(12, power.clone()), Nor::new(12, power.clone()));
+        let base = power.writes();
+        if let Some(n) = cut {
+            power.cut_after(n);
+        }
+        let mut cuts = 0;
+        loop {
+            let attempt = (|| -> Result<(), OtaError> {
+                let mut d = Download::start(
+                    &mut kv,
+                    &mut slots,
+                    &factory(),
+                    TARGET,
+                    &trusted(),
+                    m.clone(),
+                    &sig,
+                )?;
+                let mut at = d.written() as usize;
+                while at < img.len() {
+                    let end = (at + 4_096).min(img.len());
+                    d.chunk(&mut kv, &mut slots, at as u64, &img[at..end])?;
+                    at = end;
+                }
+                d.finish(&mut kv, &factory())
+            })();
+            match attempt {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(power.is_cut(), "cut at {cut:?}: failed without a cut: {e}");
+                    cuts += 1;
+                    power.restore();
+                    kv = FlashKv::mount(kv.into_flash()).expect("mounts after a cut");
+                }
+            }
+        }
+        // The restart; the power may go in the boot decision's own write too.
+        let booted = loop {
+            match ota::boot(&mut kv, &factory()) {
+                Ok(b) => break b,
+                Err(_) => {
+                    cuts += 1;
+                    power.restore();
+                    kv = FlashKv::mount(kv.into_flash()).expect("mounts after a cut");
+                }
+            }
+        };
+        match booted {
+            Boot::Trial(Slot::B, v) => assert_eq!(v, m.version, "cut at {cut:?}"),
+            other => panic!("cut at {cut:?}: boots {other:?}"),
+        }
+        let [_, b] = slots.into_regions();
+        assert_eq!(
+            Sha256::digest(&b.bytes[..img.len()]),
+            Sha256::digest(&img),
+            "cut at {cut:?}: slot B holds the signed image"
+        );
+        assert!(b.bytes[img.len()..img.len().div_ceil(4) * 4].iter().all(|x| *x == 0xFF));
+        (power.writes() - base, cuts)
+    };
+    let (ops, _) = run(None);
+    assert!(ops > 10 + img.len() / SECTOR, "sector erases and writes ({ops})");
+    let mut cut_somewhere = 0;
+    for n in 0..ops {
+        cut_somewhere += run(Some(n)).1;
+    }
+    assert!(cut_somewhere >= ops, "every operation was cut once ({cut_somewhere} of {ops})");
+}

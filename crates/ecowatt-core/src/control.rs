@@ -150,14 +150,15 @@ impl Journal {
 
     /// Records how the interrupted command ended, from `read_back` (the
     /// register's value now, if it could be read): its result goes to the
-    /// server like any other, and the id is never run.
+    /// server like any other, and the id is never run. Returns that result
+    /// (none if no command was interrupted).
     pub fn resolve(
         &mut self,
         kv: &mut impl KeyValue,
         read_back: Option<u16>,
         now_ms: u64,
-    ) -> Result<(), KvError> {
-        let Some((id, op)) = self.interrupted() else { return Ok(()) };
+    ) -> Result<Option<CommandResult>, KvError> {
+        let Some((id, op)) = self.interrupted() else { return Ok(None) };
         let succeeded = match op {
             Some(Operation::Write { value, .. }) => read_back == Some(value),
             Some(Operation::Read { .. }) => read_back.is_some(),
@@ -165,16 +166,15 @@ impl Journal {
         };
         let value = if op.is_some() { read_back } else { None };
         self.interrupted = false;
-        self.finish(
-            kv,
-            CommandResult {
-                command_id: id,
-                succeeded,
-                exception: None,
-                value,
-                executed_ms: now_ms,
-            },
-        )
+        let result = CommandResult {
+            command_id: id,
+            succeeded,
+            exception: None,
+            value,
+            executed_ms: now_ms,
+        };
+        self.finish(kv, result)?;
+        Ok(Some(result))
     }
 
     fn decode(b: &[u8]) -> Option<Journal> {
@@ -249,7 +249,7 @@ impl Journal {
             if let Some((_, op)) = self.in_flight.as_mut() {
                 *op = None;
             }
-            self.resolve(kv, None, 0)?;
+            let _unknown = self.resolve(kv, None, 0)?;
         }
         self.in_flight = Some((id, Some(op)));
         self.save(kv)?;

@@ -13,6 +13,8 @@
 //!   (time, inverter and server answers, image chunks), actions out.
 //! - [`flashkv`] — the key-value store on raw NOR flash, log-structured and
 //!   safe against a power cut at any word.
+//! - [`flashslots`] — the two image slots on raw NOR flash, a sector erased
+//!   when a write first reaches it.
 //! - [`provision`] — the provisioning partition's format (identity, key,
 //!   server, Wi-Fi, trusted firmware keys).
 //! - [`http1`] — the HTTP/1.1 a device speaks (sealed POST, ranged GET,
@@ -26,6 +28,7 @@ extern crate alloc;
 
 pub mod control;
 pub mod flashkv;
+pub mod flashslots;
 pub mod http1;
 pub mod kv;
 pub mod link;

@@ -7,9 +7,9 @@
 //! - Wi-Fi (esp-radio) and TCP/IP (embassy-net, DHCP) for the device
 //!   protocol's HTTP ([`http`]);
 //! - Modbus RTU on UART1 through an RS485 transceiver ([`rs485`]);
-//! - the key-value store on the `ewkv` partition (the core's log-structured
-//!   `FlashKv`), the OTA slots `ota_0`/`ota_1`, and `otadata` following the
-//!   core's boot decision ([`storage`]);
+//! - flash partitions as the core's `NorFlash`: the key-value store on
+//!   `ewkv` (the core's `FlashKv`), the OTA slots `ota_0`/`ota_1` (the core's
+//!   `FlashSlots`), and `otadata` following the core's boot decision ([`storage`]);
 //! - the clock: uptime until the first sync, then the server's time.
 //!
 //! Wiring and flashing: `docs/firmware-esp32c3.md`.
@@ -26,6 +26,7 @@ use alloc::rc::Rc;
 use core::cell::RefCell;
 
 use ecowatt_core::flashkv::FlashKv;
+use ecowatt_core::flashslots::FlashSlots;
 use ecowatt_core::http1::Origin;
 use ecowatt_core::machine::{Action, Channel, Device, Event, Note, Settings};
 use ecowatt_core::provision::Provision;
@@ -97,7 +98,10 @@ async fn main(spawner: Spawner) -> ! {
         Ok(kv) => kv,
         Err(e) => halt(&alloc::format!("key-value store: {e}")).await,
     };
-    let slots = storage::AppSlots::new(flash.clone(), layout.slots);
+    let slots = FlashSlots::new(
+        storage::Region::new(flash.clone(), layout.slots[0]),
+        storage::Region::new(flash.clone(), layout.slots[1]),
+    );
     let factory = Version::parse(env!("CARGO_PKG_VERSION")).expect("the crate's version");
     let mut settings = Settings::new(factory, TARGET);
     settings.log_capacity = LOG_CAPACITY;

@@ -1,16 +1,17 @@
-//! Flash drivers: the key-value store's region, the two OTA slots, and the
+//! Flash drivers: partitions as the core's `NorFlash` regions (the key-value
+//! store's, and the two OTA slots' under the core's `FlashSlots`), and the
 //! boot decision handed to the ESP-IDF bootloader through `otadata`.
 //!
 //! One `FlashStorage` (esp-storage) is shared by all of them; the chip has one
 //! core and the device machine calls one driver at a time.
 
 use alloc::rc::Rc;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use core::cell::RefCell;
 
 use ecowatt_core::flashkv::NorFlash;
 use ecowatt_core::kv::KvError;
-use ecowatt_core::ota::{FlashError, Slot, Slots};
+use ecowatt_core::ota::Slot;
 use embedded_storage::nor_flash::{NorFlash as _, ReadNorFlash as _};
 use esp_bootloader_esp_idf::ota_updater::OtaUpdater;
 use esp_bootloader_esp_idf::partitions::{self, AppPartitionSubType, PartitionType};
@@ -88,7 +89,7 @@ pub fn read(flash: &Flash, place: Place) -> Result<alloc::vec::Vec<u8>, String> 
     Ok(buf)
 }
 
-/// The key-value store's region, as the core's `NorFlash`.
+/// A partition as the core's `NorFlash` (addresses relative to it).
 pub struct Region {
     flash: Flash,
     place: Place,
@@ -124,64 +125,6 @@ impl NorFlash for Region {
     fn erase(&mut self, index: u32) -> Result<(), KvError> {
         let from = self.place.offset + index * SECTOR;
         self.flash.borrow_mut().erase(from, from + SECTOR).map_err(kv_err)
-    }
-}
-
-/// The two OTA app partitions, as the core's `Slots`. A sector is erased
-/// when a write first reaches it (writes go front to back), so no erase of a
-/// whole 1.75 MiB slot stalls the device.
-pub struct AppSlots {
-    flash: Flash,
-    places: [Place; 2],
-}
-
-impl AppSlots {
-    /// The slots at these places.
-    pub fn new(flash: Flash, places: [Place; 2]) -> Self {
-        AppSlots { flash, places }
-    }
-
-    fn place(&self, slot: Slot) -> Place {
-        match slot {
-            Slot::A => self.places[0],
-            Slot::B => self.places[1],
-        }
-    }
-}
-
-fn flash_err(e: impl core::fmt::Debug) -> FlashError {
-    FlashError(format_err(&e))
-}
-
-impl Slots for AppSlots {
-    fn erase(&mut self, slot: Slot) -> Result<(), FlashError> {
-        // The image header goes first: an interrupted download is never a bootable image.
-        let p = self.place(slot);
-        self.flash.borrow_mut().erase(p.offset, p.offset + SECTOR).map_err(flash_err)
-    }
-
-    fn write(&mut self, slot: Slot, offset: u64, data: &[u8]) -> Result<(), FlashError> {
-        let p = self.place(slot);
-        let (start, end) = (offset as u32, offset as u32 + data.len() as u32);
-        if end > p.len {
-            return Err(FlashError("image larger than its slot".to_string()));
-        }
-        let mut f = self.flash.borrow_mut();
-        // Sectors this write is the first to reach.
-        let mut s = start.div_ceil(SECTOR) * SECTOR;
-        while s < end {
-            f.erase(p.offset + s, p.offset + s + SECTOR).map_err(flash_err)?;
-            s += SECTOR;
-        }
-        // Whole words; the image's last bytes are padded with erased bytes.
-        let mut padded = alloc::vec::Vec::from(data);
-        padded.resize(data.len().div_ceil(4) * 4, 0xFF);
-        f.write(p.offset + start, &padded).map_err(flash_err)
-    }
-
-    fn read(&mut self, slot: Slot, offset: u64, buf: &mut [u8]) -> Result<(), FlashError> {
-        let p = self.place(slot);
-        self.flash.borrow_mut().read(p.offset + offset as u32, buf).map_err(flash_err)
     }
 }
 

@@ -169,11 +169,8 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
 
     fn resolve(&mut self, now_ms: u64, read_back: Option<u16>) {
         match self.journal.resolve(&mut self.kv, read_back, now_ms) {
-            Ok(()) => {
-                if let Some(r) = self.journal.results().last().copied() {
-                    self.say(Note::InterruptedResolved(r));
-                }
-            }
+            Ok(Some(r)) => self.say(Note::InterruptedResolved(r)),
+            Ok(None) => {}
             Err(e) => self.say(Note::StorageFailed("command journal", e)),
         }
     }

@@ -447,26 +447,6 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         &self.log
     }
 
-    /// The protocol session (its next counter).
-    pub fn session(&self) -> &Session {
-        &self.session
-    }
-
-    /// The command journal.
-    pub fn journal(&self) -> &Journal {
-        &self.journal
-    }
-
-    /// The key-value store.
-    pub fn kv_mut(&mut self) -> &mut K {
-        &mut self.kv
-    }
-
-    /// Gives back the stores (to boot again after [`Action::Restart`]).
-    pub fn into_stores(self) -> (K, S) {
-        (self.kv, self.slots)
-    }
-
     fn say(&mut self, note: Note) {
         self.actions.push_back(Action::Note(note));
     }
