@@ -5,8 +5,8 @@ use alloc::vec::Vec;
 
 use alloc::rc::Rc;
 
-use ecowatt_core::kv::MemoryKv;
-use ecowatt_core::ota::{self, Boot, BootRecord, Download, OtaError, Slot};
+use ecowatt_core::kv::{KeyValue, MemoryKv};
+use ecowatt_core::ota::{self, Boot, BootRecord, Download, OtaError, Slot, Slots};
 
 use crate::doubles::{Flash, Kv, Power, idx};
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
@@ -41,19 +41,20 @@ fn image() -> Vec<u8> {
     (0..200_000u32).map(|i| (i % 253) as u8).collect()
 }
 
-/// Downloads and marks pending; Err on the first failure.
+/// Downloads (resuming where a cut left it) in 4 KiB chunks and marks
+/// pending; Err on the first failure.
 fn update(
-    kv: &mut MemoryKv,
-    flash: &mut Flash,
+    kv: &mut impl KeyValue,
+    slots: &mut impl Slots,
     img: &[u8],
     m: &Manifest,
     sig: &[u8; 64],
 ) -> Result<(), OtaError> {
-    let mut d = Download::start(kv, flash, &factory(), TARGET, &trusted(), m.clone(), sig)?;
+    let mut d = Download::start(kv, slots, &factory(), TARGET, &trusted(), m.clone(), sig)?;
     let mut at = d.written() as usize;
     while at < img.len() {
         let end = (at + 4_096).min(img.len());
-        d.chunk(kv, flash, at as u64, &img[at..end])?;
+        d.chunk(kv, slots, at as u64, &img[at..end])?;
         at = end;
     }
     d.finish(kv, &factory())
@@ -228,24 +229,7 @@ pub fn an_update_on_flash_slots_survives_a_power_cut_at_every_flash_operation() 
         }
         let mut cuts = 0;
         loop {
-            let attempt = (|| -> Result<(), OtaError> {
-                let mut d = Download::start(
-                    &mut kv,
-                    &mut slots,
-                    &factory(),
-                    TARGET,
-                    &trusted(),
-                    m.clone(),
-                    &sig,
-                )?;
-                let mut at = d.written() as usize;
-                while at < img.len() {
-                    let end = (at + 4_096).min(img.len());
-                    d.chunk(&mut kv, &mut slots, at as u64, &img[at..end])?;
-                    at = end;
-                }
-                d.finish(&mut kv, &factory())
-            })();
+            let attempt = update(&mut kv, &mut slots, &img, &m, &sig);
             match attempt {
                 Ok(()) => break,
                 Err(e) => {
