@@ -289,6 +289,19 @@ pub struct CommandOutcome {
     pub executed_ms: Option<i64>,
 }
 
+impl CommandOutcome {
+    /// Succeeded, with nothing more to say (tools and tests).
+    pub fn succeeded() -> Self {
+        CommandOutcome {
+            success: true,
+            message: None,
+            exception_code: None,
+            value: None,
+            executed_ms: None,
+        }
+    }
+}
+
 /// Which commands to list.
 #[derive(Debug, Clone, Default)]
 pub struct CommandFilter {

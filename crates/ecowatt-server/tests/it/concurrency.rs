@@ -58,13 +58,7 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
                     for round in 0..400 {
                         let got = store.deliver(&name, 3_600_000, 5, T0 + 1).await.unwrap();
                         for c in &got {
-                            let ok = CommandOutcome {
-                                success: true,
-                                message: None,
-                                exception_code: None,
-                                value: None,
-                                executed_ms: None,
-                            };
+                            let ok = CommandOutcome::succeeded();
                             store.record_result(&name, c.id, &ok, T0 + 2).await.unwrap();
                             store.record_result(&name, c.id, &ok, T0 + 3).await.unwrap();
                             mine.push(c.id);
@@ -93,13 +87,7 @@ async fn concurrent_cycles_lose_nothing_and_duplicate_nothing() {
         for d in 0..DEVICES {
             let name = format!("dev-{d}");
             for c in one.deliver(&name, 3_600_000, 100, T0 + 1).await.unwrap() {
-                let ok = CommandOutcome {
-                    success: true,
-                    message: None,
-                    exception_code: None,
-                    value: None,
-                    executed_ms: None,
-                };
+                let ok = CommandOutcome::succeeded();
                 one.record_result(&name, c.id, &ok, T0 + 2).await.unwrap();
                 delivered.push(c.id);
             }

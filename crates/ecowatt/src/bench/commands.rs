@@ -69,13 +69,7 @@ pub async fn run(
                                 got.len() == 1 && got[0].id == c.id,
                                 "delivered {got:?}"
                             );
-                            let ok = CommandOutcome {
-                                success: true,
-                                message: None,
-                                exception_code: None,
-                                value: None,
-                                executed_ms: None,
-                            };
+                            let ok = CommandOutcome::succeeded();
                             commands.record_result(&device, c.id, &ok, now).await?;
                         } else {
                             let patch = ConfigPatch {
