@@ -100,10 +100,14 @@ pub fn provision_image(
     size: usize,
 ) -> anyhow::Result<Vec<u8>> {
     let bad = |e: String| anyhow::anyhow!("provisioning file: {e}");
+    let server = server.unwrap_or_else(|| file.server.clone()).trim_end_matches('/').to_owned();
+    if ecowatt_core::http1::Origin::parse(&server).is_err() {
+        bail!("the server must be http://host[:port] (the device speaks plain HTTP): {server:?}");
+    }
     let p = ecowatt_core::provision::Provision {
         device: file.device.clone(),
         creds: file.credentials().map_err(bad)?,
-        server: server.unwrap_or_else(|| file.server.clone()).trim_end_matches('/').to_owned(),
+        server,
         wifi_ssid: wifi_ssid.to_owned(),
         wifi_password: wifi_password.to_owned(),
         firmware_keys: file.trusted_keys().map_err(bad)?,
