@@ -17,6 +17,10 @@ use crate::session::Credentials;
 
 const MAGIC: &str = "ecowatt-provision/1";
 
+/// The most a provisioning takes at the start of its partition (what a
+/// device reads at boot; writers refuse more).
+pub const MAX_LEN: usize = 4096;
+
 /// What a device is told at provisioning.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Provision {

@@ -118,8 +118,9 @@ pub fn provision_image(
     let mut bytes = p.encode();
     // The device reads back what it is given, or nothing.
     ecowatt_core::provision::Provision::decode(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if bytes.len() > size {
-        bail!("the provisioning ({} bytes) does not fit a {size}-byte partition", bytes.len());
+    let room = size.min(ecowatt_core::provision::MAX_LEN);
+    if bytes.len() > room {
+        bail!("the provisioning ({} bytes) is over the {room} bytes a device reads", bytes.len());
     }
     bytes.resize(size, 0xFF);
     Ok(bytes)

@@ -81,12 +81,13 @@ async fn main(spawner: Spawner) -> ! {
         Ok(l) => l,
         Err(e) => halt(&e).await,
     };
-    let provision = match storage::read(&flash, layout.provision)
-        .and_then(|b| Provision::decode(&b).map_err(|e| alloc::format!("{e}")))
-    {
-        Ok(p) => p,
-        Err(e) => halt(&alloc::format!("provisioning: {e}")).await,
-    };
+    let provision =
+        match storage::read(&flash, layout.provision, ecowatt_core::provision::MAX_LEN as u32)
+            .and_then(|b| Provision::decode(&b).map_err(|e| alloc::format!("{e}")))
+        {
+            Ok(p) => p,
+            Err(e) => halt(&alloc::format!("provisioning: {e}")).await,
+        };
     println!("device {} (id {})", provision.device, provision.creds.device_id);
     let origin = match Origin::parse(&provision.server) {
         Ok(o) => o,

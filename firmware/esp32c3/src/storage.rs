@@ -82,9 +82,10 @@ fn format_err(e: &impl core::fmt::Debug) -> String {
     alloc::format!("{e:?}")
 }
 
-/// Reads a whole partition.
-pub fn read(flash: &Flash, place: Place) -> Result<alloc::vec::Vec<u8>, String> {
-    let mut buf = alloc::vec![0u8; place.len as usize];
+/// Reads the first `max` bytes of a partition (provisioning is a few
+/// hundred bytes at its start; the rest of its 64 KiB is erased).
+pub fn read(flash: &Flash, place: Place, max: u32) -> Result<alloc::vec::Vec<u8>, String> {
+    let mut buf = alloc::vec![0u8; place.len.min(max) as usize];
     flash.borrow_mut().read(place.offset, &mut buf).map_err(|e| format_err(&e))?;
     Ok(buf)
 }

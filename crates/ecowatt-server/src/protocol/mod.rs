@@ -190,19 +190,7 @@ mod tests {
             ),
             (
                 "a result",
-                SyncReport {
-                    results: vec![(
-                        1,
-                        CommandOutcome {
-                            success: true,
-                            message: None,
-                            exception_code: None,
-                            value: None,
-                            executed_ms: None,
-                        },
-                    )],
-                    ..same.clone()
-                },
+                SyncReport { results: vec![(1, CommandOutcome::succeeded())], ..same.clone() },
                 stored(),
             ),
             (
