@@ -15,6 +15,7 @@ extern crate std;
 
 pub mod doubles;
 pub mod flashkv;
+pub mod limit;
 pub mod machine;
 pub mod ota;
 pub mod world;
@@ -58,6 +59,14 @@ suite! {
     machine::a_cut_fetch_resumes_where_it_stopped,
     machine::a_tampered_image_is_refused_after_download_and_never_boots,
     machine::a_device_without_trusted_keys_refuses_every_update,
+    limit::a_silent_server_lapses_the_lease_into_the_failsafe_within_a_poll,
+    limit::a_restart_mid_lease_resumes_it_with_the_remaining_time,
+    limit::a_lease_that_ran_out_while_off_applies_the_failsafe_first,
+    limit::a_lease_is_renewed_across_an_outage_a_little_shorter_than_it,
+    limit::a_command_wins_over_a_lapsed_lease_and_an_unleased_limit_ends_it,
+    limit::a_failsafe_of_no_change_holds_and_is_reported,
+    limit::a_failsafe_the_inverter_does_not_take_is_reported_failed,
+    limit::a_power_cut_at_every_write_of_a_lapse_ends_on_the_failsafe_reported_once,
     ota::a_good_update_boots_on_trial_and_is_kept_once_confirmed,
     ota::nothing_is_switched_for_a_changed_byte_a_wrong_key_or_an_old_version,
     ota::an_image_that_fails_its_health_check_is_rolled_back,

@@ -18,8 +18,9 @@ use ecowatt_core::session::Credentials;
 use ecowatt_proto::codec::{self, Sample};
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::messages::{
-    CommandResult, ConfigState, DeviceCommand, MessageType, OtaReport, SyncRequest, SyncResponse,
-    TelemetryAck, TelemetryUpload, UpdateOffer, signature_algorithm,
+    CommandResult, ConfigState, ControlOrders, ControlReport, DeviceCommand, Episode, Lease,
+    MessageType, OtaReport, SyncRequest, SyncResponse, TelemetryAck, TelemetryUpload, UpdateOffer,
+    signature_algorithm,
 };
 use ecowatt_proto::modbus::{Exception, ExceptionCode, Request, Response};
 use ecowatt_proto::replay::ReplayWindow;
@@ -184,6 +185,14 @@ pub struct Server {
     pub refuse_times: bool,
     /// The next answer to this channel is replaced by these bytes.
     pub garbage: Option<(Channel, Vec<u8>)>,
+    /// The fail-safe limit the installer set (a `failsafe` value).
+    pub failsafe: Option<u16>,
+    /// Leases of queued commands, by id.
+    pub leases: BTreeMap<u64, u32>,
+    /// The control state the device last reported.
+    pub control: Option<ControlReport>,
+    /// Lease episodes received, each once.
+    pub episodes: Vec<Episode>,
 }
 
 impl Server {
@@ -216,7 +225,17 @@ impl Server {
             tamper_at: None,
             refuse_times: false,
             garbage: None,
+            failsafe: None,
+            leases: BTreeMap::new(),
+            control: None,
+            episodes: Vec::new(),
         }
+    }
+
+    /// Queues a write of the export limit held under a lease of `lease_ms`.
+    pub fn leased(&mut self, id: u64, value: u16, lease_ms: u32) {
+        self.command(id, value, u64::MAX);
+        self.leases.insert(id, lease_ms);
     }
 
     /// Queues a command to write the export limit.
@@ -250,6 +269,7 @@ impl Server {
     fn has_news(&self, now: u64) -> bool {
         self.applied.is_none_or(|a| a.version != self.desired.version)
             || self.commands.iter().any(|(_, at)| at.is_none_or(|t| now >= t + 30 * SECOND))
+            || self.failsafe.is_some_and(|f| self.control.as_ref().is_some_and(|c| c.failsafe != f))
     }
 
     fn take_sync(&mut self, body: &[u8]) -> Option<SyncRequest> {
@@ -270,6 +290,14 @@ impl Server {
                 self.reports.push(report.clone());
             }
         }
+        if let Some(c) = &req.control {
+            for e in &c.episodes {
+                if !self.episodes.contains(e) {
+                    self.episodes.push(*e);
+                }
+            }
+            self.control = Some(c.clone());
+        }
         Some(req)
     }
 
@@ -285,7 +313,17 @@ impl Server {
             }
         }
         let update = self.offer.as_ref().map(|(o, _)| o.clone());
-        let r = SyncResponse { server_time_ms: now, config, commands, update };
+        // Like the real server: orders only for a device that reports control.
+        let control = self.control.as_ref().map(|c| ControlOrders {
+            failsafe: self.failsafe.filter(|f| *f != c.failsafe),
+            leases: commands
+                .iter()
+                .filter_map(|c| {
+                    self.leases.get(&c.id).map(|l| Lease { command_id: c.id, lease_ms: *l })
+                })
+                .collect(),
+        });
+        let r = SyncResponse { server_time_ms: now, config, commands, update, control };
         self.answer(counter, MessageType::SyncResponse, &r.encode())
     }
 
@@ -373,6 +411,8 @@ pub struct World {
     pub cuts: u32,
     due: Vec<Due>,
     held: Option<Held>,
+    /// When the device last took in an answer of the server.
+    pub last_heard: u64,
 }
 
 pub fn creds() -> Credentials {
@@ -428,6 +468,7 @@ impl World {
             cuts: 0,
             due: Vec::new(),
             held: None,
+            last_heard: 0,
         };
         w.boot();
         w
@@ -506,13 +547,23 @@ impl World {
             t = t.min(d.at);
         }
         if let Some(h) = &self.held {
-            t = t.min(if self.server.has_news(self.now) { self.now } else { h.until });
+            let now = self.server.has_news(self.now) || !self.server.up;
+            t = t.min(if now { self.now } else { h.until });
         }
         t
     }
 
     /// Delivers what is due now, or just the time.
     fn step(&mut self) {
+        if self.held.is_some() && !self.server.up {
+            // An outage cuts the long poll held open.
+            self.held = None;
+            let answer = Err(Failure::unreachable("connection reset"));
+            self.due.push(Due {
+                at: self.now,
+                event: Event::Server { channel: Channel::Sync, answer },
+            });
+        }
         if let Some(h) = &self.held {
             if self.now >= h.until || self.server.has_news(self.now) {
                 let counter = h.counter;
@@ -528,6 +579,9 @@ impl World {
             Some(i) => self.due.remove(i).event,
             None => Event::Tick,
         };
+        if matches!(&event, Event::Server { answer: Ok(_), .. }) {
+            self.last_heard = self.now;
+        }
         self.device.as_mut().expect("device").handle(self.now, event);
         if self.power.is_cut() {
             // The device died at the write that failed: nothing it asked for

@@ -379,5 +379,19 @@ fn log(note: &Note) {
         Note::HealthCheckFailed => tracing::warn!(
             "the new image did not reach the server in time; returning to the old one"
         ),
+        Note::FailSafeSet(v) => tracing::info!(failsafe = v, "fail-safe export limit set"),
+        Note::Lease(e) => tracing::warn!(
+            kind = ?e.kind,
+            command = e.command_id,
+            limit_pct = e.value,
+            outcome = ?e.outcome,
+            "leased export limit: {}",
+            match e.kind {
+                ecowatt_proto::messages::EpisodeKind::FailSafe =>
+                    "the server was silent for the lease; fail-safe applied",
+                ecowatt_proto::messages::EpisodeKind::Resumed =>
+                    "the server is heard again; leased limit back",
+            }
+        ),
     }
 }

@@ -225,6 +225,9 @@ pub struct SyncRequest {
     pub firmware: String,
     /// How its latest firmware update is going, if one is under way or just ended.
     pub ota: Option<OtaReport>,
+    /// What the device holds of the export-limit control (a device that
+    /// enforces leases always sends it; an older one never does).
+    pub control: Option<ControlReport>,
 }
 
 /// Where a firmware update stands on the device.
@@ -380,6 +383,9 @@ impl SyncRequest {
                 out.push(o.reason);
             }
         }
+        if let Some(c) = &self.control {
+            c.put(&mut out);
+        }
         out
     }
 
@@ -448,8 +454,221 @@ impl SyncRequest {
             }
             _ => return Err(DecodeError::BadValue { field: "ota_flag" }),
         };
+        let control = if r.at < r.bytes.len() { Some(ControlReport::get(&mut r)?) } else { None };
         r.finish()?;
-        Ok(SyncRequest { wait_ms, applied, rejected, results, firmware, ota })
+        Ok(SyncRequest { wait_ms, applied, rejected, results, firmware, ota, control })
+    }
+}
+
+/// The export-limit control extension (protocol 1.1): leased limits and the
+/// fail-safe. It rides after the last field of a sync request or answer,
+/// introduced by [`CONTROL_EXTENSION`]; a decoder of 1.0 refuses the trailing
+/// bytes, so a server sends [`ControlOrders`] only to a device whose request
+/// carried a [`ControlReport`].
+pub const CONTROL_EXTENSION: u8 = 1;
+
+/// Values of a fail-safe limit on the wire besides 0..=100 %.
+pub mod failsafe {
+    /// No fail-safe configured: a lease cannot be held.
+    pub const UNSET: u16 = 0xFFFE;
+    /// Configured as "no change": the limit in force stays when a lease lapses.
+    pub const HOLD: u16 = 0xFFFF;
+    /// Whether `v` is a valid fail-safe value.
+    pub fn valid(v: u16) -> bool {
+        v <= 100 || v == UNSET || v == HOLD
+    }
+}
+
+/// Most episodes one request reports.
+pub const MAX_EPISODES: usize = 8;
+
+/// A leased limit the device holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseState {
+    /// The command that set it.
+    pub command_id: u64,
+    /// The limit, % of rated power.
+    pub value: u16,
+    /// The lease ran out: the fail-safe is in force until the server is heard again.
+    pub lapsed: bool,
+}
+
+/// What happened to a lease while nobody was looking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EpisodeKind {
+    /// The lease ran out (or a restart found it run out): the fail-safe was applied.
+    FailSafe = 1,
+    /// The server was heard again: the leased limit was applied again.
+    Resumed = 2,
+}
+
+/// How an episode's register write went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EpisodeOutcome {
+    /// Written and read back equal.
+    Confirmed = 1,
+    /// The inverter refused, could not be reached, or read back another value.
+    Failed = 2,
+    /// Nothing written: the fail-safe is "no change".
+    Held = 3,
+}
+
+/// One lease episode, reported until a sync answer acknowledges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Episode {
+    /// What happened.
+    pub kind: EpisodeKind,
+    /// The lease's command.
+    pub command_id: u64,
+    /// When, Unix ms.
+    pub at_ms: u64,
+    /// The limit meant (the fail-safe, or the leased limit; 0 when [`EpisodeOutcome::Held`]).
+    pub value: u16,
+    /// How the write went.
+    pub outcome: EpisodeOutcome,
+}
+
+/// Device -> server: the control state (extension of [`SyncRequest`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControlReport {
+    /// The fail-safe it applies when a lease lapses (a [`failsafe`] value).
+    pub failsafe: u16,
+    /// The leased limit it holds.
+    pub lease: Option<LeaseState>,
+    /// Episodes not acknowledged yet, oldest first.
+    pub episodes: Vec<Episode>,
+}
+
+impl ControlReport {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(CONTROL_EXTENSION);
+        put_u16(out, self.failsafe);
+        match &self.lease {
+            None => out.push(0),
+            Some(l) => {
+                out.push(if l.lapsed { 2 } else { 1 });
+                put_u64(out, l.command_id);
+                put_u16(out, l.value);
+            }
+        }
+        out.push(self.episodes.len().min(MAX_EPISODES) as u8);
+        for e in self.episodes.iter().take(MAX_EPISODES) {
+            out.push(e.kind as u8);
+            put_u64(out, e.command_id);
+            put_u64(out, e.at_ms);
+            put_u16(out, e.value);
+            out.push(e.outcome as u8);
+        }
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        if r.u8()? != CONTROL_EXTENSION {
+            return Err(DecodeError::BadValue { field: "extension" });
+        }
+        let failsafe = r.u16()?;
+        if !failsafe::valid(failsafe) {
+            return Err(DecodeError::BadValue { field: "failsafe" });
+        }
+        let lease = match r.u8()? {
+            0 => None,
+            s @ (1 | 2) => {
+                let command_id = r.u64()?;
+                let value = r.u16()?;
+                if value > 100 {
+                    return Err(DecodeError::BadValue { field: "lease_value" });
+                }
+                Some(LeaseState { command_id, value, lapsed: s == 2 })
+            }
+            _ => return Err(DecodeError::BadValue { field: "lease_state" }),
+        };
+        let n = r.count("episodes", MAX_EPISODES)?;
+        let mut episodes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let kind = match r.u8()? {
+                1 => EpisodeKind::FailSafe,
+                2 => EpisodeKind::Resumed,
+                _ => return Err(DecodeError::BadValue { field: "episode_kind" }),
+            };
+            let command_id = r.u64()?;
+            let at_ms = r.u64()?;
+            let value = r.u16()?;
+            let outcome = match r.u8()? {
+                1 => EpisodeOutcome::Confirmed,
+                2 => EpisodeOutcome::Failed,
+                3 => EpisodeOutcome::Held,
+                _ => return Err(DecodeError::BadValue { field: "episode_outcome" }),
+            };
+            episodes.push(Episode { kind, command_id, at_ms, value, outcome });
+        }
+        Ok(ControlReport { failsafe, lease, episodes })
+    }
+}
+
+/// A command's lease: the device holds its limit while it hears from the
+/// server, and applies its fail-safe after `lease_ms` of silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// The command (one of the answer's commands, a write of the export limit).
+    pub command_id: u64,
+    /// How long the limit outlives the last answer heard, ms (> 0).
+    pub lease_ms: u32,
+}
+
+/// Server -> device: the control extension of [`SyncResponse`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControlOrders {
+    /// The fail-safe to apply from now on (a [`failsafe`] value), when it
+    /// differs from the one the device reported.
+    pub failsafe: Option<u16>,
+    /// Leases of the answer's commands (a command without one is not leased).
+    pub leases: Vec<Lease>,
+}
+
+impl ControlOrders {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(CONTROL_EXTENSION);
+        match self.failsafe {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                put_u16(out, v);
+            }
+        }
+        out.push(self.leases.len().min(MAX_COMMANDS) as u8);
+        for l in self.leases.iter().take(MAX_COMMANDS) {
+            put_u64(out, l.command_id);
+            put_u32(out, l.lease_ms);
+        }
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        if r.u8()? != CONTROL_EXTENSION {
+            return Err(DecodeError::BadValue { field: "extension" });
+        }
+        let failsafe = match r.u8()? {
+            0 => None,
+            1 => {
+                let v = r.u16()?;
+                if !failsafe::valid(v) {
+                    return Err(DecodeError::BadValue { field: "failsafe" });
+                }
+                Some(v)
+            }
+            _ => return Err(DecodeError::BadValue { field: "failsafe_flag" }),
+        };
+        let n = r.count("leases", MAX_COMMANDS)?;
+        let mut leases = Vec::with_capacity(n);
+        for _ in 0..n {
+            let command_id = r.u64()?;
+            let lease_ms = r.u32()?;
+            if lease_ms == 0 {
+                return Err(DecodeError::BadValue { field: "lease_ms" });
+            }
+            leases.push(Lease { command_id, lease_ms });
+        }
+        Ok(ControlOrders { failsafe, leases })
     }
 }
 
@@ -492,6 +711,9 @@ pub struct SyncResponse {
     pub commands: Vec<DeviceCommand>,
     /// A firmware update the device is to install.
     pub update: Option<UpdateOffer>,
+    /// Leases of the commands above and the fail-safe limit, only ever
+    /// sent to a device whose request carried a [`ControlReport`].
+    pub control: Option<ControlOrders>,
 }
 
 /// Signature algorithms of an update offer.
@@ -590,6 +812,9 @@ impl SyncResponse {
                 u.put(&mut out);
             }
         }
+        if let Some(c) = &self.control {
+            c.put(&mut out);
+        }
         out
     }
 
@@ -621,8 +846,9 @@ impl SyncResponse {
             1 => Some(UpdateOffer::get(&mut r)?),
             _ => return Err(DecodeError::BadValue { field: "update_flag" }),
         };
+        let control = if r.at < r.bytes.len() { Some(ControlOrders::get(&mut r)?) } else { None };
         r.finish()?;
-        Ok(SyncResponse { server_time_ms, config, commands, update })
+        Ok(SyncResponse { server_time_ms, config, commands, update, control })
     }
 }
 
@@ -757,6 +983,7 @@ mod tests {
                 total: 200_000,
                 reason: 0,
             }),
+            control: None,
         }
     }
 
@@ -797,6 +1024,7 @@ mod tests {
                 algorithm: signature_algorithm::ED25519,
                 signature: alloc::vec![0x5A; 64],
             }),
+            control: None,
         };
         assert_eq!(SyncResponse::decode(&resp.encode()).unwrap(), resp);
         let bytes = resp.encode();
@@ -829,7 +1057,81 @@ mod tests {
         }
         let mut long = bytes.clone();
         long.push(0);
+        assert_eq!(SyncRequest::decode(&long), Err(DecodeError::BadValue { field: "extension" }));
+    }
+
+    fn control_report() -> ControlReport {
+        ControlReport {
+            failsafe: 40,
+            lease: Some(LeaseState { command_id: 9, value: 30, lapsed: true }),
+            episodes: alloc::vec![
+                Episode {
+                    kind: EpisodeKind::FailSafe,
+                    command_id: 9,
+                    at_ms: 1_800_000_000_000,
+                    value: 40,
+                    outcome: EpisodeOutcome::Confirmed,
+                },
+                Episode {
+                    kind: EpisodeKind::Resumed,
+                    command_id: 9,
+                    at_ms: 1_800_000_060_000,
+                    value: 30,
+                    outcome: EpisodeOutcome::Failed,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_control_extension_round_trips_and_is_checked() {
+        let base = sample_request();
+        let req = SyncRequest { control: Some(control_report()), ..base.clone() };
+        let bytes = req.encode();
+        assert_eq!(SyncRequest::decode(&bytes).unwrap(), req);
+        // A 1.0 request (no extension) still decodes; a cut inside the extension does not.
+        let plain = base.encode().len();
+        assert_eq!(SyncRequest::decode(&bytes[..plain]).unwrap(), base);
+        for len in plain + 1..bytes.len() {
+            assert!(SyncRequest::decode(&bytes[..len]).is_err(), "truncated at {len}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
         assert_eq!(SyncRequest::decode(&long), Err(DecodeError::TrailingBytes { count: 1 }));
+        for (at, value, field) in [
+            (plain, 2, "extension"),
+            (plain + 1, 0x01, "failsafe"), // 0x0128 = 296 %
+            (plain + 3, 3, "lease_state"),
+            (plain + 12, 0x01, "lease_value"),
+            (plain + 15, 9, "episode_kind"),
+            (plain + 15 + 19, 4, "episode_outcome"),
+        ] {
+            let mut bad = bytes.clone();
+            bad[at] = value;
+            assert_eq!(SyncRequest::decode(&bad), Err(DecodeError::BadValue { field }), "{field}");
+        }
+        let mut many = bytes.clone();
+        many[plain + 14] = 9;
+        assert!(matches!(SyncRequest::decode(&many), Err(DecodeError::TooMany { .. })));
+
+        let orders = ControlOrders {
+            failsafe: Some(failsafe::HOLD),
+            leases: alloc::vec![Lease { command_id: 9, lease_ms: 900_000 }],
+        };
+        let resp = SyncResponse { server_time_ms: 7, control: Some(orders), ..Default::default() };
+        let bytes = resp.encode();
+        assert_eq!(SyncResponse::decode(&bytes).unwrap(), resp);
+        let plain = SyncResponse { control: None, ..resp.clone() }.encode().len();
+        for len in plain + 1..bytes.len() {
+            assert!(SyncResponse::decode(&bytes[..len]).is_err(), "truncated at {len}");
+        }
+        let mut zero = bytes.clone();
+        let n = zero.len();
+        zero[n - 4..].copy_from_slice(&[0; 4]);
+        assert_eq!(SyncResponse::decode(&zero), Err(DecodeError::BadValue { field: "lease_ms" }));
+        let mut bad = bytes.clone();
+        bad[plain + 2] = 0x02; // 0x02FF
+        assert_eq!(SyncResponse::decode(&bad), Err(DecodeError::BadValue { field: "failsafe" }));
     }
 
     #[test]

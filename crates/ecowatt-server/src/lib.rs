@@ -10,6 +10,7 @@
 pub mod api;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod db;
 pub mod devices;
 pub mod domain;

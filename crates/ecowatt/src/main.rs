@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod agent_cmd;
 mod bench;
 mod client;
+mod curtail;
 mod demo;
 mod firmware;
 mod inverter;
@@ -75,6 +76,14 @@ enum Verb {
         #[command(flatten)]
         conn: client::ServerConn,
     },
+    /// Curtail a group's export limit under a lease and follow its confirmations,
+    /// e.g. `ecowatt curtail --group feeder-7 30% --lease 15m --wait`; release, show, list.
+    Curtail {
+        #[command(flatten)]
+        args: curtail::CurtailArgs,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
     /// Create, list and revoke operator tokens (roles: admin, viewer).
     Token {
         #[command(subcommand)]
@@ -136,6 +145,7 @@ fn main() -> std::process::ExitCode {
         Verb::Config { cmd, conn } => operator::config(&conn, cmd),
         Verb::Command { args, conn } => operator::command(&conn, args),
         Verb::Commands { cmd, conn } => operator::commands(&conn, cmd),
+        Verb::Curtail { args, conn } => curtail::run(&conn, args),
         Verb::Token { cmd, conn } => operator::token(&conn, cmd),
         Verb::Audit { limit, conn } => operator::audit(&conn, limit),
         Verb::Rollout { cmd, conn } => rollout::run(&conn, cmd),

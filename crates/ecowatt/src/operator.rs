@@ -29,6 +29,27 @@ pub enum DeviceCommand {
     },
     /// List devices.
     List,
+    /// Set the fail-safe export limit a device applies when a leased limit
+    /// lapses (the server silent for the lease): `40%`, `hold` (no change),
+    /// or `clear` (unset: the device takes no leased limits).
+    Failsafe {
+        /// Device name.
+        name: String,
+        /// `40%` (0..=100), `hold`, or `clear`.
+        value: String,
+    },
+    /// Replace a device's tags (groups for `ecowatt curtail --group`); none clears them.
+    Tag {
+        /// Device name.
+        name: String,
+        /// Tags, e.g. feeder-7 site-north.
+        tags: Vec<String>,
+    },
+    /// Show a device's export control: tags, fail-safe, leased limit, episodes.
+    Control {
+        /// Device name.
+        name: String,
+    },
     /// Show a device and its config shadow.
     Show {
         /// Device name.
@@ -181,6 +202,25 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
                     when(&d["last_seen_ms"])
                 );
             }
+        }
+        DeviceCommand::Failsafe { name, value } => {
+            let v = match value.as_str() {
+                "clear" | "none" => Value::Null,
+                "hold" => json!("hold"),
+                p => json!(p.trim_end_matches('%').parse::<i64>().map_err(|_| {
+                    anyhow::anyhow!("{p:?}: give a percentage (40%), hold, or clear")
+                })?),
+            };
+            let path = format!("/api/v1/devices/{}/failsafe", segment(&name));
+            print_control(&api.call("PUT", &path, Some(&json!({ "failsafe": v })))?);
+        }
+        DeviceCommand::Tag { name, tags } => {
+            let path = format!("/api/v1/devices/{}/tags", segment(&name));
+            print_control(&api.call("PUT", &path, Some(&json!({ "tags": tags })))?);
+        }
+        DeviceCommand::Control { name } => {
+            let path = format!("/api/v1/devices/{}/control", segment(&name));
+            print_control(&api.call("GET", &path, None)?);
         }
         DeviceCommand::Show { name } => {
             let v = api.call("GET", &format!("/api/v1/devices/{}", segment(&name)), None)?;
@@ -436,6 +476,11 @@ pub struct QueueOpts {
     /// How long --wait waits.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     wait_timeout: Duration,
+    /// Hold an export limit under a lease (1m..=7d): after this long without
+    /// hearing from the server the device applies its fail-safe limit
+    /// [default: 15m when the device has a fail-safe].
+    #[arg(long, value_parser = parse_duration)]
+    lease: Option<Duration>,
 }
 
 /// Queue a command for a device.
@@ -515,6 +560,9 @@ pub fn command(conn: &ServerConn, args: CommandArgs) -> anyhow::Result<()> {
     };
     let mut body = body;
     body["ttl_s"] = json!(opts.ttl.as_secs() as i64);
+    if let Some(lease) = opts.lease {
+        body["lease_s"] = json!(lease.as_secs() as i64);
+    }
     let v = api.call(
         "POST",
         &format!("/api/v1/devices/{}/commands", segment(&args.device)),
@@ -687,6 +735,57 @@ pub fn audit(conn: &ServerConn, limit: i64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A device's export control, for people.
+fn print_control(v: &Value) {
+    let failsafe = match &v["failsafe"] {
+        Value::Null => "not set (no leased limits)".to_owned(),
+        Value::String(s) => s.clone(),
+        n => format!("{n}%"),
+    };
+    println!(
+        "{}: tags [{}], fail-safe {failsafe}",
+        v["device"].as_str().unwrap_or("?"),
+        v["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    match &v["reported"] {
+        Value::Null => println!(
+            "  the device has not reported export control (not synced yet, or older firmware)"
+        ),
+        r => {
+            let fs = match &r["failsafe"] {
+                Value::Null => "not set".to_owned(),
+                Value::String(s) => s.clone(),
+                n => format!("{n}%"),
+            };
+            match &r["lease"] {
+                Value::Null => println!("  device: fail-safe {fs}, no leased limit"),
+                l => println!(
+                    "  device: fail-safe {fs}, leased limit {}% (command {}){}",
+                    l["limit_pct"],
+                    l["command_id"],
+                    if l["lapsed"] == true { ", LAPSED: fail-safe in force" } else { "" }
+                ),
+            }
+        }
+    }
+    for e in v["episodes"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {:<9} command {} limit {}% {}",
+            when(&e["at_ms"]),
+            e["kind"].as_str().unwrap_or("?"),
+            e["command_id"],
+            e["limit_pct"],
+            e["outcome"].as_str().unwrap_or("?")
+        );
+    }
 }
 
 #[cfg(test)]

@@ -9,10 +9,13 @@ use ecowatt_proto::messages::{CommandResult, DeviceCommand, EARLIEST_SAMPLE_MS, 
 use ecowatt_proto::modbus::{Request, Response};
 use ecowatt_proto::registers::REGISTER_COUNT;
 
+use super::limit::{Due, limit_write};
 use super::{Action, Device, Note};
 use crate::kv::KeyValue;
 use crate::link::Outcome;
 use crate::ota::Slots;
+use ecowatt_proto::messages::EpisodeOutcome;
+use ecowatt_proto::registers::EXPORT_LIMIT;
 
 /// What the request outstanding is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +28,10 @@ enum Job {
     Write(u64, Operation),
     /// A command's read-back (after its write, or the read it is).
     ReadBack(u64, Operation),
+    /// A fail-safe or resumed limit's write of this value.
+    Limit(Due, u16),
+    /// Its read-back.
+    LimitReadBack(Due, u16),
 }
 
 /// The inverter side of the device.
@@ -86,6 +93,13 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                 }
             }
         }
+        // A lapsed lease's fail-safe (or its return) goes before commands.
+        if let Some(due) = self.limit.start_write() {
+            if let Some(v) = self.limit_target(now_ms, due) {
+                let request = Request::WriteSingleRegister { address: EXPORT_LIMIT, value: v };
+                return self.ask(Job::Limit(due, v), request);
+            }
+        }
         while let Some(cmd) = self.inverter.queue.pop_front() {
             if cmd.expires_ms < now_ms {
                 continue;
@@ -132,6 +146,17 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                 }
                 Err(_) => self.finish_command(id, op, false, None, None, now_ms),
             },
+            Job::Limit(due, v) => match outcome {
+                Ok(Ok(_)) => self.ask(Job::LimitReadBack(due, v), read_one(EXPORT_LIMIT)),
+                _ => self.end_episode(now_ms, due, v, EpisodeOutcome::Failed),
+            },
+            Job::LimitReadBack(due, v) => {
+                let outcome = match values.and_then(|r| r.first().copied()) {
+                    Some(read) if read == v => EpisodeOutcome::Confirmed,
+                    _ => EpisodeOutcome::Failed,
+                };
+                self.end_episode(now_ms, due, v, outcome)
+            }
             Job::ReadBack(id, op) => match (&outcome, values.and_then(|v| v.first().copied())) {
                 (_, Some(v)) => {
                     // Success is what the register reads back, not the echo.
@@ -187,6 +212,9 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         let result =
             CommandResult { command_id: id, succeeded, exception, value, executed_ms: now_ms };
         self.say(Note::CommandExecuted { op, result });
+        if let (true, Some(v)) = (succeeded, limit_write(op)) {
+            self.limit_commanded(now_ms, id, v);
+        }
         if let Err(e) = self.journal.finish(&mut self.kv, result) {
             // Still in flight in the store: after a restart it is read back and reported.
             self.say(Note::StorageFailed("command result", e));

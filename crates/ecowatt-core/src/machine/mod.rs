@@ -21,9 +21,12 @@
 //!   Modbus request at a time;
 //! - `sync`: the long poll that reports and brings config, commands, offers;
 //! - `upload`: batches oldest first, acknowledgements, refused samples;
-//! - `update`: offer, signature, download into the other slot, trial, confirm.
+//! - `update`: offer, signature, download into the other slot, trial, confirm;
+//! - `limit`: leased export limits, the fail-safe when the server goes
+//!   silent, and the limit's return when it is heard again.
 
 mod inverter;
+mod limit;
 mod sync;
 mod update;
 mod upload;
@@ -34,7 +37,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use ecowatt_proto::firmware::{PublicKey, Version};
-use ecowatt_proto::messages::{CommandResult, ConfigState, Operation, Rejection};
+use ecowatt_proto::messages::{CommandResult, ConfigState, Episode, Operation, Rejection};
 use ecowatt_proto::modbus::{Exception, Request};
 
 use crate::control::{self, Journal};
@@ -283,6 +286,10 @@ pub enum Note {
         /// Its version.
         version: Version,
     },
+    /// The server set the fail-safe limit (a `failsafe` value of the protocol).
+    FailSafeSet(u16),
+    /// A lease lapsed into the fail-safe, or came back when the server was heard.
+    Lease(Episode),
     /// The running trial image reached the server and confirmed itself.
     Confirmed {
         /// Its version.
@@ -346,6 +353,7 @@ pub struct Device<K, S> {
     sync: sync::Sync,
     upload: upload::Upload,
     update: update::Update,
+    limit: limit::Limit,
     actions: VecDeque<Action>,
 }
 
@@ -369,6 +377,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         let log = SampleLog::open(&mut kv, settings.log_capacity)?;
         let (config, rejected) = control::load_config(&mut kv)?;
         let journal = Journal::load(&mut kv)?;
+        let limit = limit::Limit::load(&mut kv, now_ms)?;
         let update = update::Update::new(
             &running,
             trial,
@@ -391,6 +400,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             sync: sync::Sync::new(now_ms),
             upload: upload::Upload::default(),
             update,
+            limit,
             actions: VecDeque::new(),
             settings,
         };
@@ -429,6 +439,9 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                 at = at.min(t);
             }
         }
+        if let Some(d) = self.limit.deadline() {
+            at = at.min(d);
+        }
         at.min(self.update.next_wakeup())
     }
 
@@ -453,6 +466,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
 
     fn advance(&mut self, now_ms: u64) {
         self.advance_update(now_ms);
+        self.advance_limit(now_ms);
         self.advance_inverter(now_ms);
         self.advance_sync(now_ms);
         self.advance_upload(now_ms);

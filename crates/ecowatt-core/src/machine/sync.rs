@@ -4,8 +4,11 @@
 use alloc::string::ToString;
 use alloc::vec::Vec;
 
-use ecowatt_proto::messages::{CommandResult, MessageType, OtaReport, SyncRequest, SyncResponse};
+use ecowatt_proto::messages::{
+    CommandResult, Episode, MessageType, OtaReport, SyncRequest, SyncResponse,
+};
 
+use super::limit::limit_write;
 use super::{Action, Channel, Device, Failure, MAX_ANSWER, Note};
 use crate::control;
 use crate::kv::KeyValue;
@@ -28,6 +31,7 @@ struct Outstanding {
     counter: u64,
     results: Vec<CommandResult>,
     ota: Option<OtaReport>,
+    episodes: Vec<Episode>,
 }
 
 impl Sync {
@@ -56,7 +60,16 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         } else {
             long_poll
         };
+        // A server back after failures is heard at once, and a running
+        // lease is heard before it ends (a long poll would keep it waiting).
+        let wait_ms = if self.sync.failures > 0 {
+            0
+        } else {
+            self.lease_wait_cap(now_ms).map_or(wait_ms, |cap| wait_ms.min(cap))
+        };
         let results = self.journal.results();
+        let control = self.limit.report();
+        let episodes = control.episodes.clone();
         let request = SyncRequest {
             wait_ms,
             applied: Some(self.config),
@@ -64,10 +77,12 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             results: results.clone(),
             firmware: self.booted.running.to_string(),
             ota: ota.clone(),
+            control: Some(control),
         };
         match self.session.seal(&mut self.kv, MessageType::SyncRequest, &request.encode()) {
             Ok(sealed) => {
-                self.sync.outstanding = Some(Outstanding { counter: sealed.counter, results, ota });
+                self.sync.outstanding =
+                    Some(Outstanding { counter: sealed.counter, results, ota, episodes });
                 self.actions.push_back(Action::Post {
                     channel: Channel::Sync,
                     body: sealed.bytes,
@@ -97,7 +112,8 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             Ok(r) => r,
             Err(e) => {
                 self.session.abandon(sent.counter);
-                let retry_in_ms = Uploader::backoff_ms(self.sync.failures);
+                let backoff = Uploader::backoff_ms(self.sync.failures);
+                let retry_in_ms = self.retry_before_lapse(now_ms, backoff);
                 self.sync.failures = self.sync.failures.saturating_add(1);
                 self.sync.next_at = now_ms + retry_in_ms;
                 return self.say(Note::SyncFailed { error: e.to_string(), retry_in_ms });
@@ -113,6 +129,10 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             // They stay pending and are reported again; the server ignores repeats.
             self.say(Note::StorageFailed("command journal", e));
         }
+        self.episodes_acknowledged(&sent.episodes);
+        self.take_orders(response.control);
+        let replaced = response.commands.iter().any(|c| limit_write(c.op).is_some());
+        self.heard(now_ms, !replaced);
         self.after_sync(now_ms, sent.ota, response.update.clone());
         if let Some(desired) = response.config {
             self.apply_config(now_ms, &desired);

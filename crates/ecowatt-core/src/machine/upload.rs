@@ -111,6 +111,9 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                     Err(e) => self.say(Note::StorageFailed("acknowledgement", e)),
                 }
                 self.up.on_success(now_ms);
+                // The server is there: a running lease is renewed (a lapsed
+                // one waits for the sync, which may bring a new limit).
+                self.heard(now_ms, false);
                 // The round goes on while full batches wait (a backlog after
                 // an outage); a remainder rides with the next interval.
                 if self.log.len() < self.up.batch_max() {

@@ -26,6 +26,7 @@ fn vectors() -> String {
         results: vec![],
         firmware: "1.0.0".into(),
         ota: None,
+        control: None,
     }
     .encode();
     let request = seal::seal(&keys, &request_header, None, &request_plain);
@@ -45,6 +46,7 @@ fn vectors() -> String {
             expires_ms: 1_800_000_600_000,
         }],
         update: None,
+        control: None,
     }
     .encode();
     let answer = seal::seal(&keys, &answer_header, Some(1), &answer_plain);

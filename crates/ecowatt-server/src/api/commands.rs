@@ -16,7 +16,7 @@ use crate::commands::{self, Command, CommandFilter, CommandRequest, CommandStatu
 use crate::domain::Invalid;
 use crate::error::ApiError;
 
-/// Queues `body` (`{"type", "parameters", "ttl_s"?}`, the seed's shape) for
+/// Queues `body` (`{"type", "parameters", "ttl_s"?, "lease_s"?}`, the seed's shape) for
 /// `device`; the commands aggregate validates it.
 pub async fn queue_for(
     state: &AppState,
@@ -28,13 +28,18 @@ pub async fn queue_for(
         None | Some(Value::Null) => commands::DEFAULT_TTL_S,
         Some(v) => v.as_i64().ok_or_else(|| Invalid::new("ttl_s", "must be whole seconds"))?,
     };
+    let lease_ms = match body.as_object_mut().and_then(|o| o.remove("lease_s")) {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(super::control::seconds("lease_s", &v)?.saturating_mul(1000)),
+    };
     let request: CommandRequest = serde_json::from_value(body).map_err(|e| {
         ApiError::invalid(Invalid::new(
             "type",
             format!("{e}; types: set_power_percentage, set_power, write_register, read_register"),
         ))
     })?;
-    Ok(state.commands.queue(device, &request, ttl_s, actor, crate::now_ms()).await?)
+    let options = commands::store::QueueOptions { ttl_s, lease_ms, curtailment_id: None };
+    Ok(state.commands.queue_with(device, &request, &options, actor, crate::now_ms()).await?)
 }
 
 pub async fn queue(

@@ -39,7 +39,12 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
         "A device's commands (filters: status, type, before, since_ms, limit)",
         false,
     ),
-    ("post", "/api/v1/devices/{name}/commands", "Queue a command {type, parameters, ttl_s}", true),
+    (
+        "post",
+        "/api/v1/devices/{name}/commands",
+        "Queue a command {type, parameters, ttl_s?, lease_s? (export limits; see docs/export-control.md)}",
+        true,
+    ),
     (
         "get",
         "/api/v1/commands",
@@ -71,6 +76,33 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("get", "/api/v1/firmware/{id}/image", "An image's bytes (Range supported)", false),
+    (
+        "put",
+        "/api/v1/devices/{name}/failsafe",
+        "Set the fail-safe export limit {failsafe: 0..100 | \"hold\" | null}",
+        true,
+    ),
+    ("put", "/api/v1/devices/{name}/tags", "Replace a device's tags {tags: [..]}", true),
+    (
+        "get",
+        "/api/v1/devices/{name}/control",
+        "Tags, fail-safe, the leased limit the device reports, its episodes",
+        false,
+    ),
+    (
+        "post",
+        "/api/v1/curtailments",
+        "Curtail a group {group, percent, lease_s?}; refused whole (group_empty, failsafe_not_configured)",
+        true,
+    ),
+    ("get", "/api/v1/curtailments", "Curtailments, newest first, with progress", false),
+    (
+        "get",
+        "/api/v1/curtailments/{id}",
+        "A curtailment: confirmed, pending, offline, failed, time to confirm p50/p99, failures",
+        false,
+    ),
+    ("post", "/api/v1/curtailments/{id}/release", "Release: its devices back to 100 %", true),
     ("get", "/api/v1/rollouts", "Rollouts, newest first, with device counts per state", false),
     (
         "post",

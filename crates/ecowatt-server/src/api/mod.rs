@@ -3,6 +3,7 @@
 mod auth;
 mod commands;
 mod config;
+mod control;
 mod device;
 mod devices;
 mod docs;
@@ -60,6 +61,8 @@ pub struct Shared {
     pub configs: crate::config::Configs,
     /// The commands.
     pub commands: crate::commands::Commands,
+    /// Export control: fail-safes, tags, curtailments.
+    pub control: crate::control::Control,
     /// Stored firmware images.
     pub firmware: crate::firmware::Firmwares,
     /// Firmware rollouts.
@@ -92,6 +95,7 @@ impl AppState {
             devices: store.devices(),
             configs: store.configs(),
             commands: store.commands(),
+            control: crate::control::Control::new(store.db().clone()),
             firmware: store.firmwares(),
             rollouts: store.rollouts(),
             telemetry: store.telemetry(),
@@ -150,6 +154,12 @@ pub fn app(state: AppState) -> Router {
             "/api/v1/devices/{name}/commands",
             get(commands::list_for_device).post(commands::queue),
         )
+        .route("/api/v1/devices/{name}/failsafe", axum::routing::put(control::set_failsafe))
+        .route("/api/v1/devices/{name}/tags", axum::routing::put(control::set_tags))
+        .route("/api/v1/devices/{name}/control", get(control::show))
+        .route("/api/v1/curtailments", get(control::list).post(control::curtail))
+        .route("/api/v1/curtailments/{id}", get(control::get))
+        .route("/api/v1/curtailments/{id}/release", post(control::release))
         .route("/api/v1/commands", get(commands::list))
         .route("/api/v1/commands/statistics", get(commands::statistics))
         .route("/api/v1/commands/export", get(commands::export))

@@ -204,6 +204,51 @@ pub const TTL_S: (i64, i64) = (10, 7 * 86_400);
 /// Time-to-live when none is given, seconds.
 pub const DEFAULT_TTL_S: i64 = 600;
 
+/// Shortest and longest lease of an export limit, ms: a lease must outlive
+/// a long poll and its retries, and a week is the longest silence anyone
+/// means to cover.
+pub const LEASE_MS: (i64, i64) = (60_000, 7 * 86_400_000);
+/// The lease of an export limit to a device with a fail-safe, when none is given.
+pub const DEFAULT_LEASE_MS: i64 = 900_000;
+
+/// The lease `action` is held under: `asked` (ms) if given, else the default
+/// when the device has a fail-safe (`failsafe`); only a write of the export
+/// limit holds one, and only on a device whose installer set a fail-safe.
+pub fn lease_for(
+    action: &Action,
+    asked: Option<i64>,
+    failsafe: Option<i64>,
+) -> Result<Option<i64>, crate::db::StoreError> {
+    let limit = matches!(action, Action::Write { register: EXPORT_LIMIT, .. });
+    let Some(lease) = asked else {
+        return Ok((limit && failsafe.is_some()).then_some(DEFAULT_LEASE_MS));
+    };
+    if !limit {
+        return Err(Invalid::new("lease_s", "only an export limit is held under a lease").into());
+    }
+    if !(LEASE_MS.0..=LEASE_MS.1).contains(&lease) {
+        return Err(Invalid::new(
+            "lease_s",
+            format!(
+                "{} s is outside {}..={} s",
+                lease / 1000,
+                LEASE_MS.0 / 1000,
+                LEASE_MS.1 / 1000
+            ),
+        )
+        .into());
+    }
+    if failsafe.is_none() {
+        return Err(crate::db::StoreError::Refused {
+            code: "failsafe_not_configured",
+            message: "the device has no fail-safe limit, so a lease could not end safely; set one \
+                      (`ecowatt device failsafe NAME 40%` or `hold`)"
+                .into(),
+        });
+    }
+    Ok(Some(lease))
+}
+
 /// Validates a time-to-live.
 pub fn check_ttl(ttl_s: i64) -> Result<i64, Invalid> {
     if (TTL_S.0..=TTL_S.1).contains(&ttl_s) {
@@ -272,6 +317,10 @@ pub struct Command {
     pub result_value: Option<i64>,
     /// When a later reading confirmed the value.
     pub confirmed_ms: Option<i64>,
+    /// The lease an export limit is held under (`None`: not leased).
+    pub lease_ms: Option<i64>,
+    /// The curtailment it belongs to.
+    pub curtailment_id: Option<i64>,
 }
 
 /// A device's report of how a command went.

@@ -18,7 +18,7 @@ use crate::operators::audit;
 const COLUMNS: &str = "c.id, d.name AS device_name, c.kind, c.parameters, c.op, c.register, \
      c.value, c.status, c.created_ms, c.created_by, c.expires_ms, c.delivered_ms, \
      c.delivery_count, c.completed_ms, c.executed_ms, c.result_message, c.exception_code, \
-     c.result_value, c.confirmed_ms";
+     c.result_value, c.confirmed_ms, c.lease_ms, c.curtailment_id";
 
 /// [`super::awaits_confirmation`] as SQL, on a row of `commands`.
 pub const AWAITS_CONFIRMATION: &str = "status = 'succeeded' AND op = 'write'";
@@ -54,6 +54,8 @@ fn command_from(row: &AnyRow) -> StoreResult<Command> {
         exception_code: row.try_get("exception_code")?,
         result_value: row.try_get("result_value")?,
         confirmed_ms: row.try_get("confirmed_ms")?,
+        lease_ms: row.try_get("lease_ms")?,
+        curtailment_id: row.try_get("curtailment_id")?,
     })
 }
 
@@ -176,6 +178,7 @@ impl Commands {
 
     /// Validates `request` against the device (enabled; its rated power)
     /// and queues it with a time-to-live; the device hears of it at once.
+    /// An export limit is leased as [`super::lease_for`] says.
     pub async fn queue(
         &self,
         device: &str,
@@ -184,36 +187,21 @@ impl Commands {
         actor: &str,
         now: i64,
     ) -> StoreResult<Command> {
-        let ttl_s = super::check_ttl(ttl_s)?;
+        let options = QueueOptions { ttl_s, ..QueueOptions::default() };
+        self.queue_with(device, request, &options, actor, now).await
+    }
+
+    /// [`Commands::queue`] with a lease asked for and a curtailment to belong to.
+    pub async fn queue_with(
+        &self,
+        device: &str,
+        request: &CommandRequest,
+        options: &QueueOptions,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<Command> {
         let mut tx = self.db.write().await?;
-        let d = named_in(&self.db, &mut tx, device, true).await?;
-        if !d.enabled {
-            return Err(StoreError::Refused {
-                code: "device_disabled",
-                message: format!("device {device:?} is disabled"),
-            });
-        }
-        let action = request.action(d.rated_power_w)?;
-        let (op, register, value) = action.columns();
-        let row = sqlx::query(
-            "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, created_by, expires_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9) RETURNING id",
-        )
-        .bind(d.id)
-        .bind(request.kind())
-        .bind(request.parameters().to_string())
-        .bind(op)
-        .bind(register)
-        .bind(value)
-        .bind(now)
-        .bind(actor)
-        .bind(now + ttl_s * 1000)
-        .fetch_one(&mut *tx)
-        .await?;
-        let id: i64 = row.try_get("id")?;
-        let detail =
-            json!({"device": device, "type": request.kind(), "parameters": request.parameters()});
-        audit::record(&mut tx, now, actor, "command.queue", &id.to_string(), detail).await?;
+        let id = queue_in(&self.db, &mut tx, device, request, options, actor, now).await?;
         tx.announce(device).await?;
         let command = command_in(&mut tx, id).await?;
         tx.commit().await?;
@@ -483,4 +471,71 @@ mod tests {
             .collect();
         assert_eq!(ids(deliverable), expected);
     }
+}
+
+/// How a command is queued besides what it asks.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    /// Time to live, s.
+    pub ttl_s: i64,
+    /// The lease asked for, ms (`None`: the device's default).
+    pub lease_ms: Option<i64>,
+    /// The curtailment it belongs to.
+    pub curtailment_id: Option<i64>,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions { ttl_s: super::DEFAULT_TTL_S, lease_ms: None, curtailment_id: None }
+    }
+}
+
+/// Queues `request` for `device` in `tx` (validated, leased, audited);
+/// returns its id. The caller announces it after commit.
+pub async fn queue_in(
+    db: &Db,
+    tx: &mut WriteTx,
+    device: &str,
+    request: &CommandRequest,
+    options: &QueueOptions,
+    actor: &str,
+    now: i64,
+) -> StoreResult<i64> {
+    let ttl_s = super::check_ttl(options.ttl_s)?;
+    let d = named_in(db, tx, device, true).await?;
+    if !d.enabled {
+        return Err(StoreError::Refused {
+            code: "device_disabled",
+            message: format!("device {device:?} is disabled"),
+        });
+    }
+    let action = request.action(d.rated_power_w)?;
+    let failsafe: Option<i64> = sqlx::query("SELECT failsafe FROM devices WHERE id = $1")
+        .bind(d.id)
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get("failsafe")?;
+    let lease_ms = super::lease_for(&action, options.lease_ms, failsafe)?;
+    let (op, register, value) = action.columns();
+    let row = sqlx::query(
+        "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, created_by, expires_ms, lease_ms, curtailment_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11) RETURNING id",
+    )
+    .bind(d.id)
+    .bind(request.kind())
+    .bind(request.parameters().to_string())
+    .bind(op)
+    .bind(register)
+    .bind(value)
+    .bind(now)
+    .bind(actor)
+    .bind(now + ttl_s * 1000)
+    .bind(lease_ms)
+    .bind(options.curtailment_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    let id: i64 = row.try_get("id")?;
+    let detail = json!({"device": device, "type": request.kind(), "parameters": request.parameters(), "lease_ms": lease_ms});
+    audit::record(tx, now, actor, "command.queue", &id.to_string(), detail).await?;
+    Ok(id)
 }

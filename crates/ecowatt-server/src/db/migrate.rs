@@ -231,6 +231,48 @@ UPDATE commands SET op = {json:action.op}, register = CAST({json:action.register
 ALTER TABLE commands DROP COLUMN action
 "#,
     ),
+    (
+        11,
+        // Grid-safe export control (`control/`): the installer's fail-safe
+        // limit (NULL unset, -1 "no change", else %), what the device last
+        // reported of its control (JSON; NULL: its firmware has none), a
+        // command's lease and the curtailment it belongs to, tags for groups,
+        // the episodes devices report, and curtailments of a group.
+        r#"
+ALTER TABLE devices ADD COLUMN failsafe BIGINT;
+ALTER TABLE devices ADD COLUMN control_reported TEXT;
+ALTER TABLE commands ADD COLUMN lease_ms BIGINT;
+ALTER TABLE commands ADD COLUMN curtailment_id BIGINT;
+CREATE INDEX commands_by_curtailment ON commands (curtailment_id) WHERE curtailment_id IS NOT NULL;
+CREATE TABLE device_tags (
+    device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    tag TEXT NOT NULL,
+    PRIMARY KEY (device_id, tag)
+);
+CREATE INDEX device_tags_by_tag ON device_tags (tag, device_id);
+CREATE TABLE control_episodes (
+    id {pk},
+    device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    command_id BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    value BIGINT NOT NULL,
+    outcome TEXT NOT NULL,
+    received_ms BIGINT NOT NULL,
+    UNIQUE (device_id, command_id, kind, at_ms)
+);
+CREATE TABLE curtailments (
+    id {pk},
+    tag TEXT NOT NULL,
+    percent BIGINT NOT NULL,
+    lease_ms BIGINT,
+    releases BIGINT,
+    devices BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    created_by TEXT NOT NULL
+)
+"#,
+    ),
 ];
 
 /// `{json:COLUMN.FIELD}`: the text of a JSON column's field, in the dialect.

@@ -74,6 +74,7 @@ pub fn report_of(request: &SyncRequest, key_version: i64, counter: u64) -> SyncR
             .collect(),
         firmware: (!request.firmware.is_empty()).then(|| request.firmware.clone()),
         ota: request.ota.clone(),
+        control: request.control.clone(),
     }
 }
 
@@ -123,6 +124,7 @@ pub fn answer_body(d: &SyncDelivery, now_ms: i64) -> Vec<u8> {
                 expires_ms: c.expires_ms as u64,
             })
             .collect(),
+        control: d.control.clone(),
     }
     .encode()
 }

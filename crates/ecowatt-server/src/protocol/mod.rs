@@ -40,6 +40,8 @@ pub struct SyncReport {
     pub firmware: Option<String>,
     /// How its firmware update is going.
     pub ota: Option<ecowatt_proto::messages::OtaReport>,
+    /// Its export control (absent from firmware without it).
+    pub control: Option<ecowatt_proto::messages::ControlReport>,
 }
 
 /// What goes back to the device in a sync answer.
@@ -55,12 +57,21 @@ pub struct SyncDelivery {
     pub commands: Vec<Command>,
     /// A firmware update to offer.
     pub update: Option<crate::firmware::rollouts::Offer>,
+    /// Leases and the fail-safe, for a device that reports control.
+    pub control: Option<ecowatt_proto::messages::ControlOrders>,
 }
 
 impl SyncDelivery {
     /// An answer with nothing in it.
     pub fn empty(device: String, down_counter: u64) -> Self {
-        SyncDelivery { device, down_counter, config: None, commands: vec![], update: None }
+        SyncDelivery {
+            device,
+            down_counter,
+            config: None,
+            commands: vec![],
+            update: None,
+            control: None,
+        }
     }
 }
 
@@ -93,6 +104,10 @@ pub struct Stored {
     pub commands: i64,
     /// Firmware offers waiting.
     pub offers: i64,
+    /// The control the device last reported, as stored (JSON text).
+    pub control_reported: Option<String>,
+    /// The installer's fail-safe, as stored.
+    pub failsafe: Option<i64>,
 }
 
 /// A sync is *quiet* when it reports what the server already stored and
@@ -101,6 +116,15 @@ pub struct Stored {
 pub fn is_quiet(report: &SyncReport, stored: &Stored) -> bool {
     if !report.results.is_empty() || report.ota.is_some() {
         return false;
+    }
+    if let Some(c) = &report.control {
+        let desired = crate::control::FailSafe::from_column(stored.failsafe);
+        if !c.episodes.is_empty()
+            || stored.control_reported.as_deref() != Some(crate::control::reported_json(c).as_str())
+            || crate::control::failsafe_to_send(desired, c.failsafe).is_some()
+        {
+            return false;
+        }
     }
     let same_report = match &report.applied {
         None => true,
@@ -128,7 +152,8 @@ fn json_text<T: serde::Serialize>(v: &T) -> String {
 /// that version), or the device asked not to wait.
 pub fn answer_now(d: &SyncDelivery, working_on: Option<&str>, wait_ms: u32) -> bool {
     let new_offer = d.update.as_ref().is_some_and(|u| working_on != u.manifest["version"].as_str());
-    d.config.is_some() || !d.commands.is_empty() || new_offer || wait_ms == 0
+    let failsafe = d.control.as_ref().is_some_and(|c| c.failsafe.is_some());
+    d.config.is_some() || !d.commands.is_empty() || new_offer || failsafe || wait_ms == 0
 }
 
 #[cfg(test)]
@@ -151,6 +176,8 @@ mod tests {
             desired_version: 3,
             commands: 0,
             offers: 0,
+            control_reported: None,
+            failsafe: None,
         }
     }
 

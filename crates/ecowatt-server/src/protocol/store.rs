@@ -81,6 +81,9 @@ impl Protocol {
         if let Some(ota) = &report.ota {
             ota_report_in(&self.db, &mut tx, device_id, ota, now).await?;
         }
+        if let Some(control) = &report.control {
+            crate::control::store::report_in(&mut tx, device_id, control, now).await?;
+        }
         let delivery = if deliver {
             let applied = report.applied.as_ref().map(|(v, _)| *v);
             self.delivery_in(&mut tx, device_id, name, applied, redeliver_after_ms, now).await?
@@ -155,7 +158,7 @@ impl Protocol {
         now: i64,
     ) -> StoreResult<SyncDelivery> {
         let config = crate::config::to_send_in(tx, device_id, applied_version).await?;
-        let commands = crate::commands::store::deliver_in(
+        let mut commands = crate::commands::store::deliver_in(
             &self.db,
             tx,
             device_id,
@@ -172,7 +175,10 @@ impl Protocol {
         .await?;
         let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
         let update = offer_in(&self.db, tx, device_id, now).await?;
-        Ok(SyncDelivery { device: name, down_counter, config, commands, update })
+        let control =
+            crate::control::store::orders_in(&self.db, tx, device_id, &name, &mut commands, now)
+                .await?;
+        Ok(SyncDelivery { device: name, down_counter, config, commands, update, control })
     }
 
     /// Most syncs are quiet long polls ([`is_quiet`]): those are found with
@@ -193,7 +199,7 @@ impl Protocol {
             return Ok(None); // not quiet, whatever is stored
         }
         let row = sqlx::query(&format!(
-            "SELECT d.name, d.firmware, c.desired_version, c.reported_version, c.reported, c.rejected, \
+            "SELECT d.name, d.firmware, d.control_reported, d.failsafe, c.desired_version, c.reported_version, c.reported, c.rejected, \
              (SELECT COUNT(*) FROM commands WHERE device_id = d.id AND {deliverable}) AS commands, \
              {offers} AS offers \
              FROM devices d JOIN device_configs c ON c.device_id = d.id WHERE d.id = $1",
@@ -214,6 +220,8 @@ impl Protocol {
             desired_version: row.try_get("desired_version")?,
             commands: row.try_get("commands")?,
             offers: row.try_get("offers")?,
+            control_reported: row.try_get("control_reported")?,
+            failsafe: row.try_get("failsafe")?,
         };
         if !is_quiet(report, &stored) {
             return Ok(None);

@@ -4,6 +4,7 @@
 
 mod api;
 mod concurrency;
+mod control;
 mod edge;
 mod faults;
 mod legacy;

@@ -1,0 +1,510 @@
+//! The SQL of export control on both dialects: fail-safe settings, tags,
+//! reported control and episodes (in the sync's transaction), the control
+//! orders of an answer, and curtailments of a group (one statement queues
+//! the whole group).
+
+use ecowatt_proto::messages::{ControlOrders, ControlReport, Lease};
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use super::{EpisodeRecord, FailSafe, Part, Progress, failsafe_to_send, kind_name, outcome_name};
+use crate::commands::store::record_result_in;
+use crate::commands::{
+    Command, CommandOutcome, CommandStatus, DEFAULT_LEASE_MS, DEFAULT_TTL_S, LEASE_MS,
+};
+use crate::db::{Db, StoreError, StoreResult, WriteTx, corrupt};
+use crate::devices::{DeviceId, named_in};
+use crate::operators::audit;
+
+/// Export control.
+#[derive(Clone)]
+pub struct Control {
+    db: Db,
+}
+
+/// A curtailment of a group, or the release of one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Curtailment {
+    /// Its id.
+    pub id: i64,
+    /// The group (tag).
+    pub group: String,
+    /// The export limit asked, %.
+    pub percent: i64,
+    /// The lease, ms (`None` for a release).
+    pub lease_ms: Option<i64>,
+    /// The curtailment this releases.
+    pub releases: Option<i64>,
+    /// When, and by whom.
+    pub created_ms: i64,
+    /// Who.
+    pub created_by: String,
+    /// Where its devices stand.
+    pub progress: Progress,
+    /// Devices that failed, with why.
+    pub failures: Vec<Value>,
+}
+
+impl Control {
+    /// Over `db`.
+    pub fn new(db: Db) -> Self {
+        Control { db }
+    }
+
+    /// Sets (or unsets, `None`) a device's fail-safe limit; the device hears
+    /// of it on its next answer.
+    pub async fn set_failsafe(
+        &self,
+        device: &str,
+        failsafe: Option<FailSafe>,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.db.write().await?;
+        let d = named_in(&self.db, &mut tx, device, true).await?;
+        sqlx::query("UPDATE devices SET failsafe = $1 WHERE id = $2")
+            .bind(failsafe.map(FailSafe::column))
+            .bind(d.id)
+            .execute(&mut *tx)
+            .await?;
+        let detail = json!({"failsafe": FailSafe::json(failsafe)});
+        audit::record(&mut tx, now, actor, "device.failsafe", device, detail).await?;
+        tx.announce(device).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces a device's tags.
+    pub async fn set_tags(
+        &self,
+        device: &str,
+        tags: &[String],
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        for t in tags {
+            super::check_tag(t)?;
+        }
+        let mut tx = self.db.write().await?;
+        let d = named_in(&self.db, &mut tx, device, true).await?;
+        sqlx::query("DELETE FROM device_tags WHERE device_id = $1")
+            .bind(d.id)
+            .execute(&mut *tx)
+            .await?;
+        let mut sorted: Vec<&String> = tags.iter().collect();
+        sorted.sort();
+        sorted.dedup();
+        for t in &sorted {
+            sqlx::query("INSERT INTO device_tags (device_id, tag) VALUES ($1, $2)")
+                .bind(d.id)
+                .bind(t.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        audit::record(&mut tx, now, actor, "device.tags", device, json!({"tags": sorted})).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A device's control: tags, fail-safe, what it reported, its latest episodes.
+    pub async fn show(&self, device: &str) -> StoreResult<Value> {
+        let mut c = self.db.reader().acquire().await?;
+        let d = named_in(&self.db, &mut c, device, false).await?;
+        let row = sqlx::query("SELECT failsafe, control_reported FROM devices WHERE id = $1")
+            .bind(d.id)
+            .fetch_one(&mut *c)
+            .await?;
+        let failsafe = FailSafe::from_column(row.try_get("failsafe")?);
+        let reported: Option<String> = row.try_get("control_reported")?;
+        let reported: Value = match reported {
+            Some(t) => serde_json::from_str(&t).map_err(|e| corrupt("control_reported", e))?,
+            None => Value::Null,
+        };
+        let tags: Vec<String> =
+            sqlx::query("SELECT tag FROM device_tags WHERE device_id = $1 ORDER BY tag")
+                .bind(d.id)
+                .fetch_all(&mut *c)
+                .await?
+                .iter()
+                .map(|r| r.try_get("tag"))
+                .collect::<Result<_, _>>()?;
+        let episodes = sqlx::query(
+            "SELECT kind, command_id, at_ms, value, outcome, received_ms FROM control_episodes \
+             WHERE device_id = $1 ORDER BY id DESC LIMIT 50",
+        )
+        .bind(d.id)
+        .fetch_all(&mut *c)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(EpisodeRecord {
+                kind: r.try_get("kind")?,
+                command_id: r.try_get("command_id")?,
+                at_ms: r.try_get("at_ms")?,
+                limit_pct: r.try_get("value")?,
+                outcome: r.try_get("outcome")?,
+                received_ms: r.try_get("received_ms")?,
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+        Ok(json!({
+            "device": device,
+            "tags": tags,
+            "failsafe": FailSafe::json(failsafe),
+            // null: the device has not reported control (its firmware holds no leases).
+            "reported": reported,
+            "episodes": episodes,
+        }))
+    }
+
+    /// Curtails every enabled device tagged `group` to `percent` under a
+    /// lease (default [`DEFAULT_LEASE_MS`]), in one transaction; refused
+    /// whole when the group is empty or a device in it has no fail-safe.
+    pub async fn curtail(
+        &self,
+        group: &str,
+        percent: i64,
+        lease_ms: Option<i64>,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<i64> {
+        super::check_tag(group).map_err(|e| crate::domain::Invalid::new("group", e.message))?;
+        let percent = super::check_percent(percent)?;
+        let lease_ms = lease_ms.unwrap_or(DEFAULT_LEASE_MS);
+        if !(LEASE_MS.0..=LEASE_MS.1).contains(&lease_ms) {
+            return Err(crate::domain::Invalid::new(
+                "lease_s",
+                format!(
+                    "{} s is outside {}..={} s",
+                    lease_ms / 1000,
+                    LEASE_MS.0 / 1000,
+                    LEASE_MS.1 / 1000
+                ),
+            )
+            .into());
+        }
+        let mut tx = self.db.write().await?;
+        let members = "FROM devices d JOIN device_tags t ON t.device_id = d.id WHERE t.tag = $1 AND d.enabled <> 0";
+        let row = sqlx::query(&format!(
+            "SELECT COUNT(*) AS n, SUM(CASE WHEN d.failsafe IS NULL THEN 1 ELSE 0 END) AS unset {members}"
+        ))
+        .bind(group)
+        .fetch_one(&mut *tx)
+        .await?;
+        let n: i64 = row.try_get("n")?;
+        if n == 0 {
+            return Err(StoreError::Refused {
+                code: "group_empty",
+                message: format!("no enabled device is tagged {group:?}; nothing was queued"),
+            });
+        }
+        let unset: Option<i64> = row.try_get("unset")?;
+        if unset.unwrap_or(0) > 0 {
+            let names: Vec<String> = sqlx::query(&format!(
+                "SELECT d.name {members} AND d.failsafe IS NULL ORDER BY d.name LIMIT 10"
+            ))
+            .bind(group)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get("name"))
+            .collect::<Result<_, _>>()?;
+            return Err(StoreError::Refused {
+                code: "failsafe_not_configured",
+                message: format!(
+                    "{} device(s) of {group:?} have no fail-safe limit (e.g. {}); set one first; nothing was queued",
+                    unset.unwrap_or(0),
+                    names.join(", ")
+                ),
+            });
+        }
+        let id = self
+            .insert(&mut tx, group, i64::from(percent), Some(lease_ms), None, n, actor, now)
+            .await?;
+        let queued = sqlx::query(&format!(
+            "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, \
+             created_by, expires_ms, lease_ms, curtailment_id) \
+             SELECT d.id, 'set_power_percentage', $2, 'write', $3, $4, 'queued', $5, $6, $7, $8, $9 {members}"
+        ))
+        .bind(group)
+        .bind(json!({"percentage": percent}).to_string())
+        .bind(i64::from(ecowatt_proto::registers::EXPORT_LIMIT))
+        .bind(i64::from(percent))
+        .bind(now)
+        .bind(actor)
+        .bind(now + DEFAULT_TTL_S * 1000)
+        .bind(lease_ms)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        debug_assert_eq!(queued.rows_affected() as i64, n);
+        let detail =
+            json!({"group": group, "percent": percent, "lease_ms": lease_ms, "devices": n});
+        audit::record(&mut tx, now, actor, "curtailment.start", &id.to_string(), detail).await?;
+        self.announce_members(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Releases curtailment `id`: its devices go back to 100 % (no lease),
+    /// tracked as a curtailment of its own; returns its id.
+    pub async fn release(&self, id: i64, actor: &str, now: i64) -> StoreResult<i64> {
+        let mut tx = self.db.write().await?;
+        let row = sqlx::query("SELECT tag, releases FROM curtailments WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("curtailment {id}")))?;
+        if row.try_get::<Option<i64>, _>("releases")?.is_some() {
+            return Err(StoreError::Refused {
+                code: "not_a_curtailment",
+                message: format!("{id} is itself a release"),
+            });
+        }
+        let group: String = row.try_get("tag")?;
+        let done = sqlx::query("SELECT id FROM curtailments WHERE releases = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(r) = done {
+            let rid: i64 = r.try_get("id")?;
+            return Err(StoreError::Refused {
+                code: "already_released",
+                message: format!("curtailment {id} was released by {rid}"),
+            });
+        }
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM commands WHERE curtailment_id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+        let rid = self.insert(&mut tx, &group, 100, None, Some(id), n, actor, now).await?;
+        sqlx::query(
+            "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, \
+             created_by, expires_ms, lease_ms, curtailment_id) \
+             SELECT c.device_id, 'set_power_percentage', $1, 'write', $2, 100, 'queued', $3, $4, $5, NULL, $6 \
+             FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.curtailment_id = $7",
+        )
+        .bind(json!({"percentage": 100}).to_string())
+        .bind(i64::from(ecowatt_proto::registers::EXPORT_LIMIT))
+        .bind(now)
+        .bind(actor)
+        .bind(now + DEFAULT_TTL_S * 1000)
+        .bind(rid)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        // What the curtailment still had waiting is overtaken.
+        sqlx::query(
+            "UPDATE commands SET status = 'cancelled', completed_ms = $1, result_message = $2 \
+             WHERE curtailment_id = $3 AND status IN ('queued', 'delivered')",
+        )
+        .bind(now)
+        .bind(format!("released by curtailment {rid}"))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        audit::record(
+            &mut tx,
+            now,
+            actor,
+            "curtailment.release",
+            &id.to_string(),
+            json!({"release": rid}),
+        )
+        .await?;
+        self.announce_members(&mut tx, rid).await?;
+        tx.commit().await?;
+        Ok(rid)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert(
+        &self,
+        tx: &mut WriteTx,
+        group: &str,
+        percent: i64,
+        lease_ms: Option<i64>,
+        releases: Option<i64>,
+        devices: i64,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query(
+            "INSERT INTO curtailments (tag, percent, lease_ms, releases, devices, created_ms, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        )
+        .bind(group)
+        .bind(percent)
+        .bind(lease_ms)
+        .bind(releases)
+        .bind(devices)
+        .bind(now)
+        .bind(actor)
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get("id")?)
+    }
+
+    async fn announce_members(&self, tx: &mut WriteTx, id: i64) -> StoreResult<()> {
+        let names: Vec<String> = sqlx::query(
+            "SELECT d.name FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.curtailment_id = $1",
+        )
+        .bind(id)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get("name"))
+        .collect::<Result<_, _>>()?;
+        for n in names {
+            tx.announce(&n).await?;
+        }
+        Ok(())
+    }
+
+    /// A curtailment with its progress (`now`: the server's clock).
+    pub async fn get(&self, id: i64, now: i64) -> StoreResult<Curtailment> {
+        let mut c = self.db.reader().acquire().await?;
+        let row = sqlx::query("SELECT * FROM curtailments WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *c)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("curtailment {id}")))?;
+        let rows = sqlx::query(
+            "SELECT d.name, d.last_seen_ms, c.status, c.created_ms, c.completed_ms, c.result_message \
+             FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.curtailment_id = $1 ORDER BY d.name",
+        )
+        .bind(id)
+        .fetch_all(&mut *c)
+        .await?;
+        let mut parts = Vec::with_capacity(rows.len());
+        let mut failures = Vec::new();
+        for r in &rows {
+            let status: String = r.try_get("status")?;
+            let status = CommandStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?;
+            let p = super::part(
+                status,
+                r.try_get("created_ms")?,
+                r.try_get("completed_ms")?,
+                r.try_get("last_seen_ms")?,
+                now,
+            );
+            if p == Part::Failed && failures.len() < 100 {
+                let name: String = r.try_get("name")?;
+                let why: Option<String> = r.try_get("result_message")?;
+                failures.push(json!({"device": name, "status": status.as_str(), "reason": why}));
+            }
+            parts.push(p);
+        }
+        Ok(Curtailment {
+            id,
+            group: row.try_get("tag")?,
+            percent: row.try_get("percent")?,
+            lease_ms: row.try_get("lease_ms")?,
+            releases: row.try_get("releases")?,
+            created_ms: row.try_get("created_ms")?,
+            created_by: row.try_get("created_by")?,
+            progress: super::progress(&parts),
+            failures,
+        })
+    }
+
+    /// Curtailments, newest first (without their failures).
+    pub async fn list(&self, now: i64) -> StoreResult<Vec<Curtailment>> {
+        let ids: Vec<i64> = sqlx::query("SELECT id FROM curtailments ORDER BY id DESC LIMIT 50")
+            .fetch_all(self.db.reader())
+            .await?
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let mut c = self.get(id, now).await?;
+            c.failures.clear();
+            out.push(c);
+        }
+        Ok(out)
+    }
+}
+
+/// Stores what a sync reports of the device's control (in the sync's
+/// transaction): the state, and each episode once.
+pub async fn report_in(
+    tx: &mut WriteTx,
+    device_id: DeviceId,
+    report: &ControlReport,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE devices SET control_reported = $1 WHERE id = $2")
+        .bind(super::reported_json(report))
+        .bind(device_id)
+        .execute(&mut **tx)
+        .await?;
+    for e in &report.episodes {
+        sqlx::query(
+            "INSERT INTO control_episodes (device_id, kind, command_id, at_ms, value, outcome, received_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(device_id)
+        .bind(kind_name(e.kind))
+        .bind(e.command_id as i64)
+        .bind(e.at_ms as i64)
+        .bind(i64::from(e.value))
+        .bind(outcome_name(e.outcome))
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The control part of an answer carrying `commands`: the fail-safe when the
+/// device's differs, and the commands' leases. A device that never reported
+/// control cannot hold a lease: its leased commands fail here, with why,
+/// and leave the answer.
+pub async fn orders_in(
+    db: &Db,
+    tx: &mut WriteTx,
+    device_id: DeviceId,
+    device: &str,
+    commands: &mut Vec<Command>,
+    now: i64,
+) -> StoreResult<Option<ControlOrders>> {
+    let row = sqlx::query("SELECT failsafe, control_reported FROM devices WHERE id = $1")
+        .bind(device_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let desired = FailSafe::from_column(row.try_get("failsafe")?);
+    let reported: Option<String> = row.try_get("control_reported")?;
+    let Some(reported) = reported else {
+        let (leased, rest): (Vec<Command>, Vec<Command>) =
+            commands.drain(..).partition(|c| c.lease_ms.is_some());
+        *commands = rest;
+        for c in leased {
+            let outcome = CommandOutcome {
+                success: false,
+                message: Some(
+                    "the device's firmware cannot hold a leased limit (no control support); \
+                     update it, or send the limit without a lease"
+                        .into(),
+                ),
+                exception_code: None,
+                value: None,
+                executed_ms: None,
+            };
+            record_result_in(db, tx, device, c.id, &outcome, now).await?;
+        }
+        return Ok(None);
+    };
+    let reported: Value =
+        serde_json::from_str(&reported).map_err(|e| corrupt("control_reported", e))?;
+    let reported_failsafe = FailSafe::wire(FailSafe::parse(&reported["failsafe"]).ok().flatten());
+    let leases = commands
+        .iter()
+        .filter_map(|c| {
+            let lease_ms = u32::try_from(c.lease_ms?).ok()?;
+            Some(Lease { command_id: c.id as u64, lease_ms })
+        })
+        .collect();
+    Ok(Some(ControlOrders { failsafe: failsafe_to_send(desired, reported_failsafe), leases }))
+}

@@ -1,0 +1,255 @@
+//! Grid-safe export control through the router: fail-safes and tags, leases
+//! on export limits, the control extension of the sync (orders out, state
+//! and episodes in), curtailments of a group with their progress and
+//! release, and bad input refused with stable codes and nothing queued.
+//! Run on SQLite and (when configured) PostgreSQL.
+
+use ecowatt_proto::messages::{
+    CommandResult, ControlReport, Episode, EpisodeKind, EpisodeOutcome, LeaseState, SyncRequest,
+    failsafe,
+};
+use ecowatt_testkit::server::TempDb;
+use serde_json::{Value, json};
+
+use crate::api::Client;
+use crate::protocol::TestDevice;
+
+fn control(fs: u16, lease: Option<LeaseState>, episodes: Vec<Episode>) -> SyncRequest {
+    SyncRequest {
+        firmware: "1.0.0".into(),
+        control: Some(ControlReport { failsafe: fs, lease, episodes }),
+        ..Default::default()
+    }
+}
+
+fn succeeded(id: u64, value: u16) -> CommandResult {
+    CommandResult {
+        command_id: id,
+        succeeded: true,
+        exception: None,
+        value: Some(value),
+        executed_ms: 1,
+    }
+}
+
+async fn refused(c: &Client, method: &str, path: &str, body: Value) -> (u16, String, Value) {
+    let (status, v) = c.call(method, path, Some(body)).await;
+    (
+        status.as_u16(),
+        v["error"]["code"].as_str().unwrap_or("").to_owned(),
+        v["error"]["field"].clone(),
+    )
+}
+
+async fn commands_total(c: &Client) -> usize {
+    c.ok("GET", "/api/v1/commands", None).await["commands"].as_array().unwrap().len()
+}
+
+async fn export_control(db: TempDb) {
+    let c = Client::start(&db, false).await;
+    let state = c.server.state.clone();
+    let mut devs = Vec::new();
+    for n in ["f1", "f2", "f3", "old"] {
+        devs.push(TestDevice::provision(&c, n).await);
+    }
+
+    // Bad input: clear errors with stable codes, nothing queued.
+    let none =
+        json!({"type": "set_power_percentage", "parameters": {"percentage": 30}, "lease_s": 900});
+    assert_eq!(
+        refused(&c, "POST", "/api/v1/devices/f1/commands", none).await.1,
+        "failsafe_not_configured",
+        "a lease needs a fail-safe"
+    );
+    for (body, field) in
+        [(json!({"failsafe": 101}), "failsafe"), (json!({"failsafe": "sometimes"}), "failsafe")]
+    {
+        let r = refused(&c, "PUT", "/api/v1/devices/f1/failsafe", body).await;
+        assert_eq!((r.0, r.1.as_str(), r.2.as_str()), (400, "invalid_field", Some(field)));
+    }
+    for n in ["f1", "f2", "f3"] {
+        c.ok("PUT", &format!("/api/v1/devices/{n}/failsafe"), Some(json!({"failsafe": 40}))).await;
+        c.ok("PUT", &format!("/api/v1/devices/{n}/tags"), Some(json!({"tags": ["feeder-7"]})))
+            .await;
+    }
+    c.ok("PUT", "/api/v1/devices/old/tags", Some(json!({"tags": ["feeder-8"]}))).await;
+    let r = refused(&c, "PUT", "/api/v1/devices/old/tags", json!({"tags": ["a b"]})).await;
+    assert_eq!((r.0, r.1.as_str()), (400, "invalid_field"));
+    for (body, code, field) in [
+        (
+            json!({"type": "set_power_percentage", "parameters": {"percentage": 30}, "lease_s": 0}),
+            "invalid_field",
+            "lease_s",
+        ),
+        (
+            json!({"type": "set_power_percentage", "parameters": {"percentage": 30}, "lease_s": 99_999_999}),
+            "invalid_field",
+            "lease_s",
+        ),
+        (
+            json!({"type": "read_register", "parameters": {"register_address": 8}, "lease_s": 900}),
+            "invalid_field",
+            "lease_s",
+        ),
+        (
+            json!({"type": "set_power_percentage", "parameters": {"percentage": 130}, "lease_s": 900}),
+            "invalid_field",
+            "percentage",
+        ),
+    ] {
+        let r = refused(&c, "POST", "/api/v1/devices/f1/commands", body).await;
+        assert_eq!((r.1.as_str(), r.2.as_str()), (code, Some(field)));
+    }
+    for (body, code) in [
+        (json!({"group": "nobody", "percent": 30}), "group_empty"),
+        (json!({"group": "feeder-8", "percent": 30}), "failsafe_not_configured"),
+        (json!({"group": "feeder-7", "percent": 101}), "invalid_field"),
+        (json!({"group": "feeder-7", "percent": 30, "lease_s": 0}), "invalid_field"),
+        (json!({"group": "feeder-7", "percent": 30, "lease_s": 30 * 86_400}), "invalid_field"),
+        (json!({"group": "bad group", "percent": 30}), "invalid_field"),
+    ] {
+        assert_eq!(
+            refused(&c, "POST", "/api/v1/curtailments", body.clone()).await.1,
+            code,
+            "{body}"
+        );
+    }
+    assert_eq!(commands_total(&c).await, 0, "nothing was queued");
+
+    // A device that reports control gets its fail-safe, and a leased limit with its lease.
+    let resp = devs[0].sync(&state, &control(failsafe::UNSET, None, vec![])).await.unwrap();
+    assert_eq!(resp.control.unwrap().failsafe, Some(40));
+    let cmd = c
+        .ok("POST", "/api/v1/devices/f1/commands",
+            Some(json!({"type": "set_power_percentage", "parameters": {"percentage": 30}, "lease_s": 120})))
+        .await;
+    assert_eq!(cmd["lease_ms"], 120_000);
+    let id = cmd["id"].as_u64().unwrap();
+    let resp = devs[0].sync(&state, &control(40, None, vec![])).await.unwrap();
+    let orders = resp.control.unwrap();
+    assert_eq!((orders.failsafe, orders.leases.len()), (None, 1));
+    assert_eq!((orders.leases[0].command_id, orders.leases[0].lease_ms), (id, 120_000));
+    // Without a lease given, a limit to a device with a fail-safe gets the default.
+    let dflt = c
+        .ok(
+            "POST",
+            "/api/v1/devices/f1/commands",
+            Some(json!({"type": "set_power_percentage", "parameters": {"percentage": 35}})),
+        )
+        .await;
+    assert_eq!(dflt["lease_ms"], 900_000);
+    c.ok("POST", &format!("/api/v1/commands/{}/cancel", dflt["id"]), None).await;
+
+    // Its state and episodes are stored, each episode once.
+    let lease = LeaseState { command_id: id, value: 30, lapsed: true };
+    let episode = Episode {
+        kind: EpisodeKind::FailSafe,
+        command_id: id,
+        at_ms: 1_800_000_000_000,
+        value: 40,
+        outcome: EpisodeOutcome::Confirmed,
+    };
+    let mut report = control(40, Some(lease), vec![episode]);
+    report.results = vec![succeeded(id, 30)];
+    devs[0].sync(&state, &report).await.unwrap();
+    devs[0].sync(&state, &control(40, Some(lease), vec![episode])).await.unwrap();
+    let shown = c.ok("GET", "/api/v1/devices/f1/control", None).await;
+    assert_eq!(shown["failsafe"], 40);
+    assert_eq!(shown["tags"], json!(["feeder-7"]));
+    assert_eq!(shown["reported"]["lease"]["lapsed"], true);
+    assert_eq!(shown["episodes"].as_array().unwrap().len(), 1, "{shown}");
+    assert_eq!(shown["episodes"][0]["kind"], "failsafe");
+
+    // A device whose firmware has no control cannot hold a lease: the
+    // command fails with why, never confirmed.
+    c.ok("PUT", "/api/v1/devices/old/failsafe", Some(json!({"failsafe": "hold"}))).await;
+    let leased = c
+        .ok(
+            "POST",
+            "/api/v1/devices/old/commands",
+            Some(json!({"type": "set_power_percentage", "parameters": {"percentage": 30}})),
+        )
+        .await;
+    let plain = SyncRequest { firmware: "0.9.0".into(), ..Default::default() };
+    let resp = devs[3].sync(&state, &plain).await.unwrap();
+    assert!(resp.commands.is_empty() && resp.control.is_none(), "{resp:?}");
+    let cmd = c.ok("GET", &format!("/api/v1/commands/{}", leased["id"]), None).await;
+    assert_eq!(cmd["status"], "failed");
+    assert!(cmd["result_message"].as_str().unwrap().contains("cannot hold a leased limit"));
+
+    // A curtailment of the group: one request, progress as devices confirm.
+    let cur = c
+        .ok(
+            "POST",
+            "/api/v1/curtailments",
+            Some(json!({"group": "feeder-7", "percent": 20, "lease_s": 600})),
+        )
+        .await;
+    let cid = cur["id"].as_i64().unwrap();
+    assert_eq!(
+        (cur["progress"]["devices"].as_i64(), cur["lease_ms"].as_i64()),
+        (Some(3), Some(600_000))
+    );
+    assert_eq!(cur["progress"]["settled"], false);
+    // f3 has never been heard from: offline; f1 and f2 online.
+    let p = &cur["progress"];
+    assert_eq!((p["pending"].as_i64(), p["offline"].as_i64()), (Some(1), Some(2)), "{p}");
+    let r1 = devs[0].sync(&state, &control(40, None, vec![])).await.unwrap();
+    let r2 = devs[1].sync(&state, &control(40, None, vec![])).await.unwrap();
+    for r in [&r1, &r2] {
+        assert_eq!(r.commands.len(), 1);
+        assert_eq!(r.control.as_ref().unwrap().leases[0].lease_ms, 600_000);
+    }
+    let mut ok = control(40, None, vec![]);
+    ok.results = vec![succeeded(r1.commands[0].id, 20)];
+    devs[0].sync(&state, &ok).await.unwrap();
+    // f2's inverter reads back another value: failed, never confirmed.
+    let mut bad = control(40, None, vec![]);
+    bad.results = vec![CommandResult { succeeded: false, ..succeeded(r2.commands[0].id, 55) }];
+    devs[1].sync(&state, &bad).await.unwrap();
+    let cur = c.ok("GET", &format!("/api/v1/curtailments/{cid}"), None).await;
+    let p = &cur["progress"];
+    assert_eq!(
+        (p["confirmed"].as_i64(), p["failed"].as_i64(), p["offline"].as_i64()),
+        (Some(1), Some(1), Some(1)),
+        "{cur}"
+    );
+    assert!(p["confirm_p50_ms"].as_i64().is_some());
+    assert_eq!(cur["failures"][0]["device"], "f2");
+    assert!(cur["failures"][0]["reason"].as_str().unwrap().contains("reads 55"));
+
+    // Release: one action; what was still waiting is cancelled.
+    let rel = c.ok("POST", &format!("/api/v1/curtailments/{cid}/release"), None).await;
+    assert_eq!((rel["percent"].as_i64(), rel["releases"].as_i64()), (Some(100), Some(cid)));
+    assert!(rel["lease_ms"].is_null());
+    assert_eq!(
+        refused(&c, "POST", &format!("/api/v1/curtailments/{cid}/release"), json!(null)).await.1,
+        "already_released"
+    );
+    let r1 = devs[0].sync(&state, &control(40, None, vec![])).await.unwrap();
+    assert_eq!(r1.commands.len(), 1);
+    assert!(r1.control.unwrap().leases.is_empty(), "a release holds no lease");
+    let list = c.ok("GET", "/api/v1/curtailments", None).await;
+    assert_eq!(list["curtailments"].as_array().unwrap().len(), 2);
+    let audit = c.ok("GET", "/api/v1/audit", None).await;
+    let actions: Vec<&str> =
+        audit["entries"].as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    for a in ["curtailment.start", "curtailment.release", "device.failsafe", "device.tags"] {
+        assert!(actions.contains(&a), "{a} audited: {actions:?}");
+    }
+    c.server.stop().await;
+}
+
+#[tokio::test]
+async fn export_control_on_sqlite() {
+    export_control(TempDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn export_control_on_postgresql() {
+    let Some(db) = TempDb::postgres().await else {
+        eprintln!("ECOWATT_TEST_PG_URL not set; skipped");
+        return;
+    };
+    export_control(db).await;
+}
