@@ -179,3 +179,81 @@ pub fn a_power_cut_at_every_write_of_a_lapse_ends_on_the_failsafe_reported_once(
         assert_eq!(failsafes, 1, "cut after {n}: {:?}", kinds(&w));
     }
 }
+
+/// Every export-limit write after `from_ms`, checked against the line from
+/// `start` at `rate` (hundredths of % per second): never ahead of it.
+fn never_faster(w: &World, from_ms: u64, start: u16, rate: u16) {
+    let writes: Vec<(u64, u16)> =
+        w.inverter.timed.iter().filter(|(t, _)| *t >= from_ms).copied().collect();
+    let t0 = writes.first().expect("a step").0;
+    for (t, v) in &writes {
+        let allowed = u64::from(rate) * (t - t0 + 1_000) / 100_000;
+        assert!(
+            u64::from(start.abs_diff(*v)) <= allowed,
+            "{v}% at {} ms: faster than {rate}/100 %/s",
+            t - t0
+        );
+    }
+}
+
+pub fn a_ramp_steps_no_faster_than_its_rate_and_confirms_each_step() {
+    let mut w = World::new();
+    w.run_until(w.now + MINUTE);
+    let start = limit(&w);
+    let from = w.now;
+    w.server.ramped(7, 40, 250); // 100 % -> 40 % at 2.5 %/s: 24 s
+    assert!(w.run_until_true(2 * MINUTE, |w| w.server.results.contains_key(&7)));
+    let (result, _) = w.server.results[&7];
+    assert!(result.succeeded && result.value == Some(40), "{result:?}");
+    assert_eq!(limit(&w), 40);
+    never_faster(&w, from, start, 250);
+    let steps = w.inverter.timed.iter().filter(|(t, _)| *t >= from).count();
+    assert!((20..=61).contains(&steps), "stepped in {steps} writes");
+    let took = w.inverter.timed.last().unwrap().0
+        - w.inverter.timed.iter().find(|(t, _)| *t >= from).unwrap().0;
+    assert!((22 * SECOND..=26 * SECOND).contains(&took), "took {took} ms");
+    assert_eq!(w.count(|n| matches!(n, Note::Ramp { command_id: 7, .. })), steps);
+}
+
+pub fn a_new_limit_takes_over_a_ramp_from_where_it_is() {
+    let mut w = World::new();
+    w.run_until(w.now + MINUTE);
+    w.server.ramped(7, 0, 100); // 100 % -> 0 % at 1 %/s
+    let from = w.now;
+    w.run_until(w.now + 30 * SECOND);
+    let mid = limit(&w);
+    assert!((60..=80).contains(&mid), "mid-ramp at {mid}%");
+    // The server reports progress as the device tells it.
+    let r = w.server.control.as_ref().unwrap().ramp.expect("a ramp under way");
+    assert_eq!((r.command_id, r.target), (7, 0));
+    // A new ramped command takes over from the current value, towards 90 %.
+    w.server.ramped(8, 90, 200);
+    assert!(w.run_until_true(2 * MINUTE, |w| w.server.results.contains_key(&8)));
+    let (old, _) = w.server.results[&7];
+    assert!(!old.succeeded, "the first ramp did not reach its target");
+    let (new, _) = w.server.results[&8];
+    assert_eq!((new.succeeded, new.value), (true, Some(90)));
+    let after: Vec<u16> =
+        w.inverter.timed.iter().filter(|(t, _)| *t > from).map(|(_, v)| *v).collect();
+    let turn = (1..after.len()).find(|&i| after[i] > after[i - 1]).expect("it turns");
+    assert!(after[..turn].windows(2).all(|p| p[1] < p[0]), "down first: {after:?}");
+    assert!(after[turn - 1..].windows(2).all(|p| p[1] > p[0]), "then up: {after:?}");
+    assert!(after[turn] - after[turn - 1] <= 2, "from where it was, no jump: {after:?}");
+    assert_eq!(after.last(), Some(&90));
+    assert!(w.server.control.as_ref().unwrap().ramp.is_none());
+}
+
+pub fn a_ramp_the_inverter_stops_taking_fails_with_the_value_reached() {
+    let mut w = World::new();
+    w.run_until(w.now + MINUTE);
+    w.server.ramped(7, 50, 500);
+    w.run_until(w.now + 4 * SECOND);
+    w.inverter.silent = true;
+    w.run_until(w.now + 20 * SECOND);
+    w.inverter.silent = false;
+    assert!(w.run_until_true(2 * MINUTE, |w| w.server.results.contains_key(&7)));
+    let (r, _) = w.server.results[&7];
+    assert!(!r.succeeded, "{r:?}");
+    let reached = r.value.expect("the value it reached");
+    assert!((50..100).contains(&reached), "{reached}");
+}

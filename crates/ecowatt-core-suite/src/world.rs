@@ -18,9 +18,9 @@ use ecowatt_core::session::Credentials;
 use ecowatt_proto::codec::{self, Sample};
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::messages::{
-    CommandResult, ConfigState, ControlOrders, ControlReport, DeviceCommand, Episode, Lease,
-    MessageType, OtaReport, SyncRequest, SyncResponse, TelemetryAck, TelemetryUpload, UpdateOffer,
-    signature_algorithm,
+    CommandControl, CommandResult, ConfigState, ControlOrders, ControlReport, DeviceCommand,
+    Episode, MessageType, OtaReport, SyncRequest, SyncResponse, TelemetryAck, TelemetryUpload,
+    UpdateOffer, signature_algorithm,
 };
 use ecowatt_proto::modbus::{Exception, ExceptionCode, Request, Response};
 use ecowatt_proto::replay::ReplayWindow;
@@ -109,6 +109,8 @@ impl Slots for SharedFlash {
 pub struct Inverter {
     pub regs: [u16; 10],
     pub writes: Vec<(u16, u16)>,
+    /// Export-limit writes with their time.
+    pub timed: Vec<(u64, u16)>,
     pub silent: bool,
 }
 
@@ -189,6 +191,8 @@ pub struct Server {
     pub failsafe: Option<u16>,
     /// Leases of queued commands, by id.
     pub leases: BTreeMap<u64, u32>,
+    /// Ramp rates of queued commands (hundredths of % per second), by id.
+    pub ramps: BTreeMap<u64, u16>,
     /// The control state the device last reported.
     pub control: Option<ControlReport>,
     /// Lease episodes received, each once.
@@ -227,9 +231,16 @@ impl Server {
             garbage: None,
             failsafe: None,
             leases: BTreeMap::new(),
+            ramps: BTreeMap::new(),
             control: None,
             episodes: Vec::new(),
         }
+    }
+
+    /// Queues a write of the export limit reached at `rate` (hundredths of % per second).
+    pub fn ramped(&mut self, id: u64, value: u16, rate: u16) {
+        self.command(id, value, u64::MAX);
+        self.ramps.insert(id, rate);
     }
 
     /// Queues a write of the export limit held under a lease of `lease_ms`.
@@ -316,10 +327,13 @@ impl Server {
         // Like the real server: orders only for a device that reports control.
         let control = self.control.as_ref().map(|c| ControlOrders {
             failsafe: self.failsafe.filter(|f| *f != c.failsafe),
-            leases: commands
+            commands: commands
                 .iter()
-                .filter_map(|c| {
-                    self.leases.get(&c.id).map(|l| Lease { command_id: c.id, lease_ms: *l })
+                .filter(|c| self.leases.contains_key(&c.id) || self.ramps.contains_key(&c.id))
+                .map(|c| CommandControl {
+                    command_id: c.id,
+                    lease_ms: self.leases.get(&c.id).copied().unwrap_or(0),
+                    ramp_centi_pct_per_s: self.ramps.get(&c.id).copied().unwrap_or(0),
                 })
                 .collect(),
         });
@@ -456,6 +470,7 @@ impl World {
             inverter: Inverter {
                 regs: [2300, 50, 2400, 48, 5000, 2310, 30, 450, 100, 1500],
                 writes: Vec::new(),
+                timed: Vec::new(),
                 silent: false,
             },
             server: Server::new(),
@@ -600,6 +615,11 @@ impl World {
             match action {
                 Action::Note(n) => self.notes.push(n),
                 Action::Inverter { request, .. } => {
+                    if let Request::WriteSingleRegister { value, .. } = request {
+                        if !self.inverter.silent {
+                            self.inverter.timed.push((self.now, value));
+                        }
+                    }
                     let outcome = self.inverter.answer(&request);
                     self.due
                         .push(Due { at: self.now + INVERTER_MS, event: Event::Inverter(outcome) });

@@ -379,6 +379,14 @@ fn log(note: &Note) {
         Note::HealthCheckFailed => tracing::warn!(
             "the new image did not reach the server in time; returning to the old one"
         ),
+        Note::Ramp { command_id, value, target } => {
+            tracing::info!(
+                command = command_id,
+                limit_pct = value,
+                target_pct = target,
+                "ramp step"
+            )
+        }
         Note::FailSafeSet(v) => tracing::info!(failsafe = v, "fail-safe export limit set"),
         Note::Lease(e) => tracing::warn!(
             kind = ?e.kind,

@@ -493,6 +493,20 @@ pub struct LeaseState {
     pub lapsed: bool,
 }
 
+/// The fastest ramp, hundredths of a percent per second (100 %/s).
+pub const MAX_RAMP_CENTI: u16 = 10_000;
+
+/// A ramp under way: the export limit stepped towards a command's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RampState {
+    /// The command.
+    pub command_id: u64,
+    /// The limit written and read back so far, %.
+    pub value: u16,
+    /// Where it goes, %.
+    pub target: u16,
+}
+
 /// What happened to a lease while nobody was looking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -537,6 +551,8 @@ pub struct ControlReport {
     pub failsafe: u16,
     /// The leased limit it holds.
     pub lease: Option<LeaseState>,
+    /// The ramp under way.
+    pub ramp: Option<RampState>,
     /// Episodes not acknowledged yet, oldest first.
     pub episodes: Vec<Episode>,
 }
@@ -551,6 +567,15 @@ impl ControlReport {
                 out.push(if l.lapsed { 2 } else { 1 });
                 put_u64(out, l.command_id);
                 put_u16(out, l.value);
+            }
+        }
+        match &self.ramp {
+            None => out.push(0),
+            Some(r) => {
+                out.push(1);
+                put_u64(out, r.command_id);
+                put_u16(out, r.value);
+                put_u16(out, r.target);
             }
         }
         out.push(self.episodes.len().min(MAX_EPISODES) as u8);
@@ -583,6 +608,19 @@ impl ControlReport {
             }
             _ => return Err(DecodeError::BadValue { field: "lease_state" }),
         };
+        let ramp = match r.u8()? {
+            0 => None,
+            1 => {
+                let command_id = r.u64()?;
+                let value = r.u16()?;
+                let target = r.u16()?;
+                if value > 100 || target > 100 {
+                    return Err(DecodeError::BadValue { field: "ramp" });
+                }
+                Some(RampState { command_id, value, target })
+            }
+            _ => return Err(DecodeError::BadValue { field: "ramp_flag" }),
+        };
         let n = r.count("episodes", MAX_EPISODES)?;
         let mut episodes = Vec::with_capacity(n);
         for _ in 0..n {
@@ -602,18 +640,22 @@ impl ControlReport {
             };
             episodes.push(Episode { kind, command_id, at_ms, value, outcome });
         }
-        Ok(ControlReport { failsafe, lease, episodes })
+        Ok(ControlReport { failsafe, lease, ramp, episodes })
     }
 }
 
-/// A command's lease: the device holds its limit while it hears from the
-/// server, and applies its fail-safe after `lease_ms` of silence.
+/// How a command's export limit is held and reached: under a lease (the
+/// device holds the limit while it hears from the server, and applies its
+/// fail-safe after `lease_ms` of silence) and at a ramp rate (the register
+/// stepped so power changes no faster).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
+pub struct CommandControl {
     /// The command (one of the answer's commands, a write of the export limit).
     pub command_id: u64,
-    /// How long the limit outlives the last answer heard, ms (> 0).
+    /// How long the limit outlives the last answer heard, ms (0: not leased).
     pub lease_ms: u32,
+    /// Ramp rate, hundredths of a percent of rated power per second (0: at once).
+    pub ramp_centi_pct_per_s: u16,
 }
 
 /// Server -> device: the control extension of [`SyncResponse`].
@@ -622,8 +664,9 @@ pub struct ControlOrders {
     /// The fail-safe to apply from now on (a [`failsafe`] value), when it
     /// differs from the one the device reported.
     pub failsafe: Option<u16>,
-    /// Leases of the answer's commands (a command without one is not leased).
-    pub leases: Vec<Lease>,
+    /// Leases and ramps of the answer's commands (a command without an
+    /// entry is neither leased nor ramped).
+    pub commands: Vec<CommandControl>,
 }
 
 impl ControlOrders {
@@ -636,10 +679,11 @@ impl ControlOrders {
                 put_u16(out, v);
             }
         }
-        out.push(self.leases.len().min(MAX_COMMANDS) as u8);
-        for l in self.leases.iter().take(MAX_COMMANDS) {
-            put_u64(out, l.command_id);
-            put_u32(out, l.lease_ms);
+        out.push(self.commands.len().min(MAX_COMMANDS) as u8);
+        for c in self.commands.iter().take(MAX_COMMANDS) {
+            put_u64(out, c.command_id);
+            put_u32(out, c.lease_ms);
+            put_u16(out, c.ramp_centi_pct_per_s);
         }
     }
 
@@ -658,17 +702,18 @@ impl ControlOrders {
             }
             _ => return Err(DecodeError::BadValue { field: "failsafe_flag" }),
         };
-        let n = r.count("leases", MAX_COMMANDS)?;
-        let mut leases = Vec::with_capacity(n);
+        let n = r.count("command_controls", MAX_COMMANDS)?;
+        let mut commands = Vec::with_capacity(n);
         for _ in 0..n {
             let command_id = r.u64()?;
             let lease_ms = r.u32()?;
-            if lease_ms == 0 {
-                return Err(DecodeError::BadValue { field: "lease_ms" });
+            let ramp_centi_pct_per_s = r.u16()?;
+            if ramp_centi_pct_per_s > MAX_RAMP_CENTI {
+                return Err(DecodeError::BadValue { field: "ramp" });
             }
-            leases.push(Lease { command_id, lease_ms });
+            commands.push(CommandControl { command_id, lease_ms, ramp_centi_pct_per_s });
         }
-        Ok(ControlOrders { failsafe, leases })
+        Ok(ControlOrders { failsafe, commands })
     }
 }
 
@@ -1064,6 +1109,7 @@ mod tests {
         ControlReport {
             failsafe: 40,
             lease: Some(LeaseState { command_id: 9, value: 30, lapsed: true }),
+            ramp: Some(RampState { command_id: 10, value: 45, target: 60 }),
             episodes: alloc::vec![
                 Episode {
                     kind: EpisodeKind::FailSafe,
@@ -1103,20 +1149,26 @@ mod tests {
             (plain + 1, 0x01, "failsafe"), // 0x0128 = 296 %
             (plain + 3, 3, "lease_state"),
             (plain + 12, 0x01, "lease_value"),
-            (plain + 15, 9, "episode_kind"),
-            (plain + 15 + 19, 4, "episode_outcome"),
+            (plain + 14, 2, "ramp_flag"),
+            (plain + 25, 0x01, "ramp"),
+            (plain + 28, 9, "episode_kind"),
+            (plain + 28 + 19, 4, "episode_outcome"),
         ] {
             let mut bad = bytes.clone();
             bad[at] = value;
             assert_eq!(SyncRequest::decode(&bad), Err(DecodeError::BadValue { field }), "{field}");
         }
         let mut many = bytes.clone();
-        many[plain + 14] = 9;
+        many[plain + 27] = 9;
         assert!(matches!(SyncRequest::decode(&many), Err(DecodeError::TooMany { .. })));
 
         let orders = ControlOrders {
             failsafe: Some(failsafe::HOLD),
-            leases: alloc::vec![Lease { command_id: 9, lease_ms: 900_000 }],
+            commands: alloc::vec![CommandControl {
+                command_id: 9,
+                lease_ms: 900_000,
+                ramp_centi_pct_per_s: 250
+            }],
         };
         let resp = SyncResponse { server_time_ms: 7, control: Some(orders), ..Default::default() };
         let bytes = resp.encode();
@@ -1125,10 +1177,10 @@ mod tests {
         for len in plain + 1..bytes.len() {
             assert!(SyncResponse::decode(&bytes[..len]).is_err(), "truncated at {len}");
         }
-        let mut zero = bytes.clone();
-        let n = zero.len();
-        zero[n - 4..].copy_from_slice(&[0; 4]);
-        assert_eq!(SyncResponse::decode(&zero), Err(DecodeError::BadValue { field: "lease_ms" }));
+        let mut fast = bytes.clone();
+        let n = fast.len();
+        fast[n - 2..].copy_from_slice(&10_001u16.to_be_bytes());
+        assert_eq!(SyncResponse::decode(&fast), Err(DecodeError::BadValue { field: "ramp" }));
         let mut bad = bytes.clone();
         bad[plain + 2] = 0x02; // 0x02FF
         assert_eq!(SyncResponse::decode(&bad), Err(DecodeError::BadValue { field: "failsafe" }));

@@ -26,6 +26,9 @@ pub struct CurtailArgs {
     /// this long applies its fail-safe limit.
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     lease: Duration,
+    /// Reach the limit at this rate, % of rated power per second [default: each device's ramp].
+    #[arg(long)]
+    ramp: Option<f64>,
     #[command(flatten)]
     follow: Follow,
 }
@@ -158,7 +161,8 @@ pub fn run(conn: &ServerConn, args: CurtailArgs) -> anyhow::Result<()> {
                 );
             };
             let body = json!({"group": group, "percent": percent,
-                              "lease_s": args.lease.as_secs() as i64});
+                              "lease_s": args.lease.as_secs() as i64,
+                              "ramp_pct_per_s": args.ramp});
             let c = api.call("POST", "/api/v1/curtailments", Some(&body))?;
             follow(&api, c, &args.follow)
         }

@@ -47,7 +47,24 @@ pub struct DemoArgs {
     /// Stop by itself after this long (default: run until Ctrl-C).
     #[arg(long = "for", value_parser = parse_duration)]
     run_for: Option<Duration>,
+    /// Show grid-safe export control (2 to 3 minutes, then it stops): the
+    /// inverters (tagged `demo-feeder`, fail-safe 50 %) are curtailed to 20 %
+    /// under a 60 s lease; the server stops, and a lease later each device
+    /// applies its fail-safe; the server comes back and the curtailment
+    /// resumes (docs/export-control.md).
+    #[arg(long)]
+    grid: bool,
 }
+
+/// The grid scenario's steps, in real seconds from the start.
+const GRID_CURTAIL_AT: u64 = 6;
+const GRID_STOP_AT: u64 = 20;
+const GRID_LEASE_S: u64 = 60;
+const GRID_RESTART_AT: u64 = GRID_STOP_AT + GRID_LEASE_S + 15;
+/// A device retries a failed sync within 30 s (its longest back-off).
+const GRID_END_AT: u64 = GRID_RESTART_AT + 35;
+const GRID_GROUP: &str = "demo-feeder";
+const GRID_FAILSAFE: u16 = 50;
 
 fn fresh_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     if dir.exists() {
@@ -92,11 +109,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         // A firmware signing key for the demo, so that images can be signed and uploaded.
         let key_path = data_dir.join("firmware-signing.key");
         let public = crate::firmware::make_key(&key_path)?;
-        let file = ecowatt_server::settings::SettingsFile {
-            data_dir: Some(data_dir.join("server")),
-            firmware_keys: Some(vec![public.clone()]),
-            ..Default::default()
-        };
+        let file = file_for_restart(&data_dir, &public);
         let server = crate::server::InProcess::start(listener, file).await?;
         let (state, token, url) = (server.state.clone(), server.admin_token.clone(), server.url.clone());
 
@@ -114,6 +127,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 registers: None,
             };
             state.configs.update(&name, &patch, "demo", now).await?;
+            if args.grid {
+                state.control.set_tags(&name, &[GRID_GROUP.to_owned()], "demo", now).await?;
+                let fs = ecowatt_server::control::FailSafe::Percent(GRID_FAILSAFE);
+                state.control.set_failsafe(&name, Some(fs), "demo", now).await?;
+            }
             let provisioning = Provisioning {
                 device: name.clone(),
                 device_id: device.id.0 as u32,
@@ -140,6 +158,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("Ctrl-C stops the demo.\n");
         println!("{:<12} {:<8} {:>7} {:>6} {:>7} {:>6} {:>8} {:>6} {:>8}", "device", "state", "Pac W", "limit", "Vpv1 V", "Ipv1 A", "Vac1 V", "Temp", "samples");
 
+        if args.grid {
+            grid(&args, server, file_for_restart(&data_dir, &public), &sim, &names).await?;
+            for a in agents {
+                a.abort();
+            }
+            sim.shutdown().await;
+            return Ok(());
+        }
         let ticker = async {
             let mut interval = tokio::time::interval(args.interval);
             loop {
@@ -211,4 +237,148 @@ fn report(url: &str, token: &str, names: &[String]) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// The server's settings (again, for a restart).
+fn file_for_restart(
+    data_dir: &std::path::Path,
+    public: &str,
+) -> ecowatt_server::settings::SettingsFile {
+    ecowatt_server::settings::SettingsFile {
+        data_dir: Some(data_dir.join("server")),
+        firmware_keys: Some(vec![public.to_owned()]),
+        ..Default::default()
+    }
+}
+
+/// A listener on `addr` even while the last one's connections linger.
+fn rebind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(1024)?)
+}
+
+/// Each inverter's export limit as the simulator holds it (what is true
+/// on the inverter, whether the server is up or not).
+fn limits(sim: &ecowatt_sim::RunningSim, names: &[String]) -> String {
+    let snapshot = sim.state.sim.lock().expect("simulator").snapshot();
+    names
+        .iter()
+        .zip(snapshot)
+        .map(|(n, s)| format!("{n} {}%", s.limit_pct))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The grid-safe export control scenario (`--grid`).
+async fn grid(
+    args: &DemoArgs,
+    server: crate::server::InProcess,
+    file: ecowatt_server::settings::SettingsFile,
+    sim: &ecowatt_sim::RunningSim,
+    names: &[String],
+) -> anyhow::Result<()> {
+    let start = tokio::time::Instant::now();
+    let at = |s: u64| start + Duration::from_secs(s);
+    let say = |what: String| println!("[{:>3} s] {what}", start.elapsed().as_secs());
+    let addr: std::net::SocketAddr = server.url.trim_start_matches("http://").parse()?;
+    say(format!(
+        "{} inverters tagged {GRID_GROUP}, fail-safe {GRID_FAILSAFE} %; inverter limits: {}",
+        names.len(),
+        limits(sim, names)
+    ));
+    tokio::time::sleep_until(at(GRID_CURTAIL_AT)).await;
+    let now = ecowatt_formats::time::now_ms();
+    let id = server
+        .state
+        .control
+        .curtail(GRID_GROUP, 20, Some(GRID_LEASE_S as i64 * 1000), None, "demo", now)
+        .await?;
+    say(format!(
+        "curtail {GRID_GROUP} to 20 % under a {GRID_LEASE_S} s lease (curtailment {id}; `ecowatt curtail --group {GRID_GROUP} 20% --lease 1m --wait`)"
+    ));
+    loop {
+        let c = server.state.control.get(id, ecowatt_formats::time::now_ms()).await?;
+        if c.progress.settled || tokio::time::Instant::now() > at(GRID_STOP_AT - 2) {
+            say(format!(
+                "{} of {} devices confirmed 20 % by read-back ({} failed), in p50 {} ms, max {} ms; inverter limits: {}",
+                c.progress.confirmed,
+                c.progress.devices,
+                c.progress.failed,
+                c.progress.confirm_p50_ms.unwrap_or(-1),
+                c.progress.confirm_max_ms.unwrap_or(-1),
+                limits(sim, names)
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep_until(at(GRID_STOP_AT)).await;
+    server.stop().await?;
+    say(format!(
+        "the server stops: the devices hold 20 % for the lease ({GRID_LEASE_S} s without an answer), then apply their fail-safe"
+    ));
+    let mut last = String::new();
+    while tokio::time::Instant::now() < at(GRID_RESTART_AT) {
+        let now = limits(sim, names);
+        if now != last {
+            say(format!("inverter limits: {now}"));
+            last = now;
+        }
+        tokio::time::sleep(args.interval.min(Duration::from_secs(1))).await;
+    }
+    let server = crate::server::InProcess::start(rebind(addr)?, file).await?;
+    say("the server is back: each device, at its next try (within 30 s), reports its episode and the curtailment resumes".into());
+    let mut last = String::new();
+    let resumed = names.iter().map(|n| format!("{n} 20%")).collect::<Vec<_>>().join(", ");
+    while tokio::time::Instant::now() < at(GRID_END_AT) {
+        let now = limits(sim, names);
+        if now != last {
+            say(format!("inverter limits: {now}"));
+            last = now;
+        }
+        if last == resumed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The episode of the return rides on the sync after it (a long poll may
+    // hold that one up to 25 s).
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < until {
+        let mut all = true;
+        for n in names {
+            let v = server.state.control.show(n).await?;
+            all &= v["episodes"].as_array().into_iter().flatten().any(|e| e["kind"] == "resumed");
+        }
+        if all {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for n in names {
+        let v = server.state.control.show(n).await?;
+        let episodes: Vec<String> = v["episodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .rev()
+            .map(|e| {
+                format!(
+                    "{} {}% {}",
+                    e["kind"].as_str().unwrap_or("?"),
+                    e["limit_pct"],
+                    e["outcome"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        say(format!(
+            "{n}: episodes reported: {}",
+            if episodes.is_empty() { "none".into() } else { episodes.join(", ") }
+        ));
+    }
+    println!("\nStopping the demo.");
+    server.stop().await?;
+    Ok(())
 }

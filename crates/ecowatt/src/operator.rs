@@ -26,6 +26,12 @@ pub enum DeviceCommand {
         /// Where to write the provisioning file [default: NAME.provision.json].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A tag (group for `ecowatt curtail`); repeat for several.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Its fail-safe export limit: `40%` or `hold` (docs/export-control.md).
+        #[arg(long)]
+        failsafe: Option<String>,
     },
     /// List devices.
     List,
@@ -37,6 +43,14 @@ pub enum DeviceCommand {
         name: String,
         /// `40%` (0..=100), `hold`, or `clear`.
         value: String,
+    },
+    /// Set the rate at which a device reaches a new export limit by default,
+    /// % of rated power per second (e.g. 2.5), or `off` (at once).
+    Ramp {
+        /// Device name.
+        name: String,
+        /// `2.5` (0.01..=100) or `off`.
+        rate: String,
     },
     /// Replace a device's tags (groups for `ecowatt curtail --group`); none clears them.
     Tag {
@@ -172,12 +186,12 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
     }
     let api = conn.connect()?;
     match cmd {
-        DeviceCommand::Add { name, rated_power, out } => {
-            let v = api.call(
-                "POST",
-                "/api/v1/devices",
-                Some(&json!({"name": name, "rated_power_w": rated_power})),
-            )?;
+        DeviceCommand::Add { name, rated_power, out, tags, failsafe } => {
+            let mut body = json!({"name": name, "rated_power_w": rated_power, "tags": tags});
+            if let Some(f) = failsafe {
+                body["failsafe"] = failsafe_value(&f)?;
+            }
+            let v = api.call("POST", "/api/v1/devices", Some(&body))?;
             let path = write_provisioning(&v, &name, out)?;
             println!("Device {name} added (id {}, rated {} W).", v["device"]["id"], rated_power);
             println!(
@@ -204,15 +218,19 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
             }
         }
         DeviceCommand::Failsafe { name, value } => {
-            let v = match value.as_str() {
-                "clear" | "none" => Value::Null,
-                "hold" => json!("hold"),
-                p => json!(p.trim_end_matches('%').parse::<i64>().map_err(|_| {
-                    anyhow::anyhow!("{p:?}: give a percentage (40%), hold, or clear")
-                })?),
-            };
+            let v = failsafe_value(&value)?;
             let path = format!("/api/v1/devices/{}/failsafe", segment(&name));
             print_control(&api.call("PUT", &path, Some(&json!({ "failsafe": v })))?);
+        }
+        DeviceCommand::Ramp { name, rate } => {
+            let v = match rate.trim_end_matches("%/s").trim_end_matches('%') {
+                "off" | "none" => Value::Null,
+                r => json!(r.parse::<f64>().map_err(|_| {
+                    anyhow::anyhow!("{rate:?}: give % per second (2.5) or off")
+                })?),
+            };
+            let path = format!("/api/v1/devices/{}/ramp", segment(&name));
+            print_control(&api.call("PUT", &path, Some(&json!({ "ramp_pct_per_s": v })))?);
         }
         DeviceCommand::Tag { name, tags } => {
             let path = format!("/api/v1/devices/{}/tags", segment(&name));
@@ -481,6 +499,10 @@ pub struct QueueOpts {
     /// [default: 15m when the device has a fail-safe].
     #[arg(long, value_parser = parse_duration)]
     lease: Option<Duration>,
+    /// Reach an export limit at this rate, % of rated power per second
+    /// (0.01..=100), each step read back [default: the device's ramp].
+    #[arg(long)]
+    ramp: Option<f64>,
 }
 
 /// Queue a command for a device.
@@ -562,6 +584,9 @@ pub fn command(conn: &ServerConn, args: CommandArgs) -> anyhow::Result<()> {
     body["ttl_s"] = json!(opts.ttl.as_secs() as i64);
     if let Some(lease) = opts.lease {
         body["lease_s"] = json!(lease.as_secs() as i64);
+    }
+    if let Some(ramp) = opts.ramp {
+        body["ramp_pct_per_s"] = json!(ramp);
     }
     let v = api.call(
         "POST",
@@ -737,6 +762,19 @@ pub fn audit(conn: &ServerConn, limit: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fail-safe as the CLI takes it (`40%`, `hold`, `clear`), for the API.
+fn failsafe_value(text: &str) -> anyhow::Result<Value> {
+    Ok(match text {
+        "clear" | "none" => Value::Null,
+        "hold" => json!("hold"),
+        p => {
+            json!(p.trim_end_matches('%').parse::<i64>().map_err(|_| {
+                anyhow::anyhow!("{p:?}: give a percentage (40%), hold, or clear")
+            })?)
+        }
+    })
+}
+
 /// A device's export control, for people.
 fn print_control(v: &Value) {
     let failsafe = match &v["failsafe"] {
@@ -744,8 +782,9 @@ fn print_control(v: &Value) {
         Value::String(s) => s.clone(),
         n => format!("{n}%"),
     };
+    let ramp = v["ramp_pct_per_s"].as_f64().map_or("at once".to_owned(), |r| format!("{r} %/s"));
     println!(
-        "{}: tags [{}], fail-safe {failsafe}",
+        "{}: tags [{}], fail-safe {failsafe}, ramp {ramp}",
         v["device"].as_str().unwrap_or("?"),
         v["tags"]
             .as_array()
@@ -765,6 +804,12 @@ fn print_control(v: &Value) {
                 Value::String(s) => s.clone(),
                 n => format!("{n}%"),
             };
+            if let Some(p) = r["ramp"].as_object() {
+                println!(
+                    "  ramp of command {}: at {}%, going to {}%",
+                    p["command_id"], p["limit_pct"], p["target_pct"]
+                );
+            }
             match &r["lease"] {
                 Value::Null => println!("  device: fail-safe {fs}, no leased limit"),
                 l => println!(

@@ -9,7 +9,7 @@ use ecowatt_proto::messages::{CommandResult, DeviceCommand, EARLIEST_SAMPLE_MS, 
 use ecowatt_proto::modbus::{Request, Response};
 use ecowatt_proto::registers::REGISTER_COUNT;
 
-use super::limit::{Due, limit_write};
+use super::limit::{Due, Ramp, limit_write};
 use super::{Action, Device, Note};
 use crate::kv::KeyValue;
 use crate::link::Outcome;
@@ -32,6 +32,12 @@ enum Job {
     Limit(Due, u16),
     /// Its read-back.
     LimitReadBack(Due, u16),
+    /// Reading the export limit a ramp starts from.
+    RampFrom(u64, Operation, u16),
+    /// A ramp's step to this value.
+    RampStep(u16),
+    /// Its read-back.
+    RampReadBack(u16),
 }
 
 /// The inverter side of the device.
@@ -100,7 +106,18 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                 return self.ask(Job::Limit(due, v), request);
             }
         }
-        while let Some(cmd) = self.inverter.queue.pop_front() {
+        while let Some(cmd) = self.inverter.queue.front().copied() {
+            if let Some(ramp) = self.limit.ramp {
+                // A new limit takes over a ramp from where it is; other
+                // commands wait for the ramp's end (one command in flight).
+                if limit_write(cmd.op).is_none() || cmd.expires_ms < now_ms {
+                    break;
+                }
+                self.limit.ramp = None;
+                let (id, op, value) = (ramp.command_id, ramp.op, ramp.value);
+                self.finish_command(id, op, false, None, Some(value), now_ms);
+            }
+            self.inverter.queue.pop_front();
             if cmd.expires_ms < now_ms {
                 continue;
             }
@@ -113,6 +130,9 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                     continue;
                 }
             }
+            if let (Some(_), Some(rate)) = (limit_write(cmd.op), self.limit.ramp_rate(cmd.id)) {
+                return self.ask(Job::RampFrom(cmd.id, cmd.op, rate), read_one(EXPORT_LIMIT));
+            }
             return match cmd.op {
                 Operation::Write { register, value } => self.ask(
                     Job::Write(cmd.id, cmd.op),
@@ -122,6 +142,11 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                     self.ask(Job::ReadBack(cmd.id, cmd.op), read_one(register))
                 }
             };
+        }
+        if let Some(ramp) = self.limit.ramp.filter(|r| now_ms >= r.next_at) {
+            let v = ramp.due(now_ms);
+            let request = Request::WriteSingleRegister { address: EXPORT_LIMIT, value: v };
+            return self.ask(Job::RampStep(v), request);
         }
         if self.sched.poll_due(now_ms) {
             let request =
@@ -156,6 +181,62 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                     _ => EpisodeOutcome::Failed,
                 };
                 self.end_episode(now_ms, due, v, outcome)
+            }
+            Job::RampFrom(id, op, rate) => {
+                match (limit_write(op), values.and_then(|v| v.first().copied())) {
+                    (Some(target), Some(from)) if from == target => {
+                        self.finish_command(id, op, true, None, Some(from), now_ms)
+                    }
+                    (Some(target), Some(from)) => {
+                        self.limit.ramp = Some(Ramp::new(id, op, from, target, rate, now_ms));
+                        self.say(Note::Ramp { command_id: id, value: from, target });
+                    }
+                    _ => {
+                        let exception = match &outcome {
+                            Ok(Err(e)) => Some(e.code.as_u8()),
+                            _ => None,
+                        };
+                        self.finish_command(id, op, false, exception, None, now_ms)
+                    }
+                }
+            }
+            Job::RampStep(v) => match outcome {
+                Ok(Ok(_)) => self.ask(Job::RampReadBack(v), read_one(EXPORT_LIMIT)),
+                other => {
+                    let exception = match other {
+                        Ok(Err(e)) => Some(e.code.as_u8()),
+                        _ => None,
+                    };
+                    if let Some(r) = self.limit.ramp.take() {
+                        self.finish_command(
+                            r.command_id,
+                            r.op,
+                            false,
+                            exception,
+                            Some(r.value),
+                            now_ms,
+                        )
+                    }
+                }
+            },
+            Job::RampReadBack(v) => {
+                let Some(mut r) = self.limit.ramp.take() else { return };
+                match values.and_then(|x| x.first().copied()) {
+                    Some(read) if read == v && v == r.target => {
+                        self.finish_command(r.command_id, r.op, true, None, Some(v), now_ms)
+                    }
+                    Some(read) if read == v => {
+                        r.value = v;
+                        r.next_at = r.next_step_after(now_ms);
+                        self.limit.ramp = Some(r);
+                        self.say(Note::Ramp {
+                            command_id: r.command_id,
+                            value: v,
+                            target: r.target,
+                        });
+                    }
+                    read => self.finish_command(r.command_id, r.op, false, None, read, now_ms),
+                }
             }
             Job::ReadBack(id, op) => match (&outcome, values.and_then(|v| v.first().copied())) {
                 (_, Some(v)) => {

@@ -19,8 +19,8 @@
 use alloc::vec::Vec;
 
 use ecowatt_proto::messages::{
-    ControlOrders, ControlReport, EARLIEST_SAMPLE_MS, Episode, EpisodeKind, EpisodeOutcome,
-    LeaseState, MAX_EPISODES, failsafe,
+    CommandControl, ControlOrders, ControlReport, EARLIEST_SAMPLE_MS, Episode, EpisodeKind,
+    EpisodeOutcome, LeaseState, MAX_EPISODES, Operation, RampState, failsafe,
 };
 use ecowatt_proto::registers::EXPORT_LIMIT;
 
@@ -59,8 +59,10 @@ pub(super) struct Limit {
     episodes: Vec<Episode>,
     /// The deadline the store holds.
     stored_deadline: u64,
-    /// Leases that came with commands not executed yet: (command, lease ms).
-    leases: Vec<(u64, u32)>,
+    /// Leases and ramps that came with commands not executed yet.
+    orders: Vec<CommandControl>,
+    /// The ramp under way.
+    pub ramp: Option<Ramp>,
     /// A write waiting for the inverter or under way.
     due: Option<Due>,
     /// `due` was handed to the inverter.
@@ -74,7 +76,8 @@ impl Limit {
             held: None,
             episodes: Vec::new(),
             stored_deadline: 0,
-            leases: Vec::new(),
+            orders: Vec::new(),
+            ramp: None,
             due: None,
             writing: false,
         }
@@ -177,8 +180,22 @@ impl Limit {
                 value: h.value,
                 lapsed: h.lapsed,
             }),
+            ramp: self.ramp.map(|r| RampState {
+                command_id: r.command_id,
+                value: r.value,
+                target: r.target,
+            }),
             episodes: self.episodes.iter().take(MAX_EPISODES).copied().collect(),
         }
+    }
+
+    /// The ramp rate ordered for command `id` (hundredths of % per second), if any.
+    pub(super) fn ramp_rate(&self, id: u64) -> Option<u16> {
+        self.orders
+            .iter()
+            .find(|o| o.command_id == id)
+            .map(|o| o.ramp_centi_pct_per_s)
+            .filter(|r| *r > 0)
     }
 
     /// When the lease lapses, if one is running.
@@ -194,6 +211,11 @@ impl Limit {
         let due = self.due?;
         self.writing = true;
         Some(due)
+    }
+
+    /// A fail-safe or a return is being written.
+    pub(super) fn writing(&self) -> bool {
+        self.writing
     }
 
     /// The fail-safe value to write now, or `None` when it is "no change".
@@ -248,15 +270,15 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                 self.say(Note::FailSafeSet(fs));
             }
         }
-        for l in o.leases {
-            if !self.limit.leases.iter().any(|(id, _)| *id == l.command_id) {
-                self.limit.leases.push((l.command_id, l.lease_ms));
+        for c in o.commands {
+            if !self.limit.orders.iter().any(|o| o.command_id == c.command_id) {
+                self.limit.orders.push(c);
             }
         }
-        // Leases of commands long gone are forgotten.
-        let n = self.limit.leases.len();
+        // Orders of commands long gone are forgotten.
+        let n = self.limit.orders.len();
         if n > 64 {
-            self.limit.leases.drain(..n - 64);
+            self.limit.orders.drain(..n - 64);
         }
     }
 
@@ -321,8 +343,8 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
     /// A command's write of the export limit succeeded: it is the limit in
     /// force now, leased if its lease came with it.
     pub(super) fn limit_commanded(&mut self, now_ms: u64, command_id: u64, value: u16) {
-        let lease = self.limit.leases.iter().position(|(id, _)| *id == command_id);
-        let lease = lease.map(|i| self.limit.leases.remove(i).1);
+        let order = self.limit.orders.iter().position(|o| o.command_id == command_id);
+        let lease = order.map(|i| self.limit.orders.remove(i).lease_ms).filter(|l| *l > 0);
         // A fail-safe or resumption waiting is overtaken by the command.
         if !self.limit.writing {
             self.limit.due = None;
@@ -360,5 +382,61 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             Some(d) if d > now_ms => backoff_ms.min(((d - now_ms) / 2).max(1_000)),
             _ => backoff_ms,
         }
+    }
+}
+
+/// Shortest time between two ramp steps, ms (one Modbus write a second at most).
+pub(super) const RAMP_STEP_MS: u64 = 1_000;
+
+/// A ramp: the export limit stepped from `from` towards `target` no faster
+/// than `rate` (hundredths of % per second), each step read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ramp {
+    pub command_id: u64,
+    pub op: Operation,
+    pub from: u16,
+    pub target: u16,
+    pub rate: u16,
+    pub started_ms: u64,
+    /// Written and read back so far.
+    pub value: u16,
+    /// When the next step is due.
+    pub next_at: u64,
+}
+
+impl Ramp {
+    /// Starts at `from` (read from the inverter) at `now`.
+    pub(super) fn new(
+        command_id: u64,
+        op: Operation,
+        from: u16,
+        target: u16,
+        rate: u16,
+        now: u64,
+    ) -> Self {
+        let mut r =
+            Ramp { command_id, op, from, target, rate, started_ms: now, value: from, next_at: now };
+        r.next_at = r.next_step_after(now);
+        r
+    }
+
+    /// Percent the line from `from` at `rate` has covered at `now`, whole.
+    fn covered(&self, now: u64) -> u64 {
+        u64::from(self.rate) * now.saturating_sub(self.started_ms) / 100_000
+    }
+
+    /// The value due at `now`: never ahead of the rate's line.
+    pub(super) fn due(&self, now: u64) -> u16 {
+        let span = u64::from(self.from.abs_diff(self.target));
+        let moved = self.covered(now).min(span) as u16;
+        if self.target >= self.from { self.from + moved } else { self.from - moved }
+    }
+
+    /// When the next whole percent is due after a step at `now` (at least
+    /// [`RAMP_STEP_MS`] later).
+    pub(super) fn next_step_after(&self, now: u64) -> u64 {
+        let next = self.covered(now) + 1;
+        let at = self.started_ms + (next * 100_000).div_ceil(u64::from(self.rate.max(1)));
+        at.max(now + RAMP_STEP_MS)
     }
 }

@@ -290,6 +290,15 @@ pub enum Note {
     FailSafeSet(u16),
     /// A lease lapsed into the fail-safe, or came back when the server was heard.
     Lease(Episode),
+    /// A ramp stepped the export limit (each step read back).
+    Ramp {
+        /// The command.
+        command_id: u64,
+        /// The limit now, %.
+        value: u16,
+        /// Where it goes, %.
+        target: u16,
+    },
     /// The running trial image reached the server and confirmed itself.
     Confirmed {
         /// Its version.
@@ -431,7 +440,8 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         if self.inverter.idle() {
             at = at.min(self.sched.next_poll());
         }
-        if !self.sync.busy() {
+        // (A sync waits for a limit write under way, whose answer wakes it.)
+        if !self.sync.busy() && !self.limit.writing() {
             at = at.min(self.sync.next_at());
         }
         if !self.upload.busy() {
@@ -441,6 +451,9 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         }
         if let Some(d) = self.limit.deadline() {
             at = at.min(d);
+        }
+        if let Some(r) = self.limit.ramp.filter(|_| self.inverter.idle()) {
+            at = at.min(r.next_at);
         }
         at.min(self.update.next_wakeup())
     }

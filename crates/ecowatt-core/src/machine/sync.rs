@@ -53,6 +53,11 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         if self.sync.busy() || now_ms < self.sync.next_at {
             return;
         }
+        // A fail-safe or a lease's return under way: its episode rides on
+        // this sync rather than on the one after a long poll.
+        if self.limit.writing() {
+            return;
+        }
         let ota = self.update.report().cloned();
         let long_poll = self.settings.long_poll_ms;
         let wait_ms = if ota.is_some() || self.update.busy() {

@@ -32,13 +32,20 @@ pub async fn queue_for(
         None | Some(Value::Null) => None,
         Some(v) => Some(super::control::seconds("lease_s", &v)?.saturating_mul(1000)),
     };
+    let ramp_pct_per_s = match body.as_object_mut().and_then(|o| o.remove("ramp_pct_per_s")) {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_f64().ok_or_else(|| Invalid::new("ramp_pct_per_s", "a number of % per second"))?,
+        ),
+    };
     let request: CommandRequest = serde_json::from_value(body).map_err(|e| {
         ApiError::invalid(Invalid::new(
             "type",
             format!("{e}; types: set_power_percentage, set_power, write_register, read_register"),
         ))
     })?;
-    let options = commands::store::QueueOptions { ttl_s, lease_ms, curtailment_id: None };
+    let options =
+        commands::store::QueueOptions { ttl_s, lease_ms, ramp_pct_per_s, curtailment_id: None };
     Ok(state.commands.queue_with(device, &request, &options, actor, crate::now_ms()).await?)
 }
 

@@ -35,6 +35,24 @@ pub async fn set_failsafe(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RampBody {
+    ramp_pct_per_s: Option<f64>,
+}
+
+pub async fn set_ramp(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<RampBody>,
+) -> Result<Json<Value>, ApiError> {
+    op.require_admin()?;
+    let centi = body.ramp_pct_per_s.map(crate::commands::ramp_centi).transpose()?;
+    state.control.set_ramp(&name, centi, &op.actor(), crate::now_ms()).await?;
+    Ok(Json(state.control.show(&name).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TagsBody {
     tags: Vec<String>,
 }
@@ -64,6 +82,7 @@ pub struct CurtailBody {
     group: String,
     percent: Value,
     lease_s: Option<Value>,
+    ramp_pct_per_s: Option<f64>,
 }
 
 /// Whole seconds from a JSON number.
@@ -86,7 +105,10 @@ pub async fn curtail(
         Some(v) => Some(seconds("lease_s", v)?.saturating_mul(1000)),
     };
     let now = crate::now_ms();
-    let id = state.control.curtail(&body.group, percent, lease_ms, &op.actor(), now).await?;
+    let id = state
+        .control
+        .curtail(&body.group, percent, lease_ms, body.ramp_pct_per_s, &op.actor(), now)
+        .await?;
     state.metrics.inc("ecowatt_curtailments_total", "");
     Ok((StatusCode::CREATED, Json(state.control.get(id, crate::now_ms()).await?)))
 }

@@ -18,6 +18,12 @@ use crate::error::ApiError;
 pub struct NewDevice {
     name: String,
     rated_power_w: Option<i64>,
+    /// Tags (groups for curtailment).
+    #[serde(default)]
+    tags: Vec<String>,
+    /// The fail-safe export limit (`docs/export-control.md`).
+    #[serde(default)]
+    failsafe: Value,
 }
 
 /// The seed assumed a 10 kW inverter.
@@ -48,6 +54,11 @@ pub async fn add(
     ApiJson(req): ApiJson<NewDevice>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     op.require_admin()?;
+    // Checked before anything is made.
+    for t in &req.tags {
+        crate::control::check_tag(t)?;
+    }
+    let failsafe = crate::control::FailSafe::parse(&req.failsafe)?;
     let key = crate::random_hex(16);
     let rated = req.rated_power_w.unwrap_or(DEFAULT_RATED_W);
     let device = crate::registration::register(
@@ -59,6 +70,13 @@ pub async fn add(
         crate::now_ms(),
     )
     .await?;
+    let now = crate::now_ms();
+    if !req.tags.is_empty() {
+        state.control.set_tags(&device.name, &req.tags, &op.actor(), now).await?;
+    }
+    if failsafe.is_some() {
+        state.control.set_failsafe(&device.name, failsafe, &op.actor(), now).await?;
+    }
     let provisioning = provisioning(&state, &device, &key);
     Ok((StatusCode::CREATED, Json(json!({ "device": device, "provisioning": provisioning }))))
 }

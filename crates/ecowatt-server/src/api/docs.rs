@@ -42,7 +42,7 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
     (
         "post",
         "/api/v1/devices/{name}/commands",
-        "Queue a command {type, parameters, ttl_s?, lease_s? (export limits; see docs/export-control.md)}",
+        "Queue a command {type, parameters, ttl_s?, lease_s?, ramp_pct_per_s? (export limits; see docs/export-control.md)}",
         true,
     ),
     (
@@ -84,6 +84,12 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
     ),
     ("put", "/api/v1/devices/{name}/tags", "Replace a device's tags {tags: [..]}", true),
     (
+        "put",
+        "/api/v1/devices/{name}/ramp",
+        "Default ramp of export limits {ramp_pct_per_s: 0.01..100 | null}",
+        true,
+    ),
+    (
         "get",
         "/api/v1/devices/{name}/control",
         "Tags, fail-safe, the leased limit the device reports, its episodes",
@@ -92,7 +98,7 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
     (
         "post",
         "/api/v1/curtailments",
-        "Curtail a group {group, percent, lease_s?}; refused whole (group_empty, failsafe_not_configured)",
+        "Curtail a group {group, percent, lease_s?, ramp_pct_per_s?}; refused whole (group_empty, failsafe_not_configured)",
         true,
     ),
     ("get", "/api/v1/curtailments", "Curtailments, newest first, with progress", false),

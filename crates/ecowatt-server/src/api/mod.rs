@@ -156,6 +156,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/v1/devices/{name}/failsafe", axum::routing::put(control::set_failsafe))
         .route("/api/v1/devices/{name}/tags", axum::routing::put(control::set_tags))
+        .route("/api/v1/devices/{name}/ramp", axum::routing::put(control::set_ramp))
         .route("/api/v1/devices/{name}/control", get(control::show))
         .route("/api/v1/curtailments", get(control::list).post(control::curtail))
         .route("/api/v1/curtailments/{id}", get(control::get))

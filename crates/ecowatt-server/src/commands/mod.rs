@@ -249,6 +249,38 @@ pub fn lease_for(
     Ok(Some(lease))
 }
 
+/// Slowest and fastest ramp, hundredths of a percent of rated power per second.
+pub const RAMP_CENTI: (i64, i64) = (1, 10_000);
+
+/// The ramp rate `action` is reached at (hundredths of % per second):
+/// `asked` (% per second) if given, else the device's default; only a write
+/// of the export limit ramps.
+pub fn ramp_for(
+    action: &Action,
+    asked: Option<f64>,
+    default_centi: Option<i64>,
+) -> Result<Option<i64>, Invalid> {
+    let limit = matches!(action, Action::Write { register: EXPORT_LIMIT, .. });
+    let Some(pct) = asked else { return Ok(default_centi.filter(|_| limit)) };
+    if !limit {
+        return Err(Invalid::new("ramp_pct_per_s", "only an export limit is ramped"));
+    }
+    ramp_centi(pct).map(Some)
+}
+
+/// A ramp rate in % per second as hundredths, checked (0.01..=100).
+pub fn ramp_centi(pct_per_s: f64) -> Result<i64, Invalid> {
+    let centi = (pct_per_s * 100.0).round();
+    if pct_per_s.is_finite() && (RAMP_CENTI.0 as f64..=RAMP_CENTI.1 as f64).contains(&centi) {
+        Ok(centi as i64)
+    } else {
+        Err(Invalid::new(
+            "ramp_pct_per_s",
+            format!("{pct_per_s} is outside 0.01..=100 % per second"),
+        ))
+    }
+}
+
 /// Validates a time-to-live.
 pub fn check_ttl(ttl_s: i64) -> Result<i64, Invalid> {
     if (TTL_S.0..=TTL_S.1).contains(&ttl_s) {
@@ -319,6 +351,8 @@ pub struct Command {
     pub confirmed_ms: Option<i64>,
     /// The lease an export limit is held under (`None`: not leased).
     pub lease_ms: Option<i64>,
+    /// The ramp an export limit is reached at, % of rated power per second (`None`: at once).
+    pub ramp_pct_per_s: Option<f64>,
     /// The curtailment it belongs to.
     pub curtailment_id: Option<i64>,
 }

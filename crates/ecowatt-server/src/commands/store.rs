@@ -18,7 +18,7 @@ use crate::operators::audit;
 const COLUMNS: &str = "c.id, d.name AS device_name, c.kind, c.parameters, c.op, c.register, \
      c.value, c.status, c.created_ms, c.created_by, c.expires_ms, c.delivered_ms, \
      c.delivery_count, c.completed_ms, c.executed_ms, c.result_message, c.exception_code, \
-     c.result_value, c.confirmed_ms, c.lease_ms, c.curtailment_id";
+     c.result_value, c.confirmed_ms, c.lease_ms, c.ramp_centi, c.curtailment_id";
 
 /// [`super::awaits_confirmation`] as SQL, on a row of `commands`.
 pub const AWAITS_CONFIRMATION: &str = "status = 'succeeded' AND op = 'write'";
@@ -55,6 +55,7 @@ fn command_from(row: &AnyRow) -> StoreResult<Command> {
         result_value: row.try_get("result_value")?,
         confirmed_ms: row.try_get("confirmed_ms")?,
         lease_ms: row.try_get("lease_ms")?,
+        ramp_pct_per_s: row.try_get::<Option<i64>, _>("ramp_centi")?.map(|c| c as f64 / 100.0),
         curtailment_id: row.try_get("curtailment_id")?,
     })
 }
@@ -480,13 +481,20 @@ pub struct QueueOptions {
     pub ttl_s: i64,
     /// The lease asked for, ms (`None`: the device's default).
     pub lease_ms: Option<i64>,
+    /// The ramp asked for, % per second (`None`: the device's default).
+    pub ramp_pct_per_s: Option<f64>,
     /// The curtailment it belongs to.
     pub curtailment_id: Option<i64>,
 }
 
 impl Default for QueueOptions {
     fn default() -> Self {
-        QueueOptions { ttl_s: super::DEFAULT_TTL_S, lease_ms: None, curtailment_id: None }
+        QueueOptions {
+            ttl_s: super::DEFAULT_TTL_S,
+            lease_ms: None,
+            ramp_pct_per_s: None,
+            curtailment_id: None,
+        }
     }
 }
 
@@ -510,16 +518,16 @@ pub async fn queue_in(
         });
     }
     let action = request.action(d.rated_power_w)?;
-    let failsafe: Option<i64> = sqlx::query("SELECT failsafe FROM devices WHERE id = $1")
+    let row = sqlx::query("SELECT failsafe, ramp_centi FROM devices WHERE id = $1")
         .bind(d.id)
         .fetch_one(&mut **tx)
-        .await?
-        .try_get("failsafe")?;
-    let lease_ms = super::lease_for(&action, options.lease_ms, failsafe)?;
+        .await?;
+    let lease_ms = super::lease_for(&action, options.lease_ms, row.try_get("failsafe")?)?;
+    let ramp = super::ramp_for(&action, options.ramp_pct_per_s, row.try_get("ramp_centi")?)?;
     let (op, register, value) = action.columns();
     let row = sqlx::query(
-        "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, created_by, expires_ms, lease_ms, curtailment_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11) RETURNING id",
+        "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, created_by, expires_ms, lease_ms, ramp_centi, curtailment_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11, $12) RETURNING id",
     )
     .bind(d.id)
     .bind(request.kind())
@@ -531,11 +539,12 @@ pub async fn queue_in(
     .bind(actor)
     .bind(now + ttl_s * 1000)
     .bind(lease_ms)
+    .bind(ramp)
     .bind(options.curtailment_id)
     .fetch_one(&mut **tx)
     .await?;
     let id: i64 = row.try_get("id")?;
-    let detail = json!({"device": device, "type": request.kind(), "parameters": request.parameters(), "lease_ms": lease_ms});
+    let detail = json!({"device": device, "type": request.kind(), "parameters": request.parameters(), "lease_ms": lease_ms, "ramp_centi": ramp});
     audit::record(tx, now, actor, "command.queue", &id.to_string(), detail).await?;
     Ok(id)
 }

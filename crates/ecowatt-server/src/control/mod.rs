@@ -101,6 +101,11 @@ pub fn reported_json(c: &ControlReport) -> String {
             "limit_pct": l.value,
             "lapsed": l.lapsed,
         })),
+        "ramp": c.ramp.map(|r| json!({
+            "command_id": r.command_id,
+            "limit_pct": r.value,
+            "target_pct": r.target,
+        })),
     })
     .to_string()
 }
@@ -163,6 +168,8 @@ pub struct Progress {
     pub confirm_p50_ms: Option<i64>,
     /// 99th percentile.
     pub confirm_p99_ms: Option<i64>,
+    /// The last confirmation.
+    pub confirm_max_ms: Option<i64>,
     /// Every device has an outcome (confirmed or failed).
     pub settled: bool,
 }
@@ -228,6 +235,7 @@ pub fn progress(parts: &[Part]) -> Progress {
         |q: f64| times.get(((times.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied();
     p.confirm_p50_ms = at(0.50);
     p.confirm_p99_ms = at(0.99);
+    p.confirm_max_ms = times.last().copied();
     p.settled = p.pending == 0 && p.offline == 0;
     p
 }
@@ -297,6 +305,7 @@ mod tests {
         let p = progress(&parts);
         assert_eq!((p.devices, p.confirmed, p.failed), (101, 100, 1));
         assert_eq!((p.confirm_p50_ms, p.confirm_p99_ms, p.settled), (Some(50), Some(99), true));
+        assert_eq!(p.confirm_max_ms, Some(100));
         let p = progress(&[Part::Pending, Part::Confirmed(5)]);
         assert!(!p.settled);
         assert_eq!(progress(&[]).confirm_p50_ms, None);

@@ -3,7 +3,7 @@
 //! orders of an answer, and curtailments of a group (one statement queues
 //! the whole group).
 
-use ecowatt_proto::messages::{ControlOrders, ControlReport, Lease};
+use ecowatt_proto::messages::{CommandControl, ControlOrders, ControlReport};
 use serde_json::{Value, json};
 use sqlx::Row;
 
@@ -74,6 +74,28 @@ impl Control {
         Ok(())
     }
 
+    /// Sets (or unsets, `None`) a device's default ramp rate for export
+    /// limits, hundredths of % per second.
+    pub async fn set_ramp(
+        &self,
+        device: &str,
+        ramp_centi: Option<i64>,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.db.write().await?;
+        let d = named_in(&self.db, &mut tx, device, true).await?;
+        sqlx::query("UPDATE devices SET ramp_centi = $1 WHERE id = $2")
+            .bind(ramp_centi)
+            .bind(d.id)
+            .execute(&mut *tx)
+            .await?;
+        let detail = json!({"ramp_pct_per_s": ramp_centi.map(|c| c as f64 / 100.0)});
+        audit::record(&mut tx, now, actor, "device.ramp", device, detail).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Replaces a device's tags.
     pub async fn set_tags(
         &self,
@@ -110,11 +132,13 @@ impl Control {
     pub async fn show(&self, device: &str) -> StoreResult<Value> {
         let mut c = self.db.reader().acquire().await?;
         let d = named_in(&self.db, &mut c, device, false).await?;
-        let row = sqlx::query("SELECT failsafe, control_reported FROM devices WHERE id = $1")
-            .bind(d.id)
-            .fetch_one(&mut *c)
-            .await?;
+        let row =
+            sqlx::query("SELECT failsafe, ramp_centi, control_reported FROM devices WHERE id = $1")
+                .bind(d.id)
+                .fetch_one(&mut *c)
+                .await?;
         let failsafe = FailSafe::from_column(row.try_get("failsafe")?);
+        let ramp: Option<i64> = row.try_get("ramp_centi")?;
         let reported: Option<String> = row.try_get("control_reported")?;
         let reported: Value = match reported {
             Some(t) => serde_json::from_str(&t).map_err(|e| corrupt("control_reported", e))?,
@@ -151,6 +175,7 @@ impl Control {
             "device": device,
             "tags": tags,
             "failsafe": FailSafe::json(failsafe),
+            "ramp_pct_per_s": ramp.map(|c| c as f64 / 100.0),
             // null: the device has not reported control (its firmware holds no leases).
             "reported": reported,
             "episodes": episodes,
@@ -165,9 +190,11 @@ impl Control {
         group: &str,
         percent: i64,
         lease_ms: Option<i64>,
+        ramp_pct_per_s: Option<f64>,
         actor: &str,
         now: i64,
     ) -> StoreResult<i64> {
+        let ramp = ramp_pct_per_s.map(crate::commands::ramp_centi).transpose()?;
         super::check_tag(group).map_err(|e| crate::domain::Invalid::new("group", e.message))?;
         let percent = super::check_percent(percent)?;
         let lease_ms = lease_ms.unwrap_or(DEFAULT_LEASE_MS);
@@ -223,8 +250,9 @@ impl Control {
             .await?;
         let queued = sqlx::query(&format!(
             "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, \
-             created_by, expires_ms, lease_ms, curtailment_id) \
-             SELECT d.id, 'set_power_percentage', $2, 'write', $3, $4, 'queued', $5, $6, $7, $8, $9 {members}"
+             created_by, expires_ms, lease_ms, curtailment_id, ramp_centi) \
+             SELECT d.id, 'set_power_percentage', $2, 'write', $3, $4, 'queued', $5, $6, $7, $8, $9, \
+             COALESCE($10, d.ramp_centi) {members}"
         ))
         .bind(group)
         .bind(json!({"percentage": percent}).to_string())
@@ -235,11 +263,11 @@ impl Control {
         .bind(now + DEFAULT_TTL_S * 1000)
         .bind(lease_ms)
         .bind(id)
+        .bind(ramp)
         .execute(&mut *tx)
         .await?;
         debug_assert_eq!(queued.rows_affected() as i64, n);
-        let detail =
-            json!({"group": group, "percent": percent, "lease_ms": lease_ms, "devices": n});
+        let detail = json!({"group": group, "percent": percent, "lease_ms": lease_ms, "ramp_centi": ramp, "devices": n});
         audit::record(&mut tx, now, actor, "curtailment.start", &id.to_string(), detail).await?;
         self.announce_members(&mut tx, id).await?;
         tx.commit().await?;
@@ -281,8 +309,9 @@ impl Control {
         let rid = self.insert(&mut tx, &group, 100, None, Some(id), n, actor, now).await?;
         sqlx::query(
             "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, \
-             created_by, expires_ms, lease_ms, curtailment_id) \
-             SELECT c.device_id, 'set_power_percentage', $1, 'write', $2, 100, 'queued', $3, $4, $5, NULL, $6 \
+             created_by, expires_ms, lease_ms, curtailment_id, ramp_centi) \
+             SELECT c.device_id, 'set_power_percentage', $1, 'write', $2, 100, 'queued', $3, $4, $5, NULL, $6, \
+             c.ramp_centi \
              FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.curtailment_id = $7",
         )
         .bind(json!({"percentage": 100}).to_string())
@@ -499,12 +528,19 @@ pub async fn orders_in(
     let reported: Value =
         serde_json::from_str(&reported).map_err(|e| corrupt("control_reported", e))?;
     let reported_failsafe = FailSafe::wire(FailSafe::parse(&reported["failsafe"]).ok().flatten());
-    let leases = commands
+    let orders = commands
         .iter()
-        .filter_map(|c| {
-            let lease_ms = u32::try_from(c.lease_ms?).ok()?;
-            Some(Lease { command_id: c.id as u64, lease_ms })
+        .filter(|c| c.lease_ms.is_some() || c.ramp_pct_per_s.is_some())
+        .map(|c| CommandControl {
+            command_id: c.id as u64,
+            lease_ms: c.lease_ms.and_then(|l| u32::try_from(l).ok()).unwrap_or(0),
+            ramp_centi_pct_per_s: c
+                .ramp_pct_per_s
+                .map_or(0, |r| (r * 100.0).round().clamp(0.0, 10_000.0) as u16),
         })
         .collect();
-    Ok(Some(ControlOrders { failsafe: failsafe_to_send(desired, reported_failsafe), leases }))
+    Ok(Some(ControlOrders {
+        failsafe: failsafe_to_send(desired, reported_failsafe),
+        commands: orders,
+    }))
 }

@@ -235,13 +235,16 @@ ALTER TABLE commands DROP COLUMN action
         11,
         // Grid-safe export control (`control/`): the installer's fail-safe
         // limit (NULL unset, -1 "no change", else %), what the device last
-        // reported of its control (JSON; NULL: its firmware has none), a
-        // command's lease and the curtailment it belongs to, tags for groups,
+        // reported of its control (JSON; NULL: its firmware has none), its
+        // default ramp rate (hundredths of % per second), a command's lease,
+        // ramp and the curtailment it belongs to, tags for groups,
         // the episodes devices report, and curtailments of a group.
         r#"
 ALTER TABLE devices ADD COLUMN failsafe BIGINT;
 ALTER TABLE devices ADD COLUMN control_reported TEXT;
+ALTER TABLE devices ADD COLUMN ramp_centi BIGINT;
 ALTER TABLE commands ADD COLUMN lease_ms BIGINT;
+ALTER TABLE commands ADD COLUMN ramp_centi BIGINT;
 ALTER TABLE commands ADD COLUMN curtailment_id BIGINT;
 CREATE INDEX commands_by_curtailment ON commands (curtailment_id) WHERE curtailment_id IS NOT NULL;
 CREATE TABLE device_tags (

@@ -5,8 +5,8 @@
 //! Run on SQLite and (when configured) PostgreSQL.
 
 use ecowatt_proto::messages::{
-    CommandResult, ControlReport, Episode, EpisodeKind, EpisodeOutcome, LeaseState, SyncRequest,
-    failsafe,
+    CommandResult, ControlReport, Episode, EpisodeKind, EpisodeOutcome, LeaseState, RampState,
+    SyncRequest, failsafe,
 };
 use ecowatt_testkit::server::TempDb;
 use serde_json::{Value, json};
@@ -17,7 +17,7 @@ use crate::protocol::TestDevice;
 fn control(fs: u16, lease: Option<LeaseState>, episodes: Vec<Episode>) -> SyncRequest {
     SyncRequest {
         firmware: "1.0.0".into(),
-        control: Some(ControlReport { failsafe: fs, lease, episodes }),
+        control: Some(ControlReport { failsafe: fs, lease, ramp: None, episodes }),
         ..Default::default()
     }
 }
@@ -127,8 +127,8 @@ async fn export_control(db: TempDb) {
     let id = cmd["id"].as_u64().unwrap();
     let resp = devs[0].sync(&state, &control(40, None, vec![])).await.unwrap();
     let orders = resp.control.unwrap();
-    assert_eq!((orders.failsafe, orders.leases.len()), (None, 1));
-    assert_eq!((orders.leases[0].command_id, orders.leases[0].lease_ms), (id, 120_000));
+    assert_eq!((orders.failsafe, orders.commands.len()), (None, 1));
+    assert_eq!((orders.commands[0].command_id, orders.commands[0].lease_ms), (id, 120_000));
     // Without a lease given, a limit to a device with a fail-safe gets the default.
     let dflt = c
         .ok(
@@ -198,7 +198,7 @@ async fn export_control(db: TempDb) {
     let r2 = devs[1].sync(&state, &control(40, None, vec![])).await.unwrap();
     for r in [&r1, &r2] {
         assert_eq!(r.commands.len(), 1);
-        assert_eq!(r.control.as_ref().unwrap().leases[0].lease_ms, 600_000);
+        assert_eq!(r.control.as_ref().unwrap().commands[0].lease_ms, 600_000);
     }
     let mut ok = control(40, None, vec![]);
     ok.results = vec![succeeded(r1.commands[0].id, 20)];
@@ -228,7 +228,7 @@ async fn export_control(db: TempDb) {
     );
     let r1 = devs[0].sync(&state, &control(40, None, vec![])).await.unwrap();
     assert_eq!(r1.commands.len(), 1);
-    assert!(r1.control.unwrap().leases.is_empty(), "a release holds no lease");
+    assert!(r1.control.unwrap().commands.is_empty(), "a release holds no lease");
     let list = c.ok("GET", "/api/v1/curtailments", None).await;
     assert_eq!(list["curtailments"].as_array().unwrap().len(), 2);
     let audit = c.ok("GET", "/api/v1/audit", None).await;
@@ -238,6 +238,89 @@ async fn export_control(db: TempDb) {
         assert!(actions.contains(&a), "{a} audited: {actions:?}");
     }
     c.server.stop().await;
+}
+
+async fn ramps(db: TempDb) {
+    let c = Client::start(&db, false).await;
+    let state = c.server.state.clone();
+    let mut dev = TestDevice::provision(&c, "r1").await;
+    let cmd = |extra: Value| {
+        let mut b = json!({"type": "set_power_percentage", "parameters": {"percentage": 30}});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    for bad in [json!(0), json!(200), json!("fast"), json!(-1)] {
+        let r = refused(&c, "PUT", "/api/v1/devices/r1/ramp", json!({"ramp_pct_per_s": bad})).await;
+        assert_eq!(r.0, 400, "{bad}");
+    }
+    for (body, field) in [
+        (cmd(json!({"ramp_pct_per_s": 0})), "ramp_pct_per_s"),
+        (cmd(json!({"ramp_pct_per_s": 101})), "ramp_pct_per_s"),
+        (
+            json!({"type": "read_register", "parameters": {"register_address": 8}, "ramp_pct_per_s": 1}),
+            "ramp_pct_per_s",
+        ),
+    ] {
+        let r = refused(&c, "POST", "/api/v1/devices/r1/commands", body).await;
+        assert_eq!((r.0, r.1.as_str(), r.2.as_str()), (400, "invalid_field", Some(field)));
+    }
+    assert_eq!(commands_total(&c).await, 0);
+    // The device's default, and a rate given with the command.
+    let shown = c.ok("PUT", "/api/v1/devices/r1/ramp", Some(json!({"ramp_pct_per_s": 2.5}))).await;
+    assert_eq!(shown["ramp_pct_per_s"], 2.5);
+    let a = c.ok("POST", "/api/v1/devices/r1/commands", Some(cmd(json!({})))).await;
+    let b =
+        c.ok("POST", "/api/v1/devices/r1/commands", Some(cmd(json!({"ramp_pct_per_s": 1})))).await;
+    assert_eq!(
+        (a["ramp_pct_per_s"].as_f64(), b["ramp_pct_per_s"].as_f64()),
+        (Some(2.5), Some(1.0))
+    );
+    assert!(a["lease_ms"].is_null(), "no fail-safe: not leased");
+    let resp = dev.sync(&state, &control(failsafe::UNSET, None, vec![])).await.unwrap();
+    let orders = resp.control.unwrap().commands;
+    let rate = |id: &Value| {
+        orders.iter().find(|o| o.command_id == id.as_u64().unwrap()).unwrap().ramp_centi_pct_per_s
+    };
+    assert_eq!((rate(&a["id"]), rate(&b["id"])), (250, 100));
+    // Progress the device reports is shown.
+    let mut report = control(failsafe::UNSET, None, vec![]);
+    report.control.as_mut().unwrap().ramp =
+        Some(RampState { command_id: a["id"].as_u64().unwrap(), value: 80, target: 30 });
+    dev.sync(&state, &report).await.unwrap();
+    let shown = c.ok("GET", "/api/v1/devices/r1/control", None).await;
+    assert_eq!(shown["reported"]["ramp"]["limit_pct"], 80);
+    assert_eq!(shown["reported"]["ramp"]["target_pct"], 30);
+    // A curtailment's rate (or each device's default).
+    c.ok("PUT", "/api/v1/devices/r1/failsafe", Some(json!({"failsafe": 0}))).await;
+    c.ok("PUT", "/api/v1/devices/r1/tags", Some(json!({"tags": ["g"]}))).await;
+    let bad = json!({"group": "g", "percent": 10, "ramp_pct_per_s": 500});
+    assert_eq!(refused(&c, "POST", "/api/v1/curtailments", bad).await.1, "invalid_field");
+    c.ok(
+        "POST",
+        "/api/v1/curtailments",
+        Some(json!({"group": "g", "percent": 10, "ramp_pct_per_s": 5})),
+    )
+    .await;
+    c.ok("POST", "/api/v1/curtailments", Some(json!({"group": "g", "percent": 20}))).await;
+    let resp = dev.sync(&state, &control(0, None, vec![])).await.unwrap();
+    let rates: Vec<u16> =
+        resp.control.unwrap().commands.iter().map(|o| o.ramp_centi_pct_per_s).collect();
+    assert!(rates.ends_with(&[500, 250]), "{rates:?}");
+    c.server.stop().await;
+}
+
+#[tokio::test]
+async fn ramps_on_sqlite() {
+    ramps(TempDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn ramps_on_postgresql() {
+    let Some(db) = TempDb::postgres().await else {
+        eprintln!("ECOWATT_TEST_PG_URL not set; skipped");
+        return;
+    };
+    ramps(db).await;
 }
 
 #[tokio::test]

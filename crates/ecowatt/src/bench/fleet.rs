@@ -49,6 +49,51 @@ pub struct FleetArgs {
     /// PostgreSQL URL for the server (default: SQLite in a temporary directory).
     #[arg(long)]
     database: Option<String>,
+    /// Instead of commands: one curtailment of the whole fleet (`bench curtail`).
+    #[arg(skip)]
+    curtail: Option<CurtailPlan>,
+}
+
+/// A fleet tagged `bench`, curtailed once after the warm-up.
+#[derive(Args, Debug)]
+pub struct CurtailArgs {
+    /// Devices (each holds a long poll open), all in the curtailed group.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    devices: u64,
+    /// Time before the curtailment: the devices connect and settle.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// How long to wait for every device to confirm.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Real time between two uploads of one device (60 samples each).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    upload_every: Duration,
+    /// The export limit asked, %.
+    #[arg(long, default_value_t = 30)]
+    percent: u8,
+    /// PostgreSQL URL for the server (default: SQLite in a temporary directory).
+    #[arg(long)]
+    database: Option<String>,
+}
+
+/// What `bench curtail` does after the warm-up.
+#[derive(Debug, Clone, Copy)]
+pub struct CurtailPlan {
+    percent: u8,
+}
+
+/// `ecowatt bench curtail`: the fleet bench with one group curtailment.
+pub fn run_curtail(args: CurtailArgs) -> anyhow::Result<()> {
+    run(FleetArgs {
+        devices: args.devices,
+        warmup: args.warmup,
+        duration: args.timeout,
+        upload_every: args.upload_every,
+        commands_per_sec: 0.0,
+        database: args.database,
+        curtail: Some(CurtailPlan { percent: args.percent }),
+    })
 }
 
 /// Loopback source addresses (127.0.1.1 up) the uploads connect from.
@@ -134,6 +179,12 @@ fn inverter(model: &mut Model, request: &Request, t_ms: u64) -> Outcome {
             }
         }
         Request::WriteSingleRegister { address, value } => {
+            // The export limit takes (read back from the next reading); other
+            // registers are read-only, as on the simulator.
+            if address != ecowatt_proto::registers::EXPORT_LIMIT || value > 100 {
+                return Ok(Err(Exception { function: 6, code: ExceptionCode::IllegalDataAddress }));
+            }
+            model.set_limit_pct(value);
             Ok(Ok(Response::WriteSingleRegister { address, value }))
         }
     }
@@ -163,7 +214,9 @@ fn speed(every: Duration) -> f64 {
 /// then replays its virtual time in order, carrying out what the machine asks.
 async fn run_device(i: usize, creds: Credentials, fleet: Arc<Fleet>) {
     let speed = speed(fleet.every);
-    let boot_at = fleet.start + fleet.every.mul_f64(i as f64 / fleet.devices as f64);
+    // Boots spread over an upload interval (at most 10 s).
+    let spread = fleet.every.min(Duration::from_secs(10));
+    let boot_at = fleet.start + spread.mul_f64(i as f64 / fleet.devices as f64);
     tokio::time::sleep_until(boot_at.into()).await;
     // Daytime readings, a different hour for each device.
     let v0 = 1_782_043_200_000u64 - 6 * 3_600_000 + (i as u64 % 100) * 300_000;
@@ -423,7 +476,11 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         let v: serde_json::Value = tokio::task::spawn_blocking(move || {
             ops.post(format!("{base}/api/v1/devices"))
                 .header("Authorization", &auth)
-                .send_json(serde_json::json!({"name": format!("fleet-{i}")}))
+                .send_json(serde_json::json!({
+                    "name": format!("fleet-{i}"),
+                    "tags": ["bench"],
+                    "failsafe": "hold",
+                }))
                 .ok()
                 .and_then(|mut r| r.body_mut().read_json().ok())
         })
@@ -502,7 +559,24 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     let measure_start = Instant::now();
     let mut rng = 0x9E37_79B9u64;
     let gap = Duration::from_secs_f64(1.0 / args.commands_per_sec.max(0.1));
-    while Instant::now() + gap < deadline {
+    let mut curtail_lines = Vec::new();
+    if let Some(plan) = args.curtail {
+        let (ops, base, auth) = (ops.clone(), base.clone(), auth.clone());
+        curtail_lines =
+            tokio::task::spawn_blocking(move || curtail_once(&ops, &base, &auth, plan, deadline))
+                .await??;
+        let (rss, peak, ticks) = proc_usage(&mut proc_files);
+        let cpu = (ticks.saturating_sub(usage_start.2)) as f64
+            / 100.0
+            / measure_start.elapsed().as_secs_f64()
+            * 100.0;
+        curtail_lines.push(format!(
+            "Server during the curtailment: CPU {cpu:.0} % (of one core), RSS {} MB (peak {} MB)",
+            rss / 1024,
+            peak / 1024
+        ));
+    }
+    while args.curtail.is_none() && Instant::now() + gap < deadline {
         tokio::time::sleep(gap).await;
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -599,7 +673,69 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         if errors.is_empty() { "none".to_owned() } else { format!("{errors:?}") }
     );
     println!("{shutdown_line}");
+    for l in curtail_lines {
+        println!("{l}");
+    }
     Ok(())
+}
+
+/// Curtails group `bench` and follows its progress until every device
+/// confirmed or failed (or `deadline`); returns the report's lines.
+fn curtail_once(
+    ops: &ureq::Agent,
+    base: &str,
+    auth: &str,
+    plan: CurtailPlan,
+    deadline: Instant,
+) -> anyhow::Result<Vec<String>> {
+    let t0 = Instant::now();
+    let v: serde_json::Value = ops
+        .post(format!("{base}/api/v1/curtailments"))
+        .header("Authorization", auth)
+        .send_json(serde_json::json!({"group": "bench", "percent": plan.percent, "lease_s": 900}))?
+        .body_mut()
+        .read_json()?;
+    let answered = t0.elapsed();
+    let id = v["id"].as_i64().context("a curtailment id")?;
+    let mut last = v;
+    let mut settled_at = None;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        last = ops
+            .get(format!("{base}/api/v1/curtailments/{id}"))
+            .header("Authorization", auth)
+            .call()?
+            .body_mut()
+            .read_json()?;
+        if last["progress"]["settled"] == true {
+            settled_at = Some(t0.elapsed());
+            break;
+        }
+    }
+    let p = &last["progress"];
+    let ms = |k: &str| p[k].as_i64().map_or("-".to_owned(), |v| format!("{v} ms"));
+    Ok(vec![
+        format!(
+            "Curtailment of {} devices to {}% (lease 15 min): request answered in {} ms; {} confirmed by read-back, {} failed, {} pending, {} offline{}",
+            p["devices"],
+            plan.percent,
+            answered.as_millis(),
+            p["confirmed"],
+            p["failed"],
+            p["pending"],
+            p["offline"],
+            settled_at.map_or(" (not settled in time)".to_owned(), |t| format!(
+                " (settled, seen {} ms after the request)",
+                t.as_millis()
+            )),
+        ),
+        format!(
+            "Time from the request to confirmation (server clock): 50 % of devices {}, 99 % {}, 100 % {}",
+            ms("confirm_p50_ms"),
+            ms("confirm_p99_ms"),
+            ms("confirm_max_ms"),
+        ),
+    ])
 }
 
 /// The server's open connections, from its `/metrics`.

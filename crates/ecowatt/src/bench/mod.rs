@@ -62,6 +62,10 @@ pub enum BenchCommand {
     /// A simulated fleet against a server process on loopback: uploads, data
     /// points and command delivery latency while devices hold long polls.
     Fleet(fleet::FleetArgs),
+    /// One curtailment of a whole simulated fleet (tagged `bench`, long polls
+    /// open, each device the core's machine with read-back): time until 50 %,
+    /// 99 % and 100 % of devices confirmed, server CPU and memory.
+    Curtail(fleet::CurtailArgs),
     /// A firmware update's device side: download throughput (range requests,
     /// slot writes with a sync per chunk, SHA-256) and peak heap, against a
     /// server in a child process.
@@ -96,6 +100,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             sim::run(requests.max(1), clients, max_time)
         }
         BenchCommand::Fleet(args) => fleet::run(args),
+        BenchCommand::Curtail(args) => fleet::run_curtail(args),
         BenchCommand::Ota(args) => ota::run(args),
         BenchCommand::Codec { batch, seed } => {
             micro::codec(batch.clamp(1, 4096), seed);
