@@ -1,7 +1,8 @@
 // Drives the dashboard in a real headless Chromium (Debian's, through playwright-core):
 // log in, see the devices, see a chart with data, change a config and see it applied,
 // send a command and see it succeed, see a refused command's error, upload a signed image,
-// start a rollout and see every device run the new image, phone width.
+// start a rollout and see every device run the new image, curtail the demo's
+// feeder and release it, phone width.
 // Screenshots go to ./screenshots. Needs: ECOWATT_BIN (the ecowatt binary), /usr/bin/chromium.
 import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
@@ -123,6 +124,22 @@ try {
     await page.screenshot({ path: join(shots, "rollout.png"), fullPage: true });
     await page.click("nav >> text=Fleet");
     await page.waitForFunction(() => [...document.querySelectorAll("tbody tr")].filter((r) => /1\.1\.0/.test(r.textContent)).length === 3);
+  });
+  await step("a group is curtailed and released, with confirmations counted live", async () => {
+    await page.click("nav >> text=Curtailment");
+    await page.waitForSelector("#curtailform");
+    await page.fill("#cgroup", "nobody");
+    await page.fill("#cpct", "30");
+    await page.click("#curtailform button");
+    await page.waitForSelector("#error:has-text('group_empty')");
+    await page.fill("#cgroup", "demo-feeder");
+    await page.fill("#cpct", "25");
+    await page.click("#curtailform button");
+    await page.waitForSelector("[data-curtailment='1']:has-text('3/3 confirmed')", { timeout: 60000 });
+    await page.screenshot({ path: join(shots, "curtailment.png"), fullPage: true });
+    await page.click("button[data-release='1']");
+    await page.waitForSelector("[data-curtailment='2']:has-text('3/3 confirmed')", { timeout: 60000 });
+    assert.equal(await page.$$eval("button[data-release]", (b) => b.length), 0, "released once");
   });
   await step("readable at phone width, usable by keyboard", async () => {
     await page.setViewportSize({ width: 390, height: 844 });

@@ -127,11 +127,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 registers: None,
             };
             state.configs.update(&name, &patch, "demo", now).await?;
-            if args.grid {
-                state.control.set_tags(&name, &[GRID_GROUP.to_owned()], "demo", now).await?;
-                let fs = ecowatt_server::control::FailSafe::Percent(GRID_FAILSAFE);
-                state.control.set_failsafe(&name, Some(fs), "demo", now).await?;
-            }
+            // A feeder to curtail (`ecowatt curtail --group demo-feeder 30%`).
+            state.control.set_tags(&name, &[GRID_GROUP.to_owned()], "demo", now).await?;
+            let fs = ecowatt_server::control::FailSafe::Percent(GRID_FAILSAFE);
+            state.control.set_failsafe(&name, Some(fs), "demo", now).await?;
             let provisioning = Provisioning {
                 device: name.clone(),
                 device_id: device.id.0 as u32,
@@ -155,6 +154,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("  firmware key: {} (sign with it: ecowatt firmware sign IMAGE --version 1.1.0 --key ...)", key_path.display());
         println!("  simulator   : {} and tcp://{}", sim.http_url(), sim.tcp_addr);
         println!("  try         : ECOWATT_SERVER={url} ECOWATT_TOKEN={token} ecowatt command {} set-power-percentage 20 --wait", names[0]);
+        println!("  or          : ... ecowatt curtail --group {GRID_GROUP} 30% --lease 15m --wait (the devices' fail-safe is {GRID_FAILSAFE} %)");
         println!("Ctrl-C stops the demo.\n");
         println!("{:<12} {:<8} {:>7} {:>6} {:>7} {:>6} {:>8} {:>6} {:>8}", "device", "state", "Pac W", "limit", "Vpv1 V", "Ipv1 A", "Vac1 V", "Temp", "samples");
 

@@ -317,7 +317,7 @@ async fn ramps_on_sqlite() {
 #[tokio::test]
 async fn ramps_on_postgresql() {
     let Some(db) = TempDb::postgres().await else {
-        eprintln!("ECOWATT_TEST_PG_URL not set; skipped");
+        eprintln!("PostgreSQL part skipped: ECOWATT_TEST_PG_URL is not set");
         return;
     };
     ramps(db).await;
@@ -331,7 +331,7 @@ async fn export_control_on_sqlite() {
 #[tokio::test]
 async fn export_control_on_postgresql() {
     let Some(db) = TempDb::postgres().await else {
-        eprintln!("ECOWATT_TEST_PG_URL not set; skipped");
+        eprintln!("PostgreSQL part skipped: ECOWATT_TEST_PG_URL is not set");
         return;
     };
     export_control(db).await;

@@ -55,6 +55,13 @@ fn every_command_explains_itself() {
         &["bench", "codec", "--help"],
         &["bench", "fleet", "--help"],
         &["bench", "protocol", "--help"],
+        &["bench", "curtail", "--help"],
+        &["curtail", "--help"],
+        &["curtail", "release", "--help"],
+        &["device", "failsafe", "--help"],
+        &["device", "ramp", "--help"],
+        &["device", "tag", "--help"],
+        &["device", "control", "--help"],
     ] {
         let out = ecowatt(args);
         assert!(out.status.success(), "{args:?}: {}", explain(&out));
@@ -198,6 +205,74 @@ fn demo_runs_simulator_server_and_devices_and_prints_stored_readings() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a demo directory"));
+}
+
+#[test]
+fn bench_curtail_runs_bounded_and_every_device_confirms() {
+    let out =
+        ecowatt(&["bench", "curtail", "--devices", "20", "--warmup", "4s", "--timeout", "20s"]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for figure in [
+        "Curtailment of 20 devices to 30%",
+        "20 confirmed by read-back, 0 failed, 0 pending, 0 offline (settled",
+        "50 % of devices",
+        "Server during the curtailment: CPU",
+    ] {
+        assert!(text.contains(figure), "{figure:?} missing from:\n{text}");
+    }
+}
+
+/// The operator's curtailment from the CLI against the demo's feeder: a
+/// group that matches nothing is refused; the demo's is curtailed and
+/// followed until every device confirmed, then released.
+#[test]
+fn curtail_from_the_cli_follows_confirmations_and_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(["demo", "--for", "60s", "--interval", "30s", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("demo"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run the demo");
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let (mut url, mut token) = (String::new(), String::new());
+    while url.is_empty() || token.is_empty() {
+        let line = lines.next().expect("the demo's banner").unwrap();
+        if let Some(t) = line.strip_prefix("  admin token : ") {
+            token = t.trim().to_owned();
+        }
+        if let Some(u) = line.strip_prefix("  API         : ") {
+            url = u.trim().trim_end_matches("/api/docs").to_owned();
+        }
+    }
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+            .args(args)
+            .env("ECOWATT_SERVER", &url)
+            .env("ECOWATT_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["curtail", "--group", "nobody", "30%"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("group_empty"), "{}", explain(&out));
+    let out = run(&["curtail", "--group", "demo-feeder", "30%", "--lease", "10m", "--wait"]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("3 devices: 3 confirmed, 0 pending, 0 offline, 0 failed"), "{text}");
+    assert!(text.contains("lease 600 s"), "{text}");
+    let out = run(&["device", "control", "inverter-1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("fail-safe 50%") && text.contains("leased limit 30%"), "{text}");
+    let out = run(&["curtail", "release", "1", "--wait"]);
+    assert!(out.status.success(), "{}", explain(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("release 2"), "{}", explain(&out));
+    let out = run(&["curtail", "release", "1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already_released"), "{}", explain(&out));
+    let _ = demo.kill();
+    let _ = demo.wait();
 }
 
 #[test]
