@@ -12,7 +12,7 @@ use ecowatt_testkit::server::TempDb;
 use serde_json::{Value, json};
 
 use crate::api::Client;
-use crate::protocol::TestDevice;
+use crate::protocol::Probe;
 
 fn control(fs: u16, lease: Option<LeaseState>, episodes: Vec<Episode>) -> SyncRequest {
     SyncRequest {
@@ -50,7 +50,7 @@ async fn export_control(db: TempDb) {
     let state = c.server.state.clone();
     let mut devs = Vec::new();
     for n in ["f1", "f2", "f3", "old"] {
-        devs.push(TestDevice::provision(&c, n).await);
+        devs.push(Probe::provision(&c, n).await);
     }
 
     // Bad input: clear errors with stable codes, nothing queued.
@@ -243,7 +243,7 @@ async fn export_control(db: TempDb) {
 async fn ramps(db: TempDb) {
     let c = Client::start(&db, false).await;
     let state = c.server.state.clone();
-    let mut dev = TestDevice::provision(&c, "r1").await;
+    let mut dev = Probe::provision(&c, "r1").await;
     let cmd = |extra: Value| {
         let mut b = json!({"type": "set_power_percentage", "parameters": {"percentage": 30}});
         b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());

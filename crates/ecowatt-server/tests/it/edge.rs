@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::api::Client;
-use crate::protocol::TestDevice;
+use crate::protocol::Probe;
 
 /// One HTTP/1.1 request on a fresh connection (`connection: close`): status and body.
 pub async fn http(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, Vec<u8>) {
@@ -39,7 +39,7 @@ pub async fn http(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, Vec<u8>) {
 /// A sync over a real socket: the opened answer, or the status and body.
 async fn sync_over_tcp(
     addr: SocketAddr,
-    dev: &mut TestDevice,
+    dev: &mut Probe,
     req: &SyncRequest,
 ) -> Result<SyncResponse, (u16, String)> {
     let sealed = dev.seal(req);
@@ -75,7 +75,7 @@ async fn hundreds_of_idle_sockets_from_one_host_do_not_lock_out_a_device() {
         },
     )
     .await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let addr = c.server.addr;
     // 300 connections that send nothing, some half a header, one a huge
     // declared body: what locked every device out before.
@@ -141,7 +141,7 @@ async fn a_garbage_flood_is_one_tallied_event_then_429_while_the_device_passes()
     let c =
         client_with(&db, SettingsFile { refusals_per_minute: Some(50), ..SettingsFile::default() })
             .await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let addr = c.server.addr;
     let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
     for i in 0..300u32 {
@@ -188,7 +188,7 @@ async fn shutdown_answers_every_long_poll_at_once_and_returns() {
     let addr = c.server.addr;
     let mut polls = Vec::new();
     for i in 0..20 {
-        let mut dev = TestDevice::provision(&c, &format!("d{i}")).await;
+        let mut dev = Probe::provision(&c, &format!("d{i}")).await;
         // Once to apply the config, so the next sync has nothing to deliver.
         let first = sync_over_tcp(addr, &mut dev, &SyncRequest::default()).await.unwrap();
         let applied = first.config;
@@ -216,7 +216,7 @@ async fn shutdown_answers_every_long_poll_at_once_and_returns() {
 async fn device_endpoints_want_octet_stream() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let sealed = dev.seal(&SyncRequest::default());
     for ct in ["application/json", "text/plain", "multipart/form-data"] {
         let (status, body) = http(

@@ -8,6 +8,7 @@ mod control;
 mod edge;
 mod faults;
 mod legacy;
+mod machine;
 mod protocol;
 mod rollouts;
 mod store;

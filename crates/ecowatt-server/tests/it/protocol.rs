@@ -17,7 +17,13 @@ use tower::ServiceExt;
 
 use crate::api::Client;
 
-pub struct TestDevice {
+/// A protocol probe: it seals and opens the wire by hand, so that a test can
+/// send exactly the report, result or control state it means (and the
+/// replayed, tampered, truncated or crafted requests the door must refuse).
+/// It is not the device: the device is the core's machine, which
+/// `machine.rs` runs against this server (and `ecowatt-device`'s tests, the
+/// fleet bench and the core's suite run everywhere else).
+pub struct Probe {
     pub session: Session,
     pub kv: MemoryKv,
     pub creds: Credentials,
@@ -25,15 +31,15 @@ pub struct TestDevice {
     pub last: u64,
 }
 
-impl TestDevice {
-    pub async fn provision(c: &Client, name: &str) -> TestDevice {
+impl Probe {
+    pub async fn provision(c: &Client, name: &str) -> Probe {
         let v = c
             .ok("POST", "/api/v1/devices", Some(json!({"name": name, "rated_power_w": 10000})))
             .await;
-        TestDevice::from_provisioning(&v["provisioning"])
+        Probe::from_provisioning(&v["provisioning"])
     }
 
-    pub fn from_provisioning(p: &Value) -> TestDevice {
+    pub fn from_provisioning(p: &Value) -> Probe {
         let key =
             ecowatt_proto::hex::decode(p["key"].as_str().unwrap()).unwrap().try_into().unwrap();
         let creds = Credentials {
@@ -43,7 +49,7 @@ impl TestDevice {
         };
         let mut kv = MemoryKv::new();
         let session = Session::start(creds.clone(), &mut kv).unwrap();
-        TestDevice { session, kv, creds, last: 0 }
+        Probe { session, kv, creds, last: 0 }
     }
 
     /// Reboots: a new session from the same key-value store.
@@ -51,7 +57,7 @@ impl TestDevice {
         self.session = Session::start(self.creds.clone(), &mut self.kv).unwrap();
     }
 
-    /// Seals a sync request; it does not wait for its answer unless opened with [`TestDevice::open`].
+    /// Seals a sync request; it does not wait for its answer unless opened with [`Probe::open`].
     pub fn seal(&mut self, req: &SyncRequest) -> Vec<u8> {
         self.raw(MessageType::SyncRequest, &req.encode())
     }
@@ -116,7 +122,7 @@ fn applied(version: u64) -> Option<ConfigState> {
 async fn sync_delivers_config_and_commands_and_records_what_the_device_reports() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "roof-1").await;
+    let mut dev = Probe::provision(&c, "roof-1").await;
     let state = c.server.state.clone();
     let cmd = c
         .ok(
@@ -184,7 +190,7 @@ async fn sync_delivers_config_and_commands_and_records_what_the_device_reports()
 async fn the_same_bytes_are_refused_again_also_after_restarts() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let sealed = dev.seal(&SyncRequest::default());
     assert_eq!(post(&c.server.state, sealed.clone()).await.0, StatusCode::OK);
     let (status, body) = post(&c.server.state, sealed.clone()).await;
@@ -210,7 +216,7 @@ async fn the_same_bytes_are_refused_again_also_after_restarts() {
 async fn every_flipped_byte_is_refused_and_changes_nothing() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let cmd = c
         .ok(
             "POST",
@@ -259,10 +265,10 @@ async fn every_flipped_byte_is_refused_and_changes_nothing() {
 async fn wrong_keys_other_devices_and_unknown_ids_are_refused_alike() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut a = TestDevice::provision(&c, "a").await;
-    let b = TestDevice::provision(&c, "b").await;
+    let mut a = Probe::provision(&c, "a").await;
+    let b = Probe::provision(&c, "b").await;
     // The wrong key.
-    let mut forged = TestDevice::from_provisioning(
+    let mut forged = Probe::from_provisioning(
         &json!({"key": "000102030405060708090a0b0c0d0e0f", "device_id": a.creds.device_id, "key_version": 1}),
     );
     let (status, body) = post(&c.server.state, forged.seal(&SyncRequest::default())).await;
@@ -298,7 +304,7 @@ async fn wrong_keys_other_devices_and_unknown_ids_are_refused_alike() {
 async fn truncated_oversized_wrong_type_malformed_and_disabled_are_distinct() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let state = c.server.state.clone();
     let sealed = dev.seal(&SyncRequest::default());
     for len in [0, 1, 16, 31] {
@@ -334,7 +340,7 @@ async fn truncated_oversized_wrong_type_malformed_and_disabled_are_distinct() {
 async fn reordering_inside_the_window_is_accepted_once_and_below_it_never() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let state = c.server.state.clone();
     let sealed: Vec<Vec<u8>> = (0..70).map(|_| dev.seal(&SyncRequest::default())).collect();
     for i in [2, 0, 4, 1, 3] {
@@ -361,7 +367,7 @@ async fn reordering_inside_the_window_is_accepted_once_and_below_it_never() {
 async fn an_answer_only_opens_for_its_own_request() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let state = c.server.state.clone();
     let first = dev
         .session
@@ -395,7 +401,7 @@ async fn an_answer_only_opens_for_its_own_request() {
 async fn a_long_poll_returns_as_soon_as_a_command_is_queued() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let state = c.server.state.clone();
     dev.sync(&state, &SyncRequest { applied: applied(1), ..Default::default() }).await.unwrap();
     let sealed =
@@ -466,7 +472,7 @@ async fn push_crosses_server_processes_on_postgresql() {
     };
     let a = Client::start(&db, false).await;
     let b = TestServer::start(&db, false).await;
-    let mut dev = TestDevice::provision(&a, "d").await;
+    let mut dev = Probe::provision(&a, "d").await;
     dev.sync(&a.server.state, &SyncRequest { applied: applied(1), ..Default::default() })
         .await
         .unwrap();
@@ -503,7 +509,7 @@ async fn push_crosses_server_processes_on_postgresql() {
 async fn a_key_rotation_loses_nothing_in_flight_and_reopens_no_replay() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut old = TestDevice::provision(&c, "d").await;
+    let mut old = Probe::provision(&c, "d").await;
     let state = c.server.state.clone();
     old.sync(&state, &SyncRequest::default()).await.unwrap();
     let captured = old.seal(&SyncRequest::default());
@@ -518,7 +524,7 @@ async fn a_key_rotation_loses_nothing_in_flight_and_reopens_no_replay() {
         StatusCode::CONFLICT,
         "the old key's window is kept"
     );
-    let mut new = TestDevice::from_provisioning(&rotated["provisioning"]);
+    let mut new = Probe::from_provisioning(&rotated["provisioning"]);
     new.sync(&state, &SyncRequest::default()).await.unwrap();
     // After a second rotation the first key is gone.
     c.ok("POST", "/api/v1/devices/d/rotate-key", None).await;
@@ -544,7 +550,7 @@ async fn telemetry_is_acknowledged_stored_once_and_never_replayed() {
 
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let state = c.server.state.clone();
     let t0 = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
     let samples: Vec<Sample> = (1..=5)
@@ -619,14 +625,14 @@ async fn keys_changed_through_another_server_are_heard() {
         check();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut dev = TestDevice::provision(&a, "far").await;
+    let mut dev = Probe::provision(&a, "far").await;
     let check = within("the new device").await;
     while dev.sync(&b.state, &SyncRequest::default()).await.is_err() {
         check();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let rotated = a.ok("POST", "/api/v1/devices/far/rotate-key", None).await;
-    let mut dev = TestDevice::from_provisioning(&rotated["provisioning"]);
+    let mut dev = Probe::from_provisioning(&rotated["provisioning"]);
     let check = within("the rotation").await;
     while dev.sync(&b.state, &SyncRequest::default()).await.is_err() {
         check();

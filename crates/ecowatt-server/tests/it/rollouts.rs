@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tower::ServiceExt;
 
 use crate::api::Client;
-use crate::protocol::TestDevice;
+use crate::protocol::Probe;
 
 async fn store_image(c: &Client, version: &str, data: &[u8]) -> i64 {
     let m = Manifest {
@@ -66,7 +66,7 @@ fn idle() -> SyncRequest {
 
 struct Fleet {
     c: Client,
-    devices: Vec<(String, TestDevice)>,
+    devices: Vec<(String, Probe)>,
 }
 
 impl Fleet {
@@ -93,7 +93,7 @@ async fn rollout_goes_wave_by_wave_and_aborts_past_its_threshold(db: TempDb) {
     let mut devices = Vec::new();
     for i in 1..=4 {
         let name = format!("d{i}");
-        devices.push((name.clone(), TestDevice::provision(&c, &name).await));
+        devices.push((name.clone(), Probe::provision(&c, &name).await));
     }
     let mut f = Fleet { c, devices };
     let image: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();

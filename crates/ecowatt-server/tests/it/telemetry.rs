@@ -7,7 +7,7 @@ use ecowatt_proto::messages::{MessageType, TelemetryAck, TelemetryUpload};
 use ecowatt_testkit::server::TempDb;
 
 use crate::api::Client;
-use crate::protocol::{TestDevice, error_code, post_to};
+use crate::protocol::{Probe, error_code, post_to};
 
 fn samples(seqs: std::ops::RangeInclusive<u64>, t0: u64, base: u16) -> Vec<Sample> {
     seqs.map(|i| Sample { seq: i, unix_ms: t0 + 5_000 * i, values: vec![base + i as u16, 100] })
@@ -27,7 +27,7 @@ fn upload(samples: &[Sample]) -> TelemetryUpload {
 /// Uploads; the acknowledged `seq`, or the status and error code.
 async fn send(
     c: &Client,
-    dev: &mut TestDevice,
+    dev: &mut Probe,
     up: &TelemetryUpload,
 ) -> Result<u64, (StatusCode, String)> {
     let sealed = dev.raw(MessageType::TelemetryUpload, &up.encode());
@@ -43,7 +43,7 @@ async fn send(
 async fn a_resent_batch_that_grew_stores_only_what_it_adds_on_both_backends() {
     for db in TempDb::each().await {
         let c = Client::start(&db, false).await;
-        let mut dev = TestDevice::provision(&c, "d").await;
+        let mut dev = Probe::provision(&c, "d").await;
         let t0 = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
         assert_eq!(send(&c, &mut dev, &upload(&samples(1..=5, t0, 2300))).await, Ok(5));
         // The acknowledgement was lost; the device resends with more samples.
@@ -80,7 +80,7 @@ async fn a_resent_batch_that_grew_stores_only_what_it_adds_on_both_backends() {
 async fn sample_times_outside_the_kept_range_are_refused_before_acknowledgement() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let mut dev = TestDevice::provision(&c, "d").await;
+    let mut dev = Probe::provision(&c, "d").await;
     let now = ecowatt_formats::time::now_ms() as u64;
     let cases: [(&str, Vec<Sample>); 5] = [
         ("1970: a clock never set", samples(1..=3, 10_000, 2300)),

@@ -1,0 +1,210 @@
+//! The server against the device as it runs: the core's device machine
+//! (`ecowatt_core::machine`, what the Linux agent and the ESP32-C3 firmware
+//! drive), carried out in process over the router. What the protocol probe
+//! of `protocol.rs` sends by hand (reports, results, control) comes here
+//! from the machine itself: config applied, a leased limit executed and
+//! read back, a curtailment confirmed, samples uploaded.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use ecowatt_core::kv::MemoryKv;
+use ecowatt_core::link::Outcome;
+use ecowatt_core::machine::{Action, Device, Event, Failure, Settings};
+use ecowatt_core::ota::{FlashError, Slot, Slots};
+use ecowatt_core::session::Credentials;
+use ecowatt_proto::firmware::Version;
+use ecowatt_proto::modbus::{Exception, ExceptionCode, Request as Modbus, Response};
+use ecowatt_server::api::{AppState, app};
+use ecowatt_testkit::server::TempDb;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use crate::api::Client;
+
+/// This device has no image slots (updates are the agent tests' concern).
+struct NoSlots;
+
+impl Slots for NoSlots {
+    fn erase(&mut self, _: Slot) -> Result<(), FlashError> {
+        Err(FlashError("no slots".into()))
+    }
+    fn write(&mut self, _: Slot, _: u64, _: &[u8]) -> Result<(), FlashError> {
+        Err(FlashError("no slots".into()))
+    }
+    fn read(&mut self, _: Slot, _: u64, _: &mut [u8]) -> Result<(), FlashError> {
+        Err(FlashError("no slots".into()))
+    }
+}
+
+/// The machine, an inverter of ten registers, and the server it talks to.
+struct MachineDevice {
+    device: Device<MemoryKv, NoSlots>,
+    regs: [u16; 10],
+    state: AppState,
+}
+
+fn now() -> u64 {
+    ecowatt_formats::time::now_ms() as u64
+}
+
+impl MachineDevice {
+    fn boot(p: &Value, state: AppState) -> Self {
+        let creds = Credentials {
+            device_id: p["device_id"].as_u64().unwrap() as u32,
+            key: ecowatt_proto::hex::decode(p["key"].as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap(),
+            key_version: 1,
+        };
+        let mut settings = Settings::new(Version::parse("1.0.0").unwrap(), "test");
+        settings.long_poll_ms = 300;
+        settings.batch_max = 5;
+        let device = Device::boot(MemoryKv::new(), NoSlots, creds, settings, now()).unwrap();
+        MachineDevice { device, regs: [2300, 50, 2400, 48, 5000, 2310, 30, 450, 100, 1500], state }
+    }
+
+    fn inverter(&mut self, request: &Modbus) -> Outcome {
+        match *request {
+            Modbus::ReadHoldingRegisters { start, quantity } => {
+                match self.regs.get(start as usize..(start + quantity) as usize) {
+                    Some(v) => Ok(Ok(Response::ReadHoldingRegisters(v.to_vec()))),
+                    None => {
+                        Ok(Err(Exception { function: 3, code: ExceptionCode::IllegalDataAddress }))
+                    }
+                }
+            }
+            Modbus::WriteSingleRegister { address: 8, value } if value <= 100 => {
+                self.regs[8] = value;
+                Ok(Ok(Response::WriteSingleRegister { address: 8, value }))
+            }
+            Modbus::WriteSingleRegister { .. } => {
+                Ok(Err(Exception { function: 6, code: ExceptionCode::IllegalDataAddress }))
+            }
+        }
+    }
+
+    async fn post(&self, path: &str, body: Vec<u8>) -> Result<Vec<u8>, Failure> {
+        let req = Request::post(path)
+            .header("content-type", "application/octet-stream")
+            .body(Body::from(body))
+            .unwrap();
+        let resp = app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        if status == StatusCode::OK {
+            Ok(bytes)
+        } else {
+            Err(Failure {
+                status: Some(status.as_u16()),
+                message: String::from_utf8_lossy(&bytes).into(),
+            })
+        }
+    }
+
+    /// Runs in real time (the server's clocks are real) until `done` holds
+    /// on the server's API, for at most `limit`.
+    async fn run_until(&mut self, c: &Client, limit: Duration, done: impl AsyncCheck) -> bool {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if done.check(c).await {
+                return true;
+            }
+            // What the machine asks for now (answers may bring more: those
+            // wait for the next round, after the check).
+            let actions: Vec<Action> = std::iter::from_fn(|| self.device.poll_action()).collect();
+            for action in actions {
+                let event = match action {
+                    Action::Inverter { request, .. } => Event::Inverter(self.inverter(&request)),
+                    Action::Post { channel, body, .. } => {
+                        Event::Server { channel, answer: self.post(channel.path(), body).await }
+                    }
+                    Action::Fetch { .. } => Event::Chunk(Err(Failure::unreachable("no slots"))),
+                    Action::Restart | Action::Note(_) => continue,
+                };
+                self.device.handle(now(), event);
+            }
+            let wake = self.device.next_wakeup().saturating_sub(now()).min(50);
+            tokio::time::sleep(Duration::from_millis(wake)).await;
+            self.device.handle(now(), Event::Tick);
+        }
+        done.check(c).await
+    }
+}
+
+/// A condition read from the operator API.
+trait AsyncCheck {
+    async fn check(&self, c: &Client) -> bool;
+}
+
+struct Get<F: Fn(&Value) -> bool>(String, F);
+
+impl<F: Fn(&Value) -> bool> AsyncCheck for Get<F> {
+    async fn check(&self, c: &Client) -> bool {
+        (self.1)(&c.ok("GET", &self.0, None).await)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_machine_applies_config_holds_a_leased_limit_and_confirms_a_curtailment() {
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    let added = c
+        .ok(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({"name": "m1", "tags": ["feeder-1"], "failsafe": 40})),
+        )
+        .await;
+    let mut dev = MachineDevice::boot(&added["provisioning"], c.server.state.clone());
+    let within = Duration::from_secs(20);
+
+    // Its first sync: the server's config is applied and reported, with its control.
+    let reported = Get("/api/v1/devices/m1/config".into(), |v: &Value| v["reported_version"] == 1);
+    assert!(dev.run_until(&c, within, reported).await, "config v1 reported");
+    let control =
+        Get("/api/v1/devices/m1/control".into(), |v: &Value| v["reported"]["failsafe"] == 40);
+    assert!(dev.run_until(&c, within, control).await, "the fail-safe reached the device");
+
+    // A config change, applied by the machine.
+    c.ok("PATCH", "/api/v1/devices/m1/config", Some(json!({"poll_interval_ms": 1000}))).await;
+    let v2 = Get("/api/v1/devices/m1/config".into(), |v: &Value| v["reported_version"] == 2);
+    assert!(dev.run_until(&c, within, v2).await, "config v2 applied");
+
+    // A leased limit: executed, read back, held under its lease.
+    let cmd = c
+        .ok(
+            "POST",
+            "/api/v1/devices/m1/commands",
+            Some(json!({"type": "set_power_percentage", "parameters": {"percentage": 30}, "lease_s": 120})),
+        )
+        .await;
+    let path = format!("/api/v1/commands/{}", cmd["id"]);
+    let done =
+        Get(path.clone(), |v: &Value| v["status"] == "succeeded" || v["status"] == "confirmed");
+    assert!(dev.run_until(&c, within, done).await, "the command succeeded");
+    assert_eq!(dev.regs[8], 30);
+    assert_eq!(c.ok("GET", &path, None).await["result_value"], 30);
+    let leased = Get("/api/v1/devices/m1/control".into(), |v: &Value| {
+        v["reported"]["lease"]["limit_pct"] == 30 && v["reported"]["lease"]["lapsed"] == false
+    });
+    assert!(dev.run_until(&c, within, leased).await, "the device holds the lease");
+
+    // A curtailment of its group, confirmed by read-back.
+    let cur = c
+        .ok("POST", "/api/v1/curtailments", Some(json!({"group": "feeder-1", "percent": 15})))
+        .await;
+    let path = format!("/api/v1/curtailments/{}", cur["id"]);
+    let settled = Get(path.clone(), |v: &Value| v["progress"]["settled"] == true);
+    assert!(dev.run_until(&c, within, settled).await, "the curtailment settled");
+    assert_eq!(c.ok("GET", &path, None).await["progress"]["confirmed"], 1);
+    assert_eq!(dev.regs[8], 15);
+
+    // And its samples reached the store.
+    let stored = Get("/api/v1/devices/m1/latest".into(), |v: &Value| !v["sample"].is_null());
+    assert!(dev.run_until(&c, within, stored).await, "samples uploaded");
+    c.server.stop().await;
+}
