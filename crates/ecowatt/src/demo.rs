@@ -319,30 +319,23 @@ async fn grid(
     say(format!(
         "the server stops: the devices hold 20 % for the lease ({GRID_LEASE_S} s without an answer), then apply their fail-safe"
     ));
-    let mut last = String::new();
-    while tokio::time::Instant::now() < at(GRID_RESTART_AT) {
-        let now = limits(sim, names);
-        if now != last {
-            say(format!("inverter limits: {now}"));
-            last = now;
+    // Prints the inverters' limits as they change, until `until` or `done`.
+    let watch = |until: tokio::time::Instant, done: Option<String>| async move {
+        let mut last = String::new();
+        while tokio::time::Instant::now() < until && done.as_ref() != Some(&last) {
+            let now = limits(sim, names);
+            if now != last {
+                say(format!("inverter limits: {now}"));
+                last = now;
+            }
+            tokio::time::sleep(args.interval.min(Duration::from_millis(500))).await;
         }
-        tokio::time::sleep(args.interval.min(Duration::from_secs(1))).await;
-    }
+    };
+    watch(at(GRID_RESTART_AT), None).await;
     let server = crate::server::InProcess::start(rebind(addr)?, file).await?;
     say("the server is back: each device, at its next try (within 30 s), reports its episode and the curtailment resumes".into());
-    let mut last = String::new();
     let resumed = names.iter().map(|n| format!("{n} 20%")).collect::<Vec<_>>().join(", ");
-    while tokio::time::Instant::now() < at(GRID_END_AT) {
-        let now = limits(sim, names);
-        if now != last {
-            say(format!("inverter limits: {now}"));
-            last = now;
-        }
-        if last == resumed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    watch(at(GRID_END_AT), Some(resumed)).await;
     // The episode of the return rides on the sync after it (a long poll may
     // hold that one up to 25 s).
     let until = tokio::time::Instant::now() + Duration::from_secs(30);

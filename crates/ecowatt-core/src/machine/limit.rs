@@ -225,9 +225,9 @@ impl Limit {
 }
 
 /// Whether `value` is a write of the export limit.
-pub(super) fn limit_write(op: ecowatt_proto::messages::Operation) -> Option<u16> {
+pub(super) fn limit_write(op: Operation) -> Option<u16> {
     match op {
-        ecowatt_proto::messages::Operation::Write { register: EXPORT_LIMIT, value } => Some(value),
+        Operation::Write { register: EXPORT_LIMIT, value } => Some(value),
         _ => None,
     }
 }

@@ -26,7 +26,7 @@ pub async fn queue_for(
 ) -> Result<Command, ApiError> {
     let ttl_s = match body.as_object_mut().and_then(|o| o.remove("ttl_s")) {
         None | Some(Value::Null) => commands::DEFAULT_TTL_S,
-        Some(v) => v.as_i64().ok_or_else(|| Invalid::new("ttl_s", "must be whole seconds"))?,
+        Some(v) => super::control::seconds("ttl_s", &v)?,
     };
     let lease_ms = match body.as_object_mut().and_then(|o| o.remove("lease_s")) {
         None | Some(Value::Null) => None,

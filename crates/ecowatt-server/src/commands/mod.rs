@@ -226,18 +226,7 @@ pub fn lease_for(
     if !limit {
         return Err(Invalid::new("lease_s", "only an export limit is held under a lease").into());
     }
-    if !(LEASE_MS.0..=LEASE_MS.1).contains(&lease) {
-        return Err(Invalid::new(
-            "lease_s",
-            format!(
-                "{} s is outside {}..={} s",
-                lease / 1000,
-                LEASE_MS.0 / 1000,
-                LEASE_MS.1 / 1000
-            ),
-        )
-        .into());
-    }
+    check_lease(lease)?;
     if failsafe.is_none() {
         return Err(crate::db::StoreError::Refused {
             code: "failsafe_not_configured",
@@ -247,6 +236,15 @@ pub fn lease_for(
         });
     }
     Ok(Some(lease))
+}
+
+/// Checks a lease's length, ms.
+pub fn check_lease(lease_ms: i64) -> Result<i64, Invalid> {
+    if (LEASE_MS.0..=LEASE_MS.1).contains(&lease_ms) {
+        return Ok(lease_ms);
+    }
+    let (s, min, max) = (lease_ms / 1000, LEASE_MS.0 / 1000, LEASE_MS.1 / 1000);
+    Err(Invalid::new("lease_s", format!("{s} s is outside {min}..={max} s")))
 }
 
 /// Slowest and fastest ramp, hundredths of a percent of rated power per second.

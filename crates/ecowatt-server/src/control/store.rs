@@ -9,9 +9,7 @@ use sqlx::Row;
 
 use super::{EpisodeRecord, FailSafe, Part, Progress, failsafe_to_send, kind_name, outcome_name};
 use crate::commands::store::record_result_in;
-use crate::commands::{
-    Command, CommandOutcome, CommandStatus, DEFAULT_LEASE_MS, DEFAULT_TTL_S, LEASE_MS,
-};
+use crate::commands::{Command, CommandOutcome, CommandStatus, DEFAULT_LEASE_MS, DEFAULT_TTL_S};
 use crate::db::{Db, StoreError, StoreResult, WriteTx, corrupt};
 use crate::devices::{DeviceId, named_in};
 use crate::operators::audit;
@@ -197,19 +195,7 @@ impl Control {
         let ramp = ramp_pct_per_s.map(crate::commands::ramp_centi).transpose()?;
         super::check_tag(group).map_err(|e| crate::domain::Invalid::new("group", e.message))?;
         let percent = super::check_percent(percent)?;
-        let lease_ms = lease_ms.unwrap_or(DEFAULT_LEASE_MS);
-        if !(LEASE_MS.0..=LEASE_MS.1).contains(&lease_ms) {
-            return Err(crate::domain::Invalid::new(
-                "lease_s",
-                format!(
-                    "{} s is outside {}..={} s",
-                    lease_ms / 1000,
-                    LEASE_MS.0 / 1000,
-                    LEASE_MS.1 / 1000
-                ),
-            )
-            .into());
-        }
+        let lease_ms = crate::commands::check_lease(lease_ms.unwrap_or(DEFAULT_LEASE_MS))?;
         let mut tx = self.db.write().await?;
         let members = "FROM devices d JOIN device_tags t ON t.device_id = d.id WHERE t.tag = $1 AND d.enabled <> 0";
         let row = sqlx::query(&format!(
@@ -491,20 +477,19 @@ pub async fn report_in(
 /// device's differs, and the commands' leases. A device that never reported
 /// control cannot hold a lease: its leased commands fail here, with why,
 /// and leave the answer.
+///
+/// `failsafe` and `reported` are the device's `failsafe` and
+/// `control_reported` columns, read by the caller with the answer's counter.
 pub async fn orders_in(
     db: &Db,
     tx: &mut WriteTx,
-    device_id: DeviceId,
     device: &str,
+    failsafe: Option<i64>,
+    reported: Option<String>,
     commands: &mut Vec<Command>,
     now: i64,
 ) -> StoreResult<Option<ControlOrders>> {
-    let row = sqlx::query("SELECT failsafe, control_reported FROM devices WHERE id = $1")
-        .bind(device_id)
-        .fetch_one(&mut **tx)
-        .await?;
-    let desired = FailSafe::from_column(row.try_get("failsafe")?);
-    let reported: Option<String> = row.try_get("control_reported")?;
+    let desired = FailSafe::from_column(failsafe);
     let Some(reported) = reported else {
         let (leased, rest): (Vec<Command>, Vec<Command>) =
             commands.drain(..).partition(|c| c.lease_ms.is_some());

@@ -168,16 +168,24 @@ impl Protocol {
         )
         .await?;
         let row = sqlx::query(
-            "UPDATE devices SET down_counter = down_counter + 1 WHERE id = $1 RETURNING down_counter",
+            "UPDATE devices SET down_counter = down_counter + 1 WHERE id = $1 \
+             RETURNING down_counter, failsafe, control_reported",
         )
         .bind(device_id)
         .fetch_one(&mut **tx)
         .await?;
         let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
         let update = offer_in(&self.db, tx, device_id, now).await?;
-        let control =
-            crate::control::store::orders_in(&self.db, tx, device_id, &name, &mut commands, now)
-                .await?;
+        let control = crate::control::store::orders_in(
+            &self.db,
+            tx,
+            &name,
+            row.try_get("failsafe")?,
+            row.try_get("control_reported")?,
+            &mut commands,
+            now,
+        )
+        .await?;
         Ok(SyncDelivery { device: name, down_counter, config, commands, update, control })
     }
 
