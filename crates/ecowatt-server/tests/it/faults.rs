@@ -119,8 +119,19 @@ async fn a_database_gone_or_empty_under_a_used_data_directory_is_refused_not_sta
     let file = db.dir.path().join("ecowatt.db");
     // The store is in the main file and its write-ahead log: keep both.
     let wal = db.dir.path().join("ecowatt.db-wal");
-    let saved = std::fs::read(&file).unwrap();
-    let saved_wal = std::fs::read(&wal).ok();
+    // A pool connection may still be closing (and checkpointing the log into
+    // the main file) just after the stop: take the two files once they hold
+    // still, so that the copy is one state of the store, not two.
+    let snapshot = || (std::fs::read(&file).unwrap(), std::fs::read(&wal).ok());
+    let (mut saved, mut saved_wal) = snapshot();
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        let again = snapshot();
+        if again == (saved.clone(), saved_wal.clone()) {
+            break;
+        }
+        (saved, saved_wal) = again;
+    }
     for (what, bytes) in [("missing", None), ("empty", Some(Vec::new()))] {
         let _ = std::fs::remove_file(&file);
         let _ = std::fs::remove_file(db.dir.path().join("ecowatt.db-wal"));
