@@ -18,6 +18,7 @@ pub mod flashkv;
 pub mod limit;
 pub mod machine;
 pub mod ota;
+pub mod schedule;
 pub mod world;
 
 macro_rules! suite {
@@ -70,6 +71,11 @@ suite! {
     limit::a_ramp_steps_no_faster_than_its_rate_and_confirms_each_step,
     limit::a_new_limit_takes_over_a_ramp_from_where_it_is,
     limit::a_ramp_the_inverter_stops_taking_fails_with_the_value_reached,
+    schedule::a_schedule_runs_offline_step_on_time,
+    schedule::a_command_a_lease_and_the_failsafe_win_over_the_schedule_in_that_order,
+    schedule::a_restart_neither_writes_a_step_again_nor_undoes_a_command,
+    schedule::past_its_horizon_a_schedule_ends_in_the_failsafe,
+    schedule::a_step_the_inverter_does_not_take_is_reported_failed_and_tried_again,
     ota::a_good_update_boots_on_trial_and_is_kept_once_confirmed,
     ota::nothing_is_switched_for_a_changed_byte_a_wrong_key_or_an_old_version,
     ota::an_image_that_fails_its_health_check_is_rolled_back,

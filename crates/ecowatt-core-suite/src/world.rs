@@ -19,8 +19,8 @@ use ecowatt_proto::codec::{self, Sample};
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::messages::{
     CommandControl, CommandResult, ConfigState, ControlOrders, ControlReport, DeviceCommand,
-    Episode, MessageType, OtaReport, SyncRequest, SyncResponse, TelemetryAck, TelemetryUpload,
-    UpdateOffer, signature_algorithm,
+    Episode, MessageType, OtaReport, Plan, ScheduleOrders, ScheduleReport, SyncRequest,
+    SyncResponse, TelemetryAck, TelemetryUpload, UpdateOffer, signature_algorithm,
 };
 use ecowatt_proto::modbus::{Exception, ExceptionCode, Request, Response};
 use ecowatt_proto::replay::ReplayWindow;
@@ -197,6 +197,12 @@ pub struct Server {
     pub control: Option<ControlReport>,
     /// Lease episodes received, each once.
     pub episodes: Vec<Episode>,
+    /// The schedule the operator set, compiled (sent while the device runs another version).
+    pub plan: Option<Plan>,
+    /// Queued commands that return to the schedule.
+    pub resume: Vec<u64>,
+    /// The schedule state the device last reported.
+    pub schedule: Option<ScheduleReport>,
 }
 
 impl Server {
@@ -234,6 +240,9 @@ impl Server {
             ramps: BTreeMap::new(),
             control: None,
             episodes: Vec::new(),
+            plan: None,
+            resume: Vec::new(),
+            schedule: None,
         }
     }
 
@@ -281,6 +290,13 @@ impl Server {
         self.applied.is_none_or(|a| a.version != self.desired.version)
             || self.commands.iter().any(|(_, at)| at.is_none_or(|t| now >= t + 30 * SECOND))
             || self.failsafe.is_some_and(|f| self.control.as_ref().is_some_and(|c| c.failsafe != f))
+            || self.plan_to_send().is_some()
+    }
+
+    /// The plan, while the device reports another version.
+    fn plan_to_send(&self) -> Option<&Plan> {
+        let reported = self.schedule.as_ref()?;
+        self.plan.as_ref().filter(|p| p.version != reported.version)
     }
 
     fn take_sync(&mut self, body: &[u8]) -> Option<SyncRequest> {
@@ -308,6 +324,9 @@ impl Server {
                 }
             }
             self.control = Some(c.clone());
+        }
+        if let Some(s) = req.schedule {
+            self.schedule = Some(s);
         }
         Some(req)
     }
@@ -337,7 +356,13 @@ impl Server {
                 })
                 .collect(),
         });
-        let r = SyncResponse { server_time_ms: now, config, commands, update, control };
+        // Like the real server: a schedule only for a device that reports one.
+        let schedule = self.schedule.as_ref().map(|_| ScheduleOrders {
+            plan: self.plan_to_send().cloned(),
+            resume: commands.iter().map(|c| c.id).filter(|id| self.resume.contains(id)).collect(),
+        });
+        let r =
+            SyncResponse { server_time_ms: now, config, commands, update, control, schedule };
         self.answer(counter, MessageType::SyncResponse, &r.encode())
     }
 

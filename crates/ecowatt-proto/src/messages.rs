@@ -228,6 +228,8 @@ pub struct SyncRequest {
     /// What the device holds of the export-limit control (a device that
     /// enforces leases always sends it; an older one never does).
     pub control: Option<ControlReport>,
+    /// The schedule it runs (protocol 1.2; only after a `control` report).
+    pub schedule: Option<ScheduleReport>,
 }
 
 /// Where a firmware update stands on the device.
@@ -383,8 +385,11 @@ impl SyncRequest {
                 out.push(o.reason);
             }
         }
-        if let Some(c) = &self.control {
-            c.put(&mut out);
+        if self.control.is_some() || self.schedule.is_some() {
+            self.control.clone().unwrap_or_default().put(&mut out);
+        }
+        if let Some(s) = &self.schedule {
+            s.put(&mut out);
         }
         out
     }
@@ -455,8 +460,10 @@ impl SyncRequest {
             _ => return Err(DecodeError::BadValue { field: "ota_flag" }),
         };
         let control = if r.at < r.bytes.len() { Some(ControlReport::get(&mut r)?) } else { None };
+        let schedule =
+            if r.at < r.bytes.len() { Some(ScheduleReport::get(&mut r)?) } else { None };
         r.finish()?;
-        Ok(SyncRequest { wait_ms, applied, rejected, results, firmware, ota, control })
+        Ok(SyncRequest { wait_ms, applied, rejected, results, firmware, ota, control, schedule })
     }
 }
 
@@ -717,6 +724,222 @@ impl ControlOrders {
     }
 }
 
+/// The schedule extension (protocol 1.2): a time-of-day plan of export
+/// limits the device runs offline. It rides after the control extension,
+/// introduced by [`SCHEDULE_EXTENSION`]; a server sends [`ScheduleOrders`]
+/// only to a device whose request carried a [`ScheduleReport`].
+///
+/// The server compiles the plan (its days, times and the site's time zone,
+/// daylight saving included) into steps in UTC for a horizon of days; the
+/// device needs no calendar and no time-zone rules.
+pub const SCHEDULE_EXTENSION: u8 = 2;
+
+/// Most steps one plan carries.
+pub const MAX_STEPS: usize = 256;
+
+/// A plan entry's index when no entry is active (the plan's default applies).
+pub const NO_ENTRY: u8 = 0xFF;
+
+/// Where a device's export limit comes from, as it reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum ScheduleState {
+    /// No plan (or an empty one).
+    #[default]
+    None = 0,
+    /// The plan's step in force.
+    Following = 1,
+    /// A command without a lease, until the plan's next step.
+    Command = 2,
+    /// A leased command, while its lease holds.
+    Lease = 3,
+    /// A lapsed lease: the fail-safe, until the server is heard again.
+    FailSafe = 4,
+    /// The plan's horizon passed without a newer one: the fail-safe.
+    Ended = 5,
+}
+
+/// One step of a plan: from `at_ms` the export limit is `value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// When, Unix ms (whole seconds after the plan's start).
+    pub at_ms: u64,
+    /// The export limit, %.
+    pub value: u8,
+    /// The plan entry it comes from ([`NO_ENTRY`]: the plan's default).
+    pub entry: u8,
+}
+
+/// A compiled plan: steps from `from_ms` until `until_ms`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The schedule's version (the server's; 0 is never sent).
+    pub version: u64,
+    /// When the first step starts, Unix ms.
+    pub from_ms: u64,
+    /// When the plan ends, Unix ms (after it, the fail-safe).
+    pub until_ms: u64,
+    /// Steps, strictly ascending, the first at `from_ms`; none: no schedule.
+    pub steps: Vec<Step>,
+}
+
+/// Device -> server: the schedule it runs (extension of [`SyncRequest`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScheduleReport {
+    /// The plan's version (0: none).
+    pub version: u64,
+    /// Its horizon, Unix ms.
+    pub until_ms: u64,
+    /// Where the export limit comes from now.
+    pub state: ScheduleState,
+    /// The plan's entry in force ([`NO_ENTRY`]: its default, or no plan).
+    pub entry: u8,
+    /// The plan's limit now, % (0xFF: none).
+    pub value: u8,
+    /// The last step written: when, and whether it was read back equal.
+    pub last: Option<(u64, bool)>,
+}
+
+impl ScheduleReport {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(SCHEDULE_EXTENSION);
+        put_u64(out, self.version);
+        put_u64(out, self.until_ms);
+        out.push(self.state as u8);
+        out.push(self.entry);
+        out.push(self.value);
+        match self.last {
+            None => out.push(0),
+            Some((at, ok)) => {
+                out.push(if ok { 1 } else { 2 });
+                put_u64(out, at);
+            }
+        }
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        if r.u8()? != SCHEDULE_EXTENSION {
+            return Err(DecodeError::BadValue { field: "extension" });
+        }
+        let version = r.u64()?;
+        let until_ms = r.u64()?;
+        let state = match r.u8()? {
+            0 => ScheduleState::None,
+            1 => ScheduleState::Following,
+            2 => ScheduleState::Command,
+            3 => ScheduleState::Lease,
+            4 => ScheduleState::FailSafe,
+            5 => ScheduleState::Ended,
+            _ => return Err(DecodeError::BadValue { field: "schedule_state" }),
+        };
+        let entry = r.u8()?;
+        let value = r.u8()?;
+        if value > 100 && value != 0xFF {
+            return Err(DecodeError::BadValue { field: "schedule_value" });
+        }
+        let last = match r.u8()? {
+            0 => None,
+            f @ (1 | 2) => Some((r.u64()?, f == 1)),
+            _ => return Err(DecodeError::BadValue { field: "schedule_last" }),
+        };
+        Ok(ScheduleReport { version, until_ms, state, entry, value, last })
+    }
+}
+
+/// Server -> device: the schedule extension of [`SyncResponse`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScheduleOrders {
+    /// A plan to run from now on (a new version, or the same version with
+    /// a later horizon); a plan without steps removes the schedule.
+    pub plan: Option<Plan>,
+    /// Commands of this answer that return the export limit to the plan:
+    /// the device writes the plan's limit in force instead of the
+    /// command's value (which stands when it has no plan running), and
+    /// drops any lease.
+    pub resume: Vec<u64>,
+}
+
+impl ScheduleOrders {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(SCHEDULE_EXTENSION);
+        match &self.plan {
+            None => out.push(0),
+            Some(p) => {
+                out.push(1);
+                put_u64(out, p.version);
+                put_u64(out, p.from_ms);
+                put_u64(out, p.until_ms);
+                let n = p.steps.len().min(MAX_STEPS);
+                put_u16(out, n as u16);
+                for s in &p.steps[..n] {
+                    put_u32(out, (s.at_ms.saturating_sub(p.from_ms) / 1000) as u32);
+                    out.push(s.value);
+                    out.push(s.entry);
+                }
+            }
+        }
+        out.push(self.resume.len().min(MAX_COMMANDS) as u8);
+        for id in self.resume.iter().take(MAX_COMMANDS) {
+            put_u64(out, *id);
+        }
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        if r.u8()? != SCHEDULE_EXTENSION {
+            return Err(DecodeError::BadValue { field: "extension" });
+        }
+        let plan = match r.u8()? {
+            0 => None,
+            1 => Some(Plan::get(r)?),
+            _ => return Err(DecodeError::BadValue { field: "plan_flag" }),
+        };
+        let n = r.count("resume", MAX_COMMANDS)?;
+        let mut resume = Vec::with_capacity(n);
+        for _ in 0..n {
+            resume.push(r.u64()?);
+        }
+        Ok(ScheduleOrders { plan, resume })
+    }
+}
+
+impl Plan {
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let version = r.u64()?;
+        let from_ms = r.u64()?;
+        let until_ms = r.u64()?;
+        let n = usize::from(r.u16()?);
+        if n > MAX_STEPS {
+            return Err(DecodeError::TooMany { field: "steps", count: n, max: MAX_STEPS });
+        }
+        if version == 0 || until_ms <= from_ms {
+            return Err(DecodeError::BadValue { field: "plan" });
+        }
+        let mut steps: Vec<Step> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let at_ms = from_ms.saturating_add(u64::from(r.u32()?) * 1000);
+            let value = r.u8()?;
+            let entry = r.u8()?;
+            let ordered = match steps.last() {
+                None => at_ms == from_ms,
+                Some(prev) => prev.at_ms < at_ms,
+            };
+            if value > 100 || !ordered || at_ms >= until_ms {
+                return Err(DecodeError::BadValue { field: "step" });
+            }
+            steps.push(Step { at_ms, value, entry });
+        }
+        Ok(Plan { version, from_ms, until_ms, steps })
+    }
+
+    /// The step in force at `now_ms` (`None` before the plan or after it).
+    pub fn step_at(&self, now_ms: u64) -> Option<&Step> {
+        if now_ms >= self.until_ms {
+            return None;
+        }
+        self.steps.iter().take_while(|s| s.at_ms <= now_ms).last()
+    }
+}
+
 /// What the device is to do on the inverter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -759,6 +982,9 @@ pub struct SyncResponse {
     /// Leases of the commands above and the fail-safe limit, only ever
     /// sent to a device whose request carried a [`ControlReport`].
     pub control: Option<ControlOrders>,
+    /// A schedule to run and commands that return to it, only ever sent to
+    /// a device whose request carried a [`ScheduleReport`].
+    pub schedule: Option<ScheduleOrders>,
 }
 
 /// Signature algorithms of an update offer.
@@ -857,8 +1083,11 @@ impl SyncResponse {
                 u.put(&mut out);
             }
         }
-        if let Some(c) = &self.control {
-            c.put(&mut out);
+        if self.control.is_some() || self.schedule.is_some() {
+            self.control.clone().unwrap_or_default().put(&mut out);
+        }
+        if let Some(s) = &self.schedule {
+            s.put(&mut out);
         }
         out
     }
@@ -892,8 +1121,10 @@ impl SyncResponse {
             _ => return Err(DecodeError::BadValue { field: "update_flag" }),
         };
         let control = if r.at < r.bytes.len() { Some(ControlOrders::get(&mut r)?) } else { None };
+        let schedule =
+            if r.at < r.bytes.len() { Some(ScheduleOrders::get(&mut r)?) } else { None };
         r.finish()?;
-        Ok(SyncResponse { server_time_ms, config, commands, update, control })
+        Ok(SyncResponse { server_time_ms, config, commands, update, control, schedule })
     }
 }
 
@@ -1029,6 +1260,7 @@ mod tests {
                 reason: 0,
             }),
             control: None,
+            schedule: None,
         }
     }
 
@@ -1070,6 +1302,7 @@ mod tests {
                 signature: alloc::vec![0x5A; 64],
             }),
             control: None,
+            schedule: None,
         };
         assert_eq!(SyncResponse::decode(&resp.encode()).unwrap(), resp);
         let bytes = resp.encode();
@@ -1143,7 +1376,8 @@ mod tests {
         }
         let mut long = bytes.clone();
         long.push(0);
-        assert_eq!(SyncRequest::decode(&long), Err(DecodeError::TrailingBytes { count: 1 }));
+        // (A byte after the control extension can only start the schedule one.)
+        assert_eq!(SyncRequest::decode(&long), Err(DecodeError::BadValue { field: "extension" }));
         for (at, value, field) in [
             (plain, 2, "extension"),
             (plain + 1, 0x01, "failsafe"), // 0x0128 = 296 %
@@ -1184,6 +1418,92 @@ mod tests {
         let mut bad = bytes.clone();
         bad[plain + 2] = 0x02; // 0x02FF
         assert_eq!(SyncResponse::decode(&bad), Err(DecodeError::BadValue { field: "failsafe" }));
+    }
+
+    #[test]
+    fn the_schedule_extension_round_trips_and_is_checked() {
+        let report = ScheduleReport {
+            version: 4,
+            until_ms: 1_800_000_000_000,
+            state: ScheduleState::Command,
+            entry: 1,
+            value: 30,
+            last: Some((1_790_000_000_000, true)),
+        };
+        let req = SyncRequest {
+            control: Some(control_report()),
+            schedule: Some(report),
+            ..sample_request()
+        };
+        let bytes = req.encode();
+        assert_eq!(SyncRequest::decode(&bytes).unwrap(), req);
+        let plain = SyncRequest { schedule: None, ..req.clone() }.encode().len();
+        for len in plain + 1..bytes.len() {
+            assert!(SyncRequest::decode(&bytes[..len]).is_err(), "truncated at {len}");
+        }
+        for (at, value, field) in [
+            (plain, 3, "extension"),
+            (plain + 17, 6, "schedule_state"),
+            (plain + 19, 101, "schedule_value"),
+            (plain + 20, 3, "schedule_last"),
+        ] {
+            let mut bad = bytes.clone();
+            bad[at] = value;
+            assert_eq!(SyncRequest::decode(&bad), Err(DecodeError::BadValue { field }), "{field}");
+        }
+        // A schedule report without a control report still carries an (empty) control one.
+        let alone = SyncRequest { schedule: Some(report), ..sample_request() };
+        let back = SyncRequest::decode(&alone.encode()).unwrap();
+        assert_eq!(back.schedule, Some(report));
+        assert_eq!(back.control, Some(ControlReport::default()));
+
+        let from = 1_790_000_000_000;
+        let plan = Plan {
+            version: 4,
+            from_ms: from,
+            until_ms: from + 86_400_000,
+            steps: alloc::vec![
+                Step { at_ms: from, value: 100, entry: NO_ENTRY },
+                Step { at_ms: from + 3_600_000, value: 0, entry: 0 },
+                Step { at_ms: from + 7_200_000, value: 100, entry: NO_ENTRY },
+            ],
+        };
+        assert_eq!(plan.step_at(from - 1), None);
+        assert_eq!(plan.step_at(from + 3_600_000).map(|s| s.value), Some(0));
+        assert_eq!(plan.step_at(from + 86_399_999).map(|s| s.value), Some(100));
+        assert_eq!(plan.step_at(from + 86_400_000), None, "after its horizon");
+        let orders = ScheduleOrders { plan: Some(plan.clone()), resume: alloc::vec![7, 8] };
+        let resp =
+            SyncResponse { server_time_ms: 7, schedule: Some(orders), ..Default::default() };
+        let bytes = resp.encode();
+        let back = SyncResponse::decode(&bytes).unwrap();
+        assert_eq!(back.schedule, resp.schedule);
+        let plain = SyncResponse { schedule: None, ..back.clone() }.encode().len();
+        for len in plain + 1..bytes.len() {
+            assert!(SyncResponse::decode(&bytes[..len]).is_err(), "truncated at {len}");
+        }
+        // Steps: the first at the start, ascending, before the end, limits within 0..=100.
+        let steps = plain + 2 + 24 + 2;
+        for (at, value) in [
+            (steps + 3, 1),          // the first step one second late
+            (steps + 6 + 2, 0x20),   // the second step after the third
+            (steps + 6 + 4, 101),    // a limit of 101 %
+            (steps + 12 + 1, 0xFF),  // the third step beyond the horizon
+        ] {
+            let mut bad = bytes.clone();
+            bad[at] = value;
+            assert_eq!(
+                SyncResponse::decode(&bad),
+                Err(DecodeError::BadValue { field: "step" }),
+                "byte {at}"
+            );
+        }
+        let mut version0 = bytes.clone();
+        version0[plain + 2..plain + 10].fill(0);
+        assert_eq!(SyncResponse::decode(&version0), Err(DecodeError::BadValue { field: "plan" }));
+        let mut many = bytes.clone();
+        many[plain + 26..plain + 28].copy_from_slice(&257u16.to_be_bytes());
+        assert!(matches!(SyncResponse::decode(&many), Err(DecodeError::TooMany { .. })));
     }
 
     #[test]

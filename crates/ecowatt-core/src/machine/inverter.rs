@@ -32,6 +32,10 @@ enum Job {
     Limit(Due, u16),
     /// Its read-back.
     LimitReadBack(Due, u16),
+    /// A schedule step's write of this value.
+    Plan(u16),
+    /// Its read-back.
+    PlanReadBack(u16),
     /// Reading the export limit a ramp starts from.
     RampFrom(u64, Operation, u16),
     /// A ramp's step to this value.
@@ -106,7 +110,11 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                 return self.ask(Job::Limit(due, v), request);
             }
         }
-        while let Some(cmd) = self.inverter.queue.front().copied() {
+        if let Some(v) = self.schedule.start_write(now_ms) {
+            let request = Request::WriteSingleRegister { address: EXPORT_LIMIT, value: v };
+            return self.ask(Job::Plan(v), request);
+        }
+        while let Some(mut cmd) = self.inverter.queue.front().copied() {
             if let Some(ramp) = self.limit.ramp {
                 // A new limit takes over a ramp from where it is; other
                 // commands wait for the ramp's end (one command in flight).
@@ -120,6 +128,10 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             self.inverter.queue.pop_front();
             if cmd.expires_ms < now_ms {
                 continue;
+            }
+            // A return to the schedule writes the schedule's limit in force.
+            if let (Some(_), Some(v)) = (limit_write(cmd.op), self.resume_value(cmd.id, now_ms)) {
+                cmd.op = Operation::Write { register: EXPORT_LIMIT, value: v };
             }
             match self.journal.begin(&mut self.kv, cmd.id, cmd.op) {
                 Ok(true) => {}
@@ -181,6 +193,14 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                     _ => EpisodeOutcome::Failed,
                 };
                 self.end_episode(now_ms, due, v, outcome)
+            }
+            Job::Plan(v) => match outcome {
+                Ok(Ok(_)) => self.ask(Job::PlanReadBack(v), read_one(EXPORT_LIMIT)),
+                _ => self.plan_written(now_ms, v, false),
+            },
+            Job::PlanReadBack(v) => {
+                let read = values.and_then(|r| r.first().copied());
+                self.plan_written(now_ms, v, read == Some(v))
             }
             Job::RampFrom(id, op, rate) => {
                 match (limit_write(op), values.and_then(|v| v.first().copied())) {
@@ -295,6 +315,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         self.say(Note::CommandExecuted { op, result });
         if let (true, Some(v)) = (succeeded, limit_write(op)) {
             self.limit_commanded(now_ms, id, v);
+            self.plan_commanded(now_ms, id);
         }
         if let Err(e) = self.journal.finish(&mut self.kv, result) {
             // Still in flight in the store: after a restart it is read back and reported.

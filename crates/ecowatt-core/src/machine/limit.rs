@@ -218,8 +218,13 @@ impl Limit {
         self.writing
     }
 
-    /// The fail-safe value to write now, or `None` when it is "no change".
-    fn failsafe_value(&self) -> Option<u16> {
+    /// The lease held, if any: whether it lapsed.
+    pub(super) fn lease(&self) -> Option<bool> {
+        self.held.map(|h| h.lapsed)
+    }
+
+    /// The fail-safe value to write now, or `None` when it is "no change" (or unset).
+    pub(super) fn failsafe_value(&self) -> Option<u16> {
         (self.failsafe <= 100).then_some(self.failsafe)
     }
 }

@@ -23,10 +23,13 @@
 //! - `upload`: batches oldest first, acknowledgements, refused samples;
 //! - `update`: offer, signature, download into the other slot, trial, confirm;
 //! - `limit`: leased export limits, the fail-safe when the server goes
-//!   silent, and the limit's return when it is heard again.
+//!   silent, and the limit's return when it is heard again;
+//! - `plan`: the export-limit schedule, run offline, and who wins among a
+//!   command, a lease and the schedule.
 
 mod inverter;
 mod limit;
+mod plan;
 mod sync;
 mod update;
 mod upload;
@@ -290,6 +293,13 @@ pub enum Note {
     FailSafeSet(u16),
     /// A lease lapsed into the fail-safe, or came back when the server was heard.
     Lease(Episode),
+    /// The schedule's step was written to the export limit.
+    Scheduled {
+        /// The limit, %.
+        value: u16,
+        /// Read back equal.
+        confirmed: bool,
+    },
     /// A ramp stepped the export limit (each step read back).
     Ramp {
         /// The command.
@@ -363,6 +373,7 @@ pub struct Device<K, S> {
     upload: upload::Upload,
     update: update::Update,
     limit: limit::Limit,
+    schedule: plan::Schedule,
     actions: VecDeque<Action>,
 }
 
@@ -387,6 +398,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         let (config, rejected) = control::load_config(&mut kv)?;
         let journal = Journal::load(&mut kv)?;
         let limit = limit::Limit::load(&mut kv, now_ms)?;
+        let schedule = plan::Schedule::load(&mut kv)?;
         let update = update::Update::new(
             &running,
             trial,
@@ -410,6 +422,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             upload: upload::Upload::default(),
             update,
             limit,
+            schedule,
             actions: VecDeque::new(),
             settings,
         };
@@ -455,6 +468,13 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         if let Some(r) = self.limit.ramp.filter(|_| self.inverter.idle()) {
             at = at.min(r.next_at);
         }
+        // (A step that comes during a ramp waits for the ramp's end.)
+        if let Some(t) = self.schedule.next_change().filter(|_| self.limit.ramp.is_none()) {
+            at = at.min(t);
+        }
+        if let Some(t) = self.schedule.retry_at().filter(|_| self.inverter.idle()) {
+            at = at.min(t);
+        }
         at.min(self.update.next_wakeup())
     }
 
@@ -480,6 +500,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
     fn advance(&mut self, now_ms: u64) {
         self.advance_update(now_ms);
         self.advance_limit(now_ms);
+        self.advance_plan(now_ms);
         self.advance_inverter(now_ms);
         self.advance_sync(now_ms);
         self.advance_upload(now_ms);

@@ -83,6 +83,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             firmware: self.booted.running.to_string(),
             ota: ota.clone(),
             control: Some(control),
+            schedule: Some(self.plan_report(now_ms)),
         };
         match self.session.seal(&mut self.kv, MessageType::SyncRequest, &request.encode()) {
             Ok(sealed) => {
@@ -136,6 +137,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         }
         self.episodes_acknowledged(&sent.episodes);
         self.take_orders(response.control);
+        self.take_schedule(response.schedule);
         let replaced = response.commands.iter().any(|c| limit_write(c.op).is_some());
         self.heard(now_ms, !replaced);
         self.after_sync(now_ms, sent.ota, response.update.clone());
