@@ -57,7 +57,8 @@ fn step_at(w: &mut World, at: u64, before: u16, after: u16) {
 }
 
 pub fn a_schedule_runs_offline_step_on_time() {
-    let (mut w, t) = scheduled(&[(0, 100, NO_ENTRY), (HOUR, 0, 0), (3 * HOUR, 100, NO_ENTRY)], 48 * HOUR);
+    let (mut w, t) =
+        scheduled(&[(0, 100, NO_ENTRY), (HOUR, 0, 0), (3 * HOUR, 100, NO_ENTRY)], 48 * HOUR);
     // The step in force at the start is written at once (it is 100 % already).
     assert_eq!(limit(&w), 100);
     w.server.up = false;

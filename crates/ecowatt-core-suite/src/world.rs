@@ -361,8 +361,7 @@ impl Server {
             plan: self.plan_to_send().cloned(),
             resume: commands.iter().map(|c| c.id).filter(|id| self.resume.contains(id)).collect(),
         });
-        let r =
-            SyncResponse { server_time_ms: now, config, commands, update, control, schedule };
+        let r = SyncResponse { server_time_ms: now, config, commands, update, control, schedule };
         self.answer(counter, MessageType::SyncResponse, &r.encode())
     }
 

@@ -387,6 +387,12 @@ fn log(note: &Note) {
                 "ramp step"
             )
         }
+        Note::Scheduled { value, confirmed: true } => {
+            tracing::info!(limit_pct = value, "schedule step written and read back")
+        }
+        Note::Scheduled { value, confirmed: false } => {
+            tracing::warn!(limit_pct = value, "schedule step not taken by the inverter; retrying")
+        }
         Note::FailSafeSet(v) => tracing::info!(failsafe = v, "fail-safe export limit set"),
         Note::Lease(e) => tracing::warn!(
             kind = ?e.kind,

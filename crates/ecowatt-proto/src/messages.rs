@@ -460,8 +460,7 @@ impl SyncRequest {
             _ => return Err(DecodeError::BadValue { field: "ota_flag" }),
         };
         let control = if r.at < r.bytes.len() { Some(ControlReport::get(&mut r)?) } else { None };
-        let schedule =
-            if r.at < r.bytes.len() { Some(ScheduleReport::get(&mut r)?) } else { None };
+        let schedule = if r.at < r.bytes.len() { Some(ScheduleReport::get(&mut r)?) } else { None };
         r.finish()?;
         Ok(SyncRequest { wait_ms, applied, rejected, results, firmware, ota, control, schedule })
     }
@@ -1121,8 +1120,7 @@ impl SyncResponse {
             _ => return Err(DecodeError::BadValue { field: "update_flag" }),
         };
         let control = if r.at < r.bytes.len() { Some(ControlOrders::get(&mut r)?) } else { None };
-        let schedule =
-            if r.at < r.bytes.len() { Some(ScheduleOrders::get(&mut r)?) } else { None };
+        let schedule = if r.at < r.bytes.len() { Some(ScheduleOrders::get(&mut r)?) } else { None };
         r.finish()?;
         Ok(SyncResponse { server_time_ms, config, commands, update, control, schedule })
     }
@@ -1473,8 +1471,7 @@ mod tests {
         assert_eq!(plan.step_at(from + 86_399_999).map(|s| s.value), Some(100));
         assert_eq!(plan.step_at(from + 86_400_000), None, "after its horizon");
         let orders = ScheduleOrders { plan: Some(plan.clone()), resume: alloc::vec![7, 8] };
-        let resp =
-            SyncResponse { server_time_ms: 7, schedule: Some(orders), ..Default::default() };
+        let resp = SyncResponse { server_time_ms: 7, schedule: Some(orders), ..Default::default() };
         let bytes = resp.encode();
         let back = SyncResponse::decode(&bytes).unwrap();
         assert_eq!(back.schedule, resp.schedule);
@@ -1485,10 +1482,10 @@ mod tests {
         // Steps: the first at the start, ascending, before the end, limits within 0..=100.
         let steps = plain + 2 + 24 + 2;
         for (at, value) in [
-            (steps + 3, 1),          // the first step one second late
-            (steps + 6 + 2, 0x20),   // the second step after the third
-            (steps + 6 + 4, 101),    // a limit of 101 %
-            (steps + 12 + 1, 0xFF),  // the third step beyond the horizon
+            (steps + 3, 1),         // the first step one second late
+            (steps + 6 + 2, 0x20),  // the second step after the third
+            (steps + 6 + 4, 101),   // a limit of 101 %
+            (steps + 12 + 1, 0xFF), // the third step beyond the horizon
         ] {
             let mut bad = bytes.clone();
             bad[at] = value;

@@ -46,7 +46,8 @@ pub struct Follow {
 /// Curtailments.
 #[derive(Subcommand, Debug)]
 pub enum CurtailCommand {
-    /// Release a curtailment: its devices go back to 100 %, without a lease.
+    /// Release a curtailment: its devices go back to their schedule's limit
+    /// (`ecowatt schedule`), or to 100 % without one; no lease.
     Release {
         /// Curtailment id.
         id: i64,

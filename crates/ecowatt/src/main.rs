@@ -15,6 +15,7 @@ mod firmware;
 mod inverter;
 mod operator;
 mod rollout;
+mod schedule;
 mod server;
 mod signals;
 mod sim;
@@ -84,6 +85,14 @@ enum Verb {
         #[command(flatten)]
         conn: client::ServerConn,
     },
+    /// Time-of-day export-limit plans run by the device offline, in the site's time zone,
+    /// e.g. `ecowatt schedule set roof-1 --tz Europe/Berlin --entry "mon-fri 11:00-14:00 0%"`.
+    Schedule {
+        #[command(subcommand)]
+        cmd: schedule::ScheduleCommand,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
     /// Create, list and revoke operator tokens (roles: admin, viewer).
     Token {
         #[command(subcommand)]
@@ -146,6 +155,7 @@ fn main() -> std::process::ExitCode {
         Verb::Command { args, conn } => operator::command(&conn, args),
         Verb::Commands { cmd, conn } => operator::commands(&conn, cmd),
         Verb::Curtail { args, conn } => curtail::run(&conn, args),
+        Verb::Schedule { cmd, conn } => schedule::run(&conn, cmd),
         Verb::Token { cmd, conn } => operator::token(&conn, cmd),
         Verb::Audit { limit, conn } => operator::audit(&conn, limit),
         Verb::Rollout { cmd, conn } => rollout::run(&conn, cmd),

@@ -27,6 +27,7 @@ fn vectors() -> String {
         firmware: "1.0.0".into(),
         ota: None,
         control: None,
+        schedule: None,
     }
     .encode();
     let request = seal::seal(&keys, &request_header, None, &request_plain);
@@ -47,6 +48,7 @@ fn vectors() -> String {
         }],
         update: None,
         control: None,
+        schedule: None,
     }
     .encode();
     let answer = seal::seal(&keys, &answer_header, Some(1), &answer_plain);

@@ -45,7 +45,7 @@ pub async fn queue_for(
         ))
     })?;
     let options =
-        commands::store::QueueOptions { ttl_s, lease_ms, ramp_pct_per_s, curtailment_id: None };
+        commands::store::QueueOptions { ttl_s, lease_ms, ramp_pct_per_s, ..Default::default() };
     Ok(state.commands.queue_with(device, &request, &options, actor, crate::now_ms()).await?)
 }
 

@@ -1,6 +1,7 @@
 //! Export control: a device's fail-safe, tags and control state
-//! (`/api/v1/devices/{name}/failsafe|tags|control`), and curtailments of a
-//! group (`/api/v1/curtailments`).
+//! (`/api/v1/devices/{name}/failsafe|tags|control`), its schedule
+//! (`/api/v1/devices/{name}/schedule`, `/api/v1/groups/{group}/schedule`),
+//! and curtailments of a group (`/api/v1/curtailments`).
 
 use axum::Json;
 use axum::extract::State;
@@ -11,6 +12,7 @@ use serde_json::{Value, json};
 use super::json::{ApiJson, Path};
 use super::{AppState, Operator};
 use crate::control::FailSafe;
+use crate::control::plan::{Definition, PlanError};
 use crate::control::store::Curtailment;
 use crate::domain::Invalid;
 use crate::error::ApiError;
@@ -133,4 +135,84 @@ pub async fn get(
 
 pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"curtailments": state.control.list(crate::now_ms()).await?})))
+}
+
+/// A refused schedule: 400 with its own code and the field at fault.
+fn refused(e: PlanError) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: e.code,
+        message: e.message,
+        field: Some(e.field),
+    }
+}
+
+pub async fn schedule(
+    State(state): State<AppState>,
+    _op: Operator,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.control.schedule(&name, crate::now_ms()).await?))
+}
+
+/// Sets a device's schedule: `{"timezone", "default_pct"?, "entries"}`.
+pub async fn set_schedule(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    op.require_admin()?;
+    let def = Definition::parse(&body).map_err(refused)?;
+    state.control.set_schedule(&name, Some(&def), &op.actor(), crate::now_ms()).await?;
+    Ok(Json(state.control.schedule(&name, crate::now_ms()).await?))
+}
+
+pub async fn clear_schedule(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    op.require_admin()?;
+    state.control.set_schedule(&name, None, &op.actor(), crate::now_ms()).await?;
+    Ok(Json(state.control.schedule(&name, crate::now_ms()).await?))
+}
+
+/// Queues a return to the schedule: the device drops any command's limit
+/// or lease and writes its schedule's limit in force (100 % without one).
+pub async fn resume_schedule(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<crate::commands::Command>), ApiError> {
+    op.require_admin()?;
+    let request = crate::commands::CommandRequest::SetPowerPercentage { percentage: 100 };
+    let options = crate::commands::store::QueueOptions { resume: true, ..Default::default() };
+    let command =
+        state.commands.queue_with(&name, &request, &options, &op.actor(), crate::now_ms()).await?;
+    state.metrics.inc("ecowatt_commands_queued_total", "");
+    Ok((StatusCode::CREATED, Json(command)))
+}
+
+pub async fn set_group_schedule(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(group): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    op.require_admin()?;
+    let def = Definition::parse(&body).map_err(refused)?;
+    let n =
+        state.control.set_group_schedule(&group, Some(&def), &op.actor(), crate::now_ms()).await?;
+    Ok(Json(json!({"group": group, "devices": n, "schedule": def.json()})))
+}
+
+pub async fn clear_group_schedule(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(group): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    op.require_admin()?;
+    let n = state.control.set_group_schedule(&group, None, &op.actor(), crate::now_ms()).await?;
+    Ok(Json(json!({"group": group, "devices": n, "schedule": null})))
 }

@@ -96,6 +96,37 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
         false,
     ),
     (
+        "get",
+        "/api/v1/devices/{name}/schedule",
+        "The export-limit schedule: definition, version, active entry and next changes (site time), what the device reports",
+        false,
+    ),
+    (
+        "put",
+        "/api/v1/devices/{name}/schedule",
+        "Set the schedule {timezone, default_pct?, entries: [\"mon-fri 11:00-14:00 0%\" | {days, start, end, limit_pct}]}; refused: unknown_timezone, schedule_overlap, schedule_time_invalid, schedule_days_invalid, schedule_limit_invalid",
+        true,
+    ),
+    (
+        "delete",
+        "/api/v1/devices/{name}/schedule",
+        "Clear the schedule (a new version without entries)",
+        true,
+    ),
+    (
+        "post",
+        "/api/v1/devices/{name}/schedule/resume",
+        "Return to the schedule: a command that ends any command's limit or lease and writes the schedule's limit in force",
+        true,
+    ),
+    (
+        "put",
+        "/api/v1/groups/{group}/schedule",
+        "Set the schedule of every enabled device tagged group (group_empty when none)",
+        true,
+    ),
+    ("delete", "/api/v1/groups/{group}/schedule", "Clear the schedule of a group", true),
+    (
         "post",
         "/api/v1/curtailments",
         "Curtail a group {group, percent, lease_s?, ramp_pct_per_s?}; refused whole (group_empty, failsafe_not_configured)",
@@ -108,7 +139,12 @@ const ENDPOINTS: &[(&str, &str, &str, bool)] = &[
         "A curtailment: confirmed, pending, offline, failed, time to confirm p50/p99, failures",
         false,
     ),
-    ("post", "/api/v1/curtailments/{id}/release", "Release: its devices back to 100 %", true),
+    (
+        "post",
+        "/api/v1/curtailments/{id}/release",
+        "Release: its devices back to their schedule's limit, or 100 % without one",
+        true,
+    ),
     ("get", "/api/v1/rollouts", "Rollouts, newest first, with device counts per state", false),
     (
         "post",

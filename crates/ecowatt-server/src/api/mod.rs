@@ -158,6 +158,15 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/devices/{name}/tags", axum::routing::put(control::set_tags))
         .route("/api/v1/devices/{name}/ramp", axum::routing::put(control::set_ramp))
         .route("/api/v1/devices/{name}/control", get(control::show))
+        .route(
+            "/api/v1/devices/{name}/schedule",
+            get(control::schedule).put(control::set_schedule).delete(control::clear_schedule),
+        )
+        .route("/api/v1/devices/{name}/schedule/resume", post(control::resume_schedule))
+        .route(
+            "/api/v1/groups/{group}/schedule",
+            axum::routing::put(control::set_group_schedule).delete(control::clear_group_schedule),
+        )
         .route("/api/v1/curtailments", get(control::list).post(control::curtail))
         .route("/api/v1/curtailments/{id}", get(control::get))
         .route("/api/v1/curtailments/{id}/release", post(control::release))

@@ -353,6 +353,9 @@ pub struct Command {
     pub ramp_pct_per_s: Option<f64>,
     /// The curtailment it belongs to.
     pub curtailment_id: Option<i64>,
+    /// It returns the device to its schedule: a device running one writes
+    /// the schedule's limit in force instead of this command's value.
+    pub resume: bool,
 }
 
 /// A device's report of how a command went.

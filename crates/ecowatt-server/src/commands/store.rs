@@ -18,7 +18,7 @@ use crate::operators::audit;
 const COLUMNS: &str = "c.id, d.name AS device_name, c.kind, c.parameters, c.op, c.register, \
      c.value, c.status, c.created_ms, c.created_by, c.expires_ms, c.delivered_ms, \
      c.delivery_count, c.completed_ms, c.executed_ms, c.result_message, c.exception_code, \
-     c.result_value, c.confirmed_ms, c.lease_ms, c.ramp_centi, c.curtailment_id";
+     c.result_value, c.confirmed_ms, c.lease_ms, c.ramp_centi, c.curtailment_id, c.resume";
 
 /// [`super::awaits_confirmation`] as SQL, on a row of `commands`.
 pub const AWAITS_CONFIRMATION: &str = "status = 'succeeded' AND op = 'write'";
@@ -57,6 +57,7 @@ fn command_from(row: &AnyRow) -> StoreResult<Command> {
         lease_ms: row.try_get("lease_ms")?,
         ramp_pct_per_s: row.try_get::<Option<i64>, _>("ramp_centi")?.map(|c| c as f64 / 100.0),
         curtailment_id: row.try_get("curtailment_id")?,
+        resume: row.try_get::<i64, _>("resume")? != 0,
     })
 }
 
@@ -485,6 +486,8 @@ pub struct QueueOptions {
     pub ramp_pct_per_s: Option<f64>,
     /// The curtailment it belongs to.
     pub curtailment_id: Option<i64>,
+    /// It returns the device to its schedule ([`super::Command::resume`]).
+    pub resume: bool,
 }
 
 impl Default for QueueOptions {
@@ -494,6 +497,7 @@ impl Default for QueueOptions {
             lease_ms: None,
             ramp_pct_per_s: None,
             curtailment_id: None,
+            resume: false,
         }
     }
 }
@@ -522,12 +526,17 @@ pub async fn queue_in(
         .bind(d.id)
         .fetch_one(&mut **tx)
         .await?;
-    let lease_ms = super::lease_for(&action, options.lease_ms, row.try_get("failsafe")?)?;
+    // A return to the schedule holds no lease: the schedule is what holds.
+    let lease_ms = if options.resume {
+        None
+    } else {
+        super::lease_for(&action, options.lease_ms, row.try_get("failsafe")?)?
+    };
     let ramp = super::ramp_for(&action, options.ramp_pct_per_s, row.try_get("ramp_centi")?)?;
     let (op, register, value) = action.columns();
     let row = sqlx::query(
-        "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, created_by, expires_ms, lease_ms, ramp_centi, curtailment_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11, $12) RETURNING id",
+        "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, created_by, expires_ms, lease_ms, ramp_centi, curtailment_id, resume) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11, $12, $13) RETURNING id",
     )
     .bind(d.id)
     .bind(request.kind())
@@ -541,6 +550,7 @@ pub async fn queue_in(
     .bind(lease_ms)
     .bind(ramp)
     .bind(options.curtailment_id)
+    .bind(i64::from(options.resume))
     .fetch_one(&mut **tx)
     .await?;
     let id: i64 = row.try_get("id")?;

@@ -4,9 +4,13 @@
 //! group with their progress. The rules are plain functions here; [`store`]
 //! holds the SQL.
 
+pub mod plan;
+pub mod schedules;
 pub mod store;
 
-use ecowatt_proto::messages::{ControlReport, EpisodeKind, EpisodeOutcome, failsafe};
+use ecowatt_proto::messages::{
+    ControlReport, EpisodeKind, EpisodeOutcome, ScheduleReport, failsafe,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -93,8 +97,8 @@ impl FailSafe {
 
 /// A device's report of its control, as stored (`devices.control_reported`,
 /// JSON text) and shown.
-pub fn reported_json(c: &ControlReport) -> String {
-    json!({
+pub fn reported_json(c: &ControlReport, s: Option<&ScheduleReport>) -> String {
+    let mut v = json!({
         "failsafe": FailSafe::json(FailSafe::from_wire(c.failsafe)),
         "lease": c.lease.map(|l| json!({
             "command_id": l.command_id,
@@ -106,8 +110,11 @@ pub fn reported_json(c: &ControlReport) -> String {
             "limit_pct": r.value,
             "target_pct": r.target,
         })),
-    })
-    .to_string()
+    });
+    if let Some(s) = s {
+        v["schedule"] = schedules::reported(s);
+    }
+    v.to_string()
 }
 
 /// The fail-safe to send a device that reported `reported` (its wire value),

@@ -3,7 +3,7 @@
 //! orders of an answer, and curtailments of a group (one statement queues
 //! the whole group).
 
-use ecowatt_proto::messages::{CommandControl, ControlOrders, ControlReport};
+use ecowatt_proto::messages::{CommandControl, ControlOrders, ControlReport, ScheduleReport};
 use serde_json::{Value, json};
 use sqlx::Row;
 
@@ -17,7 +17,7 @@ use crate::operators::audit;
 /// Export control.
 #[derive(Clone)]
 pub struct Control {
-    db: Db,
+    pub(super) db: Db,
 }
 
 /// A curtailment of a group, or the release of one.
@@ -260,8 +260,9 @@ impl Control {
         Ok(id)
     }
 
-    /// Releases curtailment `id`: its devices go back to 100 % (no lease),
-    /// tracked as a curtailment of its own; returns its id.
+    /// Releases curtailment `id`: its devices go back to their schedule's
+    /// limit in force, or 100 % without one (no lease), tracked as a
+    /// curtailment of its own; returns its id.
     pub async fn release(&self, id: i64, actor: &str, now: i64) -> StoreResult<i64> {
         let mut tx = self.db.write().await?;
         let row = sqlx::query("SELECT tag, releases FROM curtailments WHERE id = $1")
@@ -295,9 +296,9 @@ impl Control {
         let rid = self.insert(&mut tx, &group, 100, None, Some(id), n, actor, now).await?;
         sqlx::query(
             "INSERT INTO commands (device_id, kind, parameters, op, register, value, status, created_ms, \
-             created_by, expires_ms, lease_ms, curtailment_id, ramp_centi) \
+             created_by, expires_ms, lease_ms, curtailment_id, ramp_centi, resume) \
              SELECT c.device_id, 'set_power_percentage', $1, 'write', $2, 100, 'queued', $3, $4, $5, NULL, $6, \
-             c.ramp_centi \
+             c.ramp_centi, 1 \
              FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.curtailment_id = $7",
         )
         .bind(json!({"percentage": 100}).to_string())
@@ -448,10 +449,11 @@ pub async fn report_in(
     tx: &mut WriteTx,
     device_id: DeviceId,
     report: &ControlReport,
+    schedule: Option<&ScheduleReport>,
     now: i64,
 ) -> StoreResult<()> {
     sqlx::query("UPDATE devices SET control_reported = $1 WHERE id = $2")
-        .bind(super::reported_json(report))
+        .bind(super::reported_json(report, schedule))
         .bind(device_id)
         .execute(&mut **tx)
         .await?;

@@ -276,6 +276,25 @@ CREATE TABLE curtailments (
 )
 "#,
     ),
+    (
+        12,
+        // Export-limit schedules (`control/plan.rs`): every version of a
+        // device's schedule (its definition; NULL: cleared), the version the
+        // device is to run, and commands that return a device to its
+        // schedule (a curtailment's release; 1) rather than write their value.
+        r#"
+ALTER TABLE devices ADD COLUMN schedule_version BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE commands ADD COLUMN resume BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE schedules (
+    device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    version BIGINT NOT NULL,
+    definition TEXT,
+    actor TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    PRIMARY KEY (device_id, version)
+)
+"#,
+    ),
 ];
 
 /// `{json:COLUMN.FIELD}`: the text of a JSON column's field, in the dialect.

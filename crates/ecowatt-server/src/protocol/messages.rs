@@ -75,6 +75,7 @@ pub fn report_of(request: &SyncRequest, key_version: i64, counter: u64) -> SyncR
         firmware: (!request.firmware.is_empty()).then(|| request.firmware.clone()),
         ota: request.ota.clone(),
         control: request.control.clone(),
+        schedule: request.schedule,
     }
 }
 
@@ -125,6 +126,7 @@ pub fn answer_body(d: &SyncDelivery, now_ms: i64) -> Vec<u8> {
             })
             .collect(),
         control: d.control.clone(),
+        schedule: d.schedule.clone(),
     }
     .encode()
 }

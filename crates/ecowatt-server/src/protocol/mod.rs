@@ -42,6 +42,8 @@ pub struct SyncReport {
     pub ota: Option<ecowatt_proto::messages::OtaReport>,
     /// Its export control (absent from firmware without it).
     pub control: Option<ecowatt_proto::messages::ControlReport>,
+    /// Its schedule (absent from firmware without it).
+    pub schedule: Option<ecowatt_proto::messages::ScheduleReport>,
 }
 
 /// What goes back to the device in a sync answer.
@@ -59,6 +61,8 @@ pub struct SyncDelivery {
     pub update: Option<crate::firmware::rollouts::Offer>,
     /// Leases and the fail-safe, for a device that reports control.
     pub control: Option<ecowatt_proto::messages::ControlOrders>,
+    /// A plan to run and commands that return to it (only to a device that reported a schedule).
+    pub schedule: Option<ecowatt_proto::messages::ScheduleOrders>,
 }
 
 impl SyncDelivery {
@@ -71,6 +75,7 @@ impl SyncDelivery {
             commands: vec![],
             update: None,
             control: None,
+            schedule: None,
         }
     }
 }
@@ -108,23 +113,31 @@ pub struct Stored {
     pub control_reported: Option<String>,
     /// The installer's fail-safe, as stored.
     pub failsafe: Option<i64>,
+    /// The schedule version the device is to run (`devices.schedule_version`).
+    pub schedule_version: i64,
 }
 
 /// A sync is *quiet* when it reports what the server already stored and
 /// there is nothing to deliver: then it only advances the replay window (in
 /// the ingest's group commit) instead of taking a transaction of its own.
-pub fn is_quiet(report: &SyncReport, stored: &Stored) -> bool {
+pub fn is_quiet(report: &SyncReport, stored: &Stored, now: i64) -> bool {
     if !report.results.is_empty() || report.ota.is_some() {
         return false;
     }
     if let Some(c) = &report.control {
         let desired = crate::control::FailSafe::from_column(stored.failsafe);
         if !c.episodes.is_empty()
-            || stored.control_reported.as_deref() != Some(crate::control::reported_json(c).as_str())
+            || stored.control_reported.as_deref()
+                != Some(crate::control::reported_json(c, report.schedule.as_ref()).as_str())
             || crate::control::failsafe_to_send(desired, c.failsafe).is_some()
         {
             return false;
         }
+    }
+    if let Some(s) = &report.schedule
+        && crate::control::schedules::plan_due(stored.schedule_version, s, now)
+    {
+        return false;
     }
     let same_report = match &report.applied {
         None => true,
@@ -153,7 +166,8 @@ fn json_text<T: serde::Serialize>(v: &T) -> String {
 pub fn answer_now(d: &SyncDelivery, working_on: Option<&str>, wait_ms: u32) -> bool {
     let new_offer = d.update.as_ref().is_some_and(|u| working_on != u.manifest["version"].as_str());
     let failsafe = d.control.as_ref().is_some_and(|c| c.failsafe.is_some());
-    d.config.is_some() || !d.commands.is_empty() || new_offer || failsafe || wait_ms == 0
+    let plan = d.schedule.as_ref().is_some_and(|s| s.plan.is_some());
+    d.config.is_some() || !d.commands.is_empty() || new_offer || failsafe || plan || wait_ms == 0
 }
 
 #[cfg(test)]
@@ -178,16 +192,17 @@ mod tests {
             offers: 0,
             control_reported: None,
             failsafe: None,
+            schedule_version: 0,
         }
     }
 
     #[test]
     fn a_sync_is_quiet_only_when_it_changes_nothing_and_nothing_waits() {
         let same = SyncReport { applied: Some((3, config())), ..Default::default() };
-        assert!(is_quiet(&same, &stored()));
-        assert!(is_quiet(&SyncReport::default(), &stored()), "reports nothing");
+        assert!(is_quiet(&same, &stored(), 0));
+        assert!(is_quiet(&SyncReport::default(), &stored(), 0), "reports nothing");
         let fw = SyncReport { firmware: Some("1.0.0".into()), ..same.clone() };
-        assert!(is_quiet(&fw, &stored()));
+        assert!(is_quiet(&fw, &stored(), 0));
 
         let cases: Vec<(&str, SyncReport, Stored)> = vec![
             (
@@ -244,7 +259,7 @@ mod tests {
             ),
         ];
         for (what, report, stored) in cases {
-            assert!(!is_quiet(&report, &stored), "{what}");
+            assert!(!is_quiet(&report, &stored, 0), "{what}");
         }
     }
 

@@ -82,7 +82,14 @@ impl Protocol {
             ota_report_in(&self.db, &mut tx, device_id, ota, now).await?;
         }
         if let Some(control) = &report.control {
-            crate::control::store::report_in(&mut tx, device_id, control, now).await?;
+            crate::control::store::report_in(
+                &mut tx,
+                device_id,
+                control,
+                report.schedule.as_ref(),
+                now,
+            )
+            .await?;
         }
         let delivery = if deliver {
             let applied = report.applied.as_ref().map(|(v, _)| *v);
@@ -169,24 +176,34 @@ impl Protocol {
         .await?;
         let row = sqlx::query(
             "UPDATE devices SET down_counter = down_counter + 1 WHERE id = $1 \
-             RETURNING down_counter, failsafe, control_reported",
+             RETURNING down_counter, failsafe, control_reported, schedule_version",
         )
         .bind(device_id)
         .fetch_one(&mut **tx)
         .await?;
         let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
         let update = offer_in(&self.db, tx, device_id, now).await?;
+        let reported: Option<String> = row.try_get("control_reported")?;
+        let schedule = crate::control::schedules::orders_in(
+            tx,
+            device_id,
+            row.try_get("schedule_version")?,
+            reported.as_deref(),
+            &commands,
+            now,
+        )
+        .await?;
         let control = crate::control::store::orders_in(
             &self.db,
             tx,
             &name,
             row.try_get("failsafe")?,
-            row.try_get("control_reported")?,
+            reported,
             &mut commands,
             now,
         )
         .await?;
-        Ok(SyncDelivery { device: name, down_counter, config, commands, update, control })
+        Ok(SyncDelivery { device: name, down_counter, config, commands, update, control, schedule })
     }
 
     /// Most syncs are quiet long polls ([`is_quiet`]): those are found with
@@ -207,7 +224,7 @@ impl Protocol {
             return Ok(None); // not quiet, whatever is stored
         }
         let row = sqlx::query(&format!(
-            "SELECT d.name, d.firmware, d.control_reported, d.failsafe, c.desired_version, c.reported_version, c.reported, c.rejected, \
+            "SELECT d.name, d.firmware, d.control_reported, d.failsafe, d.schedule_version, c.desired_version, c.reported_version, c.reported, c.rejected, \
              (SELECT COUNT(*) FROM commands WHERE device_id = d.id AND {deliverable}) AS commands, \
              {offers} AS offers \
              FROM devices d JOIN device_configs c ON c.device_id = d.id WHERE d.id = $1",
@@ -230,8 +247,9 @@ impl Protocol {
             offers: row.try_get("offers")?,
             control_reported: row.try_get("control_reported")?,
             failsafe: row.try_get("failsafe")?,
+            schedule_version: row.try_get("schedule_version")?,
         };
-        if !is_quiet(report, &stored) {
+        if !is_quiet(report, &stored, now) {
             return Ok(None);
         }
         let name: String = row.try_get("name")?;

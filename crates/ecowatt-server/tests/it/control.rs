@@ -6,7 +6,7 @@
 
 use ecowatt_proto::messages::{
     CommandResult, ControlReport, Episode, EpisodeKind, EpisodeOutcome, LeaseState, RampState,
-    SyncRequest, failsafe,
+    ScheduleReport, SyncRequest, failsafe,
 };
 use ecowatt_testkit::server::TempDb;
 use serde_json::{Value, json};
@@ -307,6 +307,155 @@ async fn ramps(db: TempDb) {
         resp.control.unwrap().commands.iter().map(|o| o.ramp_centi_pct_per_s).collect();
     assert!(rates.ends_with(&[500, 250]), "{rates:?}");
     c.server.stop().await;
+}
+
+fn scheduled(version: u64, until_ms: u64) -> SyncRequest {
+    SyncRequest {
+        schedule: Some(ScheduleReport { version, until_ms, ..Default::default() }),
+        ..control(40, None, vec![])
+    }
+}
+
+async fn schedules(db: TempDb) {
+    let c = Client::start(&db, false).await;
+    let state = c.server.state.clone();
+    let mut dev = Probe::provision(&c, "s1").await;
+    let mut old = Probe::provision(&c, "s-old").await;
+    let plan = json!({"timezone": "Europe/Berlin", "entries": ["mon-fri 11:00-14:00 0%", "sat,sun 10:00-16:00 30%"]});
+
+    // Bad input: its own code and field, nothing stored.
+    for (body, code, field) in [
+        (json!({"timezone": "Mars/Olympus", "entries": []}), "unknown_timezone", "timezone"),
+        (
+            json!({"timezone": "UTC", "entries": ["mon-fri 11:00-14:00 0%", "fri 13:00-15:00 50%"]}),
+            "schedule_overlap",
+            "entries[1]",
+        ),
+        (
+            json!({"timezone": "UTC", "entries": ["mon 14:00-11:00 0%"]}),
+            "schedule_time_invalid",
+            "entries[0]",
+        ),
+        (
+            json!({"timezone": "UTC", "entries": ["mon 11:00-14:00 120%"]}),
+            "schedule_limit_invalid",
+            "entries[0]",
+        ),
+        (
+            json!({"timezone": "UTC", "entries": ["moonday 11:00-14:00 0%"]}),
+            "schedule_days_invalid",
+            "entries[0]",
+        ),
+        (json!({"timezone": "UTC", "schedule": []}), "schedule_invalid", "schedule"),
+    ] {
+        let r = refused(&c, "PUT", "/api/v1/devices/s1/schedule", body).await;
+        assert_eq!((r.0, r.1.as_str(), r.2.as_str()), (400, code, Some(field)));
+    }
+    let shown = c.ok("GET", "/api/v1/devices/s1/schedule", None).await;
+    assert_eq!((shown["version"].clone(), shown["schedule"].clone()), (json!(0), Value::Null));
+    let r = refused(&c, "PUT", "/api/v1/groups/nobody/schedule", plan.clone()).await;
+    assert_eq!((r.0, r.1.as_str()), (409, "group_empty"));
+
+    // Set: version 1, shown with the entry in force and the next changes;
+    // the same schedule again is the same version.
+    let shown = c.ok("PUT", "/api/v1/devices/s1/schedule", Some(plan.clone())).await;
+    assert_eq!(shown["version"], 1);
+    assert_eq!(shown["schedule"]["entries"][0], "mon-fri 11:00-14:00 0%");
+    assert!(
+        shown["active"]["limit_pct"].is_number() && shown["next"].as_array().unwrap().len() == 6
+    );
+    assert!(shown["reported"].is_null(), "not reported yet");
+    let again = c.ok("PUT", "/api/v1/devices/s1/schedule", Some(plan.clone())).await;
+    assert_eq!(again["version"], 1);
+
+    // The device reporting another version is sent the compiled plan...
+    let now = ecowatt_formats::time::now_ms() as u64;
+    let resp = dev.sync(&state, &scheduled(0, 0)).await.unwrap();
+    let p = resp.schedule.unwrap().plan.unwrap();
+    assert_eq!(p.version, 1);
+    assert!(p.from_ms <= now && p.until_ms >= now + 13 * 86_400_000);
+    assert!(p.steps.len() >= 20, "two weeks of weekdays and weekends");
+    // ...one running it hears nothing more until its horizon nears...
+    let resp = dev.sync(&state, &scheduled(1, p.until_ms)).await.unwrap();
+    assert_eq!(resp.schedule, None);
+    let shown = c.ok("GET", "/api/v1/devices/s1/schedule", None).await;
+    assert_eq!(
+        (shown["in_sync"].clone(), shown["reported"]["version"].clone()),
+        (json!(true), json!(1))
+    );
+    // ...then it is sent the same version further ahead.
+    let resp = dev.sync(&state, &scheduled(1, now + 86_400_000)).await.unwrap();
+    let refreshed = resp.schedule.unwrap().plan.unwrap();
+    assert_eq!(refreshed.version, 1);
+    assert!(refreshed.until_ms > now + 86_400_000);
+    // A device whose firmware cannot run schedules is sent none.
+    let resp = old.sync(&state, &control(40, None, vec![])).await.unwrap();
+    assert_eq!(resp.schedule, None);
+    assert!(c.ok("GET", "/api/v1/devices/s-old/schedule", None).await["reported"].is_null());
+
+    // A group: every enabled member, one new version each; clearing is a version too.
+    for n in ["s1", "s-old"] {
+        c.ok("PUT", &format!("/api/v1/devices/{n}/tags"), Some(json!({"tags": ["site-3"]}))).await;
+    }
+    let utc = json!({"timezone": "UTC", "default_pct": 80, "entries": [{"days": "daily", "start": "00:00", "end": "24:00", "limit_pct": 25}]});
+    let set = c.ok("PUT", "/api/v1/groups/site-3/schedule", Some(utc)).await;
+    assert_eq!(set["devices"], 2);
+    let shown = c.ok("GET", "/api/v1/devices/s1/schedule", None).await;
+    assert_eq!(
+        (shown["version"].clone(), shown["active"]["limit_pct"].clone()),
+        (json!(2), json!(25))
+    );
+    assert_eq!(shown["active"]["entry"], "daily 00:00-24:00 25%");
+    let resp = dev.sync(&state, &scheduled(1, now + 10 * 86_400_000)).await.unwrap();
+    let p = resp.schedule.unwrap().plan.unwrap();
+    assert_eq!((p.version, p.steps[0].value), (2, 25));
+    c.ok("DELETE", "/api/v1/groups/site-3/schedule", None).await;
+    let shown = c.ok("GET", "/api/v1/devices/s1/schedule", None).await;
+    assert_eq!((shown["version"].clone(), shown["schedule"].clone()), (json!(3), Value::Null));
+    let resp = dev.sync(&state, &scheduled(2, now + 10 * 86_400_000)).await.unwrap();
+    let p = resp.schedule.unwrap().plan.unwrap();
+    assert_eq!((p.version, p.steps.len()), (3, 0), "a plan without steps: no schedule");
+    let resp = dev.sync(&state, &scheduled(3, u64::MAX)).await.unwrap();
+    assert_eq!(resp.schedule, None, "a cleared schedule is never refreshed");
+
+    // A release (and a resume) returns to the schedule: marked in the
+    // answer, never leased.
+    for n in ["s1", "s-old"] {
+        c.ok("PUT", &format!("/api/v1/devices/{n}/failsafe"), Some(json!({"failsafe": 40}))).await;
+    }
+    let cur =
+        c.ok("POST", "/api/v1/curtailments", Some(json!({"group": "site-3", "percent": 10}))).await;
+    let rel = c.ok("POST", &format!("/api/v1/curtailments/{}/release", cur["id"]), None).await;
+    let resume = c.ok("POST", "/api/v1/devices/s1/schedule/resume", None).await;
+    assert!(resume["lease_ms"].is_null() && resume["resume"] == true);
+    let resp = dev.sync(&state, &scheduled(3, u64::MAX)).await.unwrap();
+    let ids: Vec<u64> = resp.commands.iter().map(|c| c.id).collect();
+    let orders = resp.schedule.unwrap();
+    assert_eq!(orders.resume.len(), 2, "the release's command and the resume");
+    assert!(orders.resume.iter().all(|id| ids.contains(id)));
+    let leased: Vec<u64> = resp
+        .control
+        .unwrap()
+        .commands
+        .iter()
+        .filter(|o| o.lease_ms > 0)
+        .map(|o| o.command_id)
+        .collect();
+    assert!(orders.resume.iter().all(|id| !leased.contains(id)));
+    assert_eq!(rel["releases"], cur["id"]);
+    c.server.stop().await;
+}
+
+#[tokio::test]
+async fn schedules_on_sqlite() {
+    schedules(TempDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn schedules_on_postgresql() {
+    if let Some(db) = TempDb::postgres().await {
+        schedules(db).await;
+    }
 }
 
 #[tokio::test]

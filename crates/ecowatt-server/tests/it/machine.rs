@@ -208,3 +208,58 @@ async fn the_device_machine_applies_config_holds_a_leased_limit_and_confirms_a_c
     assert!(dev.run_until(&c, within, stored).await, "samples uploaded");
     c.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_machine_runs_its_schedule_and_a_release_returns_to_it() {
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    let added = c
+        .ok(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({"name": "m2", "tags": ["feeder-2"], "failsafe": 40})),
+        )
+        .await;
+    let mut dev = MachineDevice::boot(&added["provisioning"], c.server.state.clone());
+    let within = Duration::from_secs(20);
+    let path = "/api/v1/devices/m2/schedule".to_string();
+
+    // A schedule whose entry is in force all day: the machine takes the plan and writes it.
+    let plan = json!({"timezone": "Europe/Berlin", "entries": ["daily 00:00-24:00 25%"]});
+    c.ok("PUT", &path, Some(plan)).await;
+    let following = Get(path.clone(), |v: &Value| {
+        v["in_sync"] == true
+            && v["reported"]["state"] == "following"
+            && v["reported"]["last_step"]["confirmed"] == true
+    });
+    assert!(dev.run_until(&c, within, following).await, "the schedule runs");
+    assert_eq!(dev.regs[8], 25);
+    let shown = c.ok("GET", &path, None).await;
+    assert_eq!(shown["reported"]["limit_pct"], 25);
+    assert_eq!(shown["active"]["entry"], "daily 00:00-24:00 25%");
+
+    // A curtailment (leased) wins over it...
+    let cur = c
+        .ok("POST", "/api/v1/curtailments", Some(json!({"group": "feeder-2", "percent": 10})))
+        .await;
+    let leased = Get(path.clone(), |v: &Value| v["reported"]["state"] == "lease");
+    assert!(dev.run_until(&c, within, leased).await, "the curtailment's lease holds");
+    assert_eq!(dev.regs[8], 10);
+    // ...and its release returns to the schedule's 25 %, not to 100 %.
+    let rel = c.ok("POST", &format!("/api/v1/curtailments/{}/release", cur["id"]), None).await;
+    let released = Get(format!("/api/v1/curtailments/{}", rel["id"]), |v: &Value| {
+        v["progress"]["settled"] == true
+    });
+    assert!(dev.run_until(&c, within, released).await, "the release settled");
+    assert_eq!(dev.regs[8], 25);
+    let following = Get(path.clone(), |v: &Value| v["reported"]["state"] == "following");
+    assert!(dev.run_until(&c, within, following).await, "back on the schedule");
+
+    // Cleared: the device runs no schedule (the limit stays where it is).
+    c.ok("DELETE", &path, None).await;
+    let none =
+        Get(path.clone(), |v: &Value| v["in_sync"] == true && v["reported"]["state"] == "none");
+    assert!(dev.run_until(&c, within, none).await, "the schedule is cleared on the device");
+    assert_eq!(dev.regs[8], 25);
+    c.server.stop().await;
+}

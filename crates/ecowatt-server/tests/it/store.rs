@@ -600,6 +600,7 @@ async fn quiet_syncs_share_the_window_with_uploads_and_never_hide_news() {
         firmware: None,
         ota: None,
         control: None,
+        schedule: None,
     };
     each(async |s: &Store, backend: &str| {
         let s = Arc::new(s.clone());
@@ -706,6 +707,7 @@ async fn kept_keys_are_checked_against_the_row_when_a_message_is_admitted() {
                 firmware: None,
                 ota: None,
                 control: None,
+                schedule: None,
             };
             here.protocol().sync(d.id, &report, deliver, 0, T0).await.unwrap().map(|_| ())
         };
