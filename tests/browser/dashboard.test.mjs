@@ -2,7 +2,7 @@
 // log in, see the devices, see a chart with data, change a config and see it applied,
 // send a command and see it succeed, see a refused command's error, upload a signed image,
 // start a rollout and see every device run the new image, curtail the demo's
-// feeder and release it, phone width.
+// feeder and release it, set a schedule (one refused) and see the device run it, phone width.
 // Screenshots go to ./screenshots. Needs: ECOWATT_BIN (the ecowatt binary), /usr/bin/chromium.
 import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
@@ -140,6 +140,19 @@ try {
     await page.click("button[data-release='1']");
     await page.waitForSelector("[data-curtailment='2']:has-text('3/3 confirmed')", { timeout: 60000 });
     assert.equal(await page.$$eval("button[data-release]", (b) => b.length), 0, "released once");
+  });
+  await step("a schedule is refused when entries overlap, then set and run by the device", async () => {
+    await page.goto(`${base}#/device/inverter-1`);
+    await page.waitForSelector("#schedform");
+    await page.fill("#schedtz", "Europe/Berlin");
+    await page.fill("#schedentries", "daily 00:00-12:00 35%\ndaily 11:00-24:00 35%");
+    await page.click("#schedform button[type=submit]");
+    await page.waitForSelector("#error:has-text('schedule_overlap')");
+    await page.fill("#schedentries", "daily 00:00-12:00 35%\ndaily 12:00-24:00 35%");
+    await page.click("#schedform button[type=submit]");
+    await page.waitForSelector("#schedactive:has-text('35%')");
+    await page.waitForSelector("#schedsource:has-text('the schedule')", { timeout: 60000 });
+    await page.screenshot({ path: join(shots, "schedule.png"), fullPage: true });
   });
   await step("readable at phone width, usable by keyboard", async () => {
     await page.setViewportSize({ width: 390, height: 844 });
