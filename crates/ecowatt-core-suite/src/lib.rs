@@ -71,6 +71,7 @@ suite! {
     limit::a_ramp_steps_no_faster_than_its_rate_and_confirms_each_step,
     limit::a_new_limit_takes_over_a_ramp_from_where_it_is,
     limit::a_ramp_the_inverter_stops_taking_fails_with_the_value_reached,
+    limit::a_lease_that_lapses_mid_ramp_ends_the_ramp_in_the_failsafe,
     schedule::a_schedule_runs_offline_step_on_time,
     schedule::a_command_a_lease_and_the_failsafe_win_over_the_schedule_in_that_order,
     schedule::a_restart_neither_writes_a_step_again_nor_undoes_a_command,

@@ -243,6 +243,27 @@ pub fn a_new_limit_takes_over_a_ramp_from_where_it_is() {
     assert!(w.server.control.as_ref().unwrap().ramp.is_none());
 }
 
+pub fn a_lease_that_lapses_mid_ramp_ends_the_ramp_in_the_failsafe() {
+    let mut w = holding(LEASE);
+    // A slow ramp from 30 % down (0.05 %/s: ten minutes, longer than the
+    // lease still held), and then the server goes.
+    w.server.ramped(2, 0, 5);
+    assert!(w.run_until_true(MINUTE, |w| limit(w) < 30));
+    w.server.up = false;
+    let lapse = w.last_heard + u64::from(LEASE);
+    assert!(w.run_until_true(lapse + POLL - w.now, |w| limit(w) == 40), "the fail-safe");
+    // The ramp never writes over it.
+    w.run_until(w.now + 2 * MINUTE);
+    assert_eq!(limit(&w), 40);
+    let after: Vec<u16> =
+        w.inverter.timed.iter().filter(|(t, _)| *t >= lapse).map(|(_, v)| *v).collect();
+    assert_eq!(after, [40], "nothing after the fail-safe");
+    w.server.up = true;
+    assert!(w.run_until_true(2 * MINUTE, |w| w.server.results.contains_key(&2)));
+    let (r, _) = w.server.results[&2];
+    assert!(!r.succeeded && r.value.is_some_and(|v| v > 0 && v < 30), "{r:?}");
+}
+
 pub fn a_ramp_the_inverter_stops_taking_fails_with_the_value_reached() {
     let mut w = World::new();
     w.run_until(w.now + MINUTE);

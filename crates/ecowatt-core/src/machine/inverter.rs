@@ -301,7 +301,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         }
     }
 
-    fn finish_command(
+    pub(super) fn finish_command(
         &mut self,
         id: u64,
         op: Operation,

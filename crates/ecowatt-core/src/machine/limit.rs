@@ -287,11 +287,15 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         }
     }
 
-    /// Lapses a lease whose deadline passed.
+    /// Lapses a lease whose deadline passed. A ramp under way ends there
+    /// (its command fails with the value reached): the fail-safe wins.
     pub(super) fn advance_limit(&mut self, now_ms: u64) {
         if self.limit.deadline().is_some_and(|d| now_ms >= d) {
             let value = self.limit.held.map_or(0, |h| h.value);
             self.limit.due = Some(Due { kind: EpisodeKind::FailSafe, value });
+            if let Some(r) = self.limit.ramp.take() {
+                self.finish_command(r.command_id, r.op, false, None, Some(r.value), now_ms);
+            }
         }
     }
 
