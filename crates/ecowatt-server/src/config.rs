@@ -254,6 +254,29 @@ pub async fn to_send_in(
     Ok(Some((desired_version, json_col(&row, "desired")?)))
 }
 
+/// [`to_send_in`] for many devices at once (what they last reported running).
+pub async fn to_send_many_in(
+    c: &mut AnyConnection,
+    devices: &[i64],
+) -> StoreResult<std::collections::HashMap<i64, (i64, DeviceConfig)>> {
+    let mut out = std::collections::HashMap::new();
+    if devices.is_empty() {
+        return Ok(out);
+    }
+    let sql = format!(
+        "SELECT device_id, desired_version, desired, reported_version FROM device_configs \
+         WHERE device_id IN ({})",
+        crate::commands::store::id_list(devices)
+    );
+    for row in sqlx::query(&sql).persistent(false).fetch_all(c).await? {
+        let desired_version: i64 = row.try_get("desired_version")?;
+        if to_send(desired_version, row.try_get("reported_version")?) {
+            out.insert(row.try_get("device_id")?, (desired_version, json_col(&row, "desired")?));
+        }
+    }
+    Ok(out)
+}
+
 /// Records what a device reports running, in the transaction that admits
 /// its report; a version never issued is ignored.
 pub async fn report_in(

@@ -23,6 +23,7 @@ pub struct Store {
     db: Db,
     devices: Devices,
     ingest: Ingest,
+    deliveries: crate::protocol::deliveries::Deliveries,
     firmwares: Firmwares,
 }
 
@@ -34,7 +35,8 @@ impl Store {
         let ingest = Ingest::start(&db).await?;
         let devices = Devices::open(db.clone()).await?;
         let firmwares = Firmwares::new(db.clone());
-        Ok(Store { db, devices, ingest, firmwares })
+        let deliveries = crate::protocol::deliveries::Deliveries::start(db.clone());
+        Ok(Store { db, devices, ingest, deliveries, firmwares })
     }
 
     /// Opens the store with news that reaches nobody (tools, tests).
@@ -105,7 +107,12 @@ impl Store {
 
     /// The device protocol's transactions.
     pub fn protocol(&self) -> Protocol {
-        Protocol::new(self.db.clone(), self.devices.clone(), self.ingest.clone())
+        Protocol::new(
+            self.db.clone(),
+            self.devices.clone(),
+            self.ingest.clone(),
+            self.deliveries.clone(),
+        )
     }
 
     /// Security events.

@@ -445,6 +445,18 @@ pub fn result_effect(status: CommandStatus, outcome: &CommandOutcome) -> ResultE
     ResultEffect::Record { status: next, late: (!status.is_open()).then_some(status) }
 }
 
+/// The message a recorded result keeps: the device's, and when the command
+/// had already ended (`late`), that it ran all the same.
+pub fn result_text(outcome: &CommandOutcome, late: Option<CommandStatus>) -> String {
+    let message = outcome.message.clone().unwrap_or_default();
+    match late {
+        Some(late) => format!("{message} (result arrived after the command was {})", late.as_str())
+            .trim()
+            .to_owned(),
+        None => message,
+    }
+}
+
 /// The action a reading of `register` = `value` confirms: a write of that
 /// value to that register that succeeded before the reading.
 pub fn confirmed_by(register: u16, value: u16) -> Action {

@@ -99,12 +99,7 @@ pub async fn record_result_in(
         ResultEffect::Repeat => return command_in(tx, id).await,
         ResultEffect::Record { status, late } => (status, late),
     };
-    let mut message = outcome.message.clone().unwrap_or_default();
-    if let Some(late) = late {
-        message = format!("{message} (result arrived after the command was {})", late.as_str())
-            .trim()
-            .to_owned();
-    }
+    let message = super::result_text(outcome, late);
     sqlx::query(
         "UPDATE commands SET status = $1, completed_ms = $2, executed_ms = $3, result_message = $4, \
          exception_code = $5, result_value = $6 WHERE id = $7",
@@ -157,6 +152,71 @@ pub async fn deliver_in(
         .execute(&mut **tx)
         .await?;
         out.push(command_in(tx, id).await?);
+    }
+    Ok(out)
+}
+
+/// An SQL list of ids (`1,2,3`): numbers of our own, never text from outside.
+pub fn id_list(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// [`deliver_in`] for many devices at once (a wake storm's long polls, in
+/// one transaction): up to `max` deliverable commands each, oldest first,
+/// handed out with one `UPDATE` and read back with one `SELECT`.
+pub async fn deliver_many_in(
+    db: &Db,
+    tx: &mut WriteTx,
+    devices: &[i64],
+    redeliver_after_ms: i64,
+    max: usize,
+    now: i64,
+) -> StoreResult<std::collections::HashMap<i64, Vec<Command>>> {
+    let mut out: std::collections::HashMap<i64, Vec<Command>> = std::collections::HashMap::new();
+    if devices.is_empty() {
+        return Ok(out);
+    }
+    let sql = format!(
+        "SELECT id, device_id FROM commands WHERE device_id IN ({}) AND {} ORDER BY id{}",
+        id_list(devices),
+        deliverable_sql("$1", "$2"),
+        db.skip_locked()
+    );
+    let rows = sqlx::query(&sql)
+        .persistent(false)
+        .bind(now)
+        .bind(now - redeliver_after_ms)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut taken: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+    let mut ids = Vec::new();
+    for r in &rows {
+        let device: i64 = r.try_get("device_id")?;
+        let n = taken.entry(device).or_default();
+        if *n < max {
+            *n += 1;
+            ids.push(r.try_get::<i64, _>("id")?);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let list = id_list(&ids);
+    sqlx::query(&format!(
+        "UPDATE commands SET status = 'delivered', delivered_ms = $1, \
+         first_delivered_ms = COALESCE(first_delivered_ms, $1), delivery_count = delivery_count + 1 \
+         WHERE id IN ({list})"
+    ))
+    .persistent(false)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    let sql = format!(
+        "SELECT {COLUMNS}, c.device_id FROM commands c JOIN devices d ON d.id = c.device_id \
+         WHERE c.id IN ({list}) ORDER BY c.id"
+    );
+    for row in sqlx::query(&sql).persistent(false).fetch_all(&mut **tx).await? {
+        out.entry(row.try_get("device_id")?).or_default().push(command_from(&row)?);
     }
     Ok(out)
 }

@@ -238,11 +238,32 @@ pub fn progress(parts: &[Part]) -> Progress {
         }
     }
     times.sort_unstable();
-    let at =
-        |q: f64| times.get(((times.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied();
+    let at = |q: f64| rank(times.len(), q).and_then(|i| times.get(i)).copied();
     p.confirm_p50_ms = at(0.50);
     p.confirm_p99_ms = at(0.99);
     p.confirm_max_ms = times.last().copied();
+    p.settled = p.pending == 0 && p.offline == 0;
+    p
+}
+
+/// The index of the `q` quantile among `n` sorted values (`None` when none).
+pub fn rank(n: usize, q: f64) -> Option<usize> {
+    (n > 0).then(|| ((n as f64 * q).ceil() as usize).saturating_sub(1))
+}
+
+/// The progress of parts counted (`(part, how many)`; a confirmed part's
+/// time is not used): the counts, not yet the confirmation times.
+pub fn counted(parts: &[(Part, i64)]) -> Progress {
+    let mut p = Progress::default();
+    for (part, n) in parts {
+        p.devices += n;
+        match part {
+            Part::Confirmed(_) => p.confirmed += n,
+            Part::Pending => p.pending += n,
+            Part::Offline => p.offline += n,
+            Part::Failed => p.failed += n,
+        }
+    }
     p.settled = p.pending == 0 && p.offline == 0;
     p
 }
@@ -316,6 +337,14 @@ mod tests {
         let p = progress(&[Part::Pending, Part::Confirmed(5)]);
         assert!(!p.settled);
         assert_eq!(progress(&[]).confirm_p50_ms, None);
+        // Counted (as the store does, the times taken apart): the same counts.
+        let c = counted(&[(Part::Confirmed(0), 100), (Part::Failed, 1)]);
+        assert_eq!((c.devices, c.confirmed, c.failed, c.settled), (101, 100, 1, true));
+        assert!(!counted(&[(Part::Offline, 1)]).settled);
+        assert_eq!(
+            (rank(100, 0.5), rank(100, 0.99), rank(1, 0.99), rank(0, 0.5)),
+            (Some(49), Some(98), Some(0), None)
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use ecowatt_proto::messages::{CommandControl, ControlOrders, ControlReport, Sche
 use serde_json::{Value, json};
 use sqlx::Row;
 
-use super::{EpisodeRecord, FailSafe, Part, Progress, failsafe_to_send, kind_name, outcome_name};
+use super::{EpisodeRecord, FailSafe, Progress, failsafe_to_send, kind_name, outcome_name};
 use crate::commands::store::record_result_in;
 use crate::commands::{Command, CommandOutcome, CommandStatus, DEFAULT_LEASE_MS, DEFAULT_TTL_S};
 use crate::db::{Db, StoreError, StoreResult, WriteTx, corrupt};
@@ -386,32 +386,58 @@ impl Control {
             .fetch_optional(&mut *c)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("curtailment {id}")))?;
-        let rows = sqlx::query(
-            "SELECT d.name, d.last_seen_ms, c.status, c.created_ms, c.completed_ms, c.result_message \
-             FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.curtailment_id = $1 ORDER BY d.name",
+        // Counted in SQL (a curtailment of 10,000 devices is polled while it
+        // runs: its rows are not fetched one by one).
+        let counts = sqlx::query(
+            "SELECT c.status, CASE WHEN d.last_seen_ms >= $2 THEN 1 ELSE 0 END AS online, COUNT(*) AS n \
+             FROM commands c JOIN devices d ON d.id = c.device_id WHERE c.curtailment_id = $1 \
+             GROUP BY c.status, CASE WHEN d.last_seen_ms >= $2 THEN 1 ELSE 0 END",
+        )
+        .bind(id)
+        .bind(now - super::OFFLINE_AFTER_MS)
+        .fetch_all(&mut *c)
+        .await?;
+        let mut parts = Vec::with_capacity(counts.len());
+        for r in &counts {
+            let status: String = r.try_get("status")?;
+            let status = CommandStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?;
+            let seen = (r.try_get::<i64, _>("online")? == 1).then_some(now);
+            parts.push((super::part(status, 0, None, seen, now), r.try_get::<i64, _>("n")?));
+        }
+        let mut progress = super::counted(&parts);
+        let confirmed = usize::try_from(progress.confirmed).unwrap_or(0);
+        let mut at = async |rank: Option<usize>| -> StoreResult<Option<i64>> {
+            let Some(rank) = rank else { return Ok(None) };
+            let row = sqlx::query(
+                "SELECT CASE WHEN completed_ms IS NULL OR completed_ms < created_ms THEN 0 \
+                 ELSE completed_ms - created_ms END AS t FROM commands \
+                 WHERE curtailment_id = $1 AND status IN ('succeeded', 'confirmed') \
+                 ORDER BY t LIMIT 1 OFFSET $2",
+            )
+            .bind(id)
+            .bind(rank as i64)
+            .fetch_optional(&mut *c)
+            .await?;
+            Ok(row.map(|r| r.try_get("t")).transpose()?)
+        };
+        progress.confirm_p50_ms = at(super::rank(confirmed, 0.50)).await?;
+        progress.confirm_p99_ms = at(super::rank(confirmed, 0.99)).await?;
+        progress.confirm_max_ms = at(confirmed.checked_sub(1)).await?;
+        let failures = sqlx::query(
+            "SELECT d.name, c.status, c.result_message FROM commands c JOIN devices d ON d.id = c.device_id \
+             WHERE c.curtailment_id = $1 AND c.status IN ('failed', 'expired', 'cancelled') \
+             ORDER BY d.name LIMIT 100",
         )
         .bind(id)
         .fetch_all(&mut *c)
-        .await?;
-        let mut parts = Vec::with_capacity(rows.len());
-        let mut failures = Vec::new();
-        for r in &rows {
+        .await?
+        .iter()
+        .map(|r| {
             let status: String = r.try_get("status")?;
-            let status = CommandStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?;
-            let p = super::part(
-                status,
-                r.try_get("created_ms")?,
-                r.try_get("completed_ms")?,
-                r.try_get("last_seen_ms")?,
-                now,
-            );
-            if p == Part::Failed && failures.len() < 100 {
-                let name: String = r.try_get("name")?;
-                let why: Option<String> = r.try_get("result_message")?;
-                failures.push(json!({"device": name, "status": status.as_str(), "reason": why}));
-            }
-            parts.push(p);
-        }
+            let why: Option<String> = r.try_get("result_message")?;
+            Ok(json!({"device": r.try_get::<String, _>("name")?, "status": status, "reason": why}))
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
         Ok(Curtailment {
             id,
             group: row.try_get("tag")?,
@@ -420,7 +446,7 @@ impl Control {
             releases: row.try_get("releases")?,
             created_ms: row.try_get("created_ms")?,
             created_by: row.try_get("created_by")?,
-            progress: super::progress(&parts),
+            progress,
             failures,
         })
     }

@@ -5,6 +5,7 @@
 //! applies it ([`store`]); [`messages`] maps the wire messages to the
 //! aggregates' types and back.
 
+pub mod deliveries;
 pub mod door;
 pub mod messages;
 pub mod store;
@@ -121,23 +122,43 @@ pub struct Stored {
 /// there is nothing to deliver: then it only advances the replay window (in
 /// the ingest's group commit) instead of taking a transaction of its own.
 pub fn is_quiet(report: &SyncReport, stored: &Stored, now: i64) -> bool {
-    if !report.results.is_empty() || report.ota.is_some() {
-        return false;
+    quietness(report, stored, now) == Quietness::Quiet
+}
+
+/// How much a sync changes ([`quietness`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quietness {
+    /// Nothing: admitted in a group commit, answered empty.
+    Quiet,
+    /// Only results of its commands and its control state (the new text
+    /// here): recorded in a group commit, answered empty.
+    Light(Option<String>),
+    /// Anything else: its own transaction.
+    Busy,
+}
+
+/// Whether a sync is quiet, light or busy against what is `stored` (whose
+/// `commands` count leaves out those the sync brings results for).
+pub fn quietness(report: &SyncReport, stored: &Stored, now: i64) -> Quietness {
+    if report.ota.is_some() {
+        return Quietness::Busy;
     }
+    let mut control_text = None;
     if let Some(c) = &report.control {
         let desired = crate::control::FailSafe::from_column(stored.failsafe);
-        if !c.episodes.is_empty()
-            || stored.control_reported.as_deref()
-                != Some(crate::control::reported_json(c, report.schedule.as_ref()).as_str())
-            || crate::control::failsafe_to_send(desired, c.failsafe).is_some()
+        if !c.episodes.is_empty() || crate::control::failsafe_to_send(desired, c.failsafe).is_some()
         {
-            return false;
+            return Quietness::Busy;
+        }
+        let text = crate::control::reported_json(c, report.schedule.as_ref());
+        if stored.control_reported.as_deref() != Some(text.as_str()) {
+            control_text = Some(text);
         }
     }
     if let Some(s) = &report.schedule
         && crate::control::schedules::plan_due(stored.schedule_version, s, now)
     {
-        return false;
+        return Quietness::Busy;
     }
     let same_report = match &report.applied {
         None => true,
@@ -147,12 +168,17 @@ pub fn is_quiet(report: &SyncReport, stored: &Stored, now: i64) -> bool {
                 && stored.rejected.as_deref() == Some(json_text(&report.rejected).as_str())
         }
     };
-    same_report
+    let unchanged = same_report
         && (report.firmware.is_none() || report.firmware == stored.firmware)
         && report.applied.as_ref().map(|(v, _)| *v).or(stored.reported_version)
             == Some(stored.desired_version)
         && stored.commands == 0
-        && stored.offers == 0
+        && stored.offers == 0;
+    match (unchanged, report.results.is_empty() && control_text.is_none()) {
+        (false, _) => Quietness::Busy,
+        (true, true) => Quietness::Quiet,
+        (true, false) => Quietness::Light(control_text),
+    }
 }
 
 /// A value as JSON text, as the config shadow stores it.
@@ -261,6 +287,44 @@ mod tests {
         for (what, report, stored) in cases {
             assert!(!is_quiet(&report, &stored, 0), "{what}");
         }
+    }
+
+    #[test]
+    fn results_and_a_changed_control_state_are_light_anything_more_is_busy() {
+        use ecowatt_proto::messages::{ControlReport, Episode, EpisodeKind, EpisodeOutcome};
+        let same = SyncReport { applied: Some((3, config())), ..Default::default() };
+        let result = SyncReport { results: vec![(1, CommandOutcome::succeeded())], ..same.clone() };
+        assert_eq!(quietness(&result, &stored(), 0), Quietness::Light(None));
+        let control = ControlReport { failsafe: 0xFFFE, ..Default::default() };
+        let text = crate::control::reported_json(&control, None);
+        let reporting = SyncReport { control: Some(control.clone()), ..result.clone() };
+        assert_eq!(quietness(&reporting, &stored(), 0), Quietness::Light(Some(text.clone())));
+        let as_stored = Stored { control_reported: Some(text), ..stored() };
+        assert_eq!(quietness(&reporting, &as_stored, 0), Quietness::Light(None));
+        let no_results = SyncReport { results: vec![], ..reporting.clone() };
+        assert_eq!(quietness(&no_results, &as_stored, 0), Quietness::Quiet);
+        // Another command waiting, an episode, a fail-safe to send, a new config: busy.
+        assert_eq!(quietness(&result, &Stored { commands: 1, ..stored() }, 0), Quietness::Busy);
+        let episode = Episode {
+            kind: EpisodeKind::FailSafe,
+            command_id: 1,
+            at_ms: 1,
+            value: 0,
+            outcome: EpisodeOutcome::Confirmed,
+        };
+        let with_episode = SyncReport {
+            control: Some(ControlReport { episodes: vec![episode], ..control.clone() }),
+            ..result.clone()
+        };
+        assert_eq!(quietness(&with_episode, &as_stored, 0), Quietness::Busy);
+        assert_eq!(
+            quietness(&reporting, &Stored { failsafe: Some(40), ..as_stored.clone() }, 0),
+            Quietness::Busy
+        );
+        assert_eq!(
+            quietness(&result, &Stored { desired_version: 4, ..stored() }, 0),
+            Quietness::Busy
+        );
     }
 
     #[test]

@@ -5,15 +5,18 @@
 
 use sqlx::Row;
 
+use super::deliveries::Deliveries;
 use super::{
-    Accepted, COMMANDS_PER_ANSWER, Stored, SyncDelivery, SyncRefusal, SyncReport, Upload, is_quiet,
+    Accepted, COMMANDS_PER_ANSWER, Quietness, Stored, SyncDelivery, SyncRefusal, SyncReport,
+    Upload, quietness,
 };
 use crate::commands::Commands;
 use crate::db::{Db, StoreError, StoreResult, WriteTx};
-use crate::devices::admission::{admit_in, name_in};
+use crate::devices::admission::admit_in;
 use crate::devices::{DeviceId, Devices};
 use crate::firmware::rollouts::store::{offer_in, offer_waiting_sql, ota_report_in};
 use crate::telemetry::Ingest;
+use crate::telemetry::ingest::Record;
 
 /// The device protocol's side of the store.
 #[derive(Clone)]
@@ -21,12 +24,14 @@ pub struct Protocol {
     db: Db,
     devices: Devices,
     ingest: Ingest,
+    deliveries: Deliveries,
 }
 
 impl Protocol {
-    /// Over `db`, with the devices' keys and the telemetry ingest.
-    pub fn new(db: Db, devices: Devices, ingest: Ingest) -> Self {
-        Protocol { db, devices, ingest }
+    /// Over `db`, with the devices' keys, the telemetry ingest and the
+    /// delivery task.
+    pub fn new(db: Db, devices: Devices, ingest: Ingest, deliveries: Deliveries) -> Self {
+        Protocol { db, devices, ingest, deliveries }
     }
 
     /// Applies an authentic sync once (firmware, command results, the
@@ -101,19 +106,16 @@ impl Protocol {
         Ok(Ok(delivery))
     }
 
-    /// The answer to a long poll woken by news: what there is to deliver now.
+    /// The answer to a long poll woken by news: what there is to deliver
+    /// now, delivered with the other long polls woken with it
+    /// ([`super::deliveries`]).
     pub async fn deliver(
         &self,
         device_id: DeviceId,
         redeliver_after_ms: i64,
         now: i64,
     ) -> StoreResult<SyncDelivery> {
-        let mut tx = self.db.write().await?;
-        let name = name_in(&mut tx, device_id).await?;
-        let delivery =
-            self.delivery_in(&mut tx, device_id, name, None, redeliver_after_ms, now).await?;
-        tx.commit().await?;
-        Ok(delivery)
+        self.deliveries.deliver(device_id, redeliver_after_ms, now).await
     }
 
     /// Stores an upload (written in groups by the ingest task, answered after
@@ -220,12 +222,19 @@ impl Protocol {
         redeliver_after_ms: i64,
         now: i64,
     ) -> StoreResult<Option<Result<SyncDelivery, SyncRefusal>>> {
-        if !report.results.is_empty() || report.ota.is_some() {
-            return Ok(None); // not quiet, whatever is stored
+        if report.ota.is_some() {
+            return Ok(None); // busy, whatever is stored
         }
+        // The commands it brings results for are not waiting for it.
+        let reported: Vec<i64> = report.results.iter().map(|(id, _)| *id).collect();
+        let others = if reported.is_empty() {
+            String::new()
+        } else {
+            format!(" AND id NOT IN ({})", crate::commands::store::id_list(&reported))
+        };
         let row = sqlx::query(&format!(
             "SELECT d.name, d.firmware, d.control_reported, d.failsafe, d.schedule_version, c.desired_version, c.reported_version, c.reported, c.rejected, \
-             (SELECT COUNT(*) FROM commands WHERE device_id = d.id AND {deliverable}) AS commands, \
+             (SELECT COUNT(*) FROM commands WHERE device_id = d.id AND {deliverable}{others}) AS commands, \
              {offers} AS offers \
              FROM devices d JOIN device_configs c ON c.device_id = d.id WHERE d.id = $1",
             deliverable = crate::commands::store::deliverable_sql("$2", "$3"),
@@ -249,12 +258,21 @@ impl Protocol {
             failsafe: row.try_get("failsafe")?,
             schedule_version: row.try_get("schedule_version")?,
         };
-        if !is_quiet(report, &stored, now) {
-            return Ok(None);
-        }
         let name: String = row.try_get("name")?;
-        let admitted =
-            self.ingest.submit(device_id, report.key_version, report.counter, None, 0, now).await?;
+        let admitted = match quietness(report, &stored, now) {
+            Quietness::Busy => return Ok(None),
+            Quietness::Quiet => {
+                self.ingest
+                    .submit(device_id, report.key_version, report.counter, None, 0, now)
+                    .await?
+            }
+            Quietness::Light(control_reported) => {
+                let record = Record { results: report.results.clone(), control_reported };
+                self.ingest
+                    .submit_record(device_id, report.key_version, report.counter, record, now)
+                    .await?
+            }
+        };
         Ok(Some(admitted.map(|a| SyncDelivery::empty(name, a.down_counter))))
     }
 

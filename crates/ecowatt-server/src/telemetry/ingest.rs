@@ -15,7 +15,10 @@
 //! group is committed, and a refused upload changes nothing. Quiet long
 //! polls (nothing to record, nothing to deliver) take the same road with no
 //! batch: their window, counter and last-seen time are written in the group
-//! too.
+//! too. So do light syncs (a long poll that brings command results or a
+//! changed control state, and nothing else): their results are recorded by
+//! the commands' rule ([`result_effect`]) and their control state written in
+//! the group, with one more `SELECT` for the commands' states.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -25,6 +28,7 @@ use sqlx::{AnyPool, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{StoredBatch, trim};
+use crate::commands::{CommandOutcome, CommandStatus, ResultEffect, result_effect};
 use crate::db::{Db, Dialect, StoreError, StoreResult};
 use crate::devices::DeviceId;
 use crate::devices::admission::SyncRefusal;
@@ -45,6 +49,17 @@ pub struct Accepted {
 /// Most uploads written in one transaction.
 pub const GROUP_MAX: usize = 256;
 
+/// What a light sync records with its admission: the results of its
+/// device's commands, and the control state it reports
+/// (`devices.control_reported`).
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    /// Results, by command id.
+    pub results: Vec<(i64, CommandOutcome)>,
+    /// The control report, as stored.
+    pub control_reported: Option<String>,
+}
+
 /// One upload (or quiet sync, with no batch) waiting to be written.
 struct Job {
     pub device_id: DeviceId,
@@ -55,6 +70,8 @@ struct Job {
     pub batch: Option<StoredBatch>,
     pub dropped_total: i64,
     pub now: i64,
+    /// What a light sync records.
+    pub record: Option<Record>,
     pub reply: oneshot::Sender<StoreResult<Result<Accepted, SyncRefusal>>>,
 }
 
@@ -118,7 +135,40 @@ impl Ingest {
         now: i64,
     ) -> StoreResult<Result<Accepted, SyncRefusal>> {
         let (reply, answer) = oneshot::channel();
-        let job = Job { device_id, key_version, counter, batch, dropped_total, now, reply };
+        let job =
+            Job { device_id, key_version, counter, batch, dropped_total, now, record: None, reply };
+        self.send(job, answer).await
+    }
+
+    /// Queues a light sync: admitted, its results recorded and its control
+    /// state written in a group, exactly as its own transaction would.
+    pub async fn submit_record(
+        &self,
+        device_id: DeviceId,
+        key_version: i64,
+        counter: u64,
+        record: Record,
+        now: i64,
+    ) -> StoreResult<Result<Accepted, SyncRefusal>> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            device_id,
+            key_version,
+            counter,
+            batch: None,
+            dropped_total: 0,
+            now,
+            record: Some(record),
+            reply,
+        };
+        self.send(job, answer).await
+    }
+
+    async fn send(
+        &self,
+        job: Job,
+        answer: oneshot::Receiver<StoreResult<Result<Accepted, SyncRefusal>>>,
+    ) -> StoreResult<Result<Accepted, SyncRefusal>> {
         let gone = || StoreError::Db(sqlx::Error::Protocol("ingest task stopped".into()));
         self.queue.send(job).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
@@ -260,8 +310,21 @@ async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
     let plan = plan(states, group);
     let found = overlapping!(tx, plan, group);
     let stored = stored_batches(&plan, group, found);
+    let ids = result_ids(&plan, group);
+    let statuses = if ids.is_empty() {
+        Vec::new()
+    } else {
+        let select = format!(
+            "SELECT id, device_id, status FROM commands WHERE id IN ({})",
+            crate::commands::store::id_list(&ids)
+        );
+        let rows = sqlx::query(&select).persistent(false).fetch_all(&mut *tx).await?;
+        rows.iter().map(command_state).collect::<StoreResult<_>>()?
+    };
+    let records = records(&plan, group, statuses);
     // One multi-statement write: one round trip to the connection's thread.
-    let sql = sqlite_write(&plan, group, &stored);
+    let mut sql = sqlite_write(&plan, group, &stored);
+    sqlite_records(&mut sql, &records);
     if !sql.is_empty() {
         sqlx::query(&sql).persistent(false).execute(&mut *tx).await?;
     }
@@ -284,6 +347,45 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
     let plan = plan(states, group);
     let found = overlapping!(tx, plan, group);
     let stored = stored_batches(&plan, group, found);
+    let ids = result_ids(&plan, group);
+    let statuses = if ids.is_empty() {
+        Vec::new()
+    } else {
+        let select =
+            "SELECT id, device_id, status FROM commands WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+        let rows = sqlx::query(select).bind(&ids).fetch_all(&mut *tx).await?;
+        rows.iter().map(command_state).collect::<StoreResult<_>>()?
+    };
+    let records = records(&plan, group, statuses);
+    if !records.results.is_empty() {
+        let r = &records.results;
+        sqlx::query(
+            "UPDATE commands SET status = v.status, completed_ms = v.completed, executed_ms = v.executed, \
+             result_message = v.message, exception_code = v.exception, result_value = v.value \
+             FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::int8[], $7::int8[]) \
+             AS v(id, status, completed, executed, message, exception, value) WHERE commands.id = v.id",
+        )
+        .bind(r.iter().map(|w| w.id).collect::<Vec<_>>())
+        .bind(r.iter().map(|w| w.status.to_owned()).collect::<Vec<_>>())
+        .bind(r.iter().map(|w| w.completed).collect::<Vec<_>>())
+        .bind(r.iter().map(|w| w.executed).collect::<Vec<_>>())
+        .bind(r.iter().map(|w| w.message.clone()).collect::<Vec<_>>())
+        .bind(r.iter().map(|w| w.exception).collect::<Vec<_>>())
+        .bind(r.iter().map(|w| w.value).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !records.control.is_empty() {
+        let c = &records.control;
+        sqlx::query(
+            "UPDATE devices SET control_reported = v.c FROM UNNEST($1::int8[], $2::text[]) AS v(id, c) \
+             WHERE devices.id = v.id",
+        )
+        .bind(c.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(c.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
     if !plan.updates.is_empty() {
         let mut columns: [Vec<i64>; 9] = Default::default();
         for u in &plan.updates {
@@ -427,6 +529,124 @@ fn sqlite_write(plan: &Plan, group: &[Job], stored: &[(usize, Cow<'_, StoredBatc
         sql.push_str(" ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING;\n");
     }
     sql
+}
+
+/// The commands whose results accepted light syncs of the group bring.
+fn result_ids(plan: &Plan, group: &[Job]) -> Vec<i64> {
+    let mut ids: Vec<i64> = group
+        .iter()
+        .zip(&plan.answers)
+        .filter(|(_, a)| a.is_ok())
+        .filter_map(|(j, _)| j.record.as_ref())
+        .flat_map(|r| r.results.iter().map(|(id, _)| *id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// A command's row as a result finds it: its device and status.
+fn command_state<R: Row>(row: &R) -> StoreResult<(i64, (i64, String))>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    Ok((row.try_get("id")?, (row.try_get("device_id")?, row.try_get("status")?)))
+}
+
+/// A command's result as recorded.
+struct ResultWrite {
+    id: i64,
+    status: &'static str,
+    completed: i64,
+    executed: Option<i64>,
+    message: String,
+    exception: Option<i64>,
+    value: Option<i64>,
+}
+
+/// What the group's light syncs record.
+#[derive(Default)]
+struct Records {
+    results: Vec<ResultWrite>,
+    control: Vec<(i64, String)>,
+}
+
+/// The light syncs' writes, in arrival order: each result of an accepted
+/// sync for a command of its own device recorded by the commands' rule
+/// (once: a repeat, or a second result in the group, changes nothing; one
+/// for a command not the device's is ignored, as alone), and its control
+/// state.
+fn records(plan: &Plan, group: &[Job], statuses: Vec<(i64, (i64, String))>) -> Records {
+    let mut states: HashMap<i64, (i64, String)> = statuses.into_iter().collect();
+    let mut out = Records::default();
+    for (job, answer) in group.iter().zip(&plan.answers) {
+        let (Some(record), Ok(_)) = (&job.record, answer) else { continue };
+        for (id, outcome) in &record.results {
+            let Some((device, status)) = states.get_mut(id) else {
+                tracing::warn!(
+                    device_id = job.device_id.0,
+                    command = id,
+                    "result for an unknown command"
+                );
+                continue;
+            };
+            let Some(current) = CommandStatus::parse(status).filter(|_| *device == job.device_id.0)
+            else {
+                tracing::warn!(
+                    device_id = job.device_id.0,
+                    command = id,
+                    "result for an unknown command"
+                );
+                continue;
+            };
+            let ResultEffect::Record { status: next, late } = result_effect(current, outcome)
+            else {
+                continue;
+            };
+            *status = next.as_str().to_owned();
+            out.results.push(ResultWrite {
+                id: *id,
+                status: next.as_str(),
+                completed: job.now,
+                executed: outcome.executed_ms,
+                message: crate::commands::result_text(outcome, late),
+                exception: outcome.exception_code.map(i64::from),
+                value: outcome.value.map(i64::from),
+            });
+        }
+        if let Some(c) = &record.control_reported {
+            out.control.push((job.device_id.0, c.clone()));
+        }
+    }
+    out
+}
+
+/// The light syncs' writes appended to the group's SQLite script. Text goes
+/// as hex blob literals cast to text: nothing but integers and hex is inlined.
+fn sqlite_records(sql: &mut String, records: &Records) {
+    use std::fmt::Write as _;
+    let text =
+        |s: &str| format!("CAST(X'{}' AS TEXT)", ecowatt_proto::hex::encode_upper(s.as_bytes()));
+    let num = |v: Option<i64>| v.map_or("NULL".to_owned(), |v| v.to_string());
+    for w in &records.results {
+        let _ = writeln!(
+            sql,
+            "UPDATE commands SET status = '{}', completed_ms = {}, executed_ms = {}, result_message = {}, \
+             exception_code = {}, result_value = {} WHERE id = {};",
+            w.status,
+            w.completed,
+            num(w.executed),
+            text(&w.message),
+            num(w.exception),
+            num(w.value),
+            w.id
+        );
+    }
+    for (id, c) in &records.control {
+        let _ = writeln!(sql, "UPDATE devices SET control_reported = {} WHERE id = {id};", text(c));
+    }
 }
 
 /// What a group does: the answers in order, each touched device's new row

@@ -59,6 +59,30 @@ pub fn offer_waiting_sql(device_expr: &str) -> String {
     )
 }
 
+/// Which of `devices` have an update offer waiting ([`offer_waiting_sql`] for many).
+pub async fn offers_waiting_in(
+    c: &mut AnyConnection,
+    devices: &[i64],
+) -> StoreResult<std::collections::HashSet<i64>> {
+    if devices.is_empty() {
+        return Ok(Default::default());
+    }
+    let sql = format!(
+        "SELECT DISTINCT rd.device_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+         WHERE rd.device_id IN ({}) AND r.state = 'running' AND rd.wave <= r.current_wave \
+         AND rd.state IN {}",
+        crate::commands::store::id_list(devices),
+        sql_list(&DeviceState::WAITING)
+    );
+    sqlx::query(&sql)
+        .persistent(false)
+        .fetch_all(c)
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get("device_id")?))
+        .collect()
+}
+
 async fn rollout_in(db: &Db, c: &mut AnyConnection, id: i64, lock: bool) -> StoreResult<Rollout> {
     let lock = if lock { db.for_update_of("r") } else { String::new() };
     let row = sqlx::query(&format!("{SELECT} WHERE r.id = $1{lock}"))
