@@ -118,14 +118,10 @@ pub struct Stored {
     pub schedule_version: i64,
 }
 
-/// A sync is *quiet* when it reports what the server already stored and
-/// there is nothing to deliver: then it only advances the replay window (in
-/// the ingest's group commit) instead of taking a transaction of its own.
-pub fn is_quiet(report: &SyncReport, stored: &Stored, now: i64) -> bool {
-    quietness(report, stored, now) == Quietness::Quiet
-}
-
-/// How much a sync changes ([`quietness`]).
+/// How much a sync changes ([`quietness`]). A sync is *quiet* when it
+/// reports what the server already stored and there is nothing to deliver:
+/// then it only advances the replay window (in the ingest's group commit)
+/// instead of taking a transaction of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Quietness {
     /// Nothing: admitted in a group commit, answered empty.
@@ -220,6 +216,10 @@ mod tests {
             failsafe: None,
             schedule_version: 0,
         }
+    }
+
+    fn is_quiet(report: &SyncReport, stored: &Stored, now: i64) -> bool {
+        quietness(report, stored, now) == Quietness::Quiet
     }
 
     #[test]

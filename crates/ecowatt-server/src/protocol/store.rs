@@ -208,13 +208,14 @@ impl Protocol {
         Ok(SyncDelivery { device: name, down_counter, config, commands, update, control, schedule })
     }
 
-    /// Most syncs are quiet long polls ([`is_quiet`]): those are found with
-    /// one read (not on the writer) and admitted through the ingest task,
-    /// whose group commit writes their window, down counter and last-seen
-    /// time with the uploads'. Anything else (`None`) takes the full
-    /// transaction. A command or config queued after the read wakes the long
-    /// poll, which then delivers it in its own transaction, as it would have
-    /// anyway.
+    /// Most syncs are quiet long polls, or light ones that only bring
+    /// command results and a changed control state ([`quietness`]): those
+    /// are found with one read (not on the writer) and admitted through the
+    /// ingest task, whose group commit writes their window, down counter and
+    /// last-seen time (and a light sync's results and control state) with
+    /// the uploads'. Anything else (`None`) takes the full transaction. A
+    /// command or config queued after the read wakes the long poll, which
+    /// then delivers it in a delivery group, as it would have anyway.
     async fn quiet(
         &self,
         device_id: DeviceId,

@@ -861,3 +861,61 @@ async fn commands_stored_as_json_are_migrated_to_typed_columns() {
         db.cleanup().await;
     }
 }
+
+/// Long polls woken together are delivered in one group: each device gets
+/// its own commands and config, once, with its own down counter; a device
+/// woken twice is answered twice; one that is gone gets `NotFound`.
+#[tokio::test]
+async fn woken_long_polls_are_delivered_in_groups() {
+    each(async |s, b| {
+        let mut ids = Vec::new();
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let key = format!("{KEY:.30}{i:02}");
+            let d = ecowatt_server::registration::register(
+                &s.devices(),
+                name,
+                8_000,
+                &key,
+                "alice#1",
+                T0,
+            )
+            .await
+            .unwrap();
+            ids.push(d.id);
+        }
+        let a1 = s.commands().queue("a", &set_pct(10), 600, "x", T0).await.unwrap();
+        let a2 = s.commands().queue("a", &set_pct(20), 600, "x", T0).await.unwrap();
+        let b1 = s.commands().queue("b", &set_pct(30), 600, "x", T0).await.unwrap();
+        let p = s.protocol();
+        let now = T0 + 1_000;
+        let (da, db, dc, da2, gone) = tokio::join!(
+            p.deliver(ids[0], 60_000, now),
+            p.deliver(ids[1], 60_000, now),
+            p.deliver(ids[2], 60_000, now),
+            p.deliver(ids[0], 60_000, now),
+            p.deliver(DeviceId(999_999), 60_000, now),
+        );
+        let (da, db, dc, da2) = (da.unwrap(), db.unwrap(), dc.unwrap(), da2.unwrap());
+        let cmds = |d: &ecowatt_server::protocol::SyncDelivery| {
+            d.commands.iter().map(|c| c.id).collect::<Vec<_>>()
+        };
+        // One of a's two answers hands its commands out; the other finds them
+        // delivered within the redelivery time.
+        let mut a_answers = [cmds(&da), cmds(&da2)];
+        a_answers.sort();
+        assert_eq!(a_answers, [vec![], vec![a1.id, a2.id]], "{b}");
+        assert_eq!(cmds(&db), [b1.id], "{b}");
+        assert!(cmds(&dc).is_empty(), "{b}");
+        assert_eq!((da.device.as_str(), db.device.as_str(), dc.device.as_str()), ("a", "b", "c"));
+        assert!(
+            da.config.is_some() && dc.config.is_some(),
+            "{b}: the config not reported yet goes"
+        );
+        assert_ne!(da.down_counter, da2.down_counter, "{b}: each answer its own counter");
+        assert_eq!((db.down_counter, dc.down_counter), (1, 1), "{b}");
+        assert!(matches!(gone, Err(StoreError::NotFound(_))), "{b}: {gone:?}");
+        let shown = s.commands().get(b1.id).await.unwrap();
+        assert_eq!((shown.status, shown.delivery_count), (CommandStatus::Delivered, 1), "{b}");
+    })
+    .await;
+}
