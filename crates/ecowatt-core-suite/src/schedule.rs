@@ -155,6 +155,13 @@ pub fn past_its_horizon_a_schedule_ends_in_the_failsafe() {
     step_at(&mut w, t + 3 * HOUR, 70, 40);
     w.server.up = true;
     assert!(w.run_until_true(2 * MINUTE, |w| state(w) == Some(ScheduleState::Ended)));
+    // A command holds over the ended plan; a return to the plan writes the fail-safe again.
+    w.server.command(1, 70, u64::MAX);
+    assert!(w.run_until_true(MINUTE, |w| limit(w) == 70));
+    w.server.command(2, 100, u64::MAX);
+    w.server.resume.push(2);
+    assert!(w.run_until_true(MINUTE, |w| w.server.results.contains_key(&2)));
+    assert_eq!((limit(&w), w.server.results[&2].0.value), (40, Some(40)));
     // A new plan takes over from the fail-safe.
     w.server.plan = Some(plan(2, t + 3 * HOUR, &[(0, 90, 0)], 24 * HOUR));
     assert!(w.run_until_true(MINUTE, |w| limit(w) == 90));

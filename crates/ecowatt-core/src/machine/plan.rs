@@ -227,14 +227,15 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
     }
 
     /// The limit a command returning to the plan writes, if it is one and a
-    /// plan step is in force.
+    /// plan is running: the step in force, or past the plan's end the
+    /// fail-safe (unless that is "no change").
     pub(super) fn resume_value(&self, id: u64, now_ms: u64) -> Option<u16> {
         if !self.schedule.resume.contains(&id) {
             return None;
         }
         match self.schedule.at(now_ms)? {
             Now::Step(s) => Some(u16::from(s.value)),
-            Now::Ended(_) => None,
+            Now::Ended(_) => self.limit.failsafe_value(),
         }
     }
 
