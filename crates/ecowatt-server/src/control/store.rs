@@ -501,6 +501,33 @@ pub async fn report_in(
     Ok(())
 }
 
+/// The control and schedule parts of an answer carrying `commands`, from
+/// the device's row as the answer's down-counter update returns it
+/// (`failsafe`, `control_reported`, `schedule_version`).
+pub async fn answer_in(
+    db: &Db,
+    tx: &mut WriteTx,
+    device_id: DeviceId,
+    device: &str,
+    row: &sqlx::any::AnyRow,
+    commands: &mut Vec<Command>,
+    now: i64,
+) -> StoreResult<(Option<ControlOrders>, Option<ecowatt_proto::messages::ScheduleOrders>)> {
+    let reported: Option<String> = row.try_get("control_reported")?;
+    let schedule = super::schedules::orders_in(
+        tx,
+        device_id,
+        row.try_get("schedule_version")?,
+        reported.as_deref(),
+        commands,
+        now,
+    )
+    .await?;
+    let control =
+        orders_in(db, tx, device, row.try_get("failsafe")?, reported, commands, now).await?;
+    Ok((control, schedule))
+}
+
 /// The control part of an answer carrying `commands`: the fail-safe when the
 /// device's differs, and the commands' leases. A device that never reported
 /// control cannot hold a lease: its leased commands fail here, with why,
@@ -508,7 +535,7 @@ pub async fn report_in(
 ///
 /// `failsafe` and `reported` are the device's `failsafe` and
 /// `control_reported` columns, read by the caller with the answer's counter.
-pub async fn orders_in(
+async fn orders_in(
     db: &Db,
     tx: &mut WriteTx,
     device: &str,

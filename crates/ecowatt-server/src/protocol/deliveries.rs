@@ -154,22 +154,12 @@ pub async fn deliver_many(
         } else {
             None
         };
-        let reported: Option<String> = row.try_get("control_reported")?;
-        let schedule = crate::control::schedules::orders_in(
-            &mut tx,
-            DeviceId(id),
-            row.try_get("schedule_version")?,
-            reported.as_deref(),
-            &cmds,
-            now,
-        )
-        .await?;
-        let control = crate::control::store::orders_in(
+        let (control, schedule) = crate::control::store::answer_in(
             db,
             &mut tx,
+            DeviceId(id),
             &name,
-            row.try_get("failsafe")?,
-            reported,
+            &row,
             &mut cmds,
             now,
         )

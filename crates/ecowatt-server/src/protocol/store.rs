@@ -185,22 +185,12 @@ impl Protocol {
         .await?;
         let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
         let update = offer_in(&self.db, tx, device_id, now).await?;
-        let reported: Option<String> = row.try_get("control_reported")?;
-        let schedule = crate::control::schedules::orders_in(
-            tx,
-            device_id,
-            row.try_get("schedule_version")?,
-            reported.as_deref(),
-            &commands,
-            now,
-        )
-        .await?;
-        let control = crate::control::store::orders_in(
+        let (control, schedule) = crate::control::store::answer_in(
             &self.db,
             tx,
+            device_id,
             &name,
-            row.try_get("failsafe")?,
-            reported,
+            &row,
             &mut commands,
             now,
         )
