@@ -233,31 +233,13 @@ pub async fn create_in(
     Ok(())
 }
 
-/// The desired config to send with a device's answer, if it does not run it
-/// (`running`, or else what it last reported).
-pub async fn to_send_in(
-    c: &mut AnyConnection,
-    device_id: DeviceId,
-    running: Option<i64>,
-) -> StoreResult<Option<(i64, DeviceConfig)>> {
-    let row = sqlx::query(
-        "SELECT desired_version, desired, reported_version FROM device_configs WHERE device_id = $1",
-    )
-    .bind(device_id)
-    .fetch_one(c)
-    .await?;
-    let desired_version: i64 = row.try_get("desired_version")?;
-    let running = running.or(row.try_get("reported_version")?);
-    if !to_send(desired_version, running) {
-        return Ok(None);
-    }
-    Ok(Some((desired_version, json_col(&row, "desired")?)))
-}
-
-/// [`to_send_in`] for many devices at once (what they last reported running).
+/// The desired config of each of `devices` that does not run it: what it
+/// last reported running, or `running` (what a sync reports, for a
+/// delivery to that one device; a version never issued included).
 pub async fn to_send_many_in(
     c: &mut AnyConnection,
     devices: &[i64],
+    running: Option<i64>,
 ) -> StoreResult<std::collections::HashMap<i64, (i64, DeviceConfig)>> {
     let mut out = std::collections::HashMap::new();
     if devices.is_empty() {
@@ -270,7 +252,7 @@ pub async fn to_send_many_in(
     );
     for row in sqlx::query(&sql).persistent(false).fetch_all(c).await? {
         let desired_version: i64 = row.try_get("desired_version")?;
-        if to_send(desired_version, row.try_get("reported_version")?) {
+        if to_send(desired_version, running.or(row.try_get("reported_version")?)) {
             out.insert(row.try_get("device_id")?, (desired_version, json_col(&row, "desired")?));
         }
     }

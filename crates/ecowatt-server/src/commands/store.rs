@@ -116,54 +116,15 @@ pub async fn record_result_in(
     command_in(tx, id).await
 }
 
-/// Hands out up to `max` deliverable commands of a device, oldest first, in
-/// `tx` (on PostgreSQL skipping rows another server is delivering).
-pub async fn deliver_in(
-    db: &Db,
-    tx: &mut WriteTx,
-    device_id: DeviceId,
-    redeliver_after_ms: i64,
-    max: i64,
-    now: i64,
-) -> StoreResult<Vec<Command>> {
-    let sql = format!(
-        "SELECT id FROM commands WHERE device_id = $1 AND {} ORDER BY id LIMIT $4{}",
-        deliverable_sql("$2", "$3"),
-        db.skip_locked()
-    );
-    let ids: Vec<i64> = sqlx::query(&sql)
-        .bind(device_id)
-        .bind(now)
-        .bind(now - redeliver_after_ms)
-        .bind(max.clamp(1, 100))
-        .fetch_all(&mut **tx)
-        .await?
-        .iter()
-        .map(|r| r.try_get("id"))
-        .collect::<Result<_, _>>()?;
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        sqlx::query(
-            "UPDATE commands SET status = 'delivered', delivered_ms = $1, \
-             first_delivered_ms = COALESCE(first_delivered_ms, $1), delivery_count = delivery_count + 1 WHERE id = $2",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&mut **tx)
-        .await?;
-        out.push(command_in(tx, id).await?);
-    }
-    Ok(out)
-}
-
 /// An SQL list of ids (`1,2,3`): numbers of our own, never text from outside.
 pub fn id_list(ids: &[i64]) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
-/// [`deliver_in`] for many devices at once (a wake storm's long polls, in
-/// one transaction): up to `max` deliverable commands each, oldest first,
-/// handed out with one `UPDATE` and read back with one `SELECT`.
+/// Hands out up to `max` deliverable commands of each of `devices`, oldest
+/// first, in `tx` (on PostgreSQL skipping rows another server is
+/// delivering): one `SELECT`, one `UPDATE`, one `SELECT` for any number of
+/// devices (a wake storm's long polls are delivered in groups).
 pub async fn deliver_many_in(
     db: &Db,
     tx: &mut WriteTx,
@@ -366,9 +327,11 @@ impl Commands {
     ) -> StoreResult<Vec<Command>> {
         let mut tx = self.db.write().await?;
         let d = named_in(&self.db, &mut tx, device, false).await?;
-        let out = deliver_in(&self.db, &mut tx, d.id, redeliver_after_ms, max, now).await?;
+        let max = max.clamp(1, 100) as usize;
+        let mut out =
+            deliver_many_in(&self.db, &mut tx, &[d.id.0], redeliver_after_ms, max, now).await?;
         tx.commit().await?;
-        Ok(out)
+        Ok(out.remove(&d.id.0).unwrap_or_default())
     }
 
     /// Records a device's result once (the legacy API's report).

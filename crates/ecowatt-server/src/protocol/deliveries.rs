@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{COMMANDS_PER_ANSWER, SyncDelivery};
-use crate::db::{Db, Dialect, StoreError, StoreResult};
+use crate::db::{Db, Dialect, StoreError, StoreResult, WriteTx};
 use crate::devices::DeviceId;
 
 /// Most long polls delivered in one transaction.
@@ -116,32 +116,50 @@ pub async fn deliver_many(
     redeliver_after_ms: i64,
     now: i64,
 ) -> StoreResult<HashMap<i64, SyncDelivery>> {
-    let list = crate::commands::store::id_list(devices);
     let mut tx = db.write().await?;
     if db.dialect() == Dialect::Postgres {
         // Locked in id order, as the ingest's groups lock them: no deadlock.
+        let list = crate::commands::store::id_list(devices);
         sqlx::query(&format!("SELECT id FROM devices WHERE id IN ({list}) ORDER BY id FOR UPDATE"))
             .persistent(false)
             .fetch_all(&mut *tx)
             .await?;
     }
-    let mut configs = crate::config::to_send_many_in(&mut tx, devices).await?;
+    let out = answers_in(db, &mut tx, devices, None, redeliver_after_ms, now).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// The answers to `devices` in `tx` (the config each does not run, or
+/// `running` for a single sync's device; commands handed out; offers;
+/// the next down counter; control and schedule parts), set-based: the same
+/// statements for one device or 256.
+pub async fn answers_in(
+    db: &Db,
+    tx: &mut WriteTx,
+    devices: &[i64],
+    running: Option<i64>,
+    redeliver_after_ms: i64,
+    now: i64,
+) -> StoreResult<HashMap<i64, SyncDelivery>> {
+    let list = crate::commands::store::id_list(devices);
+    let mut configs = crate::config::to_send_many_in(tx, devices, running).await?;
     let mut commands = crate::commands::store::deliver_many_in(
         db,
-        &mut tx,
+        tx,
         devices,
         redeliver_after_ms,
         COMMANDS_PER_ANSWER as usize,
         now,
     )
     .await?;
-    let offers = crate::firmware::rollouts::store::offers_waiting_in(&mut tx, devices).await?;
+    let offers = crate::firmware::rollouts::store::offers_waiting_in(tx, devices).await?;
     let rows = sqlx::query(&format!(
         "UPDATE devices SET down_counter = down_counter + 1 WHERE id IN ({list}) \
          RETURNING id, name, down_counter, failsafe, control_reported, schedule_version"
     ))
     .persistent(false)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {
@@ -150,20 +168,13 @@ pub async fn deliver_many(
         let name: String = row.try_get("name")?;
         let mut cmds = commands.remove(&id).unwrap_or_default();
         let update = if offers.contains(&id) {
-            crate::firmware::rollouts::store::offer_in(db, &mut tx, DeviceId(id), now).await?
+            crate::firmware::rollouts::store::offer_in(db, tx, DeviceId(id), now).await?
         } else {
             None
         };
-        let (control, schedule) = crate::control::store::answer_in(
-            db,
-            &mut tx,
-            DeviceId(id),
-            &name,
-            &row,
-            &mut cmds,
-            now,
-        )
-        .await?;
+        let (control, schedule) =
+            crate::control::store::answer_in(db, tx, DeviceId(id), &name, &row, &mut cmds, now)
+                .await?;
         let delivery = SyncDelivery {
             device: name,
             down_counter: row.try_get::<i64, _>("down_counter")? as u64,
@@ -175,6 +186,5 @@ pub async fn deliver_many(
         };
         out.insert(id, delivery);
     }
-    tx.commit().await?;
     Ok(out)
 }

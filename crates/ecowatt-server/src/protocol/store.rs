@@ -7,14 +7,13 @@ use sqlx::Row;
 
 use super::deliveries::Deliveries;
 use super::{
-    Accepted, COMMANDS_PER_ANSWER, Quietness, Stored, SyncDelivery, SyncRefusal, SyncReport,
-    Upload, quietness,
+    Accepted, Quietness, Stored, SyncDelivery, SyncRefusal, SyncReport, Upload, quietness,
 };
 use crate::commands::Commands;
 use crate::db::{Db, StoreError, StoreResult, WriteTx};
 use crate::devices::admission::admit_in;
 use crate::devices::{DeviceId, Devices};
-use crate::firmware::rollouts::store::{offer_in, offer_waiting_sql, ota_report_in};
+use crate::firmware::rollouts::store::{offer_waiting_sql, ota_report_in};
 use crate::telemetry::Ingest;
 use crate::telemetry::ingest::Record;
 
@@ -98,7 +97,7 @@ impl Protocol {
         }
         let delivery = if deliver {
             let applied = report.applied.as_ref().map(|(v, _)| *v);
-            self.delivery_in(&mut tx, device_id, name, applied, redeliver_after_ms, now).await?
+            self.delivery_in(&mut tx, device_id, applied, redeliver_after_ms, now).await?
         } else {
             SyncDelivery::empty(name, 0)
         };
@@ -156,46 +155,27 @@ impl Protocol {
     }
 
     /// Config and commands for the device, an update offer, and the next
-    /// down counter.
+    /// down counter: the grouped delivery's statements for one device.
     async fn delivery_in(
         &self,
         tx: &mut WriteTx,
         device_id: DeviceId,
-        name: String,
         applied_version: Option<i64>,
         redeliver_after_ms: i64,
         now: i64,
     ) -> StoreResult<SyncDelivery> {
-        let config = crate::config::to_send_in(tx, device_id, applied_version).await?;
-        let mut commands = crate::commands::store::deliver_in(
+        let mut answers = super::deliveries::answers_in(
             &self.db,
             tx,
-            device_id,
+            &[device_id.0],
+            applied_version,
             redeliver_after_ms,
-            COMMANDS_PER_ANSWER,
             now,
         )
         .await?;
-        let row = sqlx::query(
-            "UPDATE devices SET down_counter = down_counter + 1 WHERE id = $1 \
-             RETURNING down_counter, failsafe, control_reported, schedule_version",
-        )
-        .bind(device_id)
-        .fetch_one(&mut **tx)
-        .await?;
-        let down_counter = row.try_get::<i64, _>("down_counter")? as u64;
-        let update = offer_in(&self.db, tx, device_id, now).await?;
-        let (control, schedule) = crate::control::store::answer_in(
-            &self.db,
-            tx,
-            device_id,
-            &name,
-            &row,
-            &mut commands,
-            now,
-        )
-        .await?;
-        Ok(SyncDelivery { device: name, down_counter, config, commands, update, control, schedule })
+        answers
+            .remove(&device_id.0)
+            .ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))
     }
 
     /// Most syncs are quiet long polls, or light ones that only bring

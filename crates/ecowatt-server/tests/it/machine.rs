@@ -67,6 +67,14 @@ impl MachineDevice {
         MachineDevice { device, regs: [2300, 50, 2400, 48, 5000, 2310, 30, 450, 100, 1500], state }
     }
 
+    /// A device added through the API, tagged `tag`, with a fail-safe of
+    /// 40 %, its machine booted from its provisioning.
+    async fn added(c: &Client, name: &str, tag: &str) -> Self {
+        let body = json!({"name": name, "tags": [tag], "failsafe": 40});
+        let added = c.ok("POST", "/api/v1/devices", Some(body)).await;
+        MachineDevice::boot(&added["provisioning"], c.server.state.clone())
+    }
+
     fn inverter(&mut self, request: &Modbus) -> Outcome {
         match *request {
             Modbus::ReadHoldingRegisters { start, quantity } => {
@@ -152,14 +160,7 @@ impl<F: Fn(&Value) -> bool> AsyncCheck for Get<F> {
 async fn the_device_machine_applies_config_holds_a_leased_limit_and_confirms_a_curtailment() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let added = c
-        .ok(
-            "POST",
-            "/api/v1/devices",
-            Some(json!({"name": "m1", "tags": ["feeder-1"], "failsafe": 40})),
-        )
-        .await;
-    let mut dev = MachineDevice::boot(&added["provisioning"], c.server.state.clone());
+    let mut dev = MachineDevice::added(&c, "m1", "feeder-1").await;
     let within = Duration::from_secs(20);
 
     // Its first sync: the server's config is applied and reported, with its control.
@@ -213,14 +214,7 @@ async fn the_device_machine_applies_config_holds_a_leased_limit_and_confirms_a_c
 async fn the_device_machine_runs_its_schedule_and_a_release_returns_to_it() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
-    let added = c
-        .ok(
-            "POST",
-            "/api/v1/devices",
-            Some(json!({"name": "m2", "tags": ["feeder-2"], "failsafe": 40})),
-        )
-        .await;
-    let mut dev = MachineDevice::boot(&added["provisioning"], c.server.state.clone());
+    let mut dev = MachineDevice::added(&c, "m2", "feeder-2").await;
     let within = Duration::from_secs(20);
     let path = "/api/v1/devices/m2/schedule".to_string();
 
