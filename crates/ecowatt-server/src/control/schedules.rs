@@ -51,13 +51,11 @@ pub async fn orders_in(
     tx: &mut WriteTx,
     device_id: DeviceId,
     desired: i64,
-    reported: Option<&str>,
+    reported: Option<&Value>,
     commands: &[Command],
     now: i64,
 ) -> StoreResult<Option<ScheduleOrders>> {
     let Some(reported) = reported else { return Ok(None) };
-    let reported: Value =
-        serde_json::from_str(reported).map_err(|e| corrupt("control_reported", e))?;
     let s = &reported["schedule"];
     if s.is_null() {
         return Ok(None);

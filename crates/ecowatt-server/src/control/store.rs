@@ -513,18 +513,23 @@ pub async fn answer_in(
     commands: &mut Vec<Command>,
     now: i64,
 ) -> StoreResult<(Option<ControlOrders>, Option<ecowatt_proto::messages::ScheduleOrders>)> {
+    // Parsed once for both parts.
     let reported: Option<String> = row.try_get("control_reported")?;
+    let reported: Option<Value> = reported
+        .map(|t| serde_json::from_str(&t).map_err(|e| corrupt("control_reported", e)))
+        .transpose()?;
     let schedule = super::schedules::orders_in(
         tx,
         device_id,
         row.try_get("schedule_version")?,
-        reported.as_deref(),
+        reported.as_ref(),
         commands,
         now,
     )
     .await?;
     let control =
-        orders_in(db, tx, device, row.try_get("failsafe")?, reported, commands, now).await?;
+        orders_in(db, tx, device, row.try_get("failsafe")?, reported.as_ref(), commands, now)
+            .await?;
     Ok((control, schedule))
 }
 
@@ -540,7 +545,7 @@ async fn orders_in(
     tx: &mut WriteTx,
     device: &str,
     failsafe: Option<i64>,
-    reported: Option<String>,
+    reported: Option<&Value>,
     commands: &mut Vec<Command>,
     now: i64,
 ) -> StoreResult<Option<ControlOrders>> {
@@ -565,8 +570,6 @@ async fn orders_in(
         }
         return Ok(None);
     };
-    let reported: Value =
-        serde_json::from_str(&reported).map_err(|e| corrupt("control_reported", e))?;
     let reported_failsafe = FailSafe::wire(FailSafe::parse(&reported["failsafe"]).ok().flatten());
     let orders = commands
         .iter()
