@@ -52,17 +52,23 @@ pub struct Uploader {
     batch_max: usize,
     upload_ms: u64,
     last_upload: u64,
+    /// No upload has succeeded since the start.
+    first: bool,
     failures: u32,
     retry_at: u64,
 }
 
 impl Uploader {
-    /// A timer for batches of `batch_max` samples.
+    /// A timer for batches of `batch_max` samples. The first upload is due
+    /// as soon as there is a sample: a device just started (or restarted)
+    /// shows its data within seconds, not one upload interval (15 min) later;
+    /// then every interval.
     pub fn new(config: &ConfigState, batch_max: usize, now_ms: u64) -> Self {
         Uploader {
             batch_max: batch_max.max(1),
             upload_ms: u64::from(config.upload_interval_ms),
             last_upload: now_ms,
+            first: true,
             failures: 0,
             retry_at: 0,
         }
@@ -91,7 +97,7 @@ impl Uploader {
         if self.failures > 0 {
             return now_ms >= self.retry_at;
         }
-        backlog >= self.batch_max || now_ms >= self.last_upload + self.upload_ms
+        self.first || backlog >= self.batch_max || now_ms >= self.last_upload + self.upload_ms
     }
 
     /// When an upload is next due with `backlog` samples waiting (`None`: nothing waits).
@@ -100,7 +106,7 @@ impl Uploader {
             None
         } else if self.failures > 0 {
             Some(self.retry_at)
-        } else if backlog >= self.batch_max {
+        } else if self.first || backlog >= self.batch_max {
             Some(0)
         } else {
             Some(self.last_upload + self.upload_ms)
@@ -110,6 +116,7 @@ impl Uploader {
     /// The server acknowledged a batch.
     pub fn on_success(&mut self, now_ms: u64) {
         self.failures = 0;
+        self.first = false;
         self.last_upload = now_ms;
     }
 

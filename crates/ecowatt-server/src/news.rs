@@ -14,12 +14,17 @@ use tokio::sync::Notify;
 /// The PostgreSQL channel carrying device names.
 pub const CHANNEL: &str = "ecowatt_push";
 
+/// The PostgreSQL channel saying that some command's status changed (its
+/// payload is empty: the waiters re-read their own command).
+pub const COMMANDS_CHANNEL: &str = "ecowatt_commands";
+
 /// Waiters by device name, and the server's shutdown.
 #[derive(Default)]
 pub struct News {
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     stopping: AtomicBool,
     stop: Notify,
+    commands: Notify,
 }
 
 impl News {
@@ -35,6 +40,21 @@ impl News {
         if let Some(w) = waiter {
             w.notify_waiters();
         }
+    }
+
+    /// Some command's status changed (a result, a delivery, a confirmation,
+    /// a cancellation, an expiry): operators waiting on one re-read it.
+    pub fn commands_changed(&self) {
+        self.commands.notify_waiters();
+    }
+
+    /// Completes at the next [`News::commands_changed`] after the call (the
+    /// caller reads its command after calling, before awaiting: a change in
+    /// between is not missed).
+    pub fn command_change(&self) -> impl std::future::Future<Output = ()> + '_ {
+        let mut changed = Box::pin(self.commands.notified());
+        changed.as_mut().enable();
+        changed
     }
 
     /// The server is stopping: every long poll answers now, and new ones do

@@ -199,7 +199,10 @@ async fn listen_postgres(url: String, news: Arc<News>, devices: crate::devices::
     let keys = crate::devices::keys::CHANNEL;
     loop {
         match sqlx::postgres::PgListener::connect(&url).await {
-            Ok(mut listener) => match listener.listen_all([crate::news::CHANNEL, keys]).await {
+            Ok(mut listener) => match listener
+                .listen_all([crate::news::CHANNEL, crate::news::COMMANDS_CHANNEL, keys])
+                .await
+            {
                 Err(e) => tracing::warn!(error = %e, "LISTEN failed"),
                 Ok(()) => {
                     if let Err(e) = devices.reload_keys(true).await {
@@ -216,6 +219,9 @@ async fn listen_postgres(url: String, news: Arc<News>, devices: crate::devices::
                                     tracing::warn!(error = %e, "cannot read a device's new keys");
                                     break;
                                 }
+                            }
+                            Ok(n) if n.channel() == crate::news::COMMANDS_CHANNEL => {
+                                news.commands_changed()
                             }
                             Ok(n) => news.device(n.payload()),
                             Err(e) => {

@@ -34,7 +34,7 @@ pub struct SettingsFile {
     pub body_limit_bytes: Option<usize>,
     /// URL devices use to reach this server (written into provisioning files).
     pub public_url: Option<String>,
-    /// Ed25519 public keys (hex) whose firmware signatures the server accepts.
+    /// Public keys (hex: Ed25519, or an RSA-2048 modulus) whose firmware signatures the server accepts.
     pub firmware_keys: Option<Vec<String>>,
     /// Seconds from a request's first byte to the end of its header.
     pub header_timeout_secs: Option<f64>,

@@ -40,7 +40,7 @@ pub struct AgentArgs {
     /// Samples per upload; a full batch is sent without waiting for the upload interval.
     #[arg(long, default_value_t = 720, value_parser = clap::value_parser!(u64).range(1..=4096))]
     batch_max: u64,
-    /// Ed25519 public key file (from `ecowatt keygen`) whose firmware signatures this device accepts; repeatable [default: the provisioning file's keys].
+    /// Public key file (from `ecowatt keygen`: Ed25519 or RSA-2048) whose firmware signatures this device accepts; repeatable [default: the provisioning file's keys].
     #[arg(long = "firmware-key")]
     firmware_keys: Vec<PathBuf>,
     /// How long a newly installed image has to complete a sync before the device returns to the old one.

@@ -92,7 +92,7 @@ fn line(c: &Value) -> String {
 
 fn failures(c: &Value) {
     for f in c["failures"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {} {}: {}",
             f["device"].as_str().unwrap_or("?"),
             f["status"].as_str().unwrap_or("?"),
@@ -106,7 +106,7 @@ fn follow(api: &Api, c: Value, f: &Follow) -> anyhow::Result<()> {
     let id = c["id"].as_i64().unwrap_or_default();
     let start = Instant::now();
     let mut last = line(&c);
-    println!("{last}");
+    outln!("{last}");
     let mut c = c;
     if f.wait {
         while c["progress"]["settled"] != true && start.elapsed() < f.wait_timeout {
@@ -114,7 +114,7 @@ fn follow(api: &Api, c: Value, f: &Follow) -> anyhow::Result<()> {
             c = api.call("GET", &format!("/api/v1/curtailments/{id}"), None)?;
             let now = line(&c);
             if now != last {
-                println!("{now}");
+                outln!("{now}");
                 last = now;
             }
         }
@@ -144,14 +144,14 @@ pub fn run(conn: &ServerConn, args: CurtailArgs) -> anyhow::Result<()> {
         }
         Some(CurtailCommand::Show { id }) => {
             let c = api.call("GET", &format!("/api/v1/curtailments/{id}"), None)?;
-            println!("{}", line(&c));
+            outln!("{}", line(&c));
             failures(&c);
             Ok(())
         }
         Some(CurtailCommand::List) => {
             let v = api.call("GET", "/api/v1/curtailments", None)?;
             for c in v["curtailments"].as_array().into_iter().flatten() {
-                println!("{}", line(c));
+                outln!("{}", line(c));
             }
             Ok(())
         }

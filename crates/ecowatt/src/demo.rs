@@ -66,6 +66,29 @@ const GRID_END_AT: u64 = GRID_RESTART_AT + 35;
 const GRID_GROUP: &str = "demo-feeder";
 const GRID_FAILSAFE: u16 = 50;
 
+/// How to run this binary from another terminal: `ecowatt` when that name on
+/// PATH is this very file, else its full path (quoted if it needs it).
+fn runnable_exe() -> String {
+    let Ok(exe) = std::env::current_exe().and_then(std::fs::canonicalize) else {
+        return "ecowatt".to_owned();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .filter_map(|d| std::fs::canonicalize(d.join("ecowatt")).ok())
+            .next()
+            .is_some_and(|found| found == exe)
+    });
+    if on_path {
+        return "ecowatt".to_owned();
+    }
+    let text = exe.display().to_string();
+    if text.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    } else {
+        text
+    }
+}
+
 fn fresh_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     if dir.exists() {
         anyhow::ensure!(
@@ -146,17 +169,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             names.push(name);
         }
 
-        println!("EcoWatt demo: {} inverters (clock x{}), {} devices, one server", fleet.len(), args.speed, names.len());
-        println!("  dashboard   : {url}/#/login/{token}");
-        println!("  admin token : {token}");
-        println!("  API         : {url}/api/docs");
-        println!("  data        : {}", data_dir.display());
-        println!("  firmware key: {} (sign with it: ecowatt firmware sign IMAGE --version 1.1.0 --key ...)", key_path.display());
-        println!("  simulator   : {} and tcp://{}", sim.http_url(), sim.tcp_addr);
-        println!("  try         : ECOWATT_SERVER={url} ECOWATT_TOKEN={token} ecowatt command {} set-power-percentage 20 --wait", names[0]);
-        println!("  or          : ... ecowatt curtail --group {GRID_GROUP} 30% --lease 15m --wait (the devices' fail-safe is {GRID_FAILSAFE} %)");
-        println!("Ctrl-C stops the demo.\n");
-        println!("{:<12} {:<8} {:>7} {:>6} {:>7} {:>6} {:>8} {:>6} {:>8}", "device", "state", "Pac W", "limit", "Vpv1 V", "Ipv1 A", "Vac1 V", "Temp", "samples");
+        outln!("EcoWatt demo: {} inverters (clock x{}), {} devices, one server", fleet.len(), args.speed, names.len());
+        outln!("  dashboard   : {url}/#/login/{token}");
+        outln!("  admin token : {token}");
+        outln!("  API         : {url}/api/docs");
+        outln!("  data        : {}", data_dir.display());
+        outln!("  firmware key: {} (sign with it: ecowatt firmware sign IMAGE --version 1.1.0 --key ...)", key_path.display());
+        outln!("  simulator   : {} and tcp://{}", sim.http_url(), sim.tcp_addr);
+        // The binary as it can be run from another terminal (`ecowatt` is on
+        // PATH only after `cargo install --path crates/ecowatt`).
+        let exe = runnable_exe();
+        outln!("  try         : ECOWATT_SERVER={url} ECOWATT_TOKEN={token} {exe} command {} set-power-percentage 20 --wait", names[0]);
+        outln!("  or          : ... {exe} curtail --group {GRID_GROUP} 30% --lease 15m --wait (the devices' fail-safe is {GRID_FAILSAFE} %)");
+        outln!("Ctrl-C stops the demo.\n");
+        outln!("{:<12} {:<8} {:>7} {:>6} {:>7} {:>6} {:>8} {:>6} {:>8}", "device", "state", "Pac W", "limit", "Vpv1 V", "Ipv1 A", "Vac1 V", "Temp", "samples");
 
         if args.grid {
             grid(&args, server, file_for_restart(&data_dir, &public), &sim, &names).await?;
@@ -173,7 +199,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 let (url, token, names) = (url.clone(), token.clone(), names.clone());
                 let lines = tokio::task::spawn_blocking(move || report(&url, &token, &names)).await?;
                 for line in lines {
-                    println!("{line}");
+                    outln!("{line}");
                 }
             }
             #[allow(unreachable_code)] // the loop only ends with an error or a cancel
@@ -191,7 +217,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             result = ticker => result?,
             _ = stop => {}
         }
-        println!("\nStopping the demo.");
+        outln!("\nStopping the demo.");
         for a in agents {
             a.abort();
         }
@@ -281,7 +307,7 @@ async fn grid(
 ) -> anyhow::Result<()> {
     let start = tokio::time::Instant::now();
     let at = |s: u64| start + Duration::from_secs(s);
-    let say = |what: String| println!("[{:>3} s] {what}", start.elapsed().as_secs());
+    let say = |what: String| outln!("[{:>3} s] {what}", start.elapsed().as_secs());
     let addr: std::net::SocketAddr = server.url.trim_start_matches("http://").parse()?;
     say(format!(
         "{} inverters tagged {GRID_GROUP}, fail-safe {GRID_FAILSAFE} %; inverter limits: {}",
@@ -371,7 +397,7 @@ async fn grid(
             if episodes.is_empty() { "none".into() } else { episodes.join(", ") }
         ));
     }
-    println!("\nStopping the demo.");
+    outln!("\nStopping the demo.");
     server.stop().await?;
     Ok(())
 }

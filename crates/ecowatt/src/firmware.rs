@@ -105,8 +105,34 @@ impl SecretKey {
             );
             return Ok(SecretKey::Rsa(k));
         }
+        // An Ed25519 private key (a seed) and a public key are both 32 bytes
+        // in hex: a `.pub` file given here would sign "successfully" with a
+        // key nobody trusts.
+        if path.extension().is_some_and(|e| e == "pub") {
+            bail!(
+                "{} is a public key (from `ecowatt keygen`); sign with its private key, the file without .pub",
+                path.display()
+            );
+        }
+        if PublicKey::from_bytes(&hex::decode(text.trim()).unwrap_or_default())
+            .is_ok_and(|k| matches!(k, PublicKey::Rsa2048(_)))
+        {
+            bail!("{} is an RSA public key; sign with its private key (PEM)", path.display());
+        }
         let seed: [u8; 32] = read_hex(path, "private key")?;
-        Ok(SecretKey::Ed25519(SigningKey::from_bytes(&seed)))
+        let key = SigningKey::from_bytes(&seed);
+        // The public key keygen wrote beside it must be this key's.
+        let public = PathBuf::from(format!("{}.pub", path.display()));
+        if let Ok(text) = std::fs::read_to_string(&public)
+            && hex::decode(text.trim()).ok().as_deref() != Some(key.verifying_key().as_bytes())
+        {
+            bail!(
+                "{} is not the private key of {} beside it (a public key given as the private one?)",
+                path.display(),
+                public.display()
+            );
+        }
+        Ok(SecretKey::Ed25519(key))
     }
 
     fn public(&self) -> PublicKey {
@@ -177,8 +203,8 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     } else {
         make_key(&args.out)?;
     }
-    println!("Private key: {} (keep it offline; the server never needs it)", args.out.display());
-    println!("Public key:  {} (give it to the server and the devices)", public.display());
+    outln!("Private key: {} (keep it offline; the server never needs it)", args.out.display());
+    outln!("Public key:  {} (give it to the server and the devices)", public.display());
     Ok(())
 }
 
@@ -203,7 +229,7 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
             let out = PathBuf::from(format!("{}.manifest.json", image.display()));
             let json = manifest_json(&manifest, &signing.public(), &signature);
             std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")?;
-            println!(
+            outln!(
                 "Signed {} ({} bytes, version {}): {}",
                 image.display(),
                 manifest.size,
@@ -213,12 +239,16 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
         }
         FirmwareCommand::List { conn } => {
             let v = conn.connect()?.call("GET", "/api/v1/firmware", None)?;
-            println!(
+            outln!(
                 "{:>4} {:<14} {:<16} {:>10} {:>4} uploaded",
-                "id", "version", "target", "bytes", "sc"
+                "id",
+                "version",
+                "target",
+                "bytes",
+                "sc"
             );
             for f in v["firmware"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{:>4} {:<14} {:<16} {:>10} {:>4} {} by {}",
                     f["id"],
                     f["version"].as_str().unwrap_or("?"),
@@ -237,11 +267,23 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", path.display()))?;
             let bytes =
                 std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
-            println!("Uploading {} ({} bytes)...", image.display(), bytes.len());
+            // The server refuses a larger body from its declared length,
+            // before reading it, and closes: say so here rather than report
+            // the broken pipe of a refused upload.
+            let max = ecowatt_server::api::firmware::MAX_IMAGE;
+            if bytes.len() > max {
+                bail!(
+                    "{} is {:.1} MiB; the server takes images up to {} MiB [body_too_large, HTTP 413]",
+                    image.display(),
+                    bytes.len() as f64 / (1024.0 * 1024.0),
+                    max / (1024 * 1024)
+                );
+            }
+            outln!("Uploading {} ({} bytes)...", image.display(), bytes.len());
             let v = conn
                 .connect()?
                 .upload_firmware(&bytes, &hex::encode_upper(text.trim().as_bytes()))?;
-            println!(
+            outln!(
                 "Stored as firmware {}: version {} for {}",
                 v["id"],
                 v["version"].as_str().unwrap_or("?"),
@@ -265,7 +307,7 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
                     "image refused: it does not match its signed manifest (size or SHA-256 differ)"
                 );
             }
-            println!(
+            outln!(
                 "OK: {} is version {} for {}, signed by {}",
                 image.display(),
                 m.version,

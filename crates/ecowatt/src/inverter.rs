@@ -92,16 +92,16 @@ fn read(link: &LinkArgs, json: bool) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "slave": link.slave, "registers": registers }));
+        outln!("{}", serde_json::json!({ "slave": link.slave, "registers": registers }));
     } else {
-        println!("Inverter {:#04x} at {}", link.slave, link.url);
+        outln!("Inverter {:#04x} at {}", link.slave, link.url);
         for (r, &raw) in REGISTERS.iter().zip(&values) {
             let decimals = match r.gain {
                 100 => 2,
                 10 => 1,
                 _ => 0,
             };
-            println!(
+            outln!(
                 "  {:>2} {:<5} {:<38} {:>9.*} {}",
                 r.address,
                 r.name,
@@ -132,6 +132,6 @@ fn set_limit(link: &LinkArgs, percent: u16) -> anyhow::Result<()> {
     if now != percent {
         bail!("the inverter echoed the write but reads back {now} %, not {percent} %");
     }
-    println!("Export limit of inverter {:#04x} is now {now} % of rated power.", link.slave);
+    outln!("Export limit of inverter {:#04x} is now {now} % of rated power.", link.slave);
     Ok(())
 }

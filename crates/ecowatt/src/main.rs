@@ -6,6 +6,19 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Prints to standard output like `print!`; when the reader has gone
+/// (`ecowatt commands list | head -1`), the program ends quietly with status 0
+/// instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!($($arg)*), false) };
+}
+
+/// [`out!`] with a newline, for `println!`.
+macro_rules! outln {
+    () => { $crate::write_stdout(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!($($arg)*), true) };
+}
+
 mod agent_cmd;
 mod bench;
 mod client;
@@ -125,10 +138,42 @@ enum Verb {
     Bench(bench::BenchCommand),
 }
 
+/// Writes to standard output for [`out!`] and [`outln!`]: a closed pipe ends
+/// the program quietly (nobody reads what it would say); another write error
+/// ends it with a message.
+fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(args).and_then(|()| {
+        if newline {
+            stdout.write_all(b"\n")?;
+        }
+        // Line by line, as `println!` to a terminal is: `--watch` and `--wait`
+        // show progress as it happens even through a pipe.
+        stdout.flush()
+    });
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: writing to standard output: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The services log what they do; the demo and the operator's commands
+    // print their own output, which INFO lines would bury (RUST_LOG=info
+    // shows them).
+    let quiet = !matches!(
+        cli.command,
+        Verb::Server(_) | Verb::Sim(_) | Verb::Device { cmd: None, .. } | Verb::Bench(_)
+    );
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
+    });
     // Colours only on a terminal: a log written to a file or a pipe stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = tracing_subscriber::fmt()

@@ -175,13 +175,13 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
         let bytes = provision_image(&file, &wifi_ssid, &wifi_password, server, size)?;
         let path = out.unwrap_or_else(|| PathBuf::from(format!("{}.provision.bin", file.device)));
         ecowatt_formats::secret::write_secret_bytes(&path, &bytes)?;
-        println!(
+        outln!(
             "Provisioning partition for {} ({} bytes): {} (it holds the device key and the Wi-Fi password; keep it secret)",
             file.device,
             bytes.len(),
             path.display()
         );
-        println!("Flash it: espflash write-bin 0x3F0000 {}", path.display());
+        outln!("Flash it: espflash write-bin 0x3F0000 {}", path.display());
         return Ok(());
     }
     let api = conn.connect()?;
@@ -193,20 +193,25 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
             }
             let v = api.call("POST", "/api/v1/devices", Some(&body))?;
             let path = write_provisioning(&v, &name, out)?;
-            println!("Device {name} added (id {}, rated {} W).", v["device"]["id"], rated_power);
-            println!(
+            outln!("Device {name} added (id {}, rated {} W).", v["device"]["id"], rated_power);
+            outln!(
                 "Provisioning file: {} (it holds the device key, shown only now; keep it secret)",
                 path.display()
             );
         }
         DeviceCommand::List => {
             let v = api.call("GET", "/api/v1/devices", None)?;
-            println!(
+            outln!(
                 "{:<24} {:>5} {:>9} {:<8} {:>4} {:<19}",
-                "name", "id", "rated W", "state", "key", "last seen (UTC)"
+                "name",
+                "id",
+                "rated W",
+                "state",
+                "key",
+                "last seen (UTC)"
             );
             for d in v["devices"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{:<24} {:>5} {:>9} {:<8} {:>4} {:<19}",
                     d["name"].as_str().unwrap_or("?"),
                     d["id"].to_string(),
@@ -242,26 +247,26 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
         }
         DeviceCommand::Show { name } => {
             let v = api.call("GET", &format!("/api/v1/devices/{}", segment(&name)), None)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         }
         DeviceCommand::Disable { name } => {
             api.call("POST", &format!("/api/v1/devices/{}/disable", segment(&name)), None)?;
-            println!("Device {name} disabled.");
+            outln!("Device {name} disabled.");
         }
         DeviceCommand::Enable { name } => {
             api.call("POST", &format!("/api/v1/devices/{}/enable", segment(&name)), None)?;
-            println!("Device {name} enabled.");
+            outln!("Device {name} enabled.");
         }
         DeviceCommand::Remove { name } => {
             api.call("DELETE", &format!("/api/v1/devices/{}", segment(&name)), None)?;
-            println!("Device {name} removed.");
+            outln!("Device {name} removed.");
         }
         DeviceCommand::ProvisionImage { .. } => unreachable!("handled above"),
         DeviceCommand::RotateKey { name, out } => {
             let v =
                 api.call("POST", &format!("/api/v1/devices/{}/rotate-key", segment(&name)), None)?;
             let path = write_provisioning(&v, &name, out)?;
-            println!(
+            outln!(
                 "Device {name} has key version {}. New provisioning file: {}",
                 v["device"]["key_version"],
                 path.display()
@@ -310,17 +315,21 @@ pub fn token(conn: &ServerConn, cmd: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Create { name, role, .. } => {
             let v =
                 api.call("POST", "/api/v1/tokens", Some(&json!({"name": name, "role": role})))?;
-            println!("{}", v["token"].as_str().unwrap_or_default());
+            outln!("{}", v["token"].as_str().unwrap_or_default());
             eprintln!("Token {} ({role}) created; it is shown only now.", v["info"]["id"]);
         }
         TokenCommand::List => {
             let v = api.call("GET", "/api/v1/tokens", None)?;
-            println!(
+            outln!(
                 "{:>4} {:<20} {:<7} {:<19} {:<19}",
-                "id", "name", "role", "created (UTC)", "revoked (UTC)"
+                "id",
+                "name",
+                "role",
+                "created (UTC)",
+                "revoked (UTC)"
             );
             for t in v["tokens"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{:>4} {:<20} {:<7} {:<19} {:<19}",
                     t["id"].to_string(),
                     t["name"].as_str().unwrap_or("?"),
@@ -332,7 +341,7 @@ pub fn token(conn: &ServerConn, cmd: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::Revoke { id } => {
             api.call("DELETE", &format!("/api/v1/tokens/{id}"), None)?;
-            println!("Token {id} revoked.");
+            outln!("Token {id} revoked.");
         }
     }
     Ok(())
@@ -376,7 +385,7 @@ fn local_token(
         store.close().await;
         Ok((secret, token))
     })?;
-    println!("{secret}");
+    outln!("{secret}");
     eprintln!(
         "Token {} ({}) written into the store directly; it is shown only now.",
         token.id,
@@ -436,13 +445,13 @@ pub fn config(conn: &ServerConn, cmd: ConfigCommand) -> anyhow::Result<()> {
                 &format!("/api/v1/devices/{}/config", segment(&device)),
                 Some(&Value::Object(patch)),
             )?;
-            println!("Config version {} of {device}: {}", v["desired_version"], v["desired"]);
+            outln!("Config version {} of {device}: {}", v["desired_version"], v["desired"]);
         }
         ConfigCommand::Show { device } => {
             let v =
                 api.call("GET", &format!("/api/v1/devices/{}/config", segment(&device)), None)?;
-            println!("device    {device}");
-            println!(
+            outln!("device    {device}");
+            outln!(
                 "desired   v{} {} (set {})",
                 v["desired_version"],
                 v["desired"],
@@ -450,12 +459,12 @@ pub fn config(conn: &ServerConn, cmd: ConfigCommand) -> anyhow::Result<()> {
             );
             match v["reported_version"].as_i64() {
                 Some(r) => {
-                    println!("reported  v{r} {} (at {})", v["reported"], when(&v["reported_ms"]))
+                    outln!("reported  v{r} {} (at {})", v["reported"], when(&v["reported_ms"]))
                 }
-                None => println!("reported  nothing yet"),
+                None => outln!("reported  nothing yet"),
             }
             for r in v["rejected"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "rejected  {}: {}",
                     r["field"].as_str().unwrap_or("?"),
                     r["reason"].as_str().unwrap_or("?")
@@ -469,7 +478,7 @@ pub fn config(conn: &ServerConn, cmd: ConfigCommand) -> anyhow::Result<()> {
                 None,
             )?;
             for h in v["versions"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "v{:<4} {} {:<16} {}",
                     h["version"],
                     when(&h["at_ms"]),
@@ -526,7 +535,7 @@ pub enum CommandAction {
     },
     /// Set the export limit in watts (converted with the device's rated power).
     SetPower {
-        /// Power, e.g. 2500W or 2.5kW.
+        /// Power with its unit, e.g. 2500W or 2.5kW (a bare number is refused).
         #[arg(value_parser = parse_watts)]
         power: i64,
         #[command(flatten)]
@@ -550,16 +559,33 @@ pub enum CommandAction {
     },
 }
 
+/// A power with its unit: `2500W`, `2.5kW`. A bare number is refused: `5`
+/// meant as 5 kW or 5 % would limit the inverter to 0 %.
 fn parse_watts(text: &str) -> Result<i64, String> {
     let t = text.trim();
-    let (n, f) = match t.strip_suffix("kW") {
-        Some(n) => (n, 1000.0),
-        None => (t.strip_suffix('W').unwrap_or(t), 1.0),
+    let (n, f) = if let Some(n) = t.strip_suffix("kW").or_else(|| t.strip_suffix("kw")) {
+        (n, 1000.0)
+    } else if let Some(n) = t.strip_suffix('W').or_else(|| t.strip_suffix('w')) {
+        (n, 1.0)
+    } else if t.ends_with('%') {
+        return Err(format!(
+            "{text:?} is a percentage: use `set-power-percentage {}`",
+            t.trim_end_matches('%')
+        ));
+    } else {
+        return Err(format!(
+            "{text:?} has no unit: give watts or kilowatts, e.g. 2500W or 2.5kW (or use set-power-percentage)"
+        ));
     };
-    n.trim()
+    let watts = n
+        .trim()
         .parse::<f64>()
-        .map(|v| (v * f).round() as i64)
-        .map_err(|_| format!("{text:?} is not a power like 2500W or 2.5kW"))
+        .map_err(|_| format!("{text:?} is not a power like 2500W or 2.5kW"))?
+        * f;
+    if !watts.is_finite() || watts < 0.0 {
+        return Err(format!("{text:?}: a power is 0 W or more"));
+    }
+    Ok(watts.round() as i64)
 }
 
 pub fn command(conn: &ServerConn, args: CommandArgs) -> anyhow::Result<()> {
@@ -594,7 +620,7 @@ pub fn command(conn: &ServerConn, args: CommandArgs) -> anyhow::Result<()> {
         Some(&body),
     )?;
     let id = v["id"].as_i64().unwrap_or_default();
-    println!(
+    outln!(
         "Command {id} queued for {}: {} {}",
         args.device,
         v["kind"].as_str().unwrap_or("?"),
@@ -604,18 +630,26 @@ pub fn command(conn: &ServerConn, args: CommandArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let deadline = Instant::now() + opts.wait_timeout;
-    let mut last = String::new();
+    let mut last = v["status"].as_str().unwrap_or("queued").to_owned();
+    outln!("  {last}");
     loop {
-        let c = api.call("GET", &format!("/api/v1/commands/{id}"), None)?;
+        // A long poll: the server answers as soon as the status changes.
+        let left = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let wait = left.min(ecowatt_server::api::MAX_COMMAND_WAIT_MS);
+        let c = api.call(
+            "GET",
+            &format!("/api/v1/commands/{id}?wait_ms={wait}&changed_from={last}"),
+            None,
+        )?;
         let status = c["status"].as_str().unwrap_or("?").to_owned();
         if status != last {
-            println!("  {status}");
+            outln!("  {status}");
             last = status.clone();
         }
         match status.as_str() {
             "queued" | "delivered" => {}
             "succeeded" | "confirmed" => {
-                println!("Command {id} {status}: {}", describe(&c));
+                outln!("Command {id} {status}: {}", describe(&c));
                 return Ok(());
             }
             _ => bail!("command {id} {status}: {}", describe(&c)),
@@ -626,7 +660,6 @@ pub fn command(conn: &ServerConn, args: CommandArgs) -> anyhow::Result<()> {
                 opts.wait_timeout
             );
         }
-        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -703,12 +736,16 @@ pub fn commands(conn: &ServerConn, cmd: CommandsCommand) -> anyhow::Result<()> {
                 ("limit", Some(limit.to_string())),
             ]);
             let v = api.call("GET", &format!("/api/v1/commands{q}"), None)?;
-            println!(
+            outln!(
                 "{:>6} {:<20} {:<22} {:<10} {:<19} parameters",
-                "id", "device", "type", "status", "queued (UTC)"
+                "id",
+                "device",
+                "type",
+                "status",
+                "queued (UTC)"
             );
             for c in v["commands"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{:>6} {:<20} {:<22} {:<10} {:<19} {}",
                     c["id"].to_string(),
                     c["device"].as_str().unwrap_or("?"),
@@ -719,7 +756,7 @@ pub fn commands(conn: &ServerConn, cmd: CommandsCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        CommandsCommand::Show { id } => println!(
+        CommandsCommand::Show { id } => outln!(
             "{}",
             serde_json::to_string_pretty(&api.call(
                 "GET",
@@ -729,7 +766,7 @@ pub fn commands(conn: &ServerConn, cmd: CommandsCommand) -> anyhow::Result<()> {
         ),
         CommandsCommand::Cancel { id } => {
             api.call("POST", &format!("/api/v1/commands/{id}/cancel"), None)?;
-            println!("Command {id} cancelled.");
+            outln!("Command {id} cancelled.");
         }
         CommandsCommand::Stats { device } => {
             let v = api.call(
@@ -737,11 +774,11 @@ pub fn commands(conn: &ServerConn, cmd: CommandsCommand) -> anyhow::Result<()> {
                 &format!("/api/v1/commands/statistics{}", query(&[("device", device)])),
                 None,
             )?;
-            println!("{}", serde_json::to_string_pretty(&v["statistics"])?);
+            outln!("{}", serde_json::to_string_pretty(&v["statistics"])?);
         }
         CommandsCommand::Export { format, device } => {
             let q = query(&[("format", Some(format)), ("device", device)]);
-            print!("{}", api.call_text("GET", &format!("/api/v1/commands/export{q}"), None)?);
+            out!("{}", api.call_text("GET", &format!("/api/v1/commands/export{q}"), None)?);
         }
     }
     Ok(())
@@ -750,7 +787,7 @@ pub fn commands(conn: &ServerConn, cmd: CommandsCommand) -> anyhow::Result<()> {
 pub fn audit(conn: &ServerConn, limit: i64) -> anyhow::Result<()> {
     let v = conn.connect()?.call("GET", &format!("/api/v1/audit?limit={limit}"), None)?;
     for e in v["entries"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "{} {:<16} {:<18} {:<24} {}",
             when(&e["at_ms"]),
             e["actor"].as_str().unwrap_or("?"),
@@ -783,7 +820,7 @@ fn print_control(v: &Value) {
         n => format!("{n}%"),
     };
     let ramp = v["ramp_pct_per_s"].as_f64().map_or("at once".to_owned(), |r| format!("{r} %/s"));
-    println!(
+    outln!(
         "{}: tags [{}], fail-safe {failsafe}, ramp {ramp}",
         v["device"].as_str().unwrap_or("?"),
         v["tags"]
@@ -795,7 +832,7 @@ fn print_control(v: &Value) {
             .join(", ")
     );
     match &v["reported"] {
-        Value::Null => println!(
+        Value::Null => outln!(
             "  the device has not reported export control (not synced yet, or older firmware)"
         ),
         r => {
@@ -805,14 +842,16 @@ fn print_control(v: &Value) {
                 n => format!("{n}%"),
             };
             if let Some(p) = r["ramp"].as_object() {
-                println!(
+                outln!(
                     "  ramp of command {}: at {}%, going to {}%",
-                    p["command_id"], p["limit_pct"], p["target_pct"]
+                    p["command_id"],
+                    p["limit_pct"],
+                    p["target_pct"]
                 );
             }
             match &r["lease"] {
-                Value::Null => println!("  device: fail-safe {fs}, no leased limit"),
-                l => println!(
+                Value::Null => outln!("  device: fail-safe {fs}, no leased limit"),
+                l => outln!(
                     "  device: fail-safe {fs}, leased limit {}% (command {}){}",
                     l["limit_pct"],
                     l["command_id"],
@@ -822,7 +861,7 @@ fn print_control(v: &Value) {
         }
     }
     for e in v["episodes"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {} {:<9} command {} limit {}% {}",
             when(&e["at_ms"]),
             e["kind"].as_str().unwrap_or("?"),

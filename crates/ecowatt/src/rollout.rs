@@ -65,7 +65,7 @@ pub enum RolloutCommand {
 }
 
 fn print(r: &Value) {
-    println!(
+    outln!(
         "rollout {} of {} ({}): {}, wave {}/{}, threshold {}%{}",
         r["id"],
         r["version"].as_str().unwrap_or("?"),
@@ -80,14 +80,19 @@ fn print(r: &Value) {
         .as_object()
         .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
         .unwrap_or_default();
-    println!("  {} devices: {}", r["devices_total"], counts.join(", "));
+    outln!("  {} devices: {}", r["devices_total"], counts.join(", "));
     if let Some(devices) = r["devices"].as_array() {
-        println!(
+        outln!(
             "  {:<24} {:>4} {:<12} {:>5} {:<10} {:<20} updated",
-            "device", "wave", "state", "done", "running", "reason"
+            "device",
+            "wave",
+            "state",
+            "done",
+            "running",
+            "reason"
         );
         for d in devices {
-            println!(
+            outln!(
                 "  {:<24} {:>4} {:<12} {:>4}% {:<10} {:<20} {}",
                 d["device"].as_str().unwrap_or("?"),
                 d["wave"].as_i64().unwrap_or(0) + 1,

@@ -75,10 +75,10 @@ pub struct SetArgs {
 fn print_schedule(v: &Value) {
     let name = v["device"].as_str().unwrap_or("?");
     let Some(s) = v["schedule"].as_object() else {
-        println!("{name}: no schedule (version {})", v["version"]);
+        outln!("{name}: no schedule (version {})", v["version"]);
         return print_reported(v);
     };
-    println!(
+    outln!(
         "{name}: schedule version {} ({}, {}% between entries), set by {} at {}",
         v["version"],
         s["timezone"].as_str().unwrap_or("?"),
@@ -87,7 +87,7 @@ fn print_schedule(v: &Value) {
         when(&v["set_ms"]),
     );
     for e in s["entries"].as_array().into_iter().flatten() {
-        println!("  {}", e.as_str().unwrap_or("?"));
+        outln!("  {}", e.as_str().unwrap_or("?"));
     }
     let step = |x: &Value| {
         format!(
@@ -98,10 +98,10 @@ fn print_schedule(v: &Value) {
         )
     };
     if !v["active"].is_null() {
-        println!("active since {}", step(&v["active"]));
+        outln!("active since {}", step(&v["active"]));
     }
     for x in v["next"].as_array().into_iter().flatten() {
-        println!("  next {}", step(x));
+        outln!("  next {}", step(x));
     }
     print_reported(v);
 }
@@ -109,13 +109,13 @@ fn print_schedule(v: &Value) {
 fn print_reported(v: &Value) {
     let r = &v["reported"];
     if r.is_null() {
-        println!(
+        outln!(
             "device: has not reported a schedule (firmware without schedules, or not heard yet)"
         );
         return;
     }
     let last = &r["last_step"];
-    println!(
+    outln!(
         "device: runs version {}{}, limit from: {}{}{}",
         r["version"],
         if v["in_sync"] == true { "" } else { " (the new version is on its way)" },
@@ -153,23 +153,24 @@ pub fn run(conn: &ServerConn, cmd: ScheduleCommand) -> anyhow::Result<()> {
             };
             let v = api.call("PUT", &a.target.path(), Some(&body))?;
             match &a.target.group {
-                Some(g) => println!("schedule set on {} device(s) of {g}", v["devices"]),
+                Some(g) => outln!("schedule set on {} device(s) of {g}", v["devices"]),
                 None => print_schedule(&v),
             }
         }
         ScheduleCommand::Clear(t) => {
             let v = api.call("DELETE", &t.path(), None)?;
             match &t.group {
-                Some(g) => println!("schedule cleared on {} device(s) of {g}", v["devices"]),
+                Some(g) => outln!("schedule cleared on {} device(s) of {g}", v["devices"]),
                 None => print_schedule(&v),
             }
         }
         ScheduleCommand::Resume { device } => {
             let path = format!("/api/v1/devices/{}/schedule/resume", segment(&device));
             let c = api.call("POST", &path, None)?;
-            println!(
+            outln!(
                 "command {} queued: {device} returns to its schedule (`ecowatt commands show {}`)",
-                c["id"], c["id"]
+                c["id"],
+                c["id"]
             );
         }
     }

@@ -35,7 +35,7 @@ pub struct ServerArgs {
     /// URL devices use to reach this server, written into provisioning files [default: http://BIND].
     #[arg(long, env = "ECOWATT_PUBLIC_URL")]
     public_url: Option<String>,
-    /// Trust firmware signed by this Ed25519 public key: the `.pub` file from `ecowatt keygen`, or its hex (repeatable).
+    /// Trust firmware signed by this public key (Ed25519 or RSA-2048): the `.pub` file from `ecowatt keygen`, or its hex (repeatable).
     #[arg(long = "firmware-key")]
     firmware_keys: Vec<String>,
     /// Seconds from a request's first byte to the end of its header [default: 10].
@@ -131,7 +131,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                  anyone who can reach this server can queue inverter commands. Use it only to migrate original firmware."
             );
         }
-        println!("EcoWatt server on http://{} (API docs: /api/docs)", listener.local_addr()?);
+        outln!("EcoWatt server on http://{} (API docs: /api/docs)", listener.local_addr()?);
         let grace = limits.shutdown_grace;
         ecowatt_server::run::serve(listener, prepared.state, async move {
             crate::signals::stop_requested().await;

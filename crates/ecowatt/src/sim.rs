@@ -102,15 +102,15 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {} (--modbus-tcp)", args.modbus_tcp))?;
         let sim = ecowatt_sim::spawn(&fleet, clock, args.api_key.clone(), http, tcp)?;
         let slaves: Vec<String> = fleet.iter().map(|(s, _)| format!("{s:#04x}")).collect();
-        println!("EcoWatt inverter simulator");
-        println!("  SIM HTTP API : {}", sim.http_url());
-        println!("  Modbus TCP   : tcp://{}", sim.tcp_addr);
-        println!("  inverters    : {} (slaves {})", fleet.len(), slaves.join(", "));
-        println!(
+        outln!("EcoWatt inverter simulator");
+        outln!("  SIM HTTP API : {}", sim.http_url());
+        outln!("  Modbus TCP   : tcp://{}", sim.tcp_addr);
+        outln!("  inverters    : {} (slaves {})", fleet.len(), slaves.join(", "));
+        outln!(
             "  API key      : {}",
             if args.api_key.is_some() { "required" } else { "not required" }
         );
-        println!("Try: ecowatt inverter read --url {}", sim.http_url());
+        outln!("Try: ecowatt inverter read --url {}", sim.http_url());
         tracing::info!(
             speed = args.fleet.speed,
             seed = args.fleet.seed,

@@ -31,9 +31,12 @@ fn uploads_back_off_on_failure_and_a_full_batch_goes_at_once() {
         registers: 0x3FF,
     };
     let mut u = Uploader::new(&c, 10, 0);
-    assert!(!u.due(1_000, 9));
-    assert!(u.due(1_000, 10), "a full batch");
-    assert!(u.due(900_000, 1), "the interval");
+    assert!(!u.due(1_000, 0), "nothing to send");
+    assert!(u.due(1_000, 1), "the first sample after a start goes at once");
+    u.on_success(1_000);
+    assert!(!u.due(2_000, 9));
+    assert!(u.due(2_000, 10), "a full batch");
+    assert!(u.due(901_000, 1), "the interval");
     u.on_failure(1_000);
     assert!(!u.due(1_400, 10) && u.due(2_000, 10));
     for _ in 0..10 {

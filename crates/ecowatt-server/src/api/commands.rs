@@ -125,12 +125,60 @@ pub async fn list_for_device(
     page(&state, filter).await
 }
 
+/// The longest `wait_ms` a request may ask for (as a device's long poll).
+pub const MAX_WAIT_MS: u64 = 25_000;
+
+#[derive(Deserialize)]
+pub struct ShowQuery {
+    /// Wait up to this long (0..=25000 ms) for the command's status to differ
+    /// from `changed_from` (default: its status now, if still open).
+    wait_ms: Option<u64>,
+    /// The status the caller last saw.
+    changed_from: Option<String>,
+}
+
+/// One command; with `wait_ms`, a long poll that answers as soon as its
+/// status changes from `changed_from` (a result, a delivery, a
+/// confirmation): `ecowatt command --wait` follows the outcome as it happens.
 pub async fn show(
     State(state): State<AppState>,
     _op: Operator,
     Path(id): Path<i64>,
+    Query(q): Query<ShowQuery>,
 ) -> Result<Json<Command>, ApiError> {
-    Ok(Json(state.commands.get(id).await?))
+    let wait_ms = q.wait_ms.unwrap_or(0);
+    if wait_ms > MAX_WAIT_MS {
+        return Err(ApiError::invalid(Invalid::new(
+            "wait_ms",
+            format!("{wait_ms} is over {MAX_WAIT_MS} (ask again to wait longer)"),
+        )));
+    }
+    let from = match q.changed_from.as_deref() {
+        None => None,
+        Some(s) => Some(CommandStatus::parse(s).ok_or_else(|| {
+            Invalid::new("changed_from", format!("{s:?} is not a command status"))
+        })?),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    loop {
+        // Listening before reading: a change between the two is not missed.
+        let changed = state.news.command_change();
+        let command = state.commands.get(id).await?;
+        let from = from.unwrap_or(command.status);
+        let settled =
+            command.status != from || (q.changed_from.is_none() && !command.status.is_open());
+        if wait_ms == 0 || settled || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(command));
+        }
+        // Another server process may record the change without telling this
+        // one (expiries, confirmations): look again every second regardless.
+        let recheck = deadline.min(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+        tokio::select! {
+            () = changed => {}
+            () = tokio::time::sleep_until(recheck) => {}
+            () = state.news.stopping() => return Ok(Json(state.commands.get(id).await?)),
+        }
+    }
 }
 
 pub async fn cancel(

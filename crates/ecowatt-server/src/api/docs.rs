@@ -253,6 +253,8 @@ pub async fn page() -> Html<String> {
                 "download token in the path"
             } else if path.starts_with("/api/v1/device/") {
                 "sealed envelope"
+            } else if !path.starts_with("/api/v1/") {
+                "nothing (no token)"
             } else {
                 "any token"
             }
@@ -263,7 +265,8 @@ pub async fn page() -> Html<String> {
          <style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}\
          table{{border-collapse:collapse;width:100%}}td,th{{border-bottom:1px solid #ddd;padding:.4rem;text-align:left}}</style>\
          <h1>EcoWatt server API</h1><p>Send <code>Authorization: Bearer &lt;token&gt;</code> to every \
-         <code>/api/v1</code> endpoint. Errors are <code>{{\"error\": {{\"code\", \"message\", \"field\"}}}}</code>. \
+         operator endpoint under <code>/api/v1</code> (<code>/healthz</code> and <code>/metrics</code> need none; \
+         device endpoints are sealed envelopes). Errors are <code>{{\"error\": {{\"code\", \"message\", \"field\"}}}}</code>. \
          Machine-readable: <a href=\"/api/openapi.json\">/api/openapi.json</a>.</p>\
          <table><tr><th>method</th><th>path</th><th>what</th><th>needs</th></tr>{rows}</table></html>"
     ))

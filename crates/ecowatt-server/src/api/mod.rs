@@ -28,6 +28,7 @@ use axum::routing::{get, post};
 use ecowatt_edge::BodyGuardLayer;
 
 pub use auth::Operator;
+pub use commands::MAX_WAIT_MS as MAX_COMMAND_WAIT_MS;
 
 use crate::metrics::Metrics;
 use crate::security::Refusals;

@@ -121,11 +121,19 @@ pub async fn latest(
 ) -> Result<Json<Value>, ApiError> {
     let device = state.devices.get(&name).await?;
     let online = device.last_seen_ms.is_some_and(|t| crate::now_ms() - t <= ONLINE_WITHIN_MS);
+    // When data will next arrive: the interval the device reports running
+    // (else the one it was asked for), from its newest batch's last sample
+    // (it uploads within a poll of it). A device uploads its first sample as
+    // soon as it starts.
+    let shadow = state.configs.shadow(&name).await?;
+    let upload_ms = shadow.reported.as_ref().unwrap_or(&shadow.desired).upload_interval_ms;
     let Some(batch) = state.telemetry.latest(&name).await? else {
-        return Ok(Json(
-            json!({"device": name, "online": online, "last_seen_ms": device.last_seen_ms, "sample": null}),
-        ));
+        return Ok(Json(json!({
+            "device": name, "online": online, "last_seen_ms": device.last_seen_ms,
+            "upload_interval_ms": upload_ms, "next_upload_due_ms": null, "sample": null,
+        })));
     };
+    let next_upload_due_ms = batch.last_ms + upload_ms;
     let readings = decode_all(std::slice::from_ref(&batch)).map_err(corrupt)?;
     let r = readings.values().next_back().expect("a stored batch is never empty");
     let readings: Vec<Value> = (0..REGISTER_COUNT)
@@ -137,6 +145,7 @@ pub async fn latest(
         .collect();
     Ok(Json(json!({
         "device": name, "online": online, "last_seen_ms": device.last_seen_ms,
+        "upload_interval_ms": upload_ms, "next_upload_due_ms": next_upload_due_ms,
         "sample": {"seq": r.seq, "t": r.unix_ms, "readings": readings},
     })))
 }

@@ -100,6 +100,7 @@ pub async fn record_result_in(
         ResultEffect::Record { status, late } => (status, late),
     };
     let message = super::result_text(outcome, late);
+    tx.commands_changed().await?;
     sqlx::query(
         "UPDATE commands SET status = $1, completed_ms = $2, executed_ms = $3, result_message = $4, \
          exception_code = $5, result_value = $6 WHERE id = $7",
@@ -163,6 +164,7 @@ pub async fn deliver_many_in(
         return Ok(out);
     }
     let list = id_list(&ids);
+    tx.commands_changed().await?;
     sqlx::query(&format!(
         "UPDATE commands SET status = 'delivered', delivered_ms = $1, \
          first_delivered_ms = COALESCE(first_delivered_ms, $1), delivery_count = delivery_count + 1 \
@@ -282,6 +284,7 @@ impl Commands {
         if !CommandStatus::parse(&status).is_some_and(CommandStatus::is_open) {
             return Err(StoreError::Conflict(format!("command {id} is already {status}")));
         }
+        tx.commands_changed().await?;
         sqlx::query(
             "UPDATE commands SET status = 'cancelled', completed_ms = $1, result_message = $2 WHERE id = $3",
         )
@@ -314,6 +317,9 @@ impl Commands {
         .bind(now)
         .execute(self.db.writer())
         .await?;
+        if done.rows_affected() > 0 {
+            self.db.news().commands_changed();
+        }
         Ok(done.rows_affected())
     }
 
@@ -385,6 +391,9 @@ impl Commands {
         .bind(value)
         .execute(self.db.writer())
         .await?;
+        if done.rows_affected() > 0 {
+            self.db.news().commands_changed();
+        }
         Ok(done.rows_affected())
     }
 

@@ -311,6 +311,7 @@ impl Control {
         .execute(&mut *tx)
         .await?;
         // What the curtailment still had waiting is overtaken.
+        tx.commands_changed().await?;
         sqlx::query(
             "UPDATE commands SET status = 'cancelled', completed_ms = $1, result_message = $2 \
              WHERE curtailment_id = $3 AND status IN ('queued', 'delivered')",

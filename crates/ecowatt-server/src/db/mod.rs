@@ -233,7 +233,7 @@ impl Db {
             Dialect::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.writer.begin().await?,
         };
-        Ok(WriteTx { tx, db: self.clone(), announced: Vec::new() })
+        Ok(WriteTx { tx, db: self.clone(), announced: Vec::new(), commands_changed: false })
     }
 
     /// ` FOR UPDATE` on PostgreSQL (SQLite's write lock covers it).
@@ -320,6 +320,7 @@ pub struct WriteTx {
     tx: Tx,
     db: Db,
     announced: Vec<String>,
+    commands_changed: bool,
 }
 
 impl std::ops::Deref for WriteTx {
@@ -367,11 +368,26 @@ impl WriteTx {
         Ok(())
     }
 
-    /// Commits, then wakes the long polls of the devices announced.
+    /// Some command's status changes in this transaction: operators waiting
+    /// on a command (`GET /api/v1/commands/{id}?wait_ms=`) re-read theirs
+    /// once it commits, in every server process.
+    pub async fn commands_changed(&mut self) -> StoreResult<()> {
+        if !self.commands_changed {
+            self.commands_changed = true;
+            self.notify(crate::news::COMMANDS_CHANNEL, "").await?;
+        }
+        Ok(())
+    }
+
+    /// Commits, then wakes the long polls of the devices announced (and the
+    /// operators waiting on commands, if some changed).
     pub async fn commit(self) -> StoreResult<()> {
         self.tx.commit().await?;
         for device in &self.announced {
             self.db.news.device(device);
+        }
+        if self.commands_changed {
+            self.db.news.commands_changed();
         }
         Ok(())
     }

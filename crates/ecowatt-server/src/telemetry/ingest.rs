@@ -22,6 +22,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ecowatt_proto::replay::ReplayWindow;
 use sqlx::{AnyPool, PgPool, Row};
@@ -33,6 +34,7 @@ use crate::db::{Db, Dialect, StoreError, StoreResult};
 use crate::devices::DeviceId;
 use crate::devices::admission::SyncRefusal;
 use crate::devices::keys::{KeySlot, slot_of, window};
+use crate::news::News;
 
 /// An upload (or quiet sync) accepted by the ingest task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +121,7 @@ impl Ingest {
             ),
         };
         let (queue, rx) = mpsc::channel(4 * GROUP_MAX);
-        tokio::spawn(run(target.clone(), rx));
+        tokio::spawn(run(target.clone(), rx, db.news().clone()));
         Ok(Ingest { queue, target })
     }
 
@@ -180,7 +182,7 @@ impl Ingest {
     }
 }
 
-async fn run(target: Target, mut rx: mpsc::Receiver<Job>) {
+async fn run(target: Target, mut rx: mpsc::Receiver<Job>, news: Arc<News>) {
     let mut group = Vec::with_capacity(GROUP_MAX);
     while rx.recv_many(&mut group, GROUP_MAX).await > 0 {
         let started = std::time::Instant::now();
@@ -192,6 +194,11 @@ async fn run(target: Target, mut rx: mpsc::Receiver<Job>) {
         );
         match written {
             Ok(answers) => {
+                // Results recorded: operators waiting on a command re-read it
+                // (other server processes hear of it by NOTIFY in the group).
+                if group.iter().any(|j| j.record.as_ref().is_some_and(|r| !r.results.is_empty())) {
+                    news.commands_changed();
+                }
                 for (job, answer) in group.drain(..).zip(answers) {
                     let _ = job.reply.send(Ok(answer));
                 }
@@ -358,6 +365,10 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
     };
     let records = records(&plan, group, statuses);
     if !records.results.is_empty() {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(crate::news::COMMANDS_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
         let r = &records.results;
         sqlx::query(
             "UPDATE commands SET status = v.status, completed_ms = v.completed, executed_ms = v.executed, \

@@ -98,8 +98,9 @@ pub fn engineering(address: usize, raw: f64) -> f64 {
 }
 
 /// One point of a series: a sample (with its `seq`) or the average of a
-/// time bucket's samples (at the bucket's middle, without one); raw values
-/// of the registers asked for, in their order.
+/// time bucket's samples (at the mean of their times, without one: a point
+/// never lies where there was no data); raw values of the registers asked
+/// for, in their order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Point {
     /// Time, Unix ms.
@@ -146,11 +147,15 @@ pub fn series(
         return Series { samples: in_range.len(), downsampled: false, points };
     }
     let width = ((to - from) / max_points as i64).max(1);
-    let mut buckets: BTreeMap<i64, Vec<(f64, u32)>> = BTreeMap::new();
+    // Per bucket: the sum and count of its sample times, and per register.
+    type Sums = ((i128, i64), Vec<(f64, u32)>);
+    let mut buckets: BTreeMap<i64, Sums> = BTreeMap::new();
     for r in &in_range {
-        let sums = buckets
+        let (times, sums) = buckets
             .entry((r.unix_ms as i64 - from) / width)
-            .or_insert_with(|| vec![(0.0, 0); wanted.len()]);
+            .or_insert_with(|| ((0, 0), vec![(0.0, 0); wanted.len()]));
+        times.0 += i128::from(r.unix_ms);
+        times.1 += 1;
         for (slot, a) in wanted.iter().enumerate() {
             if let Some(v) = raw(r, *a) {
                 sums[slot].0 += v;
@@ -160,8 +165,8 @@ pub fn series(
     }
     let points = buckets
         .into_iter()
-        .map(|(k, sums)| Point {
-            t: from + k * width + width / 2,
+        .map(|(_, ((time_sum, n), sums))| Point {
+            t: (time_sum / i128::from(n)) as i64,
             seq: None,
             values: sums.iter().map(|(s, n)| (*n > 0).then(|| s / f64::from(*n))).collect(),
         })
@@ -252,16 +257,22 @@ mod tests {
         let s = series(&r, 2_000, 9_000, &[0], 100);
         assert_eq!((s.samples, s.downsampled, s.points.len()), (8, false, 8));
         assert_eq!(s.points[0], Point { t: 2_000, seq: Some(2), values: vec![Some(2.0)] });
-        // Two buckets of 3,999 ms: samples 1..=4 and 5..=8 (9 and 10 lie outside).
+        // Two buckets of 3,999 ms: samples 1..=4 and 5..=8 (9 and 10 lie
+        // outside), each at the mean of its samples' times.
         let s = series(&r, 1_000, 8_999, &[0, 1], 2);
         assert_eq!((s.samples, s.downsampled), (8, true));
         assert_eq!(
             s.points,
             vec![
-                Point { t: 2_999, seq: None, values: vec![Some(2.5), None] },
-                Point { t: 6_998, seq: None, values: vec![Some(6.5), None] },
+                Point { t: 2_500, seq: None, values: vec![Some(2.5), None] },
+                Point { t: 6_500, seq: None, values: vec![Some(6.5), None] },
             ]
         );
+        // A range reaching far before the data: the one bucket's point is at
+        // the data, not at the middle of the range (years before it).
+        let s = series(&r, 0, 10_000_000_000, &[0], 1);
+        assert_eq!(s.points[0].t, 5_500);
+        assert_eq!(s.points[0].values, vec![Some(5.5)]);
     }
 
     #[test]

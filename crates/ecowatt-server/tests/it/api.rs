@@ -378,3 +378,59 @@ async fn the_first_start_creates_one_admin_token_and_later_starts_keep_it() {
     }
     again.stop().await;
 }
+
+#[tokio::test]
+async fn waiting_on_a_command_answers_as_soon_as_its_status_changes() {
+    use std::time::{Duration, Instant};
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, true).await;
+    c.ok("POST", "/api/v1/devices", Some(json!({"name": "d"}))).await;
+    let body = json!({"type": "set_power_percentage", "parameters": {"percentage": 40}});
+    let id = c.ok("POST", "/api/v1/devices/d/commands", Some(body)).await["id"].as_i64().unwrap();
+    let wait = |from: &str| format!("/api/v1/commands/{id}?wait_ms=20000&changed_from={from}");
+
+    // Nothing happens: the wait lasts its time and answers the same status.
+    let t = Instant::now();
+    let v =
+        c.ok("GET", &format!("/api/v1/commands/{id}?wait_ms=300&changed_from=queued"), None).await;
+    assert_eq!(v["status"], "queued");
+    assert!(t.elapsed() >= Duration::from_millis(300));
+
+    // The device (on the legacy API) takes it after 200 ms, reports after 400 ms:
+    // each wait answers at the change, long before its 20 s.
+    let device = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, got) =
+            c.call_as(None, "POST", "/command/poll", Some(json!({"device_id": "d"}))).await;
+        assert_eq!(status, StatusCode::OK, "{got}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let result = json!({"command_id": got["command"]["command_id"], "status": "completed", "result": "ok"});
+        c.call_as(None, "POST", "/command/result", Some(result)).await;
+    };
+    let operator = async {
+        let t = Instant::now();
+        let v = c.ok("GET", &wait("queued"), None).await;
+        assert_eq!(v["status"], "delivered", "{v}");
+        let v = c.ok("GET", &wait("delivered"), None).await;
+        assert_eq!(v["status"], "succeeded", "{v}");
+        t.elapsed()
+    };
+    let ((), took) = tokio::join!(device, operator);
+    assert!(
+        took < Duration::from_secs(10),
+        "the waits ended at the changes, not at 20 s: {took:?}"
+    );
+    // Without changed_from, a command already settled answers at once.
+    let t = Instant::now();
+    assert_eq!(
+        c.ok("GET", &format!("/api/v1/commands/{id}?wait_ms=20000"), None).await["status"],
+        "succeeded"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+
+    for bad in ["wait_ms=25001", "wait_ms=10&changed_from=done"] {
+        let (status, v) = c.call("GET", &format!("/api/v1/commands/{id}?{bad}"), None).await;
+        assert_eq!((status, code(&v)), (StatusCode::BAD_REQUEST, "invalid_field"), "{bad}: {v}");
+    }
+    c.server.stop().await;
+}

@@ -150,3 +150,31 @@ async fn malformed_paths_queries_and_huge_ranges_get_json_errors() {
     }
     c.server.stop().await;
 }
+
+#[tokio::test]
+async fn averaged_points_lie_at_their_samples_times_not_at_a_buckets_middle() {
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    let mut dev = Probe::provision(&c, "d").await;
+    // Ten samples 5 s apart, an hour ago.
+    let t0 = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
+    assert_eq!(send(&c, &mut dev, &upload(&samples(1..=10, t0, 2300))).await, Ok(10));
+    let first = (t0 + 5_000) as i64;
+    let last = (t0 + 50_000) as i64;
+    // From 1970 to now, in two points: each bucket spans ~28 years, and its
+    // middle lies decades away from any sample.
+    let v =
+        c.ok("GET", "/api/v1/devices/d/telemetry?from_ms=0&registers=0&max_points=2", None).await;
+    assert_eq!(v["downsampled"], true, "{v}");
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 1, "one bucket holds the data: {v}");
+    let t = points[0]["t"].as_i64().unwrap();
+    assert!((first..=last).contains(&t), "the point at {t} lies outside the data {first}..={last}");
+    assert_eq!(t, (first + last) / 2, "the mean of the samples' times");
+    assert_eq!(points[0]["v"][0], 230.55, "the mean of 230.1..=231.0: {v}");
+    // `/latest` says when the next upload is due: an interval after the newest batch.
+    let v = c.ok("GET", "/api/v1/devices/d/latest", None).await;
+    let interval = v["upload_interval_ms"].as_i64().expect("the interval");
+    assert_eq!(v["next_upload_due_ms"].as_i64(), Some(last + interval), "{v}");
+    c.server.stop().await;
+}

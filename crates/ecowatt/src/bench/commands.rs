@@ -35,7 +35,7 @@ pub async fn run(
         )
         .await?;
     }
-    println!(
+    outln!(
         "Command store, {} backend, {workers} workers (one device each), at most {cycles} operations or {max_time:?}:",
         store.db().backend()
     );

@@ -497,7 +497,7 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
             key_version: 1,
         });
     }
-    println!(
+    outln!(
         "Fleet: {} devices provisioned in {:.1} s; server pid {pid}",
         args.devices,
         started.elapsed().as_secs_f64()
@@ -638,14 +638,14 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
         (ms(&st.upload_lat_us, 0.5), ms(&st.upload_lat_us, 0.99), ms(&st.upload_lat_us, 1.0));
     let (d50, d99, dmax) =
         (ms(&st.delivery_lat_us, 0.5), ms(&st.delivery_lat_us, 0.99), ms(&st.delivery_lat_us, 1.0));
-    println!(
+    outln!(
         "Measured {elapsed:.1} s: {} uploads ({:.0}/s), {:.0} data points/s; upload latency p50 {u50:.1} ms p99 {u99:.1} ms max {umax:.1} ms",
         st.uploads,
         st.uploads as f64 / elapsed,
         st.points as f64 / elapsed,
     );
-    println!("Slowest upload per 5 s, ms: {}", worst.join(" "));
-    println!(
+    outln!("Slowest upload per 5 s, ms: {}", worst.join(" "));
+    outln!(
         "Long polls answered: {} ({:.0}/s); commands delivered through them: {}; latency p50 {d50:.1} ms p99 {d99:.1} ms max {dmax:.1} ms",
         st.syncs,
         st.syncs as f64 / elapsed,
@@ -656,25 +656,22 @@ async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> 
     } else {
         String::new()
     };
-    println!(
+    outln!(
         "Server: RSS {} MB (peak {} MB), CPU {cpu:.0} % (of one core); {:.2} B per data point uploaded (sealed batches){sqlite}",
         usage_end.0 / 1024,
         usage_end.1 / 1024,
         if st.points > 0 { st.batch_bytes as f64 / st.points as f64 } else { 0.0 },
     );
-    println!(
+    outln!(
         "Load generator (this process: the devices and the operator): CPU {own_cpu:.0} % (of one core), RSS {} MB",
         own_end.0 / 1024
     );
     let mut errors: Vec<_> = st.errors.iter().collect();
     errors.sort();
-    println!(
-        "Errors: {}",
-        if errors.is_empty() { "none".to_owned() } else { format!("{errors:?}") }
-    );
-    println!("{shutdown_line}");
+    outln!("Errors: {}", if errors.is_empty() { "none".to_owned() } else { format!("{errors:?}") });
+    outln!("{shutdown_line}");
     for l in curtail_lines {
-        println!("{l}");
+        outln!("{l}");
     }
     Ok(())
 }

@@ -26,7 +26,7 @@ pub fn percentile(sorted: &[u32], p: f64) -> u32 {
 /// One line: rate, counts and latency quantiles.
 pub fn report(label: &str, run: &Run) {
     let pct = |p: f64| percentile(&run.latencies_us, p);
-    println!(
+    outln!(
         "  {label:<14} {:>9.0} req/s  ok {:>7}  failed {:>4}  p50 {:>6} us  p99 {:>6} us  max {:>7} us  ({:.1} s)",
         run.ok as f64 / run.elapsed.as_secs_f64(),
         run.ok,
@@ -45,7 +45,7 @@ pub fn rate(label: &str, iterations: u64, f: impl Fn(u64)) {
         f(i);
     }
     let secs = started.elapsed().as_secs_f64();
-    println!(
+    outln!(
         "  {label:<44} {:>12.0} ops/s  {:>7.1} ns/op",
         iterations as f64 / secs,
         secs * 1e9 / iterations as f64

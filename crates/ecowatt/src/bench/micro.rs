@@ -9,7 +9,7 @@ use super::measure::rate;
 
 /// Modbus RTU encode/decode and CRC operations per second.
 pub fn frames(iterations: u64) {
-    println!("Modbus RTU frames, {iterations} operations each (single thread):");
+    outln!("Modbus RTU frames, {iterations} operations each (single thread):");
     let read10 = Request::ReadHoldingRegisters { start: 0, quantity: 10 };
     let answer = rtu::encode_response(0x11, &Response::ReadHoldingRegisters((0..10).collect()));
     rate("CRC-16 of a 25-byte frame", iterations, |i| {
@@ -58,7 +58,7 @@ pub fn codec(batch: usize, seed: u64) {
             values: vec![0x0904, 0, 0x138F, 0x066A, 0x0663, 0, 0, 0x0161, 0x0032, 0],
         })
         .collect();
-    println!(
+    outln!(
         "Telemetry codec, {batch}-sample batches of 10 registers (5 s poll); bytes per sample (per value):"
     );
     for (label, samples) in [("simulated day (24 h, seed)", &day), ("constant night (2 h)", &night)]
@@ -83,14 +83,14 @@ pub fn codec(batch: usize, seed: u64) {
         }
         let n = samples.len() as f64;
         let per = |b: usize| format!("{:>6.2} ({:.2})", b as f64 / n, b as f64 / n / 10.0);
-        println!(
+        outln!(
             "  {label:<28} codec v1 {}   raw {}   deflate {}   largest batch {biggest} B",
             per(ours),
             per(raw),
             per(deflate)
         );
     }
-    println!(
+    outln!(
         "  (raw registers alone, without seq and time: 20 B per sample; encoder state: a few integers besides its output)"
     );
 }

@@ -139,7 +139,7 @@ fn device_side(
     let image_sha = manifest.sha256;
     drop(image); // not part of what the device holds
 
-    println!(
+    outln!(
         "Firmware update, device side: {:.1} MiB image, {} runs (server in a child process)",
         args.size as f64 / 1_048_576.0,
         args.runs
@@ -175,7 +175,7 @@ fn device_side(
         let written: [u8; 32] = Sha256::digest(std::fs::read(&slot_b)?).into();
         anyhow::ensure!(written == image_sha, "the slot does not hold the image");
         let mib_s = args.size as f64 / 1_048_576.0 / secs;
-        println!(
+        outln!(
             "  run {}: {:>7.2} s  {:>7.1} MiB/s  peak RSS +{:>6} KiB over the start of the update  ({} range fetches)",
             run + 1,
             secs,
@@ -187,7 +187,7 @@ fn device_side(
         peaks.push(peak);
     }
     rates.sort_by(f64::total_cmp);
-    println!(
+    outln!(
         "  median {:.1} MiB/s; peak RSS growth at most {} KiB (fetch buffer {} KiB, SHA-256 state, HTTP client)",
         rates[rates.len() / 2],
         peaks.iter().max().unwrap_or(&0) / 1024,

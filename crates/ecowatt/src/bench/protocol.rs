@@ -46,7 +46,7 @@ fn refusal_times(
     unknown.sort_unstable();
     bad_tag.sort_unstable();
     let us = |v: &[u32], p: f64| f64::from(percentile(v, p)) / 1000.0;
-    println!(
+    outln!(
         "Refusals, in process, {rounds} each, alternating: unknown device id p50 {:.1} µs p90 {:.1} µs; known device, bad tag p50 {:.1} µs p90 {:.1} µs",
         us(&unknown, 0.5),
         us(&unknown, 0.9),
@@ -86,7 +86,7 @@ pub fn run(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<()
         counter,
     };
     let iterations = 200_000;
-    println!(
+    outln!(
         "Sealed envelopes, {}-byte sync request body, {iterations} each (single thread):",
         body.len()
     );
@@ -121,7 +121,7 @@ pub fn run(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<()
         ))?;
         creds.push(Credentials { device_id: device.id.0 as u32, key, key_version: 1 });
     }
-    println!(
+    outln!(
         "Sealed syncs against the server on loopback (SQLite), {devices} devices, at most {requests} requests or {max_time:?}:"
     );
     let url = format!("{}/api/v1/device/sync", server.url);
@@ -261,7 +261,7 @@ pub fn run(devices: u64, requests: u64, max_time: Duration) -> anyhow::Result<()
         latencies_us: push_lat,
         elapsed: Duration::from_secs(1),
     };
-    println!(
+    outln!(
         "Push: operator sends a command to the API -> long-polling device holds it ({rounds} rounds):"
     );
     report("push latency", &push);

@@ -67,7 +67,7 @@ pub fn run(requests: u64, clients: u64, max_time: Duration) -> anyhow::Result<()
         let clock = std::sync::Arc::new(ecowatt_sim::clock::ScaledClock::real());
         ecowatt_sim::spawn(&ecowatt_sim::fleet(1, 1, 10_000, 0), clock, None, http, tcp)
     })?;
-    println!(
+    outln!(
         "Simulator, read of 10 registers, {clients} clients, at most {requests} requests or {:?} per protocol:",
         max_time
     );

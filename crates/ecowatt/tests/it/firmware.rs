@@ -118,6 +118,31 @@ fn rsa_2048_keys_sign_manifests_the_seed_way_and_any_change_is_refused() {
     );
 }
 
+#[test]
+fn signing_with_a_public_key_is_refused_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    ok(&run(dir, &["keygen", "--out", "release.key"]));
+    ok(&run(dir, &["keygen", "--out", "other.key"]));
+    std::fs::write(dir.join("fw.bin"), b"image").unwrap();
+    ok(&run(dir, &["firmware", "sign", "fw.bin", "--version", "1.0.0", "--key", "release.key"]));
+    let manifest = std::fs::read(dir.join("fw.bin.manifest.json")).unwrap();
+    // The public key where the private one belongs (same length in hex).
+    let sign =
+        |key: &str| run(dir, &["firmware", "sign", "fw.bin", "--version", "1.0.1", "--key", key]);
+    refused(&sign("release.key.pub"), "is a public key");
+    // Copied under another name: it does not match the .pub beside it.
+    std::fs::copy(dir.join("release.key.pub"), dir.join("copied.key")).unwrap();
+    std::fs::copy(dir.join("other.key.pub"), dir.join("copied.key.pub")).unwrap();
+    refused(&sign("copied.key"), "is not the private key of");
+    // An RSA public key.
+    ok(&run(dir, &["keygen", "--algorithm", "rsa2048", "--out", "rsa.key"]));
+    std::fs::copy(dir.join("rsa.key.pub"), dir.join("rsa-public.key")).unwrap();
+    refused(&sign("rsa-public.key"), "RSA public key");
+    assert_eq!(std::fs::read(dir.join("fw.bin.manifest.json")).unwrap(), manifest, "untouched");
+    ok(&run(dir, &["firmware", "verify", "fw.bin", "--public-key", "release.key.pub"]));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_range() {
     use ecowatt_testkit::server::{TempDb, TestServer};
@@ -204,6 +229,49 @@ async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_ran
         let out = ok(&with_server(&["rollout", "abort", "1"]));
         assert!(out.contains("aborted") && out.contains("cancelled 1"), "{out}");
         assert!(ok(&with_server(&["rollout", "list"])).contains("aborted by"));
+
+        // --waves 34,100 on 3 devices: 34 % of 3 is 1 device first, then the other 2.
+        for name in ["roof-2", "roof-3"] {
+            ok(&with_server(&["device", "add", name]));
+        }
+        let names = ["ESP32_EcoWatt_Smart", "roof-2", "roof-3"];
+        let out = ok(&with_server(&[
+            "rollout", "start", "--version", "1.0.10", "--devices", &names.join(","), "--waves", "34,100",
+        ]));
+        let mut waves: Vec<i64> = out
+            .lines()
+            .filter(|l| names.iter().any(|n| l.trim_start().starts_with(n)))
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+            .collect();
+        waves.sort_unstable();
+        assert_eq!(waves, [1, 2, 2], "{out}");
+
+        // An image over the server's 32 MiB: a clear refusal before sending,
+        // not a broken pipe.
+        let big = vec![0u8; 32 * 1024 * 1024 + 1];
+        std::fs::write(dir.join("big.bin"), &big).unwrap();
+        ok(&with_server(&["firmware", "sign", "big.bin", "--version", "2.0.0", "--key", "release.key"]));
+        let out = with_server(&["firmware", "upload", "big.bin"]);
+        refused(&out, "up to 32 MiB [body_too_large, HTTP 413]");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("Broken pipe") && !err.contains("cannot reach"), "{err}");
+        // The server's own answer to such a body is the documented JSON,
+        // from the declared length alone.
+        use std::io::{Read, Write};
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();
+        let mut conn = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+        write!(
+            conn,
+            "POST /api/v1/firmware HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            token.trim(),
+            big.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains(r#"{"error":{"code":"body_too_large""#), "{answer}");
     })
     .await
     .unwrap();

@@ -100,6 +100,9 @@ async fn an_operator_adds_a_device_configures_it_and_commands_it() {
             .as_str()
             .expect("the device got the command")
             .to_owned();
+        // The device takes a while; `--wait` follows with long polls, not a
+        // request every 250 ms.
+        std::thread::sleep(std::time::Duration::from_millis(1_500));
         legacy(
             &server,
             "/command/result",
@@ -108,9 +111,48 @@ async fn an_operator_adds_a_device_configures_it_and_commands_it() {
         let out = waiting.wait_with_output().unwrap();
         let text = stdout(&out);
         assert!(text.contains("succeeded") && text.contains("Power set to 50%"), "{text}");
+        assert!(text.contains("  delivered\n"), "each status as it happens: {text}");
+        let metrics = ureq::get(format!("{}/metrics", server.url))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let gets: u64 = metrics
+            .lines()
+            .filter(|l| l.contains(r#"method="GET",route="/api/v1/commands/{id}""#))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert!(
+            (1..=3).contains(&gets),
+            "--wait asked {gets} times over 1.5 s (a long poll per status)"
+        );
+
+        // A bare number is no power: `5` would have limited the inverter to 0 %.
+        let bare = ecowatt(&server, &dir, &["command", "roof-1", "set-power", "5"]);
+        assert!(!bare.status.success());
+        let err = String::from_utf8_lossy(&bare.stderr);
+        assert!(err.contains("has no unit") && err.contains("2.5kW"), "{err}");
+        let pct = ecowatt(&server, &dir, &["command", "roof-1", "set-power", "5%"]);
+        assert!(String::from_utf8_lossy(&pct.stderr).contains("set-power-percentage 5"));
+        let out = stdout(&ecowatt(&server, &dir, &["command", "roof-1", "set-power", "2.5kW"]));
+        assert!(out.contains("queued"), "{out}");
+
+        // Output to a reader that has gone ends quietly (`... | head -1`, `| true`).
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let closed = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+            .args(["commands", "list"])
+            .env("ECOWATT_SERVER", &server.url)
+            .env("ECOWATT_DATA_DIR", &server.data_dir)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        assert_eq!(closed.status.code(), Some(0), "{closed:?}");
+        assert!(closed.stderr.is_empty(), "{}", String::from_utf8_lossy(&closed.stderr));
 
         let csv = stdout(&ecowatt(&server, &dir, &["commands", "export", "--format", "csv"]));
-        assert_eq!(csv.lines().count(), 2, "{csv}");
+        assert_eq!(csv.lines().count(), 3, "the header, 50 % and 2.5 kW: {csv}");
         let stats = stdout(&ecowatt(&server, &dir, &["commands", "stats"]));
         assert!(stats.contains("\"success_rate\": 100.0"), "{stats}");
         let audit = stdout(&ecowatt(&server, &dir, &["audit"]));

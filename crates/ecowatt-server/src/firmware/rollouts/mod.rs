@@ -319,9 +319,14 @@ pub struct Offer {
 }
 
 /// The wave (from 0) of the `i`-th of `n` devices: the first whose
-/// cumulative share covers it.
+/// cumulative share covers it. A wave's cumulative count is its share of `n`
+/// rounded to the nearest device (34 % of 3 is 1, not 2), and at least one,
+/// so that a small first wave still tries one device first.
 pub fn wave_of(i: usize, n: usize, waves: &[u32]) -> usize {
-    waves.iter().position(|&pct| i < (n * pct as usize).div_ceil(100)).unwrap_or(waves.len() - 1)
+    waves
+        .iter()
+        .position(|&pct| i < ((n * pct as usize + 50) / 100).max(1))
+        .unwrap_or(waves.len() - 1)
 }
 
 /// A deterministic shuffle key, so that a percentage picks a spread of devices.
@@ -368,6 +373,10 @@ mod tests {
         // A small share of a small fleet still gets one device first.
         assert_eq!(w(3, &[1, 100]), [0, 1, 1]);
         assert_eq!(w(1, &[50, 100]), [0]);
+        // The nearest count, not the next one up: 34 % of 3 devices is 1.
+        assert_eq!(w(3, &[34, 100]), [0, 1, 1]);
+        assert_eq!(w(3, &[67, 100]), [0, 0, 1]);
+        assert_eq!(w(4, &[25, 50, 100]), [0, 1, 2, 2]);
     }
 
     #[test]
