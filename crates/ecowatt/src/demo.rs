@@ -206,11 +206,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             Ok::<(), anyhow::Error>(())
         };
         let stop = async {
-            match args.run_for {
-                Some(d) => tokio::time::sleep(d).await,
-                None => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
+            // Ctrl-C or SIGTERM (a second one exits at once), or `--for`.
+            let run_for = args.run_for.unwrap_or(Duration::MAX);
+            tokio::select! {
+                () = crate::signals::stop_requested() => {}
+                () = tokio::time::sleep(run_for.min(Duration::from_secs(100 * 365 * 86_400))) => {}
             }
         };
         tokio::select! {

@@ -271,8 +271,17 @@ fn curtail_from_the_cli_follows_confirmations_and_releases() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("release 2"), "{}", explain(&out));
     let out = run(&["curtail", "release", "1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already_released"), "{}", explain(&out));
-    let _ = demo.kill();
-    let _ = demo.wait();
+    // SIGTERM (systemd, containers) stops the demo gracefully, at once.
+    let asked = std::time::Instant::now();
+    let killed =
+        Command::new("sh").args(["-c", &format!("kill -TERM {}", demo.id())]).status().unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = demo.wait().unwrap();
+    assert!(status.success(), "a graceful stop: {status:?}");
+    assert!(rest.iter().any(|l| l.contains("Stopping the demo.")), "{rest:?}");
+    let took = asked.elapsed();
+    assert!(took < std::time::Duration::from_secs(10), "the demo took {took:?} to stop");
 }
 
 #[test]
