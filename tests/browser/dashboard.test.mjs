@@ -2,7 +2,10 @@
 // log in, see the devices, see a chart with data, change a config and see it applied,
 // send a command and see it succeed, see a refused command's error, upload a signed image,
 // start a rollout and see every device run the new image, curtail the demo's
-// feeder and release it, set a schedule (one refused) and see the device run it, phone width.
+// feeder and release it, set a schedule (one refused) and see the device run it, phone width;
+// no console errors on any page (a favicon is served), a chosen image survives refreshes, the
+// Commands page shows a result as it happens (by long poll), the chart names its axis with a unit,
+// the audit log reads as fields, and at phone width no fleet column hides behind a scroll.
 // Screenshots go to ./screenshots. Needs: ECOWATT_BIN (the ecowatt binary), /usr/bin/chromium.
 import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
@@ -38,6 +41,13 @@ const browser = await chromium.launch({
 });
 const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
 page.setDefaultTimeout(30000);
+// Every console error and failed request, whatever the page (a missing favicon was one).
+const consoleErrors = [];
+page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
+const notFound = [];
+page.on("response", (r) => { if (r.status() === 404) notFound.push(r.url()); });
+const requests = [];
+page.on("request", (r) => requests.push(r.url()));
 const results = [];
 async function step(name, fn) {
   try {
@@ -62,9 +72,17 @@ try {
   await step("devices come online with power readings", async () => {
     await page.waitForFunction(() => [...document.querySelectorAll("tbody tr")].filter((r) => /online/.test(r.textContent) && / W/.test(r.textContent)).length === 3, null, { timeout: 60000 });
   });
-  await step("a device page shows a chart with data", async () => {
+  await step("a device page shows a chart with data, its axis named with a unit, and a tooltip", async () => {
     await page.click("text=inverter-1");
     await page.waitForFunction(() => /\d+ points/.test(document.querySelector("#chart")?.getAttribute("aria-label") || ""), null, { timeout: 60000 });
+    const label = await page.getAttribute("#chart", "aria-label");
+    assert.match(label, /^AC output power in W: \d+ points/);
+    const options = await page.$$eval("#reg option", (o) => o.map((x) => x.textContent));
+    assert.ok(options.includes("AC output power (W)") && options.includes("L1 phase voltage (V)"), options.join(" | "));
+    assert.ok(!options.includes("Pow"), "registers by name, not by code");
+    const box = await page.locator("#chart").boundingBox();
+    await page.mouse.move(box.x + box.width * 0.8, box.y + box.height / 2);
+    await page.waitForSelector("#tip:has-text(' W')");
     await page.screenshot({ path: join(shots, "device.png"), fullPage: true });
   });
   await step("a config change is applied by the device", async () => {
@@ -72,10 +90,12 @@ try {
     await page.click("#configform button");
     await page.waitForSelector("text=Applied: v3", { timeout: 60000 });
   });
-  await step("a command succeeds and is confirmed", async () => {
+  await step("a command succeeds and is confirmed, followed by long poll", async () => {
     await page.fill("#pct", "30");
     await page.click("#cmdform button");
     await page.waitForFunction(() => /set_power_percentage.*(succeeded|confirmed)/s.test(document.querySelector("#cmds")?.textContent || ""), null, { timeout: 60000 });
+    const id = await page.$eval("#cmds tr[data-command]", (tr) => tr.dataset.command);
+    assert.ok(requests.some((u) => u.includes(`/api/v1/commands/${id}?wait_ms=`)), "the result was waited for, not polled");
     await page.screenshot({ path: join(shots, "command.png"), fullPage: true });
   });
   await step("a refused command shows a clear error", async () => {
@@ -85,22 +105,31 @@ try {
     await page.click("#cmdform button");
     await page.waitForSelector("#error:has-text('outside 0..=100')");
   });
-  await step("security events, firmware and audit pages render", async () => {
+  await step("security events, firmware and audit pages render; audit details read as fields", async () => {
     await page.click("text=Audit log");
     await page.waitForSelector("text=command.queue");
+    const detail = await page.$eval("#audit tbody tr", (tr) => tr.querySelector("td:last-child").innerText);
+    assert.ok(!detail.includes("{") && !detail.includes('"'), `no raw JSON: ${detail}`);
+    assert.ok(await page.$eval("#audit tbody tr td:last-child dl.kv", (dl) => dl.scrollWidth <= dl.clientWidth + 1), "not clipped");
     await page.screenshot({ path: join(shots, "audit.png"), fullPage: true });
     await page.click("text=Security events");
     await page.waitForSelector("h2:has-text('Security events')");
     await page.click("nav >> text=Firmware");
     await page.waitForSelector("h2:has-text('Firmware images')");
   });
-  await step("a signed image is uploaded; a tampered one is refused with a clear error", async () => {
+  await step("a signed image is uploaded (the chosen files survive refreshes); a tampered one is refused", async () => {
     const image = join(dataDir, "..", "fw.bin");
     writeFileSync(image, Buffer.alloc(50000, 7));
     execFileSync(bin, ["firmware", "sign", image, "--version", "1.1.0", "--key", join(dataDir, "firmware-signing.key")]);
     await page.click("nav >> text=Firmware");
     await page.setInputFiles("#fwimage", image);
     await page.setInputFiles("#fwmanifest", image + ".manifest.json");
+    // Focus elsewhere, and wait over two refreshes (every 3 s): the choice stays.
+    await page.click("h2:has-text('Rollouts')");
+    const before = requests.filter((u) => u.endsWith("/api/v1/rollouts")).length;
+    await page.waitForFunction((n) => performance.getEntriesByType("resource").filter((e) => e.name.endsWith("/api/v1/rollouts")).length >= n + 2, before, { timeout: 15000 });
+    assert.equal(await page.$eval("#fwimage", (i) => i.files.length), 1, "the image is still chosen");
+    assert.equal(await page.$eval("#fwmanifest", (i) => i.files.length), 1, "the manifest is still chosen");
     await page.click("#fwform button");
     await page.waitForSelector("td:has-text('1.1.0')");
     await page.screenshot({ path: join(shots, "firmware.png"), fullPage: true });
@@ -154,14 +183,51 @@ try {
     await page.waitForSelector("#schedsource:has-text('the schedule')", { timeout: 60000 });
     await page.screenshot({ path: join(shots, "schedule.png"), fullPage: true });
   });
-  await step("readable at phone width, usable by keyboard", async () => {
+  await step("the Commands page sends a command and shows its result as it happens", async () => {
+    await page.click("nav >> text=Commands");
+    await page.waitForSelector("#sendform");
+    await page.selectOption("#senddevice", "inverter-2");
+    await page.selectOption("#sendtype", "set_power_percentage");
+    await page.fill("#sendvalue", "150");
+    await page.evaluate(() => document.querySelector("#sendvalue").removeAttribute("max"));
+    await page.click("#sendform button");
+    await page.waitForSelector("#error:has-text('outside 0..=100')");
+    assert.equal(await page.inputValue("#sendvalue"), "150", "a refused value stays for correction");
+    await page.fill("#sendvalue", "45");
+    await page.click("#sendform button");
+    await page.waitForSelector("#allcmds tr[data-command]:first-child :text('inverter-2')");
+    const id = await page.$eval("#allcmds tr[data-command]", (tr) => tr.dataset.command);
+    await page.waitForSelector(`[data-command-status="${id}"]:text-matches("succeeded|confirmed")`, { timeout: 60000 });
+    assert.ok(requests.some((u) => u.includes(`/api/v1/commands/${id}?wait_ms=`)), "followed by long poll");
+    assert.match(await page.textContent("#cmdstats"), /^\d+ in all · /);
+    await page.selectOption("#fstatus", "failed");
+    await page.waitForSelector("#allcmds:has-text('No commands match')");
+    await page.selectOption("#fstatus", "");
+    await page.screenshot({ path: join(shots, "commands.png"), fullPage: true });
+  });
+  await step("readable at phone width (no column behind a scroll), usable by keyboard", async () => {
     await page.setViewportSize({ width: 390, height: 844 });
     await page.click("text=Fleet");
     await page.waitForSelector("text=Fleet (3 devices)");
+    const hidden = await page.$$eval("#fleet tbody tr td", (tds) => tds.filter((td) => {
+      const r = td.getBoundingClientRect();
+      return r.right > window.innerWidth + 1 || r.left < -1;
+    }).map((td) => td.dataset.label));
+    assert.deepEqual(hidden, [], "cells outside the screen");
+    assert.ok(await page.$eval("#fleet", (t) => t.parentElement.scrollWidth <= t.parentElement.clientWidth + 1), "no sideways scroll");
+    const shownLabels = await page.$$eval("#fleet tbody tr:first-child td", (tds) => tds.map((td) => getComputedStyle(td, "::before").content));
+    assert.ok(shownLabels.includes('"AC power"') && shownLabels.includes('"Firmware"') && shownLabels.includes('"Alarms"'), shownLabels.join(" "));
     await page.keyboard.press("Tab");
     const focused = await page.evaluate(() => document.activeElement?.tagName);
     assert.ok(["A", "BUTTON"].includes(focused), `Tab focuses a link or button, got ${focused}`);
     await page.screenshot({ path: join(shots, "fleet-phone.png"), fullPage: true });
+  });
+  await step("no console errors on any page (favicon served)", async () => {
+    const icon = await page.evaluate(async () => (await fetch("/favicon.ico")).headers.get("content-type"));
+    assert.equal(icon, "image/svg+xml");
+    assert.deepEqual(notFound, [], "requests answered 404");
+    // The refusals this test provokes on purpose (400, 409, 422) are the only errors.
+    assert.deepEqual(consoleErrors.filter((e) => !/status of (400|409|422)/.test(e)), []);
   });
 } finally {
   await browser.close();

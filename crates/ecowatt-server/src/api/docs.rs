@@ -277,3 +277,19 @@ pub async fn page() -> Html<String> {
 pub async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
 }
+
+/// The dashboard's icon (a sun over a panel), for `/favicon.svg` and the
+/// `/favicon.ico` browsers ask for on their own: a page load logs no error.
+pub async fn favicon() -> impl axum::response::IntoResponse {
+    const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 32 32\">\
+<circle cx=\"16\" cy=\"12\" r=\"6\" fill=\"#f5c211\"/>\
+<path d=\"M4 30 L9 20 H23 L28 30 Z\" fill=\"#1a5fb4\"/>\
+<path d=\"M11 20 L9 30 M21 20 L23 30 M6.5 25 H25.5\" stroke=\"#fff\" stroke-width=\"1.2\"/></svg>";
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "image/svg+xml"),
+            (axum::http::header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        ICON,
+    )
+}

@@ -140,6 +140,8 @@ pub fn app(state: AppState) -> Router {
     let mut operator = Router::new()
         .route("/", get(docs::dashboard))
         .route("/dashboard", get(docs::dashboard))
+        .route("/favicon.svg", get(docs::favicon))
+        .route("/favicon.ico", get(docs::favicon))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .route("/api/openapi.json", get(docs::openapi))

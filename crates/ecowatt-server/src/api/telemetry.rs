@@ -94,7 +94,10 @@ pub async fn query(
     }
     let registers: Vec<Value> = wanted
         .iter()
-        .map(|a| json!({"address": a, "name": REGISTERS[*a].name, "unit": REGISTERS[*a].unit}))
+        .map(|a| {
+            let r = &REGISTERS[*a];
+            json!({"address": a, "name": r.name, "description": r.description, "unit": r.unit})
+        })
         .collect();
     let points: Vec<Value> = points
         .iter()
@@ -139,7 +142,7 @@ pub async fn latest(
     let readings: Vec<Value> = (0..REGISTER_COUNT)
         .filter_map(|a| {
             r.values[a].map(|raw| {
-                json!({"address": a, "name": REGISTERS[a].name, "raw": raw, "value": eng(a, Some(f64::from(raw))), "unit": REGISTERS[a].unit})
+                json!({"address": a, "name": REGISTERS[a].name, "description": REGISTERS[a].description, "raw": raw, "value": eng(a, Some(f64::from(raw))), "unit": REGISTERS[a].unit})
             })
         })
         .collect();
