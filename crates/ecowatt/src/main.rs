@@ -26,6 +26,7 @@ mod curtail;
 mod demo;
 mod firmware;
 mod inverter;
+mod look;
 mod operator;
 mod rollout;
 mod schedule;
@@ -106,6 +107,21 @@ enum Verb {
         #[command(flatten)]
         conn: client::ServerConn,
     },
+    /// Recent samples of a device in engineering units, e.g. `ecowatt telemetry roof-1 --watch`.
+    Telemetry {
+        #[command(flatten)]
+        args: look::TelemetryArgs,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
+    /// The fleet in a few lines: devices online, power now, pending commands,
+    /// active rollouts, security events in the last hour.
+    Status {
+        #[command(flatten)]
+        args: look::StatusArgs,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
     /// Create, list and revoke operator tokens (roles: admin, viewer).
     Token {
         #[command(subcommand)]
@@ -136,6 +152,62 @@ enum Verb {
     /// Measure: Modbus frame rates, simulator requests per second, command queue cycles.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Shell completions on standard output, e.g.
+    /// `ecowatt completions bash > ~/.local/share/bash-completion/completions/ecowatt`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Manual pages made from this CLI's own definition: `ecowatt.1` on
+    /// standard output (`ecowatt man | man -l -`), or with --out one page per
+    /// command (`ecowatt-device-add.1`, ...) into a directory.
+    Man {
+        /// Write every page into this directory (created if missing).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+/// `ecowatt completions SHELL`.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(
+        shell,
+        &mut <Cli as clap::CommandFactory>::command(),
+        "ecowatt",
+        &mut script,
+    );
+    out!("{}", String::from_utf8(script)?);
+    Ok(())
+}
+
+/// `ecowatt man [--out DIR]`.
+fn man(out: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    let page = |cmd: &clap::Command| -> anyhow::Result<Vec<u8>> {
+        let mut roff = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut roff)?;
+        Ok(roff)
+    };
+    let Some(dir) = out else {
+        out!("{}", String::from_utf8(page(&cmd)?)?);
+        return Ok(());
+    };
+    std::fs::create_dir_all(&dir)?;
+    // Every command, depth first, named after its path: ecowatt-device-add.1.
+    let mut todo = vec![("ecowatt".to_owned(), cmd)];
+    let mut written = 0;
+    while let Some((name, cmd)) = todo.pop() {
+        let named = cmd.clone().name(name.clone());
+        std::fs::write(dir.join(format!("{name}.1")), page(&named)?)?;
+        written += 1;
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            todo.push((format!("{name}-{}", sub.get_name()), sub.clone()));
+        }
+    }
+    outln!("{written} manual pages in {} (man -l {}/ecowatt.1)", dir.display(), dir.display());
+    Ok(())
 }
 
 /// Writes to standard output for [`out!`] and [`outln!`]: a closed pipe ends
@@ -201,9 +273,13 @@ fn main() -> std::process::ExitCode {
         Verb::Commands { cmd, conn } => operator::commands(&conn, cmd),
         Verb::Curtail { args, conn } => curtail::run(&conn, args),
         Verb::Schedule { cmd, conn } => schedule::run(&conn, cmd),
+        Verb::Telemetry { args, conn } => look::telemetry(&conn, args),
+        Verb::Status { args, conn } => look::status(&conn, args),
         Verb::Token { cmd, conn } => operator::token(&conn, cmd),
         Verb::Audit { limit, conn } => operator::audit(&conn, limit),
         Verb::Rollout { cmd, conn } => rollout::run(&conn, cmd),
+        Verb::Completions { shell } => completions(shell),
+        Verb::Man { out } => man(out),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

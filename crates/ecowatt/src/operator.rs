@@ -33,8 +33,12 @@ pub enum DeviceCommand {
         #[arg(long)]
         failsafe: Option<String>,
     },
-    /// List devices.
-    List,
+    /// List devices: state (online, offline, disabled), firmware, last seen.
+    List {
+        /// The API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Set the fail-safe export limit a device applies when a leased limit
     /// lapses (the server silent for the lease): `40%`, `hold` (no change),
     /// or `clear` (unset: the device takes no leased limits).
@@ -64,10 +68,13 @@ pub enum DeviceCommand {
         /// Device name.
         name: String,
     },
-    /// Show a device and its config shadow.
+    /// Show a device: state, firmware, config desired and applied, newest reading.
     Show {
         /// Device name.
         name: String,
+        /// The API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Disable a device: the server refuses it until enabled again.
     Disable {
@@ -199,26 +206,30 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
                 path.display()
             );
         }
-        DeviceCommand::List => {
+        DeviceCommand::List { json } => {
             let v = api.call("GET", "/api/v1/devices", None)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             outln!(
-                "{:<24} {:>5} {:>9} {:<8} {:>4} {:<19}",
+                "{:<24} {:<8} {:<12} {:<19} {:>9} {:>5}",
                 "name",
-                "id",
-                "rated W",
                 "state",
-                "key",
-                "last seen (UTC)"
+                "firmware",
+                "last seen (UTC)",
+                "rated W",
+                "id"
             );
             for d in v["devices"].as_array().into_iter().flatten() {
                 outln!(
-                    "{:<24} {:>5} {:>9} {:<8} {:>4} {:<19}",
+                    "{:<24} {:<8} {:<12} {:<19} {:>9} {:>5}",
                     d["name"].as_str().unwrap_or("?"),
-                    d["id"].to_string(),
+                    device_state(d),
+                    d["firmware"].as_str().unwrap_or("-"),
+                    when(&d["last_seen_ms"]),
                     d["rated_power_w"].to_string(),
-                    if d["enabled"].as_bool() == Some(true) { "enabled" } else { "disabled" },
-                    d["key_version"].to_string(),
-                    when(&d["last_seen_ms"])
+                    d["id"].to_string()
                 );
             }
         }
@@ -245,9 +256,15 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
             let path = format!("/api/v1/devices/{}/control", segment(&name));
             print_control(&api.call("GET", &path, None)?);
         }
-        DeviceCommand::Show { name } => {
+        DeviceCommand::Show { name, json } => {
             let v = api.call("GET", &format!("/api/v1/devices/{}", segment(&name)), None)?;
-            outln!("{}", serde_json::to_string_pretty(&v)?);
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let latest =
+                api.call("GET", &format!("/api/v1/devices/{}/latest", segment(&name)), None)?;
+            print_device(&v, &latest);
         }
         DeviceCommand::Disable { name } => {
             api.call("POST", &format!("/api/v1/devices/{}/disable", segment(&name)), None)?;
@@ -797,6 +814,72 @@ pub fn audit(conn: &ServerConn, limit: i64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `online`, `offline` or `disabled`.
+fn device_state(d: &Value) -> &'static str {
+    if d["enabled"] == false {
+        "disabled"
+    } else if d["online"] == true {
+        "online"
+    } else {
+        "offline"
+    }
+}
+
+/// A config as people read it: `poll 10 s, upload 900 s, registers 0,1,...`.
+fn config_text(c: &Value) -> String {
+    let secs =
+        |v: &Value| v.as_i64().map_or("?".to_owned(), |ms| format!("{} s", ms as f64 / 1000.0));
+    let regs: Vec<String> =
+        c["registers"].as_array().into_iter().flatten().map(|r| r.to_string()).collect();
+    format!(
+        "poll {}, upload {}, registers {}",
+        secs(&c["poll_interval_ms"]),
+        secs(&c["upload_interval_ms"]),
+        regs.join(",")
+    )
+}
+
+/// `device show`, for people.
+fn print_device(v: &Value, latest: &Value) {
+    let (d, c) = (&v["device"], &v["config"]);
+    let state = device_state(&json!({"enabled": d["enabled"], "online": latest["online"]}));
+    outln!("device     {} (id {})", d["name"].as_str().unwrap_or("?"), d["id"]);
+    outln!("state      {state}, last seen {} UTC", when(&d["last_seen_ms"]));
+    outln!("firmware   {}", d["firmware"].as_str().unwrap_or("not reported yet"));
+    outln!("rated      {} W", d["rated_power_w"]);
+    outln!("key        version {}", d["key_version"]);
+    outln!("added      {} UTC", when(&d["created_ms"]));
+    outln!("config     desired v{}: {}", c["desired_version"], config_text(&c["desired"]));
+    match c["reported_version"].as_i64() {
+        Some(r) => outln!(
+            "           applied v{r}: {} (reported {} UTC)",
+            config_text(&c["reported"]),
+            when(&c["reported_ms"])
+        ),
+        None => outln!("           applied: nothing reported yet"),
+    }
+    match latest["sample"]["readings"].as_array() {
+        Some(readings) => {
+            let parts: Vec<String> = readings
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {} {}",
+                        r["name"].as_str().unwrap_or("?"),
+                        r["value"],
+                        r["unit"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            outln!("reading    {} UTC: {}", when(&latest["sample"]["t"]), parts.join(", "));
+        }
+        None => outln!("reading    none yet"),
+    }
+    if let Some(t) = latest["next_upload_due_ms"].as_i64() {
+        outln!("next       upload due {} UTC", when(&Value::from(t)));
+    }
 }
 
 /// A fail-safe as the CLI takes it (`40%`, `hold`, `clear`), for the API.

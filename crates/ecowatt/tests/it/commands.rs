@@ -62,12 +62,62 @@ fn every_command_explains_itself() {
         &["device", "ramp", "--help"],
         &["device", "tag", "--help"],
         &["device", "control", "--help"],
+        &["telemetry", "--help"],
+        &["status", "--help"],
+        &["completions", "--help"],
+        &["man", "--help"],
     ] {
         let out = ecowatt(args);
         assert!(out.status.success(), "{args:?}: {}", explain(&out));
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("Usage:"), "{args:?}: {text}");
     }
+}
+
+#[test]
+fn shell_completions_and_manual_pages_come_from_the_cli_definition() {
+    // bash: the script loads, and completes a command and a subcommand.
+    let script = ecowatt(&["completions", "bash"]);
+    assert!(script.status.success(), "{}", explain(&script));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ecowatt.bash");
+    std::fs::write(&file, &script.stdout).unwrap();
+    // As bash calls it: the words, the one completed, and its arguments
+    // (the command, the current word, the word before).
+    let complete = |words: &str, cword: usize| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({words}); COMP_CWORD={cword}; \
+                 _ecowatt ecowatt \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"; \
+                 echo \"${{COMPREPLY[@]}}\"",
+                file.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", explain(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(complete("ecowatt tele", 1).trim(), "telemetry");
+    let device = complete("ecowatt device ''", 2);
+    assert!(device.contains("add") && device.contains("rotate-key"), "{device}");
+    for shell in ["zsh", "fish"] {
+        let out = ecowatt(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", explain(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("rotate-key") && text.contains("set-power-percentage"), "{shell}");
+    }
+    assert!(!ecowatt(&["completions", "tcsh"]).status.success());
+
+    // man: one page on standard output, or one per command.
+    let page = ecowatt(&["man"]);
+    let text = String::from_utf8_lossy(&page.stdout);
+    assert!(text.contains(".TH ecowatt 1") && text.contains("telemetry"), "{text}");
+    let out = ecowatt(&["man", "--out", dir.path().join("man").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let add = std::fs::read_to_string(dir.path().join("man/ecowatt-device-add.1")).unwrap();
+    assert!(add.contains(".TH ecowatt-device-add 1") && add.contains("rated\\-power"), "{add}");
+    assert!(dir.path().join("man/ecowatt-commands-export.1").exists());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -282,6 +332,106 @@ fn curtail_from_the_cli_follows_confirmations_and_releases() {
     assert!(rest.iter().any(|l| l.contains("Stopping the demo.")), "{rest:?}");
     let took = asked.elapsed();
     assert!(took < std::time::Duration::from_secs(10), "the demo took {took:?} to stop");
+}
+
+/// A demo's server, from its banner: (URL, admin token).
+fn demo_banner(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> (String, String) {
+    let (mut url, mut token) = (String::new(), String::new());
+    while url.is_empty() || token.is_empty() {
+        let line = lines.next().expect("the demo's banner").unwrap();
+        if let Some(t) = line.strip_prefix("  admin token : ") {
+            token = t.trim().to_owned();
+        }
+        if let Some(u) = line.strip_prefix("  API         : ") {
+            url = u.trim().trim_end_matches("/api/docs").to_owned();
+        }
+    }
+    (url, token)
+}
+
+/// What an operator looks at from the terminal: devices with state and
+/// firmware, one device, recent samples (table, CSV, followed), the fleet.
+#[test]
+fn an_operator_looks_at_devices_telemetry_and_the_fleet_from_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(["demo", "--for", "90s", "--interval", "60s", "--start", "11:00"])
+        .args(["--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("demo"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run the demo");
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let (url, token) = demo_banner(&mut lines);
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ecowatt"));
+        c.args(args).env("ECOWATT_SERVER", &url).env("ECOWATT_TOKEN", &token);
+        c
+    };
+    let run = |args: &[&str]| {
+        let out = cmd(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", explain(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Each device uploads its first sample as soon as it starts.
+    let mut table = String::new();
+    for _ in 0..100 {
+        table = run(&["telemetry", "inverter-1", "--registers", "Pac,Vac1", "--limit", "2"]);
+        if table.lines().count() >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(
+        rows[0].contains("seq") && rows[0].contains("Pac W") && rows[0].contains("Vac1 V"),
+        "{table}"
+    );
+    assert_eq!(rows.len(), 3, "the header and the 2 newest: {table}");
+    let volts: f64 = rows[2].split_whitespace().last().unwrap().parse().unwrap();
+    assert!((200.0..260.0).contains(&volts), "engineering units: {table}");
+    let csv = run(&["telemetry", "inverter-1", "--registers", "Pac", "--csv"]);
+    assert!(csv.starts_with("seq,unix_ms,Pac_W\n"), "{csv}");
+
+    let list = run(&["device", "list"]);
+    assert!(list.lines().next().unwrap().contains("firmware"), "{list}");
+    for name in ["inverter-1", "inverter-2", "inverter-3"] {
+        let row = list.lines().find(|l| l.starts_with(name)).expect(name);
+        assert!(row.contains("online") && row.contains("0.1.0"), "{list}");
+    }
+    let show = run(&["device", "show", "inverter-1"]);
+    assert!(show.contains("state      online") && show.contains("firmware   0.1.0"), "{show}");
+    assert!(show.contains("applied v2: poll 1 s, upload 10 s") && show.contains("Pac "), "{show}");
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["device", "show", "inverter-1", "--json"])).unwrap();
+    assert_eq!(json["device"]["name"], "inverter-1");
+
+    let status = run(&["status"]);
+    assert!(status.contains("devices    3 (3 online, 0 offline)"), "{status}");
+    assert!(status.contains("kW from 3 online devices"), "{status}");
+    assert!(status.contains("pending") && status.contains("rollouts   none active"), "{status}");
+    assert!(status.contains("security   0 events in the last hour"), "{status}");
+
+    // --watch prints new samples as they arrive (the demo uploads every 10 s of its clock).
+    let mut watch =
+        cmd(&["telemetry", "inverter-2", "--registers", "Pac", "--limit", "1", "--watch"])
+            .args(["--every", "200ms"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut followed = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let seqs: Vec<u64> = followed
+        .by_ref()
+        .skip(1)
+        .take(3)
+        .map(|l| l.unwrap().split_whitespace().nth(2).unwrap().parse().unwrap())
+        .collect();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "new samples, in order: {seqs:?}");
+    let _ = demo.kill();
+    let _ = demo.wait();
 }
 
 #[test]
