@@ -152,6 +152,19 @@ enum Verb {
     /// Measure: Modbus frame rates, simulator requests per second, command queue cycles.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Copy the server's SQLite store while it runs: a consistent, compact
+    /// database file (for PostgreSQL use pg_dump; docs/operations.md).
+    Backup {
+        /// The new file to write (never overwritten).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The server's data directory (its store is DATA_DIR/ecowatt.db).
+        #[arg(long, env = "ECOWATT_DATA_DIR", default_value = "./ecowatt-data")]
+        data_dir: std::path::PathBuf,
+        /// Or the store's database URL (sqlite://PATH).
+        #[arg(long, env = "ECOWATT_DATABASE", hide_env_values = true)]
+        database: Option<String>,
+    },
     /// Shell completions on standard output, e.g.
     /// `ecowatt completions bash > ~/.local/share/bash-completion/completions/ecowatt`.
     Completions {
@@ -166,6 +179,35 @@ enum Verb {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+}
+
+/// `ecowatt backup --out FILE`.
+fn backup(
+    out: std::path::PathBuf,
+    data_dir: std::path::PathBuf,
+    database: Option<String>,
+) -> anyhow::Result<()> {
+    use ecowatt_server::db::sqlite_file;
+    let url =
+        database.unwrap_or_else(|| ecowatt_server::db::sqlite_url(&data_dir.join("ecowatt.db")));
+    let Some(path) = sqlite_file::path_of(&url) else {
+        anyhow::bail!(
+            "{} is not a SQLite store: back up PostgreSQL with pg_dump (docs/operations.md)",
+            url.split('@').next_back().unwrap_or("the database")
+        );
+    };
+    let started = std::time::Instant::now();
+    let bytes = tokio::runtime::Runtime::new()?
+        .block_on(sqlite_file::backup(&path, &out))
+        .map_err(|e| anyhow::anyhow!("backup of {}: {e}", path.display()))?;
+    outln!(
+        "Backed up {} to {} ({:.1} MB in {:.1} s); restore: stop the server, put it in place of ecowatt.db (and remove ecowatt.db-wal and -shm)",
+        path.display(),
+        out.display(),
+        bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// `ecowatt completions SHELL`.
@@ -278,6 +320,7 @@ fn main() -> std::process::ExitCode {
         Verb::Token { cmd, conn } => operator::token(&conn, cmd),
         Verb::Audit { limit, conn } => operator::audit(&conn, limit),
         Verb::Rollout { cmd, conn } => rollout::run(&conn, cmd),
+        Verb::Backup { out, data_dir, database } => backup(out, data_dir, database),
         Verb::Completions { shell } => completions(shell),
         Verb::Man { out } => man(out),
     };

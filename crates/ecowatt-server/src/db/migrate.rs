@@ -4,7 +4,7 @@
 
 use sqlx::{Executor, Row};
 
-use super::{Db, Dialect, StoreResult};
+use super::{Db, Dialect, StoreError, StoreResult};
 
 /// `(version, statements)`; never edit a released migration, add one.
 pub const MIGRATIONS: &[(i64, &str)] = &[
@@ -337,6 +337,15 @@ pub async fn run(db: &Db) -> StoreResult<bool> {
         .iter()
         .map(|r| r.try_get("version"))
         .collect::<Result<_, _>>()?;
+    // A store a newer version migrated: this one would misread it.
+    let known = MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap_or(0);
+    if let Some(newest) = applied.iter().copied().max().filter(|v| *v > known) {
+        return Err(StoreError::Unusable(format!(
+            "the store's schema is version {newest}, newer than this EcoWatt knows ({known}): \
+             it was migrated by a newer release; run that release (or newer), or restore a backup \
+             taken before the upgrade (docs/operations.md)"
+        )));
+    }
     for (version, sql) in MIGRATIONS {
         if applied.contains(version) {
             continue;

@@ -919,3 +919,32 @@ async fn woken_long_polls_are_delivered_in_groups() {
     })
     .await;
 }
+
+/// A store a newer release migrated is refused by this one, naming both
+/// versions, rather than misread; the store is left as it was.
+#[tokio::test]
+async fn a_store_migrated_by_a_newer_release_is_refused_unchanged() {
+    use ecowatt_server::db::migrate::MIGRATIONS;
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    for db in TempDb::each().await {
+        let b = db.backend();
+        Store::open(&db.url).await.unwrap().close().await;
+        let newer = MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap() + 1;
+        let mut c = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+        sqlx::query("INSERT INTO schema_migrations VALUES ($1, 0)")
+            .bind(newer)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        let err = Store::open(&db.url).await.err().expect("refused").to_string();
+        assert!(err.contains(&format!("version {newer}, newer than")), "{b}: {err}");
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(rows as usize, MIGRATIONS.len() + 1, "{b}: nothing applied or removed");
+        c.close().await.unwrap();
+        db.cleanup().await;
+    }
+}

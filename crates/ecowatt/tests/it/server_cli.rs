@@ -278,3 +278,47 @@ async fn a_lost_admin_token_is_recovered_on_the_servers_machine() {
     assert!(audit.iter().any(|e| e.action == "token.create" && e.actor.starts_with("local:")));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_servers_sqlite_store_is_backed_up_and_the_copy_opens() {
+    let db = TempDb::sqlite();
+    let server = TestServer::start(&db, false).await;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().to_path_buf();
+    let url = db.url.clone();
+    let server = tokio::task::spawn_blocking(move || {
+        stdout(&ecowatt(&server, &dir, &["device", "add", "before"]));
+        let backup = |out: &str| {
+            Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+                .args(["backup", "--out", out, "--database", &url])
+                .current_dir(&dir)
+                .output()
+                .unwrap()
+        };
+        let text = stdout(&backup("copy.db"));
+        assert!(text.contains("Backed up") && text.contains("copy.db"), "{text}");
+        // The server goes on; what it writes after is not in the copy.
+        stdout(&ecowatt(&server, &dir, &["device", "add", "after"]));
+        let again = backup("copy.db");
+        assert!(!again.status.success(), "never overwritten");
+        assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+        let pg = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+            .args(["backup", "--out", "x.db", "--database", "postgres://u:secret@db/ecowatt"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&pg.stderr);
+        assert!(err.contains("pg_dump") && !err.contains("secret"), "{err}");
+        (server, dir)
+    })
+    .await
+    .unwrap();
+    let (server, dir) = server;
+    server.stop().await;
+    // The copy is a whole store: a server opens it and finds what it held.
+    let copy = ecowatt_server::db::sqlite_url(&dir.join("copy.db"));
+    let store = ecowatt_server::store::Store::open(&copy).await.unwrap();
+    let names: Vec<String> =
+        store.devices().list().await.unwrap().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, ["before"]);
+    store.close().await;
+}
