@@ -68,32 +68,6 @@ pub fn check(path: &Path) -> Result<FileState, StoreError> {
     Ok(FileState::Database)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_name_their_files() {
-        assert_eq!(path_of("sqlite:///var/lib/e.db?mode=rwc"), Some("/var/lib/e.db".into()));
-        assert_eq!(path_of("sqlite://./data/e.db"), Some("./data/e.db".into()));
-        assert_eq!(path_of("sqlite::memory:"), None);
-        assert_eq!(path_of("postgres://x/y"), None);
-    }
-
-    #[test]
-    fn garbage_short_and_missing_files_are_told_apart() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("x.db");
-        assert_eq!(check(&p).unwrap(), FileState::Missing);
-        std::fs::write(&p, b"").unwrap();
-        assert_eq!(check(&p).unwrap(), FileState::Empty);
-        std::fs::write(&p, [7u8; 4096]).unwrap();
-        assert!(check(&p).unwrap_err().to_string().contains("not a SQLite database"));
-        std::fs::write(&p, b"SQLite").unwrap();
-        assert!(check(&p).unwrap_err().to_string().contains("shorter than a SQLite header"));
-    }
-}
-
 /// Writes a consistent copy of the SQLite store at `path` into `out` (a new
 /// file) while servers may be using it: `VACUUM INTO` reads one snapshot
 /// (write-ahead log included) without blocking writers for long, and the copy
@@ -126,4 +100,30 @@ pub async fn backup(path: &Path, out: &Path) -> Result<u64, StoreError> {
         )));
     }
     std::fs::metadata(out).map(|m| m.len()).map_err(|e| StoreError::Unusable(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_files() {
+        assert_eq!(path_of("sqlite:///var/lib/e.db?mode=rwc"), Some("/var/lib/e.db".into()));
+        assert_eq!(path_of("sqlite://./data/e.db"), Some("./data/e.db".into()));
+        assert_eq!(path_of("sqlite::memory:"), None);
+        assert_eq!(path_of("postgres://x/y"), None);
+    }
+
+    #[test]
+    fn garbage_short_and_missing_files_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        assert_eq!(check(&p).unwrap(), FileState::Missing);
+        std::fs::write(&p, b"").unwrap();
+        assert_eq!(check(&p).unwrap(), FileState::Empty);
+        std::fs::write(&p, [7u8; 4096]).unwrap();
+        assert!(check(&p).unwrap_err().to_string().contains("not a SQLite database"));
+        std::fs::write(&p, b"SQLite").unwrap();
+        assert!(check(&p).unwrap_err().to_string().contains("shorter than a SQLite header"));
+    }
 }
