@@ -20,7 +20,7 @@ pub const POLL_MS: (i64, i64) = (1_000, 3_600_000);
 pub const UPLOAD_MS: (i64, i64) = (10_000, 86_400_000);
 
 /// What the device should do: the desired side of the config shadow.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceConfig {
     /// Time between two register reads, ms (seed default 5 s).
     pub poll_interval_ms: i64,
@@ -41,7 +41,7 @@ impl Default for DeviceConfig {
 }
 
 /// A partial update of a [`DeviceConfig`]: absent fields keep their value.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPatch {
     /// New poll interval, ms.
@@ -102,7 +102,7 @@ impl DeviceConfig {
 }
 
 /// A field the device refused to apply, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rejection {
     /// The field.
     pub field: String,
@@ -127,7 +127,7 @@ impl Rejection {
 }
 
 /// A device's config shadow: what it should run and what it reports running.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ConfigShadow {
     /// The device.
     pub device: String,

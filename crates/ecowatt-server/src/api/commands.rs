@@ -16,6 +16,23 @@ use crate::commands::{self, Command, CommandFilter, CommandRequest, CommandStatu
 use crate::domain::Invalid;
 use crate::error::ApiError;
 
+/// A command to queue, as `POST /api/v1/devices/{name}/commands` takes it:
+/// the seed's `{type, parameters}` and the options. [`queue_for`] reads the
+/// same JSON (the legacy API queues through it too).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)] // the shape of the body `queue_for` reads
+pub struct QueueCommand {
+    /// `{"type": "set_power_percentage", "parameters": {"percentage": 50}}`, ...
+    #[serde(flatten)]
+    command: crate::commands::CommandRequest,
+    /// Time-to-live, seconds (10..=604800; default 600).
+    ttl_s: Option<i64>,
+    /// Hold an export limit under a lease, seconds (60..=604800; docs/export-control.md).
+    lease_s: Option<i64>,
+    /// Reach an export limit at this rate, % of rated power per second (0.01..=100).
+    ramp_pct_per_s: Option<f64>,
+}
+
 /// Queues `body` (`{"type", "parameters", "ttl_s"?, "lease_s"?}`, the seed's shape) for
 /// `device`; the commands aggregate validates it.
 pub async fn queue_for(
@@ -49,6 +66,17 @@ pub async fn queue_for(
     Ok(state.commands.queue_with(device, &request, &options, actor, crate::now_ms()).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{name}/commands",
+    operation_id = "commands_queue",
+    tag = "commands",
+    summary = "Queue a command {type, parameters, ttl_s?, lease_s?, ramp_pct_per_s? (export limits; see docs/export-control.md)}",
+    params(("name" = String, Path, description = "Device name")),
+    request_body = QueueCommand,
+    responses((status = 201, description = "queued", body = crate::commands::Command), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn queue(
     State(state): State<AppState>,
     op: Operator,
@@ -61,14 +89,21 @@ pub async fn queue(
     Ok((StatusCode::CREATED, Json(command)))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 pub struct ListQuery {
+    /// Only this device's.
     device: Option<String>,
+    /// Only in this status (queued, delivered, succeeded, failed, expired, cancelled, confirmed).
     status: Option<String>,
+    /// Only of this type (set_power_percentage, set_power, write_register, read_register).
     #[serde(rename = "type")]
+    #[param(rename = "type")]
     kind: Option<String>,
+    /// Page: commands with an id below this (`next_before` of the previous page).
     before: Option<i64>,
+    /// Only commands queued at or after this time, Unix ms.
     since_ms: Option<i64>,
+    /// At most this many (1..=1000; default 100).
     limit: Option<i64>,
 }
 
@@ -105,6 +140,16 @@ async fn page(state: &AppState, filter: CommandFilter) -> Result<Json<Value>, Ap
     Ok(Json(json!({ "commands": commands, "next_before": next })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands",
+    operation_id = "commands_list",
+    tag = "commands",
+    summary = "Commands (filters: device, status, type, before, since_ms, limit)",
+    params(ListQuery),
+    responses((status = 200, description = "{commands: [...], next_before}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn list(
     State(state): State<AppState>,
     _op: Operator,
@@ -113,6 +158,16 @@ pub async fn list(
     page(&state, q.filter(1000)?).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{name}/commands",
+    operation_id = "commands_list_for_device",
+    tag = "commands",
+    summary = "A device's commands (filters: status, type, before, since_ms, limit)",
+    params(("name" = String, Path, description = "Device name"), ListQuery),
+    responses((status = 200, description = "{commands: [...], next_before}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn list_for_device(
     State(state): State<AppState>,
     _op: Operator,
@@ -128,7 +183,7 @@ pub async fn list_for_device(
 /// The longest `wait_ms` a request may ask for (as a device's long poll).
 pub const MAX_WAIT_MS: u64 = 25_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct ShowQuery {
     /// Wait up to this long (0..=25000 ms) for the command's status to differ
     /// from `changed_from` (default: its status now, if still open).
@@ -140,6 +195,16 @@ pub struct ShowQuery {
 /// One command; with `wait_ms`, a long poll that answers as soon as its
 /// status changes from `changed_from` (a result, a delivery, a
 /// confirmation): `ecowatt command --wait` follows the outcome as it happens.
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands/{id}",
+    operation_id = "commands_show",
+    tag = "commands",
+    summary = "One command; with wait_ms, a long poll answered as soon as its status changes from changed_from",
+    params(("id" = i64, Path, description = "Command id"), ShowQuery),
+    responses((status = 200, description = "the command (after a wait: as soon as its status changed, or at the end of the wait)", body = crate::commands::Command), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn show(
     State(state): State<AppState>,
     _op: Operator,
@@ -181,6 +246,16 @@ pub async fn show(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/commands/{id}/cancel",
+    operation_id = "commands_cancel",
+    tag = "commands",
+    summary = "Cancel an open command",
+    params(("id" = i64, Path, description = "Command id")),
+    responses((status = 200, description = "cancelled", body = crate::commands::Command), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     op: Operator,
@@ -190,11 +265,21 @@ pub async fn cancel(
     Ok(Json(state.commands.cancel(id, &op.actor(), crate::now_ms()).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct StatsQuery {
     device: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands/statistics",
+    operation_id = "commands_statistics",
+    tag = "commands",
+    summary = "Command statistics (device optional)",
+    params(StatsQuery),
+    responses((status = 200, description = "{device, statistics}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn statistics(
     State(state): State<AppState>,
     _op: Operator,
@@ -207,10 +292,13 @@ pub async fn statistics(
     Ok(Json(json!({ "device": q.device, "statistics": stats })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct ExportQuery {
+    /// `csv` (default) or `jsonl`.
     format: Option<String>,
+    /// The list's filters (documented with the list).
     #[serde(flatten)]
+    #[param(ignore)]
     list: ListQuery,
 }
 
@@ -244,6 +332,16 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(ToString::to_string).unwrap_or_default()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands/export",
+    operation_id = "commands_export",
+    tag = "commands",
+    summary = "Export commands: format=csv|jsonl, same filters",
+    params(ExportQuery, ListQuery),
+    responses((status = 200, description = "CSV (text/csv) or JSON lines (application/x-ndjson)", body = String), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn export(
     State(state): State<AppState>,
     _op: Operator,

@@ -13,6 +13,16 @@ use crate::config::ConfigPatch;
 use crate::config::ConfigShadow;
 use crate::error::ApiError;
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{name}/config",
+    operation_id = "config_show",
+    tag = "config",
+    summary = "Config shadow: desired and reported",
+    params(("name" = String, Path, description = "Device name")),
+    responses((status = 200, description = "desired and reported", body = crate::config::ConfigShadow), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn show(
     State(state): State<AppState>,
     _op: Operator,
@@ -21,6 +31,17 @@ pub async fn show(
     Ok(Json(state.configs.shadow(&name).await?))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/devices/{name}/config",
+    operation_id = "config_update",
+    tag = "config",
+    summary = "Change the desired config {poll_interval_ms, upload_interval_ms, registers}",
+    params(("name" = String, Path, description = "Device name")),
+    request_body = crate::config::ConfigPatch,
+    responses((status = 200, description = "the new desired version", body = crate::config::ConfigShadow), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn update(
     State(state): State<AppState>,
     op: Operator,
@@ -33,11 +54,21 @@ pub async fn update(
     Ok(Json(shadow))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct HistoryQuery {
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{name}/config/history",
+    operation_id = "config_history",
+    tag = "config",
+    summary = "Desired config versions, newest first",
+    params(("name" = String, Path, description = "Device name"), HistoryQuery),
+    responses((status = 200, description = "{versions: [...]}, newest first", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn history(
     State(state): State<AppState>,
     _op: Operator,

@@ -104,6 +104,15 @@ struct Held {
 
 /// `POST /api/v1/device/sync`: the device reports and asks; the answer carries
 /// config and commands, at once or when they arrive within the wait it allows.
+#[utoipa::path(
+    post,
+    path = "/api/v1/device/sync",
+    operation_id = "device_sync",
+    tag = "device protocol",
+    summary = "Device protocol: sealed sync (long poll); see docs/protocol.md",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A sealed envelope (docs/protocol.md)"),
+    responses((status = 200, description = "a sealed answer (docs/protocol.md)", body = Vec<u8>), (status = "4XX", description = "refused: a sealed or JSON error (docs/protocol.md#transport)")),
+)]
 pub async fn sync(
     State(state): State<AppState>,
     Source(source): Source,
@@ -191,6 +200,15 @@ async fn sync_first(
 }
 
 /// `POST /api/v1/device/telemetry`: a batch of samples; stored once, acknowledged.
+#[utoipa::path(
+    post,
+    path = "/api/v1/device/telemetry",
+    operation_id = "device_telemetry",
+    tag = "device protocol",
+    summary = "Device protocol: sealed telemetry upload; see docs/protocol.md",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A sealed envelope (docs/protocol.md)"),
+    responses((status = 200, description = "a sealed acknowledgement (docs/protocol.md)", body = Vec<u8>), (status = "4XX", description = "refused: a sealed or JSON error (docs/protocol.md#transport)")),
+)]
 pub async fn telemetry(
     State(state): State<AppState>,
     Source(source): Source,

@@ -13,7 +13,7 @@ use super::{AppState, Operator};
 use crate::devices::Device;
 use crate::error::ApiError;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewDevice {
     name: String,
@@ -48,6 +48,16 @@ fn provisioning(state: &AppState, device: &Device, key: &str) -> Value {
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices",
+    operation_id = "devices_add",
+    tag = "devices",
+    summary = "Register a device {name, rated_power_w}; returns its key once, in `provisioning`",
+    request_body = NewDevice,
+    responses((status = 201, description = "{device, provisioning}: the key, shown only now", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn add(
     State(state): State<AppState>,
     op: Operator,
@@ -81,6 +91,15 @@ pub async fn add(
     Ok((StatusCode::CREATED, Json(json!({ "device": device, "provisioning": provisioning }))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices",
+    operation_id = "devices_list",
+    tag = "devices",
+    summary = "List devices (online, firmware, last seen)",
+    responses((status = 200, description = "{devices: [...]}: each device with `online`", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
     let now = crate::now_ms();
     let devices: Vec<Value> = state
@@ -99,6 +118,16 @@ pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<V
     Ok(Json(json!({ "devices": devices })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{name}",
+    operation_id = "devices_show",
+    tag = "devices",
+    summary = "A device and its config shadow",
+    params(("name" = String, Path, description = "Device name")),
+    responses((status = 200, description = "{device, config}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn show(
     State(state): State<AppState>,
     _op: Operator,
@@ -109,6 +138,16 @@ pub async fn show(
     Ok(Json(json!({ "device": device, "config": config })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{name}/disable",
+    operation_id = "devices_disable",
+    tag = "devices",
+    summary = "Disable a device",
+    params(("name" = String, Path, description = "Device name")),
+    responses((status = 200, description = "the device", body = crate::devices::Device), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn disable(
     State(state): State<AppState>,
     op: Operator,
@@ -118,6 +157,16 @@ pub async fn disable(
     Ok(Json(state.devices.set_enabled(&name, false, &op.actor(), crate::now_ms()).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{name}/enable",
+    operation_id = "devices_enable",
+    tag = "devices",
+    summary = "Enable a device",
+    params(("name" = String, Path, description = "Device name")),
+    responses((status = 200, description = "the device", body = crate::devices::Device), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn enable(
     State(state): State<AppState>,
     op: Operator,
@@ -127,6 +176,16 @@ pub async fn enable(
     Ok(Json(state.devices.set_enabled(&name, true, &op.actor(), crate::now_ms()).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{name}/rotate-key",
+    operation_id = "devices_rotate_key",
+    tag = "devices",
+    summary = "Give a device a new key; returns it once",
+    params(("name" = String, Path, description = "Device name")),
+    responses((status = 200, description = "{device, provisioning}: the new key, shown only now", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn rotate_key(
     State(state): State<AppState>,
     op: Operator,
@@ -139,6 +198,16 @@ pub async fn rotate_key(
     Ok(Json(json!({ "device": device, "provisioning": provisioning })))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/devices/{name}",
+    operation_id = "devices_remove",
+    tag = "devices",
+    summary = "Remove a device with its config and commands",
+    params(("name" = String, Path, description = "Device name")),
+    responses((status = 204, description = "removed"), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn remove(
     State(state): State<AppState>,
     op: Operator,

@@ -33,6 +33,17 @@ fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
 }
 
 /// `POST /api/v1/firmware`: the image as the body, its manifest in a header.
+#[utoipa::path(
+    post,
+    path = "/api/v1/firmware",
+    operation_id = "firmware_upload",
+    tag = "firmware",
+    summary = "Upload a signed image (body) with its manifest (hex JSON in the ecowatt-manifest header)",
+    params(("ecowatt-manifest" = String, Header, description = "The signed manifest JSON, hex-encoded")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The image, as signed"),
+    responses((status = 201, description = "stored (refused: unknown_signer, bad_signature, image_mismatch, conflict; over 32 MiB: 413 body_too_large)", body = crate::firmware::Firmware), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn upload(
     State(state): State<AppState>,
     op: Operator,
@@ -71,11 +82,30 @@ pub async fn upload(
 }
 
 /// `GET /api/v1/firmware`: every stored image's record.
+#[utoipa::path(
+    get,
+    path = "/api/v1/firmware",
+    operation_id = "firmware_list",
+    tag = "firmware",
+    summary = "Stored firmware images",
+    responses((status = 200, description = "{firmware: [...]}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "firmware": state.firmware.list().await? })))
 }
 
 /// `GET /api/v1/firmware/{id}/image`: the bytes, honouring `Range`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/firmware/{id}/image",
+    operation_id = "firmware_image",
+    tag = "firmware",
+    summary = "An image's bytes (Range supported)",
+    params(("id" = i64, Path, description = "Firmware id")),
+    responses((status = 200, description = "the image (206 with a Range header)", body = Vec<u8>), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn image(
     State(state): State<AppState>,
     _op: Operator,
@@ -90,6 +120,16 @@ pub async fn image(
 /// honouring `Range` (the device resumes a cut download from where it got).
 /// The token only names the download; the device checks the bytes against
 /// the signed manifest it was offered.
+#[utoipa::path(
+    get,
+    path = "/api/v1/device/firmware/{token}",
+    operation_id = "firmware_device_image",
+    tag = "device protocol",
+    summary = "Device: the image an update offer names (Range supported); see docs/firmware.md",
+    params(("token" = String, Path, description = "Download token from the update offer")),
+    responses((status = 200, description = "the image (206 with a Range header)", body = Vec<u8>), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(()),
+)]
 pub async fn device_image(
     State(state): State<AppState>,
     Path(token): Path<String>,
@@ -110,7 +150,7 @@ pub async fn device_image(
 }
 
 /// `POST /api/v1/rollouts` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutRequest {
     /// The image by id...
@@ -137,6 +177,16 @@ fn rollout_json(r: &Rollout, devices: Option<&[RolloutDevice]>) -> Value {
 }
 
 /// `POST /api/v1/rollouts`: offer an image to devices, in waves.
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts",
+    operation_id = "firmware_start_rollout",
+    tag = "firmware",
+    summary = "Start a rollout {firmware_id | version [+target], devices | percent, waves?, failure_threshold_pct?}",
+    request_body = RolloutRequest,
+    responses((status = 201, description = "the rollout with its devices", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn start_rollout(
     State(state): State<AppState>,
     op: Operator,
@@ -175,6 +225,15 @@ pub async fn start_rollout(
 }
 
 /// `GET /api/v1/rollouts`: every rollout with its counts per state.
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts",
+    operation_id = "firmware_rollouts",
+    tag = "firmware",
+    summary = "Rollouts, newest first, with device counts per state",
+    responses((status = 200, description = "{rollouts: [...]}, newest first, with counts per state", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn rollouts(
     State(state): State<AppState>,
     _op: Operator,
@@ -185,6 +244,16 @@ pub async fn rollouts(
 }
 
 /// `GET /api/v1/rollouts/{id}`: one rollout with each device's progress.
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts/{id}",
+    operation_id = "firmware_rollout",
+    tag = "firmware",
+    summary = "A rollout with each device's progress and running version",
+    params(("id" = i64, Path, description = "Rollout id")),
+    responses((status = 200, description = "the rollout with each device's progress and running version", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn rollout(
     State(state): State<AppState>,
     _op: Operator,
@@ -195,6 +264,16 @@ pub async fn rollout(
 }
 
 /// `POST /api/v1/rollouts/{id}/pause|resume|abort`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts/{id}/{action}",
+    operation_id = "firmware_act",
+    tag = "firmware",
+    summary = "Pause, resume or abort a rollout (abort: devices not installing are cancelled)",
+    params(("id" = i64, Path, description = "Rollout id"), ("action" = String, Path, description = "pause, resume or abort")),
+    responses((status = 200, description = "the rollout", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn act(
     State(state): State<AppState>,
     op: Operator,

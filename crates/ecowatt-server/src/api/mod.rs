@@ -24,8 +24,10 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, MatchedPath
 use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::get;
 use ecowatt_edge::BodyGuardLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use auth::Operator;
 pub use commands::MAX_WAIT_MS as MAX_COMMAND_WAIT_MS;
@@ -125,79 +127,115 @@ impl<S: Send + Sync> FromRequestParts<S> for Source {
     }
 }
 
-/// The whole API over `state`. Request bodies are read at the edge
-/// ([`BodyGuardLayer`]): each group of routes has its limit, refused from the
-/// declared length, and the settings' body timeout.
+/// The OpenAPI document's frame: what the handlers' own annotations do not say.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "EcoWatt server API",
+        description = "Operator endpoints take `Authorization: Bearer <token>` (admin or viewer); \
+            `/healthz` and `/metrics` need none; device endpoints carry sealed envelopes \
+            (docs/protocol.md). Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`. \
+            Generated from the handlers' own annotations and types."
+    ),
+    modifiers(&BearerScheme)
+)]
+struct ApiDoc;
+
+/// The `bearer` security scheme the operator endpoints name (`admin`: the
+/// endpoint needs an admin token; none: any token).
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every documented endpoint, each registered from its handler's
+/// `#[utoipa::path]` (method and path included), so that the router and the
+/// OpenAPI document are one list and cannot drift. Request bodies are read
+/// at the edge ([`BodyGuardLayer`]): each group of routes has its limit,
+/// refused from the declared length, and the body timeout.
+fn routes(body_limit: usize, timeout: std::time::Duration) -> OpenApiRouter<AppState> {
+    let device = OpenApiRouter::new()
+        .routes(routes!(device::sync))
+        .routes(routes!(device::telemetry))
+        .route_layer(BodyGuardLayer::new(ecowatt_proto::seal::MAX_LEN, timeout));
+    let images = OpenApiRouter::new()
+        .routes(routes!(firmware::list, firmware::upload))
+        .route_layer(BodyGuardLayer::new(firmware::MAX_IMAGE, timeout));
+    let operator = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(devices::list, devices::add))
+        .routes(routes!(devices::show, devices::remove))
+        .routes(routes!(devices::disable))
+        .routes(routes!(devices::enable))
+        .routes(routes!(devices::rotate_key))
+        .routes(routes!(config::show, config::update))
+        .routes(routes!(config::history))
+        .routes(routes!(commands::list_for_device, commands::queue))
+        .routes(routes!(control::set_failsafe))
+        .routes(routes!(control::set_tags))
+        .routes(routes!(control::set_ramp))
+        .routes(routes!(control::show))
+        .routes(routes!(control::schedule, control::set_schedule, control::clear_schedule))
+        .routes(routes!(control::resume_schedule))
+        .routes(routes!(control::set_group_schedule, control::clear_group_schedule))
+        .routes(routes!(control::list, control::curtail))
+        .routes(routes!(control::get))
+        .routes(routes!(control::release))
+        .routes(routes!(commands::list))
+        .routes(routes!(commands::statistics))
+        .routes(routes!(commands::export))
+        .routes(routes!(commands::show))
+        .routes(routes!(commands::cancel))
+        .routes(routes!(tokens::list, tokens::create))
+        .routes(routes!(tokens::revoke))
+        .routes(routes!(tokens::audit))
+        .routes(routes!(tokens::security_events))
+        .routes(routes!(firmware::image))
+        .routes(routes!(firmware::device_image))
+        .routes(routes!(firmware::rollouts, firmware::start_rollout))
+        .routes(routes!(firmware::rollout))
+        .routes(routes!(firmware::act))
+        .routes(routes!(telemetry::query))
+        .routes(routes!(telemetry::latest))
+        .routes(routes!(telemetry::completeness))
+        .route_layer(BodyGuardLayer::new(body_limit, timeout));
+    operator.merge(device).merge(images)
+}
+
+/// The OpenAPI document of this server (`/api/openapi.json`), from [`routes`].
+pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+    static DOC: std::sync::LazyLock<utoipa::openapi::OpenApi> =
+        std::sync::LazyLock::new(|| routes(0, std::time::Duration::ZERO).into_openapi());
+    &DOC
+}
+
+/// The whole API over `state`: the documented endpoints, the dashboard and
+/// the API's own docs, and the seed's legacy API when enabled.
 pub fn app(state: AppState) -> Router {
     let timeout = state.settings.body_timeout;
-    let device = Router::new()
-        .route("/api/v1/device/sync", post(device::sync))
-        .route("/api/v1/device/telemetry", post(device::telemetry))
-        .route_layer(BodyGuardLayer::new(ecowatt_proto::seal::MAX_LEN, timeout));
-    let images = Router::new()
-        .route("/api/v1/firmware", get(firmware::list).post(firmware::upload))
-        .route_layer(BodyGuardLayer::new(firmware::MAX_IMAGE, timeout));
-    let mut operator = Router::new()
+    let (api, _) = routes(state.settings.body_limit, timeout).split_for_parts();
+    let pages = Router::new()
         .route("/", get(docs::dashboard))
         .route("/dashboard", get(docs::dashboard))
         .route("/favicon.svg", get(docs::favicon))
         .route("/favicon.ico", get(docs::favicon))
-        .route("/healthz", get(ops::healthz))
-        .route("/metrics", get(ops::metrics))
         .route("/api/openapi.json", get(docs::openapi))
-        .route("/api/docs", get(docs::page))
-        .route("/api/v1/devices", get(devices::list).post(devices::add))
-        .route("/api/v1/devices/{name}", get(devices::show).delete(devices::remove))
-        .route("/api/v1/devices/{name}/disable", post(devices::disable))
-        .route("/api/v1/devices/{name}/enable", post(devices::enable))
-        .route("/api/v1/devices/{name}/rotate-key", post(devices::rotate_key))
-        .route("/api/v1/devices/{name}/config", get(config::show).patch(config::update))
-        .route("/api/v1/devices/{name}/config/history", get(config::history))
-        .route(
-            "/api/v1/devices/{name}/commands",
-            get(commands::list_for_device).post(commands::queue),
-        )
-        .route("/api/v1/devices/{name}/failsafe", axum::routing::put(control::set_failsafe))
-        .route("/api/v1/devices/{name}/tags", axum::routing::put(control::set_tags))
-        .route("/api/v1/devices/{name}/ramp", axum::routing::put(control::set_ramp))
-        .route("/api/v1/devices/{name}/control", get(control::show))
-        .route(
-            "/api/v1/devices/{name}/schedule",
-            get(control::schedule).put(control::set_schedule).delete(control::clear_schedule),
-        )
-        .route("/api/v1/devices/{name}/schedule/resume", post(control::resume_schedule))
-        .route(
-            "/api/v1/groups/{group}/schedule",
-            axum::routing::put(control::set_group_schedule).delete(control::clear_group_schedule),
-        )
-        .route("/api/v1/curtailments", get(control::list).post(control::curtail))
-        .route("/api/v1/curtailments/{id}", get(control::get))
-        .route("/api/v1/curtailments/{id}/release", post(control::release))
-        .route("/api/v1/commands", get(commands::list))
-        .route("/api/v1/commands/statistics", get(commands::statistics))
-        .route("/api/v1/commands/export", get(commands::export))
-        .route("/api/v1/commands/{id}", get(commands::show))
-        .route("/api/v1/commands/{id}/cancel", post(commands::cancel))
-        .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
-        .route("/api/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
-        .route("/api/v1/audit", get(tokens::audit))
-        .route("/api/v1/security-events", get(tokens::security_events))
-        .route("/api/v1/firmware/{id}/image", get(firmware::image))
-        .route("/api/v1/device/firmware/{token}", get(firmware::device_image))
-        .route("/api/v1/rollouts", get(firmware::rollouts).post(firmware::start_rollout))
-        .route("/api/v1/rollouts/{id}", get(firmware::rollout))
-        .route("/api/v1/rollouts/{id}/{action}", post(firmware::act))
-        .route("/api/v1/devices/{name}/telemetry", get(telemetry::query))
-        .route("/api/v1/devices/{name}/latest", get(telemetry::latest))
-        .route("/api/v1/devices/{name}/completeness", get(telemetry::completeness));
+        .route("/api/docs", get(docs::page));
+    let mut app = api.merge(pages);
     if state.settings.legacy_api {
-        operator = operator.merge(legacy::routes());
+        app = app.merge(
+            legacy::routes().route_layer(BodyGuardLayer::new(state.settings.body_limit, timeout)),
+        );
     }
-    let operator = operator.route_layer(BodyGuardLayer::new(state.settings.body_limit, timeout));
-    operator
-        .merge(device)
-        .merge(images)
-        .fallback(ops::not_found)
+    app.fallback(ops::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         // The guards above enforce every limit; the extractors' own default
         // (2 MB) would refuse a firmware image the guard allowed.

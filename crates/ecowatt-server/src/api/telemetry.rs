@@ -32,7 +32,7 @@ fn eng(address: usize, raw: Option<f64>) -> Value {
     raw.map_or(Value::Null, |v| json!(engineering(address, v)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct RangeQuery {
     from_ms: Option<i64>,
     to_ms: Option<i64>,
@@ -41,6 +41,16 @@ pub struct RangeQuery {
     format: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{name}/telemetry",
+    operation_id = "telemetry_query",
+    tag = "telemetry",
+    summary = "Samples in engineering units (from_ms, to_ms, registers, max_points, format=csv)",
+    params(("name" = String, Path, description = "Device name"), RangeQuery),
+    responses((status = 200, description = "{registers, points: [{t, seq?, v}], downsampled} (text/csv with format=csv)", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn query(
     State(state): State<AppState>,
     _op: Operator,
@@ -117,6 +127,16 @@ pub async fn query(
     .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{name}/latest",
+    operation_id = "telemetry_latest",
+    tag = "telemetry",
+    summary = "Newest sample, online, last seen, when the next upload is due",
+    params(("name" = String, Path, description = "Device name")),
+    responses((status = 200, description = "{online, last_seen_ms, upload_interval_ms, next_upload_due_ms, sample}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn latest(
     State(state): State<AppState>,
     _op: Operator,
@@ -153,12 +173,22 @@ pub async fn latest(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct CompletenessQuery {
     from_ms: Option<i64>,
     to_ms: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{name}/completeness",
+    operation_id = "telemetry_completeness",
+    tag = "telemetry",
+    summary = "Gaps in seq and reported drops",
+    params(("name" = String, Path, description = "Device name"), CompletenessQuery),
+    responses((status = 200, description = "received, gaps, duplicates, drops the device reported", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn completeness(
     State(state): State<AppState>,
     _op: Operator,

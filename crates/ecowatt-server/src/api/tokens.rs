@@ -13,13 +13,23 @@ use super::{AppState, Operator};
 use crate::error::ApiError;
 use crate::operators::{Role, Token, generate_token, hash_token};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     name: String,
     role: Role,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/tokens",
+    operation_id = "tokens_create",
+    tag = "operators",
+    summary = "Create a token {name, role: admin|viewer}; returns it once",
+    request_body = NewToken,
+    responses((status = 201, description = "{token, info}: the secret, shown only now", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn create(
     State(state): State<AppState>,
     op: Operator,
@@ -34,11 +44,30 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(json!({ "token": secret, "info": token }))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/tokens",
+    operation_id = "tokens_list",
+    tag = "operators",
+    summary = "List operator tokens",
+    responses((status = 200, description = "{tokens: [...]}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Value>, ApiError> {
     op.require_admin()?;
     Ok(Json(json!({ "tokens": state.operators.list().await? })))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/tokens/{id}",
+    operation_id = "tokens_revoke",
+    tag = "operators",
+    summary = "Revoke a token",
+    params(("id" = i64, Path, description = "Token id")),
+    responses((status = 200, description = "revoked", body = crate::operators::Token), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = ["admin"])),
+)]
 pub async fn revoke(
     State(state): State<AppState>,
     op: Operator,
@@ -48,12 +77,22 @@ pub async fn revoke(
     Ok(Json(state.operators.revoke(id, &op.actor(), crate::now_ms()).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct AuditQuery {
     before: Option<i64>,
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    operation_id = "tokens_audit",
+    tag = "operators",
+    summary = "Audit log, newest first (before, limit)",
+    params(AuditQuery),
+    responses((status = 200, description = "{entries: [...], next_before}, newest first", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn audit(
     State(state): State<AppState>,
     _op: Operator,
@@ -68,6 +107,16 @@ pub async fn audit(
     Ok(Json(json!({ "entries": entries, "next_before": next })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/security-events",
+    operation_id = "tokens_security_events",
+    tag = "operators",
+    summary = "Device protocol refusals, newest first",
+    params(AuditQuery),
+    responses((status = 200, description = "{events: [...], next_before}, newest first", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    security(("bearer" = [])),
+)]
 pub async fn security_events(
     State(state): State<AppState>,
     _op: Operator,

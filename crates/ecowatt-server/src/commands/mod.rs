@@ -17,7 +17,7 @@ pub use store::Commands;
 use crate::domain::Invalid;
 
 /// The commands an operator can queue, as the API and the seed name them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "type", content = "parameters")]
 pub enum CommandRequest {
     /// Set the export limit to a percentage of rated power (0..=100).
@@ -45,7 +45,7 @@ pub enum CommandRequest {
 }
 
 /// What the device does on the inverter for a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum Action {
     /// Write `value` to `register` (then read it back).
@@ -139,7 +139,7 @@ impl CommandRequest {
 }
 
 /// Where a command is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandStatus {
     /// Waiting for the device.
@@ -311,7 +311,7 @@ impl Action {
 }
 
 /// A queued inverter command and everything known about it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Command {
     /// Numeric id, never reused.
     pub id: i64,

@@ -159,7 +159,7 @@ pub struct EpisodeRecord {
 }
 
 /// A curtailment's devices by where their limit stands.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Progress {
     /// Devices in it.
     pub devices: i64,

@@ -21,7 +21,7 @@ pub struct Control {
 }
 
 /// A curtailment of a group, or the release of one.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Curtailment {
     /// Its id.
     pub id: i64,

@@ -20,7 +20,7 @@ use crate::domain::Invalid;
 use crate::operators::audit;
 
 /// A registered device (its key is never part of this).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Device {
     /// Numeric id, never reused.
     pub id: DeviceId,

@@ -22,7 +22,7 @@ use crate::db::{Db, StoreError, StoreResult, json_col};
 use crate::operators::audit;
 
 /// A stored firmware image's record (the bytes are fetched separately).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Firmware {
     /// Numeric id.
     pub id: i64,

@@ -16,7 +16,7 @@ use crate::db::{Db, StoreError, StoreResult, corrupt};
 use crate::domain::Invalid;
 
 /// An operator role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// May do everything.
@@ -45,7 +45,7 @@ impl Role {
 }
 
 /// An operator token's record (the token itself is stored only as a hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Token {
     /// Numeric id.
     pub id: i64,

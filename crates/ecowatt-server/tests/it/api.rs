@@ -350,12 +350,19 @@ async fn the_dashboard_is_one_page_with_nothing_from_the_internet() {
     let (status, page) = c.raw("GET", "/", None, None, "").await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains("<title>EcoWatt</title>") && page.contains("/api/v1/devices"));
-    for external in ["http://", "https://", "//cdn", "<link ", "src=\""] {
+    for external in ["http://", "https://", "//cdn", "src=\""] {
         assert!(
             !page.contains(external),
             "the page loads nothing from elsewhere: found {external:?}"
         );
     }
+    // Its one link is its icon, from this server.
+    let links: Vec<&str> = page.split("<link ").skip(1).collect();
+    assert_eq!(links.len(), 1);
+    assert!(links[0].contains("href=\"/favicon.svg\""), "{}", links[0]);
+    let (status, icon) = c.raw("GET", "/favicon.ico", None, None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(icon.starts_with("<svg"), "{icon}");
     assert_eq!(c.raw("GET", "/dashboard", None, None, "").await.1, page);
     c.server.stop().await;
 }
@@ -432,5 +439,78 @@ async fn waiting_on_a_command_answers_as_soon_as_its_status_changes() {
         let (status, v) = c.call("GET", &format!("/api/v1/commands/{id}?{bad}"), None).await;
         assert_eq!((status, code(&v)), (StatusCode::BAD_REQUEST, "invalid_field"), "{bad}: {v}");
     }
+    c.server.stop().await;
+}
+
+/// The OpenAPI document is generated from the handlers: every operation it
+/// lists is routed (never `no_route` or 405), operation ids are unique,
+/// request and response bodies name the handlers' own types, who may call
+/// each is stated, and the docs page lists every operation.
+#[tokio::test]
+async fn the_openapi_document_and_the_router_are_one_list() {
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, true).await;
+    let (_, spec) = c.call_as(None, "GET", "/api/openapi.json", None).await;
+    let (_, page) = c.raw("GET", "/api/docs", None, None, "").await;
+    let mut ids = std::collections::HashSet::new();
+    let mut count = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            count += 1;
+            assert!(ids.insert(op["operationId"].as_str().unwrap().to_owned()), "{method} {path}");
+            assert!(op["summary"].is_string(), "{method} {path}: no summary");
+            let concrete = path
+                .replace("{name}", "nosuch")
+                .replace("{group}", "nosuch")
+                .replace("{token}", "00")
+                .replace("{action}", "pause")
+                .replace("{id}", "999999");
+            let body = matches!(method.as_str(), "post" | "put" | "patch").then(|| "{}".to_owned());
+            let (status, text) = c
+                .raw(&method.to_uppercase(), &concrete, Some(&c.token), body, "application/json")
+                .await;
+            assert!(
+                status != StatusCode::METHOD_NOT_ALLOWED && !text.contains("\"no_route\""),
+                "{method} {path} is documented but not routed: {status} {text}"
+            );
+            assert!(page.contains(&format!("<code>{}</code>", method.to_uppercase())), "{method}");
+            assert!(
+                page.contains(&format!("<code>{path}</code>")),
+                "{path} missing from /api/docs"
+            );
+        }
+    }
+    assert!(count >= 50, "{count} operations");
+    // Bodies are the handlers' types, with their fields.
+    let queue = &spec["paths"]["/api/v1/devices/{name}/commands"]["post"];
+    assert_eq!(
+        queue["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/QueueCommand"
+    );
+    assert_eq!(
+        queue["responses"]["201"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/Command"
+    );
+    assert_eq!(queue["security"][0]["bearer"][0], "admin");
+    let schemas = &spec["components"]["schemas"];
+    for field in ["id", "device", "status", "result_message", "lease_ms"] {
+        assert!(schemas["Command"]["properties"][field].is_object(), "Command.{field}");
+    }
+    assert!(schemas["ConfigPatch"]["properties"]["upload_interval_ms"].is_object());
+    assert_eq!(schemas["ErrorBody"]["required"][0], "error");
+    // Query parameters come from the handlers' query types.
+    let list = &spec["paths"]["/api/v1/commands"]["get"]["parameters"];
+    let names: Vec<&str> =
+        list.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    for q in ["device", "status", "type", "before", "since_ms", "limit"] {
+        assert!(names.contains(&q), "{q} in {names:?}");
+    }
+    // Who may call: health and metrics need nothing, reads any token, changes admin.
+    assert!(spec["paths"]["/healthz"]["get"]["security"].is_null());
+    assert!(
+        page.contains("<code>/healthz</code></td><td>Health")
+            && page.contains("nothing (no token)")
+    );
+    assert_eq!(spec["paths"]["/api/v1/devices"]["get"]["security"][0]["bearer"], json!([]));
     c.server.stop().await;
 }
