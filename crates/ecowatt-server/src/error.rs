@@ -92,6 +92,20 @@ pub struct ErrorDetail {
     pub field: Option<String>,
 }
 
+/// The error answers an API endpoint may give, for its OpenAPI entry
+/// (`responses(..., ErrorResponses)`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // documents what `ApiError` renders
+pub enum ErrorResponses {
+    /// Refused: `error.code` says why (`invalid_field` with `field`, `unauthorized`,
+    /// `forbidden`, `not_found`, `conflict`, `body_too_large`, `rate_limited`, ...).
+    #[response(status = "4XX")]
+    Refused(ErrorBody),
+    /// The store failed (`503 storage_unavailable`) or the server is full (`503 server_busy`).
+    #[response(status = "5XX")]
+    Unavailable(ErrorBody),
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {

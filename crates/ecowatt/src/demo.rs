@@ -207,10 +207,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
         let stop = async {
             // Ctrl-C or SIGTERM (a second one exits at once), or `--for`.
-            let run_for = args.run_for.unwrap_or(Duration::MAX);
+            let run_for = async {
+                match args.run_for {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = crate::signals::stop_requested() => {}
-                () = tokio::time::sleep(run_for.min(Duration::from_secs(100 * 365 * 86_400))) => {}
+                () = run_for => {}
             }
         };
         tokio::select! {

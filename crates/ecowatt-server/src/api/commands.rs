@@ -74,7 +74,7 @@ pub async fn queue_for(
     summary = "Queue a command {type, parameters, ttl_s?, lease_s?, ramp_pct_per_s? (export limits; see docs/export-control.md)}",
     params(("name" = String, Path, description = "Device name")),
     request_body = QueueCommand,
-    responses((status = 201, description = "queued", body = crate::commands::Command), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "queued", body = crate::commands::Command), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn queue(
@@ -147,7 +147,7 @@ async fn page(state: &AppState, filter: CommandFilter) -> Result<Json<Value>, Ap
     tag = "commands",
     summary = "Commands (filters: device, status, type, before, since_ms, limit)",
     params(ListQuery),
-    responses((status = 200, description = "{commands: [...], next_before}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{commands: [...], next_before}", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn list(
@@ -165,7 +165,7 @@ pub async fn list(
     tag = "commands",
     summary = "A device's commands (filters: status, type, before, since_ms, limit)",
     params(("name" = String, Path, description = "Device name"), ListQuery),
-    responses((status = 200, description = "{commands: [...], next_before}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{commands: [...], next_before}", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn list_for_device(
@@ -202,7 +202,7 @@ pub struct ShowQuery {
     tag = "commands",
     summary = "One command; with wait_ms, a long poll answered as soon as its status changes from changed_from",
     params(("id" = i64, Path, description = "Command id"), ShowQuery),
-    responses((status = 200, description = "the command (after a wait: as soon as its status changed, or at the end of the wait)", body = crate::commands::Command), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the command (after a wait: as soon as its status changed, or at the end of the wait)", body = crate::commands::Command), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn show(
@@ -253,7 +253,7 @@ pub async fn show(
     tag = "commands",
     summary = "Cancel an open command",
     params(("id" = i64, Path, description = "Command id")),
-    responses((status = 200, description = "cancelled", body = crate::commands::Command), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "cancelled", body = crate::commands::Command), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn cancel(
@@ -277,7 +277,7 @@ pub struct StatsQuery {
     tag = "commands",
     summary = "Command statistics (device optional)",
     params(StatsQuery),
-    responses((status = 200, description = "{device, statistics}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{device, statistics}", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn statistics(
@@ -339,7 +339,7 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     tag = "commands",
     summary = "Export commands: format=csv|jsonl, same filters",
     params(ExportQuery, ListQuery),
-    responses((status = 200, description = "CSV (text/csv) or JSON lines (application/x-ndjson)", body = String), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "CSV (text/csv) or JSON lines (application/x-ndjson)", body = String), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn export(

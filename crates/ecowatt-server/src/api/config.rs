@@ -20,7 +20,7 @@ use crate::error::ApiError;
     tag = "config",
     summary = "Config shadow: desired and reported",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "desired and reported", body = crate::config::ConfigShadow), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "desired and reported", body = crate::config::ConfigShadow), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn show(
@@ -39,7 +39,7 @@ pub async fn show(
     summary = "Change the desired config {poll_interval_ms, upload_interval_ms, registers}",
     params(("name" = String, Path, description = "Device name")),
     request_body = crate::config::ConfigPatch,
-    responses((status = 200, description = "the new desired version", body = crate::config::ConfigShadow), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the new desired version", body = crate::config::ConfigShadow), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn update(
@@ -66,7 +66,7 @@ pub struct HistoryQuery {
     tag = "config",
     summary = "Desired config versions, newest first",
     params(("name" = String, Path, description = "Device name"), HistoryQuery),
-    responses((status = 200, description = "{versions: [...]}, newest first", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{versions: [...]}, newest first", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn history(

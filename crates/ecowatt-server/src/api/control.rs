@@ -31,7 +31,7 @@ pub struct FailSafeBody {
     summary = "Set the fail-safe export limit {failsafe: 0..100 | 'hold' | null}",
     params(("name" = String, Path, description = "Device name")),
     request_body = FailSafeBody,
-    responses((status = 200, description = "the device's export control", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the device's export control", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn set_failsafe(
@@ -60,7 +60,7 @@ pub struct RampBody {
     summary = "Default ramp of export limits {ramp_pct_per_s: 0.01..100 | null}",
     params(("name" = String, Path, description = "Device name")),
     request_body = RampBody,
-    responses((status = 200, description = "the device's export control", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the device's export control", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn set_ramp(
@@ -89,7 +89,7 @@ pub struct TagsBody {
     summary = "Replace a device's tags {tags: [..]}",
     params(("name" = String, Path, description = "Device name")),
     request_body = TagsBody,
-    responses((status = 200, description = "the device's export control", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the device's export control", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn set_tags(
@@ -110,7 +110,7 @@ pub async fn set_tags(
     tag = "export control",
     summary = "Tags, fail-safe, the leased limit the device reports, its episodes",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "tags, fail-safe, ramp, what the device reports, episodes", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "tags, fail-safe, ramp, what the device reports, episodes", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn show(
@@ -142,7 +142,7 @@ pub fn seconds(field: &str, v: &Value) -> Result<i64, Invalid> {
     tag = "export control",
     summary = "Curtail a group {group, percent, lease_s?, ramp_pct_per_s?}; refused whole (group_empty, failsafe_not_configured)",
     request_body = CurtailBody,
-    responses((status = 201, description = "started", body = crate::control::store::Curtailment), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "started", body = crate::control::store::Curtailment), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn curtail(
@@ -175,7 +175,7 @@ pub async fn curtail(
     tag = "export control",
     summary = "Release: its devices back to their schedule's limit, or 100 % without one",
     params(("id" = i64, Path, description = "Curtailment id")),
-    responses((status = 201, description = "the release (a curtailment of its own)", body = crate::control::store::Curtailment), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "the release (a curtailment of its own)", body = crate::control::store::Curtailment), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn release(
@@ -195,7 +195,7 @@ pub async fn release(
     tag = "export control",
     summary = "A curtailment: confirmed, pending, offline, failed, time to confirm p50/p99, failures",
     params(("id" = i64, Path, description = "Curtailment id")),
-    responses((status = 200, description = "with progress", body = crate::control::store::Curtailment), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "with progress", body = crate::control::store::Curtailment), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn get(
@@ -212,7 +212,7 @@ pub async fn get(
     operation_id = "control_list",
     tag = "export control",
     summary = "Curtailments, newest first, with progress",
-    responses((status = 200, description = "{curtailments: [...]}, newest first", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{curtailments: [...]}, newest first", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
@@ -236,7 +236,7 @@ fn refused(e: PlanError) -> ApiError {
     tag = "export control",
     summary = "The export-limit schedule: definition, version, active entry and next changes (site time), what the device reports",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "definition, version, active entry, next changes, what the device reports", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "definition, version, active entry, next changes, what the device reports", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn schedule(
@@ -256,7 +256,7 @@ pub async fn schedule(
     summary = "Set the schedule {timezone, default_pct?, entries: ['mon-fri 11:00-14:00 0%' | {days, start, end, limit_pct}]}; refused: unknown_timezone, schedule_overlap, schedule_time_invalid, schedule_days_invalid, schedule_limit_invalid",
     params(("name" = String, Path, description = "Device name")),
     request_body(content = serde_json::Value, description = "{timezone, default_pct?, entries: [\"mon-fri 11:00-14:00 0%\" | {days, start, end, limit_pct}]} (docs/export-control.md#schedules)"),
-    responses((status = 200, description = "the schedule as stored", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the schedule as stored", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn set_schedule(
@@ -278,7 +278,7 @@ pub async fn set_schedule(
     tag = "export control",
     summary = "Clear the schedule (a new version without entries)",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "the schedule (a new version without entries)", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the schedule (a new version without entries)", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn clear_schedule(
@@ -300,7 +300,7 @@ pub async fn clear_schedule(
     tag = "export control",
     summary = "Return to the schedule: a command that ends any command's limit or lease and writes the schedule's limit in force",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 201, description = "the command that returns the device to its schedule", body = crate::commands::Command), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "the command that returns the device to its schedule", body = crate::commands::Command), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn resume_schedule(
@@ -325,7 +325,7 @@ pub async fn resume_schedule(
     summary = "Set the schedule of every enabled device tagged group (group_empty when none)",
     params(("group" = String, Path, description = "Tag naming the group")),
     request_body(content = serde_json::Value, description = "{timezone, default_pct?, entries: [\"mon-fri 11:00-14:00 0%\" | {days, start, end, limit_pct}]} (docs/export-control.md#schedules)"),
-    responses((status = 200, description = "the devices given the schedule", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the devices given the schedule", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn set_group_schedule(
@@ -348,7 +348,7 @@ pub async fn set_group_schedule(
     tag = "export control",
     summary = "Clear the schedule of a group",
     params(("group" = String, Path, description = "Tag naming the group")),
-    responses((status = 200, description = "the devices whose schedule was cleared", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the devices whose schedule was cleared", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn clear_group_schedule(

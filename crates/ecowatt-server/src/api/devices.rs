@@ -55,7 +55,7 @@ fn provisioning(state: &AppState, device: &Device, key: &str) -> Value {
     tag = "devices",
     summary = "Register a device {name, rated_power_w}; returns its key once, in `provisioning`",
     request_body = NewDevice,
-    responses((status = 201, description = "{device, provisioning}: the key, shown only now", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "{device, provisioning}: the key, shown only now", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn add(
@@ -97,7 +97,7 @@ pub async fn add(
     operation_id = "devices_list",
     tag = "devices",
     summary = "List devices (online, firmware, last seen)",
-    responses((status = 200, description = "{devices: [...]}: each device with `online`", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{devices: [...]}: each device with `online`", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
@@ -125,7 +125,7 @@ pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<V
     tag = "devices",
     summary = "A device and its config shadow",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "{device, config}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{device, config}", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn show(
@@ -145,7 +145,7 @@ pub async fn show(
     tag = "devices",
     summary = "Disable a device",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "the device", body = crate::devices::Device), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the device", body = crate::devices::Device), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn disable(
@@ -164,7 +164,7 @@ pub async fn disable(
     tag = "devices",
     summary = "Enable a device",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "the device", body = crate::devices::Device), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the device", body = crate::devices::Device), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn enable(
@@ -183,7 +183,7 @@ pub async fn enable(
     tag = "devices",
     summary = "Give a device a new key; returns it once",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "{device, provisioning}: the new key, shown only now", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{device, provisioning}: the new key, shown only now", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn rotate_key(
@@ -205,7 +205,7 @@ pub async fn rotate_key(
     tag = "devices",
     summary = "Remove a device with its config and commands",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 204, description = "removed"), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 204, description = "removed"), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn remove(

@@ -41,7 +41,7 @@ fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
     summary = "Upload a signed image (body) with its manifest (hex JSON in the ecowatt-manifest header)",
     params(("ecowatt-manifest" = String, Header, description = "The signed manifest JSON, hex-encoded")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The image, as signed"),
-    responses((status = 201, description = "stored (refused: unknown_signer, bad_signature, image_mismatch, conflict; over 32 MiB: 413 body_too_large)", body = crate::firmware::Firmware), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "stored (refused: unknown_signer, bad_signature, image_mismatch, conflict; over 32 MiB: 413 body_too_large)", body = crate::firmware::Firmware), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn upload(
@@ -88,7 +88,7 @@ pub async fn upload(
     operation_id = "firmware_list",
     tag = "firmware",
     summary = "Stored firmware images",
-    responses((status = 200, description = "{firmware: [...]}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{firmware: [...]}", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
@@ -103,7 +103,7 @@ pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<V
     tag = "firmware",
     summary = "An image's bytes (Range supported)",
     params(("id" = i64, Path, description = "Firmware id")),
-    responses((status = 200, description = "the image (206 with a Range header)", body = Vec<u8>), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the image (206 with a Range header)", body = Vec<u8>), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn image(
@@ -127,7 +127,7 @@ pub async fn image(
     tag = "device protocol",
     summary = "Device: the image an update offer names (Range supported); see docs/firmware.md",
     params(("token" = String, Path, description = "Download token from the update offer")),
-    responses((status = 200, description = "the image (206 with a Range header)", body = Vec<u8>), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the image (206 with a Range header)", body = Vec<u8>), crate::error::ErrorResponses),
     security(()),
 )]
 pub async fn device_image(
@@ -184,7 +184,7 @@ fn rollout_json(r: &Rollout, devices: Option<&[RolloutDevice]>) -> Value {
     tag = "firmware",
     summary = "Start a rollout {firmware_id | version [+target], devices | percent, waves?, failure_threshold_pct?}",
     request_body = RolloutRequest,
-    responses((status = 201, description = "the rollout with its devices", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "the rollout with its devices", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn start_rollout(
@@ -231,7 +231,7 @@ pub async fn start_rollout(
     operation_id = "firmware_rollouts",
     tag = "firmware",
     summary = "Rollouts, newest first, with device counts per state",
-    responses((status = 200, description = "{rollouts: [...]}, newest first, with counts per state", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{rollouts: [...]}, newest first, with counts per state", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn rollouts(
@@ -251,7 +251,7 @@ pub async fn rollouts(
     tag = "firmware",
     summary = "A rollout with each device's progress and running version",
     params(("id" = i64, Path, description = "Rollout id")),
-    responses((status = 200, description = "the rollout with each device's progress and running version", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the rollout with each device's progress and running version", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn rollout(
@@ -271,7 +271,7 @@ pub async fn rollout(
     tag = "firmware",
     summary = "Pause, resume or abort a rollout (abort: devices not installing are cancelled)",
     params(("id" = i64, Path, description = "Rollout id"), ("action" = String, Path, description = "pause, resume or abort")),
-    responses((status = 200, description = "the rollout", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "the rollout", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn act(

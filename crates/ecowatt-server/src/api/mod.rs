@@ -137,6 +137,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Source {
             (docs/protocol.md). Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`. \
             Generated from the handlers' own annotations and types."
     ),
+    components(schemas(crate::error::ErrorBody)),
     modifiers(&BearerScheme)
 )]
 struct ApiDoc;

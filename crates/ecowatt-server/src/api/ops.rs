@@ -17,7 +17,7 @@ use crate::error::ApiError;
     operation_id = "ops_healthz",
     tag = "operations",
     summary = "Health: 200 when the store answers and can write, else 503 with the reason",
-    responses((status = 200, description = "`ok`", body = String), (status = 503, description = "why the store cannot write", body = String), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "`ok`", body = String), (status = 503, description = "why the store cannot write", body = String), crate::error::ErrorResponses),
 )]
 pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     match state.store.writable().await {
@@ -35,7 +35,7 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     operation_id = "ops_metrics",
     tag = "operations",
     summary = "Prometheus metrics",
-    responses((status = 200, description = "Prometheus text", body = String), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "Prometheus text", body = String), crate::error::ErrorResponses),
 )]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let devices = state.devices.list().await.map(|d| d.len() as f64).unwrap_or(f64::NAN);

@@ -48,7 +48,7 @@ pub struct RangeQuery {
     tag = "telemetry",
     summary = "Samples in engineering units (from_ms, to_ms, registers, max_points, format=csv)",
     params(("name" = String, Path, description = "Device name"), RangeQuery),
-    responses((status = 200, description = "{registers, points: [{t, seq?, v}], downsampled} (text/csv with format=csv)", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{registers, points: [{t, seq?, v}], downsampled} (text/csv with format=csv)", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn query(
@@ -134,7 +134,7 @@ pub async fn query(
     tag = "telemetry",
     summary = "Newest sample, online, last seen, when the next upload is due",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "{online, last_seen_ms, upload_interval_ms, next_upload_due_ms, sample}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{online, last_seen_ms, upload_interval_ms, next_upload_due_ms, sample}", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn latest(
@@ -186,7 +186,7 @@ pub struct CompletenessQuery {
     tag = "telemetry",
     summary = "Gaps in seq and reported drops",
     params(("name" = String, Path, description = "Device name"), CompletenessQuery),
-    responses((status = 200, description = "received, gaps, duplicates, drops the device reported", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "received, gaps, duplicates, drops the device reported", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn completeness(

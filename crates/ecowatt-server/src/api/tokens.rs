@@ -27,7 +27,7 @@ pub struct NewToken {
     tag = "operators",
     summary = "Create a token {name, role: admin|viewer}; returns it once",
     request_body = NewToken,
-    responses((status = 201, description = "{token, info}: the secret, shown only now", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "{token, info}: the secret, shown only now", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn create(
@@ -50,7 +50,7 @@ pub async fn create(
     operation_id = "tokens_list",
     tag = "operators",
     summary = "List operator tokens",
-    responses((status = 200, description = "{tokens: [...]}", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{tokens: [...]}", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Value>, ApiError> {
@@ -65,7 +65,7 @@ pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Va
     tag = "operators",
     summary = "Revoke a token",
     params(("id" = i64, Path, description = "Token id")),
-    responses((status = 200, description = "revoked", body = crate::operators::Token), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "revoked", body = crate::operators::Token), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
 )]
 pub async fn revoke(
@@ -90,7 +90,7 @@ pub struct AuditQuery {
     tag = "operators",
     summary = "Audit log, newest first (before, limit)",
     params(AuditQuery),
-    responses((status = 200, description = "{entries: [...], next_before}, newest first", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{entries: [...], next_before}, newest first", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn audit(
@@ -114,7 +114,7 @@ pub async fn audit(
     tag = "operators",
     summary = "Device protocol refusals, newest first",
     params(AuditQuery),
-    responses((status = 200, description = "{events: [...], next_before}, newest first", body = serde_json::Value), (status = "4XX", description = "refused: {error: {code, message, field?}}", body = crate::error::ErrorBody), (status = "5XX", description = "the store failed (503 storage_unavailable)", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "{events: [...], next_before}, newest first", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn security_events(

@@ -498,6 +498,8 @@ async fn the_openapi_document_and_the_router_are_one_list() {
     }
     assert!(schemas["ConfigPatch"]["properties"]["upload_interval_ms"].is_object());
     assert_eq!(schemas["ErrorBody"]["required"][0], "error");
+    let refused = &queue["responses"]["4XX"]["content"]["application/json"]["schema"]["$ref"];
+    assert_eq!(refused, "#/components/schemas/ErrorBody");
     // Query parameters come from the handlers' query types.
     let list = &spec["paths"]["/api/v1/commands"]["get"]["parameters"];
     let names: Vec<&str> =

@@ -287,16 +287,7 @@ fn curtail_from_the_cli_follows_confirmations_and_releases() {
         .spawn()
         .expect("run the demo");
     let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let (mut url, mut token) = (String::new(), String::new());
-    while url.is_empty() || token.is_empty() {
-        let line = lines.next().expect("the demo's banner").unwrap();
-        if let Some(t) = line.strip_prefix("  admin token : ") {
-            token = t.trim().to_owned();
-        }
-        if let Some(u) = line.strip_prefix("  API         : ") {
-            url = u.trim().trim_end_matches("/api/docs").to_owned();
-        }
-    }
+    let (url, token) = demo_banner(&mut lines);
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_ecowatt"))
             .args(args)
