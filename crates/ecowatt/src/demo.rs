@@ -174,11 +174,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         outln!("  admin token : {token}");
         outln!("  API         : {url}/api/docs");
         outln!("  data        : {}", data_dir.display());
-        outln!("  firmware key: {} (sign with it: ecowatt firmware sign IMAGE --version 1.1.0 --key ...)", key_path.display());
-        outln!("  simulator   : {} and tcp://{}", sim.http_url(), sim.tcp_addr);
         // The binary as it can be run from another terminal (`ecowatt` is on
         // PATH only after `cargo install --path crates/ecowatt`).
         let exe = runnable_exe();
+        outln!("  firmware key: {} (sign with it: {exe} firmware sign IMAGE --version 1.1.0 --key ...)", key_path.display());
+        outln!("  simulator   : {} and tcp://{}", sim.http_url(), sim.tcp_addr);
         outln!("  try         : ECOWATT_SERVER={url} ECOWATT_TOKEN={token} {exe} command {} set-power-percentage 20 --wait", names[0]);
         outln!("  or          : ... {exe} curtail --group {GRID_GROUP} 30% --lease 15m --wait (the devices' fail-safe is {GRID_FAILSAFE} %)");
         outln!("Ctrl-C stops the demo.\n");
