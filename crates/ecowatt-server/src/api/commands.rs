@@ -8,7 +8,7 @@ use super::json::{Path, Query};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::json::ApiJson;
 use super::{AppState, Operator};
@@ -133,11 +133,29 @@ impl ListQuery {
     }
 }
 
-async fn page(state: &AppState, filter: CommandFilter) -> Result<Json<Value>, ApiError> {
+/// A page of commands, newest first.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct CommandPage {
+    /// The commands.
+    commands: Vec<Command>,
+    /// Pass as `before` for the next page; null on the last.
+    next_before: Option<i64>,
+}
+
+async fn page(state: &AppState, filter: CommandFilter) -> Result<Json<CommandPage>, ApiError> {
     let commands = state.commands.list(&filter).await?;
-    let next =
+    let next_before =
         (commands.len() as i64 == filter.limit).then(|| commands.last().map(|c| c.id)).flatten();
-    Ok(Json(json!({ "commands": commands, "next_before": next })))
+    Ok(Json(CommandPage { commands, next_before }))
+}
+
+/// `GET /api/v1/commands/statistics`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Statistics {
+    /// The device asked for, or null for all.
+    device: Option<String>,
+    /// The figures.
+    statistics: commands::CommandStats,
 }
 
 #[utoipa::path(
@@ -147,14 +165,14 @@ async fn page(state: &AppState, filter: CommandFilter) -> Result<Json<Value>, Ap
     tag = "commands",
     summary = "Commands (filters: device, status, type, before, since_ms, limit)",
     params(ListQuery),
-    responses((status = 200, description = "{commands: [...], next_before}", body = serde_json::Value), crate::error::ErrorResponses),
+    responses((status = 200, description = "a page of commands, newest first", body = CommandPage), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn list(
     State(state): State<AppState>,
     _op: Operator,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandPage>, ApiError> {
     page(&state, q.filter(1000)?).await
 }
 
@@ -165,7 +183,7 @@ pub async fn list(
     tag = "commands",
     summary = "A device's commands (filters: status, type, before, since_ms, limit)",
     params(("name" = String, Path, description = "Device name"), ListQuery),
-    responses((status = 200, description = "{commands: [...], next_before}", body = serde_json::Value), crate::error::ErrorResponses),
+    responses((status = 200, description = "a page of the device's commands, newest first", body = CommandPage), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn list_for_device(
@@ -173,7 +191,7 @@ pub async fn list_for_device(
     _op: Operator,
     Path(name): Path<String>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandPage>, ApiError> {
     state.devices.get(&name).await?;
     let mut filter = q.filter(1000)?;
     filter.device = Some(name);
@@ -277,19 +295,19 @@ pub struct StatsQuery {
     tag = "commands",
     summary = "Command statistics (device optional)",
     params(StatsQuery),
-    responses((status = 200, description = "{device, statistics}", body = serde_json::Value), crate::error::ErrorResponses),
+    responses((status = 200, description = "totals by status and type, success rate, mean times", body = Statistics), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn statistics(
     State(state): State<AppState>,
     _op: Operator,
     Query(q): Query<StatsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Statistics>, ApiError> {
     if let Some(d) = &q.device {
         state.devices.get(d).await?;
     }
-    let stats = state.commands.stats(q.device.as_deref()).await?;
-    Ok(Json(json!({ "device": q.device, "statistics": stats })))
+    let statistics = state.commands.stats(q.device.as_deref()).await?;
+    Ok(Json(Statistics { device: q.device, statistics }))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -97,25 +97,53 @@ pub async fn add(
     operation_id = "devices_list",
     tag = "devices",
     summary = "List devices (online, firmware, last seen)",
-    responses((status = 200, description = "{devices: [...]}: each device with `online`", body = serde_json::Value), crate::error::ErrorResponses),
+    responses((status = 200, description = "every device, with whether it is online", body = DeviceList), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
-pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    _op: Operator,
+) -> Result<Json<DeviceList>, ApiError> {
     let now = crate::now_ms();
-    let devices: Vec<Value> = state
+    let devices = state
         .devices
         .list()
         .await?
         .into_iter()
-        .map(|d| {
-            let online =
-                d.last_seen_ms.is_some_and(|t| now - t <= crate::telemetry::read::ONLINE_WITHIN_MS);
-            let mut v = serde_json::to_value(&d).expect("device serialises");
-            v["online"] = json!(online);
-            v
+        .map(|device| {
+            let online = device
+                .last_seen_ms
+                .is_some_and(|t| now - t <= crate::telemetry::read::ONLINE_WITHIN_MS);
+            ListedDevice { device, online }
         })
         .collect();
-    Ok(Json(json!({ "devices": devices })))
+    Ok(Json(DeviceList { devices }))
+}
+
+/// `GET /api/v1/devices`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct DeviceList {
+    /// The devices, by name.
+    pub devices: Vec<ListedDevice>,
+}
+
+/// A device as listed: its record and whether it is online (talked to the
+/// server in the last 90 s).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ListedDevice {
+    #[serde(flatten)]
+    device: Device,
+    /// Talked to the server in the last 90 s.
+    online: bool,
+}
+
+/// `GET /api/v1/devices/{name}`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct DeviceDetail {
+    /// The device.
+    device: Device,
+    /// Its config shadow.
+    config: crate::config::ConfigShadow,
 }
 
 #[utoipa::path(
@@ -125,17 +153,17 @@ pub async fn list(State(state): State<AppState>, _op: Operator) -> Result<Json<V
     tag = "devices",
     summary = "A device and its config shadow",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "{device, config}", body = serde_json::Value), crate::error::ErrorResponses),
+    responses((status = 200, description = "the device and its config shadow", body = DeviceDetail), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn show(
     State(state): State<AppState>,
     _op: Operator,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeviceDetail>, ApiError> {
     let device = state.devices.get(&name).await?;
     let config = state.configs.shadow(&name).await?;
-    Ok(Json(json!({ "device": device, "config": config })))
+    Ok(Json(DeviceDetail { device, config }))
 }
 
 #[utoipa::path(

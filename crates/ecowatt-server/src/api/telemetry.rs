@@ -48,7 +48,7 @@ pub struct RangeQuery {
     tag = "telemetry",
     summary = "Samples in engineering units (from_ms, to_ms, registers, max_points, format=csv)",
     params(("name" = String, Path, description = "Device name"), RangeQuery),
-    responses((status = 200, description = "{registers, points: [{t, seq?, v}], downsampled} (text/csv with format=csv)", body = serde_json::Value), crate::error::ErrorResponses),
+    responses((status = 200, description = "the samples (text/csv with format=csv)", body = Series), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn query(
@@ -102,29 +102,127 @@ pub async fn query(
         }
         return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response());
     }
-    let registers: Vec<Value> = wanted
+    let registers = wanted
         .iter()
-        .map(|a| {
-            let r = &REGISTERS[*a];
-            json!({"address": a, "name": r.name, "description": r.description, "unit": r.unit})
+        .map(|&address| {
+            let r = &REGISTERS[address];
+            RegisterInfo { address, name: r.name, description: r.description, unit: r.unit }
         })
         .collect();
-    let points: Vec<Value> = points
+    let points = points
         .iter()
-        .map(|p| {
-            let v: Vec<Value> =
-                wanted.iter().enumerate().map(|(slot, a)| eng(*a, p.values[slot])).collect();
-            match p.seq {
-                Some(seq) => json!({"t": p.t, "seq": seq, "v": v}),
-                None => json!({"t": p.t, "v": v}),
-            }
+        .map(|p| SeriesPoint {
+            t: p.t,
+            seq: p.seq,
+            v: wanted
+                .iter()
+                .enumerate()
+                .map(|(slot, a)| p.values[slot].map(|raw| engineering(*a, raw)))
+                .collect(),
         })
         .collect();
-    Ok(Json(json!({
-        "device": name, "from_ms": from, "to_ms": to, "samples": series.samples,
-        "downsampled": downsampled, "registers": registers, "points": points,
-    }))
-    .into_response())
+    let body = Series {
+        device: name,
+        from_ms: from,
+        to_ms: to,
+        samples: series.samples,
+        downsampled,
+        registers,
+        points,
+    };
+    Ok(Json(body).into_response())
+}
+
+/// `GET /api/v1/devices/{name}/telemetry` as JSON.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Series {
+    /// The device.
+    device: String,
+    /// The range asked for, Unix ms.
+    from_ms: i64,
+    /// The range asked for, Unix ms.
+    to_ms: i64,
+    /// Samples in the range.
+    samples: usize,
+    /// Whether the points are averages of equal time buckets (more samples
+    /// than `max_points`); an average lies at the mean time of its samples.
+    downsampled: bool,
+    /// The registers of `v`, in order.
+    registers: Vec<RegisterInfo>,
+    /// The points, in time order.
+    points: Vec<SeriesPoint>,
+}
+
+/// A register as a series names it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct RegisterInfo {
+    /// Register address.
+    address: usize,
+    /// Short name (`Pac`).
+    name: &'static str,
+    /// What it measures.
+    description: &'static str,
+    /// Engineering unit.
+    unit: &'static str,
+}
+
+/// One point: a sample (with its `seq`) or a bucket's average.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct SeriesPoint {
+    /// Time, Unix ms.
+    t: i64,
+    /// The sample's sequence number (absent for an average).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    /// Values in engineering units, one per register (null: not sampled).
+    v: Vec<Option<f64>>,
+}
+
+/// `GET /api/v1/devices/{name}/latest`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Latest {
+    /// The device.
+    device: String,
+    /// Talked to the server in the last 90 s.
+    online: bool,
+    /// When it last did, Unix ms.
+    last_seen_ms: Option<i64>,
+    /// The upload interval it reports running (else the one it was asked for), ms.
+    upload_interval_ms: i64,
+    /// When its next upload is due (an estimate: the newest sample's time
+    /// plus the interval), Unix ms; null before its first upload.
+    next_upload_due_ms: Option<i64>,
+    /// The newest sample; null before the first upload (a device uploads its
+    /// first sample as soon as it starts).
+    sample: Option<LatestSample>,
+}
+
+/// A device's newest sample.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct LatestSample {
+    /// Its sequence number.
+    seq: u64,
+    /// Its time, Unix ms.
+    t: u64,
+    /// The registers sampled, in address order.
+    readings: Vec<Reading>,
+}
+
+/// One register of a sample, raw and in its engineering unit.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Reading {
+    /// Register address.
+    address: usize,
+    /// Short name (`Pac`).
+    name: &'static str,
+    /// What it measures (`AC output power`).
+    description: &'static str,
+    /// The raw register value.
+    raw: u16,
+    /// In `unit`.
+    value: f64,
+    /// Engineering unit (`W`).
+    unit: &'static str,
 }
 
 #[utoipa::path(
@@ -134,43 +232,49 @@ pub async fn query(
     tag = "telemetry",
     summary = "Newest sample, online, last seen, when the next upload is due",
     params(("name" = String, Path, description = "Device name")),
-    responses((status = 200, description = "{online, last_seen_ms, upload_interval_ms, next_upload_due_ms, sample}", body = serde_json::Value), crate::error::ErrorResponses),
+    responses((status = 200, description = "the newest sample and when the next is due", body = Latest), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn latest(
     State(state): State<AppState>,
     _op: Operator,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Latest>, ApiError> {
     let device = state.devices.get(&name).await?;
     let online = device.last_seen_ms.is_some_and(|t| crate::now_ms() - t <= ONLINE_WITHIN_MS);
     // When data will next arrive: the interval the device reports running
     // (else the one it was asked for), from its newest batch's last sample
-    // (it uploads within a poll of it). A device uploads its first sample as
-    // soon as it starts.
+    // (it uploads within a poll of it).
     let shadow = state.configs.shadow(&name).await?;
-    let upload_ms = shadow.reported.as_ref().unwrap_or(&shadow.desired).upload_interval_ms;
-    let Some(batch) = state.telemetry.latest(&name).await? else {
-        return Ok(Json(json!({
-            "device": name, "online": online, "last_seen_ms": device.last_seen_ms,
-            "upload_interval_ms": upload_ms, "next_upload_due_ms": null, "sample": null,
-        })));
+    let upload_interval_ms = shadow.reported.as_ref().unwrap_or(&shadow.desired).upload_interval_ms;
+    let mut latest = Latest {
+        device: name.clone(),
+        online,
+        last_seen_ms: device.last_seen_ms,
+        upload_interval_ms,
+        next_upload_due_ms: None,
+        sample: None,
     };
-    let next_upload_due_ms = batch.last_ms + upload_ms;
+    let Some(batch) = state.telemetry.latest(&name).await? else {
+        return Ok(Json(latest));
+    };
+    latest.next_upload_due_ms = Some(batch.last_ms + upload_interval_ms);
     let readings = decode_all(std::slice::from_ref(&batch)).map_err(corrupt)?;
     let r = readings.values().next_back().expect("a stored batch is never empty");
-    let readings: Vec<Value> = (0..REGISTER_COUNT)
+    let readings = (0..REGISTER_COUNT)
         .filter_map(|a| {
-            r.values[a].map(|raw| {
-                json!({"address": a, "name": REGISTERS[a].name, "description": REGISTERS[a].description, "raw": raw, "value": eng(a, Some(f64::from(raw))), "unit": REGISTERS[a].unit})
+            r.values[a].map(|raw| Reading {
+                address: a,
+                name: REGISTERS[a].name,
+                description: REGISTERS[a].description,
+                raw,
+                value: engineering(a, f64::from(raw)),
+                unit: REGISTERS[a].unit,
             })
         })
         .collect();
-    Ok(Json(json!({
-        "device": name, "online": online, "last_seen_ms": device.last_seen_ms,
-        "upload_interval_ms": upload_ms, "next_upload_due_ms": next_upload_due_ms,
-        "sample": {"seq": r.seq, "t": r.unix_ms, "readings": readings},
-    })))
+    latest.sample = Some(LatestSample { seq: r.seq, t: r.unix_ms, readings });
+    Ok(Json(latest))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

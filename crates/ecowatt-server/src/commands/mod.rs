@@ -404,7 +404,7 @@ pub struct CommandFilter {
 }
 
 /// Command statistics (the seed's fields and more).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct CommandStats {
     /// All commands.
     pub total_commands: i64,

@@ -500,6 +500,19 @@ async fn the_openapi_document_and_the_router_are_one_list() {
     assert_eq!(schemas["ErrorBody"]["required"][0], "error");
     let refused = &queue["responses"]["4XX"]["content"]["application/json"]["schema"]["$ref"];
     assert_eq!(refused, "#/components/schemas/ErrorBody");
+    // The answers most clients read are typed too.
+    let answer = |path: &str| {
+        spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(answer("/api/v1/devices"), "#/components/schemas/DeviceList");
+    assert_eq!(answer("/api/v1/devices/{name}/latest"), "#/components/schemas/Latest");
+    assert_eq!(answer("/api/v1/devices/{name}/telemetry"), "#/components/schemas/Series");
+    assert_eq!(answer("/api/v1/commands"), "#/components/schemas/CommandPage");
+    assert!(schemas["Latest"]["properties"]["next_upload_due_ms"].is_object());
+    assert!(schemas["Reading"]["properties"]["description"].is_object());
     // Query parameters come from the handlers' query types.
     let list = &spec["paths"]["/api/v1/commands"]["get"]["parameters"];
     let names: Vec<&str> =
