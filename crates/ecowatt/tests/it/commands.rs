@@ -279,15 +279,8 @@ fn bench_curtail_runs_bounded_and_every_device_confirms() {
 #[test]
 fn curtail_from_the_cli_follows_confirmations_and_releases() {
     let dir = tempfile::tempdir().unwrap();
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
-        .args(["demo", "--for", "60s", "--interval", "30s", "--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("demo"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run the demo");
-    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let (url, token) = demo_banner(&mut lines);
+    let (mut demo, lines, url, token) =
+        start_demo(dir.path(), &["--for", "60s", "--interval", "30s"]);
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_ecowatt"))
             .args(args)
@@ -325,6 +318,29 @@ fn curtail_from_the_cli_follows_confirmations_and_releases() {
     assert!(took < std::time::Duration::from_secs(10), "the demo took {took:?} to stop");
 }
 
+/// The rest of a demo's standard output, line by line.
+type DemoLines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// A demo in `dir` on a free port with `args`, once its banner is printed:
+/// the process, the rest of its output, its server's URL and admin token.
+fn start_demo(
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Child, DemoLines, String, String) {
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .arg("demo")
+        .args(args)
+        .args(["--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("demo"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run the demo");
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let (url, token) = demo_banner(&mut lines);
+    (demo, lines, url, token)
+}
+
 /// A demo's server, from its banner: (URL, admin token).
 fn demo_banner(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> (String, String) {
     let (mut url, mut token) = (String::new(), String::new());
@@ -345,16 +361,8 @@ fn demo_banner(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> (St
 #[test]
 fn an_operator_looks_at_devices_telemetry_and_the_fleet_from_the_terminal() {
     let dir = tempfile::tempdir().unwrap();
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
-        .args(["demo", "--for", "90s", "--interval", "60s", "--start", "11:00"])
-        .args(["--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("demo"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run the demo");
-    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let (url, token) = demo_banner(&mut lines);
+    let (mut demo, _lines, url, token) =
+        start_demo(dir.path(), &["--for", "90s", "--interval", "60s", "--start", "11:00"]);
     let cmd = |args: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_ecowatt"));
         c.args(args).env("ECOWATT_SERVER", &url).env("ECOWATT_TOKEN", &token);
