@@ -243,13 +243,16 @@ pub async fn show(
         })?),
     };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    let mut from = from;
     loop {
         // Listening before reading: a change between the two is not missed.
         let changed = state.news.command_change();
         let command = state.commands.get(id).await?;
-        let from = from.unwrap_or(command.status);
-        let settled =
-            command.status != from || (q.changed_from.is_none() && !command.status.is_open());
+        // Without `changed_from`, the status at the first read is the one to leave.
+        let first_read = from.is_none();
+        let from = *from.get_or_insert(command.status);
+        let settled = command.status != from
+            || (first_read && q.changed_from.is_none() && !command.status.is_open());
         if wait_ms == 0 || settled || tokio::time::Instant::now() >= deadline {
             return Ok(Json(command));
         }

@@ -427,6 +427,22 @@ async fn waiting_on_a_command_answers_as_soon_as_its_status_changes() {
         took < Duration::from_secs(10),
         "the waits ended at the changes, not at 20 s: {took:?}"
     );
+    // Without changed_from, a wait on an open command ends when it leaves the
+    // status it had at the request.
+    let body = json!({"type": "set_power_percentage", "parameters": {"percentage": 41}});
+    let id2 = c.ok("POST", "/api/v1/devices/d/commands", Some(body)).await["id"].as_i64().unwrap();
+    let device = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.call_as(None, "POST", "/command/poll", Some(json!({"device_id": "d"}))).await;
+    };
+    let operator = async {
+        let t = Instant::now();
+        let v = c.ok("GET", &format!("/api/v1/commands/{id2}?wait_ms=20000"), None).await;
+        (v, t.elapsed())
+    };
+    let ((), (v, took)) = tokio::join!(device, operator);
+    assert_eq!(v["status"], "delivered", "{v}");
+    assert!(took < Duration::from_secs(10), "ended at the delivery, not at 20 s: {took:?}");
     // Without changed_from, a command already settled answers at once.
     let t = Instant::now();
     assert_eq!(
