@@ -407,16 +407,16 @@ impl Configs {
         Ok(shadow)
     }
 
-    /// For the legacy `/changes`: the desired config, and whether to flag it
-    /// as changed. The original firmware cannot acknowledge, and its apply is
-    /// idempotent: a version is flagged on `repeat` polls, then counted as
-    /// applied.
+    /// For the legacy `/changes`: what to tell the device. A change is
+    /// flagged on `repeat` polls (the guide: 1, the flag resets once sent),
+    /// then counted as applied. A device nobody changed (version 1, never
+    /// told anything) hears nothing: it keeps the timers it runs.
     pub async fn legacy_poll(
         &self,
         device: &str,
         repeat: i64,
         now: i64,
-    ) -> StoreResult<(bool, DeviceConfig)> {
+    ) -> StoreResult<LegacyChanges> {
         let mut tx = self.db.write().await?;
         let d = named_in(&self.db, &mut tx, device, true).await?;
         let row = sqlx::query("SELECT * FROM device_configs WHERE device_id = $1")
@@ -425,11 +425,29 @@ impl Configs {
             .await?;
         let desired: DeviceConfig = json_col(&row, "desired")?;
         let version: i64 = row.try_get("desired_version")?;
-        let reported: Option<i64> = row.try_get("reported_version")?;
-        if reported == Some(version) {
+        let reported_version: Option<i64> = row.try_get("reported_version")?;
+        let quiet = LegacyChanges { config: desired.clone(), ..LegacyChanges::default() };
+        if reported_version == Some(version) || (reported_version.is_none() && version == 1) {
             tx.commit().await?;
-            return Ok((false, desired));
+            return Ok(quiet);
         }
+        // What the device runs: what it was last told, else the first config.
+        let baseline: DeviceConfig = match reported_version {
+            Some(_) => json_col(&row, "reported")?,
+            None => {
+                let first = sqlx::query(
+                    "SELECT config FROM config_history WHERE device_id = $1 AND version = 1",
+                )
+                .bind(d.id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                match first {
+                    Some(r) => json_col(&r, "config")?,
+                    None => DeviceConfig::default(),
+                }
+            }
+        };
+        let changes = legacy_changes(&baseline, &desired);
         let served: i64 = row.try_get("legacy_served_version")?;
         let count: i64 = row.try_get("legacy_served_count")?;
         let count = if served == version { count + 1 } else { 1 };
@@ -441,7 +459,9 @@ impl Configs {
         .bind(d.id)
         .execute(&mut *tx)
         .await?;
-        if count >= repeat {
+        // Sent as often as asked (or nothing the original can apply changed):
+        // the device runs it now.
+        if count >= repeat || !changes.changed {
             sqlx::query(
                 "UPDATE device_configs SET reported_version = $1, reported = desired, rejected = '[]', reported_ms = $2 WHERE device_id = $3",
             )
@@ -452,7 +472,34 @@ impl Configs {
             .await?;
         }
         tx.commit().await?;
-        Ok((true, desired))
+        Ok(changes)
+    }
+}
+
+/// What the legacy `/changes` tells a device: the original's per-timer flags.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LegacyChanges {
+    /// Something the original firmware can apply changed.
+    pub changed: bool,
+    /// The poll interval changed.
+    pub poll_changed: bool,
+    /// The upload interval changed.
+    pub upload_changed: bool,
+    /// The desired config.
+    pub config: DeviceConfig,
+}
+
+/// The flags for a device running `baseline` that should run `desired`:
+/// only the timers the original firmware knows, each flagged on its own
+/// (its firmware applies a timer only when that timer's flag is set).
+pub fn legacy_changes(baseline: &DeviceConfig, desired: &DeviceConfig) -> LegacyChanges {
+    let poll_changed = baseline.poll_interval_ms != desired.poll_interval_ms;
+    let upload_changed = baseline.upload_interval_ms != desired.upload_interval_ms;
+    LegacyChanges {
+        changed: poll_changed || upload_changed,
+        poll_changed,
+        upload_changed,
+        config: desired.clone(),
     }
 }
 

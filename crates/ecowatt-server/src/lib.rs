@@ -16,6 +16,7 @@ pub mod devices;
 pub mod domain;
 pub mod error;
 pub mod firmware;
+pub mod legacy;
 pub mod metrics;
 pub mod news;
 pub mod operators;

@@ -21,12 +21,22 @@ const HELP: &[(&str, &str)] = &[
     ("ecowatt_security_events_total", "Device protocol messages refused, by kind."),
     ("ecowatt_device_syncs_total", "Device syncs answered."),
     ("ecowatt_telemetry_batches_total", "Telemetry batches accepted (retries included)."),
+    (
+        "ecowatt_legacy_uploads_total",
+        "Original-firmware /process uploads, by outcome (accepted or the refusal's code).",
+    ),
+    ("ecowatt_legacy_batches_total", "Original-firmware batches: stored, or why not decoded."),
 ];
 
 impl Metrics {
     /// Adds one to counter `name` with `labels` (already formatted: `a="b",c="d"`).
     pub fn inc(&self, name: &'static str, labels: impl Into<String>) {
         *self.counters.lock().expect("metrics lock").entry((name, labels.into())).or_default() += 1;
+    }
+
+    /// Adds `n` to counter `name` with `labels`.
+    pub fn add(&self, name: &'static str, labels: impl Into<String>, n: u64) {
+        *self.counters.lock().expect("metrics lock").entry((name, labels.into())).or_default() += n;
     }
 
     /// The current value of a counter.

@@ -57,6 +57,28 @@ pub struct SettingsFile {
     pub security_event_retention_days: Option<u32>,
     /// Days audit entries are kept (0: forever).
     pub audit_retention_days: Option<u32>,
+    /// The legacy API's behaviour (`[legacy]`).
+    pub legacy: Option<LegacyFile>,
+}
+
+/// The `[legacy]` table: how the seed's API behaves (see docs/migration.md).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyFile {
+    /// `/changes` flags a config change on this many polls (the guide: 1).
+    pub config_repeat: Option<u32>,
+    /// Time-to-live of a command queued without one, seconds.
+    pub command_ttl_secs: Option<i64>,
+    /// Refuse register writes outside EcoWatt's register map at queue time.
+    pub strict_commands: Option<bool>,
+    /// The original firmware's upload HMAC key (64 hex digits).
+    pub upload_hmac_key: Option<String>,
+    /// The original firmware's upload AES-128 key (32 hex digits).
+    pub upload_aes_key: Option<String>,
+    /// The original firmware's OTA AES-256 key (64 hex digits).
+    pub ota_aes_key: Option<String>,
+    /// The original firmware's OTA chunk HMAC key (text, as in its keys.h).
+    pub ota_hmac_psk: Option<String>,
 }
 
 impl SettingsFile {
@@ -90,6 +112,7 @@ impl SettingsFile {
                 .security_event_retention_days
                 .or(self.security_event_retention_days),
             audit_retention_days: over.audit_retention_days.or(self.audit_retention_days),
+            legacy: over.legacy.or(self.legacy),
         }
     }
 }
@@ -121,6 +144,95 @@ pub struct Settings {
     pub security_event_retention: Option<Duration>,
     /// How long audit entries are kept (`None`: forever).
     pub audit_retention: Option<Duration>,
+    /// How the legacy API behaves.
+    pub legacy: LegacySettings,
+}
+
+/// How the legacy API behaves (`[legacy]`, docs/migration.md).
+#[derive(Debug, Clone)]
+pub struct LegacySettings {
+    /// `/changes` flags a change on this many polls (1: the guide's reset after sending).
+    pub config_repeat: i64,
+    /// Time-to-live of a command queued without one, seconds.
+    pub command_ttl_s: i64,
+    /// Refuse writes outside the register map at queue time (EcoWatt's rule).
+    pub strict_commands: bool,
+    /// Upload HMAC-SHA256 key.
+    pub upload_hmac_key: [u8; 32],
+    /// Upload AES-128-CBC key.
+    pub upload_aes_key: [u8; 16],
+    /// OTA AES-256-CBC key.
+    pub ota_aes_key: [u8; 32],
+    /// OTA chunk HMAC key.
+    pub ota_hmac_psk: Vec<u8>,
+}
+
+/// The original firmware's published upload key (its `keys.h`): every
+/// device of that line shares it, which is why legacy uploads are weak.
+pub const ORIGINAL_UPLOAD_HMAC_KEY: [u8; 32] = [
+    0x2b, 0x7e, 0x15, 0x16, 0x28, 0xae, 0xd2, 0xa6, 0xab, 0xf7, 0x15, 0x88, 0x09, 0xcf, 0x4f, 0x3c,
+    0x76, 0x2e, 0x71, 0x60, 0xf3, 0x8b, 0x4d, 0xa5, 0x6a, 0x78, 0x4d, 0x90, 0x45, 0x19, 0x0c, 0xfe,
+];
+
+impl Default for LegacySettings {
+    fn default() -> Self {
+        let mut aes = [0u8; 16];
+        aes.copy_from_slice(&ORIGINAL_UPLOAD_HMAC_KEY[..16]);
+        LegacySettings {
+            config_repeat: 1,
+            command_ttl_s: crate::commands::TTL_S.1,
+            strict_commands: false,
+            upload_hmac_key: ORIGINAL_UPLOAD_HMAC_KEY,
+            upload_aes_key: aes,
+            // No default: the original generated its own; without one set,
+            // chunked OTA answers that it is not configured.
+            ota_aes_key: [0; 32],
+            ota_hmac_psk: Vec::new(),
+        }
+    }
+}
+
+fn hex_key<const N: usize>(
+    key: &str,
+    text: Option<&String>,
+    default: [u8; N],
+) -> Result<[u8; N], String> {
+    let Some(text) = text else { return Ok(default) };
+    ecowatt_proto::hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; N]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| format!("legacy.{key} must be {} hex digits", 2 * N))
+}
+
+impl LegacySettings {
+    fn resolve(file: Option<LegacyFile>) -> Result<LegacySettings, String> {
+        let file = file.unwrap_or_default();
+        let d = LegacySettings::default();
+        let config_repeat = i64::from(file.config_repeat.unwrap_or(1));
+        if !(1..=100).contains(&config_repeat) {
+            return Err(format!("legacy.config_repeat {config_repeat} is outside 1..=100"));
+        }
+        let command_ttl_s = file.command_ttl_secs.unwrap_or(d.command_ttl_s);
+        crate::commands::check_ttl(command_ttl_s)
+            .map_err(|e| format!("legacy.command_ttl_secs: {}", e.message))?;
+        Ok(LegacySettings {
+            config_repeat,
+            command_ttl_s,
+            strict_commands: file.strict_commands.unwrap_or(false),
+            upload_hmac_key: hex_key(
+                "upload_hmac_key",
+                file.upload_hmac_key.as_ref(),
+                d.upload_hmac_key,
+            )?,
+            upload_aes_key: hex_key(
+                "upload_aes_key",
+                file.upload_aes_key.as_ref(),
+                d.upload_aes_key,
+            )?,
+            ota_aes_key: hex_key("ota_aes_key", file.ota_aes_key.as_ref(), d.ota_aes_key)?,
+            ota_hmac_psk: file.ota_hmac_psk.map(String::into_bytes).unwrap_or_default(),
+        })
+    }
 }
 
 /// Default `refusals_per_minute`.
@@ -228,6 +340,7 @@ impl Settings {
             data_dir,
             database,
             legacy_api: file.legacy_api.unwrap_or(false),
+            legacy: LegacySettings::resolve(file.legacy)?,
             body_limit,
         })
     }

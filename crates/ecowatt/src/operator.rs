@@ -86,6 +86,16 @@ pub enum DeviceCommand {
         /// Device name.
         name: String,
     },
+    /// Mark a device as running the original (seed) firmware, or no longer:
+    /// while on, its legacy /process uploads are accepted under the
+    /// original's weak, shared-key security (docs/migration.md).
+    Legacy {
+        /// Device name.
+        name: String,
+        /// `on` while it runs the original firmware, `off` once migrated.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Remove a device, its config and its commands (the audit log keeps its history).
     Remove {
         /// Device name.
@@ -273,6 +283,16 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
         DeviceCommand::Enable { name } => {
             api.call("POST", &format!("/api/v1/devices/{}/enable", segment(&name)), None)?;
             outln!("Device {name} enabled.");
+        }
+        DeviceCommand::Legacy { name, state } => {
+            let on = state == "on";
+            let method = if on { "POST" } else { "DELETE" };
+            api.call(method, &format!("/api/v1/devices/{}/legacy", segment(&name)), None)?;
+            if on {
+                outln!("Device {name} marked legacy: its original-firmware uploads are accepted (shared, published key: migrate it).");
+            } else {
+                outln!("Device {name} no longer legacy: original-firmware uploads are refused.");
+            }
         }
         DeviceCommand::Remove { name } => {
             api.call("DELETE", &format!("/api/v1/devices/{}", segment(&name)), None)?;
@@ -848,6 +868,9 @@ fn print_device(v: &Value, latest: &Value) {
     outln!("device     {} (id {})", d["name"].as_str().unwrap_or("?"), d["id"]);
     outln!("state      {state}, last seen {} UTC", when(&d["last_seen_ms"]));
     outln!("firmware   {}", d["firmware"].as_str().unwrap_or("not reported yet"));
+    if d["legacy"] == true {
+        outln!("legacy     runs the original firmware (uploads accepted under its shared key)");
+    }
     outln!("rated      {} W", d["rated_power_w"]);
     outln!("key        version {}", d["key_version"]);
     outln!("added      {} UTC", when(&d["created_ms"]));

@@ -105,6 +105,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         refusals_per_minute: args.refusals_per_minute,
         security_event_retention_days: args.security_event_retention_days,
         audit_retention_days: args.audit_retention_days,
+        legacy: None,
     };
     // Before the settings: the default connection cap follows the limit.
     let open_files = ecowatt_edge::raise_open_files_limit();

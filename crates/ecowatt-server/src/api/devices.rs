@@ -187,6 +187,44 @@ pub async fn disable(
 
 #[utoipa::path(
     post,
+    path = "/api/v1/devices/{name}/legacy",
+    operation_id = "devices_legacy_on",
+    tag = "devices",
+    summary = "Mark a device as running the original firmware: its legacy /process uploads are accepted (weak security: docs/migration.md)",
+    params(("name" = String, Path, description = "Device name")),
+    responses((status = 200, description = "the device", body = crate::devices::Device), crate::error::ErrorResponses),
+    security(("bearer" = ["admin"])),
+)]
+pub async fn legacy_on(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    op.require_admin()?;
+    Ok(Json(state.legacy.mark(&name, true, &op.actor(), crate::now_ms()).await?))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/v1/devices/{name}/legacy",
+    operation_id = "devices_legacy_off",
+    tag = "devices",
+    summary = "Stop accepting a device's legacy uploads (it migrated to EcoWatt's firmware)",
+    params(("name" = String, Path, description = "Device name")),
+    responses((status = 200, description = "the device", body = crate::devices::Device), crate::error::ErrorResponses),
+    security(("bearer" = ["admin"])),
+)]
+pub async fn legacy_off(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    op.require_admin()?;
+    Ok(Json(state.legacy.mark(&name, false, &op.actor(), crate::now_ms()).await?))
+}
+
+#[utoipa::path(
+    post,
     path = "/api/v1/devices/{name}/enable",
     operation_id = "devices_enable",
     tag = "devices",

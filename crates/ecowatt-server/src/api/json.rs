@@ -74,3 +74,33 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
         }
     }
 }
+
+/// A JSON body whatever its `Content-Type` says: the seed's devices and its
+/// guide's `curl -d` send JSON with none or with a form type.
+pub struct AnyJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AnyJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is too large",
+                )
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", rejection.body_text())
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(AnyJson).map_err(|e| {
+            let code = if e.is_data() { "invalid_body" } else { "invalid_json" };
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                code,
+                format!("the body is not the JSON expected: {e}"),
+            )
+        })
+    }
+}

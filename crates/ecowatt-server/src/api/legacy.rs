@@ -3,9 +3,12 @@
 //! served only with `--legacy-api`. Legacy devices are ordinary devices in the
 //! store (add them with `ecowatt device add`); unknown `device_id`s get 404.
 //!
-//! Fixed here, kept compatible: a config change is flagged on several polls
-//! (the original firmware cannot acknowledge), and a command is delivered
-//! again until its result arrives.
+//! It behaves as the guide shows (docs/migration.md lists each choice):
+//! a config change is flagged once (`[legacy] config_repeat` flags it on
+//! more polls), commands live a week unless a TTL is given, a write to any
+//! register address is queued (`[legacy] strict_commands` refuses those
+//! outside the map), ids are the original's `CMD_<n>_<unix>`. Fixed and kept:
+//! a command is delivered again until its result arrives.
 
 use axum::extract::State;
 
@@ -18,17 +21,16 @@ use ecowatt_proto::firmware::Version;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
-use super::json::ApiJson;
-use crate::commands::{Command, CommandFilter, CommandOutcome};
+use super::json::AnyJson;
+use super::{AppState, Source};
+use crate::commands::store::QueueOptions;
+use crate::commands::{Command, CommandFilter, CommandOutcome, CommandRequest};
 use crate::config::ConfigPatch;
 use crate::domain::Invalid;
 use crate::error::ApiError;
 
 /// Who the audit log names for changes made through this API.
 const ACTOR: &str = "legacy-api";
-/// A config change is flagged `Changed` on this many polls.
-const CONFIG_REPEAT: i64 = 3;
 /// A delivered command with no result is delivered again after this long.
 const REDELIVER_MS: i64 = 30_000;
 
@@ -36,6 +38,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/config/update", post(config_update))
         .route("/changes", post(changes))
+        .route("/config/status", get(config_status))
         .route("/command/queue", post(command_queue))
         .route("/command/poll", post(command_poll))
         .route("/command/result", post(command_result))
@@ -44,6 +47,7 @@ pub fn routes() -> Router<AppState> {
         .route("/command/pending", get(command_pending))
         .route("/command/statistics", get(command_statistics))
         .route("/command/logs", get(command_logs))
+        .route("/process", post(process))
         .route("/ota/check", post(ota_check))
         .route("/ota/download/{file}", get(ota_download))
 }
@@ -80,7 +84,7 @@ fn seconds(body: &Value, field: &str) -> Result<Option<i64>, ApiError> {
 
 async fn config_update(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<Value>,
+    AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let device = device_id(&body)?;
     let patch = ConfigPatch {
@@ -104,34 +108,66 @@ async fn config_update(
 
 async fn changes(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<Value>,
+    AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let device = enabled_device(&state, &body).await?;
     let now = crate::now_ms();
-    let (changed, config) = state.configs.legacy_poll(&device, CONFIG_REPEAT, now).await?;
+    let repeat = state.settings.legacy.config_repeat;
+    let c = state.configs.legacy_poll(&device, repeat, now).await?;
     state.devices.touch(&device, now).await?;
     Ok(Json(json!({
-        "Changed": changed,
-        "pollFreqChanged": changed,
-        "newPollTimer": config.poll_interval_ms / 1000,
-        "uploadFreqChanged": changed,
-        "newUploadTimer": config.upload_interval_ms / 1000,
+        "Changed": c.changed,
+        "pollFreqChanged": c.poll_changed,
+        "newPollTimer": c.config.poll_interval_ms / 1000,
+        "uploadFreqChanged": c.upload_changed,
+        "newUploadTimer": c.config.upload_interval_ms / 1000,
     })))
 }
 
-fn legacy_id(id: i64) -> String {
-    format!("CMD_{id}")
+/// One device's config as the guide's troubleshooting step reads it.
+async fn config_of(state: &AppState, name: &str) -> Result<Value, ApiError> {
+    let device = state.devices.get(name).await?;
+    let shadow = state.configs.shadow(name).await?;
+    let applied = shadow.reported.as_ref();
+    Ok(json!({
+        "device_id": name,
+        "poll_frequency": shadow.desired.poll_interval_ms / 1000,
+        "upload_frequency": shadow.desired.upload_interval_ms / 1000,
+        "version": shadow.desired_version,
+        "changed": crate::config::to_send(shadow.desired_version, shadow.reported_version)
+            && !(shadow.reported_version.is_none() && shadow.desired_version == 1),
+        "applied_version": shadow.reported_version,
+        "applied_poll_frequency": applied.map(|c| c.poll_interval_ms / 1000),
+        "applied_upload_frequency": applied.map(|c| c.upload_interval_ms / 1000),
+        "updated_time": crate::iso8601(shadow.desired_ms),
+        "last_seen": device.last_seen_ms.map(crate::iso8601),
+    }))
 }
 
-fn parse_id(text: &str) -> Result<i64, ApiError> {
-    text.strip_prefix("CMD_")
-        .unwrap_or(text)
-        .split('_')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| {
-            Invalid::new("command_id", format!("{text:?} is not a command id like CMD_12")).into()
-        })
+/// `GET /config/status[?device_id=]`: the desired timers, whether a change
+/// still waits to be sent, and what the device last took.
+async fn config_status(
+    State(state): State<AppState>,
+    Query(q): Query<DeviceQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(name) = &q.device_id {
+        return Ok(Json(config_of(&state, name).await?));
+    }
+    let mut devices = Vec::new();
+    for d in state.devices.list().await? {
+        devices.push(config_of(&state, &d.name).await?);
+    }
+    Ok(Json(json!({"count": devices.len(), "devices": devices})))
+}
+
+/// The command a legacy id names (404 when its timestamp names another).
+async fn command_by_legacy_id(state: &AppState, text: &str) -> Result<Command, ApiError> {
+    let id = crate::legacy::ids::parse(text)?;
+    let command = state.commands.get(id.id).await?;
+    if !id.matches(command.created_ms) {
+        return Err(ApiError::not_found(format!("command {text}")));
+    }
+    Ok(command)
 }
 
 /// A command in the seed's shape.
@@ -142,7 +178,7 @@ fn seed_command(c: &Command) -> Value {
         other => other,
     };
     json!({
-        "command_id": legacy_id(c.id),
+        "command_id": crate::legacy::ids::format(c.id, c.created_ms),
         "device_id": c.device,
         "command_type": c.kind,
         "parameters": c.parameters,
@@ -156,21 +192,44 @@ fn seed_command(c: &Command) -> Value {
 
 async fn command_queue(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<Value>,
+    AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let device = device_id(&body)?;
-    let request = json!({
-        "type": body.get("command_type").cloned().unwrap_or(Value::Null),
-        "parameters": body.get("parameters").cloned().unwrap_or_else(|| json!({})),
-    });
-    let command = super::commands::queue_for(&state, &device, request, ACTOR).await?;
+    let kind = body.get("command_type").cloned().unwrap_or(Value::Null);
+    let parameters = body.get("parameters").cloned().unwrap_or_else(|| json!({}));
+    let request: CommandRequest =
+        serde_json::from_value(json!({"type": kind, "parameters": parameters})).map_err(|e| {
+            ApiError::from(Invalid::new(
+                "command_type",
+                format!(
+                    "{e}; types: set_power, set_power_percentage, write_register, read_register"
+                ),
+            ))
+        })?;
+    let legacy = &state.settings.legacy;
+    let ttl_s = match ["ttl", "ttl_s", "ttl_seconds"].iter().find_map(|k| body.get(*k)) {
+        None | Some(Value::Null) => legacy.command_ttl_s,
+        Some(v) => super::control::seconds("ttl", v)?,
+    };
+    let options =
+        QueueOptions { ttl_s, any_address: !legacy.strict_commands, ..Default::default() };
+    let command =
+        state.commands.queue_with(&device, &request, &options, ACTOR, crate::now_ms()).await?;
     state.metrics.inc("ecowatt_commands_queued_total", "");
-    Ok(Json(json!({"command_id": legacy_id(command.id)})))
+    Ok(Json(json!({
+        "status": "success",
+        "command_id": crate::legacy::ids::format(command.id, command.created_ms),
+        "device_id": device,
+        "command_type": command.kind,
+        "parameters": command.parameters,
+        "expires_time": crate::iso8601(command.expires_ms),
+        "message": format!("Command {} queued successfully for {device}", command.kind),
+    })))
 }
 
 async fn command_poll(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<Value>,
+    AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let device = enabled_device(&state, &body).await?;
     let now = crate::now_ms();
@@ -178,7 +237,7 @@ async fn command_poll(
     let delivered = state.commands.deliver(&device, REDELIVER_MS, 1, now).await?;
     Ok(Json(json!({
         "command": delivered.first().map(|c| json!({
-            "command_id": legacy_id(c.id),
+            "command_id": crate::legacy::ids::format(c.id, c.created_ms),
             "command_type": c.kind,
             "parameters": c.parameters,
         }))
@@ -187,13 +246,13 @@ async fn command_poll(
 
 async fn command_result(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<Value>,
+    AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let id_text = body
         .get("command_id")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::from(Invalid::new("command_id", "required")))?;
-    let id = parse_id(id_text)?;
+    let command = command_by_legacy_id(&state, id_text).await?;
     let status = body.get("status").and_then(Value::as_str).unwrap_or("");
     let success = matches!(status, "completed" | "success" | "succeeded");
     if !success && !matches!(status, "failed" | "error") {
@@ -203,7 +262,6 @@ async fn command_result(
         Value::String(s) => s.clone(),
         other => other.to_string(),
     });
-    let command = state.commands.get(id).await?;
     if !state.devices.get(&command.device).await?.enabled {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -213,7 +271,7 @@ async fn command_result(
     }
     let outcome =
         CommandOutcome { success, message, exception_code: None, value: None, executed_ms: None };
-    state.commands.record_result(&command.device, id, &outcome, crate::now_ms()).await?;
+    state.commands.record_result(&command.device, command.id, &outcome, crate::now_ms()).await?;
     state.metrics.inc(
         "ecowatt_command_results_total",
         format!("outcome=\"{}\"", if success { "success" } else { "failure" }),
@@ -225,7 +283,7 @@ async fn command_status(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(seed_command(&state.commands.get(parse_id(&id)?).await?)))
+    Ok(Json(seed_command(&command_by_legacy_id(&state, &id).await?)))
 }
 
 #[derive(Deserialize)]
@@ -267,15 +325,28 @@ async fn command_statistics(
 ) -> Result<Json<Value>, ApiError> {
     let s = state.commands.stats(q.device_id.as_deref()).await?;
     let n = |k: &str| s.by_status.get(k).copied().unwrap_or(0);
+    let completed = n("succeeded") + n("confirmed");
+    // The original's numbers: pending is queued or sent; success rate is
+    // completed over all commands, in percent with two decimals;
+    // active_devices are those with commands; total_queued every command
+    // its queues held.
+    let success_rate = if s.total_commands > 0 {
+        (completed as f64 * 10_000.0 / s.total_commands as f64).round() / 100.0
+    } else {
+        0.0
+    };
     Ok(Json(json!({
         "total_commands": s.total_commands,
-        "pending": n("queued"),
-        "sent": n("delivered"),
-        "completed": n("succeeded") + n("confirmed"),
+        "completed": completed,
         "failed": n("failed"),
+        "pending": n("queued") + n("delivered"),
+        "success_rate": success_rate,
+        "active_devices": s.devices_with_commands,
+        "total_queued": s.total_commands,
+        "queued": n("queued"),
+        "sent": n("delivered"),
         "expired": n("expired"),
         "cancelled": n("cancelled"),
-        "success_rate": s.success_rate,
         "average_execution_time_ms": s.average_completion_ms,
         "command_types": s.by_type,
     })))
@@ -290,10 +361,13 @@ async fn command_logs(
 
 async fn ota_check(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<Value>,
+    AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     enabled_device(&state, &body).await?;
-    let current_text = body.get("current_version").and_then(Value::as_str).unwrap_or("0.0.0");
+    let current_text = body
+        .get("current_version")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::from(Invalid::new("current_version", "required, e.g. 1.0.3")))?;
     let current = Version::parse(current_text).map_err(|_| {
         ApiError::from(Invalid::new("current_version", "MAJOR.MINOR.PATCH, e.g. 1.0.3"))
     })?;
@@ -332,4 +406,115 @@ async fn ota_download(
         .ok_or_else(|| ApiError::not_found(format!("firmware file {file:?}")))?;
     let data = state.firmware.bytes(record.id).await?;
     Ok(super::ranges::serve_bytes(&headers, &data))
+}
+
+/// A refused legacy upload: counted as a security event (the first of its
+/// kind from its source this minute logged), answered with the original's 401.
+fn upload_refused(
+    state: &AppState,
+    source: Option<std::net::IpAddr>,
+    device: Option<&str>,
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+) -> ApiError {
+    state.metrics.inc("ecowatt_security_events_total", format!("kind=\"{code}\""));
+    state.metrics.inc("ecowatt_legacy_uploads_total", format!("outcome=\"{code}\""));
+    let detail = json!({"message": message});
+    if state.refusals.refused(source, device, code, detail, crate::now_ms()) {
+        tracing::warn!(?source, device, code, %message, "legacy upload refused (repeats this minute are counted, not logged)");
+    }
+    ApiError::new(status, code, message)
+}
+
+/// `POST /process`: the original firmware's upload, under its security
+/// layer. Accepted only for devices an operator marked legacy; every batch
+/// that decodes exactly is stored as telemetry, the others are counted
+/// and named in the answer (docs/migration.md says which and why).
+async fn process(
+    State(state): State<AppState>,
+    Source(source): Source,
+    AnyJson(body): AnyJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    use crate::legacy::{envelope, parse_upload};
+    let keys = &state.settings.legacy;
+    if !envelope::is_secured(&body) {
+        return Err(upload_refused(
+            &state,
+            source,
+            None,
+            StatusCode::UNAUTHORIZED,
+            "legacy_unsecured",
+            "uploads must carry the original firmware's security layer {nonce, payload, mac}"
+                .into(),
+        ));
+    }
+    let opened =
+        envelope::open(&body, &keys.upload_hmac_key, &keys.upload_aes_key).map_err(|e| {
+            upload_refused(
+                &state,
+                source,
+                None,
+                StatusCode::UNAUTHORIZED,
+                e.code(),
+                format!("Security verification failed: {e}"),
+            )
+        })?;
+    let upload = parse_upload(&opened.json)?;
+    let now = crate::now_ms();
+    let shadow = state.configs.shadow(&upload.device).await?;
+    let poll_ms = shadow.reported.as_ref().unwrap_or(&shadow.desired).poll_interval_ms;
+    let stored = match state.legacy.store_upload(&upload, opened.nonce, poll_ms, now).await {
+        Ok(s) => s,
+        Err(crate::db::StoreError::Refused { code, message }) => {
+            let status = if code == "legacy_replay" {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            return Err(upload_refused(
+                &state,
+                source,
+                Some(&upload.device),
+                status,
+                code,
+                message,
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    state.metrics.inc("ecowatt_legacy_uploads_total", "outcome=\"accepted\"");
+    state.metrics.add("ecowatt_legacy_batches_total", "outcome=\"stored\"", stored.batches as u64);
+    for (i, why) in &stored.undecodable {
+        state.metrics.inc("ecowatt_legacy_batches_total", format!("outcome=\"{}\"", why.reason()));
+        tracing::warn!(device = %upload.device, batch = i, reason = why.reason(), %why, "legacy batch not decoded: its samples are not stored");
+    }
+    tracing::warn!(device = %upload.device, nonce = opened.nonce, batches = stored.batches, samples = stored.samples,
+        "accepted a legacy upload under the original firmware's shared, published key (migrate this device)");
+    if let Some((value, at)) = stored.export_limit {
+        let device = state.devices.get(&upload.device).await?;
+        state
+            .commands
+            .confirm(device.id, ecowatt_proto::registers::EXPORT_LIMIT, value, at)
+            .await?;
+    }
+    let undecodable: Vec<Value> = stored
+        .undecodable
+        .iter()
+        .map(|(i, why)| json!({"entry": i + 1, "reason": why.reason(), "message": why.to_string()}))
+        .collect();
+    Ok(Json(json!({
+        "status": "success",
+        "device_id": upload.device,
+        "processed_entries": upload.packets.len(),
+        "decompression_successes": stored.batches,
+        "total_samples_processed": stored.samples,
+        "undecodable": undecodable,
+        "message": format!(
+            "Stored {} of {} entries ({} samples)",
+            stored.batches,
+            upload.packets.len(),
+            stored.samples
+        ),
+    })))
 }

@@ -72,6 +72,8 @@ pub struct Shared {
     pub rollouts: crate::firmware::Rollouts,
     /// Stored telemetry.
     pub telemetry: crate::telemetry::Telemetry,
+    /// Devices running the original firmware, and their uploads.
+    pub legacy: crate::legacy::Legacy,
     /// The device protocol's transactions.
     pub protocol: crate::protocol::Protocol,
     /// Security events as stored.
@@ -102,6 +104,7 @@ impl AppState {
             firmware: store.firmwares(),
             rollouts: store.rollouts(),
             telemetry: store.telemetry(),
+            legacy: crate::legacy::Legacy::new(store.db().clone()),
             protocol: store.protocol(),
             security_events: store.security_events(),
             refusals: Arc::new(Refusals::new(settings.refusals_per_minute)),
@@ -176,6 +179,7 @@ fn routes(body_limit: usize, timeout: std::time::Duration) -> OpenApiRouter<AppS
         .routes(routes!(devices::show, devices::remove))
         .routes(routes!(devices::disable))
         .routes(routes!(devices::enable))
+        .routes(routes!(devices::legacy_on, devices::legacy_off))
         .routes(routes!(devices::rotate_key))
         .routes(routes!(config::show, config::update))
         .routes(routes!(config::history))

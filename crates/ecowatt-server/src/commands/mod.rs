@@ -81,6 +81,26 @@ impl CommandRequest {
         }
     }
 
+    /// [`Self::action`], except that with `any_address` a write to an
+    /// address outside the register map (16-bit address and value) is
+    /// passed on as it is: the original server's rule, under which the
+    /// device executes it and reports the inverter's Modbus exception.
+    /// Addresses in the map keep their checks.
+    pub fn action_with(&self, rated_w: i64, any_address: bool) -> Result<Action, Invalid> {
+        if let (true, CommandRequest::WriteRegister { register_address, value }) =
+            (any_address, self)
+        {
+            if let (Ok(register), Ok(value)) =
+                (u16::try_from(*register_address), u16::try_from(*value))
+            {
+                if registers::by_address(register).is_none() {
+                    return Ok(Action::Write { register, value });
+                }
+            }
+        }
+        self.action(rated_w)
+    }
+
     /// Validates against the register map and the device's rated power, and
     /// says what the device must do. Out-of-range values are refused, never clamped.
     pub fn action(&self, rated_w: i64) -> Result<Action, Invalid> {
@@ -418,6 +438,8 @@ pub struct CommandStats {
     pub average_completion_ms: Option<f64>,
     /// Mean time from queued to first delivery, ms.
     pub average_delivery_ms: Option<f64>,
+    /// Devices with at least one command.
+    pub devices_with_commands: i64,
 }
 
 /// What a device's result does to a command in `status`.

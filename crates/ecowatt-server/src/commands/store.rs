@@ -426,11 +426,13 @@ impl Commands {
         }
         let sql = format!(
             "SELECT CAST(AVG(CASE WHEN status IN ('succeeded','failed','confirmed') THEN completed_ms - created_ms END) AS DOUBLE PRECISION) AS completion, \
-             CAST(AVG(first_delivered_ms - created_ms) AS DOUBLE PRECISION) AS delivery FROM commands {filter}"
+             CAST(AVG(first_delivered_ms - created_ms) AS DOUBLE PRECISION) AS delivery, \
+             COUNT(DISTINCT device_id) AS devices FROM commands {filter}"
         );
         let row = bind(&sql, device).fetch_one(self.db.reader()).await?;
         stats.average_completion_ms = row.try_get("completion")?;
         stats.average_delivery_ms = row.try_get("delivery")?;
+        stats.devices_with_commands = row.try_get("devices")?;
         let count = |s: CommandStatus| stats.by_status.get(s.as_str()).copied().unwrap_or(0);
         let good = count(CommandStatus::Succeeded) + count(CommandStatus::Confirmed);
         let finished = good + count(CommandStatus::Failed);
@@ -520,6 +522,10 @@ pub struct QueueOptions {
     pub curtailment_id: Option<i64>,
     /// It returns the device to its schedule ([`super::Command::resume`]).
     pub resume: bool,
+    /// A write to an address outside the register map is queued as the
+    /// original server did (the device reports the inverter's refusal)
+    /// instead of refused (the legacy API's default).
+    pub any_address: bool,
 }
 
 impl Default for QueueOptions {
@@ -530,6 +536,7 @@ impl Default for QueueOptions {
             ramp_pct_per_s: None,
             curtailment_id: None,
             resume: false,
+            any_address: false,
         }
     }
 }
@@ -553,7 +560,7 @@ pub async fn queue_in(
             message: format!("device {device:?} is disabled"),
         });
     }
-    let action = request.action(d.rated_power_w)?;
+    let action = request.action_with(d.rated_power_w, options.any_address)?;
     let row = sqlx::query("SELECT failsafe, ramp_centi FROM devices WHERE id = $1")
         .bind(d.id)
         .fetch_one(&mut **tx)

@@ -295,6 +295,17 @@ CREATE TABLE schedules (
 )
 "#,
     ),
+    (
+        13,
+        // Devices running the original firmware (`legacy/`): marked by an
+        // operator, the last upload nonce accepted from each (the original
+        // kept it in memory only), and the encoder state the server follows.
+        r#"
+ALTER TABLE devices ADD COLUMN legacy BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN legacy_nonce BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN legacy_state TEXT
+"#,
+    ),
 ];
 
 /// `{json:COLUMN.FIELD}`: the text of a JSON column's field, in the dialect.

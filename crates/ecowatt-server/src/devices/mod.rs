@@ -38,6 +38,8 @@ pub struct Device {
     pub last_seen_ms: Option<i64>,
     /// The firmware version it last reported.
     pub firmware: Option<String>,
+    /// It runs the original firmware: its legacy uploads are accepted.
+    pub legacy: bool,
 }
 
 /// Validates a device name: 1..=64 characters of letters, digits, `_`, `-`,
@@ -85,6 +87,7 @@ fn device_from(row: &AnyRow) -> StoreResult<Device> {
         created_ms: row.try_get("created_ms")?,
         last_seen_ms: row.try_get("last_seen_ms")?,
         firmware: row.try_get("firmware")?,
+        legacy: row.try_get::<i64, _>("legacy")? != 0,
     })
 }
 

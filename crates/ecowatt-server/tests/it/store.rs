@@ -221,6 +221,9 @@ async fn legacy_config_poll_repeats_a_change_then_counts_it_applied() {
         ecowatt_server::registration::register(&s.devices(), "d", 10_000, KEY, "a", T0)
             .await
             .unwrap();
+        // A device nobody changed is told nothing (it keeps its own timers).
+        let quiet = s.configs().legacy_poll("d", 1, T0).await.unwrap();
+        assert!(!quiet.changed && !quiet.poll_changed && !quiet.upload_changed, "{b}");
         s.configs()
             .update(
                 "d",
@@ -230,15 +233,42 @@ async fn legacy_config_poll_repeats_a_change_then_counts_it_applied() {
             )
             .await
             .unwrap();
-        let polls: Vec<bool> = {
+        let polls: Vec<(bool, bool, bool)> = {
             let mut v = vec![];
             for i in 0..5 {
-                v.push(s.configs().legacy_poll("d", 3, T0 + i).await.unwrap().0);
+                let c = s.configs().legacy_poll("d", 3, T0 + i).await.unwrap();
+                v.push((c.changed, c.poll_changed, c.upload_changed));
             }
             v
         };
-        assert_eq!(polls, [true, true, true, false, false], "{b}: not lost after one lost answer");
+        let flagged = (true, true, false);
+        let done = (false, false, false);
+        assert_eq!(polls, [flagged, flagged, flagged, done, done], "{b}: repeated, per timer");
         assert_eq!(s.configs().shadow("d").await.unwrap().reported_version, Some(2));
+        // The guide's default: flagged once, then reset.
+        s.configs()
+            .update(
+                "d",
+                &ConfigPatch { upload_interval_ms: Some(600_000), ..Default::default() },
+                "a",
+                T0,
+            )
+            .await
+            .unwrap();
+        let first = s.configs().legacy_poll("d", 1, T0 + 10).await.unwrap();
+        assert_eq!(
+            (first.changed, first.poll_changed, first.upload_changed),
+            (true, false, true),
+            "{b}"
+        );
+        assert_eq!(first.config.upload_interval_ms, 600_000);
+        assert!(!s.configs().legacy_poll("d", 1, T0 + 11).await.unwrap().changed, "{b}");
+        // A change undone before it was sent is no change.
+        for poll in [20_000, 10_000] {
+            let patch = ConfigPatch { poll_interval_ms: Some(poll), ..Default::default() };
+            s.configs().update("d", &patch, "a", T0).await.unwrap();
+        }
+        assert!(!s.configs().legacy_poll("d", 1, T0 + 12).await.unwrap().changed, "{b}");
     })
     .await;
 }
@@ -947,4 +977,35 @@ async fn a_store_migrated_by_a_newer_release_is_refused_unchanged() {
         c.close().await.unwrap();
         db.cleanup().await;
     }
+}
+
+#[tokio::test]
+async fn legacy_uploads_store_once_per_nonce_on_both_backends() {
+    use ecowatt_server::legacy::{Legacy, Packet, Upload as LegacyUpload};
+    each(async |s, b| {
+        ecowatt_server::registration::register(&s.devices(), "old", 10_000, KEY, "a", T0)
+            .await
+            .unwrap();
+        let legacy = Legacy::new(s.db().clone());
+        let mut raw = vec![0x00, 20];
+        (0..20u16).for_each(|v| raw.extend((1000 + v).to_le_bytes()));
+        let upload = LegacyUpload {
+            device: "old".into(),
+            millis: Some(10_000),
+            packets: vec![Packet { bytes: raw, layout: (0..10).collect(), millis: Some(10_000) }],
+        };
+        let refused = legacy.store_upload(&upload, 5, 5_000, T0).await.unwrap_err();
+        assert!(matches!(refused, StoreError::Refused { code: "legacy_not_enabled", .. }), "{b}");
+        legacy.mark("old", true, "a", T0).await.unwrap();
+        let stored = legacy.store_upload(&upload, 5, 5_000, T0).await.unwrap();
+        assert_eq!((stored.batches, stored.samples), (1, 2), "{b}");
+        let again = legacy.store_upload(&upload, 5, 5_000, T0 + 1).await.unwrap_err();
+        assert!(matches!(again, StoreError::Refused { code: "legacy_replay", .. }), "{b}");
+        legacy.store_upload(&upload, 6, 5_000, T0 + 10_000).await.unwrap();
+        let batches = s.telemetry().range("old", 0, i64::MAX).await.unwrap();
+        let seqs: Vec<(i64, i64)> = batches.iter().map(|b| (b.first_seq, b.last_seq)).collect();
+        assert_eq!(seqs, [(1, 2), (3, 4)], "{b}: new samples, new sequence numbers");
+        assert_eq!((batches[0].first_ms, batches[0].last_ms), (T0 - 5_000, T0), "{b}");
+    })
+    .await;
 }

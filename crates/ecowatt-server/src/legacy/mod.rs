@@ -1,0 +1,299 @@
+//! The original system's formats, for devices that migrate to EcoWatt
+//! still running their original firmware (`--legacy-api`, docs/migration.md):
+//! its command ids ([`ids`]), its upload security layer ([`envelope`]) and
+//! compressed batches ([`packets`]), and the devices an operator marked as
+//! running it, whose uploads this aggregate stores as ordinary telemetry.
+
+pub mod envelope;
+pub mod ids;
+pub mod packets;
+
+use base64::Engine;
+use ecowatt_proto::codec;
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::db::{Db, StoreError, StoreResult};
+use crate::devices::{Device, named_in};
+use crate::operators::audit;
+use packets::{DecoderState, Undecodable};
+
+/// Who the audit log names for what the original firmware's uploads do.
+pub const ACTOR: &str = "legacy-api";
+
+/// One compressed batch of an upload, as the original firmware sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    /// The compressed bytes (Base64-decoded).
+    pub bytes: Vec<u8>,
+    /// Register ids of one sample.
+    pub layout: Vec<u8>,
+    /// The device's clock when the batch was made, ms since it started.
+    pub millis: Option<u64>,
+}
+
+/// An upload's body, authenticated or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    /// The device's name.
+    pub device: String,
+    /// The device's clock when it sent the upload, ms since it started.
+    pub millis: Option<u64>,
+    /// Its batches, oldest first.
+    pub packets: Vec<Packet>,
+}
+
+/// Reads the original firmware's upload JSON (`{"device_id", "timestamp",
+/// "compressed_data": [{"compressed_binary", "decompression_metadata":
+/// {"register_layout", "timestamp", ...}}, ...]}`).
+pub fn parse_upload(json: &[u8]) -> Result<Upload, crate::domain::Invalid> {
+    use crate::domain::Invalid;
+    let v: Value = serde_json::from_slice(json)
+        .map_err(|e| Invalid::new("payload", format!("not JSON: {e}")))?;
+    let device = v
+        .get("device_id")
+        .or_else(|| v.get("id"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| Invalid::new("device_id", "required (a registered device's name)"))?
+        .to_owned();
+    let list = ["compressed_data", "smart_data", "binary_data", "data"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_array).filter(|a| !a.is_empty()))
+        .ok_or_else(|| Invalid::new("compressed_data", "no compressed data found in payload"))?;
+    let mut packets = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let field = format!("compressed_data[{i}]");
+        let text = item
+            .get("compressed_binary")
+            .or_else(|| item.get("binary_data"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| Invalid::new(&field, "compressed_binary (Base64) required"))?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|_| Invalid::new(&field, "compressed_binary is not Base64"))?;
+        let meta = item.get("decompression_metadata").unwrap_or(&Value::Null);
+        let layout = match meta.get("register_layout").and_then(Value::as_array) {
+            Some(a) => a
+                .iter()
+                .map(|r| r.as_u64().and_then(|r| u8::try_from(r).ok()).filter(|&r| r <= 9))
+                .collect::<Option<Vec<u8>>>()
+                .ok_or_else(|| {
+                    Invalid::new(&field, "register_layout must list register ids 0..=9")
+                })?,
+            // The original's fixed order of all ten registers.
+            None => (0..10).collect(),
+        };
+        packets.push(Packet {
+            bytes,
+            layout,
+            millis: meta.get("timestamp").and_then(Value::as_u64),
+        });
+    }
+    Ok(Upload { device, millis: v.get("timestamp").and_then(Value::as_u64), packets })
+}
+
+/// What an accepted upload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// Batches decoded and stored.
+    pub batches: usize,
+    /// Samples stored.
+    pub samples: usize,
+    /// Batches not decoded, with why (index in the upload, reason).
+    pub undecodable: Vec<(usize, Undecodable)>,
+    /// The newest export limit read (register 8), with its time.
+    pub export_limit: Option<(u16, i64)>,
+}
+
+/// When the samples of an upload were read: the device has no wall clock,
+/// so each batch's time is the server's receipt minus how long before the
+/// upload the device made it, and a batch's samples are one poll interval
+/// apart, its last at that time.
+pub fn sample_times(
+    now_ms: i64,
+    upload_millis: Option<u64>,
+    packet_millis: Option<u64>,
+    samples: usize,
+    poll_ms: i64,
+) -> Vec<i64> {
+    let age = match (upload_millis, packet_millis) {
+        (Some(u), Some(p)) if p <= u => i64::try_from(u - p).unwrap_or(0),
+        _ => 0,
+    };
+    let last = now_ms - age;
+    (0..samples).map(|k| last - (samples - 1 - k) as i64 * poll_ms).collect()
+}
+
+/// The legacy devices.
+#[derive(Clone)]
+pub struct Legacy {
+    db: Db,
+}
+
+impl Legacy {
+    /// Over `db`.
+    pub fn new(db: Db) -> Self {
+        Legacy { db }
+    }
+
+    /// Marks a device as running the original firmware (its uploads are
+    /// accepted under the original's weak security) or not.
+    pub async fn mark(&self, name: &str, on: bool, actor: &str, now: i64) -> StoreResult<Device> {
+        let mut tx = self.db.write().await?;
+        let device = named_in(&self.db, &mut tx, name, true).await?;
+        sqlx::query("UPDATE devices SET legacy = $1 WHERE id = $2")
+            .bind(i64::from(on))
+            .bind(device.id)
+            .execute(&mut *tx)
+            .await?;
+        let action = if on { "device.legacy_on" } else { "device.legacy_off" };
+        audit::record(&mut tx, now, actor, action, name, json!({})).await?;
+        tx.commit().await?;
+        Ok(Device { legacy: on, ..device })
+    }
+
+    /// Whether a device is marked legacy.
+    pub async fn is_marked(&self, name: &str) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT legacy FROM devices WHERE name = $1")
+            .bind(name)
+            .fetch_optional(self.db.reader())
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))?;
+        Ok(row.try_get::<i64, _>("legacy")? != 0)
+    }
+
+    /// Stores an authenticated upload: refused whole unless the device is
+    /// marked legacy and enabled and `nonce` exceeds every nonce accepted
+    /// before; otherwise every batch that decodes is stored as telemetry
+    /// and the nonce and encoder state advance, in one transaction.
+    pub async fn store_upload(
+        &self,
+        upload: &Upload,
+        nonce: u32,
+        poll_ms: i64,
+        now: i64,
+    ) -> StoreResult<Stored> {
+        let mut tx = self.db.write().await?;
+        let device = named_in(&self.db, &mut tx, &upload.device, true).await?;
+        let row =
+            sqlx::query("SELECT legacy, legacy_nonce, legacy_state FROM devices WHERE id = $1")
+                .bind(device.id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if row.try_get::<i64, _>("legacy")? == 0 {
+            return Err(StoreError::Refused {
+                code: "legacy_not_enabled",
+                message: format!(
+                    "device {:?} is not marked as running the original firmware; an operator \
+                     allows its uploads with `ecowatt device legacy {} on`",
+                    upload.device, upload.device
+                ),
+            });
+        }
+        if !device.enabled {
+            return Err(StoreError::Refused {
+                code: "device_disabled",
+                message: format!("device {:?} is disabled", upload.device),
+            });
+        }
+        let last: i64 = row.try_get("legacy_nonce")?;
+        if i64::from(nonce) <= last {
+            return Err(StoreError::Refused {
+                code: "legacy_replay",
+                message: format!(
+                    "Replay attack detected! Nonce {nonce} <= last valid nonce {last}"
+                ),
+            });
+        }
+        let mut state: DecoderState = match row.try_get::<Option<String>, _>("legacy_state")? {
+            Some(text) => serde_json::from_str(&text).unwrap_or_default(),
+            None => DecoderState::default(),
+        };
+        let seq_row =
+            sqlx::query("SELECT MAX(last_seq) AS seq FROM telemetry_batches WHERE device_id = $1")
+                .bind(device.id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let mut seq = seq_row.try_get::<Option<i64>, _>("seq")?.unwrap_or(0) + 1;
+        let mut stored = Stored::default();
+        for (i, p) in upload.packets.iter().enumerate() {
+            let batch = match packets::decode(&p.bytes, &p.layout, p.millis, &mut state) {
+                Ok(b) => b,
+                Err(e) => {
+                    stored.undecodable.push((i, e));
+                    continue;
+                }
+            };
+            let times = sample_times(now, upload.millis, p.millis, batch.samples.len(), poll_ms);
+            let samples: Vec<codec::Sample> = batch
+                .samples
+                .iter()
+                .zip(&times)
+                .map(|(values, &t)| {
+                    let s = codec::Sample {
+                        seq: seq as u64,
+                        unix_ms: t.max(0) as u64,
+                        values: values.clone(),
+                    };
+                    seq += 1;
+                    s
+                })
+                .collect();
+            if batch.mask & (1 << ecowatt_proto::registers::EXPORT_LIMIT) != 0 {
+                let at = (batch.mask & ((1 << ecowatt_proto::registers::EXPORT_LIMIT) - 1))
+                    .count_ones() as usize;
+                if let (Some(s), Some(&t)) = (batch.samples.last(), times.last()) {
+                    stored.export_limit = Some((s[at], t));
+                }
+            }
+            let data = codec::encode(batch.mask, &samples)
+                .map_err(|e| StoreError::Corrupt(format!("legacy batch does not encode: {e}")))?;
+            let b = crate::telemetry::StoredBatch::of(1, batch.mask, &samples, data);
+            sqlx::query(
+                "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
+                 last_ms, registers, codec, data, received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(device.id)
+            .bind(b.first_seq)
+            .bind(b.last_seq)
+            .bind(b.count)
+            .bind(b.first_ms)
+            .bind(b.last_ms)
+            .bind(b.registers)
+            .bind(b.codec)
+            .bind(b.data)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            stored.batches += 1;
+            stored.samples += samples.len();
+        }
+        let state_text = serde_json::to_string(&state).expect("state serialises");
+        sqlx::query("UPDATE devices SET legacy_nonce = $1, legacy_state = $2, last_seen_ms = $3 WHERE id = $4")
+            .bind(i64::from(nonce))
+            .bind(state_text)
+            .bind(now)
+            .bind(device.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_timed_back_from_the_upload() {
+        // A batch made 3 s before the upload, of 5 samples 2 s apart.
+        assert_eq!(
+            sample_times(100_000, Some(50_000), Some(47_000), 5, 2_000),
+            [89_000, 91_000, 93_000, 95_000, 97_000]
+        );
+        // No clocks (or a batch claiming to be newer than its upload): now.
+        assert_eq!(sample_times(100_000, None, None, 2, 1_000), [99_000, 100_000]);
+        assert_eq!(sample_times(100_000, Some(1), Some(5), 1, 1_000), [100_000]);
+    }
+}
