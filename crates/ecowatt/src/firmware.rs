@@ -46,6 +46,12 @@ pub enum FirmwareCommand {
         /// Hardware target.
         #[arg(long, default_value = "linux-x86_64")]
         target: String,
+        /// Also sign the image as the original (seed) firmware checks it
+        /// (RSA-2048 over its SHA-256, as `legacy_signature`), so that devices
+        /// still running it can take it over the legacy chunked OTA. Needs an
+        /// RSA key: the one whose public half the original firmware holds.
+        #[arg(long)]
+        legacy: bool,
     },
     /// Upload a signed image to the server (which checks the signature against its keys).
     Upload {
@@ -95,9 +101,17 @@ impl SecretKey {
         use rsa::pkcs8::DecodePrivateKey;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading private key {}", path.display()))?;
-        if text.contains("-----BEGIN PRIVATE KEY-----") {
-            let k = rsa::RsaPrivateKey::from_pkcs8_pem(&text)
-                .map_err(|e| anyhow::anyhow!("{}: not an RSA private key: {e}", path.display()))?;
+        let pkcs1 = text.contains("-----BEGIN RSA PRIVATE KEY-----");
+        if text.contains("-----BEGIN PRIVATE KEY-----") || pkcs1 {
+            // PKCS#8 (ours, and Python's default) or PKCS#1 (OpenSSL's
+            // traditional form, as the original system's keys may be).
+            let k = if pkcs1 {
+                use rsa::pkcs1::DecodeRsaPrivateKey;
+                rsa::RsaPrivateKey::from_pkcs1_pem(&text).map_err(|e| e.to_string())
+            } else {
+                rsa::RsaPrivateKey::from_pkcs8_pem(&text).map_err(|e| e.to_string())
+            }
+            .map_err(|e| anyhow::anyhow!("{}: not an RSA private key: {e}", path.display()))?;
             anyhow::ensure!(
                 rsa::traits::PublicKeyParts::size(&k) == 256,
                 "{}: only RSA-2048 keys are supported",
@@ -210,7 +224,7 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
 
 pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
     match cmd {
-        FirmwareCommand::Sign { image, version, key, security_counter, target } => {
+        FirmwareCommand::Sign { image, version, key, security_counter, target, legacy } => {
             let version = Version::parse(&version)
                 .map_err(|e| anyhow::anyhow!("--version {version:?}: {e}"))?;
             let signing = SecretKey::read(&key)?;
@@ -227,7 +241,16 @@ pub fn run(cmd: FirmwareCommand) -> anyhow::Result<()> {
             let signature =
                 signing.sign(&manifest.signed_bytes().map_err(|e| anyhow::anyhow!("{e}"))?);
             let out = PathBuf::from(format!("{}.manifest.json", image.display()));
-            let json = manifest_json(&manifest, &signing.public(), &signature);
+            let mut json = manifest_json(&manifest, &signing.public(), &signature);
+            if legacy {
+                anyhow::ensure!(
+                    matches!(signing, SecretKey::Rsa(_)),
+                    "--legacy needs an RSA-2048 private key (PEM): the original firmware checks RSA signatures"
+                );
+                use base64::Engine;
+                json["legacy_signature"] =
+                    base64::engine::general_purpose::STANDARD.encode(signing.sign(&bytes)).into();
+            }
             std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")?;
             outln!(
                 "Signed {} ({} bytes, version {}): {}",

@@ -289,7 +289,9 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
             let method = if on { "POST" } else { "DELETE" };
             api.call(method, &format!("/api/v1/devices/{}/legacy", segment(&name)), None)?;
             if on {
-                outln!("Device {name} marked legacy: its original-firmware uploads are accepted (shared, published key: migrate it).");
+                outln!(
+                    "Device {name} marked legacy: its original-firmware uploads are accepted (shared, published key: migrate it)."
+                );
             } else {
                 outln!("Device {name} no longer legacy: original-firmware uploads are refused.");
             }

@@ -49,6 +49,10 @@ pub fn routes() -> Router<AppState> {
         .route("/command/logs", get(command_logs))
         .route("/process", post(process))
         .route("/ota/check", post(ota_check))
+        .route("/ota/chunk", post(ota_chunk))
+        .route("/ota/verify", post(ota_verify))
+        .route("/ota/complete", post(ota_complete))
+        .route("/ota/status", get(ota_status))
         .route("/ota/download/{file}", get(ota_download))
 }
 
@@ -363,29 +367,177 @@ async fn ota_check(
     State(state): State<AppState>,
     AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    enabled_device(&state, &body).await?;
+    let device = enabled_device(&state, &body).await?;
     let current_text = body
         .get("current_version")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::from(Invalid::new("current_version", "required, e.g. 1.0.3")))?;
-    let current = Version::parse(current_text).map_err(|_| {
+    Version::parse(current_text).map_err(|_| {
         ApiError::from(Invalid::new("current_version", "MAJOR.MINOR.PATCH, e.g. 1.0.3"))
     })?;
-    let images = state.firmware.list().await?;
-    Ok(Json(match crate::firmware::newest_above(&images, &current) {
-        Some((v, f)) => json!({
-            "update_available": true,
-            "version": v.to_string(),
-            "url": format!("/ota/download/firmware_{v}.bin"),
-            "size": f.size,
-            "checksum": f.sha256.to_lowercase(),
-            "signature": f.manifest["signature"],
-        }),
-        None => json!({
+    let now = crate::now_ms();
+    let offer = state.legacy.ota_check(&device, current_text, now).await?;
+    let latest = || {
+        json!({
             "update_available": false,
             "message": format!("Device is running latest version: {current_text}"),
-        }),
-    }))
+        })
+    };
+    let Some(offer) = offer else { return Ok(Json(latest())) };
+    let m = &offer.manifest;
+    let version = m["version"].as_str().unwrap_or_default();
+    let key = &state.settings.legacy.ota_aes_key;
+    if *key == [0; 32] || state.settings.legacy.ota_hmac_psk.is_empty() {
+        tracing::warn!(
+            device,
+            version,
+            "a legacy device is offered an update, but [legacy] ota_aes_key and \
+            ota_hmac_psk are not set: the original firmware cannot take it (docs/migration.md)"
+        );
+        return Ok(Json(latest()));
+    }
+    let image = state.firmware.bytes(offer.firmware_id).await?;
+    let e = state.legacy.encrypted(offer.firmware_id, key, &image);
+    let sha = m["sha256"].as_str().unwrap_or_default().to_lowercase();
+    // The original firmware's fields (chunked, encrypted), and the guide's
+    // (a plain download URL), in one answer.
+    Ok(Json(json!({
+        "update_available": true,
+        "version": version,
+        "original_size": image.len(),
+        "encrypted_size": e.data.len(),
+        "total_chunks": e.total_chunks(),
+        "chunk_size": crate::legacy::ota::CHUNK_SIZE,
+        "sha256_hash": sha,
+        "signature": m["legacy_signature"],
+        "iv": e.iv_base64(),
+        "url": format!("/ota/download/firmware_{version}.bin"),
+        "size": image.len(),
+        "checksum": sha,
+    })))
+}
+
+/// `POST /ota/chunk {device_id, version, chunk_number}`: one encrypted
+/// chunk with its HMAC, for a device whose rollout offers `version`.
+async fn ota_chunk(
+    State(state): State<AppState>,
+    AnyJson(body): AnyJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let device = enabled_device(&state, &body).await?;
+    let version = body
+        .get("version")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::from(Invalid::new("version", "required")))?;
+    let n = body
+        .get("chunk_number")
+        .and_then(Value::as_u64)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| ApiError::from(Invalid::new("chunk_number", "a chunk number from 0")))?;
+    let legacy = &state.settings.legacy;
+    if legacy.ota_aes_key == [0; 32] || legacy.ota_hmac_psk.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "legacy_ota_not_configured",
+            "set [legacy] ota_aes_key and ota_hmac_psk to serve the original firmware's updates",
+        ));
+    }
+    let done = ((n as i64) + 1).saturating_mul(crate::legacy::ota::CHUNK_SIZE as i64);
+    let firmware_id = match state.legacy.ota_chunk(&device, version, done, crate::now_ms()).await {
+        Err(crate::db::StoreError::Refused { code, message }) => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, code, message));
+        }
+        other => other?,
+    };
+    let image = state.firmware.bytes(firmware_id).await?;
+    let e = state.legacy.encrypted(firmware_id, &legacy.ota_aes_key, &image);
+    let total = e.total_chunks();
+    let chunk = e.chunk(n).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "chunk_not_found",
+            format!("Chunk not found: {n} of {total} (0..{total})"),
+        )
+    })?;
+    use base64::Engine;
+    Ok(Json(json!({
+        "chunk": {
+            "chunk_number": n,
+            "data": base64::engine::general_purpose::STANDARD.encode(chunk),
+            "size": chunk.len(),
+            "hmac": crate::legacy::ota::chunk_hmac(&legacy.ota_hmac_psk, chunk, n),
+            "total_chunks": total,
+        },
+        "progress": {
+            "chunks_received": n + 1,
+            "total_chunks": total,
+            "percentage": ((n + 1) as f64 * 1000.0 / total as f64).round() / 10.0,
+        },
+    })))
+}
+
+/// `POST /ota/verify {device_id, verified, version}`: the device's verdict.
+async fn ota_verify(
+    State(state): State<AppState>,
+    AnyJson(body): AnyJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let device = enabled_device(&state, &body).await?;
+    let verified = body
+        .get("verified")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| ApiError::from(Invalid::new("verified", "true or false")))?;
+    let version = body.get("version").and_then(Value::as_str).unwrap_or("unknown");
+    state.legacy.ota_verified(&device, version, verified, crate::now_ms()).await?;
+    Ok(Json(json!({"status": "acknowledged", "verified": verified})))
+}
+
+/// `POST /ota/complete {device_id, version}`: the device runs `version`.
+async fn ota_complete(
+    State(state): State<AppState>,
+    AnyJson(body): AnyJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let device = enabled_device(&state, &body).await?;
+    let version = body
+        .get("version")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::from(Invalid::new("version", "required")))?;
+    Version::parse(version)
+        .map_err(|_| ApiError::from(Invalid::new("version", "MAJOR.MINOR.PATCH, e.g. 1.0.4")))?;
+    state.legacy.ota_check(&device, version, crate::now_ms()).await?;
+    Ok(Json(json!({
+        "status": "success",
+        "message": format!("OTA update completed successfully for {device}"),
+    })))
+}
+
+/// `GET /ota/status`: legacy devices' downloads (the original firmware's
+/// post-update self-test needs a 200 here).
+async fn ota_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let sessions: serde_json::Map<String, Value> = state
+        .legacy
+        .sessions()
+        .await?
+        .into_iter()
+        .map(|s| {
+            let chunks = |bytes: i64| (bytes as usize).div_ceil(crate::legacy::ota::CHUNK_SIZE);
+            (
+                s.device,
+                json!({"version": s.version, "state": s.state, "chunks_downloaded": chunks(s.done),
+                    "total_chunks": chunks(s.total), "updated_time": crate::iso8601(s.updated_ms)}),
+            )
+        })
+        .collect();
+    let mut versions: Vec<String> =
+        state.firmware.list().await?.into_iter().map(|f| f.version).collect();
+    versions.sort_by(|a, b| match (Version::parse(a), Version::parse(b)) {
+        (Ok(a), Ok(b)) => b.cmp(&a),
+        _ => b.cmp(a),
+    });
+    versions.dedup();
+    Ok(Json(json!({
+        "active_sessions": sessions.len(),
+        "sessions": sessions,
+        "available_versions": versions,
+    })))
 }
 
 async fn ota_download(

@@ -103,6 +103,9 @@ pub fn verify(
             "the image's size or SHA-256 differs from its signed manifest",
         ));
     }
+    if let Some(sig) = json.get("legacy_signature") {
+        check_legacy_signature(trusted, sig, image)?;
+    }
     Ok(Firmware {
         id: 0,
         version: manifest.version.to_string(),
@@ -115,6 +118,37 @@ pub fn verify(
         uploaded_ms: now,
         uploaded_by: actor.to_owned(),
     })
+}
+
+/// An image for the original firmware line carries `legacy_signature`: the
+/// Base64 RSA-2048 PKCS#1 v1.5 signature over the image's SHA-256 that the
+/// original firmware checks before switching (docs/migration.md). It must
+/// verify against one of the trusted RSA keys, like the manifest.
+fn check_legacy_signature(
+    trusted: &[PublicKey],
+    sig: &Value,
+    image: &[u8],
+) -> Result<(), ImageRefused> {
+    use base64::Engine;
+    let sig = sig
+        .as_str()
+        .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+        .filter(|s| s.len() == 256)
+        .ok_or_else(|| {
+            refused("invalid_manifest", "legacy_signature must be 256 bytes in Base64")
+        })?;
+    let good = trusted.iter().any(|k| match k {
+        PublicKey::Rsa2048(n) => ecowatt_proto::firmware::verify_rsa2048(n, image, &sig).is_ok(),
+        PublicKey::Ed25519(_) => false,
+    });
+    if good {
+        Ok(())
+    } else {
+        Err(refused(
+            "bad_legacy_signature",
+            "legacy_signature does not verify against a trusted RSA-2048 key",
+        ))
+    }
 }
 
 /// The newest of `images` whose version is above `current`, by semantic

@@ -9,7 +9,6 @@
 //! identity in the envelope, a fixed IV. EcoWatt keeps what protection
 //! there is (the MAC, and a nonce that must grow, now kept across restarts).
 
-use aes::cipher::{BlockDecrypt, KeyInit, generic_array::GenericArray};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
@@ -85,50 +84,14 @@ pub fn open(v: &Value, hmac_key: &[u8; 32], aes_key: &[u8; 16]) -> Result<Opened
         .decode(payload)
         .map_err(|_| bad("payload is not Base64"))?;
     if encrypted {
-        json = decrypt_cbc(aes_key, &ORIGINAL_IV, &json).ok_or(EnvelopeError::BadCipher)?;
+        json = super::crypto::decrypt_cbc(aes_key, &ORIGINAL_IV, &json)
+            .ok_or(EnvelopeError::BadCipher)?;
     }
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(hmac_key).expect("HMAC takes any key length");
     m.update(&nonce.to_be_bytes());
     m.update(&json);
     m.verify_slice(&mac).map_err(|_| EnvelopeError::BadMac)?;
     Ok(Opened { nonce, json })
-}
-
-/// AES-CBC decryption with PKCS#7 padding removed (`None` when the length
-/// or the padding is wrong). AES-128 or AES-256 by the key's length.
-pub fn decrypt_cbc(key: &[u8], iv: &[u8; 16], data: &[u8]) -> Option<Vec<u8>> {
-    if data.is_empty() || data.len() % 16 != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(data.len());
-    let mut prev = *iv;
-    let mut step =
-        |block: &[u8], decrypt: &dyn Fn(&mut GenericArray<u8, aes::cipher::consts::U16>)| {
-            let mut b = GenericArray::clone_from_slice(block);
-            decrypt(&mut b);
-            for (o, p) in b.iter_mut().zip(prev.iter()) {
-                *o ^= p;
-            }
-            out.extend_from_slice(&b);
-            prev.copy_from_slice(block);
-        };
-    match key.len() {
-        16 => {
-            let c = aes::Aes128::new_from_slice(key).ok()?;
-            data.chunks(16).for_each(|b| step(b, &|x| c.decrypt_block(x)));
-        }
-        32 => {
-            let c = aes::Aes256::new_from_slice(key).ok()?;
-            data.chunks(16).for_each(|b| step(b, &|x| c.decrypt_block(x)));
-        }
-        _ => return None,
-    }
-    let pad = usize::from(*out.last()?);
-    if pad == 0 || pad > 16 || out[out.len() - pad..].iter().any(|&b| usize::from(b) != pad) {
-        return None;
-    }
-    out.truncate(out.len() - pad);
-    Some(out)
 }
 
 #[cfg(test)]
@@ -176,35 +139,5 @@ mod tests {
             );
         }
         assert!(!is_secured(&json!({"device_id": "x", "compressed_data": []})));
-    }
-
-    /// FIPS-197 / SP 800-38A F.2.2 (CBC-AES128.Decrypt), with one block of
-    /// PKCS#7 padding appended to check its removal.
-    #[test]
-    fn cbc_decrypts_the_nist_vector() {
-        let key = ecowatt_proto::hex::decode("2b7e151628aed2a6abf7158809cf4f3c").unwrap();
-        let iv: [u8; 16] = ecowatt_proto::hex::decode("000102030405060708090a0b0c0d0e0f")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let cipher = ecowatt_proto::hex::decode("7649abac8119b246cee98e9b12e9197d").unwrap();
-        let plain = ecowatt_proto::hex::decode("6bc1bee22e409f96e93d7e117393172a").unwrap();
-        // A block whose padding is wrong is refused.
-        assert_eq!(decrypt_cbc(&key, &iv, &cipher), None);
-        assert_eq!(decrypt_cbc(&key, &iv, &cipher[..15]), None);
-        // The NIST block followed by a full padding block.
-        let mut two = cipher.clone();
-        let pad_block = {
-            use aes::cipher::BlockEncrypt;
-            let c = aes::Aes128::new_from_slice(&key).unwrap();
-            let mut b = GenericArray::clone_from_slice(&[16u8; 16]);
-            for (x, p) in b.iter_mut().zip(cipher.iter()) {
-                *x ^= p;
-            }
-            c.encrypt_block(&mut b);
-            b.to_vec()
-        };
-        two.extend_from_slice(&pad_block);
-        assert_eq!(decrypt_cbc(&key, &iv, &two).unwrap(), plain);
     }
 }

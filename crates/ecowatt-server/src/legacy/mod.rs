@@ -4,8 +4,10 @@
 //! compressed batches ([`packets`]), and the devices an operator marked as
 //! running it, whose uploads this aggregate stores as ordinary telemetry.
 
+pub mod crypto;
 pub mod envelope;
 pub mod ids;
+pub mod ota;
 pub mod packets;
 
 use base64::Engine;
@@ -13,8 +15,11 @@ use ecowatt_proto::codec;
 use serde_json::{Value, json};
 use sqlx::Row;
 
+use ecowatt_proto::messages::{OtaReport, OtaState, ota_reason};
+
 use crate::db::{Db, StoreError, StoreResult};
 use crate::devices::{Device, named_in};
+use crate::firmware::rollouts::store::{offer_in, ota_report_in};
 use crate::operators::audit;
 use packets::{DecoderState, Undecodable};
 
@@ -124,16 +129,212 @@ pub fn sample_times(
     (0..samples).map(|k| last - (samples - 1 - k) as i64 * poll_ms).collect()
 }
 
+/// An update the rollouts offer a legacy device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyOffer {
+    /// The stored image.
+    pub firmware_id: i64,
+    /// Its signed manifest as uploaded (with `legacy_signature`).
+    pub manifest: Value,
+}
+
+/// A legacy device's download, for `/ota/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The device.
+    pub device: String,
+    /// The version offered.
+    pub version: String,
+    /// Its rollout state.
+    pub state: String,
+    /// Bytes served.
+    pub done: i64,
+    /// Image size.
+    pub total: i64,
+    /// Last change.
+    pub updated_ms: i64,
+}
+
 /// The legacy devices.
 #[derive(Clone)]
 pub struct Legacy {
     db: Db,
+    /// The image last prepared for chunked delivery (a download is
+    /// hundreds of chunk requests for one image).
+    encrypted: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<ota::Encrypted>>>>,
+}
+
+fn ota_report(state: OtaState, version: &str, done: i64, total: i64, reason: u8) -> OtaReport {
+    OtaReport {
+        state,
+        version: version.to_owned(),
+        done: done.max(0) as u64,
+        total: total.max(0) as u64,
+        reason,
+    }
 }
 
 impl Legacy {
     /// Over `db`.
     pub fn new(db: Db) -> Self {
-        Legacy { db }
+        Legacy { db, encrypted: Default::default() }
+    }
+
+    /// `image` (stored as `firmware_id`) encrypted for chunked delivery.
+    pub fn encrypted(
+        &self,
+        firmware_id: i64,
+        key: &[u8; 32],
+        image: &[u8],
+    ) -> std::sync::Arc<ota::Encrypted> {
+        let mut cache = self.encrypted.lock().expect("legacy OTA cache");
+        if let Some(e) = cache.as_ref().filter(|e| e.firmware_id == firmware_id) {
+            return e.clone();
+        }
+        let e = std::sync::Arc::new(ota::encrypt(firmware_id, key, image));
+        *cache = Some(e.clone());
+        e
+    }
+
+    /// `/ota/check`: records the version the device runs (which completes
+    /// its rollout when it is the one offered, and fails it when the device
+    /// took every chunk and still runs the old one), then gives the update
+    /// its rollout offers, if its wave has come. An offered image without a
+    /// legacy signature fails the device's part: it could not check it.
+    pub async fn ota_check(
+        &self,
+        name: &str,
+        running: &str,
+        now: i64,
+    ) -> StoreResult<Option<LegacyOffer>> {
+        let mut tx = self.db.write().await?;
+        let device = named_in(&self.db, &mut tx, name, true).await?;
+        sqlx::query("UPDATE devices SET firmware = $1, last_seen_ms = $2 WHERE id = $3")
+            .bind(running)
+            .bind(now)
+            .bind(device.id)
+            .execute(&mut *tx)
+            .await?;
+        let stuck = sqlx::query(
+            "SELECT f.version, rd.done, rd.total FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+             JOIN firmware f ON f.id = r.firmware_id WHERE rd.device_id = $1 AND r.state = 'running' \
+             AND rd.state = 'downloading' ORDER BY rd.rollout_id DESC LIMIT 1",
+        )
+        .bind(device.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = stuck {
+            let (version, done, total): (String, i64, i64) =
+                (row.try_get("version")?, row.try_get("done")?, row.try_get("total")?);
+            if total > 0 && done >= total && version != running {
+                let report = ota_report(OtaState::RolledBack, &version, done, total, 0);
+                ota_report_in(&self.db, &mut tx, device.id, &report, now).await?;
+            }
+        }
+        let offer = offer_in(&self.db, &mut tx, device.id, now).await?;
+        let Some(offer) = offer else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let row = sqlx::query(
+            "SELECT r.firmware_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id WHERE rd.token = $1",
+        )
+        .bind(offer.token.to_ascii_uppercase())
+        .fetch_one(&mut *tx)
+        .await?;
+        let firmware_id: i64 = row.try_get("firmware_id")?;
+        if offer.manifest.get("legacy_signature").is_none() {
+            let version = offer.manifest["version"].as_str().unwrap_or_default().to_owned();
+            let size = offer.manifest["size"].as_i64().unwrap_or(0);
+            let report =
+                ota_report(OtaState::Failed, &version, 0, size, ota_reason::NO_TRUSTED_KEY);
+            ota_report_in(&self.db, &mut tx, device.id, &report, now).await?;
+            tx.commit().await?;
+            tracing::warn!(device = name, %version, "a legacy device was offered an image without legacy_signature: \
+                its part of the rollout failed (sign with `ecowatt firmware sign --legacy`)");
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(LegacyOffer { firmware_id, manifest: offer.manifest }))
+    }
+
+    /// `/ota/chunk`: the image a device may download as `version` (its
+    /// rollout offers it), with the download's progress recorded.
+    pub async fn ota_chunk(
+        &self,
+        name: &str,
+        version: &str,
+        done: i64,
+        now: i64,
+    ) -> StoreResult<i64> {
+        let mut tx = self.db.write().await?;
+        let device = named_in(&self.db, &mut tx, name, true).await?;
+        let row = sqlx::query(&format!(
+            "SELECT r.firmware_id, f.size FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+             JOIN firmware f ON f.id = r.firmware_id WHERE rd.device_id = $1 AND r.state = 'running' \
+             AND rd.wave <= r.current_wave AND f.version = $2 AND rd.state IN {} \
+             ORDER BY rd.rollout_id DESC LIMIT 1",
+            crate::firmware::rollouts::sql_list(&crate::firmware::rollouts::DeviceState::WAITING)
+        ))
+        .bind(device.id)
+        .bind(version)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::Refused {
+                code: "no_ota_session",
+                message: format!("No active OTA session for {name:?} and version {version:?}"),
+            });
+        };
+        let (firmware_id, size): (i64, i64) = (row.try_get("firmware_id")?, row.try_get("size")?);
+        let report = ota_report(OtaState::Downloading, version, done.min(size), size, 0);
+        ota_report_in(&self.db, &mut tx, device.id, &report, now).await?;
+        tx.commit().await?;
+        Ok(firmware_id)
+    }
+
+    /// `/ota/verify`: the device's verdict on the downloaded image.
+    pub async fn ota_verified(
+        &self,
+        name: &str,
+        version: &str,
+        verified: bool,
+        now: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.db.write().await?;
+        let device = named_in(&self.db, &mut tx, name, true).await?;
+        let (state, reason) = if verified {
+            (OtaState::Verifying, 0)
+        } else {
+            (OtaState::Failed, ota_reason::BAD_SIGNATURE)
+        };
+        let report = ota_report(state, version, 0, 0, reason);
+        ota_report_in(&self.db, &mut tx, device.id, &report, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The downloads of legacy devices in running rollouts.
+    pub async fn sessions(&self) -> StoreResult<Vec<Session>> {
+        let rows = sqlx::query(
+            "SELECT d.name, f.version, rd.state, rd.done, rd.total, rd.updated_ms FROM rollout_devices rd \
+             JOIN rollouts r ON r.id = rd.rollout_id JOIN firmware f ON f.id = r.firmware_id \
+             JOIN devices d ON d.id = rd.device_id WHERE d.legacy = 1 AND r.state = 'running' ORDER BY d.name",
+        )
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Session {
+                    device: r.try_get("name")?,
+                    version: r.try_get("version")?,
+                    state: r.try_get("state")?,
+                    done: r.try_get("done")?,
+                    total: r.try_get("total")?,
+                    updated_ms: r.try_get("updated_ms")?,
+                })
+            })
+            .collect()
     }
 
     /// Marks a device as running the original firmware (its uploads are

@@ -191,36 +191,70 @@ async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_ran
         assert!(out.contains("version 1.0.10"), "{out}");
         refused(&with_server(&["firmware", "upload", "fw-1.0.10.bin"]), "already stored");
 
-        // Original-firmware devices: offered as newer than 1.0.9 (not a string compare), never a downgrade.
+        // Original-firmware devices hear of an image only through a rollout
+        // (tests below); the guide's plain download URL serves it, by range.
         ok(&with_server(&["device", "add", "ESP32_EcoWatt_Smart"]));
-        let check = |current: &str| -> serde_json::Value {
-            ureq::post(format!("{url}/ota/check"))
-                .send_json(serde_json::json!({"device_id": "ESP32_EcoWatt_Smart", "current_version": current}))
-                .unwrap()
-                .body_mut()
-                .read_json()
-                .unwrap()
-        };
-        let offer = check("1.0.9");
-        assert_eq!((offer["update_available"].as_bool(), offer["version"].as_str()), (Some(true), Some("1.0.10")));
-        assert_eq!(check("1.0.10")["update_available"], false);
-        assert_eq!(check("1.1.0")["update_available"], false, "never a downgrade");
+        let offer: serde_json::Value = ureq::post(format!("{url}/ota/check"))
+            .send_json(
+                serde_json::json!({"device_id": "ESP32_EcoWatt_Smart", "current_version": "1.0.9"}),
+            )
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+        assert_eq!(offer["update_available"], false, "{offer}");
         // A cut download resumes with a range request.
-        let download = format!("{url}{}", offer["url"].as_str().unwrap());
+        let download = format!("{url}/ota/download/firmware_1.0.10.bin");
         let mut resp = ureq::get(&download).header("Range", "bytes=65536-").call().unwrap();
         assert_eq!(resp.status(), 206);
         assert_eq!(resp.headers()["content-range"], "bytes 65536-69999/70000");
         let tail = resp.body_mut().read_to_vec().unwrap();
         assert_eq!(tail, good[65_536..]);
-        let whole = ureq::get(&download).call().unwrap().body_mut().with_config().limit(1 << 20).read_to_vec().unwrap();
+        let whole = ureq::get(&download)
+            .call()
+            .unwrap()
+            .body_mut()
+            .with_config()
+            .limit(1 << 20)
+            .read_to_vec()
+            .unwrap();
         assert_eq!(whole, good);
 
         // The same image rolled out with the CLI, followed, paused, aborted.
         let out = ok(&with_server(&["firmware", "list"]));
         assert!(out.contains("1.0.10") && out.contains("70000"), "{out}");
-        refused(&with_server(&["rollout", "start", "--version", "9.9.9", "--devices", "ESP32_EcoWatt_Smart"]), "not_found");
-        refused(&with_server(&["rollout", "start", "--version", "1.0.10", "--devices", "ESP32_EcoWatt_Smart", "--waves", "50"]), "waves");
-        let out = ok(&with_server(&["rollout", "start", "--version", "1.0.10", "--devices", "ESP32_EcoWatt_Smart"]));
+        refused(
+            &with_server(&[
+                "rollout",
+                "start",
+                "--version",
+                "9.9.9",
+                "--devices",
+                "ESP32_EcoWatt_Smart",
+            ]),
+            "not_found",
+        );
+        refused(
+            &with_server(&[
+                "rollout",
+                "start",
+                "--version",
+                "1.0.10",
+                "--devices",
+                "ESP32_EcoWatt_Smart",
+                "--waves",
+                "50",
+            ]),
+            "waves",
+        );
+        let out = ok(&with_server(&[
+            "rollout",
+            "start",
+            "--version",
+            "1.0.10",
+            "--devices",
+            "ESP32_EcoWatt_Smart",
+        ]));
         assert!(out.contains("rollout 1 of 1.0.10") && out.contains("running"), "{out}");
         assert!(out.contains("ESP32_EcoWatt_Smart") && out.contains("pending"), "{out}");
         assert!(ok(&with_server(&["rollout", "pause", "1"])).contains("paused"));
@@ -236,7 +270,14 @@ async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_ran
         }
         let names = ["ESP32_EcoWatt_Smart", "roof-2", "roof-3"];
         let out = ok(&with_server(&[
-            "rollout", "start", "--version", "1.0.10", "--devices", &names.join(","), "--waves", "34,100",
+            "rollout",
+            "start",
+            "--version",
+            "1.0.10",
+            "--devices",
+            &names.join(","),
+            "--waves",
+            "34,100",
         ]));
         let mut waves: Vec<i64> = out
             .lines()
@@ -250,7 +291,15 @@ async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_ran
         // not a broken pipe.
         let big = vec![0u8; 32 * 1024 * 1024 + 1];
         std::fs::write(dir.join("big.bin"), &big).unwrap();
-        ok(&with_server(&["firmware", "sign", "big.bin", "--version", "2.0.0", "--key", "release.key"]));
+        ok(&with_server(&[
+            "firmware",
+            "sign",
+            "big.bin",
+            "--version",
+            "2.0.0",
+            "--key",
+            "release.key",
+        ]));
         let out = with_server(&["firmware", "upload", "big.bin"]);
         refused(&out, "up to 32 MiB [body_too_large, HTTP 413]");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -272,6 +321,202 @@ async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_ran
         conn.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
         assert!(answer.contains(r#"{"error":{"code":"body_too_large""#), "{answer}");
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}
+
+/// An unmodified original-firmware device updating over the original's
+/// chunked OTA: the release manager signs with `--legacy` (the RSA key the
+/// original firmware trusts), uploads and rolls out as for any device; the
+/// device checks, fetches every chunk (HMAC-checked, AES-256-CBC), verifies
+/// the RSA signature over the image, and reports the new version.
+#[tokio::test]
+async fn an_original_firmware_device_updates_over_the_legacy_chunked_ota() {
+    use ecowatt_server::legacy::crypto;
+    use ecowatt_server::settings::{LegacyFile, SettingsFile};
+    use ecowatt_testkit::server::{TempDb, TestServer};
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let prep = dir.clone();
+    let image: Vec<u8> = (0..5_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let img = image.clone();
+    tokio::task::spawn_blocking(move || {
+        ok(&run(&prep, &["keygen", "--algorithm", "rsa2048", "--out", "legacy.key"]));
+        ok(&run(&prep, &["keygen", "--out", "ed.key"]));
+        std::fs::write(prep.join("fw.bin"), &img).unwrap();
+        refused(
+            &run(
+                &prep,
+                &[
+                    "firmware",
+                    "sign",
+                    "fw.bin",
+                    "--version",
+                    "1.0.4",
+                    "--key",
+                    "ed.key",
+                    "--legacy",
+                ],
+            ),
+            "RSA",
+        );
+        ok(&run(
+            &prep,
+            &[
+                "firmware",
+                "sign",
+                "fw.bin",
+                "--version",
+                "1.0.4",
+                "--key",
+                "legacy.key",
+                "--legacy",
+                "--target",
+                "esp32-original",
+            ],
+        ));
+    })
+    .await
+    .unwrap();
+    let public = std::fs::read_to_string(dir.join("legacy.key.pub")).unwrap().trim().to_owned();
+    let (aes_key, psk) = ([0x42u8; 32], "original-ota-psk");
+    let db = TempDb::sqlite();
+    let file = SettingsFile {
+        legacy_api: Some(true),
+        firmware_keys: Some(vec![public.clone()]),
+        legacy: Some(LegacyFile {
+            ota_aes_key: Some(ecowatt_proto::hex::encode_upper(&aes_key)),
+            ota_hmac_psk: Some(psk.into()),
+            ..LegacyFile::default()
+        }),
+        ..SettingsFile::default()
+    };
+    let server = TestServer::start_tuned(&db, "127.0.0.1:0", file).await;
+    let (url, data_dir) = (server.url.clone(), server.data_dir.clone());
+    tokio::task::spawn_blocking(move || {
+        let cli = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+                .args(args)
+                .env("ECOWATT_SERVER", &url)
+                .env("ECOWATT_DATA_DIR", &data_dir)
+                .current_dir(&dir)
+                .output()
+                .unwrap()
+        };
+        // A legacy signature that does not verify is refused at upload.
+        let manifest_path = dir.join("fw.bin.manifest.json");
+        let good_manifest = std::fs::read_to_string(&manifest_path).unwrap();
+        let mut m: serde_json::Value = serde_json::from_str(&good_manifest).unwrap();
+        let sig = m["legacy_signature"].as_str().unwrap().to_owned();
+        m["legacy_signature"] = format!("A{}", &sig[1..]).into();
+        std::fs::write(&manifest_path, m.to_string()).unwrap();
+        refused(&cli(&["firmware", "upload", "fw.bin"]), "bad_legacy_signature");
+        std::fs::write(&manifest_path, &good_manifest).unwrap();
+        ok(&cli(&["firmware", "upload", "fw.bin"]));
+        for name in ["old-1", "old-2"] {
+            ok(&cli(&["device", "add", name]));
+            assert!(ok(&cli(&["device", "legacy", name, "on"])).contains("marked legacy"));
+        }
+        let post = |path: &str, body: serde_json::Value| -> (u16, serde_json::Value) {
+            let mut r = ureq::post(format!("{url}{path}"))
+                .config()
+                .http_status_as_error(false)
+                .build()
+                .send_json(body)
+                .unwrap();
+            (r.status().as_u16(), r.body_mut().read_json().unwrap())
+        };
+        let check = |dev: &str, v: &str| {
+            post("/ota/check", serde_json::json!({"device_id": dev, "current_version": v})).1
+        };
+        assert_eq!(check("old-1", "1.0.3")["update_available"], false, "no rollout yet");
+        ok(&cli(&["rollout", "start", "--version", "1.0.4", "--devices", "old-1,old-2"]));
+        let offer = check("old-1", "1.0.3");
+        assert_eq!(
+            (offer["update_available"].as_bool(), offer["version"].as_str()),
+            (Some(true), Some("1.0.4")),
+            "{offer}"
+        );
+        assert_eq!(
+            (offer["original_size"].as_u64(), offer["encrypted_size"].as_u64()),
+            (Some(5_000), Some(5_008))
+        );
+        assert_eq!(
+            (offer["chunk_size"].as_u64(), offer["total_chunks"].as_u64()),
+            (Some(1024), Some(5))
+        );
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let iv: [u8; 16] = b64.decode(offer["iv"].as_str().unwrap()).unwrap().try_into().unwrap();
+
+        // The device's download: each chunk's HMAC over its bytes and number.
+        let mut encrypted = Vec::new();
+        for n in 0..5 {
+            let (status, c) = post(
+                "/ota/chunk",
+                serde_json::json!({"device_id": "old-1", "version": "1.0.4", "chunk_number": n}),
+            );
+            assert_eq!(status, 200, "{c}");
+            let data = b64.decode(c["chunk"]["data"].as_str().unwrap()).unwrap();
+            assert_eq!(
+                c["chunk"]["hmac"].as_str().unwrap(),
+                crypto::hmac_hex(psk.as_bytes(), &[&data, n.to_string().as_bytes()])
+            );
+            assert_eq!(c["progress"]["chunks_received"], n + 1);
+            encrypted.extend(data);
+        }
+        let plain = crypto::decrypt_cbc(&aes_key, &iv, &encrypted).unwrap();
+        assert_eq!(plain, image);
+        assert_eq!(offer["sha256_hash"].as_str().unwrap().len(), 64);
+        let modulus: [u8; 256] = ecowatt_proto::hex::decode(&public).unwrap().try_into().unwrap();
+        let sig = b64.decode(offer["signature"].as_str().unwrap()).unwrap();
+        ecowatt_proto::firmware::verify_rsa2048(&modulus, &plain, &sig)
+            .expect("the original's signature check");
+        let out = ok(&cli(&["rollout", "show", "1"]));
+        assert!(out.lines().any(|l| l.contains("old-1") && l.contains("downloading")), "{out}");
+
+        // Bad chunk requests: the original's codes.
+        let (status, v) = post(
+            "/ota/chunk",
+            serde_json::json!({"device_id": "old-1", "version": "1.0.4", "chunk_number": 5}),
+        );
+        assert_eq!((status, v["error"]["code"].as_str()), (404, Some("chunk_not_found")));
+        let (status, v) = post(
+            "/ota/chunk",
+            serde_json::json!({"device_id": "old-1", "version": "9.9.9", "chunk_number": 0}),
+        );
+        assert_eq!((status, v["error"]["code"].as_str()), (400, Some("no_ota_session")));
+        let (status, _) = post(
+            "/ota/chunk",
+            serde_json::json!({"device_id": "nobody", "version": "1.0.4", "chunk_number": 0}),
+        );
+        assert_eq!(status, 404);
+        let (status, v) = post(
+            "/ota/chunk",
+            serde_json::json!({"device_id": "old-1", "version": "1.0.4", "chunk_number": -1}),
+        );
+        assert_eq!((status, v["error"]["field"].as_str()), (400, Some("chunk_number")));
+
+        // The post-update self-test's GET /ota/status answers 200.
+        let status: serde_json::Value =
+            ureq::get(format!("{url}/ota/status")).call().unwrap().body_mut().read_json().unwrap();
+        assert_eq!(status["sessions"]["old-1"]["chunks_downloaded"], 5, "{status}");
+        // Rebooted into 1.0.4: its next check completes its part.
+        assert_eq!(check("old-1", "1.0.4")["update_available"], false);
+        // old-2 takes every chunk but comes back on 1.0.3: rolled back.
+        check("old-2", "1.0.3");
+        for n in 0..5 {
+            post(
+                "/ota/chunk",
+                serde_json::json!({"device_id": "old-2", "version": "1.0.4", "chunk_number": n}),
+            );
+        }
+        assert_eq!(check("old-2", "1.0.3")["update_available"], false);
+        let out = ok(&cli(&["rollout", "show", "1"]));
+        assert!(out.lines().any(|l| l.contains("old-1") && l.contains("succeeded")), "{out}");
+        assert!(out.lines().any(|l| l.contains("old-2") && l.contains("rolled_back")), "{out}");
     })
     .await
     .unwrap();
