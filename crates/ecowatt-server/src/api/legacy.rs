@@ -639,7 +639,8 @@ async fn process(
     state.metrics.add("ecowatt_legacy_batches_total", "outcome=\"stored\"", stored.batches as u64);
     for (i, why) in &stored.undecodable {
         state.metrics.inc("ecowatt_legacy_batches_total", format!("outcome=\"{}\"", why.reason()));
-        tracing::warn!(device = %upload.device, batch = i, reason = why.reason(), %why, "legacy batch not decoded: its samples are not stored");
+        tracing::warn!(device = %upload.device, batch = i, reason = why.reason(), %why,
+            "legacy batch not read whole: its samples with a value not known exactly are not stored");
     }
     tracing::warn!(device = %upload.device, nonce = opened.nonce, batches = stored.batches, samples = stored.samples,
         "accepted a legacy upload under the original firmware's shared, published key (migrate this device)");
@@ -661,12 +662,13 @@ async fn process(
         "processed_entries": upload.packets.len(),
         "decompression_successes": stored.batches,
         "total_samples_processed": stored.samples,
+        "samples_not_decoded": stored.missing_samples,
         "undecodable": undecodable,
         "message": format!(
-            "Stored {} of {} entries ({} samples)",
-            stored.batches,
+            "Stored {} samples from {} entries ({} samples not decoded exactly)",
+            stored.samples,
             upload.packets.len(),
-            stored.samples
+            stored.missing_samples
         ),
     })))
 }

@@ -100,11 +100,13 @@ pub fn parse_upload(json: &[u8]) -> Result<Upload, crate::domain::Invalid> {
 /// What an accepted upload did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stored {
-    /// Batches decoded and stored.
+    /// Batches with samples stored.
     pub batches: usize,
     /// Samples stored.
     pub samples: usize,
-    /// Batches not decoded, with why (index in the upload, reason).
+    /// Samples not stored: a value of theirs was not known exactly.
+    pub missing_samples: usize,
+    /// Batches with samples not stored, with why (index in the upload, reason).
     pub undecodable: Vec<(usize, Undecodable)>,
     /// The newest export limit read (register 8), with its time.
     pub export_limit: Option<(u16, i64)>,
@@ -425,26 +427,32 @@ impl Legacy {
                     continue;
                 }
             };
-            let times = sample_times(now, upload.millis, p.millis, batch.samples.len(), poll_ms);
+            stored.missing_samples += batch.total - batch.samples.len();
+            if let Some(why) = batch.missing.clone() {
+                stored.undecodable.push((i, why));
+            }
+            if batch.samples.is_empty() {
+                continue;
+            }
+            let times = sample_times(now, upload.millis, p.millis, batch.total, poll_ms);
             let samples: Vec<codec::Sample> = batch
                 .samples
                 .iter()
-                .zip(&times)
-                .map(|(values, &t)| {
+                .map(|(k, values)| {
                     let s = codec::Sample {
                         seq: seq as u64,
-                        unix_ms: t.max(0) as u64,
+                        unix_ms: times[*k].max(0) as u64,
                         values: values.clone(),
                     };
                     seq += 1;
                     s
                 })
                 .collect();
-            if batch.mask & (1 << ecowatt_proto::registers::EXPORT_LIMIT) != 0 {
-                let at = (batch.mask & ((1 << ecowatt_proto::registers::EXPORT_LIMIT) - 1))
-                    .count_ones() as usize;
-                if let (Some(s), Some(&t)) = (batch.samples.last(), times.last()) {
-                    stored.export_limit = Some((s[at], t));
+            let limit = ecowatt_proto::registers::EXPORT_LIMIT;
+            if batch.mask & (1 << limit) != 0 {
+                let at = (batch.mask & ((1 << limit) - 1)).count_ones() as usize;
+                if let Some(s) = samples.last() {
+                    stored.export_limit = Some((s.values[at], s.unix_ms as i64));
                 }
             }
             let data = codec::encode(batch.mask, &samples)

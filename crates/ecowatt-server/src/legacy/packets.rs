@@ -1,21 +1,23 @@
 //! The original firmware's compressed batches (`compressed_binary`, one per
 //! batch of samples, values sample by sample, register ids as its `RegID`:
 //! EcoWatt's register addresses). Its encoder chose per batch the smallest
-//! of four methods; each is decoded here exactly or not at all, because
-//! the encoder itself loses information in some cases (docs/migration.md):
+//! of four methods, and some of them lose information (docs/migration.md),
+//! so every value is decoded exactly or not at all, and a sample is stored
+//! only when all its values are known:
 //!
-//! | marker | method | decoded |
+//! | marker | method | values known |
 //! |---|---|---|
-//! | `0x00` | raw, little-endian | always |
-//! | `0x01` | bit-packed, MSB first | unless a value spans three bytes (the encoder corrupts those) |
-//! | `0x70` | temporal base: layout and raw values | always |
-//! | `0x71` | temporal delta from `2·prev − prev2` | when the two batches before it were decoded |
-//! | `0xD0` | dictionary pattern + deltas | when every delta byte is unambiguous and every position is known |
-//! | `0x50` | semantic run-length | never: it merges values within a tolerance |
+//! | `0x00` | raw, little-endian | all |
+//! | `0x01` | bit-packed, MSB first | all but those spanning three bytes (the encoder corrupts them) |
+//! | `0x70` | temporal base: layout and raw values | all |
+//! | `0x71` | temporal delta from `2·prev − prev2` | those whose register's last two batch values are known |
+//! | `0xD0` | dictionary pattern + deltas | those with an unambiguous delta, when every position is known |
+//! | `0x50` | semantic run-length | none: it merges values within a tolerance |
 //!
-//! Decoding keeps the state the device keeps ([`DecoderState`]): its last
-//! two batches' values (for `0x71`) and the patterns its dictionary learned
-//! (for `0xD0` indexes above 3), reset when the device restarts.
+//! Decoding keeps the state the device keeps ([`DecoderState`]): the last
+//! value of each register in its last two batches (for `0x71`) and the
+//! patterns its dictionary learned (for `0xD0` indexes above 3), reset when
+//! the device restarts.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +47,7 @@ pub struct DecoderState {
     /// Patterns learned beyond the first four, by register id.
     pub learned: Vec<[u16; 10]>,
     /// Whether `learned` is what the device holds (false once a batch the
-    /// server could not decode may have taught it one).
+    /// server could not read whole may have taught it one).
     pub learned_known: bool,
 }
 
@@ -60,7 +62,7 @@ impl Default for DecoderState {
     }
 }
 
-/// Why a batch was not decoded (each with a stable reason).
+/// Why values were not decoded (each with a stable reason).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Undecodable {
     /// The bytes end early or carry more than the firmware's padding.
@@ -69,11 +71,11 @@ pub enum Undecodable {
     /// An unknown method marker (or a headerless packet of under 9 values).
     #[error("unknown method 0x{0:02x}")]
     Unknown(u8),
-    /// The original encoder lost information in this batch.
+    /// The original encoder lost information.
     #[error("the original encoder lost information: {0}")]
     Lossy(&'static str),
-    /// It depends on earlier batches the server could not decode.
-    #[error("it depends on earlier batches not decoded: {0}")]
+    /// They depend on earlier batches not decoded.
+    #[error("they depend on earlier batches not decoded: {0}")]
     NeedsState(&'static str),
     /// Register ids outside 0..=9, repeated, or a count the layout does not divide.
     #[error("bad register layout: {0}")]
@@ -93,13 +95,31 @@ impl Undecodable {
     }
 }
 
-/// A decoded batch: samples of the registers in `mask`, values in address order.
+/// A decoded batch: its complete samples of the registers in `mask`,
+/// values in address order, and how many samples had a value not known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     /// Register mask (bit `i`: register `i`).
     pub mask: u16,
-    /// Samples, oldest first.
-    pub samples: Vec<Vec<u16>>,
+    /// Complete samples, oldest first, each with its index in the batch.
+    pub samples: Vec<(usize, Vec<u16>)>,
+    /// Samples in the batch.
+    pub total: usize,
+    /// Why some samples are missing (`None` when none is).
+    pub missing: Option<Undecodable>,
+}
+
+/// Values as decoded: each known or not, with why not.
+struct Values {
+    values: Vec<Option<u16>>,
+    selection: Vec<u8>,
+    why: Option<Undecodable>,
+}
+
+impl Values {
+    fn all(values: Vec<u16>, selection: Vec<u8>) -> Values {
+        Values { values: values.into_iter().map(Some).collect(), selection, why: None }
+    }
 }
 
 /// Reads `n` bytes at `at`, or fails as malformed `what`.
@@ -120,9 +140,17 @@ fn le(b: &[u8]) -> u16 {
     u16::from_le_bytes([b[0], b[1]])
 }
 
+/// The register of each of `count` values: `layout` repeated.
+fn per_layout(layout: &[u8], count: usize) -> Result<Vec<u8>, Undecodable> {
+    if layout.is_empty() || count == 0 || count % layout.len() != 0 {
+        return Err(Undecodable::Layout("the count is not a whole number of samples"));
+    }
+    Ok(layout.iter().copied().cycle().take(count).collect())
+}
+
 /// Decodes one packet. `layout` is the register ids of one sample (the
 /// packet's `register_layout`), `millis` its `timestamp`. `state` follows
-/// the device: updated whether or not the packet decodes.
+/// the device whether or not the packet decodes.
 pub fn decode(
     bytes: &[u8],
     layout: &[u8],
@@ -137,7 +165,7 @@ pub fn decode(
     state.last_millis = millis.or(state.last_millis);
     let decoded = values(bytes, layout, state);
     match &decoded {
-        Ok((values, selection)) => learn(state, values, selection),
+        Ok(v) => learn(state, v),
         Err(_) => {
             // The device updated its state from values the server does not have.
             state.recent.clear();
@@ -146,150 +174,144 @@ pub fn decode(
             }
         }
     }
-    let (values, selection) = decoded?;
-    batch(&values, &selection, layout)
+    batch(decoded?, layout.len())
 }
 
 /// The values of a packet and each one's register id.
-fn values(
-    bytes: &[u8],
-    layout: &[u8],
-    state: &DecoderState,
-) -> Result<(Vec<u16>, Vec<u8>), Undecodable> {
+fn values(bytes: &[u8], layout: &[u8], state: &DecoderState) -> Result<Values, Undecodable> {
     let marker = *bytes.first().ok_or(Undecodable::Malformed("empty"))?;
     let count = usize::from(*bytes.get(1).ok_or(Undecodable::Malformed("short"))?);
-    let per_layout = |count: usize| -> Result<Vec<u8>, Undecodable> {
-        if layout.is_empty() || count == 0 || count % layout.len() != 0 {
-            return Err(Undecodable::Layout("the count is not a whole number of samples"));
-        }
-        Ok(layout.iter().copied().cycle().take(count).collect())
-    };
     match marker {
         0x00 => {
             let data = take(bytes, 2, 2 * count, "raw")?;
             ends_at(bytes, 2 + 2 * count, "raw")?;
-            Ok((data.chunks(2).map(le).collect(), per_layout(count)?))
+            Ok(Values::all(data.chunks(2).map(le).collect(), per_layout(layout, count)?))
         }
-        0x01 => {
-            let bits = usize::from(*bytes.get(1).ok_or(Undecodable::Malformed("bit-packed"))?);
-            let count = usize::from(*bytes.get(2).ok_or(Undecodable::Malformed("bit-packed"))?);
-            if !(1..=16).contains(&bits) {
-                return Err(Undecodable::Malformed("bit-packed"));
-            }
-            let len = (count * bits).div_ceil(8);
-            let data = take(bytes, 3, len, "bit-packed")?;
-            ends_at(bytes, 3 + len, "bit-packed")?;
-            let mut out = Vec::with_capacity(count);
-            for i in 0..count {
-                let at = i * bits;
-                if at % 8 + bits > 16 {
-                    return Err(Undecodable::Lossy("a bit-packed value spans three bytes"));
-                }
-                let byte = at / 8;
-                let two = u32::from(data[byte]) << 8 | u32::from(*data.get(byte + 1).unwrap_or(&0));
-                let shift = 16 - at % 8 - bits;
-                out.push(((two >> shift) & ((1 << bits) - 1)) as u16);
-            }
-            Ok((out, per_layout(count)?))
-        }
+        0x01 => bit_packed(bytes, layout),
         0x70 => {
             let selection = take(bytes, 2, count, "temporal base")?.to_vec();
             let data = take(bytes, 2 + count, 2 * count, "temporal base")?;
             ends_at(bytes, 2 + 3 * count, "temporal base")?;
-            Ok((data.chunks(2).map(le).collect(), selection))
+            Ok(Values::all(data.chunks(2).map(le).collect(), selection))
         }
-        0x71 => {
-            let selection = per_layout(count)?;
-            let (Some(prev1), Some(prev2)) = (state.recent.first(), state.recent.get(1)) else {
-                return Err(Undecodable::NeedsState(
-                    "a temporal delta follows batches not decoded",
-                ));
-            };
-            let mut at = 2;
-            let mut out = Vec::with_capacity(count);
-            for &reg in &selection {
-                let b = *bytes.get(at).ok_or(Undecodable::Malformed("temporal delta"))?;
-                let delta: i32 = match b {
-                    _ if b & 0x80 != 0 => {
-                        at += 1;
-                        let m = i32::from(b & 0x3F);
-                        if b & 0x40 != 0 { -m } else { m }
-                    }
-                    0x00 => {
-                        at += 2;
-                        i32::from(
-                            *bytes.get(at - 1).ok_or(Undecodable::Malformed("temporal delta"))?
-                                as i8,
-                        )
-                    }
-                    0x01 => {
-                        at += 3;
-                        i32::from(le(take(bytes, at - 2, 2, "temporal delta")?) as i16)
-                    }
-                    _ => return Err(Undecodable::Malformed("temporal delta")),
-                };
-                let r = usize::from(reg);
-                let (Some(p1), Some(p2)) =
-                    (prev1.get(r).copied().flatten(), prev2.get(r).copied().flatten())
-                else {
-                    return Err(Undecodable::NeedsState(
-                        "a register's earlier values are not known",
-                    ));
-                };
-                let mut predicted = 2 * i32::from(p1) - i32::from(p2);
-                if !(0..=65535).contains(&predicted) {
-                    predicted = i32::from(p1);
-                }
-                out.push((predicted + delta).rem_euclid(65536) as u16);
-            }
-            ends_at(bytes, at, "temporal delta")?;
-            Ok((out, selection))
+        0x71 => temporal_delta(bytes, per_layout(layout, count)?, state),
+        0xD0 => {
+            let count = usize::from(*bytes.get(2).ok_or(Undecodable::Malformed("dictionary"))?);
+            dictionary(bytes, per_layout(layout, count)?, state)
         }
-        0xD0 => dictionary(bytes, &per_layout_d(bytes, layout)?, state),
-        0x50 => Err(Undecodable::Lossy("semantic run-length merges values within a tolerance")),
+        0x50 => {
+            let selection = per_layout(layout, count)?;
+            Ok(Values {
+                values: vec![None; selection.len()],
+                selection,
+                why: Some(Undecodable::Lossy(
+                    "semantic run-length merges values within a tolerance",
+                )),
+            })
+        }
         other => Err(Undecodable::Unknown(other)),
     }
 }
 
-/// The selection of a dictionary packet (its count is its third byte).
-fn per_layout_d(bytes: &[u8], layout: &[u8]) -> Result<Vec<u8>, Undecodable> {
-    let count = usize::from(*bytes.get(2).ok_or(Undecodable::Malformed("dictionary"))?);
-    if layout.is_empty() || count == 0 || count % layout.len() != 0 {
-        return Err(Undecodable::Layout("the count is not a whole number of samples"));
+fn bit_packed(bytes: &[u8], layout: &[u8]) -> Result<Values, Undecodable> {
+    let bits = usize::from(*bytes.get(1).ok_or(Undecodable::Malformed("bit-packed"))?);
+    let count = usize::from(*bytes.get(2).ok_or(Undecodable::Malformed("bit-packed"))?);
+    if !(1..=16).contains(&bits) {
+        return Err(Undecodable::Malformed("bit-packed"));
     }
-    Ok(layout.iter().copied().cycle().take(count).collect())
+    let len = (count * bits).div_ceil(8);
+    let data = take(bytes, 3, len, "bit-packed")?;
+    ends_at(bytes, 3 + len, "bit-packed")?;
+    let mut why = None;
+    let values = (0..count)
+        .map(|i| {
+            let at = i * bits;
+            if at % 8 + bits > 16 {
+                why = Some(Undecodable::Lossy("a bit-packed value spans three bytes"));
+                return None;
+            }
+            let byte = at / 8;
+            let two = u32::from(data[byte]) << 8 | u32::from(*data.get(byte + 1).unwrap_or(&0));
+            Some(((two >> (16 - at % 8 - bits)) & ((1 << bits) - 1)) as u16)
+        })
+        .collect();
+    Ok(Values { values, selection: per_layout(layout, count)?, why })
+}
+
+fn temporal_delta(
+    bytes: &[u8],
+    selection: Vec<u8>,
+    state: &DecoderState,
+) -> Result<Values, Undecodable> {
+    let none = [None; 10];
+    let prev1 = state.recent.first().unwrap_or(&none);
+    let prev2 = state.recent.get(1).unwrap_or(&none);
+    let mut at = 2;
+    let mut why = None;
+    let mut values = Vec::with_capacity(selection.len());
+    for &reg in &selection {
+        let b = *bytes.get(at).ok_or(Undecodable::Malformed("temporal delta"))?;
+        let delta: i32 = if b & 0x80 != 0 {
+            at += 1;
+            let m = i32::from(b & 0x3F);
+            if b & 0x40 != 0 { -m } else { m }
+        } else if b == 0x00 {
+            at += 2;
+            i32::from(take(bytes, at - 1, 1, "temporal delta")?[0] as i8)
+        } else if b == 0x01 {
+            at += 3;
+            i32::from(le(take(bytes, at - 2, 2, "temporal delta")?) as i16)
+        } else {
+            return Err(Undecodable::Malformed("temporal delta"));
+        };
+        let r = usize::from(reg);
+        let known = prev1.get(r).copied().flatten().zip(prev2.get(r).copied().flatten());
+        values.push(known.map(|(p1, p2)| {
+            let mut predicted = 2 * i32::from(p1) - i32::from(p2);
+            if !(0..=65535).contains(&predicted) {
+                predicted = i32::from(p1);
+            }
+            (predicted + delta).rem_euclid(65536) as u16
+        }));
+        if known.is_none() {
+            why = Some(Undecodable::NeedsState(
+                "a register's values in the two batches before are not known",
+            ));
+        }
+    }
+    ends_at(bytes, at, "temporal delta")?;
+    Ok(Values { values, selection, why })
 }
 
 fn dictionary(
     bytes: &[u8],
-    selection: &[u8],
+    selection: Vec<u8>,
     state: &DecoderState,
-) -> Result<(Vec<u16>, Vec<u8>), Undecodable> {
+) -> Result<Values, Undecodable> {
     let index = usize::from(bytes[1]);
     let count = selection.len();
     let mask = le(take(bytes, 3, 2, "dictionary")?);
     let pattern = match DICTIONARY.get(index) {
-        Some(p) => *p,
-        None if state.learned_known => *state
-            .learned
-            .get(index - DICTIONARY.len())
-            .ok_or(Undecodable::Malformed("dictionary"))?,
-        None => return Err(Undecodable::NeedsState("a learned pattern is not known")),
+        Some(p) => Some(*p),
+        None if state.learned_known => Some(
+            *state
+                .learned
+                .get(index - DICTIONARY.len())
+                .ok_or(Undecodable::Malformed("dictionary"))?,
+        ),
+        None => None,
     };
-    let mut deltas = Vec::new();
+    // Deltas: one byte `0x80 | d` (the sign folded into bit 6, so any
+    // byte with bit 6 set is ambiguous: `None`), or `0x00` and 16 bits.
+    let mut deltas: Vec<Option<i32>> = Vec::new();
     let mut at = 5;
     while at < bytes.len() {
         let (b, rest) = (bytes[at], bytes.len() - at);
         if b & 0x80 != 0 {
-            if b & 0x40 != 0 {
-                return Err(Undecodable::Lossy(
-                    "a one-byte dictionary delta of 64 or more, or negative, is ambiguous",
-                ));
-            }
-            deltas.push(i32::from(b & 0x3F));
+            deltas.push((b & 0x40 == 0).then_some(i32::from(b & 0x3F)));
             at += 1;
         } else if b == 0 && rest >= 3 {
-            deltas.push(i32::from(le(&bytes[at + 1..at + 3]) as i16));
+            deltas.push(Some(i32::from(le(&bytes[at + 1..at + 3]) as i16)));
             at += 3;
         } else if rest <= 2 && bytes[at..].iter().all(|&x| x == 0) {
             break;
@@ -305,25 +327,45 @@ fn dictionary(
     } else if deltas.len() == count {
         (0..count).collect()
     } else {
-        return Err(Undecodable::Lossy("more than 16 values and not every one has a delta"));
+        return Ok(Values {
+            values: vec![None; count],
+            selection,
+            why: Some(Undecodable::Lossy("more than 16 values and not every one has a delta")),
+        });
     };
     if positions.len() != deltas.len() {
         return Err(Undecodable::Malformed("dictionary"));
     }
-    let mut out: Vec<i32> =
-        selection.iter().map(|&r| i32::from(*pattern.get(usize::from(r)).unwrap_or(&0))).collect();
+    let Some(pattern) = pattern else {
+        return Ok(Values {
+            values: vec![None; count],
+            selection,
+            why: Some(Undecodable::NeedsState("a learned pattern is not known")),
+        });
+    };
+    let mut values: Vec<Option<i32>> = selection
+        .iter()
+        .map(|&r| Some(i32::from(*pattern.get(usize::from(r)).unwrap_or(&0))))
+        .collect();
+    let mut why = None;
     for (p, d) in positions.into_iter().zip(deltas) {
-        out[p] += d;
+        values[p] = values[p].zip(d).map(|(v, d)| v + d);
+        if d.is_none() {
+            why = Some(Undecodable::Lossy(
+                "a one-byte delta of 64 or more, or negative, is ambiguous",
+            ));
+        }
     }
-    Ok((out.into_iter().map(|v| v.rem_euclid(65536) as u16).collect(), selection.to_vec()))
+    let values = values.into_iter().map(|v| v.map(|v| v.rem_euclid(65536) as u16)).collect();
+    Ok(Values { values, selection, why })
 }
 
-/// Follows the device's state after a batch it encoded from `values`.
-fn learn(state: &mut DecoderState, values: &[u16], selection: &[u8]) {
+/// Follows the device's state after a batch it encoded from `v`.
+fn learn(state: &mut DecoderState, v: &Values) {
     let mut last = [None; 10];
-    for (&v, &r) in values.iter().zip(selection) {
+    for (&value, &r) in v.values.iter().zip(&v.selection) {
         if let Some(slot) = last.get_mut(usize::from(r)) {
-            *slot = Some(v);
+            *slot = value;
         }
     }
     state.recent.insert(0, last);
@@ -331,35 +373,42 @@ fn learn(state: &mut DecoderState, values: &[u16], selection: &[u8]) {
     if !state.learned_known || DICTIONARY.len() + state.learned.len() >= DICTIONARY_MAX {
         return;
     }
+    // Learning looks at every value: one not known hides what it learned.
+    let Some(values) = v.values.iter().copied().collect::<Option<Vec<u16>>>() else {
+        state.learned_known = false;
+        return;
+    };
     let distance = |p: &[u16; 10]| -> u32 {
         values
             .iter()
-            .zip(selection)
-            .map(|(&v, &r)| {
-                (i32::from(v) - i32::from(*p.get(usize::from(r)).unwrap_or(&0))).unsigned_abs()
+            .zip(&v.selection)
+            .map(|(&x, &r)| {
+                (i32::from(x) - i32::from(*p.get(usize::from(r)).unwrap_or(&0))).unsigned_abs()
             })
             .sum()
     };
     let best = DICTIONARY.iter().chain(&state.learned).map(distance).min().unwrap_or(u32::MAX);
     if best / values.len().max(1) as u32 >= MATCH_AVG {
         let mut p = [0u16; 10];
-        for (&v, &r) in values.iter().zip(selection) {
+        for (&x, &r) in values.iter().zip(&v.selection) {
             if let Some(slot) = p.get_mut(usize::from(r)) {
-                *slot = v;
+                *slot = x;
             }
         }
         state.learned.push(p);
     }
 }
 
-/// Values in the device's order as samples of a register mask.
-fn batch(values: &[u16], selection: &[u8], layout: &[u8]) -> Result<Batch, Undecodable> {
-    let width = if layout.is_empty() { selection.len() } else { layout.len() };
-    let sample_layout = &selection[..width.min(selection.len())];
-    if width == 0
-        || values.len() % width != 0
-        || selection.chunks(width).any(|c| c != sample_layout)
-    {
+/// Values in the device's order as samples of a register mask; complete
+/// samples only.
+fn batch(v: Values, width: usize) -> Result<Batch, Undecodable> {
+    let Values { values, selection, why } = v;
+    let count = selection.len();
+    if width == 0 || count == 0 {
+        return Err(Undecodable::Layout("no values"));
+    }
+    let sample_layout = &selection[..width.min(count)];
+    if count % width != 0 || selection.chunks(width).any(|c| c != sample_layout) {
         return Err(Undecodable::Layout("samples do not share one register layout"));
     }
     let mut mask = 0u16;
@@ -371,8 +420,17 @@ fn batch(values: &[u16], selection: &[u8], layout: &[u8]) -> Result<Batch, Undec
     }
     let mut order: Vec<usize> = (0..width).collect();
     order.sort_by_key(|&i| sample_layout[i]);
-    let samples = values.chunks(width).map(|s| order.iter().map(|&i| s[i]).collect()).collect();
-    Ok(Batch { mask, samples })
+    let total = count / width;
+    let samples: Vec<(usize, Vec<u16>)> = values
+        .chunks(width)
+        .enumerate()
+        .filter_map(|(k, s)| {
+            order.iter().map(|&i| s[i]).collect::<Option<Vec<u16>>>().map(|s| (k, s))
+        })
+        .collect();
+    let missing =
+        (samples.len() < total).then(|| why.unwrap_or(Undecodable::Lossy("values not known")));
+    Ok(Batch { mask, samples, total, missing })
 }
 
 #[cfg(test)]
@@ -394,6 +452,30 @@ mod tests {
         b
     }
 
+    fn complete(b: &Batch) -> Vec<Vec<u16>> {
+        b.samples.iter().map(|(_, s)| s.clone()).collect()
+    }
+
+    /// `0x71` for `want` against the prediction `predicted`, in the
+    /// encoder's three forms.
+    fn temporal_delta(want: &[u16], predicted: &[u16]) -> Vec<u8> {
+        let mut d = vec![0x71, want.len() as u8];
+        for (&w, &p) in want.iter().zip(predicted) {
+            let delta = i32::from(w) - i32::from(p);
+            match delta {
+                -63..=63 => d.push(
+                    0x80 | (delta.unsigned_abs() as u8 & 0x3F) | if delta < 0 { 0x40 } else { 0 },
+                ),
+                -127..=127 => d.extend([0x00, delta as i8 as u8]),
+                _ => {
+                    d.push(0x01);
+                    d.extend((delta as i16).to_le_bytes());
+                }
+            }
+        }
+        d
+    }
+
     #[test]
     fn raw_and_temporal_batches_decode_exactly_and_follow_the_device() {
         let mut st = DecoderState::default();
@@ -403,7 +485,7 @@ mod tests {
         s.concat().iter().for_each(|v| raw.extend(v.to_le_bytes()));
         raw.push(0);
         let b = decode(&raw, &LAYOUT, Some(1_000), &mut st).unwrap();
-        assert_eq!((b.mask, b.samples.clone()), (0x03FF, s.to_vec()));
+        assert_eq!((b.mask, complete(&b), b.total, b.missing), (0x03FF, s.to_vec(), 2, None));
         raw.extend([0, 0]);
         assert_eq!(decode(&raw, &LAYOUT, Some(1_001), &mut st).unwrap_err().reason(), "malformed");
         // Two bases, then a delta predicted as 2·prev − prev2 per register.
@@ -416,35 +498,27 @@ mod tests {
         want[1] -= 7;
         want[3] += 100;
         want[9] -= 2000;
-        let mut d = vec![0x71, 10];
-        for (i, (&w, &p)) in want.iter().zip(&sample(6)).enumerate() {
-            let delta = i32::from(w) - i32::from(p);
-            match delta {
-                -63..=63 => d.push(
-                    0x80 | (delta.unsigned_abs() as u8 & 0x3F) | if delta < 0 { 0x40 } else { 0 },
-                ),
-                -127..=127 => d.extend([0x00, delta as i8 as u8]),
-                _ => {
-                    d.push(0x01);
-                    d.extend((delta as i16).to_le_bytes());
-                }
-            }
-            let _ = i;
-        }
+        let d = temporal_delta(&want, &sample(6));
         let b = decode(&d, &LAYOUT, Some(4_000), &mut st).unwrap();
-        assert_eq!(b.samples, vec![want.clone()]);
+        assert_eq!(complete(&b), vec![want.clone()]);
         // A restart (the clock goes back) forgets the encoder state.
-        assert_eq!(decode(&d, &LAYOUT, Some(10), &mut st).unwrap_err().reason(), "needs_state");
-        // So does a batch the server could not decode.
+        let b = decode(&d, &LAYOUT, Some(10), &mut st).unwrap();
+        assert_eq!((b.samples.len(), b.missing.map(|m| m.reason())), (0, Some("needs_state")));
+        // So does a batch the server could not read, for its registers.
         let mut st = DecoderState::default();
         decode(&temporal_base(&[sample(0)]), &LAYOUT, None, &mut st).unwrap();
         decode(&temporal_base(&[sample(0)]), &LAYOUT, None, &mut st).unwrap();
-        assert_eq!(decode(&[0x50, 10, 0], &LAYOUT, None, &mut st).unwrap_err().reason(), "lossy");
-        assert_eq!(decode(&d, &LAYOUT, None, &mut st).unwrap_err().reason(), "needs_state");
+        let b = decode(&[0x50, 10, 0], &LAYOUT, None, &mut st).unwrap();
+        assert_eq!((b.samples.len(), b.missing.map(|m| m.reason())), (0, Some("lossy")));
+        let b = decode(&temporal_delta(&sample(0), &sample(0)), &LAYOUT, None, &mut st).unwrap();
+        assert_eq!(b.missing.map(|m| m.reason()), Some("needs_state"));
+        // A malformed packet forgets everything (the device learned from it).
+        decode(&[0x42], &LAYOUT, None, &mut st).unwrap_err();
+        assert!(st.recent.is_empty() && !st.learned_known);
     }
 
     #[test]
-    fn dictionary_batches_decode_only_when_nothing_is_ambiguous() {
+    fn dictionary_values_decode_only_when_unambiguous() {
         let mut st = DecoderState::default();
         let pattern = DICTIONARY[3];
         // Two samples (20 values), every value a small positive delta from
@@ -454,26 +528,39 @@ mod tests {
         let mut p = vec![0xD0, 3, 20, 0xFF, 0xFF];
         p.extend(values.iter().enumerate().map(|(i, v)| 0x80 | (v - pattern[i % 10]) as u8));
         let b = decode(&p, &LAYOUT, None, &mut st).unwrap();
-        assert_eq!(b.samples, vec![values[..10].to_vec(), values[10..].to_vec()]);
+        assert_eq!(complete(&b), vec![values[..10].to_vec(), values[10..].to_vec()]);
         // A large delta in the three-byte form is exact too.
         let mut big = p.clone();
         big[5] = 0x00;
         big.splice(6..6, 1000i16.to_le_bytes());
         let b = decode(&big, &LAYOUT, None, &mut st).unwrap();
-        assert_eq!(b.samples[0][0], pattern[0] + 1000);
-        // A negative one-byte delta shares its byte with positive ones.
+        assert_eq!(b.samples[0].1[0], pattern[0] + 1000);
+        // A negative one-byte delta shares its byte with positive ones: its
+        // sample is not stored, the other is.
         let mut neg = p.clone();
         neg[6] = 0x80 | 0x7F;
-        assert_eq!(decode(&neg, &LAYOUT, None, &mut st).unwrap_err().reason(), "lossy");
-        // Over 16 values with a zero delta somewhere: positions are lost.
+        let b = decode(&neg, &LAYOUT, None, &mut st).unwrap();
+        assert_eq!(
+            (b.samples.len(), b.samples[0].0, b.missing.map(|m| m.reason())),
+            (1, 1, Some("lossy"))
+        );
+        // ...and what the device learned from it is not known.
+        assert!(!st.learned_known);
+        // Over 16 values with a zero delta somewhere: no position is known.
         let mut gap = p.clone();
         gap.remove(20);
-        assert_eq!(decode(&gap, &LAYOUT, None, &mut st).unwrap_err().reason(), "lossy");
+        let b = decode(&gap, &LAYOUT, None, &mut st).unwrap();
+        assert_eq!((b.samples.len(), b.total), (0, 2));
         // Up to 16 values the mask places them, zero deltas included.
         let one: Vec<u16> =
             pattern.iter().enumerate().map(|(i, v)| if i == 4 { v + 9 } else { *v }).collect();
         let b = decode(&[0xD0, 3, 10, 0b1_0000, 0, 0x89], &LAYOUT, None, &mut st).unwrap();
-        assert_eq!(b.samples, vec![one]);
+        assert_eq!(complete(&b), vec![one]);
+        // A malformed stream is refused whole.
+        assert_eq!(
+            decode(&[0xD0, 3, 10, 1, 0, 0x05], &LAYOUT, None, &mut st).unwrap_err().reason(),
+            "malformed"
+        );
     }
 
     #[test]
@@ -486,35 +573,40 @@ mod tests {
         decode(&raw, &LAYOUT, None, &mut st).unwrap();
         assert_eq!(st.learned, vec![<[u16; 10]>::try_from(night.clone()).unwrap()]);
         let b = decode(&[0xD0, 4, 10, 0b1, 0, 0x82], &LAYOUT, None, &mut st).unwrap();
-        assert_eq!(b.samples[0][0], 2302);
-        // Once a batch is missed, a learned pattern may differ: not used.
-        decode(&[0x50, 10, 0], &LAYOUT, None, &mut st).unwrap_err();
-        let e = decode(&[0xD0, 4, 10, 0b1, 0, 0x82], &LAYOUT, None, &mut st).unwrap_err();
-        assert_eq!(e.reason(), "needs_state");
+        assert_eq!(b.samples[0].1[0], 2302);
+        // Once a batch is not read whole, a learned pattern may differ: not used.
+        decode(&[0x50, 10, 0], &LAYOUT, None, &mut st).unwrap();
+        let b = decode(&[0xD0, 4, 10, 0b1, 0, 0x82], &LAYOUT, None, &mut st).unwrap();
+        assert_eq!(b.missing.map(|m| m.reason()), Some("needs_state"));
         // The starting patterns never change.
-        assert!(decode(&[0xD0, 0, 10, 0, 0], &LAYOUT, None, &mut st).is_ok());
+        assert_eq!(decode(&[0xD0, 0, 10, 0, 0], &LAYOUT, None, &mut st).unwrap().samples.len(), 1);
     }
 
     #[test]
-    fn bit_packed_batches_decode_unless_the_encoder_corrupted_them() {
+    fn bit_packed_values_decode_unless_the_encoder_corrupted_them() {
         let mut st = DecoderState::default();
-        // 9 bits: no value spans three bytes.
-        let values: Vec<u16> = (0..10).map(|i| 300 + i * 7).collect();
-        let mut bits = vec![0u8; (10 * 9usize).div_ceil(8)];
-        for (i, v) in values.iter().enumerate() {
-            for k in 0..9 {
-                if v >> (8 - k) & 1 == 1 {
-                    let at = i * 9 + k;
-                    bits[at / 8] |= 0x80 >> (at % 8);
+        let pack = |values: &[u16], bits: usize| {
+            let mut out = vec![0u8; (values.len() * bits).div_ceil(8)];
+            for (i, v) in values.iter().enumerate() {
+                for k in 0..bits {
+                    if v >> (bits - 1 - k) & 1 == 1 {
+                        let at = i * bits + k;
+                        out[at / 8] |= 0x80 >> (at % 8);
+                    }
                 }
             }
-        }
-        let mut p = vec![0x01, 9, 10];
-        p.extend(&bits);
-        assert_eq!(decode(&p, &LAYOUT, None, &mut st).unwrap().samples, vec![values]);
+            [vec![0x01, bits as u8, values.len() as u8], out].concat()
+        };
+        // 9 bits: no value spans three bytes.
+        let values: Vec<u16> = (0..10).map(|i| 300 + i * 7).collect();
+        assert_eq!(
+            complete(&decode(&pack(&values, 9), &LAYOUT, None, &mut st).unwrap()),
+            vec![values]
+        );
         // 13 bits: the second value starts at bit 13, spanning three bytes.
-        let p = [vec![0x01, 13, 10], vec![0u8; 17]].concat();
-        assert_eq!(decode(&p, &LAYOUT, None, &mut st).unwrap_err().reason(), "lossy");
+        let values: Vec<u16> = (0..20).map(|i| 4000 + i).collect();
+        let b = decode(&pack(&values, 13), &LAYOUT, None, &mut st).unwrap();
+        assert_eq!((b.samples.len(), b.missing.map(|m| m.reason())), (0, Some("lossy")));
     }
 
     #[test]
@@ -544,6 +636,6 @@ mod tests {
         }
         // A layout in another order is stored in address order.
         let b = decode(&[0x00, 2, 7, 0, 9, 0], &[9, 2], None, &mut st).unwrap();
-        assert_eq!((b.mask, b.samples), (0b10_0000_0100, vec![vec![9, 7]]));
+        assert_eq!((b.mask, complete(&b)), (0b10_0000_0100, vec![vec![9, 7]]));
     }
 }
