@@ -14,7 +14,7 @@ use ecowatt_server::settings::{Settings, SettingsFile};
 /// DATA_DIR/admin.token, where the other commands find it.
 #[derive(Args, Debug)]
 pub struct ServerArgs {
-    /// TOML settings file (keys as in docs/server.md: bind, data_dir, database, legacy_api, body_limit_bytes, public_url, timeouts, caps, retention).
+    /// TOML settings file (keys as in docs/server.md: bind, data_dir, database, legacy_api, body_limit_bytes, public_url, timeouts, caps, retention; [legacy] as in docs/migration.md).
     #[arg(long, env = "ECOWATT_CONFIG")]
     config: Option<PathBuf>,
     /// Listen address [default: 127.0.0.1:5001].
@@ -26,7 +26,7 @@ pub struct ServerArgs {
     /// Database URL: postgres://USER@HOST/DB for PostgreSQL [default: SQLite in the data directory].
     #[arg(long, env = "ECOWATT_DATABASE", hide_env_values = true)]
     database: Option<String>,
-    /// Serve the seed's unauthenticated plain-JSON API (/changes, /command/*, /ota/*) for original firmware.
+    /// Serve the seed's unauthenticated plain-JSON API (/changes, /command/*, /process, /ota/*) for original firmware (docs/migration.md).
     #[arg(long, env = "ECOWATT_LEGACY_API")]
     legacy_api: bool,
     /// Largest request body in bytes [default: 65536].
@@ -128,8 +128,9 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         if legacy {
             tracing::warn!(
-                "legacy API enabled: /changes, /config/update, /command/* and /ota/* accept UNAUTHENTICATED requests; \
-                 anyone who can reach this server can queue inverter commands. Use it only to migrate original firmware."
+                "legacy API enabled: /changes, /config/update, /command/*, /process and /ota/* accept UNAUTHENTICATED requests \
+                 (or requests under the original firmware's shared key); anyone who can reach this server can queue inverter \
+                 commands. Use it only to migrate original firmware (docs/migration.md)."
             );
         }
         outln!("EcoWatt server on http://{} (API docs: /api/docs)", listener.local_addr()?);
