@@ -6,7 +6,7 @@
 //! process hears of a command queued through another.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -25,17 +25,51 @@ pub struct News {
     stopping: AtomicBool,
     stop: Notify,
     commands: Notify,
+    /// Announcements so far, by device: what a copy kept in memory
+    /// ([`News::stamp`]) compares against to know it is still the store's.
+    generations: Mutex<HashMap<String, u64>>,
+    /// Bumped whenever announcements may have been missed (another
+    /// server's, while the PostgreSQL listener was away).
+    epoch: AtomicU64,
+    /// Another server's announcements may be missed (PostgreSQL, listener away).
+    deaf: AtomicBool,
+}
+
+/// Where a device's announcements stood when a copy of its state was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    epoch: u64,
+    generation: u64,
 }
 
 impl News {
+    /// The stamp to keep with a copy of `device`'s state read after this
+    /// call: the copy is current while [`News::stamp`] gives the same.
+    /// `None` while announcements may be missed.
+    pub fn stamp(&self, device: &str) -> Option<Stamp> {
+        let generation =
+            self.generations.lock().expect("news lock").get(device).copied().unwrap_or(0);
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        (!self.deaf.load(Ordering::SeqCst)).then_some(Stamp { epoch, generation })
+    }
+
+    /// Whether other servers' announcements reach this one (on PostgreSQL:
+    /// while its listener is connected); every stamp taken before changes.
+    pub fn set_hearing(&self, hearing: bool) {
+        self.deaf.store(!hearing, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// The waiter of `device` (created on first use).
     pub fn waiter(&self, device: &str) -> Arc<Notify> {
         let mut map = self.waiters.lock().expect("news lock");
         Arc::clone(map.entry(device.to_owned()).or_default())
     }
 
-    /// Wakes every request long-polling for `device`.
+    /// Wakes every request long-polling for `device`, and outdates the
+    /// copies of its state kept in memory.
     pub fn device(&self, device: &str) {
+        *self.generations.lock().expect("news lock").entry(device.to_owned()).or_default() += 1;
         let waiter = self.waiters.lock().expect("news lock").get(device).cloned();
         if let Some(w) = waiter {
             w.notify_waiters();

@@ -139,6 +139,9 @@ pub async fn serve(
     if let Some(task) = listener_task {
         task.abort();
     }
+    if let Err(e) = state.legacy.hot().flush_seen().await {
+        tracing::warn!(error = %e, "cannot write legacy devices' last-seen times");
+    }
     state.store.close().await;
     result
 }
@@ -197,6 +200,8 @@ async fn purge_old(state: &AppState) {
 /// (which counts as complete only while this listens: `devices/keys.rs`).
 async fn listen_postgres(url: String, news: Arc<News>, devices: crate::devices::Devices) {
     let keys = crate::devices::keys::CHANNEL;
+    // Until the listener is up, other servers' news is not heard.
+    news.set_hearing(false);
     loop {
         match sqlx::postgres::PgListener::connect(&url).await {
             Ok(mut listener) => match listener
@@ -205,6 +210,7 @@ async fn listen_postgres(url: String, news: Arc<News>, devices: crate::devices::
             {
                 Err(e) => tracing::warn!(error = %e, "LISTEN failed"),
                 Ok(()) => {
+                    news.set_hearing(true);
                     if let Err(e) = devices.reload_keys(true).await {
                         tracing::warn!(error = %e, "cannot reload the devices' keys");
                     }
@@ -235,6 +241,7 @@ async fn listen_postgres(url: String, news: Arc<News>, devices: crate::devices::
             Err(e) => tracing::warn!(error = %e, "notification listener cannot connect"),
         }
         devices.keys_unheard();
+        news.set_hearing(false);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -110,22 +110,35 @@ async fn config_update(
     Ok(Json(json!({"status": "success", "version": shadow.desired_version})))
 }
 
+/// The original's `/changes` answer.
+fn changes_answer(changed: bool, poll: bool, upload: bool, timers: (i64, i64)) -> Json<Value> {
+    Json(json!({
+        "Changed": changed,
+        "pollFreqChanged": poll,
+        "newPollTimer": timers.0,
+        "uploadFreqChanged": upload,
+        "newUploadTimer": timers.1,
+    }))
+}
+
 async fn changes(
     State(state): State<AppState>,
     AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let device = enabled_device(&state, &body).await?;
+    let hot = state.legacy.hot();
+    let name = device_id(&body)?;
     let now = crate::now_ms();
+    if let Some(timers) = hot.quiet_timers(&name, now) {
+        return Ok(changes_answer(false, false, false, timers));
+    }
+    let stamp = hot.stamp(&name);
+    let device = enabled_device(&state, &body).await?;
     let repeat = state.settings.legacy.config_repeat;
     let c = state.configs.legacy_poll(&device, repeat, now).await?;
-    state.devices.touch(&device, now).await?;
-    Ok(Json(json!({
-        "Changed": c.changed,
-        "pollFreqChanged": c.poll_changed,
-        "newPollTimer": c.config.poll_interval_ms / 1000,
-        "uploadFreqChanged": c.upload_changed,
-        "newUploadTimer": c.config.upload_interval_ms / 1000,
-    })))
+    hot.seen(&device, now);
+    let timers = (c.config.poll_interval_ms / 1000, c.config.upload_interval_ms / 1000);
+    hot.learn_timers(&device, stamp, (!c.changed).then_some(timers));
+    Ok(changes_answer(c.changed, c.poll_changed, c.upload_changed, timers))
 }
 
 /// One device's config as the guide's troubleshooting step reads it.
@@ -235,10 +248,20 @@ async fn command_poll(
     State(state): State<AppState>,
     AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let device = enabled_device(&state, &body).await?;
+    let hot = state.legacy.hot();
+    let name = device_id(&body)?;
     let now = crate::now_ms();
-    state.devices.touch(&device, now).await?;
+    if hot.quiet_poll(&name, now) {
+        return Ok(Json(json!({"command": null})));
+    }
+    let stamp = hot.stamp(&name);
+    let device = enabled_device(&state, &body).await?;
+    hot.seen(&device, now);
     let delivered = state.commands.deliver(&device, REDELIVER_MS, 1, now).await?;
+    if delivered.is_empty() {
+        let until = state.commands.next_redelivery(&device, REDELIVER_MS, now).await?;
+        hot.learn_poll(&device, stamp, until.unwrap_or(i64::MAX));
+    }
     Ok(Json(json!({
         "command": delivered.first().map(|c| json!({
             "command_id": crate::legacy::ids::format(c.id, c.created_ms),

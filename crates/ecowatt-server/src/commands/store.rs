@@ -340,6 +340,26 @@ impl Commands {
         Ok(out.remove(&d.id.0).unwrap_or_default())
     }
 
+    /// When a delivered command of `device` without a result becomes
+    /// deliverable again (`redeliver_after_ms` after its delivery), the
+    /// earliest; `None` when none waits.
+    pub async fn next_redelivery(
+        &self,
+        device: &str,
+        redeliver_after_ms: i64,
+        now: i64,
+    ) -> StoreResult<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT MIN(c.delivered_ms) AS first FROM commands c JOIN devices d ON d.id = c.device_id \
+             WHERE d.name = $1 AND c.status = 'delivered' AND c.expires_ms > $2",
+        )
+        .bind(device)
+        .bind(now)
+        .fetch_one(self.db.reader())
+        .await?;
+        Ok(row.try_get::<Option<i64>, _>("first")?.map(|t| t + redeliver_after_ms))
+    }
+
     /// Records a device's result once (the legacy API's report).
     pub async fn record_result(
         &self,

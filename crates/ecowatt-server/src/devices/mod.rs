@@ -218,6 +218,8 @@ impl Devices {
             .await?;
         let action = if enabled { "device.enable" } else { "device.disable" };
         audit::record(&mut tx, now, actor, action, name, json!({})).await?;
+        // Copies of its state kept in memory (the legacy API's) are outdated.
+        tx.announce(name).await?;
         tx.commit().await?;
         Ok(Device { enabled, ..device })
     }
@@ -262,18 +264,9 @@ impl Devices {
         let detail = json!({"id": device.id});
         audit::record(&mut tx, now, actor, "device.remove", name, detail).await?;
         keys_changed_in(&mut tx, device.id).await?;
+        tx.announce(name).await?;
         tx.commit().await?;
         self.keys.forget(device.id);
-        Ok(())
-    }
-
-    /// Records that a device talked to the server (the legacy API's devices).
-    pub async fn touch(&self, name: &str, now: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE devices SET last_seen_ms = $1 WHERE name = $2")
-            .bind(now)
-            .bind(name)
-            .execute(self.db.writer())
-            .await?;
         Ok(())
     }
 

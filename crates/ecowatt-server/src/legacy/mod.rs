@@ -6,6 +6,7 @@
 
 pub mod crypto;
 pub mod envelope;
+pub mod hot;
 pub mod ids;
 pub mod ota;
 pub mod packets;
@@ -164,6 +165,8 @@ pub struct Legacy {
     /// The image last prepared for chunked delivery (a download is
     /// hundreds of chunk requests for one image).
     encrypted: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<ota::Encrypted>>>>,
+    /// The hot requests' answers kept in memory.
+    hot: std::sync::Arc<hot::Hot>,
 }
 
 fn ota_report(state: OtaState, version: &str, done: i64, total: i64, reason: u8) -> OtaReport {
@@ -179,7 +182,16 @@ fn ota_report(state: OtaState, version: &str, done: i64, total: i64, reason: u8)
 impl Legacy {
     /// Over `db`.
     pub fn new(db: Db) -> Self {
-        Legacy { db, encrypted: Default::default() }
+        Legacy {
+            hot: std::sync::Arc::new(hot::Hot::new(db.clone())),
+            db,
+            encrypted: Default::default(),
+        }
+    }
+
+    /// The hot requests' answers kept in memory.
+    pub fn hot(&self) -> &hot::Hot {
+        &self.hot
     }
 
     /// `image` (stored as `firmware_id`) encrypted for chunked delivery.
@@ -351,6 +363,7 @@ impl Legacy {
             .await?;
         let action = if on { "device.legacy_on" } else { "device.legacy_off" };
         audit::record(&mut tx, now, actor, action, name, json!({})).await?;
+        tx.announce(name).await?;
         tx.commit().await?;
         Ok(Device { legacy: on, ..device })
     }

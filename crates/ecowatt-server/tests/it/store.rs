@@ -113,7 +113,14 @@ async fn devices_lifecycle() {
         assert_eq!(rotated.key_version, 2, "{b}");
         let (_, key) = s.devices().with_key("inv-1").await.unwrap();
         assert_eq!(key, "ffeeddccbbaa99887766554433221100", "{b}");
-        s.devices().touch("inv-1", T0 + 5).await.unwrap();
+        // Legacy devices' last-seen times are written in batches, never back.
+        let hot = ecowatt_server::legacy::hot::Hot::new(s.db().clone());
+        hot.seen("inv-1", T0 + 5);
+        hot.seen("inv-1", T0 + 3);
+        hot.flush_seen().await.unwrap();
+        assert_eq!(s.devices().get("inv-1").await.unwrap().last_seen_ms, Some(T0 + 5), "{b}");
+        hot.seen("inv-1", T0 + 4);
+        hot.flush_seen().await.unwrap();
         assert_eq!(s.devices().get("inv-1").await.unwrap().last_seen_ms, Some(T0 + 5), "{b}");
 
         s.devices().delete("inv-1", "a", T0).await.unwrap();

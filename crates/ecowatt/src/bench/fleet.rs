@@ -25,6 +25,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use super::measure::{ProcFiles, proc_usage};
 use crate::units::parse_duration;
 
 /// Simulate a fleet against a server on loopback.
@@ -382,51 +383,6 @@ fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
-}
-
-/// A process's `/proc` files, opened before the bench holds thousands of
-/// sockets (later opens could fail for want of descriptors).
-struct ProcFiles {
-    status: std::fs::File,
-    stat: std::fs::File,
-}
-
-impl ProcFiles {
-    fn open(pid: u32) -> anyhow::Result<ProcFiles> {
-        Ok(ProcFiles {
-            status: std::fs::File::open(format!("/proc/{pid}/status"))?,
-            stat: std::fs::File::open(format!("/proc/{pid}/stat"))?,
-        })
-    }
-}
-
-fn reread(f: &mut std::fs::File) -> Option<String> {
-    use std::io::{Read, Seek};
-    f.rewind().ok()?;
-    let mut s = String::new();
-    f.read_to_string(&mut s).ok()?;
-    Some(s)
-}
-
-/// (RSS kB, peak RSS kB, CPU ticks) of a process, from /proc.
-fn proc_usage(files: &mut ProcFiles) -> (u64, u64, u64) {
-    let status = reread(&mut files.status).unwrap_or_default();
-    let kb = |field: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
-    let (rss, peak) = (kb("VmRSS:"), kb("VmHWM:"));
-    let ticks = reread(&mut files.stat)
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = after.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0);
-    (rss, peak, ticks)
 }
 
 pub fn run(args: FleetArgs) -> anyhow::Result<()> {

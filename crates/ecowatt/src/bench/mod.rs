@@ -3,6 +3,7 @@
 
 mod commands;
 mod fleet;
+mod legacy;
 mod measure;
 mod micro;
 mod ota;
@@ -70,6 +71,9 @@ pub enum BenchCommand {
     /// slot writes with a sync per chunk, SHA-256) and peak heap, against a
     /// server in a child process.
     Ota(ota::OtaArgs),
+    /// The original firmware's hot requests (/changes, /command/poll) against a
+    /// server process with --legacy-api: requests/s and server CPU per request.
+    Legacy(legacy::LegacyArgs),
     /// Command queue -> deliver -> result cycles per second, and config updates
     /// per second, through the store (SQLite in a temp dir, or the database given).
     Commands {
@@ -102,6 +106,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Fleet(args) => fleet::run(args),
         BenchCommand::Curtail(args) => fleet::run_curtail(args),
         BenchCommand::Ota(args) => ota::run(args),
+        BenchCommand::Legacy(args) => legacy::run(args),
         BenchCommand::Codec { batch, seed } => {
             micro::codec(batch.clamp(1, 4096), seed);
             Ok(())

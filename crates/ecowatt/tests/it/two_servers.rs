@@ -110,7 +110,7 @@ async fn two_server_processes_share_one_postgresql_without_losing_or_duplicating
             let v = post(&servers[turn % 2], "/command/poll", None, json!({"device_id": "shared"}));
             turn += 1;
             let Some(id) = v["command"]["command_id"].as_str() else { continue };
-            let n: u64 = id.trim_start_matches("CMD_").parse().unwrap();
+            let n: u64 = id.split('_').nth(1).unwrap().parse().unwrap();
             assert!(done.insert(n), "command {n} delivered twice before its result");
             post(&servers[turn % 2], "/command/result", None, json!({"command_id": id, "status": "completed", "result": "ok"}));
             // A repeated report is recorded once.
@@ -126,6 +126,35 @@ async fn two_server_processes_share_one_postgresql_without_losing_or_duplicating
             .unwrap();
         assert_eq!(stats["statistics"]["by_status"]["succeeded"], 60, "{stats}");
         assert_eq!(stats["statistics"]["by_status"]["failed"], 0, "the late reports changed nothing");
+
+        // The legacy hot requests are answered from memory on each server
+        // (nothing to tell), and a change made through the other server
+        // reaches them (its NOTIFY outdates the copies).
+        for server in &servers {
+            assert!(post(server, "/command/poll", None, json!({"device_id": "shared"}))["command"].is_null());
+            let v = post(server, "/changes", None, json!({"device_id": "shared"}));
+            assert_eq!(v["Changed"], false);
+        }
+        let queued = post(&servers[0], "/api/v1/devices/shared/commands", Some(&token),
+            json!({"type": "set_power_percentage", "parameters": {"percentage": 77}}));
+        post(&servers[0], "/config/update", None, json!({"device_id": "shared", "poll_frequency": 12}));
+        let t0 = Instant::now();
+        let (mut delivered, mut flagged) = (false, false);
+        while !(delivered && flagged) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the other server's copies stayed stale");
+            if !delivered {
+                let v = post(&servers[1], "/command/poll", None, json!({"device_id": "shared"}));
+                if let Some(id) = v["command"]["command_id"].as_str() {
+                    assert_eq!(id.split('_').nth(1).unwrap(), queued["id"].to_string());
+                    delivered = true;
+                }
+            }
+            if !flagged {
+                let v = post(&servers[1], "/changes", None, json!({"device_id": "shared"}));
+                flagged = v["Changed"] == true && v["newPollTimer"] == 12;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         drop((a, b));
     })
     .await
