@@ -140,4 +140,21 @@ mod tests {
         }
         assert!(!is_secured(&json!({"device_id": "x", "compressed_data": []})));
     }
+
+    /// `encrypted: true` as the original server decrypts it: AES-128-CBC
+    /// with the fixed IV, PKCS#7, the MAC over the plain JSON.
+    #[test]
+    fn an_encrypted_payload_opens() {
+        let aes: [u8; 16] = KEY[..16].try_into().unwrap();
+        let text = br#"{"device_id":"ESP32_EcoWatt_Smart","compressed_data":[]}"#;
+        let sealed = crate::legacy::crypto::encrypt_cbc(&aes, &ORIGINAL_IV, text).unwrap();
+        let mac = crate::legacy::crypto::hmac_hex(&KEY, &[&7u32.to_be_bytes(), text]);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let v = json!({"nonce": 7, "payload": b64.encode(&sealed), "mac": mac, "encrypted": true});
+        assert_eq!(open(&v, &KEY, &aes).unwrap().json, text);
+        let mut cut = v.clone();
+        cut["payload"] = json!(b64.encode(&sealed[..16]));
+        assert_eq!(open(&cut, &KEY, &aes).unwrap_err(), EnvelopeError::BadCipher);
+        assert_eq!(open(&v, &KEY, &[1; 16]).unwrap_err().code(), "legacy_bad_cipher");
+    }
 }

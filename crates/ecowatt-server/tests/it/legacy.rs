@@ -628,3 +628,31 @@ async fn original_firmware_uploads_are_stored_as_telemetry_with_the_originals_se
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+/// The hot requests' copies hold only while the device's news does, and
+/// `/command/poll` stays quiet only until the time the store gave.
+#[tokio::test]
+async fn copies_in_memory_hold_until_news_or_their_time() {
+    let (c, _db) = legacy_server().await;
+    let hot = c.server.state.legacy.hot();
+    let dev = "ESP32_EcoWatt_Smart";
+    let stamp = hot.stamp(dev);
+    hot.learn_poll(dev, stamp, 1_000);
+    hot.learn_timers(dev, stamp, Some((5, 900)));
+    assert!(hot.quiet_poll(dev, 999));
+    assert!(!hot.quiet_poll(dev, 1_000), "a delivered command is due again");
+    assert_eq!(hot.quiet_timers(dev, 0), Some((5, 900)));
+    // A copy learned under an old stamp is not kept.
+    c.server.state.news.device(dev);
+    assert!(!hot.quiet_poll(dev, 0) && hot.quiet_timers(dev, 0).is_none());
+    hot.learn_poll(dev, stamp, 1_000);
+    assert!(!hot.quiet_poll(dev, 0), "learned under a stamp that no longer holds");
+    // While other servers' news may be missed, nothing is answered from memory.
+    let stamp = hot.stamp(dev);
+    hot.learn_poll(dev, stamp, i64::MAX);
+    assert!(hot.quiet_poll(dev, 0));
+    c.server.state.news.set_hearing(false);
+    assert!(hot.stamp(dev).is_none() && !hot.quiet_poll(dev, 0));
+    c.server.state.news.set_hearing(true);
+    assert!(!hot.quiet_poll(dev, 0), "copies from before the gap are outdated");
+}

@@ -56,6 +56,8 @@ fn every_command_explains_itself() {
         &["bench", "fleet", "--help"],
         &["bench", "protocol", "--help"],
         &["bench", "curtail", "--help"],
+        &["bench", "legacy", "--help"],
+        &["device", "legacy", "--help"],
         &["curtail", "--help"],
         &["curtail", "release", "--help"],
         &["device", "failsafe", "--help"],
@@ -269,6 +271,17 @@ fn bench_curtail_runs_bounded_and_every_device_confirms() {
         "50 % of devices",
         "Server during the curtailment: CPU",
     ] {
+        assert!(text.contains(figure), "{figure:?} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn bench_legacy_runs_bounded_and_reports_cpu_per_request() {
+    let out =
+        ecowatt(&["bench", "legacy", "--devices", "5", "--requests", "2000", "--connections", "4"]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for figure in ["Legacy: 5 devices, 2000 requests", "requests/s", "µs per request"] {
         assert!(text.contains(figure), "{figure:?} missing from:\n{text}");
     }
 }
