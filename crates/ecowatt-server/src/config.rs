@@ -427,7 +427,7 @@ impl Configs {
         let version: i64 = row.try_get("desired_version")?;
         let reported_version: Option<i64> = row.try_get("reported_version")?;
         let quiet = LegacyChanges { config: desired.clone(), ..LegacyChanges::default() };
-        if reported_version == Some(version) || (reported_version.is_none() && version == 1) {
+        if !legacy_pending(version, reported_version) {
             tx.commit().await?;
             return Ok(quiet);
         }
@@ -476,6 +476,14 @@ impl Configs {
     }
 }
 
+/// Whether a legacy device has a config change to hear: the version it
+/// took is not the desired one, unless nobody changed anything (version 1,
+/// never told: it keeps the timers it runs).
+pub fn legacy_pending(desired_version: i64, reported_version: Option<i64>) -> bool {
+    to_send(desired_version, reported_version)
+        && !(reported_version.is_none() && desired_version == 1)
+}
+
 /// What the legacy `/changes` tells a device: the original's per-timer flags.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LegacyChanges {
@@ -506,6 +514,19 @@ pub fn legacy_changes(baseline: &DeviceConfig, desired: &DeviceConfig) -> Legacy
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_legacy_device_hears_of_changes_only() {
+        assert!(!legacy_pending(1, None), "nobody changed anything");
+        assert!(legacy_pending(2, None));
+        assert!(legacy_pending(3, Some(2)));
+        assert!(!legacy_pending(3, Some(3)));
+        let d = DeviceConfig::default();
+        let slower = DeviceConfig { upload_interval_ms: d.upload_interval_ms * 2, ..d.clone() };
+        let c = legacy_changes(&d, &slower);
+        assert_eq!((c.changed, c.poll_changed, c.upload_changed), (true, false, true));
+        assert!(!legacy_changes(&d, &d).changed);
+    }
 
     #[test]
     fn config_limits_name_the_field() {

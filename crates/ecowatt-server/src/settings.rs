@@ -161,10 +161,17 @@ pub struct LegacySettings {
     pub upload_hmac_key: [u8; 32],
     /// Upload AES-128-CBC key.
     pub upload_aes_key: [u8; 16],
-    /// OTA AES-256-CBC key.
-    pub ota_aes_key: [u8; 32],
-    /// OTA chunk HMAC key.
-    pub ota_hmac_psk: Vec<u8>,
+    /// The original's chunked OTA keys, when both are set.
+    pub ota: Option<LegacyOtaKeys>,
+}
+
+/// The keys the original firmware's chunked OTA needs.
+#[derive(Debug, Clone)]
+pub struct LegacyOtaKeys {
+    /// AES-256-CBC delivery key (`aes_firmware_key.bin`).
+    pub aes_key: [u8; 32],
+    /// Chunk HMAC key (`HMAC_PSK`).
+    pub hmac_psk: Vec<u8>,
 }
 
 /// The original firmware's published upload key (its `keys.h`): every
@@ -184,10 +191,9 @@ impl Default for LegacySettings {
             strict_commands: false,
             upload_hmac_key: ORIGINAL_UPLOAD_HMAC_KEY,
             upload_aes_key: aes,
-            // No default: the original generated its own; without one set,
+            // No default: the original generated its own; without them,
             // chunked OTA answers that it is not configured.
-            ota_aes_key: [0; 32],
-            ota_hmac_psk: Vec::new(),
+            ota: None,
         }
     }
 }
@@ -229,8 +235,14 @@ impl LegacySettings {
                 file.upload_aes_key.as_ref(),
                 d.upload_aes_key,
             )?,
-            ota_aes_key: hex_key("ota_aes_key", file.ota_aes_key.as_ref(), d.ota_aes_key)?,
-            ota_hmac_psk: file.ota_hmac_psk.map(String::into_bytes).unwrap_or_default(),
+            ota: match (&file.ota_aes_key, file.ota_hmac_psk) {
+                (None, None) => None,
+                (Some(_), Some(psk)) if !psk.is_empty() => Some(LegacyOtaKeys {
+                    aes_key: hex_key("ota_aes_key", file.ota_aes_key.as_ref(), [0; 32])?,
+                    hmac_psk: psk.into_bytes(),
+                }),
+                _ => return Err("legacy.ota_aes_key and legacy.ota_hmac_psk go together".into()),
+            },
         })
     }
 }

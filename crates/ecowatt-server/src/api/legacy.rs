@@ -151,8 +151,7 @@ async fn config_of(state: &AppState, name: &str) -> Result<Value, ApiError> {
         "poll_frequency": shadow.desired.poll_interval_ms / 1000,
         "upload_frequency": shadow.desired.upload_interval_ms / 1000,
         "version": shadow.desired_version,
-        "changed": crate::config::to_send(shadow.desired_version, shadow.reported_version)
-            && !(shadow.reported_version.is_none() && shadow.desired_version == 1),
+        "changed": crate::config::legacy_pending(shadow.desired_version, shadow.reported_version),
         "applied_version": shadow.reported_version,
         "applied_poll_frequency": applied.map(|c| c.poll_interval_ms / 1000),
         "applied_upload_frequency": applied.map(|c| c.upload_interval_ms / 1000),
@@ -409,8 +408,7 @@ async fn ota_check(
     let Some(offer) = offer else { return Ok(Json(latest())) };
     let m = &offer.manifest;
     let version = m["version"].as_str().unwrap_or_default();
-    let key = &state.settings.legacy.ota_aes_key;
-    if *key == [0; 32] || state.settings.legacy.ota_hmac_psk.is_empty() {
+    let Some(keys) = &state.settings.legacy.ota else {
         tracing::warn!(
             device,
             version,
@@ -418,9 +416,9 @@ async fn ota_check(
             ota_hmac_psk are not set: the original firmware cannot take it (docs/migration.md)"
         );
         return Ok(Json(latest()));
-    }
+    };
     let image = state.firmware.bytes(offer.firmware_id).await?;
-    let e = state.legacy.encrypted(offer.firmware_id, key, &image);
+    let e = state.legacy.encrypted(offer.firmware_id, &keys.aes_key, &image);
     let sha = m["sha256"].as_str().unwrap_or_default().to_lowercase();
     // The original firmware's fields (chunked, encrypted), and the guide's
     // (a plain download URL), in one answer.
@@ -456,14 +454,13 @@ async fn ota_chunk(
         .and_then(Value::as_u64)
         .and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| ApiError::from(Invalid::new("chunk_number", "a chunk number from 0")))?;
-    let legacy = &state.settings.legacy;
-    if legacy.ota_aes_key == [0; 32] || legacy.ota_hmac_psk.is_empty() {
+    let Some(keys) = &state.settings.legacy.ota else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "legacy_ota_not_configured",
             "set [legacy] ota_aes_key and ota_hmac_psk to serve the original firmware's updates",
         ));
-    }
+    };
     let done = ((n as i64) + 1).saturating_mul(crate::legacy::ota::CHUNK_SIZE as i64);
     let firmware_id = match state.legacy.ota_chunk(&device, version, done, crate::now_ms()).await {
         Err(crate::db::StoreError::Refused { code, message }) => {
@@ -472,7 +469,7 @@ async fn ota_chunk(
         other => other?,
     };
     let image = state.firmware.bytes(firmware_id).await?;
-    let e = state.legacy.encrypted(firmware_id, &legacy.ota_aes_key, &image);
+    let e = state.legacy.encrypted(firmware_id, &keys.aes_key, &image);
     let total = e.total_chunks();
     let chunk = e.chunk(n).ok_or_else(|| {
         ApiError::new(
@@ -487,7 +484,7 @@ async fn ota_chunk(
             "chunk_number": n,
             "data": base64::engine::general_purpose::STANDARD.encode(chunk),
             "size": chunk.len(),
-            "hmac": crate::legacy::ota::chunk_hmac(&legacy.ota_hmac_psk, chunk, n),
+            "hmac": crate::legacy::ota::chunk_hmac(&keys.hmac_psk, chunk, n),
             "total_chunks": total,
         },
         "progress": {
