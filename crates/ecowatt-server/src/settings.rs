@@ -357,3 +357,38 @@ impl Settings {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn legacy(toml_text: &str) -> Result<LegacySettings, String> {
+        let file: SettingsFile = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        Settings::resolve(file).map(|s| s.legacy)
+    }
+
+    #[test]
+    fn the_legacy_table_is_checked() {
+        let d = legacy("").unwrap();
+        assert_eq!((d.config_repeat, d.command_ttl_s, d.strict_commands), (1, 604_800, false));
+        assert_eq!(d.upload_hmac_key, ORIGINAL_UPLOAD_HMAC_KEY);
+        assert!(d.ota.is_none());
+        let text = format!(
+            "[legacy]\nconfig_repeat = 3\nota_aes_key = \"{}\"\nota_hmac_psk = \"psk\"\n",
+            "ab".repeat(32)
+        );
+        let s = legacy(&text).unwrap();
+        assert_eq!((s.config_repeat, s.ota.unwrap().aes_key), (3, [0xAB; 32]));
+        for (bad, says) in [
+            ("[legacy]\nconfig_repeat = 0", "config_repeat"),
+            ("[legacy]\ncommand_ttl_secs = 1", "command_ttl_secs"),
+            ("[legacy]\nota_hmac_psk = \"x\"", "go together"),
+            ("[legacy]\nota_aes_key = \"ab\"\nota_hmac_psk = \"x\"", "64 hex digits"),
+            ("[legacy]\nupload_hmac_key = \"zz\"", "upload_hmac_key"),
+            ("[legacy]\nnope = 1", "unknown field"),
+        ] {
+            let e = legacy(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+}
