@@ -18,6 +18,7 @@ pub mod error;
 pub mod firmware;
 pub mod legacy;
 pub mod metrics;
+pub mod mqtt;
 pub mod news;
 pub mod operators;
 pub mod protocol;

@@ -26,6 +26,13 @@ const HELP: &[(&str, &str)] = &[
         "Original-firmware /process uploads, by outcome (accepted or the refusal's code).",
     ),
     ("ecowatt_legacy_batches_total", "Original-firmware batches: stored, or why not decoded."),
+    ("ecowatt_mqtt_published_total", "Messages handed to the MQTT client."),
+    (
+        "ecowatt_mqtt_dropped_total",
+        "MQTT messages dropped: the outgoing buffer was full or publishing fell behind.",
+    ),
+    ("ecowatt_mqtt_commands_total", "Export-limit commands from MQTT, by outcome."),
+    ("ecowatt_mqtt_connection_errors_total", "MQTT broker connection failures and losses."),
 ];
 
 impl Metrics {

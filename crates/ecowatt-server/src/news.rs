@@ -33,7 +33,23 @@ pub struct News {
     epoch: AtomicU64,
     /// Another server's announcements may be missed (PostgreSQL, listener away).
     deaf: AtomicBool,
+    /// Telemetry stored by this server, for integrations (MQTT); `None`
+    /// until one subscribes.
+    telemetry: Mutex<Option<tokio::sync::broadcast::Sender<Telemetry>>>,
 }
+
+/// A telemetry batch this server stored: the device's numeric id and the
+/// batch as encoded (codec v1).
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    /// The device's numeric id.
+    pub device_id: i64,
+    /// The encoded batch.
+    pub data: Arc<[u8]>,
+}
+
+/// Batches an integration may fall behind by before it misses some.
+pub const TELEMETRY_BACKLOG: usize = 4096;
 
 /// Where a device's announcements stood when a copy of its state was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +89,27 @@ impl News {
         let waiter = self.waiters.lock().expect("news lock").get(device).cloned();
         if let Some(w) = waiter {
             w.notify_waiters();
+        }
+    }
+
+    /// Receives every batch this server stores from now on.
+    pub fn subscribe_telemetry(&self) -> tokio::sync::broadcast::Receiver<Telemetry> {
+        let mut slot = self.telemetry.lock().expect("news lock");
+        slot.get_or_insert_with(|| tokio::sync::broadcast::channel(TELEMETRY_BACKLOG).0).subscribe()
+    }
+
+    /// Whether anyone listens to telemetry (so that storing a batch need not
+    /// copy it when nobody does).
+    pub fn telemetry_wanted(&self) -> bool {
+        self.telemetry.lock().expect("news lock").as_ref().is_some_and(|s| s.receiver_count() > 0)
+    }
+
+    /// Stored batches, after their commit.
+    pub fn telemetry(&self, batches: impl IntoIterator<Item = Telemetry>) {
+        if let Some(s) = self.telemetry.lock().expect("news lock").as_ref() {
+            for b in batches {
+                let _ = s.send(b);
+            }
         }
     }
 

@@ -131,6 +131,17 @@ pub async fn serve(
         news.stop();
     };
     let limits = state.settings.limits;
+    let mqtt = state.settings.mqtt.clone().map(|settings| {
+        crate::mqtt::start(
+            settings,
+            crate::mqtt::Sources {
+                news: Arc::clone(&state.news),
+                devices: state.devices.clone(),
+                commands: state.commands.clone(),
+                metrics: Arc::clone(&state.metrics),
+            },
+        )
+    });
     let stats = Arc::clone(&state.edge);
     let result =
         ecowatt_edge::serve(listener, api::app(state.clone()), limits, stats, shutdown).await;
@@ -138,6 +149,10 @@ pub async fn serve(
     let _ = background.await;
     if let Some(task) = listener_task {
         task.abort();
+    }
+    if let Some(task) = mqtt {
+        // It tells the broker the server is offline, then ends.
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
     if let Err(e) = state.legacy.hot().flush_seen().await {
         tracing::warn!(error = %e, "cannot write legacy devices' last-seen times");

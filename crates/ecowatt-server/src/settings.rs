@@ -59,6 +59,16 @@ pub struct SettingsFile {
     pub audit_retention_days: Option<u32>,
     /// The legacy API's behaviour (`[legacy]`).
     pub legacy: Option<LegacyFile>,
+    /// MQTT broker to publish to (`mqtt://[user:password@]host[:port]`).
+    pub mqtt: Option<String>,
+    /// MQTT client id (default `ecowatt-server-<host>-<pid>`).
+    pub mqtt_client_id: Option<String>,
+    /// Prefix of EcoWatt's MQTT topics (default `ecowatt`).
+    pub mqtt_prefix: Option<String>,
+    /// Home Assistant discovery prefix (default `homeassistant`).
+    pub mqtt_discovery_prefix: Option<String>,
+    /// MQTT messages that may wait while the broker is away (default 10,000).
+    pub mqtt_buffer: Option<usize>,
 }
 
 /// The `[legacy]` table: how the seed's API behaves (see docs/migration.md).
@@ -113,6 +123,11 @@ impl SettingsFile {
                 .or(self.security_event_retention_days),
             audit_retention_days: over.audit_retention_days.or(self.audit_retention_days),
             legacy: over.legacy.or(self.legacy),
+            mqtt: over.mqtt.or(self.mqtt),
+            mqtt_client_id: over.mqtt_client_id.or(self.mqtt_client_id),
+            mqtt_prefix: over.mqtt_prefix.or(self.mqtt_prefix),
+            mqtt_discovery_prefix: over.mqtt_discovery_prefix.or(self.mqtt_discovery_prefix),
+            mqtt_buffer: over.mqtt_buffer.or(self.mqtt_buffer),
         }
     }
 }
@@ -146,6 +161,8 @@ pub struct Settings {
     pub audit_retention: Option<Duration>,
     /// How the legacy API behaves.
     pub legacy: LegacySettings,
+    /// The MQTT integration, when a broker is given.
+    pub mqtt: Option<crate::mqtt::MqttSettings>,
 }
 
 /// How the legacy API behaves (`[legacy]`, docs/migration.md).
@@ -268,6 +285,46 @@ fn seconds(
     Ok(Duration::from_secs_f64(secs))
 }
 
+fn mqtt_settings(
+    url: &Option<String>,
+    client_id: &Option<String>,
+    prefix: &Option<String>,
+    discovery: &Option<String>,
+    buffer: Option<usize>,
+) -> Result<Option<crate::mqtt::MqttSettings>, String> {
+    let Some(url) = url else { return Ok(None) };
+    let crate::mqtt::Broker { host, port, credentials } =
+        crate::mqtt::parse_url(url).map_err(|e| format!("mqtt: {e}"))?;
+    let topic_part = |key: &str, v: &Option<String>, default: &str| -> Result<String, String> {
+        let v = v.clone().unwrap_or_else(|| default.to_owned());
+        if v.is_empty() || v.contains(['+', '#']) || v.starts_with('/') || v.ends_with('/') {
+            return Err(format!("{key} {v:?} must be a topic level path without wildcards"));
+        }
+        Ok(v)
+    };
+    let buffer = buffer.unwrap_or(crate::mqtt::DEFAULT_BUFFER);
+    if !(1..=1_000_000).contains(&buffer) {
+        return Err(format!("mqtt_buffer {buffer} is outside 1..=1000000"));
+    }
+    Ok(Some(crate::mqtt::MqttSettings {
+        host,
+        port,
+        credentials,
+        client_id: client_id
+            .clone()
+            .unwrap_or_else(|| format!("ecowatt-server-{}", std::process::id())),
+        topics: crate::mqtt::payloads::Topics {
+            prefix: topic_part("mqtt_prefix", prefix, crate::mqtt::DEFAULT_PREFIX)?,
+            discovery: topic_part(
+                "mqtt_discovery_prefix",
+                discovery,
+                crate::mqtt::DEFAULT_DISCOVERY_PREFIX,
+            )?,
+        },
+        buffer,
+    }))
+}
+
 fn days(d: u32) -> Option<Duration> {
     (d > 0).then(|| Duration::from_secs(u64::from(d) * 86_400))
 }
@@ -353,6 +410,13 @@ impl Settings {
             database,
             legacy_api: file.legacy_api.unwrap_or(false),
             legacy: LegacySettings::resolve(file.legacy)?,
+            mqtt: mqtt_settings(
+                &file.mqtt,
+                &file.mqtt_client_id,
+                &file.mqtt_prefix,
+                &file.mqtt_discovery_prefix,
+                file.mqtt_buffer,
+            )?,
             body_limit,
         })
     }

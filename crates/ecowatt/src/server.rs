@@ -29,6 +29,10 @@ pub struct ServerArgs {
     /// Serve the seed's unauthenticated plain-JSON API (/changes, /command/*, /process, /ota/*) for original firmware (docs/migration.md).
     #[arg(long, env = "ECOWATT_LEGACY_API")]
     legacy_api: bool,
+    /// Publish readings, availability and Home Assistant discovery to this MQTT broker:
+    /// mqtt://[user:password@]host[:port] (docs/mqtt.md; more keys in the settings file).
+    #[arg(long, env = "ECOWATT_MQTT", hide_env_values = true, value_name = "URL")]
+    mqtt: Option<String>,
     /// Largest request body in bytes [default: 65536].
     #[arg(long, env = "ECOWATT_BODY_LIMIT")]
     body_limit: Option<usize>,
@@ -106,6 +110,11 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         security_event_retention_days: args.security_event_retention_days,
         audit_retention_days: args.audit_retention_days,
         legacy: None,
+        mqtt: args.mqtt,
+        mqtt_client_id: None,
+        mqtt_prefix: None,
+        mqtt_discovery_prefix: None,
+        mqtt_buffer: None,
     };
     // Before the settings: the default connection cap follows the limit.
     let open_files = ecowatt_edge::raise_open_files_limit();

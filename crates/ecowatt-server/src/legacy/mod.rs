@@ -432,6 +432,7 @@ impl Legacy {
                 .await?;
         let mut seq = seq_row.try_get::<Option<i64>, _>("seq")?.unwrap_or(0) + 1;
         let mut stored = Stored::default();
+        let mut published = Vec::new();
         for (i, p) in upload.packets.iter().enumerate() {
             let batch = match packets::decode(&p.bytes, &p.layout, p.millis, &mut state) {
                 Ok(b) => b,
@@ -471,6 +472,10 @@ impl Legacy {
             let data = codec::encode(batch.mask, &samples)
                 .map_err(|e| StoreError::Corrupt(format!("legacy batch does not encode: {e}")))?;
             let b = crate::telemetry::StoredBatch::of(1, batch.mask, &samples, data);
+            published.push(crate::news::Telemetry {
+                device_id: device.id.0,
+                data: b.data.as_slice().into(),
+            });
             sqlx::query(
                 "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
                  last_ms, registers, codec, data, received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
@@ -499,6 +504,7 @@ impl Legacy {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.db.news().telemetry(published);
         Ok(stored)
     }
 }

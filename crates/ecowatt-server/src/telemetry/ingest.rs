@@ -199,6 +199,15 @@ async fn run(target: Target, mut rx: mpsc::Receiver<Job>, news: Arc<News>) {
                 if group.iter().any(|j| j.record.as_ref().is_some_and(|r| !r.results.is_empty())) {
                     news.commands_changed();
                 }
+                if news.telemetry_wanted() {
+                    news.telemetry(group.iter().zip(&answers).filter_map(|(job, answer)| {
+                        let batch = job.batch.as_ref().filter(|_| answer.is_ok())?;
+                        Some(crate::news::Telemetry {
+                            device_id: job.device_id.0,
+                            data: batch.data.as_slice().into(),
+                        })
+                    }));
+                }
                 for (job, answer) in group.drain(..).zip(answers) {
                     let _ = job.reply.send(Ok(answer));
                 }

@@ -9,6 +9,7 @@ mod edge;
 mod faults;
 mod legacy;
 mod machine;
+mod mqtt;
 mod protocol;
 mod rollouts;
 mod store;

@@ -25,7 +25,7 @@ fn upload(samples: &[Sample]) -> TelemetryUpload {
 }
 
 /// Uploads; the acknowledged `seq`, or the status and error code.
-async fn send(
+pub async fn send(
     c: &Client,
     dev: &mut Probe,
     up: &TelemetryUpload,
