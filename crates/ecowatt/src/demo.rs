@@ -54,6 +54,10 @@ pub struct DemoArgs {
     /// resumes (docs/export-control.md).
     #[arg(long)]
     grid: bool,
+    /// Also publish to this MQTT broker, with Home Assistant discovery:
+    /// the demo's inverters appear in Home Assistant (docs/mqtt.md).
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
 }
 
 /// The grid scenario's steps, in real seconds from the start.
@@ -132,7 +136,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         // A firmware signing key for the demo, so that images can be signed and uploaded.
         let key_path = data_dir.join("firmware-signing.key");
         let public = crate::firmware::make_key(&key_path)?;
-        let file = file_for_restart(&data_dir, &public);
+        let file = file_for_restart(&data_dir, &public, &args.mqtt);
         let server = crate::server::InProcess::start(listener, file).await?;
         let (state, token, url) = (server.state.clone(), server.admin_token.clone(), server.url.clone());
 
@@ -179,13 +183,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let exe = runnable_exe();
         outln!("  firmware key: {} (sign with it: {exe} firmware sign IMAGE --version 1.1.0 --key ...)", key_path.display());
         outln!("  simulator   : {} and tcp://{}", sim.http_url(), sim.tcp_addr);
+        if let Some(broker) = &args.mqtt {
+            outln!("  MQTT        : {broker} (topics ecowatt/<device>/..., Home Assistant discovery under homeassistant/)");
+        }
         outln!("  try         : ECOWATT_SERVER={url} ECOWATT_TOKEN={token} {exe} command {} set-power-percentage 20 --wait", names[0]);
         outln!("  or          : ... {exe} curtail --group {GRID_GROUP} 30% --lease 15m --wait (the devices' fail-safe is {GRID_FAILSAFE} %)");
         outln!("Ctrl-C stops the demo.\n");
         outln!("{:<12} {:<8} {:>7} {:>6} {:>7} {:>6} {:>8} {:>6} {:>8}", "device", "state", "Pac W", "limit", "Vpv1 V", "Ipv1 A", "Vac1 V", "Temp", "samples");
 
         if args.grid {
-            grid(&args, server, file_for_restart(&data_dir, &public), &sim, &names).await?;
+            grid(&args, server, file_for_restart(&data_dir, &public, &args.mqtt), &sim, &names).await?;
             for a in agents {
                 a.abort();
             }
@@ -274,10 +281,12 @@ fn report(url: &str, token: &str, names: &[String]) -> Vec<String> {
 fn file_for_restart(
     data_dir: &std::path::Path,
     public: &str,
+    mqtt: &Option<String>,
 ) -> ecowatt_server::settings::SettingsFile {
     ecowatt_server::settings::SettingsFile {
         data_dir: Some(data_dir.join("server")),
         firmware_keys: Some(vec![public.to_owned()]),
+        mqtt: mqtt.clone(),
         ..Default::default()
     }
 }

@@ -492,3 +492,94 @@ fn bench_sim_runs_bounded_and_reports_both_protocols() {
     assert!(text.contains("SIM HTTP API") && text.contains("Modbus TCP"), "{text}");
     assert!(text.contains("failed    0"), "{text}");
 }
+
+/// `ecowatt demo --mqtt`: the simulated inverters appear on a broker with
+/// Home Assistant discovery, and Home Assistant's export limit reaches the
+/// simulated inverter: the state published after the read-back shows it,
+/// and the command is confirmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_in_home_assistant_sets_the_export_limit_through_mqtt() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let Ok(mut broker) = Command::new("mosquitto")
+        .args(["-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        assert!(std::env::var_os("ECOWATT_TEST_MQTT_REQUIRED").is_none(), "mosquitto is required");
+        eprintln!("note: cannot start mosquitto; MQTT part skipped");
+        return;
+    };
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "mosquitto did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (sub, mut events) =
+        AsyncClient::new(MqttOptions::new("demo-test-sub", "127.0.0.1", port), 100);
+    sub.subscribe("#", QoS::AtLeastOnce).await.unwrap();
+    let seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
+        Default::default();
+    let into = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(e) = events.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = e {
+                into.lock().unwrap().insert(p.topic.clone(), p.payload.to_vec());
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let broker_url = format!("mqtt://127.0.0.1:{port}");
+    let (mut demo, _lines, url, token) = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || start_demo(&dir, &["--inverters", "1", "--mqtt", &broker_url, "--for", "90s"])
+    })
+    .await
+    .unwrap();
+    let get = |topic: &str| -> Option<serde_json::Value> {
+        seen.lock().unwrap().get(topic).and_then(|b| serde_json::from_slice(b).ok())
+    };
+    let wait = |what: &str, t0: std::time::Instant| {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "timed out waiting for {what}");
+    };
+    let t0 = std::time::Instant::now();
+    let number = loop {
+        if let Some(n) = get("homeassistant/number/ecowatt_inverter-1/export_limit/config") {
+            break n;
+        }
+        wait("discovery", t0);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let command_topic = number["command_topic"].as_str().unwrap().to_owned();
+    sub.publish(&command_topic, QoS::AtLeastOnce, false, "20").await.unwrap();
+    // The device applies it, reads it back, uploads: the state shows 20 %.
+    let t0 = std::time::Instant::now();
+    loop {
+        if get("ecowatt/inverter-1/state").is_some_and(|s| s["Pow"] == 20.0) {
+            break;
+        }
+        wait("the state to show 20 %", t0);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let commands: serde_json::Value =
+        ureq::get(format!("{url}/api/v1/devices/inverter-1/commands"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+    let mqtt: Vec<&serde_json::Value> = commands["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["created_by"] == "mqtt")
+        .collect();
+    assert_eq!(mqtt.len(), 1, "{commands}");
+    assert!(matches!(mqtt[0]["status"].as_str(), Some("succeeded" | "confirmed")), "{commands}");
+    let _ = demo.kill();
+    let _ = demo.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
