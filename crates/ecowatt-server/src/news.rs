@@ -36,6 +36,19 @@ pub struct News {
     /// Telemetry stored by this server, for integrations (MQTT); `None`
     /// until one subscribes.
     telemetry: Mutex<Option<tokio::sync::broadcast::Sender<Telemetry>>>,
+    /// Devices whose config, commands or results changed, for integrations;
+    /// `None` until one subscribes.
+    changes: Mutex<Option<tokio::sync::broadcast::Sender<Changed>>>,
+}
+
+/// A device whose config or commands changed (by name when the writer
+/// knew it, else by numeric id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Changed {
+    /// By name.
+    Name(String),
+    /// By numeric id.
+    Id(i64),
 }
 
 /// A telemetry batch this server stored: the device's numeric id and the
@@ -86,6 +99,9 @@ impl News {
     /// copies of its state kept in memory.
     pub fn device(&self, device: &str) {
         *self.generations.lock().expect("news lock").entry(device.to_owned()).or_default() += 1;
+        if let Some(s) = self.changes.lock().expect("news lock").as_ref() {
+            let _ = s.send(Changed::Name(device.to_owned()));
+        }
         let waiter = self.waiters.lock().expect("news lock").get(device).cloned();
         if let Some(w) = waiter {
             w.notify_waiters();
@@ -109,6 +125,22 @@ impl News {
         if let Some(s) = self.telemetry.lock().expect("news lock").as_ref() {
             for b in batches {
                 let _ = s.send(b);
+            }
+        }
+    }
+
+    /// Receives the devices whose config or commands change from now on
+    /// (this server's writes and, on PostgreSQL, other servers' announcements).
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<Changed> {
+        let mut slot = self.changes.lock().expect("news lock");
+        slot.get_or_insert_with(|| tokio::sync::broadcast::channel(TELEMETRY_BACKLOG).0).subscribe()
+    }
+
+    /// Devices whose commands' results this server recorded.
+    pub fn results_of(&self, devices: impl IntoIterator<Item = Changed>) {
+        if let Some(s) = self.changes.lock().expect("news lock").as_ref() {
+            for d in devices {
+                let _ = s.send(d);
             }
         }
     }

@@ -138,6 +138,7 @@ pub async fn serve(
                 news: Arc::clone(&state.news),
                 devices: state.devices.clone(),
                 commands: state.commands.clone(),
+                configs: state.configs.clone(),
                 metrics: Arc::clone(&state.metrics),
             },
         )

@@ -101,6 +101,7 @@ pub async fn record_result_in(
     };
     let message = super::result_text(outcome, late);
     tx.commands_changed().await?;
+    tx.result_recorded(device);
     sqlx::query(
         "UPDATE commands SET status = $1, completed_ms = $2, executed_ms = $3, result_message = $4, \
          exception_code = $5, result_value = $6 WHERE id = $7",

@@ -233,7 +233,13 @@ impl Db {
             Dialect::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.writer.begin().await?,
         };
-        Ok(WriteTx { tx, db: self.clone(), announced: Vec::new(), commands_changed: false })
+        Ok(WriteTx {
+            tx,
+            db: self.clone(),
+            announced: Vec::new(),
+            commands_changed: false,
+            results: Vec::new(),
+        })
     }
 
     /// ` FOR UPDATE` on PostgreSQL (SQLite's write lock covers it).
@@ -321,6 +327,8 @@ pub struct WriteTx {
     db: Db,
     announced: Vec<String>,
     commands_changed: bool,
+    /// Devices a command result was recorded for (integrations hear of them).
+    results: Vec<String>,
 }
 
 impl std::ops::Deref for WriteTx {
@@ -379,6 +387,11 @@ impl WriteTx {
         Ok(())
     }
 
+    /// A result of `device`'s was recorded: integrations hear of it after commit.
+    pub fn result_recorded(&mut self, device: &str) {
+        self.results.push(device.to_owned());
+    }
+
     /// Commits, then wakes the long polls of the devices announced (and the
     /// operators waiting on commands, if some changed).
     pub async fn commit(self) -> StoreResult<()> {
@@ -388,6 +401,9 @@ impl WriteTx {
         }
         if self.commands_changed {
             self.db.news.commands_changed();
+        }
+        if !self.results.is_empty() {
+            self.db.news.results_of(self.results.into_iter().map(crate::news::Changed::Name));
         }
         Ok(())
     }

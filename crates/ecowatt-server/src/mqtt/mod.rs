@@ -104,8 +104,10 @@ pub struct Sources {
     pub news: Arc<crate::news::News>,
     /// Device names, last-seen times.
     pub devices: crate::devices::Devices,
-    /// Where Home Assistant's commands are queued.
+    /// Where Home Assistant's commands are queued, and the commands shown.
     pub commands: crate::commands::Commands,
+    /// Config shadows shown.
+    pub configs: crate::config::Configs,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -115,7 +117,8 @@ pub struct Sources {
 pub fn start(settings: MqttSettings, sources: Sources) -> tokio::task::JoinHandle<()> {
     // Subscribe now, so that no batch stored from here on is missed.
     let telemetry = sources.news.subscribe_telemetry();
-    tokio::spawn(run(settings, sources, telemetry))
+    let changes = sources.news.subscribe_changes();
+    tokio::spawn(run(settings, sources, telemetry, changes))
 }
 
 fn options(s: &MqttSettings) -> MqttOptions {
@@ -147,6 +150,10 @@ struct Publisher {
     online: HashMap<String, bool>,
     connected: bool,
     dropped_logged: u64,
+    /// Devices whose config or commands changed since the last publication.
+    pending: HashSet<crate::news::Changed>,
+    /// Changes were missed: publish every device's.
+    pending_all: bool,
 }
 
 impl Publisher {
@@ -241,6 +248,46 @@ impl Publisher {
         }
     }
 
+    /// Publishes the config and newest commands of the devices that changed.
+    async fn publish_changes(&mut self) {
+        let mut names: HashSet<String> = HashSet::new();
+        if std::mem::take(&mut self.pending_all) {
+            names.extend(self.names.values().cloned());
+        }
+        for c in std::mem::take(&mut self.pending) {
+            match c {
+                crate::news::Changed::Name(n) => {
+                    names.insert(n);
+                }
+                crate::news::Changed::Id(id) => {
+                    if !self.names.contains_key(&id) {
+                        self.reconcile(false).await;
+                    }
+                    if let Some(n) = self.names.get(&id) {
+                        names.insert(n.clone());
+                    }
+                }
+            }
+        }
+        let topics = self.settings.topics.clone();
+        for name in names {
+            // A device removed meanwhile has nothing to show (reconcile clears it).
+            let Ok(shadow) = self.sources.configs.shadow(&name).await else { continue };
+            self.json(topics.config(&name), true, &payloads::config_json(&shadow));
+            let filter = crate::commands::CommandFilter {
+                device: Some(name.clone()),
+                limit: payloads::COMMANDS_SHOWN,
+                ..Default::default()
+            };
+            match self.sources.commands.list(&filter).await {
+                Ok(commands) => {
+                    self.json(topics.commands(&name), true, &payloads::commands_json(&commands))
+                }
+                Err(e) => tracing::warn!(error = %e, device = %name, "MQTT: cannot read commands"),
+            }
+        }
+    }
+
     /// Home Assistant set the export limit: queued like any operator's command.
     async fn command(&mut self, topic: &str, payload: &[u8]) {
         let m = &self.sources.metrics;
@@ -293,6 +340,7 @@ async fn run(
     settings: MqttSettings,
     sources: Sources,
     mut telemetry: tokio::sync::broadcast::Receiver<crate::news::Telemetry>,
+    mut changes: tokio::sync::broadcast::Receiver<crate::news::Changed>,
 ) {
     let (client, mut eventloop) = AsyncClient::new(options(&settings), settings.buffer.max(1));
     let news = Arc::clone(&sources.news);
@@ -305,8 +353,13 @@ async fn run(
         online: HashMap::new(),
         connected: false,
         dropped_logged: 0,
+        pending: HashSet::new(),
+        pending_all: false,
     };
     let mut tick = tokio::time::interval(RECONCILE);
+    // Changes are published at most this often per device (a burst of
+    // commands to one device is one message).
+    let mut flush = tokio::time::interval(Duration::from_millis(250));
     let mut failures = 0u32;
     let stopping = news.stopping();
     tokio::pin!(stopping);
@@ -346,6 +399,14 @@ async fn run(
                 }
                 Err(RecvError::Closed) => return,
             },
+            changed = changes.recv() => match changed {
+                Ok(c) => {
+                    p.pending.insert(c);
+                }
+                Err(RecvError::Lagged(_)) => p.pending_all = true,
+                Err(RecvError::Closed) => return,
+            },
+            _ = flush.tick(), if !p.pending.is_empty() || p.pending_all => p.publish_changes().await,
             _ = tick.tick() => {
                 if p.connected {
                     p.reconcile(false).await;

@@ -32,6 +32,14 @@ impl Topics {
     pub fn availability(&self, device: &str) -> String {
         format!("{}/{device}/availability", self.prefix)
     }
+    /// A device's config shadow (retained).
+    pub fn config(&self, device: &str) -> String {
+        format!("{}/{device}/config", self.prefix)
+    }
+    /// A device's newest commands with their status and result (retained).
+    pub fn commands(&self, device: &str) -> String {
+        format!("{}/{device}/commands", self.prefix)
+    }
     /// Where Home Assistant sets the export limit.
     pub fn export_limit_set(&self, device: &str) -> String {
         format!("{}/{device}/export_limit/set", self.prefix)
@@ -88,6 +96,42 @@ pub fn readings_json(device: &str, batch: &codec::Batch) -> Value {
         "units": units,
         "samples": batch.samples.iter().map(|s| sample_json(batch.registers, s)).collect::<Vec<_>>(),
     })
+}
+
+/// Commands shown per device.
+pub const COMMANDS_SHOWN: i64 = 10;
+
+/// A config shadow: desired and applied versions and configs.
+pub fn config_json(s: &crate::config::ConfigShadow) -> Value {
+    json!({
+        "desired_version": s.desired_version,
+        "desired": s.desired,
+        "reported_version": s.reported_version,
+        "reported": s.reported,
+        "rejected": s.rejected,
+    })
+}
+
+/// The newest commands (newest first): what each asked and where it stands.
+pub fn commands_json(commands: &[crate::commands::Command]) -> Value {
+    Value::Array(
+        commands
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.id,
+                    "type": c.kind,
+                    "parameters": c.parameters,
+                    "status": c.status,
+                    "result": c.result_message,
+                    "created_by": c.created_by,
+                    "created_ms": c.created_ms,
+                    "completed_ms": c.completed_ms,
+                    "confirmed_ms": c.confirmed_ms,
+                })
+            })
+            .collect(),
+    )
 }
 
 /// Home Assistant's view of each measured register: (key, name, device

@@ -198,6 +198,10 @@ async fn run(target: Target, mut rx: mpsc::Receiver<Job>, news: Arc<News>) {
                 // (other server processes hear of it by NOTIFY in the group).
                 if group.iter().any(|j| j.record.as_ref().is_some_and(|r| !r.results.is_empty())) {
                     news.commands_changed();
+                    news.results_of(group.iter().filter_map(|j| {
+                        let recorded = j.record.as_ref().is_some_and(|r| !r.results.is_empty());
+                        recorded.then_some(crate::news::Changed::Id(j.device_id.0))
+                    }));
                 }
                 if news.telemetry_wanted() {
                     news.telemetry(group.iter().zip(&answers).filter_map(|(job, answer)| {

@@ -578,6 +578,23 @@ async fn the_demo_in_home_assistant_sets_the_export_limit_through_mqtt() {
         .collect();
     assert_eq!(mqtt.len(), 1, "{commands}");
     assert!(matches!(mqtt[0]["status"].as_str(), Some("succeeded" | "confirmed")), "{commands}");
+    // Its result reached the broker too.
+    let t0 = std::time::Instant::now();
+    loop {
+        let shown = get("ecowatt/inverter-1/commands");
+        if shown.as_ref().is_some_and(|v| {
+            v.as_array().is_some_and(|a| {
+                a.iter().any(|c| {
+                    c["created_by"] == "mqtt"
+                        && matches!(c["status"].as_str(), Some("succeeded" | "confirmed"))
+                })
+            })
+        }) {
+            break;
+        }
+        wait("the result on the commands topic", t0);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let _ = demo.kill();
     let _ = demo.wait();
     let _ = broker.kill();
