@@ -163,7 +163,6 @@ fn common(t: &Topics, device: &str) -> Map<String, Value> {
             "name": device,
             "manufacturer": "EcoWatt",
             "model": "Solar inverter (Modbus)",
-            "sw_version": env!("CARGO_PKG_VERSION"),
         }),
     );
     o.insert("origin".into(), json!({"name": "EcoWatt", "sw_version": env!("CARGO_PKG_VERSION")}));
