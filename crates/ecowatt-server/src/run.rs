@@ -139,6 +139,7 @@ pub async fn serve(
                 devices: state.devices.clone(),
                 commands: state.commands.clone(),
                 configs: state.configs.clone(),
+                rollouts: state.rollouts.clone(),
                 metrics: Arc::clone(&state.metrics),
             },
         )

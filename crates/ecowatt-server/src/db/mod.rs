@@ -238,7 +238,7 @@ impl Db {
             db: self.clone(),
             announced: Vec::new(),
             commands_changed: false,
-            results: Vec::new(),
+            changed: Vec::new(),
         })
     }
 
@@ -327,8 +327,9 @@ pub struct WriteTx {
     db: Db,
     announced: Vec<String>,
     commands_changed: bool,
-    /// Devices a command result was recorded for (integrations hear of them).
-    results: Vec<String>,
+    /// Devices whose command results or OTA progress changed (integrations
+    /// hear of them).
+    changed: Vec<crate::news::Changed>,
 }
 
 impl std::ops::Deref for WriteTx {
@@ -389,7 +390,13 @@ impl WriteTx {
 
     /// A result of `device`'s was recorded: integrations hear of it after commit.
     pub fn result_recorded(&mut self, device: &str) {
-        self.results.push(device.to_owned());
+        self.changed.push(crate::news::Changed::Name(device.to_owned()));
+    }
+
+    /// Something integrations show of a device changed (its OTA progress):
+    /// they hear of it after commit.
+    pub fn device_changed(&mut self, device: crate::news::Changed) {
+        self.changed.push(device);
     }
 
     /// Commits, then wakes the long polls of the devices announced (and the
@@ -402,8 +409,8 @@ impl WriteTx {
         if self.commands_changed {
             self.db.news.commands_changed();
         }
-        if !self.results.is_empty() {
-            self.db.news.results_of(self.results.into_iter().map(crate::news::Changed::Name));
+        if !self.changed.is_empty() {
+            self.db.news.results_of(self.changed);
         }
         Ok(())
     }

@@ -108,6 +108,8 @@ pub struct Sources {
     pub commands: crate::commands::Commands,
     /// Config shadows shown.
     pub configs: crate::config::Configs,
+    /// Firmware progress shown.
+    pub rollouts: crate::firmware::Rollouts,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }

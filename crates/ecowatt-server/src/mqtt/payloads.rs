@@ -40,6 +40,10 @@ impl Topics {
     pub fn commands(&self, device: &str) -> String {
         format!("{}/{device}/commands", self.prefix)
     }
+    /// A device's firmware: running version and its newest rollout (retained).
+    pub fn firmware(&self, device: &str) -> String {
+        format!("{}/{device}/firmware", self.prefix)
+    }
     /// Where Home Assistant sets the export limit.
     pub fn export_limit_set(&self, device: &str) -> String {
         format!("{}/{device}/export_limit/set", self.prefix)
@@ -132,6 +136,20 @@ pub fn commands_json(commands: &[crate::commands::Command]) -> Value {
             })
             .collect(),
     )
+}
+
+/// A device's firmware progress in its newest rollout.
+pub fn firmware_json(version: &str, d: &crate::firmware::rollouts::RolloutDevice) -> Value {
+    json!({
+        "running": d.running,
+        "offered": version,
+        "state": d.state.as_str(),
+        "done": d.done,
+        "total": d.total,
+        "percent": d.percent,
+        "reason": d.reason,
+        "updated_ms": d.updated_ms,
+    })
 }
 
 /// Home Assistant's view of each measured register: (key, name, device

@@ -17,7 +17,7 @@ use tower::ServiceExt;
 use crate::api::Client;
 use crate::protocol::Probe;
 
-async fn store_image(c: &Client, version: &str, data: &[u8]) -> i64 {
+pub async fn store_image(c: &Client, version: &str, data: &[u8]) -> i64 {
     let m = Manifest {
         version: Version::parse(version).unwrap(),
         size: data.len() as u64,
@@ -52,7 +52,7 @@ async fn store_image(c: &Client, version: &str, data: &[u8]) -> i64 {
     c.server.state.firmware.add(&fw, data).await.unwrap().id
 }
 
-fn report(state: OtaState, version: &str, done: u64, total: u64, reason: u8) -> SyncRequest {
+pub fn report(state: OtaState, version: &str, done: u64, total: u64, reason: u8) -> SyncRequest {
     SyncRequest {
         firmware: "1.0.0".into(),
         ota: Some(OtaReport { state, version: version.into(), done, total, reason }),

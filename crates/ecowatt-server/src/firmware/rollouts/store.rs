@@ -256,10 +256,28 @@ pub async fn ota_report_in(
     .bind(device_id)
     .execute(&mut **tx)
     .await?;
+    tx.device_changed(crate::news::Changed::Id(device_id.0));
     if old == state {
         return Ok(());
     }
     evaluate_in(db, tx, rollout_id, now).await
+}
+
+/// A device's row of a rollout (with its name and running version joined).
+fn rollout_device(row: &AnyRow) -> StoreResult<RolloutDevice> {
+    let done: i64 = row.try_get("done")?;
+    let total: i64 = row.try_get("total")?;
+    Ok(RolloutDevice {
+        device: row.try_get("name")?,
+        wave: row.try_get("wave")?,
+        state: state_of(row)?,
+        done,
+        total,
+        percent: if total > 0 { done * 100 / total } else { 0 },
+        reason: row.try_get("reason")?,
+        running: row.try_get("firmware")?,
+        updated_ms: row.try_get("updated_ms")?,
+    })
 }
 
 /// The update to offer the device, if its rollout is running and its wave
@@ -469,25 +487,21 @@ impl Rollouts {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let devices = rows
-            .iter()
-            .map(|row| {
-                let done: i64 = row.try_get("done")?;
-                let total: i64 = row.try_get("total")?;
-                Ok(RolloutDevice {
-                    device: row.try_get("name")?,
-                    wave: row.try_get("wave")?,
-                    state: state_of(row)?,
-                    done,
-                    total,
-                    percent: if total > 0 { done * 100 / total } else { 0 },
-                    reason: row.try_get("reason")?,
-                    running: row.try_get("firmware")?,
-                    updated_ms: row.try_get("updated_ms")?,
-                })
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
+        let devices = rows.iter().map(rollout_device).collect::<StoreResult<Vec<_>>>()?;
         Ok((r, devices))
+    }
+
+    /// A device's part in its newest rollout, with the version offered.
+    pub async fn latest_for(&self, device: &str) -> StoreResult<Option<(String, RolloutDevice)>> {
+        let row = sqlx::query(
+            "SELECT d.name, d.firmware, f.version, rd.* FROM rollout_devices rd \
+             JOIN devices d ON d.id = rd.device_id JOIN rollouts r ON r.id = rd.rollout_id \
+             JOIN firmware f ON f.id = r.firmware_id WHERE d.name = $1 ORDER BY rd.rollout_id DESC LIMIT 1",
+        )
+        .bind(device)
+        .fetch_optional(self.db.reader())
+        .await?;
+        row.map(|r| Ok((r.try_get("version")?, rollout_device(&r)?))).transpose()
     }
 
     /// Pauses, resumes or aborts a rollout; the devices whose offer appears
