@@ -69,6 +69,8 @@ pub struct SettingsFile {
     pub mqtt_discovery_prefix: Option<String>,
     /// MQTT messages that may wait while the broker is away (default 10,000).
     pub mqtt_buffer: Option<usize>,
+    /// CA (PEM) that signs an `mqtts://` broker's certificate (default: the system's roots).
+    pub mqtt_ca_file: Option<PathBuf>,
 }
 
 /// The `[legacy]` table: how the seed's API behaves (see docs/migration.md).
@@ -128,6 +130,7 @@ impl SettingsFile {
             mqtt_prefix: over.mqtt_prefix.or(self.mqtt_prefix),
             mqtt_discovery_prefix: over.mqtt_discovery_prefix.or(self.mqtt_discovery_prefix),
             mqtt_buffer: over.mqtt_buffer.or(self.mqtt_buffer),
+            mqtt_ca_file: over.mqtt_ca_file.or(self.mqtt_ca_file),
         }
     }
 }
@@ -285,16 +288,20 @@ fn seconds(
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn mqtt_settings(
-    url: &Option<String>,
-    client_id: &Option<String>,
-    prefix: &Option<String>,
-    discovery: &Option<String>,
-    buffer: Option<usize>,
-) -> Result<Option<crate::mqtt::MqttSettings>, String> {
-    let Some(url) = url else { return Ok(None) };
-    let crate::mqtt::Broker { host, port, credentials } =
+fn mqtt_settings(file: &SettingsFile) -> Result<Option<crate::mqtt::MqttSettings>, String> {
+    let (client_id, prefix, discovery, buffer) =
+        (&file.mqtt_client_id, &file.mqtt_prefix, &file.mqtt_discovery_prefix, file.mqtt_buffer);
+    let Some(url) = &file.mqtt else { return Ok(None) };
+    let crate::mqtt::Broker { host, port, credentials, tls } =
         crate::mqtt::parse_url(url).map_err(|e| format!("mqtt: {e}"))?;
+    let tls = match (&file.mqtt_ca_file, tls) {
+        (Some(path), true) => Some(crate::mqtt::Tls::Ca(
+            std::fs::read(path).map_err(|e| format!("mqtt_ca_file {}: {e}", path.display()))?,
+        )),
+        (None, true) => Some(crate::mqtt::Tls::SystemRoots),
+        (Some(_), false) => return Err("mqtt_ca_file needs an mqtts:// broker".into()),
+        (None, false) => None,
+    };
     let topic_part = |key: &str, v: &Option<String>, default: &str| -> Result<String, String> {
         let v = v.clone().unwrap_or_else(|| default.to_owned());
         if v.is_empty() || v.contains(['+', '#']) || v.starts_with('/') || v.ends_with('/') {
@@ -313,6 +320,7 @@ fn mqtt_settings(
         client_id: client_id
             .clone()
             .unwrap_or_else(|| format!("ecowatt-server-{}", std::process::id())),
+        tls,
         topics: crate::mqtt::payloads::Topics {
             prefix: topic_part("mqtt_prefix", prefix, crate::mqtt::DEFAULT_PREFIX)?,
             discovery: topic_part(
@@ -332,6 +340,7 @@ fn days(d: u32) -> Option<Duration> {
 impl Settings {
     /// Fills in defaults.
     pub fn resolve(file: SettingsFile) -> Result<Settings, String> {
+        let mqtt = mqtt_settings(&file)?;
         let bind = file.bind.unwrap_or_else(|| DEFAULT_BIND.parse().expect("default bind parses"));
         let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let database =
@@ -410,13 +419,7 @@ impl Settings {
             database,
             legacy_api: file.legacy_api.unwrap_or(false),
             legacy: LegacySettings::resolve(file.legacy)?,
-            mqtt: mqtt_settings(
-                &file.mqtt,
-                &file.mqtt_client_id,
-                &file.mqtt_prefix,
-                &file.mqtt_discovery_prefix,
-                file.mqtt_buffer,
-            )?,
+            mqtt,
             body_limit,
         })
     }

@@ -30,9 +30,12 @@ pub struct ServerArgs {
     #[arg(long, env = "ECOWATT_LEGACY_API")]
     legacy_api: bool,
     /// Publish readings, availability and Home Assistant discovery to this MQTT broker:
-    /// mqtt://[user:password@]host[:port] (docs/mqtt.md; more keys in the settings file).
+    /// mqtt://[user:password@]host[:port], or mqtts:// for TLS (docs/mqtt.md; more keys in the settings file).
     #[arg(long, env = "ECOWATT_MQTT", hide_env_values = true, value_name = "URL")]
     mqtt: Option<String>,
+    /// CA certificate (PEM) of an mqtts:// broker's private PKI [default: the system's roots].
+    #[arg(long, env = "ECOWATT_MQTT_CA_FILE", value_name = "PEM")]
+    mqtt_ca_file: Option<PathBuf>,
     /// Largest request body in bytes [default: 65536].
     #[arg(long, env = "ECOWATT_BODY_LIMIT")]
     body_limit: Option<usize>,
@@ -115,6 +118,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         mqtt_prefix: None,
         mqtt_discovery_prefix: None,
         mqtt_buffer: None,
+        mqtt_ca_file: args.mqtt_ca_file,
     };
     // Before the settings: the default connection cap follows the limit.
     let open_files = ecowatt_edge::raise_open_files_limit();

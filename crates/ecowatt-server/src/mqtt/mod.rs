@@ -40,6 +40,8 @@ pub struct MqttSettings {
     pub credentials: Option<(String, String)>,
     /// Client id (unique per server process on one broker).
     pub client_id: String,
+    /// TLS (`mqtts://`), and how the broker's certificate is checked.
+    pub tls: Option<Tls>,
     /// Topic layout.
     pub topics: Topics,
     /// Messages that may wait while the broker is away.
@@ -67,18 +69,17 @@ pub struct Broker {
     pub port: u16,
     /// User name and password.
     pub credentials: Option<(String, String)>,
+    /// `mqtts://`: TLS.
+    pub tls: bool,
 }
 
-/// Reads `mqtt://[user:password@]host[:port]` (1883 by default).
+/// Reads `mqtt://[user:password@]host[:port]` (1883 by default) or
+/// `mqtts://...` (TLS, 8883 by default).
 pub fn parse_url(url: &str) -> Result<Broker, String> {
-    let rest = match url.split_once("://") {
-        Some(("mqtt", rest)) => rest,
-        Some(("mqtts", _)) => {
-            return Err(
-                "mqtts:// (TLS) is not supported yet; use mqtt:// on a trusted network".into()
-            );
-        }
-        _ => return Err(format!("{url:?} is not an mqtt://host:port URL")),
+    let (tls, rest) = match url.split_once("://") {
+        Some(("mqtt", rest)) => (false, rest),
+        Some(("mqtts", rest)) => (true, rest),
+        _ => return Err(format!("{url:?} is not an mqtt://host:port or mqtts://host:port URL")),
     };
     let rest = rest.trim_end_matches('/');
     let (credentials, hostport) = match rest.rsplit_once('@') {
@@ -90,12 +91,37 @@ pub fn parse_url(url: &str) -> Result<Broker, String> {
     };
     let (host, port) = match hostport.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().map_err(|_| format!("{url:?}: port {p:?} is not a number"))?),
-        None => (hostport, 1883),
+        None => (hostport, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() || host.contains('/') {
         return Err(format!("{url:?} names no broker host"));
     }
-    Ok(Broker { host: host.to_owned(), port, credentials })
+    Ok(Broker { host: host.to_owned(), port, credentials, tls })
+}
+
+/// How to check the broker's certificate over `mqtts://`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// The system's root certificates.
+    SystemRoots,
+    /// Only this CA (PEM), for a private PKI.
+    Ca(Vec<u8>),
+}
+
+/// The TLS transport for `tls`.
+fn transport(tls: &Tls) -> Result<rumqttc::Transport, String> {
+    let config = match tls {
+        Tls::Ca(pem) => {
+            rumqttc::TlsConfiguration::Simple { ca: pem.clone(), alpn: None, client_auth: None }
+        }
+        // rumqttc's default loads the platform's roots and panics if it cannot.
+        Tls::SystemRoots => {
+            std::panic::catch_unwind(rumqttc::TlsConfiguration::default).map_err(|_| {
+                "the system's root certificates cannot be loaded; give mqtt_ca_file".to_owned()
+            })?
+        }
+    };
+    Ok(rumqttc::Transport::tls_with_config(config))
 }
 
 /// What the integration reads: the store's news, devices, commands.
@@ -123,8 +149,11 @@ pub fn start(settings: MqttSettings, sources: Sources) -> tokio::task::JoinHandl
     tokio::spawn(run(settings, sources, telemetry, changes))
 }
 
-fn options(s: &MqttSettings) -> MqttOptions {
+fn options(s: &MqttSettings) -> Result<MqttOptions, String> {
     let mut o = MqttOptions::new(&s.client_id, &s.host, s.port);
+    if let Some(tls) = &s.tls {
+        o.set_transport(transport(tls)?);
+    }
     o.set_keep_alive(Duration::from_secs(30));
     o.set_clean_session(true);
     o.set_max_packet_size(256 * 1024, 256 * 1024);
@@ -137,7 +166,7 @@ fn options(s: &MqttSettings) -> MqttOptions {
     if let Some((u, p)) = &s.credentials {
         o.set_credentials(u, p);
     }
-    o
+    Ok(o)
 }
 
 /// The integration's state between events.
@@ -344,7 +373,14 @@ async fn run(
     mut telemetry: tokio::sync::broadcast::Receiver<crate::news::Telemetry>,
     mut changes: tokio::sync::broadcast::Receiver<crate::news::Changed>,
 ) {
-    let (client, mut eventloop) = AsyncClient::new(options(&settings), settings.buffer.max(1));
+    let options = match options(&settings) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "MQTT: not started");
+            return;
+        }
+    };
+    let (client, mut eventloop) = AsyncClient::new(options, settings.buffer.max(1));
     let news = Arc::clone(&sources.news);
     let mut p = Publisher {
         settings,
@@ -437,15 +473,19 @@ mod tests {
             host: h.into(),
             port,
             credentials: c.map(|(u, p)| (u.into(), p.into())),
+            tls: false,
         };
         assert_eq!(parse_url("mqtt://localhost").unwrap(), b("localhost", 1883, None));
         assert_eq!(
             parse_url("mqtt://ha:secret@homeassistant.local:1884/").unwrap(),
             b("homeassistant.local", 1884, Some(("ha", "secret")))
         );
-        for bad in ["localhost:1883", "http://x", "mqtt://", "mqtt://h:x", "mqtts://h"] {
+        assert_eq!(
+            parse_url("mqtts://broker.example").unwrap(),
+            Broker { tls: true, ..b("broker.example", 8883, None) }
+        );
+        for bad in ["localhost:1883", "http://x", "mqtt://", "mqtt://h:x", "mqtts://"] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
-        assert!(parse_url("mqtts://h").unwrap_err().contains("not supported yet"));
     }
 }

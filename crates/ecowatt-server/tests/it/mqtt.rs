@@ -340,3 +340,139 @@ async fn subscriber_on(port: u16, filters: &[String]) -> (AsyncClient, Seen) {
     });
     (client, seen)
 }
+
+/// `openssl` in `dir` with `args`; false when it fails or is missing.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> bool {
+    std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A test CA (`name.pem`, `name.key`).
+fn ca(dir: &std::path::Path, name: &str) -> bool {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn mqtts_to_a_broker_of_a_private_pki() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    let made = ca(d, "test-ca")
+        && ca(d, "other-ca")
+        && openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "broker.key",
+                "-out",
+                "broker.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        )
+        && openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "broker.csr",
+                "-CA",
+                "test-ca.pem",
+                "-CAkey",
+                "test-ca.key",
+                "-CAcreateserial",
+                "-out",
+                "broker.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+    if !made {
+        return skipped("openssl cannot make test certificates");
+    }
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (tls_port, plain_port) = (free(), free());
+    // `user root`: started as root, mosquitto would drop to its own user and
+    // not read the test's key (as another user the line has no effect).
+    let conf = format!(
+        "user root\nallow_anonymous true\nlistener {tls_port} 127.0.0.1\ncafile {d}/test-ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nlistener {plain_port} 127.0.0.1\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("mosquitto.conf"), conf).unwrap();
+    let Ok(child) = std::process::Command::new("mosquitto")
+        .args(["-c", &d.join("mosquitto.conf").display().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return skipped("cannot start mosquitto");
+    };
+    let _broker = OwnBroker { child };
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_sub, seen) = subscriber_on(plain_port, &["#".to_owned()]).await;
+
+    // Its own CA: connected over TLS, publishing.
+    let db = TempDb::sqlite();
+    let file = SettingsFile {
+        mqtt: Some(format!("mqtts://localhost:{tls_port}")),
+        mqtt_ca_file: Some(d.join("test-ca.pem")),
+        mqtt_prefix: Some("tls".into()),
+        ..SettingsFile::default()
+    };
+    let server = TestServer::start_tuned(&db, "127.0.0.1:0", file).await;
+    until("published over TLS", || {
+        (last(&seen, "tls/server/availability")? == b"online").then_some(())
+    })
+    .await;
+    server.stop().await;
+
+    // Another CA: the broker's certificate is refused, counted, nothing crashes.
+    let db = TempDb::sqlite();
+    let file = SettingsFile {
+        mqtt: Some(format!("mqtts://localhost:{tls_port}")),
+        mqtt_ca_file: Some(d.join("other-ca.pem")),
+        mqtt_prefix: Some("untrusted".into()),
+        ..SettingsFile::default()
+    };
+    let server = TestServer::start_tuned(&db, "127.0.0.1:0", file).await;
+    let metrics = server.state.metrics.clone();
+    until("the refusal counted", || {
+        (metrics.get("ecowatt_mqtt_connection_errors_total", "") > 0).then_some(())
+    })
+    .await;
+    assert!(last(&seen, "untrusted/server/availability").is_none_or(|b| b != b"online"));
+    server.stop().await;
+}
