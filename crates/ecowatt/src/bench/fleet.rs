@@ -50,6 +50,10 @@ pub struct FleetArgs {
     /// PostgreSQL URL for the server (default: SQLite in a temporary directory).
     #[arg(long)]
     database: Option<String>,
+    /// The server also publishes every batch to this MQTT broker (`--mqtt`),
+    /// to measure what publishing costs the fleet.
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
     /// Instead of commands: one curtailment of the whole fleet (`bench curtail`).
     #[arg(skip)]
     curtail: Option<CurtailPlan>,
@@ -93,6 +97,7 @@ pub fn run_curtail(args: CurtailArgs) -> anyhow::Result<()> {
         upload_every: args.upload_every,
         commands_per_sec: 0.0,
         database: args.database,
+        mqtt: None,
         curtail: Some(CurtailPlan { percent: args.percent }),
     })
 }
@@ -399,6 +404,9 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
         .env("RUST_LOG", std::env::var("ECOWATT_FLEET_SERVER_LOG").unwrap_or("warn".into()));
     if let Some(db) = &args.database {
         cmd.args(["--database", db]);
+    }
+    if let Some(broker) = &args.mqtt {
+        cmd.args(["--mqtt", broker]);
     }
     let mut server =
         cmd.stdout(std::process::Stdio::null()).spawn().context("starting the server")?;
