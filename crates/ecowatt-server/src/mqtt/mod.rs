@@ -269,7 +269,11 @@ impl Publisher {
             }
         };
         let topics = self.settings.topics.clone();
-        self.json(topics.readings(&name), false, &payloads::readings_json(&name, &batch));
+        self.publish(
+            topics.readings(&name),
+            false,
+            payloads::readings_text(&name, &batch).into_bytes(),
+        );
         if let Some(last) = batch.samples.last() {
             self.json(topics.state(&name), true, &payloads::sample_json(batch.registers, last));
         }
