@@ -63,6 +63,19 @@ fn device_id(body: &Value) -> Result<String, ApiError> {
         .ok_or_else(|| Invalid::new("device_id", "required (a registered device's name)").into())
 }
 
+/// A required text field of a legacy body.
+fn text<'a>(body: &'a Value, field: &str, hint: &str) -> Result<&'a str, ApiError> {
+    body.get(field).and_then(Value::as_str).ok_or_else(|| Invalid::new(field, hint).into())
+}
+
+/// A required `MAJOR.MINOR.PATCH` field of a legacy body.
+fn version_field<'a>(body: &'a Value, field: &str) -> Result<&'a str, ApiError> {
+    let text = text(body, field, "required, e.g. 1.0.3")?;
+    Version::parse(text)
+        .map_err(|_| ApiError::from(Invalid::new(field, "MAJOR.MINOR.PATCH, e.g. 1.0.3")))?;
+    Ok(text)
+}
+
 /// The device behind `device_id`, refused when disabled.
 async fn enabled_device(state: &AppState, body: &Value) -> Result<String, ApiError> {
     let name = device_id(body)?;
@@ -274,10 +287,7 @@ async fn command_result(
     State(state): State<AppState>,
     AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let id_text = body
-        .get("command_id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::from(Invalid::new("command_id", "required")))?;
+    let id_text = text(&body, "command_id", "required")?;
     let command = command_by_legacy_id(&state, id_text).await?;
     let status = body.get("status").and_then(Value::as_str).unwrap_or("");
     let success = matches!(status, "completed" | "success" | "succeeded");
@@ -390,13 +400,7 @@ async fn ota_check(
     AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let device = enabled_device(&state, &body).await?;
-    let current_text = body
-        .get("current_version")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::from(Invalid::new("current_version", "required, e.g. 1.0.3")))?;
-    Version::parse(current_text).map_err(|_| {
-        ApiError::from(Invalid::new("current_version", "MAJOR.MINOR.PATCH, e.g. 1.0.3"))
-    })?;
+    let current_text = version_field(&body, "current_version")?;
     let now = crate::now_ms();
     let offer = state.legacy.ota_check(&device, current_text, now).await?;
     let latest = || {
@@ -445,10 +449,7 @@ async fn ota_chunk(
     AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let device = enabled_device(&state, &body).await?;
-    let version = body
-        .get("version")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::from(Invalid::new("version", "required")))?;
+    let version = text(&body, "version", "required")?;
     let n = body
         .get("chunk_number")
         .and_then(Value::as_u64)
@@ -516,12 +517,7 @@ async fn ota_complete(
     AnyJson(body): AnyJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let device = enabled_device(&state, &body).await?;
-    let version = body
-        .get("version")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::from(Invalid::new("version", "required")))?;
-    Version::parse(version)
-        .map_err(|_| ApiError::from(Invalid::new("version", "MAJOR.MINOR.PATCH, e.g. 1.0.4")))?;
+    let version = version_field(&body, "version")?;
     state.legacy.ota_check(&device, version, crate::now_ms()).await?;
     Ok(Json(json!({
         "status": "success",

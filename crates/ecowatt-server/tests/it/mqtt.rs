@@ -19,27 +19,25 @@ use crate::api::Client;
 use crate::protocol::Probe;
 use crate::telemetry::send;
 
+/// An upload of one sample of Vac1, Pow and Pac.
+fn one_sample(seq: u64, unix_ms: u64, vac: u16) -> TelemetryUpload {
+    let s = [Sample { seq, unix_ms, values: vec![vac, 100, 4000] }];
+    TelemetryUpload {
+        first_seq: seq,
+        count: 1,
+        dropped_total: 0,
+        codec: codec::CODEC_V1,
+        batch: codec::encode(0x0301, &s).unwrap(),
+    }
+}
+
 const BROKER: (&str, u16) = ("127.0.0.1", 1883);
 
 /// Retained and live messages by topic (the newest last).
 type Seen = Arc<Mutex<HashMap<String, Vec<Vec<u8>>>>>;
 
 async fn subscriber(filters: &[String]) -> (AsyncClient, Seen) {
-    let id = format!("ewtest-sub-{}-{}", std::process::id(), ecowatt_formats::time::now_ms());
-    let (client, mut events) = AsyncClient::new(MqttOptions::new(id, BROKER.0, BROKER.1), 100);
-    for f in filters {
-        client.subscribe(f, QoS::AtLeastOnce).await.unwrap();
-    }
-    let seen: Seen = Arc::default();
-    let into = seen.clone();
-    tokio::spawn(async move {
-        while let Ok(e) = events.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = e {
-                into.lock().unwrap().entry(p.topic.clone()).or_default().push(p.payload.to_vec());
-            }
-        }
-    });
-    (client, seen)
+    subscriber_on(BROKER.1, filters).await
 }
 
 async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -280,15 +278,7 @@ async fn a_broker_restart_is_survived_and_what_could_not_wait_is_counted() {
     until("the loss noticed", || (errors() > 0).then_some(())).await;
     let t0 = ecowatt_formats::time::now_ms() as u64 - 60_000;
     for i in 1..=20u64 {
-        let s = [Sample { seq: i, unix_ms: t0 + 1_000 * i, values: vec![2300, 100, 4000] }];
-        let up = TelemetryUpload {
-            first_seq: i,
-            count: 1,
-            dropped_total: 0,
-            codec: codec::CODEC_V1,
-            batch: codec::encode(0x0301, &s).unwrap(),
-        };
-        assert_eq!(send(&c, &mut dev, &up).await, Ok(i));
+        assert_eq!(send(&c, &mut dev, &one_sample(i, t0 + 1_000 * i, 2300)).await, Ok(i));
     }
     // Two messages per batch into a queue of four: most are dropped, counted.
     until("the drops counted", || {
@@ -309,22 +299,15 @@ async fn a_broker_restart_is_survived_and_what_could_not_wait_is_counted() {
         }
         assert!(t.elapsed() < Duration::from_secs(30), "not published after the broker came back");
         seq += 1;
-        let s = [Sample { seq, unix_ms: t0 + 1_000 * seq, values: vec![2311, 100, 4000] }];
-        let up = TelemetryUpload {
-            first_seq: seq,
-            count: 1,
-            dropped_total: 0,
-            codec: codec::CODEC_V1,
-            batch: codec::encode(0x0301, &s).unwrap(),
-        };
-        assert_eq!(send(&c, &mut dev, &up).await, Ok(seq));
+        assert_eq!(send(&c, &mut dev, &one_sample(seq, t0 + 1_000 * seq, 2311)).await, Ok(seq));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     c.server.stop().await;
 }
 
 async fn subscriber_on(port: u16, filters: &[String]) -> (AsyncClient, Seen) {
-    let id = format!("ewtest-sub2-{}-{}", std::process::id(), ecowatt_formats::time::now_ms());
+    let id =
+        format!("ewtest-sub-{}-{}-{port}", std::process::id(), ecowatt_formats::time::now_ms());
     let (client, mut events) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 100);
     for f in filters {
         client.subscribe(f, QoS::AtLeastOnce).await.unwrap();
