@@ -349,16 +349,15 @@ def main():
     log = open(os.path.join(workdir, "server.log"), "w")
     server = subprocess.Popen([ECOWATT, "server", "--config", config, "--data-dir", data_dir,
                                "--bind", f"127.0.0.1:{port}"], stdout=log, stderr=log, cwd=workdir)
-    env_cwd = dict(env)
     try:
         s = Server(f"http://127.0.0.1:{port}")
         wait_healthy(s)
         os.chdir(workdir)
-        cli(env_cwd, "device", "add", DEVICE_ID)
+        cli(env, "device", "add", DEVICE_ID)
         part1_remote_configuration(s)
         part2_command_suite(s)
-        part3_secured_uploads(s, env_cwd)
-        part4_ota(s, env_cwd, (private_key, aes_key, hmac_psk), workdir)
+        part3_secured_uploads(s, env)
+        part4_ota(s, env, (private_key, aes_key, hmac_psk), workdir)
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -25,7 +25,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::measure::{ProcFiles, proc_usage};
+use super::measure::{ProcFiles, ServerProcess, proc_usage};
 use crate::units::parse_duration;
 
 /// Simulate a fleet against a server on loopback.
@@ -391,46 +391,24 @@ fn open_files_limit() -> Option<u64> {
 }
 
 pub fn run(args: FleetArgs) -> anyhow::Result<()> {
-    let dir = tempfile_dir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["server", "--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(&dir)
-        // Every simulated device connects from loopback; real devices each
-        // have an address of their own, so the per-address cap is lifted.
-        .args(["--max-connections-per-source", "1000000"])
-        // The server's log filter: warnings, unless ECOWATT_FLEET_SERVER_LOG says
-        // otherwise (`ecowatt_server::telemetry::ingest=debug` logs every group).
-        .env("RUST_LOG", std::env::var("ECOWATT_FLEET_SERVER_LOG").unwrap_or("warn".into()));
+    let mut extra: Vec<&str> = Vec::new();
     if let Some(db) = &args.database {
-        cmd.args(["--database", db]);
+        extra.extend(["--database", db]);
     }
     if let Some(broker) = &args.mqtt {
-        cmd.args(["--mqtt", broker]);
+        extra.extend(["--mqtt", broker]);
     }
-    let mut server =
-        cmd.stdout(std::process::Stdio::null()).spawn().context("starting the server")?;
-    let result = tokio::runtime::Runtime::new()?.block_on(drive(&args, port, &dir, server.id()));
-    let _ = std::process::Command::new("kill").args(["-INT", &server.id().to_string()]).status();
-    let _ = server.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    // The server's log filter: warnings, unless ECOWATT_FLEET_SERVER_LOG says
+    // otherwise (`ecowatt_server::telemetry::ingest=debug` logs every group).
+    let server = ServerProcess::start("fleet", &extra, "ECOWATT_FLEET_SERVER_LOG", "warn")?;
+    let result = tokio::runtime::Runtime::new()?.block_on(drive(&args, &server));
+    server.stop();
     result
 }
 
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("ecowatt-fleet-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-async fn drive(args: &FleetArgs, port: u16, dir: &std::path::Path, pid: u32) -> anyhow::Result<()> {
-    let base = format!("http://127.0.0.1:{port}");
-    let ops: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let token = {
-        let (ops, base, dir) = (ops.clone(), base.clone(), dir.to_path_buf());
-        tokio::task::spawn_blocking(move || super::measure::wait_for_server(&ops, &base, &dir))
-            .await??
-    };
+async fn drive(args: &FleetArgs, server: &ServerProcess) -> anyhow::Result<()> {
+    let (ops, base, token) = server.operator().await?;
+    let (dir, pid) = (server.dir.as_path(), server.pid());
     let auth = format!("Bearer {token}");
     // Devices, provisioned through the API (4 at a time).
     let mut creds = Vec::new();

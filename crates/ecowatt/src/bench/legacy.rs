@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::measure::{ProcFiles, proc_usage};
+use super::measure::{ProcFiles, ServerProcess, proc_usage};
 use crate::units::parse_duration;
 
 /// `ecowatt bench legacy`.
@@ -33,26 +33,16 @@ pub struct LegacyArgs {
 }
 
 pub fn run(args: LegacyArgs) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("ecowatt-legacy-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["server", "--legacy-api", "--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(&dir)
-        .args(["--max-connections-per-source", "100000"])
-        .env("RUST_LOG", std::env::var("ECOWATT_BENCH_SERVER_LOG").unwrap_or("error".into()));
+    let mut extra = vec!["--legacy-api"];
     if let Some(db) = &args.database {
-        cmd.args(["--database", db]);
+        extra.extend(["--database", db]);
     }
-    let mut server =
-        cmd.stdout(std::process::Stdio::null()).spawn().context("starting the server")?;
+    let server = ServerProcess::start("legacy-bench", &extra, "ECOWATT_BENCH_SERVER_LOG", "error")?;
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(drive(&args, port, &dir, server.id()));
-    let _ = std::process::Command::new("kill").args(["-INT", &server.id().to_string()]).status();
-    let _ = server.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+        .block_on(drive(&args, &server));
+    server.stop();
     result
 }
 
@@ -100,19 +90,9 @@ fn request(path: &str, device: &str, port: u16) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn drive(
-    args: &LegacyArgs,
-    port: u16,
-    dir: &std::path::Path,
-    pid: u32,
-) -> anyhow::Result<()> {
-    let base = format!("http://127.0.0.1:{port}");
-    let ops: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let token = {
-        let (ops, base, dir) = (ops.clone(), base.clone(), dir.to_path_buf());
-        tokio::task::spawn_blocking(move || super::measure::wait_for_server(&ops, &base, &dir))
-            .await??
-    };
+async fn drive(args: &LegacyArgs, server: &ServerProcess) -> anyhow::Result<()> {
+    let (ops, base, token) = server.operator().await?;
+    let (port, pid) = (server.port, server.pid());
     let names: Vec<String> = (0..args.devices).map(|i| format!("ESP32_legacy_{i}")).collect();
     {
         let (ops, base, names) = (ops.clone(), base.clone(), names.clone());

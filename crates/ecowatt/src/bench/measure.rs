@@ -115,3 +115,66 @@ pub fn proc_usage(files: &mut ProcFiles) -> (u64, u64, u64) {
         .unwrap_or(0);
     (rss, peak, ticks)
 }
+
+/// An `ecowatt server` child process on a free loopback port with a data
+/// directory of its own, for the benches that measure a server from outside.
+pub struct ServerProcess {
+    child: std::process::Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its data directory (removed at [`ServerProcess::stop`]).
+    pub dir: std::path::PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `ecowatt server ARGS` (every simulated device connects from
+    /// loopback, so the per-address connection cap is lifted); its log filter
+    /// is `log_env` if set, else `default_log`.
+    pub fn start(
+        name: &str,
+        args: &[&str],
+        log_env: &str,
+        default_log: &str,
+    ) -> anyhow::Result<ServerProcess> {
+        use anyhow::Context;
+        let dir = std::env::temp_dir().join(format!("ecowatt-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(["server", "--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(&dir)
+            .args(["--max-connections-per-source", "1000000"])
+            .args(args)
+            .env("RUST_LOG", std::env::var(log_env).unwrap_or(default_log.into()))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting the server")?;
+        Ok(ServerProcess { child, port, dir })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until it answers (off the async runtime); an operator agent,
+    /// its base URL and the admin token.
+    pub async fn operator(&self) -> anyhow::Result<(ureq::Agent, String, String)> {
+        let base = format!("http://127.0.0.1:{}", self.port);
+        let ops: ureq::Agent =
+            ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let (agent, url, dir) = (ops.clone(), base.clone(), self.dir.clone());
+        let token =
+            tokio::task::spawn_blocking(move || wait_for_server(&agent, &url, &dir)).await??;
+        Ok((ops, base, token))
+    }
+
+    /// Stops it gracefully (SIGINT) and removes its data directory.
+    pub fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

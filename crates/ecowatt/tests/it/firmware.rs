@@ -10,6 +10,17 @@ fn run(dir: &std::path::Path, args: &[&str]) -> Output {
         .expect("run ecowatt")
 }
 
+/// `ecowatt ARGS` in `dir` as the operator of the server at `url`.
+fn against(url: &str, data_dir: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(args)
+        .env("ECOWATT_SERVER", url)
+        .env("ECOWATT_DATA_DIR", data_dir)
+        .current_dir(dir)
+        .output()
+        .expect("run ecowatt")
+}
+
 fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -170,15 +181,7 @@ async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_ran
     let server = TestServer::start_with(&db, true, "127.0.0.1:0", vec![public]).await;
     let (url, data_dir) = (server.url.clone(), server.data_dir.clone());
     tokio::task::spawn_blocking(move || {
-        let with_server = |args: &[&str]| {
-            Command::new(env!("CARGO_BIN_EXE_ecowatt"))
-                .args(args)
-                .env("ECOWATT_SERVER", &url)
-                .env("ECOWATT_DATA_DIR", &data_dir)
-                .current_dir(&dir)
-                .output()
-                .unwrap()
-        };
+        let with_server = |args: &[&str]| against(&url, &data_dir, &dir, args);
         refused(&with_server(&["firmware", "upload", "evil.bin"]), "unknown_signer");
         // The right signer, but one byte of the image changed after signing.
         let good = std::fs::read(dir.join("fw-1.0.10.bin")).unwrap();
@@ -396,15 +399,7 @@ async fn an_original_firmware_device_updates_over_the_legacy_chunked_ota() {
     let server = TestServer::start_tuned(&db, "127.0.0.1:0", file).await;
     let (url, data_dir) = (server.url.clone(), server.data_dir.clone());
     tokio::task::spawn_blocking(move || {
-        let cli = |args: &[&str]| {
-            Command::new(env!("CARGO_BIN_EXE_ecowatt"))
-                .args(args)
-                .env("ECOWATT_SERVER", &url)
-                .env("ECOWATT_DATA_DIR", &data_dir)
-                .current_dir(&dir)
-                .output()
-                .unwrap()
-        };
+        let cli = |args: &[&str]| against(&url, &data_dir, &dir, args);
         // A legacy signature that does not verify is refused at upload.
         let manifest_path = dir.join("fw.bin.manifest.json");
         let good_manifest = std::fs::read_to_string(&manifest_path).unwrap();
