@@ -114,16 +114,12 @@ impl News {
         slot.get_or_insert_with(|| tokio::sync::broadcast::channel(TELEMETRY_BACKLOG).0).subscribe()
     }
 
-    /// Whether anyone listens to telemetry (so that storing a batch need not
-    /// copy it when nobody does).
-    pub fn telemetry_wanted(&self) -> bool {
-        self.telemetry.lock().expect("news lock").as_ref().is_some_and(|s| s.receiver_count() > 0)
-    }
-
-    /// Stored batches, after their commit.
-    pub fn telemetry(&self, batches: impl IntoIterator<Item = Telemetry>) {
-        if let Some(s) = self.telemetry.lock().expect("news lock").as_ref() {
-            for b in batches {
+    /// Stored batches, after their commit; `batches` is called only when an
+    /// integration listens (storing a batch copies nothing otherwise).
+    pub fn telemetry<I: IntoIterator<Item = Telemetry>>(&self, batches: impl FnOnce() -> I) {
+        let slot = self.telemetry.lock().expect("news lock");
+        if let Some(s) = slot.as_ref().filter(|s| s.receiver_count() > 0) {
+            for b in batches() {
                 let _ = s.send(b);
             }
         }

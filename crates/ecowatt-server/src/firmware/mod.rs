@@ -7,7 +7,7 @@ pub mod rollouts;
 
 use std::sync::{Arc, Mutex};
 
-use ecowatt_proto::firmware::{PublicKey, Version};
+use ecowatt_proto::firmware::PublicKey;
 use ecowatt_proto::hex;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -151,19 +151,6 @@ fn check_legacy_signature(
     }
 }
 
-/// The newest of `images` whose version is above `current`, by semantic
-/// version (1.0.10 is newer than 1.0.9; never a downgrade, never the same).
-pub fn newest_above<'a>(
-    images: &'a [Firmware],
-    current: &Version,
-) -> Option<(Version, &'a Firmware)> {
-    images
-        .iter()
-        .filter_map(|f| Version::parse(&f.version).ok().map(|v| (v, f)))
-        .filter(|(v, _)| v > current)
-        .max_by(|a, b| a.0.cmp(&b.0))
-}
-
 /// An image's id and bytes.
 type Cached = (i64, Arc<[u8]>);
 
@@ -292,7 +279,7 @@ mod tests {
 
     fn signed(data: &[u8], key: &SigningKey) -> String {
         let m = Manifest {
-            version: Version::parse("1.2.3").unwrap(),
+            version: ecowatt_proto::firmware::Version::parse("1.2.3").unwrap(),
             size: data.len() as u64,
             sha256: Sha256::digest(data).into(),
             security_counter: 4,
@@ -301,29 +288,6 @@ mod tests {
         };
         let sig = key.sign(&m.signed_bytes().unwrap()).to_bytes();
         manifest_json(&m, &public(key), &sig).to_string()
-    }
-
-    #[test]
-    fn the_newest_image_above_a_version_is_by_semantic_version() {
-        let image = |version: &str| Firmware {
-            id: 0,
-            version: version.into(),
-            target: "t".into(),
-            size: 1,
-            sha256: String::new(),
-            security_counter: 0,
-            created_ms: 0,
-            manifest: Value::Null,
-            uploaded_ms: 0,
-            uploaded_by: String::new(),
-        };
-        let images = [image("1.0.9"), image("1.0.10"), image("0.9.0"), image("not a version")];
-        let v = |s: &str| Version::parse(s).unwrap();
-        let newest = |current: &str| newest_above(&images, &v(current)).map(|(v, _)| v.to_string());
-        assert_eq!(newest("1.0.3").as_deref(), Some("1.0.10"));
-        assert_eq!(newest("1.0.9").as_deref(), Some("1.0.10"));
-        assert_eq!(newest("1.0.10"), None, "not the same version");
-        assert_eq!(newest("2.0.0"), None, "never a downgrade");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use ecowatt_proto::messages::{OtaReport, OtaState, ota_reason};
 
 use crate::db::{Db, StoreError, StoreResult};
 use crate::devices::{Device, named_in};
+use crate::firmware::rollouts::Offer;
 use crate::firmware::rollouts::store::{offer_in, ota_report_in};
 use crate::operators::audit;
 use packets::{DecoderState, Undecodable};
@@ -132,15 +133,6 @@ pub fn sample_times(
     (0..samples).map(|k| last - (samples - 1 - k) as i64 * poll_ms).collect()
 }
 
-/// An update the rollouts offer a legacy device.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LegacyOffer {
-    /// The stored image.
-    pub firmware_id: i64,
-    /// Its signed manifest as uploaded (with `legacy_signature`).
-    pub manifest: Value,
-}
-
 /// A legacy device's download, for `/ota/status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
@@ -220,7 +212,7 @@ impl Legacy {
         name: &str,
         running: &str,
         now: i64,
-    ) -> StoreResult<Option<LegacyOffer>> {
+    ) -> StoreResult<Option<Offer>> {
         let mut tx = self.db.write().await?;
         let device = named_in(&self.db, &mut tx, name, true).await?;
         sqlx::query("UPDATE devices SET firmware = $1, last_seen_ms = $2 WHERE id = $3")
@@ -250,13 +242,6 @@ impl Legacy {
             tx.commit().await?;
             return Ok(None);
         };
-        let row = sqlx::query(
-            "SELECT r.firmware_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id WHERE rd.token = $1",
-        )
-        .bind(offer.token.to_ascii_uppercase())
-        .fetch_one(&mut *tx)
-        .await?;
-        let firmware_id: i64 = row.try_get("firmware_id")?;
         if offer.manifest.get("legacy_signature").is_none() {
             let version = offer.manifest["version"].as_str().unwrap_or_default().to_owned();
             let size = offer.manifest["size"].as_i64().unwrap_or(0);
@@ -269,7 +254,7 @@ impl Legacy {
             return Ok(None);
         }
         tx.commit().await?;
-        Ok(Some(LegacyOffer { firmware_id, manifest: offer.manifest }))
+        Ok(Some(offer))
     }
 
     /// `/ota/chunk`: the image a device may download as `version` (its
@@ -366,16 +351,6 @@ impl Legacy {
         tx.announce(name).await?;
         tx.commit().await?;
         Ok(Device { legacy: on, ..device })
-    }
-
-    /// Whether a device is marked legacy.
-    pub async fn is_marked(&self, name: &str) -> StoreResult<bool> {
-        let row = sqlx::query("SELECT legacy FROM devices WHERE name = $1")
-            .bind(name)
-            .fetch_optional(self.db.reader())
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("device {name:?}")))?;
-        Ok(row.try_get::<i64, _>("legacy")? != 0)
     }
 
     /// Stores an authenticated upload: refused whole unless the device is
@@ -504,7 +479,7 @@ impl Legacy {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.db.news().telemetry(published);
+        self.db.news().telemetry(|| published);
         Ok(stored)
     }
 }

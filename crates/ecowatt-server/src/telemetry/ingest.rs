@@ -203,15 +203,15 @@ async fn run(target: Target, mut rx: mpsc::Receiver<Job>, news: Arc<News>) {
                         recorded.then_some(crate::news::Changed::Id(j.device_id.0))
                     }));
                 }
-                if news.telemetry_wanted() {
-                    news.telemetry(group.iter().zip(&answers).filter_map(|(job, answer)| {
+                news.telemetry(|| {
+                    group.iter().zip(&answers).filter_map(|(job, answer)| {
                         let batch = job.batch.as_ref().filter(|_| answer.is_ok())?;
                         Some(crate::news::Telemetry {
                             device_id: job.device_id.0,
                             data: batch.data.as_slice().into(),
                         })
-                    }));
-                }
+                    })
+                });
                 for (job, answer) in group.drain(..).zip(answers) {
                     let _ = job.reply.send(Ok(answer));
                 }

@@ -314,6 +314,8 @@ pub struct RolloutDevice {
 pub struct Offer {
     /// Names the download (hex of 16 random bytes).
     pub token: String,
+    /// The stored image.
+    pub firmware_id: i64,
     /// The image's signed manifest JSON, as uploaded.
     pub manifest: serde_json::Value,
 }

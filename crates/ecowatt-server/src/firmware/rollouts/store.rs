@@ -289,7 +289,7 @@ pub async fn offer_in(
     now: i64,
 ) -> StoreResult<Option<Offer>> {
     let row = sqlx::query(&format!(
-        "SELECT rd.rollout_id, rd.state, rd.token, f.manifest, f.version, f.size, d.firmware AS running \
+        "SELECT rd.rollout_id, rd.state, rd.token, r.firmware_id, f.manifest, f.version, f.size, d.firmware AS running \
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
          JOIN firmware f ON f.id = r.firmware_id JOIN devices d ON d.id = rd.device_id \
          WHERE rd.device_id = $1 AND r.state = 'running' AND rd.wave <= r.current_wave \
@@ -330,7 +330,11 @@ pub async fn offer_in(
     }
     let manifest: String = row.try_get("manifest")?;
     let manifest = serde_json::from_str(&manifest).map_err(|e| corrupt("manifest", e))?;
-    Ok(Some(Offer { token: row.try_get("token")?, manifest }))
+    Ok(Some(Offer {
+        token: row.try_get("token")?,
+        firmware_id: row.try_get("firmware_id")?,
+        manifest,
+    }))
 }
 
 /// The rollouts.
