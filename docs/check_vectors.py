@@ -83,9 +83,114 @@ def decode_batch(data: bytes):
     return mask, [[seqs[i], times[i]] + [c[i] for c in cols] for i in range(count)]
 
 
+def decode_v2(data: bytes, seen: set):
+    """An independent decoder of telemetry codec v2 (docs/protocol.md); `seen`
+    collects which block forms occurred."""
+    at = 3
+    pos = 0  # bit position after the byte header
+
+    def varint():
+        nonlocal at
+        v = shift = 0
+        while True:
+            b = data[at]
+            at += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return v
+
+    def bits(n):
+        nonlocal pos
+        v = 0
+        for _ in range(n):
+            byte = data[at + pos // 8]
+            v = (v << 1) | ((byte >> (7 - pos % 8)) & 1)
+            pos += 1
+        return v
+
+    def gamma():
+        zeros = 0
+        while bits(1) == 0:
+            zeros += 1
+        return ((1 << zeros) | bits(zeros)) - 1
+
+    def unzigzag(v):
+        return (v >> 1) ^ -(v & 1)
+
+    def column(first, n, register):
+        """b[1..n] of a column whose b[0] is `first`."""
+        max_width, width_bits = (20, 5) if register else (64, 7)
+        out, prev, prev2, start = [], first, first, 1
+        while start < n:
+            length = min(64, n - start)
+            if bits(1) == 0:
+                seen.add("repeat")
+                out += [prev] * length
+                prev2 = prev
+                start += length
+                continue
+            model = 0 if bits(1) == 0 else 1 + bits(1)
+            assert model < (3 if register else 2), "model"
+            seen.add(("level", "delta", "delta of delta")[model])
+            center = (prev if model == 0 else 0) + unzigzag(gamma())
+            rice, width = bits(1), bits(width_bits)
+            if rice:
+                seen.add("rice")
+                u = []
+                for _ in range(length):
+                    q = 0
+                    while q < 16 and bits(1) == 1:
+                        q += 1
+                    u.append(bits(max_width) if q == 16 else (q << width) | bits(width))
+            else:
+                exceptions = gamma()
+                where, high = [], 0
+                if exceptions:
+                    seen.add("exceptions")
+                    high = bits(width_bits)
+                    where = [bits((length - 1).bit_length()) for _ in range(exceptions)]
+                seen.add("packed")
+                u = [bits(width) for _ in range(length)]
+                for p in where:
+                    u[p] |= bits(high) << width
+            for x in (center + unzigzag(v) for v in u):
+                b = (x, prev + x, 2 * prev - prev2 + x)[model]
+                out.append(b)
+                prev2, prev = prev, b
+            start += length
+        return out
+
+    assert data[0] == 2
+    mask = int.from_bytes(data[1:3], "big")
+    count, seq, ms, period = varint(), varint(), varint(), unzigzag(varint())
+    seqs = [seq]
+    for gap in column(0, count, False):
+        seqs.append(seqs[-1] + gap + 1)
+    times = [ms] + [ms + i * period + r for i, r in enumerate(column(0, count, False), 1)]
+    cols = []
+    for _ in range(bin(mask).count("1")):
+        length = bits(5)
+        first = 0 if length == 0 else (1 << (length - 1)) | bits(length - 1)
+        col = [first] + column(first, count, True)
+        assert all(0 <= x <= 0xFFFF for x in col), "register range"
+        cols.append(col)
+    assert pos // 8 == len(data) - at - (1 if pos % 8 else 0), "trailing bytes"
+    if pos % 8:
+        assert bits(8 - pos % 8) == 0, "padding"
+    return mask, [[seqs[i], times[i]] + [c[i] for c in cols] for i in range(count)]
+
+
 cb = v["codec_batch"]
 mask, rows = decode_batch(bytes.fromhex(cb["encoded"]))
 assert mask == int(cb["registers"], 16) and rows == cb["samples"], (mask, rows)
 
-print("protocol vectors: 2 envelopes, 2 keys (python cryptography) and a codec batch match")
+cb2 = v["codec_v2_batch"]
+seen = set()
+mask, rows = decode_v2(bytes.fromhex(cb2["encoded"]), seen)
+assert mask == int(cb2["registers"], 16) and rows == cb2["samples"], (mask, rows)
+missing = {"repeat", "level", "delta", "delta of delta", "rice", "packed", "exceptions"} - seen
+assert not missing, f"the v2 vector does not exercise {missing}"
+
+print("protocol vectors: 2 envelopes, 2 keys (python cryptography), a v1 and a v2 codec batch match")
 sys.exit(0)

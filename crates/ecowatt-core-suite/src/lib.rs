@@ -55,6 +55,8 @@ suite! {
     machine::a_silent_inverter_is_reported_and_the_device_stays_in_touch,
     machine::a_full_store_loses_no_acknowledged_sample,
     machine::samples_the_server_will_never_take_are_dropped_and_counted,
+    machine::uploads_use_the_newest_codec_both_sides_name_and_fall_back_when_refused,
+    machine::a_v1_only_device_states_no_codecs_and_keeps_v1,
     machine::a_command_delivered_again_runs_once,
     machine::a_backlog_goes_in_full_batches_and_the_rest_waits_for_the_interval,
     machine::a_cut_fetch_resumes_where_it_stopped,

@@ -297,6 +297,44 @@ pub fn a_full_store_loses_no_acknowledged_sample() {
     nothing_lost(&w);
 }
 
+pub fn uploads_use_the_newest_codec_both_sides_name_and_fall_back_when_refused() {
+    use ecowatt_proto::codec::{CODEC_V1, CODEC_V2};
+    let mut w = World::new();
+    // Before any sync answer: v1, which every server takes.
+    assert_eq!(w.device().codec_in_use(), CODEC_V1);
+    w.run_until(T0 + 5 * MINUTE);
+    assert!(w.server.codecs_asked, "the device states its codecs");
+    assert_eq!(w.device().codec_in_use(), CODEC_V2);
+    assert!(w.server.upload_codecs.contains(&CODEC_V2));
+    // The server stops offering v2: the next v2 upload is refused, the device
+    // falls back to v1 at once and loses nothing.
+    w.server.codecs_offered = 1 << CODEC_V1;
+    let before = w.server.upload_codecs.len();
+    w.run_until(w.now + 5 * MINUTE);
+    assert!(w.count(|n| matches!(n, Note::CodecInUse { version: 1 })) >= 1);
+    assert!(w.server.upload_codecs[before..].iter().all(|c| *c == CODEC_V1));
+    assert!(w.server.upload_codecs.len() > before, "uploads went on");
+    nothing_lost(&w);
+    // A restart starts from v1 again and hears the offer back.
+    w.server.codecs_offered = ecowatt_proto::codec::SUPPORTED;
+    w.reboot();
+    assert_eq!(w.device().codec_in_use(), CODEC_V1);
+    w.run_until(w.now + 3 * MINUTE);
+    assert_eq!(w.device().codec_in_use(), CODEC_V2);
+    nothing_lost(&w);
+}
+
+pub fn a_v1_only_device_states_no_codecs_and_keeps_v1() {
+    let mut w = World::new();
+    w.settings.codecs = 1 << ecowatt_proto::codec::CODEC_V1;
+    w.reboot();
+    w.run_until(T0 + 5 * MINUTE);
+    assert!(!w.server.codecs_asked, "asks as a protocol 1.2 device");
+    assert!(!w.server.upload_codecs.is_empty());
+    assert!(w.server.upload_codecs.iter().all(|c| *c == ecowatt_proto::codec::CODEC_V1));
+    nothing_lost(&w);
+}
+
 pub fn samples_the_server_will_never_take_are_dropped_and_counted() {
     let mut w = World::new();
     w.server.refuse_times = true;

@@ -203,6 +203,12 @@ pub struct Server {
     pub resume: Vec<u64>,
     /// The schedule state the device last reported.
     pub schedule: Option<ScheduleReport>,
+    /// The telemetry codecs the server takes and offers (bit `v` = version `v`).
+    pub codecs_offered: u8,
+    /// The last sync request stated the device's codecs.
+    pub codecs_asked: bool,
+    /// The codec of every upload stored, in order.
+    pub upload_codecs: Vec<u8>,
 }
 
 impl Server {
@@ -234,6 +240,9 @@ impl Server {
             fetches: Vec::new(),
             tamper_at: None,
             refuse_times: false,
+            codecs_offered: codec::SUPPORTED,
+            codecs_asked: false,
+            upload_codecs: Vec::new(),
             garbage: None,
             failsafe: None,
             leases: BTreeMap::new(),
@@ -328,6 +337,7 @@ impl Server {
         if let Some(s) = req.schedule {
             self.schedule = Some(s);
         }
+        self.codecs_asked = req.codecs.is_some();
         Some(req)
     }
 
@@ -361,7 +371,17 @@ impl Server {
             plan: self.plan_to_send().cloned(),
             resume: commands.iter().map(|c| c.id).filter(|id| self.resume.contains(id)).collect(),
         });
-        let r = SyncResponse { server_time_ms: now, config, commands, update, control, schedule };
+        // Like the real server: an offer only to a device that states its codecs.
+        let codecs = self.codecs_asked.then_some(self.codecs_offered);
+        let r = SyncResponse {
+            server_time_ms: now,
+            config,
+            commands,
+            update,
+            control,
+            schedule,
+            codecs,
+        };
         self.answer(counter, MessageType::SyncResponse, &r.encode())
     }
 
@@ -373,8 +393,13 @@ impl Server {
             let message = r#"{"error":{"code":"sample_time_out_of_range"}}"#.into();
             return Err(Failure { status: Some(422), message });
         }
+        if up.codec >= 8 || self.codecs_offered & (1 << up.codec) == 0 {
+            let message = r#"{"error":{"code":"codec_not_offered"}}"#.into();
+            return Err(Failure { status: Some(422), message });
+        }
         let batch = codec::decode(&up.batch).map_err(|_| refused())?;
         self.uploads.push((now, batch.samples.len()));
+        self.upload_codecs.push(up.codec);
         let mut last = 0;
         for s in batch.samples {
             last = s.seq;

@@ -353,6 +353,9 @@ fn log(note: &Note) {
         Note::UploadFailed { error, backlog } => {
             tracing::warn!(error = %error, backlog, "upload failed; samples kept")
         }
+        Note::CodecInUse { version } => {
+            tracing::info!(version, "telemetry codec in use (negotiated with the server)")
+        }
         Note::SamplesRefused { error, discarded } => tracing::error!(
             error = %error,
             discarded,

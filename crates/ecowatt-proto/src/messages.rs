@@ -230,6 +230,10 @@ pub struct SyncRequest {
     pub control: Option<ControlReport>,
     /// The schedule it runs (protocol 1.2; only after a `control` report).
     pub schedule: Option<ScheduleReport>,
+    /// The telemetry codecs the device can encode, a [`codec`](crate::codec)
+    /// bit set (bit `v` = version `v`); none from a device of protocol ≤ 1.2,
+    /// which encodes v1 only.
+    pub codecs: Option<u8>,
 }
 
 /// Where a firmware update stands on the device.
@@ -385,11 +389,15 @@ impl SyncRequest {
                 out.push(o.reason);
             }
         }
-        if self.control.is_some() || self.schedule.is_some() {
+        let codecs = self.codecs.is_some();
+        if self.control.is_some() || self.schedule.is_some() || codecs {
             self.control.clone().unwrap_or_default().put(&mut out);
         }
-        if let Some(s) = &self.schedule {
-            s.put(&mut out);
+        if self.schedule.is_some() || codecs {
+            self.schedule.unwrap_or_default().put(&mut out);
+        }
+        if let Some(c) = self.codecs {
+            out.extend_from_slice(&[CODEC_EXTENSION, c]);
         }
         out
     }
@@ -461,8 +469,38 @@ impl SyncRequest {
         };
         let control = if r.at < r.bytes.len() { Some(ControlReport::get(&mut r)?) } else { None };
         let schedule = if r.at < r.bytes.len() { Some(ScheduleReport::get(&mut r)?) } else { None };
+        let codecs = if r.at < r.bytes.len() { Some(get_codecs(&mut r)?) } else { None };
         r.finish()?;
-        Ok(SyncRequest { wait_ms, applied, rejected, results, firmware, ota, control, schedule })
+        Ok(SyncRequest {
+            wait_ms,
+            applied,
+            rejected,
+            results,
+            firmware,
+            ota,
+            control,
+            schedule,
+            codecs,
+        })
+    }
+}
+
+/// The codec extension (protocol 1.3): telemetry codec negotiation. It rides
+/// after the schedule extension (a request or answer with it carries control
+/// and schedule blocks, empty if need be): `ext u8 = 3, codecs u8`, a bit set
+/// (bit `v` = codec version `v`; bit 0 clear, not empty). A device states
+/// what it can encode, the server answers with what it accepts, only to a
+/// device that asked; the device then uploads with the newest version both
+/// name, and with v1 until it has heard.
+pub const CODEC_EXTENSION: u8 = 3;
+
+fn get_codecs(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
+    if r.u8()? != CODEC_EXTENSION {
+        return Err(DecodeError::BadValue { field: "extension" });
+    }
+    match r.u8()? {
+        c if c == 0 || c & 1 != 0 => Err(DecodeError::BadValue { field: "codecs" }),
+        c => Ok(c),
     }
 }
 
@@ -984,6 +1022,9 @@ pub struct SyncResponse {
     /// A schedule to run and commands that return to it, only ever sent to
     /// a device whose request carried a [`ScheduleReport`].
     pub schedule: Option<ScheduleOrders>,
+    /// The telemetry codecs the server accepts (bit `v` = version `v`), only
+    /// ever sent to a device whose request carried its own.
+    pub codecs: Option<u8>,
 }
 
 /// Signature algorithms of an update offer.
@@ -1082,11 +1123,15 @@ impl SyncResponse {
                 u.put(&mut out);
             }
         }
-        if self.control.is_some() || self.schedule.is_some() {
+        let codecs = self.codecs.is_some();
+        if self.control.is_some() || self.schedule.is_some() || codecs {
             self.control.clone().unwrap_or_default().put(&mut out);
         }
-        if let Some(s) = &self.schedule {
-            s.put(&mut out);
+        if self.schedule.is_some() || codecs {
+            self.schedule.clone().unwrap_or_default().put(&mut out);
+        }
+        if let Some(c) = self.codecs {
+            out.extend_from_slice(&[CODEC_EXTENSION, c]);
         }
         out
     }
@@ -1121,8 +1166,9 @@ impl SyncResponse {
         };
         let control = if r.at < r.bytes.len() { Some(ControlOrders::get(&mut r)?) } else { None };
         let schedule = if r.at < r.bytes.len() { Some(ScheduleOrders::get(&mut r)?) } else { None };
+        let codecs = if r.at < r.bytes.len() { Some(get_codecs(&mut r)?) } else { None };
         r.finish()?;
-        Ok(SyncResponse { server_time_ms, config, commands, update, control, schedule })
+        Ok(SyncResponse { server_time_ms, config, commands, update, control, schedule, codecs })
     }
 }
 
@@ -1259,6 +1305,7 @@ mod tests {
             }),
             control: None,
             schedule: None,
+            codecs: None,
         }
     }
 
@@ -1301,6 +1348,7 @@ mod tests {
             }),
             control: None,
             schedule: None,
+            codecs: None,
         };
         assert_eq!(SyncResponse::decode(&resp.encode()).unwrap(), resp);
         let bytes = resp.encode();
@@ -1536,5 +1584,41 @@ mod tests {
             TelemetryUpload::decode(&big),
             Err(DecodeError::TooMany { field: "batch", .. })
         ));
+    }
+
+    #[test]
+    fn the_codec_extension_round_trips_and_is_checked() {
+        use crate::codec::SUPPORTED;
+        // A request with codecs carries (empty) control and schedule blocks before them.
+        let req = SyncRequest { codecs: Some(SUPPORTED), ..sample_request() };
+        let bytes = req.encode();
+        let back = SyncRequest::decode(&bytes).unwrap();
+        assert_eq!(back.codecs, Some(SUPPORTED));
+        assert_eq!(back.control, Some(ControlReport::default()));
+        assert_eq!(back.schedule, Some(ScheduleReport::default()));
+        assert_eq!(&bytes[bytes.len() - 2..], &[CODEC_EXTENSION, 0b110]);
+        // Without it, a 1.2 request is what it was.
+        let old = SyncRequest { codecs: None, ..back.clone() };
+        assert_eq!(SyncRequest::decode(&old.encode()).unwrap().codecs, None);
+        for bad in [0u8, 0b111, 0b1] {
+            let mut b = bytes.clone();
+            *b.last_mut().unwrap() = bad;
+            assert_eq!(SyncRequest::decode(&b), Err(DecodeError::BadValue { field: "codecs" }));
+        }
+        let mut cut = bytes.clone();
+        cut.pop();
+        assert!(SyncRequest::decode(&cut).is_err());
+        let mut wrong = bytes.clone();
+        let at = wrong.len() - 2;
+        wrong[at] = 4;
+        assert_eq!(SyncRequest::decode(&wrong), Err(DecodeError::BadValue { field: "extension" }));
+
+        let resp = SyncResponse { server_time_ms: 7, codecs: Some(0b10), ..Default::default() };
+        let back = SyncResponse::decode(&resp.encode()).unwrap();
+        assert_eq!(back.codecs, Some(0b10));
+        assert_eq!(back.schedule, Some(ScheduleOrders::default()));
+        let mut long = resp.encode();
+        long.push(0);
+        assert!(SyncResponse::decode(&long).is_err());
     }
 }

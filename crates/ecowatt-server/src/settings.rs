@@ -57,6 +57,9 @@ pub struct SettingsFile {
     pub security_event_retention_days: Option<u32>,
     /// Days audit entries are kept (0: forever).
     pub audit_retention_days: Option<u32>,
+    /// Telemetry codec versions offered to devices (default `[1, 2]`; 1 is
+    /// always among them: a device uploads v1 until it hears an offer).
+    pub telemetry_codecs: Option<Vec<u8>>,
     /// The legacy API's behaviour (`[legacy]`).
     pub legacy: Option<LegacyFile>,
     /// MQTT broker to publish to (`mqtt://[user:password@]host[:port]`).
@@ -124,6 +127,7 @@ impl SettingsFile {
                 .security_event_retention_days
                 .or(self.security_event_retention_days),
             audit_retention_days: over.audit_retention_days.or(self.audit_retention_days),
+            telemetry_codecs: over.telemetry_codecs.or(self.telemetry_codecs),
             legacy: over.legacy.or(self.legacy),
             mqtt: over.mqtt.or(self.mqtt),
             mqtt_client_id: over.mqtt_client_id.or(self.mqtt_client_id),
@@ -162,6 +166,8 @@ pub struct Settings {
     pub security_event_retention: Option<Duration>,
     /// How long audit entries are kept (`None`: forever).
     pub audit_retention: Option<Duration>,
+    /// Telemetry codecs offered to devices, a bit set (bit `v` = version `v`).
+    pub codecs: u8,
     /// How the legacy API behaves.
     pub legacy: LegacySettings,
     /// The MQTT integration, when a broker is given.
@@ -333,6 +339,25 @@ fn mqtt_settings(file: &SettingsFile) -> Result<Option<crate::mqtt::MqttSettings
     }))
 }
 
+/// The codec bit set `telemetry_codecs` names (default: every codec this build has).
+fn offered_codecs(list: Option<&Vec<u8>>) -> Result<u8, String> {
+    use ecowatt_proto::codec;
+    let Some(list) = list else { return Ok(codec::SUPPORTED) };
+    let mut set = 0u8;
+    for &v in list {
+        if v >= 8 || codec::SUPPORTED & (1 << v) == 0 {
+            return Err(format!("telemetry_codecs: codec {v} unknown (known: 1, 2)"));
+        }
+        set |= 1 << v;
+    }
+    if set & (1 << codec::CODEC_V1) == 0 {
+        return Err(
+            "telemetry_codecs must include 1: a device uploads v1 until it hears an offer".into()
+        );
+    }
+    Ok(set)
+}
+
 fn days(d: u32) -> Option<Duration> {
     (d > 0).then(|| Duration::from_secs(u64::from(d) * 86_400))
 }
@@ -403,6 +428,7 @@ impl Settings {
             (0.1, 3600.0),
         )?;
         Ok(Settings {
+            codecs: offered_codecs(file.telemetry_codecs.as_ref())?,
             limits,
             body_timeout,
             refusals_per_minute: file.refusals_per_minute.unwrap_or(DEFAULT_REFUSALS_PER_MINUTE),

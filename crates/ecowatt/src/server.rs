@@ -75,6 +75,10 @@ pub struct ServerArgs {
     /// Days audit entries are kept, 0 for ever [default: 365].
     #[arg(long, env = "ECOWATT_AUDIT_RETENTION_DAYS", value_name = "DAYS")]
     audit_retention_days: Option<u32>,
+    /// Telemetry codec versions offered to devices, e.g. `1` to keep a fleet on
+    /// v1 (1 is always offered) [default: 1,2].
+    #[arg(long, env = "ECOWATT_TELEMETRY_CODECS", value_delimiter = ',', value_name = "VERSIONS")]
+    telemetry_codecs: Vec<u8>,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -112,6 +116,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         refusals_per_minute: args.refusals_per_minute,
         security_event_retention_days: args.security_event_retention_days,
         audit_retention_days: args.audit_retention_days,
+        telemetry_codecs: (!args.telemetry_codecs.is_empty()).then_some(args.telemetry_codecs),
         legacy: None,
         mqtt: args.mqtt,
         mqtt_client_id: None,

@@ -78,6 +78,10 @@ pub struct Settings {
     pub health_check_ms: u64,
     /// Image bytes asked for per fetch.
     pub chunk: u32,
+    /// Telemetry codecs this device may upload with (bit `v` = version `v`,
+    /// default every one this build has). With v1 alone it behaves as a
+    /// protocol 1.2 device: it states none and the server offers none.
+    pub codecs: u8,
 }
 
 impl Settings {
@@ -93,6 +97,7 @@ impl Settings {
             firmware_keys: Vec::new(),
             health_check_ms: 60_000,
             chunk: 16 * 1024,
+            codecs: ecowatt_proto::codec::SUPPORTED,
         }
     }
 }
@@ -253,6 +258,12 @@ pub enum Note {
         error: String,
         /// Samples waiting.
         backlog: usize,
+    },
+    /// Uploads use another telemetry codec from now on (the server's offer
+    /// changed, or it refused the one in use: the batch goes again).
+    CodecInUse {
+        /// The codec version.
+        version: u8,
     },
     /// The server refused the samples' times (a wrong clock): they are counted as dropped.
     SamplesRefused {

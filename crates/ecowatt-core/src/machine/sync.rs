@@ -84,6 +84,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             ota: ota.clone(),
             control: Some(control),
             schedule: Some(self.plan_report(now_ms)),
+            codecs: self.codecs_stated(),
         };
         match self.session.seal(&mut self.kv, MessageType::SyncRequest, &request.encode()) {
             Ok(sealed) => {
@@ -138,6 +139,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         self.episodes_acknowledged(&sent.episodes);
         self.take_orders(response.control);
         self.take_schedule(response.schedule);
+        self.take_codecs(response.codecs);
         let replaced = response.commands.iter().any(|c| limit_write(c.op).is_some());
         self.heard(now_ms, !replaced);
         self.after_sync(now_ms, sent.ota, response.update.clone());

@@ -21,11 +21,23 @@ pub const UPLOAD_TIMEOUT_MS: u64 = 30_000;
 /// The server's error code for samples stamped by a clock it cannot believe.
 const SAMPLE_TIME_REFUSED: &str = "\"sample_time_out_of_range\"";
 
-/// The upload outstanding, and how many batches this round has left.
-#[derive(Debug, Default)]
+/// The server's error code for a codec it does not offer.
+const CODEC_REFUSED: &str = "\"codec_not_offered\"";
+
+/// The upload outstanding, how many batches this round has left, and the
+/// codec in use (v1 until the server offers another; not persisted: after a
+/// restart, v1 until the first sync answer).
+#[derive(Debug)]
 pub(super) struct Upload {
     outstanding: Option<(u64, u64)>,
     round_left: usize,
+    codec: u8,
+}
+
+impl Default for Upload {
+    fn default() -> Self {
+        Upload { outstanding: None, round_left: 0, codec: codec::CODEC_V1 }
+    }
 }
 
 impl Upload {
@@ -35,6 +47,32 @@ impl Upload {
 }
 
 impl<K: KeyValue, S: Slots> Device<K, S> {
+    /// What a sync request states: the codecs this device may use, unless
+    /// that is v1 alone (then it asks as a protocol 1.2 device does).
+    pub(super) fn codecs_stated(&self) -> Option<u8> {
+        let v1 = 1 << codec::CODEC_V1;
+        (self.settings.codecs & !v1 != 0).then_some(self.settings.codecs)
+    }
+
+    /// The server's offer in a sync answer (none: it offers v1 only).
+    pub(super) fn take_codecs(&mut self, offered: Option<u8>) {
+        let offered = offered.unwrap_or(1 << codec::CODEC_V1);
+        let newest = codec::newest_common(self.settings.codecs, offered).unwrap_or(codec::CODEC_V1);
+        self.use_codec(newest);
+    }
+
+    fn use_codec(&mut self, version: u8) {
+        if self.upload.codec != version {
+            self.upload.codec = version;
+            self.say(Note::CodecInUse { version });
+        }
+    }
+
+    /// The codec uploads use now.
+    pub fn codec_in_use(&self) -> u8 {
+        self.upload.codec
+    }
+
     pub(super) fn advance_upload(&mut self, now_ms: u64) {
         if self.upload.busy() {
             return;
@@ -51,7 +89,15 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             return;
         };
         let (first_seq, last_seq) = (first.seq, last.seq);
-        let batch = match codec::encode(mask, &samples) {
+        let version = self.upload.codec;
+        let batch = match codec::encode_as(version, mask, &samples).or_else(|e| {
+            // v2 takes times and seqs below its limits only; v1 takes any.
+            if version == codec::CODEC_V1 {
+                Err(e)
+            } else {
+                codec::encode_as(codec::CODEC_V1, mask, &samples)
+            }
+        }) {
             Ok(b) => b,
             Err(_) => {
                 // Samples the codec cannot take would block every later one.
@@ -63,7 +109,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             first_seq,
             count: samples.len() as u16,
             dropped_total: self.log.dropped_total(),
-            codec: codec::CODEC_V1,
+            codec: batch[0],
             batch,
         };
         match self.session.seal(&mut self.kv, MessageType::TelemetryUpload, &upload.encode()) {
@@ -122,6 +168,12 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             }
             // The server will never take these (stamped by a clock that was
             // wrong): keeping them would block every later sample.
+            // The server does not take this codec (its offer changed since the
+            // last sync): v1, which every server takes, at once.
+            Err(e) if e.message.contains(CODEC_REFUSED) && self.upload.codec != codec::CODEC_V1 => {
+                self.session.abandon(counter);
+                self.use_codec(codec::CODEC_V1);
+            }
             Err(e) if e.message.contains(SAMPLE_TIME_REFUSED) => {
                 self.session.abandon(counter);
                 self.discard(last_seq, e.to_string());

@@ -317,11 +317,10 @@ async fn a_command_cut_short_by_a_restart_is_reported_as_the_inverter_holds_it()
             .await;
         agent.stop().await;
         if i == 0 {
-            assert_eq!(
-                (done["status"].as_str(), done["result_value"].as_u64()),
-                (Some("succeeded"), Some(37)),
-                "{done}"
-            );
+            // Succeeded, and maybe already confirmed by an uploaded reading.
+            let status = done["status"].as_str();
+            assert!(matches!(status, Some("succeeded" | "confirmed")), "{done}");
+            assert_eq!(done["result_value"].as_u64(), Some(37), "{done}");
         } else {
             assert_eq!(done["status"], "failed", "{done}");
             assert_eq!(done["result_value"], 37, "{done}");

@@ -28,6 +28,7 @@ fn vectors() -> String {
         ota: None,
         control: None,
         schedule: None,
+        codecs: None,
     }
     .encode();
     let request = seal::seal(&keys, &request_header, None, &request_plain);
@@ -49,6 +50,7 @@ fn vectors() -> String {
         update: None,
         control: None,
         schedule: None,
+        codecs: None,
     }
     .encode();
     let answer = seal::seal(&keys, &answer_header, Some(1), &answer_plain);
@@ -63,6 +65,14 @@ fn vectors() -> String {
         })
         .collect();
     let batch = codec::encode(0x0201, &samples).unwrap();
+    let (v2_samples, v2_batch) = v2_vector();
+    let v2_rows: Vec<String> = v2_samples
+        .iter()
+        .map(|s| {
+            let values: Vec<String> = s.values.iter().map(|v| v.to_string()).collect();
+            format!("[{}, {}, {}]", s.seq, s.unix_ms, values.join(", "))
+        })
+        .collect();
     format!(
         r#"{{
   "device_key": "{}",
@@ -87,6 +97,11 @@ fn vectors() -> String {
     "registers": "0x0201",
     "samples": [[10, 1800000000000, 2308, 1500], [11, 1800000005000, 2309, 1500], [12, 1800000010000, 2309, 1490]],
     "encoded": "{}"
+  }},
+  "codec_v2_batch": {{
+    "registers": "0x0301",
+    "samples": [{}],
+    "encoded": "{}"
   }}
 }}
 "#,
@@ -104,7 +119,33 @@ fn vectors() -> String {
         hex(&answer_plain),
         hex(&answer),
         hex(&batch),
+        v2_rows.join(", "),
+        hex(&v2_batch),
     )
+}
+
+/// 70 samples of Vac1, Pow and Pac (two blocks per column): read jitter and a
+/// late read, a missed seq, grid noise with a spike, a constant limit with a
+/// step, and a power ramp: every block model and both packings occur.
+fn v2_vector() -> (Vec<Sample>, Vec<u8>) {
+    let mut seq = 100;
+    let samples: Vec<Sample> = (0..70u64)
+        .map(|i| {
+            seq += if i == 30 { 2 } else { 1 };
+            let jitter = (i * 37 + 11) % 45 + if i == 50 { 1_000 } else { 0 };
+            let noise = [0u16, 3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5][i as usize % 12];
+            let vac = if i == 20 { 0xFFFF } else { 2300 + noise };
+            let pow = if i < 40 { 100 } else { 60 };
+            let pac = if i < 64 { 1_500 + (i * i) as u16 } else { 3_000 };
+            Sample {
+                seq,
+                unix_ms: 1_800_000_000_000 + 5_000 * i + jitter,
+                values: vec![vac, pow, pac],
+            }
+        })
+        .collect();
+    let batch = codec::encode_as(codec::CODEC_V2, 0x0301, &samples).unwrap();
+    (samples, batch)
 }
 
 #[test]

@@ -43,11 +43,13 @@ fn refused(state: &AppState, source: Option<IpAddr>, r: Refused) -> Response {
         Answer::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         Answer::Replay => StatusCode::CONFLICT,
         Answer::DeviceDisabled => StatusCode::FORBIDDEN,
-        Answer::SampleTimeOutOfRange(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Answer::SampleTimeOutOfRange(_) | Answer::CodecNotOffered(_) => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
         Answer::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let message = match &answer {
-        Answer::SampleTimeOutOfRange(m) => m.clone(),
+        Answer::SampleTimeOutOfRange(m) | Answer::CodecNotOffered(m) => m.clone(),
         Answer::RateLimited => {
             "too many refused requests from this address; try again later".to_owned()
         }
@@ -82,8 +84,8 @@ fn sealed(
     ([(header::CONTENT_TYPE, "application/octet-stream")], sealed).into_response()
 }
 
-fn answer(keys: &Keys, request: &Header, delivery: &SyncDelivery) -> Response {
-    let body = messages::answer_body(delivery, crate::now_ms());
+fn answer(keys: &Keys, request: &Header, delivery: &SyncDelivery, codecs: Option<u8>) -> Response {
+    let body = messages::answer_body(delivery, codecs, crate::now_ms());
     sealed(keys, request, MessageType::SyncResponse, delivery.down_counter, &body)
 }
 
@@ -99,6 +101,8 @@ struct Held {
     device_id: DeviceId,
     delivery: SyncDelivery,
     wait_ms: u32,
+    /// The codecs to offer (the request stated its own).
+    codecs: Option<u8>,
     notified: std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>,
 }
 
@@ -147,7 +151,7 @@ pub async fn sync(
         held.delivery
     };
     state.metrics.inc("ecowatt_device_syncs_total", "");
-    answer(&Keys::derive(&held.key), &held.header, &delivery)
+    answer(&Keys::derive(&held.key), &held.header, &delivery, held.codecs)
 }
 
 /// A sync up to its wait: `Err` is the answer when there is nothing to wait for.
@@ -192,11 +196,13 @@ async fn sync_first(
         state.metrics.inc("ecowatt_command_results_total", format!("outcome=\"{label}\""));
     }
     let wait_ms = request.wait_ms.min(MAX_WAIT_MS);
+    let codecs = request.codecs.map(|_| state.settings.codecs);
     if answer_now(&delivery, request.ota.as_ref().map(|o| o.version.as_str()), wait_ms) {
         state.metrics.inc("ecowatt_device_syncs_total", "");
-        return Err(answer(&a.keys, &a.header, &delivery));
+        return Err(answer(&a.keys, &a.header, &delivery, codecs));
     }
-    Ok(Held { key: a.key, header: a.header, device_id: a.crypto.id, delivery, wait_ms, notified })
+    let (key, header, device_id) = (a.key, a.header, a.crypto.id);
+    Ok(Held { key, header, device_id, delivery, wait_ms, codecs, notified })
 }
 
 /// `POST /api/v1/device/telemetry`: a batch of samples; stored once, acknowledged.
@@ -230,7 +236,7 @@ pub async fn telemetry(
     };
     let name = a.crypto.name.clone();
     let now = crate::now_ms();
-    let upload = match messages::upload_of(&a.plaintext, &name, now) {
+    let upload = match messages::upload_of(&a.plaintext, &name, state.settings.codecs, now) {
         Ok(u) => u,
         Err(r) => return refused(&state, source, r),
     };

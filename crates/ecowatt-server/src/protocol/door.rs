@@ -36,6 +36,8 @@ pub enum Answer {
     DeviceDisabled,
     /// A sample stamped outside the times the server keeps.
     SampleTimeOutOfRange(String),
+    /// An upload in a telemetry codec the server does not offer.
+    CodecNotOffered(String),
     /// The store failed.
     Store(String),
 }
@@ -53,6 +55,7 @@ impl Answer {
             Answer::Replay => "replay",
             Answer::DeviceDisabled => "device_disabled",
             Answer::SampleTimeOutOfRange(_) => "sample_time_out_of_range",
+            Answer::CodecNotOffered(_) => "codec_not_offered",
             Answer::Store(_) => "storage_unavailable",
         }
     }

@@ -105,8 +105,13 @@ fn offer(d: &SyncDelivery) -> Option<messages::UpdateOffer> {
     }
 }
 
-/// The body of a sync answer.
-pub fn answer_body(d: &SyncDelivery, now_ms: i64) -> Vec<u8> {
+/// The versions in a codec bit set, `1, 2`.
+pub fn codec_list(set: u8) -> String {
+    (1..8).filter(|v| set & (1 << v) != 0).map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The body of a sync answer; `codecs`: the codecs offered, to a device that stated its own.
+pub fn answer_body(d: &SyncDelivery, codecs: Option<u8>, now_ms: i64) -> Vec<u8> {
     SyncResponse {
         update: offer(d),
         server_time_ms: now_ms as u64,
@@ -127,15 +132,21 @@ pub fn answer_body(d: &SyncDelivery, now_ms: i64) -> Vec<u8> {
             .collect(),
         control: d.control.clone(),
         schedule: d.schedule.clone(),
+        codecs,
     }
     .encode()
 }
 
-/// An upload's body decoded and checked (codec, header against batch, `seq`
-/// range, sample times against the server's clock `now_ms`), before
-/// anything is stored or acknowledged: a time outside the range the server
-/// keeps would be acknowledged and then never shown.
-pub fn upload_of(plaintext: &[u8], device: &str, now_ms: i64) -> Result<Upload, Refused> {
+/// An upload's body decoded and checked (codec against those `offered`,
+/// header against batch, `seq` range, sample times against the server's
+/// clock `now_ms`), before anything is stored or acknowledged: a time outside
+/// the range the server keeps would be acknowledged and then never shown.
+pub fn upload_of(
+    plaintext: &[u8],
+    device: &str,
+    offered: u8,
+    now_ms: i64,
+) -> Result<Upload, Refused> {
     let malformed = |reason: String| {
         Refused::new(
             Answer::MalformedBody,
@@ -145,8 +156,22 @@ pub fn upload_of(plaintext: &[u8], device: &str, now_ms: i64) -> Result<Upload, 
         )
     };
     let up = TelemetryUpload::decode(plaintext).map_err(|e| malformed(e.to_string()))?;
-    if up.codec != codec::CODEC_V1 {
-        return Err(malformed(format!("codec {} unknown", up.codec)));
+    if up.codec >= 8 || offered & (1 << up.codec) == 0 {
+        let message = format!(
+            "telemetry codec {} is not one this server offers ({}); upload with codec 1, or with what the sync answer offers",
+            up.codec,
+            codec_list(offered)
+        );
+        let detail = json!({"codec": up.codec, "offered": codec_list(offered)});
+        return Err(Refused::new(
+            Answer::CodecNotOffered(message),
+            "codec_not_offered",
+            Some(device),
+            detail,
+        ));
+    }
+    if up.batch.first() != Some(&up.codec) {
+        return Err(malformed(format!("the batch is not encoded with codec {}", up.codec)));
     }
     let batch = codec::decode(&up.batch).map_err(|e| malformed(e.to_string()))?;
     let (Some(first), Some(last)) = (batch.samples.first(), batch.samples.last()) else {
@@ -191,6 +216,7 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_800_000_000_000;
+    const ALL: u8 = codec::SUPPORTED;
 
     fn upload(mask: u16, samples: &[Sample]) -> Vec<u8> {
         TelemetryUpload {
@@ -211,16 +237,16 @@ mod tests {
     fn an_upload_becomes_its_batch_and_its_newest_export_limit_reading() {
         let mask = 1 | (1 << EXPORT_LIMIT);
         let body = upload(mask, &[sample(5, vec![1, 60]), sample(6, vec![2, 70])]);
-        let u = upload_of(&body, "d", NOW).unwrap();
+        let u = upload_of(&body, "d", ALL, NOW).unwrap();
         assert_eq!((u.batch.first_seq, u.batch.last_seq, u.batch.count), (5, 6, 2));
         assert_eq!((u.dropped_total, u.export_limit), (3, Some((70, NOW - 994))));
         let without = upload(1, &[sample(5, vec![1])]);
-        assert_eq!(upload_of(&without, "d", NOW).unwrap().export_limit, None);
+        assert_eq!(upload_of(&without, "d", ALL, NOW).unwrap().export_limit, None);
     }
 
     #[test]
     fn bad_uploads_are_refused_with_their_reason() {
-        let code = |body: &[u8]| upload_of(body, "d", NOW).unwrap_err().answer.code();
+        let code = |body: &[u8]| upload_of(body, "d", ALL, NOW).unwrap_err().answer.code();
         assert_eq!(code(b"\x01\x02"), "malformed_body");
         let mut lying = TelemetryUpload::decode(&upload(1, &[sample(5, vec![1])])).unwrap();
         lying.count = 2;
@@ -228,15 +254,41 @@ mod tests {
         let mut other_codec = lying.clone();
         other_codec.count = 1;
         other_codec.codec = 9;
+        assert_eq!(code(&other_codec.encode()), "codec_not_offered");
+        // The header names one codec, the batch is another.
+        other_codec.codec = codec::CODEC_V2;
         assert_eq!(code(&other_codec.encode()), "malformed_body");
         let future = Sample { seq: 1, unix_ms: NOW as u64 + 2 * 86_400_000, values: vec![1] };
         assert_eq!(code(&upload(1, &[future])), "sample_time_out_of_range");
         let old = Sample { seq: 1, unix_ms: 1_000, values: vec![1] };
-        let refused = upload_of(&upload(1, &[old]), "d", NOW).unwrap_err();
+        let refused = upload_of(&upload(1, &[old]), "d", ALL, NOW).unwrap_err();
         assert_eq!(
             (refused.kind, refused.detail["seq"].as_u64()),
             (Some("sample_time_out_of_range"), Some(1))
         );
+    }
+
+    #[test]
+    fn a_v2_upload_is_taken_when_offered_and_refused_when_not() {
+        let samples = [sample(5, vec![1, 60]), sample(6, vec![2, 70])];
+        let mask = 1 | (1 << EXPORT_LIMIT);
+        let body = TelemetryUpload {
+            first_seq: 5,
+            count: 2,
+            codec: codec::CODEC_V2,
+            dropped_total: 0,
+            batch: codec::encode_as(codec::CODEC_V2, mask, &samples).unwrap(),
+        }
+        .encode();
+        let u = upload_of(&body, "d", ALL, NOW).unwrap();
+        assert_eq!((u.batch.codec, u.batch.count, u.export_limit), (2, 2, Some((70, NOW - 994))));
+        let v1_only = 1 << codec::CODEC_V1;
+        let refused = upload_of(&body, "d", v1_only, NOW).unwrap_err();
+        assert_eq!(refused.answer.code(), "codec_not_offered");
+        assert_eq!(refused.detail["offered"], "1");
+        // v1 is taken whatever the offer.
+        assert!(upload_of(&upload(mask, &samples), "d", v1_only, NOW).is_ok());
+        assert_eq!(codec_list(ALL), "1, 2");
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct StoredBatch {
     pub last_ms: i64,
     /// Register mask.
     pub registers: i64,
-    /// Codec (1: v1).
+    /// Codec version (1 or 2), as the device sent it.
     pub codec: i64,
     /// The encoded samples.
     pub data: Vec<u8>,
@@ -79,7 +79,9 @@ pub fn trim(batch: &StoredBatch, covered: &[(i64, i64)]) -> Option<StoredBatch> 
         return Some(batch.clone());
     }
     let (Some(first), Some(last)) = (new.first(), new.last()) else { return None };
-    let data = codec::encode(decoded.registers, &new).expect("a subset of a valid batch encodes");
+    // Re-encoded in the batch's own version (stored batches keep theirs).
+    let data = codec::encode_as(batch.data[0], decoded.registers, &new)
+        .expect("a subset of a valid batch encodes");
     Some(StoredBatch {
         first_seq: first.seq as i64,
         last_seq: last.seq as i64,

@@ -1,4 +1,4 @@
-//! Single-core micro benches: Modbus RTU frames and the telemetry codec.
+//! Single-core micro benches: Modbus RTU frames.
 
 use std::hint::black_box;
 
@@ -31,66 +31,4 @@ pub fn frames(iterations: u64) {
     rate("decode + validate write echo", iterations, |_| {
         black_box(rtu::decode_reply(0x11, &write, black_box(&echo)).unwrap());
     });
-}
-
-/// Bytes per sample of codec v1 against raw registers and deflate.
-pub fn codec(batch: usize, seed: u64) {
-    use ecowatt_proto::codec::{self, Sample};
-    use ecowatt_sim::model::{Model, ModelConfig};
-
-    // 2026-06-21 00:00 UTC; local solar time = UTC.
-    let midnight: u64 = 1_782_000_000_000;
-    let poll_ms = 5_000;
-    let day: Vec<Sample> = {
-        let mut m = Model::new(ModelConfig { seed, ..ModelConfig::default() });
-        (0..17_280u64)
-            .map(|i| {
-                let t = midnight + i * poll_ms;
-                Sample { seq: i + 1, unix_ms: t, values: m.read(t).to_registers().to_vec() }
-            })
-            .collect()
-    };
-    // Night, as the course SIM answers: every register constant.
-    let night: Vec<Sample> = (0..1_440u64)
-        .map(|i| Sample {
-            seq: i + 1,
-            unix_ms: midnight + i * poll_ms,
-            values: vec![0x0904, 0, 0x138F, 0x066A, 0x0663, 0, 0, 0x0161, 0x0032, 0],
-        })
-        .collect();
-    outln!(
-        "Telemetry codec, {batch}-sample batches of 10 registers (5 s poll); bytes per sample (per value):"
-    );
-    for (label, samples) in [("simulated day (24 h, seed)", &day), ("constant night (2 h)", &night)]
-    {
-        let (mut ours, mut raw, mut deflate, mut biggest) = (0usize, 0usize, 0usize, 0usize);
-        for chunk in samples.chunks(batch) {
-            let encoded = codec::encode(0x03FF, chunk).expect("valid batch");
-            biggest = biggest.max(encoded.len());
-            ours += encoded.len();
-            // Raw: seq (8) + time (8) + 10 registers (20) per sample, as a naive device would send.
-            let mut bytes = Vec::with_capacity(chunk.len() * 36);
-            for s in chunk {
-                bytes.extend_from_slice(&s.seq.to_be_bytes());
-                bytes.extend_from_slice(&s.unix_ms.to_be_bytes());
-                for v in &s.values {
-                    bytes.extend_from_slice(&v.to_be_bytes());
-                }
-            }
-            raw += bytes.len();
-            deflate += miniz_oxide::deflate::compress_to_vec(&bytes, 6).len();
-            assert_eq!(codec::decode(&encoded).expect("decodes").samples, chunk, "lossless");
-        }
-        let n = samples.len() as f64;
-        let per = |b: usize| format!("{:>6.2} ({:.2})", b as f64 / n, b as f64 / n / 10.0);
-        outln!(
-            "  {label:<28} codec v1 {}   raw {}   deflate {}   largest batch {biggest} B",
-            per(ours),
-            per(raw),
-            per(deflate)
-        );
-    }
-    outln!(
-        "  (raw registers alone, without seq and time: 20 B per sample; encoder state: a few integers besides its output)"
-    );
 }

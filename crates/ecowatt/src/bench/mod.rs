@@ -1,6 +1,7 @@
 //! `ecowatt bench`: repeatable measurements, bounded in count and time, on
 //! loopback only. Figures go to `docs/performance.md`.
 
+mod codec;
 mod commands;
 mod fleet;
 mod legacy;
@@ -37,16 +38,10 @@ pub enum BenchCommand {
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         max_time: Duration,
     },
-    /// Telemetry codec: bytes per sample on a simulated day and on constant night
-    /// data, against raw registers and deflate (miniz_oxide) on the same batches.
-    Codec {
-        /// Samples per batch (60 = 5 min at a 5 s poll; 180 = 15 min).
-        #[arg(long, default_value_t = 60)]
-        batch: usize,
-        /// Seed of the simulated weather.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-    },
+    /// Telemetry codecs v1 and v2: bytes per sample on a realistic dataset (or
+    /// a recorded CSV) against deflate, zstd, a per-column delta + zstd baseline
+    /// and the entropy floor; encode and decode speed.
+    Codec(codec::CodecArgs),
     /// Device protocol: seal and open per second (one core), and sealed sync
     /// requests per second a server on loopback sustains (SQLite, in process).
     Protocol {
@@ -107,10 +102,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Curtail(args) => fleet::run_curtail(args),
         BenchCommand::Ota(args) => ota::run(args),
         BenchCommand::Legacy(args) => legacy::run(args),
-        BenchCommand::Codec { batch, seed } => {
-            micro::codec(batch.clamp(1, 4096), seed);
-            Ok(())
-        }
+        BenchCommand::Codec(args) => codec::run(args),
         BenchCommand::Protocol { devices, requests, max_time } => {
             protocol::run(devices, requests.max(1), max_time)
         }

@@ -13,99 +13,13 @@
 //! the output is at most `12 + count * (2 + 3 * registers) * 10` bytes.
 
 use alloc::vec::Vec;
-use core::fmt;
+
+use super::{Batch, CodecError, MAX_SAMPLES, Sample, check_batch, check_mask};
 
 /// Codec identifier carried in `TelemetryUpload::codec`.
 pub const CODEC_V1: u8 = 1;
-/// Most samples in one batch.
-pub const MAX_SAMPLES: usize = 4096;
 
-/// One reading of the selected registers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sample {
-    /// Per-device sequence number, never reused.
-    pub seq: u64,
-    /// When it was read, Unix ms.
-    pub unix_ms: u64,
-    /// Raw values of the registers in the batch's mask, in address order.
-    pub values: Vec<u16>,
-}
-
-/// A decoded batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Batch {
-    /// Bit `i` set: register `i` is in every sample, in address order.
-    pub registers: u16,
-    /// The samples, in `seq` order.
-    pub samples: Vec<Sample>,
-}
-
-/// Why a batch could not be encoded or decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CodecError {
-    /// No samples, or more than [`MAX_SAMPLES`].
-    BadCount {
-        /// The count.
-        count: usize,
-    },
-    /// A sample with another number of values than the mask selects.
-    WidthMismatch {
-        /// Index of the sample.
-        index: usize,
-    },
-    /// `seq` not strictly increasing.
-    SeqOrder {
-        /// Index of the sample.
-        index: usize,
-    },
-    /// A mask selecting registers beyond 0..=9, or none.
-    BadMask {
-        /// The mask.
-        mask: u16,
-    },
-    /// A version this decoder does not know.
-    UnknownVersion {
-        /// The version byte.
-        version: u8,
-    },
-    /// The bytes end before the batch does.
-    Truncated,
-    /// A varint longer than 10 bytes or a value out of range.
-    BadValue,
-    /// A run of zeros longer than what is left of its column.
-    RunTooLong,
-    /// Bytes after the last column.
-    TrailingBytes {
-        /// How many.
-        count: usize,
-    },
-}
-
-impl fmt::Display for CodecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CodecError::BadCount { count } => {
-                write!(f, "{count} samples is outside 1..={MAX_SAMPLES}")
-            }
-            CodecError::WidthMismatch { index } => {
-                write!(f, "sample {index} does not match the register mask")
-            }
-            CodecError::SeqOrder { index } => write!(f, "sample {index}: seq does not increase"),
-            CodecError::BadMask { mask } => {
-                write!(f, "register mask {mask:#06x} is empty or beyond register 9")
-            }
-            CodecError::UnknownVersion { version } => write!(f, "codec version {version} unknown"),
-            CodecError::Truncated => f.write_str("batch truncated"),
-            CodecError::BadValue => f.write_str("value out of range"),
-            CodecError::RunTooLong => f.write_str("zero run longer than its column"),
-            CodecError::TrailingBytes { count } => write!(f, "{count} bytes after the batch"),
-        }
-    }
-}
-
-impl core::error::Error for CodecError {}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -113,11 +27,11 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn zigzag(v: i64) -> u64 {
+pub(super) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
-fn unzigzag(v: u64) -> i64 {
+pub(super) fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
@@ -153,21 +67,7 @@ impl<'a> Column<'a> {
 
 /// Encodes samples of the registers in `mask` (bit `i` = register `i`).
 pub fn encode(mask: u16, samples: &[Sample]) -> Result<Vec<u8>, CodecError> {
-    if mask == 0 || mask & !0x03FF != 0 {
-        return Err(CodecError::BadMask { mask });
-    }
-    if samples.is_empty() || samples.len() > MAX_SAMPLES {
-        return Err(CodecError::BadCount { count: samples.len() });
-    }
-    let width = mask.count_ones() as usize;
-    for (i, s) in samples.iter().enumerate() {
-        if s.values.len() != width {
-            return Err(CodecError::WidthMismatch { index: i });
-        }
-        if i > 0 && s.seq <= samples[i - 1].seq {
-            return Err(CodecError::SeqOrder { index: i });
-        }
-    }
+    let width = check_batch(mask, samples)?;
     let mut out = Vec::with_capacity(16 + samples.len() * (2 + width));
     out.push(CODEC_V1);
     out.extend_from_slice(&mask.to_be_bytes());
@@ -199,13 +99,13 @@ pub fn encode(mask: u16, samples: &[Sample]) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+pub(super) struct Reader<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) at: usize,
 }
 
 impl Reader<'_> {
-    fn varint(&mut self) -> Result<u64, CodecError> {
+    pub(super) fn varint(&mut self) -> Result<u64, CodecError> {
         let mut v: u64 = 0;
         for shift in (0..70).step_by(7) {
             let b = *self.bytes.get(self.at).ok_or(CodecError::Truncated)?;
@@ -272,9 +172,7 @@ pub fn decode(bytes: &[u8]) -> Result<Batch, CodecError> {
         *bytes.get(1).ok_or(CodecError::Truncated)?,
         *bytes.get(2).ok_or(CodecError::Truncated)?,
     ]);
-    if mask == 0 || mask & !0x03FF != 0 {
-        return Err(CodecError::BadMask { mask });
-    }
+    check_mask(mask)?;
     let width = mask.count_ones() as usize;
     let mut r = Reader { bytes, at: 3 };
     let count = r.varint()?;
@@ -371,8 +269,8 @@ mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert_eq!(decode(&long), Err(CodecError::TrailingBytes { count: 1 }));
-        let mut v2 = bytes.clone();
-        v2[0] = 2;
-        assert_eq!(decode(&v2), Err(CodecError::UnknownVersion { version: 2 }));
+        let mut v3 = bytes.clone();
+        v3[0] = 3;
+        assert_eq!(crate::codec::decode(&v3), Err(CodecError::UnknownVersion { version: 3 }));
     }
 }
