@@ -12,10 +12,42 @@ extern crate alloc;
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use core::alloc::{GlobalAlloc, Layout};
+use core::cell::Cell;
+
 use embedded_alloc::LlffHeap as Heap;
 
-#[global_allocator]
 static HEAP: Heap = Heap::empty();
+
+/// The heap, counting the bytes live and their peak (for the codec's
+/// memory check). One hart, no interrupts: plain cells suffice.
+struct Counted {
+    live: Cell<usize>,
+    peak: Cell<usize>,
+}
+
+// SAFETY: one hart and no interrupts (see `SingleHartNoInterrupts`): the
+// cells are never touched concurrently.
+unsafe impl Sync for Counted {}
+
+// SAFETY: every call is passed on to the heap unchanged; only counts are added.
+unsafe impl GlobalAlloc for Counted {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { HEAP.alloc(layout) };
+        if !p.is_null() {
+            self.live.set(self.live.get() + layout.size());
+            self.peak.set(self.peak.get().max(self.live.get()));
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { HEAP.dealloc(ptr, layout) };
+        self.live.set(self.live.get() - layout.size());
+    }
+}
+
+#[global_allocator]
+static COUNTED: Counted = Counted { live: Cell::new(0), peak: Cell::new(0) };
 
 /// Bytes kept for the stack, below the top of RAM.
 const STACK: usize = 4 * 1024 * 1024;
@@ -112,7 +144,67 @@ extern "C" fn main() -> ! {
         let _ = writeln!(Console, "ok");
     }
     let _ = writeln!(Console, "suite result: ok. {} passed; 0 failed", suite.len());
+    codec_memory();
     exit(true)
+}
+
+/// Bytes of stack below the caller's that `f` touched: the region below the
+/// stack pointer is painted first, and the deepest changed byte found after.
+#[inline(never)]
+fn stack_used(f: impl FnOnce()) -> usize {
+    const PAINTED: usize = 64 * 1024;
+    const PAINT: u8 = 0xA5;
+    let sp: usize;
+    // SAFETY: reads the stack pointer.
+    unsafe { core::arch::asm!("mv {}, sp", out(reg) sp) };
+    // A margin for this function's own frame and the call into `f`.
+    let top = sp - 256;
+    let bottom = top - PAINTED;
+    // SAFETY: the stack is 4 MiB (`STACK`); the painted 64 KiB below the
+    // current frame is free stack that nothing else uses.
+    unsafe { core::ptr::write_bytes(bottom as *mut u8, PAINT, PAINTED) };
+    f();
+    // SAFETY: the same region, read back.
+    let untouched = (bottom..top)
+        .take_while(|a| unsafe { core::ptr::read_volatile(*a as *const u8) } == PAINT)
+        .count();
+    PAINTED - untouched
+}
+
+/// The v2 encoder's working memory on this instruction set: its stack and
+/// its heap besides the output, for batches of 60, 720 and 4,096 samples of
+/// ten registers (noisy, so every block model is weighed). The stack must not
+/// grow with the batch (within 128 B: the allocator's own path varies with
+/// the size it is asked for), and the only heap is the output buffer.
+fn codec_memory() {
+    use ecowatt_proto::codec::{CODEC_V2, Sample, encode_as};
+    let mut stacks = Vec::new();
+    for n in [60usize, 720, 4096] {
+        let samples: Vec<Sample> = (0..n as u64)
+            .map(|i| Sample {
+                seq: i + 1,
+                unix_ms: 1_800_000_000_000 + 5_000 * i + (i * 37) % 50,
+                values: (0..10u64)
+                    .map(|r| (2_000 + r * 300 + (i * (r + 3) * 7919) % 97) as u16)
+                    .collect(),
+            })
+            .collect();
+        let before = COUNTED.live.get();
+        COUNTED.peak.set(before);
+        let mut out = Vec::new();
+        let stack = stack_used(|| out = encode_as(CODEC_V2, 0x03FF, &samples).unwrap());
+        let heap = COUNTED.peak.get() - before;
+        let _ = writeln!(
+            Console,
+            "codec v2 encoder, {n} samples: stack {stack} B, heap peak {heap} B = the output buffer ({} B reserved, {} B used)",
+            out.capacity(),
+            out.len()
+        );
+        assert_eq!(heap, out.capacity(), "the encoder allocates only its output");
+        stacks.push(stack);
+    }
+    let (least, most) = (stacks.iter().min().unwrap(), stacks.iter().max().unwrap());
+    assert!(most - least <= 128, "the encoder's stack grows with the batch: {stacks:?}");
 }
 
 #[panic_handler]

@@ -52,6 +52,11 @@ fn now() -> u64 {
 
 impl MachineDevice {
     fn boot(p: &Value, state: AppState) -> Self {
+        MachineDevice::boot_with(p, state, ecowatt_proto::codec::SUPPORTED)
+    }
+
+    /// A device that may upload with these codecs (a bit set).
+    fn boot_with(p: &Value, state: AppState, codecs: u8) -> Self {
         let creds = Credentials {
             device_id: p["device_id"].as_u64().unwrap() as u32,
             key: ecowatt_proto::hex::decode(p["key"].as_str().unwrap())
@@ -63,6 +68,7 @@ impl MachineDevice {
         let mut settings = Settings::new(Version::parse("1.0.0").unwrap(), "test");
         settings.long_poll_ms = 300;
         settings.batch_max = 5;
+        settings.codecs = codecs;
         let device = Device::boot(MemoryKv::new(), NoSlots, creds, settings, now()).unwrap();
         MachineDevice { device, regs: [2300, 50, 2400, 48, 5000, 2310, 30, 450, 100, 1500], state }
     }
@@ -255,5 +261,88 @@ async fn the_device_machine_runs_its_schedule_and_a_release_returns_to_it() {
         Get(path.clone(), |v: &Value| v["in_sync"] == true && v["reported"]["state"] == "none");
     assert!(dev.run_until(&c, within, none).await, "the schedule is cleared on the device");
     assert_eq!(dev.regs[8], 25);
+    c.server.stop().await;
+}
+
+/// The codecs of `device`'s stored batches, in order.
+async fn stored_codecs(c: &Client, device: &str) -> Vec<i64> {
+    let batches = c.server.state.telemetry.range(device, 0, i64::MAX).await.unwrap();
+    batches.iter().map(|b| b.codec).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_device_and_a_v2_device_upload_side_by_side_and_read_the_same() {
+    use ecowatt_proto::codec::{CODEC_V1, CODEC_V2};
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    let add = |name: &'static str| {
+        let c = &c;
+        async move {
+            let added = c.ok("POST", "/api/v1/devices", Some(json!({"name": name}))).await;
+            fast(c, name).await;
+            added
+        }
+    };
+    let old = add("old").await;
+    let new = add("new").await;
+    let state = c.server.state.clone();
+    let mut old = MachineDevice::boot_with(&old["provisioning"], state.clone(), 1 << CODEC_V1);
+    let mut new = MachineDevice::boot_with(&new["provisioning"], state, codec_all());
+    let within = Duration::from_secs(40);
+    for (name, dev) in [("old", &mut old), ("new", &mut new)] {
+        let ten = Get(format!("/api/v1/devices/{name}/telemetry"), |v: &Value| {
+            v["samples"].as_u64().is_some_and(|n| n >= 12)
+        });
+        assert!(dev.run_until(&c, within, ten).await, "{name}: samples stored");
+    }
+    assert_eq!(old.device.codec_in_use(), CODEC_V1);
+    assert_eq!(new.device.codec_in_use(), CODEC_V2);
+    let (o, n) = (stored_codecs(&c, "old").await, stored_codecs(&c, "new").await);
+    // Both devices' samples, in full.
+    assert!(o.iter().all(|x| *x == 1), "the v1 device's batches: {o:?}");
+    assert!(n.contains(&2), "the v2 device's batches: {n:?}");
+    // Read back alike: the same inverter, the same readings.
+    for name in ["old", "new"] {
+        let latest = c.ok("GET", &format!("/api/v1/devices/{name}/latest"), None).await;
+        let raw: Vec<u64> = latest["sample"]["readings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["raw"].as_u64().unwrap())
+            .collect();
+        assert_eq!(raw, [2300, 50, 2400, 48, 5000, 2310, 30, 450, 100, 1500], "{name}: {latest}");
+    }
+    c.server.stop().await;
+}
+
+/// Samples every second (batches of five go when full).
+async fn fast(c: &Client, name: &str) {
+    let quick = json!({"poll_interval_ms": 1000, "upload_interval_ms": 10_000});
+    c.ok("PATCH", &format!("/api/v1/devices/{name}/config"), Some(quick)).await;
+}
+
+fn codec_all() -> u8 {
+    ecowatt_proto::codec::SUPPORTED
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_offers_v1_only_keeps_a_v2_device_on_v1() {
+    let db = TempDb::sqlite();
+    let file = ecowatt_server::settings::SettingsFile {
+        telemetry_codecs: Some(vec![1]),
+        ..Default::default()
+    };
+    let server = ecowatt_testkit::server::TestServer::start_tuned(&db, "127.0.0.1:0", file).await;
+    let token = server.admin_token.clone();
+    let c = Client { server, token };
+    let added = c.ok("POST", "/api/v1/devices", Some(json!({"name": "d"}))).await;
+    fast(&c, "d").await;
+    let mut dev = MachineDevice::boot(&added["provisioning"], c.server.state.clone());
+    let stored = Get("/api/v1/devices/d/telemetry".into(), |v: &Value| {
+        v["samples"].as_u64().is_some_and(|n| n >= 12)
+    });
+    assert!(dev.run_until(&c, Duration::from_secs(40), stored).await, "samples stored");
+    assert_eq!(dev.device.codec_in_use(), ecowatt_proto::codec::CODEC_V1);
+    assert!(stored_codecs(&c, "d").await.iter().all(|x| *x == 1));
     c.server.stop().await;
 }
