@@ -28,6 +28,11 @@ use hyper_util::rt::TokioExecutor;
 use super::measure::{ProcFiles, ServerProcess, proc_usage};
 use crate::units::parse_duration;
 
+/// Bytes of a sealed upload besides its batch: envelope header and tag, and
+/// the upload's fields (first seq, count, dropped total, codec, length).
+const UPLOAD_OVERHEAD: u64 =
+    (ecowatt_proto::seal::HEADER_LEN + ecowatt_proto::seal::TAG_LEN + 8 + 2 + 8 + 1 + 4) as u64;
+
 /// Simulate a fleet against a server on loopback.
 #[derive(Args, Debug)]
 pub struct FleetArgs {
@@ -54,6 +59,9 @@ pub struct FleetArgs {
     /// to measure what publishing costs the fleet.
     #[arg(long, value_name = "URL")]
     mqtt: Option<String>,
+    /// Newest telemetry codec the devices may use (1, or 2: negotiated with the server).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    codec: u8,
     /// Instead of commands: one curtailment of the whole fleet (`bench curtail`).
     #[arg(skip)]
     curtail: Option<CurtailPlan>,
@@ -98,6 +106,7 @@ pub fn run_curtail(args: CurtailArgs) -> anyhow::Result<()> {
         commands_per_sec: 0.0,
         database: args.database,
         mqtt: None,
+        codec: 2,
         curtail: Some(CurtailPlan { percent: args.percent }),
     })
 }
@@ -114,6 +123,8 @@ struct Stats {
     worst_per_5s: Vec<u32>,
     uploads: u64,
     batch_bytes: u64,
+    /// The encoded batches alone (what the server stores).
+    stored_bytes: u64,
     points: u64,
     errors: HashMap<String, u64>,
     delivery_lat_us: Vec<u32>,
@@ -206,6 +217,8 @@ struct Fleet {
     base: String,
     devices: u64,
     every: Duration,
+    /// The codecs the devices may use (a bit set).
+    codecs: u8,
     start: Instant,
     measure_from: Instant,
     deadline: Instant,
@@ -230,6 +243,7 @@ async fn run_device(i: usize, creds: Credentials, fleet: Arc<Fleet>) {
     let mut settings = Settings::new(Version::parse("1.0.0").expect("a version"), "fleet");
     settings.log_capacity = 240;
     settings.batch_max = 60;
+    settings.codecs = fleet.codecs;
     // Long polls run out at different times, as in a real fleet.
     settings.long_poll_ms = 15_000 + (i as u32 % 10) * 1_000;
     let Ok(mut device) = Device::boot(MemoryKv::new(), NoSlots, creds, settings, v0) else {
@@ -364,6 +378,8 @@ impl Shell {
                 st.uploads += 1;
                 st.points += points;
                 st.batch_bytes += bytes;
+                // Less the envelope (header and tag) and the upload's own fields.
+                st.stored_bytes += bytes.saturating_sub(UPLOAD_OVERHEAD);
                 st.upload_lat_us.push(us);
                 let slot = (t0 - fleet.measure_from).as_secs() as usize / 5;
                 if st.worst_per_5s.len() <= slot {
@@ -484,6 +500,7 @@ async fn drive(args: &FleetArgs, server: &ServerProcess) -> anyhow::Result<()> {
         base: base.clone(),
         devices: args.devices,
         every: args.upload_every,
+        codecs: (2..=args.codec).fold(1 << ecowatt_proto::codec::CODEC_V1, |set, v| set | 1 << v),
         start,
         measure_from: start + args.warmup,
         deadline: start + args.warmup + args.duration,
@@ -599,10 +616,11 @@ async fn drive(args: &FleetArgs, server: &ServerProcess) -> anyhow::Result<()> {
         String::new()
     };
     outln!(
-        "Server: RSS {} MB (peak {} MB), CPU {cpu:.0} % (of one core); {:.2} B per data point uploaded (sealed batches){sqlite}",
+        "Server: RSS {} MB (peak {} MB), CPU {cpu:.0} % (of one core); {:.2} B per data point uploaded (sealed batches), {:.3} B stored (the encoded batches){sqlite}",
         usage_end.0 / 1024,
         usage_end.1 / 1024,
         if st.points > 0 { st.batch_bytes as f64 / st.points as f64 } else { 0.0 },
+        if st.points > 0 { st.stored_bytes as f64 / st.points as f64 } else { 0.0 },
     );
     outln!(
         "Load generator (this process: the devices and the operator): CPU {own_cpu:.0} % (of one core), RSS {} MB",

@@ -264,9 +264,9 @@ pub fn run(args: CodecArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let (_, mask, samples) = data.iter().max_by_key(|(_, _, s)| s.len()).expect("one dataset");
+    let (name, mask, samples) = data.iter().max_by_key(|(_, _, s)| s.len()).expect("one dataset");
     let batch = usize::from(args.batch[0]);
-    outln!("speed, one core, batches of {batch} ({} samples):", samples.len());
+    outln!("speed, one core, batches of {batch} ({name}, {} samples):", samples.len());
     for version in [CODEC_V1, CODEC_V2] {
         let (enc, dec) = speed(version, *mask, samples, batch);
         outln!("  codec v{version}: encode {enc:>10.0} samples/s   decode {dec:>10.0} samples/s");
