@@ -178,3 +178,81 @@ async fn averaged_points_lie_at_their_samples_times_not_at_a_buckets_middle() {
     assert_eq!(v["next_upload_due_ms"].as_i64(), Some(last + interval), "{v}");
     c.server.stop().await;
 }
+
+fn upload_v2(samples: &[Sample]) -> TelemetryUpload {
+    TelemetryUpload {
+        codec: codec::CODEC_V2,
+        batch: codec::encode_as(codec::CODEC_V2, 0x0201, samples).unwrap(),
+        ..upload(samples)
+    }
+}
+
+#[tokio::test]
+async fn v1_and_v2_batches_are_stored_as_sent_trimmed_in_their_own_version_and_read_alike() {
+    for db in TempDb::each().await {
+        let c = Client::start(&db, false).await;
+        let mut dev = Probe::provision(&c, "d").await;
+        let t0 = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
+        assert_eq!(send(&c, &mut dev, &upload(&samples(1..=5, t0, 2300))).await, Ok(5));
+        assert_eq!(send(&c, &mut dev, &upload_v2(&samples(6..=10, t0, 2300))).await, Ok(10));
+        // A v2 resend that grew: only 11..=12 are new, stored re-encoded in v2.
+        assert_eq!(send(&c, &mut dev, &upload_v2(&samples(6..=12, t0, 2300))).await, Ok(12));
+        let batches = c.server.state.telemetry.range("d", 0, i64::MAX).await.unwrap();
+        let stored: Vec<_> = batches.iter().map(|b| (b.first_seq, b.last_seq, b.codec)).collect();
+        assert_eq!(stored, [(1, 5, 1), (6, 10, 2), (11, 12, 2)], "{}", db.backend());
+        assert_eq!(batches[2].data[0], codec::CODEC_V2);
+        let data = c.ok("GET", "/api/v1/devices/d/telemetry?from_ms=0&registers=0", None).await;
+        let volts: Vec<f64> = data["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["v"][0].as_f64().unwrap())
+            .collect();
+        let expected: Vec<f64> = (1..=12).map(|i| f64::from(2300 + i) / 10.0).collect();
+        assert_eq!(volts, expected, "{}", db.backend());
+        c.server.stop().await;
+        db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_codec_the_server_does_not_offer_is_refused_and_nothing_is_stored() {
+    let db = TempDb::sqlite();
+    let file = ecowatt_server::settings::SettingsFile {
+        telemetry_codecs: Some(vec![1]),
+        ..Default::default()
+    };
+    let server = ecowatt_testkit::server::TestServer::start_tuned(&db, "127.0.0.1:0", file).await;
+    let token = server.admin_token.clone();
+    let c = Client { server, token };
+    let mut dev = Probe::provision(&c, "d").await;
+    let t0 = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
+    let refused = send(&c, &mut dev, &upload_v2(&samples(1..=5, t0, 2300))).await;
+    assert_eq!(refused, Err((StatusCode::UNPROCESSABLE_ENTITY, "codec_not_offered".into())));
+    let mut unknown = upload(&samples(1..=5, t0, 2300));
+    unknown.codec = 7;
+    let refused = send(&c, &mut dev, &unknown).await;
+    assert_eq!(refused, Err((StatusCode::UNPROCESSABLE_ENTITY, "codec_not_offered".into())));
+    assert!(c.server.state.telemetry.range("d", 0, i64::MAX).await.unwrap().is_empty());
+    // The same samples in v1 go through.
+    assert_eq!(send(&c, &mut dev, &upload(&samples(1..=5, t0, 2300))).await, Ok(5));
+    c.server.flush_security_events().await;
+    let events = c.ok("GET", "/api/v1/security-events", None).await;
+    assert!(events.to_string().contains("codec_not_offered"), "{events}");
+    c.server.stop().await;
+}
+
+#[test]
+fn telemetry_codecs_must_name_known_versions_and_include_v1() {
+    use ecowatt_server::settings::{Settings, SettingsFile};
+    let with = |v: Vec<u8>| {
+        Settings::resolve(SettingsFile { telemetry_codecs: Some(v), ..Default::default() })
+            .map(|s| s.codecs)
+    };
+    assert_eq!(with(vec![1, 2]), Ok(0b110));
+    assert_eq!(with(vec![1]), Ok(0b10));
+    assert!(with(vec![2]).unwrap_err().contains("must include 1"));
+    assert!(with(vec![1, 3]).unwrap_err().contains("codec 3 unknown"));
+    let default = Settings::resolve(SettingsFile::default()).unwrap();
+    assert_eq!(default.codecs, ecowatt_proto::codec::SUPPORTED);
+}
