@@ -600,3 +600,24 @@ async fn the_demo_in_home_assistant_sets_the_export_limit_through_mqtt() {
     let _ = broker.kill();
     let _ = broker.wait();
 }
+
+#[test]
+fn bench_codec_measures_a_recorded_log_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.csv");
+    let mut text = String::from("unix_ms,r0,r9\n");
+    for i in 0..150u64 {
+        text +=
+            &format!("{},{},{}\n", 1_800_000_000_000 + 5_000 * i + i % 7, 2300 + i % 3, 1500 + i);
+    }
+    std::fs::write(&log, text).unwrap();
+    let out = ecowatt(&["bench", "codec", "--csv", log.to_str().unwrap(), "--batch", "60"]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("decoded back exactly") && stdout.contains("log.csv"), "{stdout}");
+    assert!(stdout.contains("codec v2: encode"), "{stdout}");
+    std::fs::write(&log, "unix_ms,r0\n1,70000\n").unwrap();
+    let out = ecowatt(&["bench", "codec", "--csv", log.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"), "{}", explain(&out));
+}
