@@ -57,6 +57,7 @@ suite! {
     machine::samples_the_server_will_never_take_are_dropped_and_counted,
     machine::uploads_use_the_newest_codec_both_sides_name_and_fall_back_when_refused,
     machine::a_v1_only_device_states_no_codecs_and_keeps_v1,
+    machine::a_device_without_a_server_samples_and_takes_local_commands_checked_and_read_back,
     machine::a_command_delivered_again_runs_once,
     machine::a_backlog_goes_in_full_batches_and_the_rest_waits_for_the_interval,
     machine::a_cut_fetch_resumes_where_it_stopped,

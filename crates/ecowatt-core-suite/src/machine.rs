@@ -335,6 +335,45 @@ pub fn a_v1_only_device_states_no_codecs_and_keeps_v1() {
     nothing_lost(&w);
 }
 
+pub fn a_device_without_a_server_samples_and_takes_local_commands_checked_and_read_back() {
+    use ecowatt_core::machine::LocalRefused;
+    let mut w = World::new();
+    w.settings.cloud = false;
+    w.reboot();
+    w.run_until(T0 + 5 * MINUTE);
+    assert_eq!(w.server.syncs, 0, "no sync without a server");
+    assert!(w.server.uploads.is_empty(), "no upload without a server");
+    assert!(!sampled(&w).is_empty(), "it samples");
+    assert_eq!(w.device().log().len(), 1, "only the newest sample is kept");
+    let (_, newest) = w.device().log().newest().unwrap();
+    assert_eq!(newest.seq, *sampled(&w).last().unwrap());
+    // A local command: written, read back, noted.
+    let id = w.command_local(40).unwrap();
+    assert!(id >= ecowatt_core::machine::LOCAL_ID_BASE);
+    w.run_until(w.now + 10 * SECOND);
+    assert_eq!(w.inverter.regs[8], 40);
+    let done = w.count(|n| {
+        matches!(n, Note::CommandExecuted { result, .. }
+            if result.command_id == id && result.succeeded && result.value == Some(40))
+    });
+    assert_eq!(done, 1);
+    // Checked by the register map's rule; bounded.
+    assert!(matches!(w.command_local(101), Err(LocalRefused::Invalid(_))));
+    assert_eq!(w.command_local(101).unwrap_err().code(), "value_out_of_range");
+    let mut taken = 0;
+    while w.command_local(30).is_ok() {
+        taken += 1;
+        assert!(taken <= 9, "the queue is bounded");
+    }
+    assert_eq!(w.command_local(30), Err(LocalRefused::Busy));
+    w.run_until(w.now + MINUTE);
+    assert_eq!(w.inverter.regs[8], 30);
+    assert_eq!(w.server.syncs, 0);
+    // A device with a server takes commands from it only.
+    let mut cloud = World::new();
+    assert_eq!(cloud.command_local(40), Err(LocalRefused::HasServer));
+}
+
 pub fn samples_the_server_will_never_take_are_dropped_and_counted() {
     let mut w = World::new();
     w.server.refuse_times = true;

@@ -572,6 +572,15 @@ impl World {
         self.device.as_ref().expect("device running")
     }
 
+    /// An export-limit command from the device's own side, now.
+    pub fn command_local(
+        &mut self,
+        percent: u16,
+    ) -> Result<u64, ecowatt_core::machine::LocalRefused> {
+        let now = self.now;
+        self.device.as_mut().expect("device running").command_local(now, percent)
+    }
+
     /// The device restarts (power stays on).
     pub fn reboot(&mut self) {
         self.device = None;

@@ -244,6 +244,11 @@ impl SampleLog {
         Ok(seq)
     }
 
+    /// The newest sample kept, with its register mask.
+    pub fn newest(&self) -> Option<(u16, &Sample)> {
+        self.pending.back().map(|e| (e.registers, &e.sample))
+    }
+
     /// Up to `max` of the oldest unacknowledged samples that share one register
     /// mask, oldest first.
     pub fn batch(&self, max: usize) -> (u16, Vec<Sample>) {

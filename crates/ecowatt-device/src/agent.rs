@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::ThreadDelay;
 use crate::clock::{Clock, SystemClock};
 use crate::filekv::FileKv;
+use crate::mqtt::{CommandOutcome, Link, MqttSettings};
 use crate::net::Net;
 use crate::slots::FileSlots;
 use crate::transport::{self, LinkOptions};
@@ -70,6 +71,19 @@ pub struct Provisioning {
 }
 
 impl Provisioning {
+    /// The identity of a device without a server (`ecowatt device --mqtt
+    /// URL --name NAME`): its name; it seals nothing, so no key.
+    pub fn local(device: &str) -> Provisioning {
+        Provisioning {
+            device: device.to_owned(),
+            device_id: 0,
+            key: "00".repeat(16),
+            key_version: 1,
+            server: String::new(),
+            firmware_keys: Vec::new(),
+        }
+    }
+
     /// Reads a provisioning file.
     pub fn load(path: &Path) -> Result<Provisioning, AgentError> {
         let bad = |reason: String| AgentError::Provisioning { path: path.to_path_buf(), reason };
@@ -141,6 +155,11 @@ pub struct AgentOptions {
     /// Its clock: stamps samples and results, paces polls, uploads,
     /// back-offs and the health check.
     pub clock: Arc<dyn Clock>,
+    /// It has a server (`false`: samples and takes the export limit from
+    /// its broker only; see [`Provisioning::local`]).
+    pub cloud: bool,
+    /// Publishes to this broker too ([`crate::mqtt`]).
+    pub mqtt: Option<MqttSettings>,
 }
 
 /// How the agent "reboots" after installing an image (or when a trial image
@@ -183,6 +202,8 @@ impl AgentOptions {
             health_check: Duration::from_secs(60),
             restart: RestartMode::InProcess,
             clock: Arc::new(SystemClock),
+            cloud: true,
+            mqtt: None,
         }
     }
 }
@@ -230,6 +251,7 @@ impl AgentOptions {
         s.firmware_keys = self.firmware_keys.clone();
         s.health_check_ms = self.health_check.as_millis() as u64;
         s.chunk = CHUNK;
+        s.cloud = self.cloud;
         Ok(s)
     }
 }
@@ -270,11 +292,47 @@ async fn boot_once(
     let server = opts.server.clone().unwrap_or_else(|| opts.provisioning.server.clone());
     let net = Net::new(&server);
     let (events, mut answers) = mpsc::unbounded_channel::<Event>();
+    let name = &opts.provisioning.device;
+    let (mut mqtt, mut from_broker) = match &opts.mqtt {
+        Some(m) => {
+            let (link, commands) = Link::start(m, name, !opts.cloud).map_err(state_err)?;
+            (Some(link), Some(commands))
+        }
+        None => (None, None),
+    };
+    // Local commands under way: id -> (percent, when taken).
+    let mut local: std::collections::HashMap<u64, (u16, u64)> = Default::default();
     loop {
         while let Some(action) = device.poll_action() {
             match action {
-                Action::Note(note) => log(&note),
-                Action::Restart => return Ok(Exit::Restart),
+                Action::Note(note) => {
+                    log(&note);
+                    if let Some(link) = mqtt.as_mut() {
+                        match &note {
+                            Note::Sampled { .. } => {
+                                if let Some((mask, sample)) = device.log().newest() {
+                                    link.sample(mask, sample);
+                                }
+                            }
+                            Note::CommandExecuted { result, .. } => {
+                                if let Some((percent, at)) = local.remove(&result.command_id) {
+                                    link.command(
+                                        Some(percent),
+                                        at,
+                                        CommandOutcome::Executed(*result),
+                                    );
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Action::Restart => {
+                    if let Some(link) = mqtt.take() {
+                        link.stop().await;
+                    }
+                    return Ok(Exit::Restart);
+                }
                 Action::Inverter { slave, request } => {
                     let (inverter, events) = (inverter.clone(), events.clone());
                     tokio::task::spawn_blocking(move || {
@@ -294,11 +352,41 @@ async fn boot_once(
             }
         }
         let wait = device.next_wakeup().saturating_sub(clock.now_ms());
+        let from_broker_next = async {
+            match from_broker.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let event = tokio::select! {
             Some(event) = answers.recv() => event,
+            Some(asked) = from_broker_next => {
+                let now = clock.now_ms();
+                let taken = asked.map_err(CommandOutcome::Refused).and_then(|percent| {
+                    device.command_local(now, percent).map(|id| (id, percent)).map_err(|refused| {
+                        tracing::warn!(percent, code = refused.code(), "export-limit command from MQTT refused");
+                        CommandOutcome::from(refused)
+                    })
+                });
+                match taken {
+                    Ok((id, percent)) => {
+                        tracing::info!(percent, id, "export-limit command from MQTT");
+                        local.insert(id, (percent, now));
+                    }
+                    Err(outcome) => {
+                        if let Some(link) = mqtt.as_mut() {
+                            link.command(asked.ok(), now, outcome);
+                        }
+                    }
+                }
+                Event::Tick
+            }
             _ = clock.sleep(Duration::from_millis(wait)) => Event::Tick,
             _ = shutdown.as_mut() => {
                 tracing::info!("device agent stopping");
+                if let Some(link) = mqtt.take() {
+                    link.stop().await;
+                }
                 return Ok(Exit::Shutdown);
             }
         };

@@ -9,10 +9,14 @@
 //! - [`net`] — the device protocol over HTTP: sealed POSTs, image range fetches.
 //! - [`agent`] — `ecowatt device`: the shell that drives the core's device machine.
 //! - [`clock`] — the agent's clock (the system's, or a faster one in tests).
+//! - [`mqtt`] — `ecowatt device --mqtt`: states, availability and Home
+//!   Assistant discovery straight to a broker; the export limit from it on a
+//!   device without a server.
 
 pub mod agent;
 pub mod clock;
 pub mod filekv;
+pub mod mqtt;
 pub mod net;
 pub mod slots;
 pub mod transport;

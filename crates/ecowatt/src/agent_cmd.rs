@@ -1,4 +1,6 @@
-//! `ecowatt device --provision FILE --inverter URL`: run the device agent.
+//! `ecowatt device --provision FILE --inverter URL [--mqtt URL]`: run the
+//! device agent; `ecowatt device --mqtt URL --name NAME --inverter URL`: a
+//! device without a server, publishing to (and taken commands from) a broker.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -6,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use ecowatt_device::agent::{self, AgentOptions, Provisioning, RestartMode, Stopped};
+use ecowatt_device::mqtt::MqttSettings;
 use ecowatt_device::transport::LinkOptions;
 
 use crate::units::{parse_duration, parse_slave};
@@ -49,6 +52,18 @@ pub struct AgentArgs {
     /// After installing an image: restart in this process, or exit with status 75 so that a supervisor (systemd Restart=always) starts the agent again.
     #[arg(long, value_enum, default_value = "in-process")]
     restart: Restart,
+    /// Also publish to this MQTT broker (mqtt://[user:password@]host[:port]): states, availability and Home Assistant discovery. Without --provision: a device with no server at all, whose export limit Home Assistant sets.
+    #[arg(long, env = "ECOWATT_DEVICE_MQTT", value_name = "URL")]
+    mqtt: Option<String>,
+    /// Prefix of the MQTT topics.
+    #[arg(long, default_value = "ecowatt")]
+    mqtt_prefix: String,
+    /// Home Assistant's MQTT discovery prefix.
+    #[arg(long, default_value = "homeassistant")]
+    mqtt_discovery_prefix: String,
+    /// The device's name, for a device without a server (--mqtt without --provision).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -61,12 +76,35 @@ enum Restart {
 const RESTART_STATUS: i32 = 75;
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let path = args.provision.clone().context("give --provision FILE (from `ecowatt device add`) to run the device agent, or a subcommand (see --help)")?;
+    let mqtt = args.mqtt.as_ref().map(|url| {
+        let mut m = MqttSettings::new(url);
+        m.topics.prefix = args.mqtt_prefix.clone();
+        m.topics.discovery = args.mqtt_discovery_prefix.clone();
+        m
+    });
+    if let Some(m) = &mqtt {
+        m.check().map_err(anyhow::Error::msg)?;
+    }
+    let provisioning = match (&args.provision, &mqtt) {
+        (Some(path), _) => Provisioning::load(path)?,
+        (None, Some(_)) => {
+            let name = args.name.as_deref().context(
+                "give --name NAME for a device without a server (--mqtt without --provision)",
+            )?;
+            if name.is_empty() || name.contains(['/', '+', '#']) {
+                anyhow::bail!("--name {name:?}: a device name cannot be empty or hold / + #");
+            }
+            Provisioning::local(name)
+        }
+        (None, None) => anyhow::bail!(
+            "give --provision FILE (from `ecowatt device add`) to run the device agent, --mqtt URL --name NAME for a device without a server, or a subcommand (see --help)"
+        ),
+    };
+    let cloud = args.provision.is_some();
     let inverter = args
         .inverter
         .clone()
         .context("give --inverter URL (e.g. http://127.0.0.1:8080 for `ecowatt sim`)")?;
-    let provisioning = Provisioning::load(&path)?;
     let state_dir = args
         .state_dir
         .clone()
@@ -78,6 +116,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     opts.log_capacity = args.log_capacity;
     opts.batch_max = args.batch_max as usize;
     opts.health_check = args.health_check;
+    opts.cloud = cloud;
+    opts.mqtt = mqtt;
     opts.restart = match args.restart {
         Restart::InProcess => RestartMode::InProcess,
         Restart::Exit => RestartMode::Exit,

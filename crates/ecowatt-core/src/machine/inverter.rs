@@ -59,6 +59,11 @@ impl Inverter {
         self.outstanding.is_none()
     }
 
+    /// Commands waiting.
+    pub(super) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
     pub(super) fn enqueue(&mut self, commands: Vec<DeviceCommand>) {
         for c in commands {
             if !self.queue.iter().any(|q| q.id == c.id) {
@@ -283,6 +288,13 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             Ok(Ok(Response::ReadHoldingRegisters(regs))) => {
                 let mask = self.config.registers;
                 match self.log.append(&mut self.kv, now_ms, mask, selected(&regs, mask)) {
+                    // Without a server nothing is uploaded: only the newest is kept.
+                    Ok(seq) if !self.settings.cloud && seq > 1 => {
+                        if let Err(e) = self.log.ack(&mut self.kv, seq - 1) {
+                            self.say(Note::StorageFailed("sample", e));
+                        }
+                        self.say(Note::Sampled { seq })
+                    }
                     Ok(seq) => self.say(Note::Sampled { seq }),
                     Err(e) => self.say(Note::StorageFailed("sample", e)),
                 }
@@ -320,6 +332,12 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         if let Err(e) = self.journal.finish(&mut self.kv, result) {
             // Still in flight in the store: after a restart it is read back and reported.
             self.say(Note::StorageFailed("command result", e));
+        }
+        // Without a server nobody collects results: the note was the report.
+        if !self.settings.cloud {
+            if let Err(e) = self.journal.acknowledged(&mut self.kv, &[result]) {
+                self.say(Note::StorageFailed("command journal", e));
+            }
         }
     }
 }

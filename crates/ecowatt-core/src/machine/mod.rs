@@ -82,6 +82,10 @@ pub struct Settings {
     /// default every one this build has). With v1 alone it behaves as a
     /// protocol 1.2 device: it states none and the server offers none.
     pub codecs: u8,
+    /// The device has a server (default). Without one it only samples and
+    /// takes export-limit commands from its own side ([`Device::command_local`]):
+    /// no sync, no upload, no update (a home broker is all it talks to).
+    pub cloud: bool,
 }
 
 impl Settings {
@@ -98,6 +102,36 @@ impl Settings {
             health_check_ms: 60_000,
             chunk: 16 * 1024,
             codecs: ecowatt_proto::codec::SUPPORTED,
+            cloud: true,
+        }
+    }
+}
+
+/// Most local commands waiting for the inverter.
+pub const MAX_LOCAL_QUEUED: usize = 8;
+/// A local command not executed within this long is dropped, ms.
+pub const LOCAL_COMMAND_TTL_MS: u64 = 60_000;
+/// Local commands' ids have this bit set.
+pub const LOCAL_ID_BASE: u64 = 1 << 62;
+
+/// Why a local command was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LocalRefused {
+    /// The device has a server, which takes commands (and audits them).
+    HasServer,
+    /// The value is not one the export limit takes.
+    Invalid(ecowatt_proto::registers::WriteError),
+    /// Too many commands wait already.
+    Busy,
+}
+
+impl LocalRefused {
+    /// A stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LocalRefused::HasServer => "set_through_the_server",
+            LocalRefused::Invalid(e) => e.code(),
+            LocalRefused::Busy => "busy",
         }
     }
 }
@@ -386,6 +420,8 @@ pub struct Device<K, S> {
     limit: limit::Limit,
     schedule: plan::Schedule,
     actions: VecDeque<Action>,
+    /// Local commands taken this boot (part of their ids).
+    local_commands: u64,
 }
 
 impl<K: KeyValue, S: Slots> Device<K, S> {
@@ -436,6 +472,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             schedule,
             actions: VecDeque::new(),
             settings,
+            local_commands: 0,
         };
         d.advance(now_ms);
         Ok(d)
@@ -465,10 +502,10 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             at = at.min(self.sched.next_poll());
         }
         // (A sync waits for a limit write under way, whose answer wakes it.)
-        if !self.sync.busy() && !self.limit.writing() {
+        if self.settings.cloud && !self.sync.busy() && !self.limit.writing() {
             at = at.min(self.sync.next_at());
         }
-        if !self.upload.busy() {
+        if self.settings.cloud && !self.upload.busy() {
             if let Some(t) = self.up.next_due(self.log.len()) {
                 at = at.min(t);
             }
@@ -513,7 +550,43 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         self.advance_limit(now_ms);
         self.advance_plan(now_ms);
         self.advance_inverter(now_ms);
-        self.advance_sync(now_ms);
-        self.advance_upload(now_ms);
+        if self.settings.cloud {
+            self.advance_sync(now_ms);
+            self.advance_upload(now_ms);
+        }
+    }
+
+    /// An export-limit command from the device's own side (a home broker)
+    /// on a device without a server: checked by the register map's rule,
+    /// then written and read back like a server's command; its result is
+    /// noted ([`Note::CommandExecuted`]) and not kept for a server. Returns
+    /// the command's id. Refused on a device with a server (there the server
+    /// queues, validates and audits every command), and while
+    /// [`MAX_LOCAL_QUEUED`] commands wait.
+    pub fn command_local(&mut self, now_ms: u64, percent: u16) -> Result<u64, LocalRefused> {
+        if self.settings.cloud {
+            return Err(LocalRefused::HasServer);
+        }
+        ecowatt_proto::registers::check_write(ecowatt_proto::registers::EXPORT_LIMIT, percent)
+            .map_err(LocalRefused::Invalid)?;
+        if self.inverter.queued() >= MAX_LOCAL_QUEUED {
+            return Err(LocalRefused::Busy);
+        }
+        // Ids above 2^62 never meet a server's; unique across restarts
+        // while the clock moves forward.
+        self.local_commands = self.local_commands.wrapping_add(1);
+        let id = LOCAL_ID_BASE | (now_ms << 4) | (self.local_commands & 0xF);
+        let op = ecowatt_proto::messages::Operation::Write {
+            register: ecowatt_proto::registers::EXPORT_LIMIT,
+            value: percent,
+        };
+        let expires_ms = now_ms + LOCAL_COMMAND_TTL_MS;
+        self.inverter.enqueue(alloc::vec![ecowatt_proto::messages::DeviceCommand {
+            id,
+            op,
+            expires_ms
+        }]);
+        self.advance(now_ms);
+        Ok(id)
     }
 }

@@ -2,6 +2,7 @@
 //! and against a simulated inverter on a pseudo-terminal (serial RTU).
 
 mod agent;
+mod mqtt;
 mod serial;
 mod sim_http;
 mod slots;

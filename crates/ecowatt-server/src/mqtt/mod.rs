@@ -48,10 +48,7 @@ pub struct MqttSettings {
     pub buffer: usize,
 }
 
-/// Default prefix of EcoWatt's topics.
-pub const DEFAULT_PREFIX: &str = "ecowatt";
-/// Default Home Assistant discovery prefix.
-pub const DEFAULT_DISCOVERY_PREFIX: &str = "homeassistant";
+pub use ecowatt_formats::mqtt::{Broker, DEFAULT_DISCOVERY_PREFIX, DEFAULT_PREFIX, parse_url};
 /// How often devices are re-read: new ones discovered, removed ones'
 /// entities removed, availability changes published.
 pub const RECONCILE: Duration = Duration::from_secs(5);
@@ -59,45 +56,6 @@ pub const RECONCILE: Duration = Duration::from_secs(5);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Default outgoing buffer, messages.
 pub const DEFAULT_BUFFER: usize = 10_000;
-
-/// A broker's address as a URL gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Broker {
-    /// Host.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// User name and password.
-    pub credentials: Option<(String, String)>,
-    /// `mqtts://`: TLS.
-    pub tls: bool,
-}
-
-/// Reads `mqtt://[user:password@]host[:port]` (1883 by default) or
-/// `mqtts://...` (TLS, 8883 by default).
-pub fn parse_url(url: &str) -> Result<Broker, String> {
-    let (tls, rest) = match url.split_once("://") {
-        Some(("mqtt", rest)) => (false, rest),
-        Some(("mqtts", rest)) => (true, rest),
-        _ => return Err(format!("{url:?} is not an mqtt://host:port or mqtts://host:port URL")),
-    };
-    let rest = rest.trim_end_matches('/');
-    let (credentials, hostport) = match rest.rsplit_once('@') {
-        Some((creds, hp)) => {
-            let (u, p) = creds.split_once(':').unwrap_or((creds, ""));
-            (Some((u.to_owned(), p.to_owned())), hp)
-        }
-        None => (None, rest),
-    };
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().map_err(|_| format!("{url:?}: port {p:?} is not a number"))?),
-        None => (hostport, if tls { 8883 } else { 1883 }),
-    };
-    if host.is_empty() || host.contains('/') {
-        return Err(format!("{url:?} names no broker host"));
-    }
-    Ok(Broker { host: host.to_owned(), port, credentials, tls })
-}
 
 /// How to check the broker's certificate over `mqtts://`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -92,10 +92,7 @@ pub fn registers(list: Option<&str>) -> Result<Vec<usize>, Invalid> {
         .collect()
 }
 
-/// A raw value of register `address` in its unit, to three decimals.
-pub fn engineering(address: usize, raw: f64) -> f64 {
-    (raw / f64::from(REGISTERS[address].gain) * 1000.0).round() / 1000.0
-}
+pub use ecowatt_formats::mqtt::engineering;
 
 /// One point of a series: a sample (with its `seq`) or the average of a
 /// time bucket's samples (at the mean of their times, without one: a point
