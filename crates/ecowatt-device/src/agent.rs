@@ -49,6 +49,9 @@ pub enum AgentError {
     /// The inverter URL is not usable.
     #[error(transparent)]
     Inverter(#[from] transport::OpenError),
+    /// The MQTT broker URL is not usable.
+    #[error("MQTT broker: {0}")]
+    Mqtt(String),
 }
 
 /// What `ecowatt device add` wrote for this device.
@@ -295,7 +298,7 @@ async fn boot_once(
     let name = &opts.provisioning.device;
     let (mut mqtt, mut from_broker) = match &opts.mqtt {
         Some(m) => {
-            let (link, commands) = Link::start(m, name, !opts.cloud).map_err(state_err)?;
+            let (link, commands) = Link::start(m, name, !opts.cloud).map_err(AgentError::Mqtt)?;
             (Some(link), Some(commands))
         }
         None => (None, None),
@@ -351,7 +354,17 @@ async fn boot_once(
                 }
             }
         }
-        let wait = device.next_wakeup().saturating_sub(clock.now_ms());
+        // A local command the inverter never took (it expires in the core).
+        let now = clock.now_ms();
+        let stale = now.saturating_sub(2 * ecowatt_core::machine::LOCAL_COMMAND_TTL_MS);
+        local.retain(|_, &mut (percent, at)| {
+            let keep = at >= stale;
+            if let (false, Some(link)) = (keep, mqtt.as_mut()) {
+                link.command(Some(percent), at, CommandOutcome::Refused("expired"));
+            }
+            keep
+        });
+        let wait = device.next_wakeup().saturating_sub(now);
         let from_broker_next = async {
             match from_broker.as_mut() {
                 Some(rx) => rx.recv().await,

@@ -166,14 +166,14 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                     self.upload.round_left = 0;
                 }
             }
-            // The server will never take these (stamped by a clock that was
-            // wrong): keeping them would block every later sample.
             // The server does not take this codec (its offer changed since the
             // last sync): v1, which every server takes, at once.
             Err(e) if e.message.contains(CODEC_REFUSED) && self.upload.codec != codec::CODEC_V1 => {
                 self.session.abandon(counter);
                 self.use_codec(codec::CODEC_V1);
             }
+            // The server will never take these (stamped by a clock that was
+            // wrong): keeping them would block every later sample.
             Err(e) if e.message.contains(SAMPLE_TIME_REFUSED) => {
                 self.session.abandon(counter);
                 self.discard(last_seq, e.to_string());
