@@ -343,6 +343,7 @@ pub fn encode(mask: u16, samples: &[Sample]) -> Result<Vec<u8>, CodecError> {
         let mean_step = span.div_euclid(n as i64 - 1);
         [median_step, mean_step, mean_step + 1, 0]
             .into_iter()
+            .filter(|p| p.unsigned_abs() < MS_LIMIT)
             .filter_map(|p| residuals(samples, p).map(|r| (column_bits(SERIES, &r, n), p)))
             .min_by_key(|(bits, _)| *bits)
             .map_or(0, |(_, p)| p)
@@ -583,6 +584,12 @@ mod tests {
             Sample { seq: SEQ_LIMIT - 1, unix_ms: 0, values: vec![0] },
         ];
         round_trip(0b1, &far[..2]);
+        // The widest step there is: 2^53 - 1 (a period is below 2^53 for the decoder).
+        let wide = [
+            Sample { seq: 1, unix_ms: 0, values: vec![0] },
+            Sample { seq: 2, unix_ms: MS_LIMIT - 1, values: vec![0] },
+        ];
+        round_trip(0b1, &wide);
         assert_eq!(encode(0b1, &far[..3]), Err(CodecError::SeqOrder { index: 2 }));
         let over = [Sample { seq: SEQ_LIMIT, unix_ms: 0, values: vec![0] }];
         assert_eq!(encode(0b1, &over), Err(CodecError::BadValue));
