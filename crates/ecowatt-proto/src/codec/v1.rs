@@ -162,26 +162,42 @@ impl Reader<'_> {
     }
 }
 
-/// Decodes a batch, checking every bound.
-pub fn decode(bytes: &[u8]) -> Result<Batch, CodecError> {
-    let version = *bytes.first().ok_or(CodecError::Truncated)?;
-    if version != CODEC_V1 {
-        return Err(CodecError::UnknownVersion { version });
+/// What every version's batch starts with: version, mask, count, the first
+/// sample's seq and time (bytes and varints).
+pub(super) struct Header {
+    pub(super) mask: u16,
+    /// Registers in the mask.
+    pub(super) width: usize,
+    /// Samples, 1..=[`MAX_SAMPLES`] (checked before anything is allocated).
+    pub(super) count: usize,
+    pub(super) first_seq: u64,
+    pub(super) first_ms: u64,
+}
+
+/// Reads the header of a batch of `version`, and a reader after it.
+pub(super) fn header(bytes: &[u8], version: u8) -> Result<(Header, Reader<'_>), CodecError> {
+    let found = *bytes.first().ok_or(CodecError::Truncated)?;
+    if found != version {
+        return Err(CodecError::UnknownVersion { version: found });
     }
     let mask = u16::from_be_bytes([
         *bytes.get(1).ok_or(CodecError::Truncated)?,
         *bytes.get(2).ok_or(CodecError::Truncated)?,
     ]);
     check_mask(mask)?;
-    let width = mask.count_ones() as usize;
     let mut r = Reader { bytes, at: 3 };
     let count = r.varint()?;
     if count == 0 || count > MAX_SAMPLES as u64 {
         return Err(CodecError::BadCount { count: count.min(usize::MAX as u64) as usize });
     }
-    let count = count as usize;
-    let first_seq = r.varint()?;
-    let first_ms = r.varint()?;
+    let (first_seq, first_ms) = (r.varint()?, r.varint()?);
+    let width = mask.count_ones() as usize;
+    Ok((Header { mask, width, count: count as usize, first_seq, first_ms }, r))
+}
+
+/// Decodes a batch, checking every bound.
+pub fn decode(bytes: &[u8]) -> Result<Batch, CodecError> {
+    let (Header { mask, width, count, first_seq, first_ms }, mut r) = header(bytes, CODEC_V1)?;
     let mut samples: Vec<Sample> = Vec::with_capacity(count);
     samples.push(Sample { seq: first_seq, unix_ms: first_ms, values: alloc::vec![0; width] });
     let mut seq = first_seq;

@@ -18,8 +18,8 @@
 use alloc::vec::Vec;
 
 use super::bits::{BitReader, BitWriter, gamma_len};
-use super::v1::{Reader, put_varint, unzigzag, zigzag};
-use super::{Batch, CodecError, MAX_SAMPLES, Sample, check_batch, check_mask};
+use super::v1::{Header, header, put_varint, unzigzag, zigzag};
+use super::{Batch, CodecError, Sample, check_batch};
 
 /// Codec identifier carried in `TelemetryUpload::codec`.
 pub const CODEC_V2: u8 = 2;
@@ -471,24 +471,7 @@ fn get_column(
 
 /// Decodes a v2 batch, checking every bound before allocating for it.
 pub fn decode(bytes: &[u8]) -> Result<Batch, CodecError> {
-    let version = *bytes.first().ok_or(CodecError::Truncated)?;
-    if version != CODEC_V2 {
-        return Err(CodecError::UnknownVersion { version });
-    }
-    let mask = u16::from_be_bytes([
-        *bytes.get(1).ok_or(CodecError::Truncated)?,
-        *bytes.get(2).ok_or(CodecError::Truncated)?,
-    ]);
-    check_mask(mask)?;
-    let width = mask.count_ones() as usize;
-    let mut h = Reader { bytes, at: 3 };
-    let count = h.varint()?;
-    if count == 0 || count > MAX_SAMPLES as u64 {
-        return Err(CodecError::BadCount { count: count.min(usize::MAX as u64) as usize });
-    }
-    let n = count as usize;
-    let first_seq = h.varint()?;
-    let first_ms = h.varint()?;
+    let (Header { mask, width, count: n, first_seq, first_ms }, mut h) = header(bytes, CODEC_V2)?;
     let period = unzigzag(h.varint()?);
     if first_seq >= SEQ_LIMIT || first_ms >= MS_LIMIT || period.unsigned_abs() >= MS_LIMIT {
         return Err(CodecError::BadValue);

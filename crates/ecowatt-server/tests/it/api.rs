@@ -20,6 +20,13 @@ impl Client {
         Client { server, token }
     }
 
+    /// A client of a server with these settings.
+    pub async fn start_tuned(db: &TempDb, file: ecowatt_server::settings::SettingsFile) -> Client {
+        let server = TestServer::start_tuned(db, "127.0.0.1:0", file).await;
+        let token = server.admin_token.clone();
+        Client { server, token }
+    }
+
     pub async fn raw(
         &self,
         method: &str,

@@ -332,9 +332,7 @@ async fn a_server_that_offers_v1_only_keeps_a_v2_device_on_v1() {
         telemetry_codecs: Some(vec![1]),
         ..Default::default()
     };
-    let server = ecowatt_testkit::server::TestServer::start_tuned(&db, "127.0.0.1:0", file).await;
-    let token = server.admin_token.clone();
-    let c = Client { server, token };
+    let c = Client::start_tuned(&db, file).await;
     let added = c.ok("POST", "/api/v1/devices", Some(json!({"name": "d"}))).await;
     fast(&c, "d").await;
     let mut dev = MachineDevice::boot(&added["provisioning"], c.server.state.clone());

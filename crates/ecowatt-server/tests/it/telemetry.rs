@@ -222,9 +222,7 @@ async fn a_codec_the_server_does_not_offer_is_refused_and_nothing_is_stored() {
         telemetry_codecs: Some(vec![1]),
         ..Default::default()
     };
-    let server = ecowatt_testkit::server::TestServer::start_tuned(&db, "127.0.0.1:0", file).await;
-    let token = server.admin_token.clone();
-    let c = Client { server, token };
+    let c = Client::start_tuned(&db, file).await;
     let mut dev = Probe::provision(&c, "d").await;
     let t0 = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
     let refused = send(&c, &mut dev, &upload_v2(&samples(1..=5, t0, 2300))).await;
