@@ -36,20 +36,26 @@ for name, k in (("request", up), ("answer", down)):
 
 
 
+def read_varint(data: bytes, at: int):
+    """An unsigned LEB128 varint at `at`: its value and the offset after it."""
+    v = shift = 0
+    while True:
+        b = data[at]
+        at += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, at
+
+
 def decode_batch(data: bytes):
     """An independent decoder of telemetry codec v1 (docs/protocol.md)."""
     at = 0
 
     def varint():
         nonlocal at
-        v = shift = 0
-        while True:
-            b = data[at]
-            at += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return v
+        v, at = read_varint(data, at)
+        return v
 
     def column(n):
         out = []
@@ -91,14 +97,8 @@ def decode_v2(data: bytes, seen: set):
 
     def varint():
         nonlocal at
-        v = shift = 0
-        while True:
-            b = data[at]
-            at += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return v
+        v, at = read_varint(data, at)
+        return v
 
     def bits(n):
         nonlocal pos

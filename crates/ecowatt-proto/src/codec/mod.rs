@@ -180,3 +180,11 @@ pub fn decode(bytes: &[u8]) -> Result<Batch, CodecError> {
         Some(_) => v1::decode(bytes),
     }
 }
+
+/// Test batches: `n` samples from seq 100, 5 s apart, values from `f`.
+#[cfg(test)]
+pub(crate) fn test_samples(n: u64, f: impl Fn(u64) -> Vec<u16>) -> Vec<Sample> {
+    (0..n)
+        .map(|i| Sample { seq: 100 + i, unix_ms: 1_800_000_000_000 + 5_000 * i, values: f(i) })
+        .collect()
+}

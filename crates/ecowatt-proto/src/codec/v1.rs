@@ -240,11 +240,7 @@ mod tests {
     use super::*;
     use alloc::vec;
 
-    fn samples(n: u64, f: impl Fn(u64) -> Vec<u16>) -> Vec<Sample> {
-        (0..n)
-            .map(|i| Sample { seq: 100 + i, unix_ms: 1_800_000_000_000 + 5_000 * i, values: f(i) })
-            .collect()
-    }
+    use crate::codec::test_samples as samples;
 
     #[test]
     fn constant_night_costs_almost_nothing() {

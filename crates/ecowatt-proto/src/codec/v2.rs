@@ -515,11 +515,7 @@ mod tests {
     use super::*;
     use alloc::vec;
 
-    fn samples(n: u64, f: impl Fn(u64) -> Vec<u16>) -> Vec<Sample> {
-        (0..n)
-            .map(|i| Sample { seq: 100 + i, unix_ms: 1_800_000_000_000 + 5_000 * i, values: f(i) })
-            .collect()
-    }
+    use crate::codec::test_samples as samples;
 
     fn round_trip(mask: u16, s: &[Sample]) -> usize {
         let bytes = encode(mask, s).unwrap();

@@ -39,6 +39,13 @@ pub async fn send(
     Ok(TelemetryAck::decode(&plain).unwrap().acked_through)
 }
 
+/// Vac1 of every sample of `device` the API reads back, in order.
+async fn volts(c: &Client, device: &str) -> Vec<f64> {
+    let path = format!("/api/v1/devices/{device}/telemetry?from_ms=0&registers=0");
+    let data = c.ok("GET", &path, None).await;
+    data["points"].as_array().unwrap().iter().map(|p| p["v"][0].as_f64().unwrap()).collect()
+}
+
 #[tokio::test]
 async fn a_resent_batch_that_grew_stores_only_what_it_adds_on_both_backends() {
     for db in TempDb::each().await {
@@ -62,13 +69,7 @@ async fn a_resent_batch_that_grew_stores_only_what_it_adds_on_both_backends() {
         let batches = c.server.state.telemetry.range("d", 0, i64::MAX).await.unwrap();
         let ranges: Vec<_> = batches.iter().map(|b| (b.first_seq, b.last_seq, b.count)).collect();
         assert_eq!(ranges, [(1, 5, 5), (6, 8, 3), (9, 10, 2)], "{}", db.backend());
-        let data = c.ok("GET", "/api/v1/devices/d/telemetry?from_ms=0&registers=0", None).await;
-        let volts: Vec<f64> = data["points"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["v"][0].as_f64().unwrap())
-            .collect();
+        let volts = volts(&c, "d").await;
         assert_eq!(volts[5..8], [230.6, 230.7, 230.8], "the first stored values of 6..=8 stand");
         assert_eq!(volts[8..], [400.9, 401.0], "only 9 and 10 came from the overlapping batch");
         c.server.stop().await;
@@ -201,13 +202,7 @@ async fn v1_and_v2_batches_are_stored_as_sent_trimmed_in_their_own_version_and_r
         let stored: Vec<_> = batches.iter().map(|b| (b.first_seq, b.last_seq, b.codec)).collect();
         assert_eq!(stored, [(1, 5, 1), (6, 10, 2), (11, 12, 2)], "{}", db.backend());
         assert_eq!(batches[2].data[0], codec::CODEC_V2);
-        let data = c.ok("GET", "/api/v1/devices/d/telemetry?from_ms=0&registers=0", None).await;
-        let volts: Vec<f64> = data["points"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["v"][0].as_f64().unwrap())
-            .collect();
+        let volts = volts(&c, "d").await;
         let expected: Vec<f64> = (1..=12).map(|i| f64::from(2300 + i) / 10.0).collect();
         assert_eq!(volts, expected, "{}", db.backend());
         c.server.stop().await;
