@@ -52,6 +52,9 @@ pub enum AgentError {
     /// The MQTT broker URL is not usable.
     #[error("MQTT broker: {0}")]
     Mqtt(String),
+    /// The server's CA file is not usable.
+    #[error("server TLS: {0}")]
+    ServerTls(String),
 }
 
 /// What `ecowatt device add` wrote for this device.
@@ -129,6 +132,9 @@ pub struct AgentOptions {
     pub provisioning: Provisioning,
     /// The server, overriding the provisioning file's.
     pub server: Option<String>,
+    /// The CA certificate file of an `https://` server with a private PKI
+    /// (default: the public roots).
+    pub server_ca: Option<PathBuf>,
     /// The inverter (`http://`, `tcp://`, `serial:`).
     pub inverter_url: String,
     /// Inverter link options.
@@ -192,6 +198,7 @@ impl AgentOptions {
         AgentOptions {
             provisioning,
             server: None,
+            server_ca: None,
             inverter_url,
             link: LinkOptions::default(),
             slave: 0x11,
@@ -293,7 +300,10 @@ async fn boot_once(
     let client = Client::new(transport, ThreadDelay).with_policy(RetryPolicy::default());
     let inverter: Inverter = Arc::new(std::sync::Mutex::new(client));
     let server = opts.server.clone().unwrap_or_else(|| opts.provisioning.server.clone());
-    let net = Net::new(&server);
+    let net = Net::new(
+        &server,
+        crate::net::trust(opts.server_ca.as_deref()).map_err(AgentError::ServerTls)?,
+    );
     let (events, mut answers) = mpsc::unbounded_channel::<Event>();
     let name = &opts.provisioning.device;
     let (mut mqtt, mut from_broker) = match &opts.mqtt {

@@ -1,7 +1,10 @@
 //! The device protocol's HTTP side on Linux: the machine's sealed POSTs and
 //! image range fetches, carried out with a blocking client (call from a
-//! blocking thread).
+//! blocking thread), over `http://` or `https://` ([`trust`]: the public
+//! roots, or a private CA's certificate file).
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ecowatt_core::machine::{Action, Channel, Event, Failure};
@@ -13,11 +16,38 @@ pub struct Net {
     base: String,
 }
 
+/// Which certificates an `https://` server may present: signed by a CA of
+/// the public web (Mozilla's roots, compiled in) when `ca_file` is `None`,
+/// else only by the CA(s) in that PEM file (a private PKI, such as the one
+/// `ecowatt tls init` makes).
+pub fn trust(ca_file: Option<&Path>) -> Result<ureq::tls::TlsConfig, String> {
+    use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+    let Some(path) = ca_file else { return Ok(TlsConfig::default()) };
+    let pem = std::fs::read(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(PemItem::Certificate(c)) => certs.push(c.to_owned()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("CA file {}: {e}", path.display())),
+        }
+    }
+    if certs.is_empty() {
+        return Err(format!("CA file {}: no PEM certificate in it", path.display()));
+    }
+    let _: &[Certificate<'static>] = &certs;
+    Ok(TlsConfig::builder().root_certs(RootCerts::Specific(Arc::new(certs))).build())
+}
+
 impl Net {
-    /// A client for the server at `base` (`http://host:port`).
-    pub fn new(base: &str) -> Self {
-        let http: ureq::Agent =
-            ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    /// A client for the server at `base` (`http://host:port` or `https://…`)
+    /// trusting what `tls` trusts ([`trust`]).
+    pub fn new(base: &str, tls: ureq::tls::TlsConfig) -> Self {
+        let http: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .build()
+            .into();
         Net { http, base: base.trim_end_matches('/').to_owned() }
     }
 

@@ -11,6 +11,8 @@
 //!   declared length, and a body that does not arrive in time.
 //! - [`error`] — the JSON error every refusal of ours carries.
 //! - [`Stats`] — counters for `/metrics`.
+//! - [`tls`] — [`serve_tls`]: the same loop over TLS, with certificates
+//!   reloaded in place; [`redirect_to_https`] for the plain port.
 //!
 //! Handlers find the peer's address as `axum::extract::ConnectInfo<SocketAddr>`
 //! in the request's extensions.
@@ -18,8 +20,10 @@
 pub mod body;
 mod conn;
 pub mod error;
+mod redirect;
 mod registry;
 mod stats;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,6 +41,7 @@ use tower::ServiceExt;
 
 pub use body::BodyGuardLayer;
 pub use stats::{Closed, Stats};
+pub use tls::{Tls, TlsError};
 
 use conn::{ConnState, InFlight, Watched};
 use registry::{Admission, Registry};
@@ -110,6 +115,44 @@ pub async fn serve(
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_with(listener, router, limits, stats, None, shutdown).await
+}
+
+/// As [`serve`], over TLS with `tls`'s certificate: a handshake must finish
+/// within the header timeout, a client that speaks plain HTTP gets a 400
+/// (`https_required`), every response carries `Strict-Transport-Security`,
+/// and the certificate is reloaded when its files change or on SIGHUP.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    stats: Arc<Stats>,
+    tls: Arc<Tls>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let watcher = Arc::clone(&tls).watch();
+    let result = serve_with(listener, router, limits, stats, Some(tls), shutdown).await;
+    watcher.abort();
+    result
+}
+
+/// Serves every request of a plain-HTTP listener with a permanent redirect
+/// (308, so methods and bodies are kept) to the same host and path over
+/// HTTPS on `https_port`.
+pub fn redirect_to_https(https_port: u16) -> Router {
+    Router::new().fallback(move |request: axum::extract::Request| async move {
+        redirect::to_https(&request, https_port)
+    })
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    stats: Arc<Stats>,
+    tls: Option<Arc<Tls>>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let registry = Arc::new(Registry::new(limits, Arc::clone(&stats)));
     let (draining_tx, draining) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -128,9 +171,14 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match registry.admit(peer.ip()) {
                     Admission::Open(conn) => {
-                        let job = connection(stream, peer, conn, router.clone(), http.clone(), draining.clone(), Arc::clone(&registry));
-                        tasks.spawn(job);
+                        let job = Job { peer, conn, router: router.clone(), http: http.clone(), draining: draining.clone(), registry: Arc::clone(&registry) };
+                        match &tls {
+                            None => tasks.spawn(job.plain(stream)),
+                            Some(tls) => tasks.spawn(job.tls(stream, Arc::clone(tls))),
+                        };
                     }
+                    // A TLS client would not read a plain answer: just close.
+                    Admission::Refuse(_) if tls.is_some() => drop(stream),
                     Admission::Refuse(why) => {
                         tasks.spawn(refuse(stream, why));
                     }
@@ -171,56 +219,136 @@ fn is_out_of_files(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(23 | 24))
 }
 
-async fn connection(
-    stream: TcpStream,
+/// One admitted connection and what serving it needs.
+struct Job {
     peer: SocketAddr,
     conn: Arc<ConnState>,
     router: Router,
     http: hyper::server::conn::http1::Builder,
-    mut draining: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
     registry: Arc<Registry>,
-) {
-    let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn)));
-    let state = Arc::clone(&conn);
-    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-        let guard = InFlight::start(Arc::clone(&state));
-        request.extensions_mut().insert(ConnectInfo(peer));
-        let call = router.clone().oneshot(request.map(axum::body::Body::new));
-        async move {
-            let response = call.await?;
-            Ok::<_, std::convert::Infallible>(response.map(|b| conn::GuardedBody::new(b, guard)))
-        }
-    });
-    let serving = http.serve_connection(io, service);
-    tokio::pin!(serving);
-    let mut graceful = *draining.borrow();
-    if graceful {
-        return registry.remove(&conn);
+}
+
+impl Job {
+    async fn plain(self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let io = Watched::new(stream, Arc::clone(&self.conn));
+        self.serve(io, false).await
     }
-    loop {
-        tokio::select! {
-            result = serving.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-                break;
+
+    /// Plain HTTP is answered 400; else the handshake (within the time
+    /// limits the watchdog keeps: its bytes start the header clock), then
+    /// HTTP over the TLS stream.
+    async fn tls(self, stream: TcpStream, tls: Arc<Tls>) {
+        let _ = stream.set_nodelay(true);
+        let mut first = [0u8; 1];
+        let peeked = tokio::select! {
+            peeked = stream.peek(&mut first) => peeked,
+            _ = self.conn.closed() => return self.registry.remove(&self.conn),
+        };
+        match peeked {
+            // A TLS record of type handshake.
+            Ok(1) if first[0] == 0x16 => {}
+            Ok(1) => {
+                tls.stats.plain_http.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                answer_plain_http(stream).await;
+                return self.registry.remove(&self.conn);
             }
-            _ = conn.closed() => break,
-            changed = draining.changed(), if !graceful => {
-                if changed.is_err() || *draining.borrow() {
-                    // Nothing in flight (idle, or a header not finished):
-                    // close now; else finish the request, then close.
-                    if conn.is_idle() {
-                        break;
+            _ => return self.registry.remove(&self.conn),
+        }
+        let accepting = tls.acceptor().accept(Watched::new(stream, Arc::clone(&self.conn)));
+        let mut draining = self.draining.clone();
+        let stream = tokio::select! {
+            accepted = accepting => match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tls.stats.handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                    return self.registry.remove(&self.conn);
+                }
+            },
+            _ = self.conn.closed() => return self.registry.remove(&self.conn),
+            _ = draining.wait_for(|d| *d) => return self.registry.remove(&self.conn),
+        };
+        self.serve(stream, true).await
+    }
+
+    async fn serve<I>(self, io: I, hsts: bool)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Job { peer, conn, router, http, mut draining, registry } = self;
+        let io = TokioIo::new(io);
+        let state = Arc::clone(&conn);
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            let guard = InFlight::start(Arc::clone(&state));
+            request.extensions_mut().insert(ConnectInfo(peer));
+            let call = router.clone().oneshot(request.map(axum::body::Body::new));
+            async move {
+                let mut response = call.await?;
+                if hsts {
+                    response.headers_mut().insert(
+                        axum::http::header::STRICT_TRANSPORT_SECURITY,
+                        axum::http::HeaderValue::from_static("max-age=31536000"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|b| conn::GuardedBody::new(b, guard)),
+                )
+            }
+        });
+        let serving = http.serve_connection(io, service);
+        tokio::pin!(serving);
+        let mut graceful = *draining.borrow();
+        if graceful {
+            return registry.remove(&conn);
+        }
+        loop {
+            tokio::select! {
+                result = serving.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
-                    graceful = true;
-                    serving.as_mut().graceful_shutdown();
+                    break;
+                }
+                _ = conn.closed() => break,
+                changed = draining.changed(), if !graceful => {
+                    if changed.is_err() || *draining.borrow() {
+                        // Nothing in flight (idle, or a header not finished):
+                        // close now; else finish the request, then close.
+                        if conn.is_idle() {
+                            break;
+                        }
+                        graceful = true;
+                        serving.as_mut().graceful_shutdown();
+                    }
                 }
             }
         }
+        registry.remove(&conn);
     }
-    registry.remove(&conn);
+}
+
+/// Answers plain HTTP sent to the TLS port: 400 `https_required`, then closes
+/// (after reading what the client sent, so that it sees the answer).
+async fn answer_plain_http(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = error::body(
+        "https_required",
+        "this port speaks HTTPS: use an https:// URL (the request was not read)",
+    );
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut sink = [0u8; 4096];
+        let _ = stream.read(&mut sink).await?;
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Answers a connection that cannot be admitted with a 503 and closes it.

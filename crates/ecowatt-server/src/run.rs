@@ -145,8 +145,23 @@ pub async fn serve(
         )
     });
     let stats = Arc::clone(&state.edge);
-    let result =
-        ecowatt_edge::serve(listener, api::app(state.clone()), limits, stats, shutdown).await;
+    let router = api::app(state.clone());
+    let result = match state.settings.tls.clone() {
+        None => ecowatt_edge::serve(listener, router, limits, stats, shutdown).await,
+        Some(tls) => {
+            let redirect = match state.settings.tls_redirect_from {
+                Some(from) => Some(redirect_to_https(from, listener.local_addr()?.port()).await?),
+                None => None,
+            };
+            let served =
+                ecowatt_edge::serve_tls(listener, router, limits, stats, tls, shutdown).await;
+            if let Some((stop, task)) = redirect {
+                let _ = stop.send(());
+                let _ = task.await;
+            }
+            served
+        }
+    };
     let _ = stop.send(true);
     let _ = background.await;
     if let Some(task) = listener_task {
@@ -161,6 +176,31 @@ pub async fn serve(
     }
     state.store.close().await;
     result
+}
+
+/// Listens on `from` and redirects every request to HTTPS on `https_port`
+/// until told to stop.
+async fn redirect_to_https(
+    from: std::net::SocketAddr,
+    https_port: u16,
+) -> std::io::Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(from).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {from} (tls_redirect_from): {e}"))
+    })?;
+    tracing::info!(address = %from, "plain HTTP here is redirected to HTTPS");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = ecowatt_edge::redirect_to_https(https_port);
+    let stats = Arc::new(ecowatt_edge::Stats::default());
+    let limits = ecowatt_edge::Limits::default();
+    let task = tokio::spawn(async move {
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = ecowatt_edge::serve(listener, router, limits, stats, stopped).await {
+            tracing::warn!(error = %e, "the HTTPS redirect listener failed");
+        }
+    });
+    Ok((stop, task))
 }
 
 /// The sweeps: expired commands, tallied security events, retention.

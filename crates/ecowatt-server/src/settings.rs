@@ -74,6 +74,12 @@ pub struct SettingsFile {
     pub mqtt_buffer: Option<usize>,
     /// CA (PEM) that signs an `mqtts://` broker's certificate (default: the system's roots).
     pub mqtt_ca_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Also listen here for plain HTTP and redirect every request to HTTPS.
+    pub tls_redirect_from: Option<SocketAddr>,
 }
 
 /// The `[legacy]` table: how the seed's API behaves (see docs/migration.md).
@@ -135,6 +141,9 @@ impl SettingsFile {
             mqtt_discovery_prefix: over.mqtt_discovery_prefix.or(self.mqtt_discovery_prefix),
             mqtt_buffer: over.mqtt_buffer.or(self.mqtt_buffer),
             mqtt_ca_file: over.mqtt_ca_file.or(self.mqtt_ca_file),
+            tls_cert: over.tls_cert.or(self.tls_cert),
+            tls_key: over.tls_key.or(self.tls_key),
+            tls_redirect_from: over.tls_redirect_from.or(self.tls_redirect_from),
         }
     }
 }
@@ -172,6 +181,10 @@ pub struct Settings {
     pub legacy: LegacySettings,
     /// The MQTT integration, when a broker is given.
     pub mqtt: Option<crate::mqtt::MqttSettings>,
+    /// HTTPS: the certificate in use (reloaded when its files change).
+    pub tls: Option<std::sync::Arc<ecowatt_edge::Tls>>,
+    /// A plain-HTTP address whose requests are redirected to HTTPS.
+    pub tls_redirect_from: Option<SocketAddr>,
 }
 
 /// How the legacy API behaves (`[legacy]`, docs/migration.md).
@@ -358,6 +371,18 @@ fn offered_codecs(list: Option<&Vec<u8>>) -> Result<u8, String> {
     Ok(set)
 }
 
+/// The certificate and key, both or neither, checked now.
+fn tls_settings(file: &SettingsFile) -> Result<Option<std::sync::Arc<ecowatt_edge::Tls>>, String> {
+    match (&file.tls_cert, &file.tls_key, file.tls_redirect_from) {
+        (Some(cert), Some(key), _) => ecowatt_edge::Tls::load(cert, key)
+            .map(Some)
+            .map_err(|e| format!("TLS ({}): {e}", e.code())),
+        (None, None, None) => Ok(None),
+        (None, None, Some(_)) => Err("tls_redirect_from needs tls_cert and tls_key".into()),
+        _ => Err("tls_cert and tls_key go together: give both".into()),
+    }
+}
+
 fn days(d: u32) -> Option<Duration> {
     (d > 0).then(|| Duration::from_secs(u64::from(d) * 86_400))
 }
@@ -366,6 +391,8 @@ impl Settings {
     /// Fills in defaults.
     pub fn resolve(file: SettingsFile) -> Result<Settings, String> {
         let mqtt = mqtt_settings(&file)?;
+        let tls = tls_settings(&file)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let bind = file.bind.unwrap_or_else(|| DEFAULT_BIND.parse().expect("default bind parses"));
         let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let database =
@@ -440,12 +467,14 @@ impl Settings {
             ),
             firmware_keys,
             bind,
-            public_url: file.public_url.unwrap_or_else(|| format!("http://{bind}")),
+            public_url: file.public_url.unwrap_or_else(|| format!("{scheme}://{bind}")),
             data_dir,
             database,
             legacy_api: file.legacy_api.unwrap_or(false),
             legacy: LegacySettings::resolve(file.legacy)?,
             mqtt,
+            tls,
+            tls_redirect_from: file.tls_redirect_from,
             body_limit,
         })
     }

@@ -163,8 +163,9 @@ impl TestServer {
             .await
             .expect("serve");
         });
+        let scheme = if state.settings.tls.is_some() { "https" } else { "http" };
         TestServer {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
             addr,
             admin_token,
             state,

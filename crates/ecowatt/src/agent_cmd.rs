@@ -75,7 +75,7 @@ enum Restart {
 /// Exit status asking a supervisor to start the agent again (EX_TEMPFAIL).
 const RESTART_STATUS: i32 = 75;
 
-pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+pub fn run(args: AgentArgs, ca_file: Option<PathBuf>) -> anyhow::Result<()> {
     let mqtt = args.mqtt.as_ref().map(|url| {
         let mut m = MqttSettings::new(url);
         m.topics.prefix = args.mqtt_prefix.clone();
@@ -111,6 +111,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("ecowatt-device").join(&provisioning.device));
     let mut opts = AgentOptions::new(provisioning, inverter, state_dir);
     opts.server = args.cloud.clone();
+    opts.server_ca = ca_file;
     opts.slave = args.slave;
     opts.link = LinkOptions { timeout: args.inverter_timeout, api_key: args.api_key.clone() };
     opts.log_capacity = args.log_capacity;

@@ -20,6 +20,10 @@ pub struct ServerConn {
     /// The server's data directory, where the first admin token is kept.
     #[arg(long, env = "ECOWATT_DATA_DIR", default_value = "./ecowatt-data", global = true)]
     pub data_dir: PathBuf,
+    /// CA certificate (PEM) an https:// server's certificate must be signed by, for a
+    /// private PKI such as `ecowatt tls init` makes [default: the public web's roots].
+    #[arg(long, env = "ECOWATT_CA_FILE", value_name = "PEM", global = true)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A connected operator.
@@ -44,7 +48,10 @@ impl ServerConn {
                     .to_owned()
             }
         };
+        let tls =
+            ecowatt_device::net::trust(self.ca_file.as_deref()).map_err(anyhow::Error::msg)?;
         let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
             .timeout_global(Some(Duration::from_secs(30)))
             .http_status_as_error(false)
             .build()
@@ -54,6 +61,24 @@ impl ServerConn {
 }
 
 impl Api {
+    /// Why a call did not get an answer, with what to do about it.
+    fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
+        let base = &self.base;
+        match e {
+            ureq::Error::Rustls(e) => anyhow::anyhow!(
+                "TLS with {base} failed: {e} (a server with a private CA: pass --ca-file CA.pem; \
+                 a certificate for another name: use the name it was made for)"
+            ),
+            ureq::Error::Io(io) if io.to_string().contains("certificate") => anyhow::anyhow!(
+                "the server at {base} presented a certificate this client does not accept: {io} \
+                 (a private CA: pass --ca-file CA.pem; expired: renew it, e.g. `ecowatt tls init`)"
+            ),
+            other => anyhow::anyhow!(
+                "cannot reach the server at {base} (is `ecowatt server` running?): {other}"
+            ),
+        }
+    }
+
     /// Calls `method path` with an optional JSON body; returns the JSON answer
     /// or the server's error as a message.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
@@ -91,9 +116,7 @@ impl Api {
                 }
             }
         };
-        let mut response = result.with_context(|| {
-            format!("cannot reach the server at {} (is `ecowatt server` running?)", self.base)
-        })?;
+        let mut response = result.map_err(|e| self.unreachable(e))?;
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
         if status >= 400 {
@@ -124,7 +147,7 @@ impl Api {
             .header("content-type", "application/octet-stream")
             .header("content-length", &image.len().to_string())
             .send(ureq::SendBody::from_reader(&mut reader))
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+            .map_err(|e| self.unreachable(e))?;
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);

@@ -33,6 +33,7 @@ mod schedule;
 mod server;
 mod signals;
 mod sim;
+mod tls_cmd;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -137,6 +138,9 @@ enum Verb {
         #[command(flatten)]
         conn: client::ServerConn,
     },
+    /// Private TLS certificates for HTTPS (`tls init --host NAME`: a CA and a server certificate).
+    #[command(subcommand)]
+    Tls(tls_cmd::TlsCommand),
     /// Make a firmware signing key pair, Ed25519 or RSA-2048 (kept offline; the server only gets the public key).
     Keygen(firmware::KeygenArgs),
     /// Sign firmware images and check them (signed manifests: version, size, SHA-256, security counter).
@@ -307,9 +311,10 @@ fn main() -> std::process::ExitCode {
         Verb::Bench(cmd) => bench::run(cmd),
         Verb::Server(args) => server::run(args),
         Verb::Keygen(args) => firmware::keygen(args),
+        Verb::Tls(cmd) => tls_cmd::run(cmd),
         Verb::Firmware(cmd) => firmware::run(cmd),
         Verb::Device { cmd: Some(cmd), conn, .. } => operator::device(&conn, cmd),
-        Verb::Device { cmd: None, agent, .. } => agent_cmd::run(agent),
+        Verb::Device { cmd: None, agent, conn } => agent_cmd::run(agent, conn.ca_file),
         Verb::Config { cmd, conn } => operator::config(&conn, cmd),
         Verb::Command { args, conn } => operator::command(&conn, args),
         Verb::Commands { cmd, conn } => operator::commands(&conn, cmd),

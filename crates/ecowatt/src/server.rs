@@ -14,7 +14,7 @@ use ecowatt_server::settings::{Settings, SettingsFile};
 /// DATA_DIR/admin.token, where the other commands find it.
 #[derive(Args, Debug)]
 pub struct ServerArgs {
-    /// TOML settings file (keys as in docs/server.md: bind, data_dir, database, legacy_api, body_limit_bytes, public_url, timeouts, caps, retention; [legacy] as in docs/migration.md).
+    /// TOML settings file (keys as in docs/server.md: bind, data_dir, database, legacy_api, body_limit_bytes, public_url, timeouts, caps, retention, tls_*; [legacy] as in docs/migration.md).
     #[arg(long, env = "ECOWATT_CONFIG")]
     config: Option<PathBuf>,
     /// Listen address [default: 127.0.0.1:5001].
@@ -36,6 +36,16 @@ pub struct ServerArgs {
     /// CA certificate (PEM) of an mqtts:// broker's private PKI [default: the system's roots].
     #[arg(long, env = "ECOWATT_MQTT_CA_FILE", value_name = "PEM")]
     mqtt_ca_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first; with --tls-key). Reloaded
+    /// without dropping connections when the files change or on SIGHUP.
+    #[arg(long, env = "ECOWATT_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "ECOWATT_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Also listen here for plain HTTP and redirect every request to HTTPS (e.g. 0.0.0.0:80).
+    #[arg(long, env = "ECOWATT_TLS_REDIRECT_FROM", value_name = "ADDR", requires = "tls_cert")]
+    tls_redirect_from: Option<SocketAddr>,
     /// Largest request body in bytes [default: 65536].
     #[arg(long, env = "ECOWATT_BODY_LIMIT")]
     body_limit: Option<usize>,
@@ -124,6 +134,9 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         mqtt_discovery_prefix: None,
         mqtt_buffer: None,
         mqtt_ca_file: args.mqtt_ca_file,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_redirect_from: args.tls_redirect_from,
     };
     // Before the settings: the default connection cap follows the limit.
     let open_files = ecowatt_edge::raise_open_files_limit();
@@ -151,7 +164,11 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                  commands. Use it only to migrate original firmware (docs/migration.md)."
             );
         }
-        outln!("EcoWatt server on http://{} (API docs: /api/docs)", listener.local_addr()?);
+        let scheme = if prepared.state.settings.tls.is_some() { "https" } else { "http" };
+        if let Some(tls) = &prepared.state.settings.tls {
+            tracing::info!(?tls, "HTTPS: TLS 1.2/1.3, certificate reloaded on change or SIGHUP");
+        }
+        outln!("EcoWatt server on {scheme}://{} (API docs: /api/docs)", listener.local_addr()?);
         let grace = limits.shutdown_grace;
         ecowatt_server::run::serve(listener, prepared.state, async move {
             crate::signals::stop_requested().await;
@@ -198,7 +215,8 @@ impl InProcess {
         let task = tokio::spawn(ecowatt_server::run::serve(listener, prepared.state, async {
             let _ = stopped.await;
         }));
-        Ok(InProcess { url: format!("http://{addr}"), admin_token, state, stop, task })
+        let scheme = if state.settings.tls.is_some() { "https" } else { "http" };
+        Ok(InProcess { url: format!("{scheme}://{addr}"), admin_token, state, stop, task })
     }
 
     /// Stops it gracefully and waits.

@@ -60,6 +60,31 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             reason.as_str()
         );
     }
+    if let Some(tls) = &state.settings.tls {
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let s = &tls.stats;
+        let _ = write!(
+            body,
+            "# HELP ecowatt_tls_certificate_not_after_seconds When the certificate in use expires (Unix time).\n\
+             # TYPE ecowatt_tls_certificate_not_after_seconds gauge\n\
+             ecowatt_tls_certificate_not_after_seconds {}\n\
+             # HELP ecowatt_tls_handshake_failures_total TLS handshakes that failed.\n\
+             # TYPE ecowatt_tls_handshake_failures_total counter\n\
+             ecowatt_tls_handshake_failures_total {}\n\
+             # HELP ecowatt_tls_plain_http_total Plain HTTP requests sent to the HTTPS port (answered 400).\n\
+             # TYPE ecowatt_tls_plain_http_total counter\n\
+             ecowatt_tls_plain_http_total {}\n\
+             # HELP ecowatt_tls_reloads_total Certificate reloads, by outcome.\n\
+             # TYPE ecowatt_tls_reloads_total counter\n\
+             ecowatt_tls_reloads_total{{outcome=\"ok\"}} {}\n\
+             ecowatt_tls_reloads_total{{outcome=\"refused\"}} {}\n",
+            tls.not_after(),
+            n(&s.handshake_failures),
+            n(&s.plain_http),
+            n(&s.reloads),
+            n(&s.reload_failures),
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 

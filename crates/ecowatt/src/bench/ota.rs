@@ -169,7 +169,7 @@ fn device_side(
         let device = Device::boot(kv, slots, creds, settings, now_ms())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let baseline = reset_peak();
-        let (started, fetches) = update(device, &Net::new(&base))?;
+        let (started, fetches) = update(device, &Net::new(&base, Default::default()))?;
         let secs = started.elapsed().as_secs_f64();
         let peak = rss().0.saturating_sub(baseline);
         let written: [u8; 32] = Sha256::digest(std::fs::read(&slot_b)?).into();

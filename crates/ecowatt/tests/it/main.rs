@@ -3,4 +3,5 @@
 mod commands;
 mod firmware;
 mod server_cli;
+mod tls;
 mod two_servers;

@@ -1,0 +1,180 @@
+//! HTTPS as a user sets it up: `ecowatt tls init` makes a private CA and a
+//! server certificate, `ecowatt server --tls-cert --tls-key` serves with it
+//! (and redirects plain HTTP), the CLI and a device agent reach it with
+//! `--ca-file`, and clients that do not trust it, or speak plain HTTP to it,
+//! are told why.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("ECOWATT_TOKEN")
+        .env_remove("ECOWATT_SERVER")
+        .env_remove("ECOWATT_CA_FILE")
+        .output()
+        .expect("run ecowatt")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(out: Output) -> String {
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{:?}\n{stdout}\n{stderr}", out.status);
+    stdout
+}
+
+fn failed(out: Output) -> String {
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "succeeded: {stdout}");
+    stderr
+}
+
+#[test]
+fn an_https_server_serves_the_cli_and_a_device_agent_that_trust_its_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let made =
+        ok(run(d, &["tls", "init", "--host", "localhost", "--host", "127.0.0.1", "--out", "pki"]));
+    assert!(made.contains("pki/ca.pem"), "{made}");
+    for file in ["ca.pem", "ca.key", "server.pem", "server.key"] {
+        assert!(d.join("pki").join(file).exists(), "{file}");
+    }
+
+    let (port, plain) = (free_port(), free_port());
+    let bind = format!("127.0.0.1:{port}");
+    let redirect = format!("127.0.0.1:{plain}");
+    let server = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(["server", "--bind", &bind, "--data-dir", "data"])
+        .args(["--tls-cert", "pki/server.pem", "--tls-key", "pki/server.key"])
+        .args(["--tls-redirect-from", &redirect])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Killed(server);
+    let banner = BufReader::new(server.0.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    assert!(banner.contains(&format!("https://{bind}")), "{banner}");
+
+    let url = format!("https://localhost:{port}");
+    let conn = ["--server", url.as_str(), "--data-dir", "data"];
+    let trusting = [&conn[..], &["--ca-file", "pki/ca.pem"]].concat();
+    // Trusting the CA: served.
+    let status = ok(run(d, &[&["status"][..], &trusting].concat()));
+    assert!(status.contains("devices    0"), "{status}");
+    // Not trusting it: refused, with what to do.
+    let refused = failed(run(d, &[&["status"][..], &conn].concat()));
+    assert!(refused.contains("certificate") && refused.contains("--ca-file"), "{refused}");
+    // A CA file that holds no certificate.
+    let refused =
+        failed(run(d, &[&["status"][..], &conn, &["--ca-file", "pki/server.key"]].concat()));
+    assert!(refused.contains("no PEM certificate"), "{refused}");
+    // Plain HTTP to the HTTPS port.
+    let plain_url = format!("http://localhost:{port}");
+    let refused = failed(run(d, &["status", "--server", &plain_url, "--data-dir", "data"]));
+    assert!(refused.contains("https_required"), "{refused}");
+    // The plain port redirects, path and query kept.
+    let agent: ureq::Agent = ureq::Agent::config_builder().max_redirects(0).build().into();
+    let moved = agent.get(format!("http://localhost:{plain}/api/v1/devices?a=1")).call().unwrap();
+    assert_eq!(moved.status(), 308);
+    assert_eq!(moved.headers()["location"], format!("https://localhost:{port}/api/v1/devices?a=1"));
+
+    // A device provisioned over HTTPS syncs over HTTPS, trusting the same CA.
+    let sim = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(["sim", "--http", "127.0.0.1:0", "--modbus-tcp", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut sim = Killed(sim);
+    let inverter = BufReader::new(sim.0.stdout.take().unwrap())
+        .lines()
+        .take(10)
+        .find_map(|l| l.unwrap().split("SIM HTTP API : ").nth(1).map(|u| u.trim().to_owned()))
+        .expect("the simulator's URL");
+    let added = ok(run(d, &[&["device", "add", "roof-1"][..], &trusting].concat()));
+    let provision = d.join("roof-1.provision.json");
+    assert!(provision.exists(), "{added}");
+    let text = std::fs::read_to_string(&provision).unwrap();
+    assert!(text.contains(&format!("https://{bind}")), "{text}");
+    // Without the CA the agent cannot sync; with it, it can.
+    let device = |ca: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ecowatt"));
+        c.args(["device", "--provision", "roof-1.provision.json", "--inverter", &inverter])
+            .args(["--state-dir", "state"])
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(ca) = ca {
+            c.args(["--ca-file", ca]);
+        }
+        Killed(c.spawn().unwrap())
+    };
+    let online = || {
+        let out = run(d, &[&["device", "show", "roof-1"][..], &trusting].concat());
+        ok(out).contains("online")
+    };
+    let untrusting = device(None);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!online(), "a device that does not trust the server's CA came online");
+    drop(untrusting);
+    let _trusting = device(Some("pki/ca.pem"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !online() {
+        assert!(Instant::now() < deadline, "the device never synced over HTTPS");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // The server counted what it refused.
+    let metrics = ok(run(d, &[&["status"][..], &trusting].concat()));
+    assert!(metrics.contains("devices    1 (1 online"), "{metrics}");
+    let scrape: String = {
+        let certs = ureq::tls::Certificate::from_pem(&std::fs::read(d.join("pki/ca.pem")).unwrap())
+            .unwrap()
+            .to_owned();
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![certs])))
+            .build();
+        let agent: ureq::Agent = ureq::Agent::config_builder().tls_config(tls).build().into();
+        agent.get(format!("{url}/metrics")).call().unwrap().body_mut().read_to_string().unwrap()
+    };
+    assert!(scrape.contains("ecowatt_tls_plain_http_total 1"), "{scrape}");
+    let failures = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("ecowatt_tls_handshake_failures_total "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap();
+    assert!(failures >= 2, "handshake failures {failures}");
+    assert!(scrape.contains("ecowatt_tls_certificate_not_after_seconds "), "{scrape}");
+    server.0.kill().ok();
+}
