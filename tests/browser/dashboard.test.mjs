@@ -6,9 +6,14 @@
 // no console errors on any page (a favicon is served), a chosen image survives refreshes, the
 // Commands page shows a result as it happens (by long poll), the chart names its axis with a unit,
 // the audit log reads as fields, and at phone width no fleet column hides behind a scroll.
+// Then HTTPS: a server with a certificate from `ecowatt tls init` (a private CA), which
+// Chromium trusts by its key alone: log in over HTTPS with HSTS, plain HTTP to that port
+// refused, and the login warning when a token would cross the network in clear.
 // Screenshots go to ./screenshots. Needs: ECOWATT_BIN (the ecowatt binary), /usr/bin/chromium.
 import { execFileSync, spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { createHash, X509Certificate } from "node:crypto";
+import http from "node:http";
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
@@ -64,6 +69,7 @@ async function step(name, fn) {
 try {
   await step("log in with a token", async () => {
     await page.goto(base);
+    assert.equal(await page.$("#in-clear"), null, "warned about plain HTTP on this machine");
     await page.fill("#token", token);
     await page.keyboard.press("Enter");
     await page.waitForSelector("text=Fleet (3 devices)");
@@ -231,6 +237,75 @@ try {
   });
 } finally {
   await browser.close();
+}
+
+// HTTPS. `*.test` names resolve to 127.0.0.1 inside this browser only.
+const work = join(dataDir, "..");
+const pki = join(work, "pki");
+execFileSync(bin, ["tls", "init", "--host", "dashboard.test", "--out", pki], { stdio: "ignore" });
+const serverKey = new X509Certificate(readFileSync(join(pki, "server.pem"))).publicKey;
+const spki = createHash("sha256").update(serverKey.export({ type: "spki", format: "der" })).digest("base64");
+const tlsData = join(work, "tls-data");
+const tlsServer = spawn(bin, ["server", "--bind", "127.0.0.1:0", "--data-dir", tlsData, "--tls-cert", join(pki, "server.pem"), "--tls-key", join(pki, "server.key")], {
+  stdio: ["ignore", "pipe", "inherit"],
+  env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "warn" },
+});
+const tlsPort = await new Promise((resolve, reject) => {
+  let out = "";
+  const timer = setTimeout(() => reject(new Error("the HTTPS server printed no address:\n" + out)), 60000);
+  tlsServer.stdout.on("data", (d) => {
+    out += d;
+    const m = out.match(/EcoWatt server on https:\/\/127\.0\.0\.1:(\d+)/);
+    if (m) { clearTimeout(timer); resolve(m[1]); }
+  });
+  tlsServer.on("exit", (code) => reject(new Error(`the HTTPS server exited (${code}):\n${out}`)));
+});
+const demoPort = new URL(base).port;
+const secure = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--host-resolver-rules=MAP *.test 127.0.0.1", `--ignore-certificate-errors-spki-list=${spki}`],
+});
+const tab = await secure.newPage({ viewport: { width: 1280, height: 900 } });
+tab.setDefaultTimeout(30000);
+try {
+  await step("over HTTPS (a private CA's certificate) the dashboard logs in, with HSTS and no warning", async () => {
+    const resp = await tab.goto(`https://dashboard.test:${tlsPort}/`);
+    assert.equal(resp.status(), 200);
+    assert.equal(resp.headers()["strict-transport-security"], "max-age=31536000");
+    assert.equal(await tab.evaluate(() => location.protocol), "https:");
+    await tab.waitForSelector("#token");
+    assert.equal(await tab.$("#in-clear"), null, "warned about plain HTTP over HTTPS");
+    await tab.fill("#token", readFileSync(join(tlsData, "admin.token"), "utf8").trim());
+    await tab.keyboard.press("Enter");
+    await tab.waitForSelector("text=Fleet (0 devices)");
+    await tab.screenshot({ path: join(shots, "https-fleet.png"), fullPage: true });
+  });
+  await step("HSTS: told http:// for that host, the browser goes to https:// itself", async () => {
+    const resp = await tab.goto(`http://dashboard.test:${tlsPort}/`);
+    assert.equal(resp.status(), 200);
+    assert.equal(await tab.evaluate(() => location.protocol), "https:");
+  });
+  await step("plain HTTP to the HTTPS port (no HSTS in that client) is refused with https_required", async () => {
+    const { status, body } = await new Promise((resolve, reject) => {
+      http.get({ host: "127.0.0.1", port: tlsPort, path: "/" }, (res) => {
+        let body = "";
+        res.on("data", (d) => (body += d));
+        res.on("end", () => resolve({ status: res.statusCode, body }));
+      }).on("error", reject);
+    });
+    assert.equal(status, 400);
+    assert.equal(JSON.parse(body).error.code, "https_required");
+  });
+  await step("over plain HTTP from another host the login warns that the token travels in clear", async () => {
+    await tab.goto(`http://plain.test:${demoPort}/`);
+    await tab.waitForSelector("#in-clear");
+    assert.match(await tab.textContent("#in-clear"), /plain HTTP/);
+    await tab.screenshot({ path: join(shots, "in-clear-warning.png"), fullPage: true });
+  });
+} finally {
+  await secure.close();
+  tlsServer.kill("SIGINT");
   demo.kill("SIGINT");
 }
 const failed = results.filter(([, e]) => e).length;
