@@ -150,7 +150,10 @@ pub async fn serve(
         None => ecowatt_edge::serve(listener, router, limits, stats, shutdown).await,
         Some(tls) => {
             let redirect = match state.settings.tls_redirect_from {
-                Some(from) => Some(redirect_to_https(from, listener.local_addr()?.port()).await?),
+                Some(from) => {
+                    let https_port = listener.local_addr()?.port();
+                    Some(plain_port(from, https_port, router.clone(), &state.settings).await?)
+                }
                 None => None,
             };
             let served =
@@ -178,26 +181,43 @@ pub async fn serve(
     result
 }
 
-/// Listens on `from` and redirects every request to HTTPS on `https_port`
-/// until told to stop.
-async fn redirect_to_https(
+/// Paths served on the plain port too: the sealed device protocol (devices
+/// need no TLS, and the ESP32-C3 firmware speaks plain HTTP) and, when it is
+/// on, the legacy API of original firmware (plain by nature).
+fn served_in_plain(path: &str, legacy: bool) -> bool {
+    const LEGACY: [&str; 5] = ["/changes", "/config/", "/command/", "/process", "/ota/"];
+    path.starts_with("/api/v1/device/") || (legacy && LEGACY.iter().any(|p| path.starts_with(p)))
+}
+
+/// Listens on `from` for plain HTTP: device traffic ([`served_in_plain`])
+/// is served by `app`, every other request is redirected to HTTPS on
+/// `https_port`; until told to stop.
+async fn plain_port(
     from: std::net::SocketAddr,
     https_port: u16,
+    app: axum::Router,
+    settings: &crate::settings::Settings,
 ) -> std::io::Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)> {
+    use tower::ServiceExt;
     let listener = TcpListener::bind(from).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot listen on {from} (tls_redirect_from): {e}"))
     })?;
-    tracing::info!(address = %from, "plain HTTP here is redirected to HTTPS");
+    tracing::info!(address = %from, "plain HTTP: device protocol served, everything else redirected to HTTPS");
+    let legacy = settings.legacy_api;
+    let redirect = ecowatt_edge::redirect_to_https(https_port);
+    let router = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let to = if served_in_plain(request.uri().path(), legacy) { &app } else { &redirect };
+        to.clone().oneshot(request)
+    });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let router = ecowatt_edge::redirect_to_https(https_port);
     let stats = Arc::new(ecowatt_edge::Stats::default());
-    let limits = ecowatt_edge::Limits::default();
+    let limits = settings.limits;
     let task = tokio::spawn(async move {
         let stopped = async {
             let _ = stopped.await;
         };
         if let Err(e) = ecowatt_edge::serve(listener, router, limits, stats, stopped).await {
-            tracing::warn!(error = %e, "the HTTPS redirect listener failed");
+            tracing::warn!(error = %e, "the plain-HTTP listener failed");
         }
     });
     Ok((stop, task))

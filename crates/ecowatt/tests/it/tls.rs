@@ -1,8 +1,9 @@
 //! HTTPS as a user sets it up: `ecowatt tls init` makes a private CA and a
 //! server certificate, `ecowatt server --tls-cert --tls-key` serves with it
 //! (and redirects plain HTTP), the CLI and a device agent reach it with
-//! `--ca-file`, and clients that do not trust it, or speak plain HTTP to it,
-//! are told why.
+//! `--ca-file`, a device reaches it through the plain port too (sealed
+//! protocol only), and clients that do not trust it, or speak plain HTTP to
+//! it, are told why.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -155,9 +156,30 @@ fn an_https_server_serves_the_cli_and_a_device_agent_that_trust_its_private_ca()
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    // The plain port serves the sealed device protocol (the ESP32-C3 firmware speaks plain
+    // HTTP): a device pointed there needs no CA.
+    ok(run(d, &[&["device", "add", "roof-2"][..], &trusting].concat()));
+    let plain_url = format!("http://127.0.0.1:{plain}");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ecowatt"));
+    c.args(["device", "--provision", "roof-2.provision.json", "--inverter", &inverter])
+        .args(["--state-dir", "state-2", "--cloud", &plain_url])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _plain_device = Killed(c.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = run(d, &[&["device", "show", "roof-2"][..], &trusting].concat());
+        if ok(out).contains("online") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the device never synced through the plain port");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     // The server counted what it refused.
     let metrics = ok(run(d, &[&["status"][..], &trusting].concat()));
-    assert!(metrics.contains("devices    1 (1 online"), "{metrics}");
+    assert!(metrics.contains("devices    2 (2 online"), "{metrics}");
     let scrape: String = {
         let certs = ureq::tls::Certificate::from_pem(&std::fs::read(d.join("pki/ca.pem")).unwrap())
             .unwrap()
