@@ -192,5 +192,17 @@ assert mask == int(cb2["registers"], 16) and rows == cb2["samples"], (mask, rows
 missing = {"repeat", "level", "delta", "delta of delta", "rice", "packed", "exceptions"} - seen
 assert not missing, f"the v2 vector does not exercise {missing}"
 
-print("protocol vectors: 2 envelopes, 2 keys (python cryptography), a v1 and a v2 codec batch match")
+fd = v["firmware_delivery"]
+token, image, stream = (bytes.fromhex(fd[k]) for k in ("token", "image", "stream"))
+fkey = HKDF(algorithm=hashes.SHA256(), length=16, salt=token, info=b"ecowatt/v1 firmware").derive(key)
+assert fkey.hex().upper() == fd["key"].upper(), "delivery key"
+chunk, at, plain = 1 << fd["chunk_log2"], 0, b""
+for index in range((len(image) + chunk - 1) // chunk):
+    n = min(chunk, len(image) - index * chunk) + 16
+    nonce = bytes(4) + index.to_bytes(8, "big")
+    plain += AESGCM(fkey).decrypt(nonce, stream[at : at + n], len(image).to_bytes(8, "big"))
+    at += n
+assert at == len(stream) and plain == image, "firmware delivery stream"
+
+print("protocol vectors: 2 envelopes, 2 keys (python cryptography), a v1 and a v2 codec batch, an encrypted firmware stream match")
 sys.exit(0)

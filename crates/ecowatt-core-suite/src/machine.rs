@@ -327,6 +327,8 @@ pub fn uploads_use_the_newest_codec_both_sides_name_and_fall_back_when_refused()
 pub fn a_v1_only_device_states_no_codecs_and_keeps_v1() {
     let mut w = World::new();
     w.settings.codecs = 1 << ecowatt_proto::codec::CODEC_V1;
+    // A protocol 1.2 device (the delivery extension would carry a v1-only codec block).
+    w.settings.delivery = 0;
     w.reboot();
     w.run_until(T0 + 5 * MINUTE);
     assert!(!w.server.codecs_asked, "asks as a protocol 1.2 device");
@@ -423,6 +425,71 @@ pub fn a_tampered_image_is_refused_after_download_and_never_boots() {
     assert_eq!(w.device().booted().running, Version::parse("1.0.0").unwrap());
     assert_eq!(w.device().booted().slot, ecowatt_core::ota::Slot::A);
     assert_eq!(w.boots, 2, "no restart into it");
+}
+
+/// The stream offsets where chunks of `2^log2` bytes start.
+fn chunk_starts(log2: u8) -> impl Fn(&u64) -> bool {
+    move |o| o % ((1u64 << log2) + ecowatt_proto::delivery::TAG_LEN as u64) == 0
+}
+
+pub fn an_encrypted_update_is_decrypted_as_it_streams_resumes_at_a_chunk_and_confirms() {
+    let mut w = World::new();
+    let img = image(50_001);
+    w.server.encrypt = Some(10);
+    // The cut falls inside a chunk: the fetch again starts at that chunk.
+    w.server.cut_fetch_at = Some(30_000);
+    w.server.offer_update("1.1.0", img.clone(), false);
+    assert!(w.run_until_true(5 * MINUTE, updated), "{:?}", w.server.reports);
+    assert!(w.server.delivery_asked, "the device says it takes encrypted images");
+    let b = w.device().booted().clone();
+    assert_eq!(Sha256::digest(&w.flash.borrow().slots[idx(b.slot)]), Sha256::digest(&img));
+    let f = &w.server.fetches;
+    assert!(f.iter().all(chunk_starts(10)), "every fetch starts at a chunk: {f:?}");
+    let cut = f.iter().position(|o| (*o..*o + 3_120).contains(&30_000)).expect("the cut fetch");
+    assert_eq!(f[cut + 1], f[cut], "asked again from the chunk that was cut: {f:?}");
+    assert!(f.windows(2).all(|p| p[1] >= p[0]), "never from the start again: {f:?}");
+    // The device holds at most one fetch (whole chunks, within its chunk setting).
+    let stream = 50_001 + 16 * 49;
+    assert_eq!(f.len(), (stream as usize).div_ceil(3 * 1_040) + 1, "{f:?}");
+    w.server.offer = None;
+    w.run_until(w.now + MINUTE);
+    assert_eq!(w.server.reports.last().unwrap().state, OtaState::Succeeded);
+}
+
+pub fn a_tampered_or_foreign_encrypted_chunk_is_refused_and_nothing_switches() {
+    for foreign in [false, true] {
+        let mut w = World::new();
+        w.server.encrypt = Some(12);
+        if foreign {
+            w.server.encrypt_for_another = true;
+        } else {
+            // A bit of the stream flipped in its fourth chunk.
+            w.server.tamper_at = Some(3 * 4_112 + 100);
+        }
+        w.server.offer_update("1.1.0", image(30_000), false);
+        w.run_until(T0 + 5 * MINUTE);
+        let last = w.server.reports.last().unwrap();
+        assert_eq!((last.state, last.reason), (OtaState::Failed, ota_reason::DECRYPT_FAILED));
+        // What was written before the bad chunk had authenticated; nothing after it.
+        assert_eq!(last.done, if foreign { 0 } else { 3 * 4_096 }, "foreign {foreign}");
+        assert!(
+            !w.server.reports.iter().any(|r| r.state == OtaState::Installing),
+            "never installed"
+        );
+        w.reboot();
+        assert_eq!(w.device().booted().running, Version::parse("1.0.0").unwrap());
+        assert_eq!(w.device().booted().slot, ecowatt_core::ota::Slot::A);
+    }
+}
+
+pub fn a_device_that_takes_no_encrypted_images_gets_them_clear() {
+    let mut w = World::new();
+    w.settings.delivery = 0;
+    w.reboot();
+    w.server.encrypt = Some(12);
+    w.server.offer_update("1.1.0", image(20_000), false);
+    assert!(w.run_until_true(5 * MINUTE, updated), "{:?}", w.server.reports);
+    assert!(!w.server.delivery_asked);
 }
 
 pub fn a_device_without_trusted_keys_refuses_every_update() {

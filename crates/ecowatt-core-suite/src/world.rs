@@ -16,11 +16,12 @@ use ecowatt_core::machine::{Action, Channel, Device, Event, Failure, Note, Setti
 use ecowatt_core::ota::{FlashError, Slot, Slots};
 use ecowatt_core::session::Credentials;
 use ecowatt_proto::codec::{self, Sample};
+use ecowatt_proto::delivery::Delivery;
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_proto::messages::{
-    CommandControl, CommandResult, ConfigState, ControlOrders, ControlReport, DeviceCommand,
-    Episode, MessageType, OtaReport, Plan, ScheduleOrders, ScheduleReport, SyncRequest,
-    SyncResponse, TelemetryAck, TelemetryUpload, UpdateOffer, signature_algorithm,
+    CommandControl, CommandResult, ConfigState, ControlOrders, ControlReport, DELIVERY_ENCRYPTED,
+    DeviceCommand, Episode, MessageType, OtaReport, Plan, ScheduleOrders, ScheduleReport,
+    SyncRequest, SyncResponse, TelemetryAck, TelemetryUpload, UpdateOffer, signature_algorithm,
 };
 use ecowatt_proto::modbus::{Exception, ExceptionCode, Request, Response};
 use ecowatt_proto::replay::ReplayWindow;
@@ -209,6 +210,13 @@ pub struct Server {
     pub codecs_asked: bool,
     /// The codec of every upload stored, in order.
     pub upload_codecs: Vec<u8>,
+    /// The update goes encrypted in chunks of `2^n` bytes to a device that
+    /// takes it ([`ecowatt_proto::delivery`]).
+    pub encrypt: Option<u8>,
+    /// ...under another device's key.
+    pub encrypt_for_another: bool,
+    /// The last sync request said the device takes encrypted images.
+    pub delivery_asked: bool,
 }
 
 impl Server {
@@ -243,6 +251,9 @@ impl Server {
             codecs_offered: codec::SUPPORTED,
             codecs_asked: false,
             upload_codecs: Vec::new(),
+            encrypt: None,
+            encrypt_for_another: false,
+            delivery_asked: false,
             garbage: None,
             failsafe: None,
             leases: BTreeMap::new(),
@@ -338,6 +349,7 @@ impl Server {
             self.schedule = Some(s);
         }
         self.codecs_asked = req.codecs.is_some();
+        self.delivery_asked = req.delivery.is_some_and(|d| d & DELIVERY_ENCRYPTED != 0);
         Some(req)
     }
 
@@ -373,6 +385,8 @@ impl Server {
         });
         // Like the real server: an offer only to a device that states its codecs.
         let codecs = self.codecs_asked.then_some(self.codecs_offered);
+        // Like the real server: encrypted only to a device that takes it.
+        let delivery = self.encrypt.filter(|_| self.delivery_asked && update.is_some());
         let r = SyncResponse {
             server_time_ms: now,
             config,
@@ -381,6 +395,7 @@ impl Server {
             control,
             schedule,
             codecs,
+            delivery,
         };
         self.answer(counter, MessageType::SyncResponse, &r.encode())
     }
@@ -456,6 +471,18 @@ struct Held {
 }
 
 /// The device, its inverter and server, its power, and the time.
+/// A heap's counters (the QEMU suite's counting allocator), to measure the
+/// device's memory per chunk of an update.
+#[derive(Clone, Copy)]
+pub struct Meter {
+    /// Bytes live now.
+    pub live: fn() -> usize,
+    /// The peak of live bytes since the last reset.
+    pub peak: fn() -> usize,
+    /// Sets the peak to the bytes live now.
+    pub reset_peak: fn(),
+}
+
 pub struct World {
     pub now: u64,
     pub device: Option<Dev>,
@@ -476,6 +503,10 @@ pub struct World {
     held: Option<Held>,
     /// When the device last took in an answer of the server.
     pub last_heard: u64,
+    /// Measures the heap around each image chunk the device takes in.
+    pub meter: Option<Meter>,
+    /// The most heap the device took beyond an image chunk's own bytes.
+    pub chunk_heap: usize,
 }
 
 pub fn creds() -> Credentials {
@@ -533,6 +564,8 @@ impl World {
             due: Vec::new(),
             held: None,
             last_heard: 0,
+            meter: None,
+            chunk_heap: 0,
         };
         w.boot();
         w
@@ -655,7 +688,16 @@ impl World {
         if matches!(&event, Event::Server { answer: Ok(_), .. }) {
             self.last_heard = self.now;
         }
+        let chunk = matches!(&event, Event::Chunk(Ok(_)));
+        let meter = self.meter.filter(|_| chunk).map(|m| (m, (m.live)()));
+        if let Some((m, _)) = meter {
+            (m.reset_peak)();
+        }
         self.device.as_mut().expect("device").handle(self.now, event);
+        if let Some((m, before)) = meter {
+            // The answer's bytes were live before; what the device took beyond them.
+            self.chunk_heap = self.chunk_heap.max((m.peak)().saturating_sub(before));
+        }
         if self.power.is_cut() {
             // The device died at the write that failed: nothing it asked for
             // in this step happened. Power comes back a little later.
@@ -694,9 +736,28 @@ impl World {
                         (Some(_), true) if !self.server.downloads => {
                             Err(Failure { status: Some(503), message: "busy".into() })
                         }
-                        (Some((_, img)), true) => {
-                            let end = (offset as usize + len as usize).min(img.len());
-                            let mut bytes = img[offset as usize..end].to_vec();
+                        (Some((offer, img)), true) => {
+                            let delivery =
+                                self.server.encrypt.filter(|_| self.server.delivery_asked);
+                            let stream = delivery.map(|log2| {
+                                let key = if self.server.encrypt_for_another {
+                                    [0x77; 16]
+                                } else {
+                                    DEVICE_KEY
+                                };
+                                Delivery::new(&key, &offer.token, log2, img.len() as u64)
+                            });
+                            let mut bytes = match stream {
+                                None => {
+                                    let end = (offset as usize + len as usize).min(img.len());
+                                    img[offset as usize..end].to_vec()
+                                }
+                                Some(d) => {
+                                    let last = (offset + u64::from(len)).min(d.stream_len()) - 1;
+                                    d.stream_range(img, offset, last)
+                                }
+                            };
+                            let end = offset as usize + bytes.len();
                             if let Some(t) = self.server.tamper_at {
                                 if (offset as usize..end).contains(&t) {
                                     bytes[t - offset as usize] ^= 1;

@@ -111,6 +111,17 @@ pub struct Session {
 }
 
 impl Session {
+    /// The cipher of an image delivered encrypted to this device for the
+    /// offer named by `token` ([`ecowatt_proto::delivery`]).
+    pub fn delivery(
+        &self,
+        token: &[u8; 16],
+        chunk_log2: u8,
+        size: u64,
+    ) -> ecowatt_proto::delivery::Delivery {
+        ecowatt_proto::delivery::Delivery::new(&self.creds.key, token, chunk_log2, size)
+    }
+
     /// Resumes after a (re)boot: continues after the last reservation and
     /// reserves a fresh block before anything is sent.
     pub fn start(creds: Credentials, kv: &mut impl KeyValue) -> Result<Session, SessionError> {

@@ -303,7 +303,8 @@ async fn boot_once(
     let net = Net::new(
         &server,
         crate::net::trust(opts.server_ca.as_deref()).map_err(AgentError::ServerTls)?,
-    );
+    )
+    .asking_as(opts.provisioning.device_id, opts.provisioning.key_version);
     let (events, mut answers) = mpsc::unbounded_channel::<Event>();
     let name = &opts.provisioning.device;
     let (mut mqtt, mut from_broker) = match &opts.mqtt {

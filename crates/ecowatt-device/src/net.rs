@@ -14,6 +14,9 @@ use ecowatt_core::machine::{Action, Channel, Event, Failure};
 pub struct Net {
     http: ureq::Agent,
     base: String,
+    /// `?device=ID&key=VERSION` on image fetches (who asks, for an image
+    /// encrypted for one device).
+    asker: String,
 }
 
 /// Which certificates an `https://` server may present: signed by a CA of
@@ -48,7 +51,14 @@ impl Net {
             .http_status_as_error(false)
             .build()
             .into();
-        Net { http, base: base.trim_end_matches('/').to_owned() }
+        Net { http, base: base.trim_end_matches('/').to_owned(), asker: String::new() }
+    }
+
+    /// Image fetches say they come from device `device_id` holding key
+    /// version `key_version`.
+    pub fn asking_as(mut self, device_id: u32, key_version: u32) -> Self {
+        self.asker = format!("?device={device_id}&key={}", key_version as u8);
+        self
     }
 
     /// Carries out a [`Action::Post`] or [`Action::Fetch`] and returns the
@@ -83,7 +93,7 @@ impl Net {
     /// GETs `len` bytes of the offered image from `offset` with a `Range` request.
     pub fn fetch(&self, token: &[u8; 16], offset: u64, len: u32) -> Result<Vec<u8>, Failure> {
         let token = ecowatt_proto::hex::encode_upper(token);
-        let url = format!("{}/api/v1/device/firmware/{token}", self.base);
+        let url = format!("{}/api/v1/device/firmware/{token}{}", self.base, self.asker);
         let last = offset + u64::from(len.max(1)) - 1;
         let resp = self
             .http

@@ -21,6 +21,7 @@ extern crate alloc;
 
 pub mod codec;
 pub mod crc;
+pub mod delivery;
 pub mod firmware;
 pub mod hex;
 pub mod messages;

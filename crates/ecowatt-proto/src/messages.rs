@@ -234,6 +234,9 @@ pub struct SyncRequest {
     /// bit set (bit `v` = version `v`); none from a device of protocol ≤ 1.2,
     /// which encodes v1 only.
     pub codecs: Option<u8>,
+    /// The firmware delivery forms the device takes besides clear images
+    /// (protocol 1.4, [`DELIVERY_EXTENSION`]): [`DELIVERY_ENCRYPTED`].
+    pub delivery: Option<u8>,
 }
 
 /// Where a firmware update stands on the device.
@@ -307,8 +310,11 @@ pub mod ota_reason {
     pub const NO_TRUSTED_KEY: u8 = 9;
     /// The device's own storage failed.
     pub const STORAGE: u8 = 10;
+    /// A chunk of an image delivered encrypted failed authentication (altered,
+    /// or encrypted for another device).
+    pub const DECRYPT_FAILED: u8 = 11;
     /// Highest code defined.
-    pub const MAX: u8 = 10;
+    pub const MAX: u8 = 11;
 
     /// Its name in the operator API.
     pub fn name(code: u8) -> &'static str {
@@ -323,6 +329,7 @@ pub mod ota_reason {
             HEALTH_CHECK => "health_check_failed",
             NO_TRUSTED_KEY => "no_trusted_key",
             STORAGE => "storage_error",
+            DECRYPT_FAILED => "decrypt_failed",
             _ => "",
         }
     }
@@ -389,15 +396,19 @@ impl SyncRequest {
                 out.push(o.reason);
             }
         }
-        let codecs = self.codecs.is_some();
+        let codecs = self.codecs.is_some() || self.delivery.is_some();
         if self.control.is_some() || self.schedule.is_some() || codecs {
             self.control.clone().unwrap_or_default().put(&mut out);
         }
         if self.schedule.is_some() || codecs {
             self.schedule.unwrap_or_default().put(&mut out);
         }
-        if let Some(c) = self.codecs {
-            out.extend_from_slice(&[CODEC_EXTENSION, c]);
+        if codecs {
+            // A device that states no codecs encodes v1 only.
+            out.extend_from_slice(&[CODEC_EXTENSION, self.codecs.unwrap_or(1 << 1)]);
+        }
+        if let Some(d) = self.delivery {
+            out.extend_from_slice(&[DELIVERY_EXTENSION, d]);
         }
         out
     }
@@ -470,6 +481,13 @@ impl SyncRequest {
         let control = if r.at < r.bytes.len() { Some(ControlReport::get(&mut r)?) } else { None };
         let schedule = if r.at < r.bytes.len() { Some(ScheduleReport::get(&mut r)?) } else { None };
         let codecs = if r.at < r.bytes.len() { Some(get_codecs(&mut r)?) } else { None };
+        let delivery = if r.at < r.bytes.len() {
+            Some(get_extension(&mut r, DELIVERY_EXTENSION, "delivery", |d| {
+                d == DELIVERY_ENCRYPTED
+            })?)
+        } else {
+            None
+        };
         r.finish()?;
         Ok(SyncRequest {
             wait_ms,
@@ -481,7 +499,35 @@ impl SyncRequest {
             control,
             schedule,
             codecs,
+            delivery,
         })
+    }
+}
+
+/// The delivery extension (protocol 1.4): encrypted firmware delivery
+/// ([`crate::delivery`]). It rides after the codec extension (a request or
+/// answer with it carries control, schedule and codec blocks; a device that
+/// states no codecs sends v1 only): `ext u8 = 4, value u8`. In a request the
+/// value is the delivery forms the device takes ([`DELIVERY_ENCRYPTED`]); in
+/// an answer, present only with an offer delivered encrypted and only to a
+/// device that takes it, the chunk size's power of two
+/// ([`crate::delivery::MIN_CHUNK_LOG2`]..=[`crate::delivery::MAX_CHUNK_LOG2`]).
+pub const DELIVERY_EXTENSION: u8 = 4;
+/// The device decrypts images delivered in sealed chunks.
+pub const DELIVERY_ENCRYPTED: u8 = 1;
+
+fn get_extension(
+    r: &mut Reader<'_>,
+    ext: u8,
+    field: &'static str,
+    valid: impl Fn(u8) -> bool,
+) -> Result<u8, DecodeError> {
+    if r.u8()? != ext {
+        return Err(DecodeError::BadValue { field: "extension" });
+    }
+    match r.u8()? {
+        v if valid(v) => Ok(v),
+        _ => Err(DecodeError::BadValue { field }),
     }
 }
 
@@ -495,13 +541,7 @@ impl SyncRequest {
 pub const CODEC_EXTENSION: u8 = 3;
 
 fn get_codecs(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
-    if r.u8()? != CODEC_EXTENSION {
-        return Err(DecodeError::BadValue { field: "extension" });
-    }
-    match r.u8()? {
-        c if c == 0 || c & 1 != 0 => Err(DecodeError::BadValue { field: "codecs" }),
-        c => Ok(c),
-    }
+    get_extension(r, CODEC_EXTENSION, "codecs", |c| c != 0 && c & 1 == 0)
 }
 
 /// The export-limit control extension (protocol 1.1): leased limits and the
@@ -1025,6 +1065,10 @@ pub struct SyncResponse {
     /// The telemetry codecs the server accepts (bit `v` = version `v`), only
     /// ever sent to a device whose request carried its own.
     pub codecs: Option<u8>,
+    /// With an update offer delivered encrypted ([`crate::delivery`]): its
+    /// chunk size as a power of two. Only ever sent to a device whose request
+    /// carried [`DELIVERY_ENCRYPTED`].
+    pub delivery: Option<u8>,
 }
 
 /// Signature algorithms of an update offer.
@@ -1123,15 +1167,18 @@ impl SyncResponse {
                 u.put(&mut out);
             }
         }
-        let codecs = self.codecs.is_some();
+        let codecs = self.codecs.is_some() || self.delivery.is_some();
         if self.control.is_some() || self.schedule.is_some() || codecs {
             self.control.clone().unwrap_or_default().put(&mut out);
         }
         if self.schedule.is_some() || codecs {
             self.schedule.clone().unwrap_or_default().put(&mut out);
         }
-        if let Some(c) = self.codecs {
-            out.extend_from_slice(&[CODEC_EXTENSION, c]);
+        if codecs {
+            out.extend_from_slice(&[CODEC_EXTENSION, self.codecs.unwrap_or(1 << 1)]);
+        }
+        if let Some(d) = self.delivery {
+            out.extend_from_slice(&[DELIVERY_EXTENSION, d]);
         }
         out
     }
@@ -1167,8 +1214,26 @@ impl SyncResponse {
         let control = if r.at < r.bytes.len() { Some(ControlOrders::get(&mut r)?) } else { None };
         let schedule = if r.at < r.bytes.len() { Some(ScheduleOrders::get(&mut r)?) } else { None };
         let codecs = if r.at < r.bytes.len() { Some(get_codecs(&mut r)?) } else { None };
+        let delivery = if r.at < r.bytes.len() {
+            let chunk = crate::delivery::MIN_CHUNK_LOG2..=crate::delivery::MAX_CHUNK_LOG2;
+            Some(get_extension(&mut r, DELIVERY_EXTENSION, "delivery", |d| chunk.contains(&d))?)
+        } else {
+            None
+        };
+        if delivery.is_some() && update.is_none() {
+            return Err(DecodeError::BadValue { field: "delivery" });
+        }
         r.finish()?;
-        Ok(SyncResponse { server_time_ms, config, commands, update, control, schedule, codecs })
+        Ok(SyncResponse {
+            server_time_ms,
+            config,
+            commands,
+            update,
+            control,
+            schedule,
+            codecs,
+            delivery,
+        })
     }
 }
 
@@ -1278,6 +1343,22 @@ impl ErrorMessage {
 mod tests {
     use super::*;
 
+    fn sample_offer() -> UpdateOffer {
+        UpdateOffer {
+            token: [7; 16],
+            manifest: Manifest {
+                version: Version::parse("1.3.0-rc.1").unwrap(),
+                size: 200_000,
+                sha256: [0xAB; 32],
+                security_counter: 2,
+                target: String::from("linux-x86_64"),
+                created_ms: 1_800_000_000_000,
+            },
+            algorithm: signature_algorithm::ED25519,
+            signature: alloc::vec![0x5A; 64],
+        }
+    }
+
     fn sample_request() -> SyncRequest {
         SyncRequest {
             wait_ms: 25_000,
@@ -1306,6 +1387,7 @@ mod tests {
             control: None,
             schedule: None,
             codecs: None,
+            delivery: None,
         }
     }
 
@@ -1333,22 +1415,11 @@ mod tests {
                 },
                 DeviceCommand { id: 10, op: Operation::Read { register: 9 }, expires_ms: 99 },
             ],
-            update: Some(UpdateOffer {
-                token: [7; 16],
-                manifest: Manifest {
-                    version: Version::parse("1.3.0-rc.1").unwrap(),
-                    size: 200_000,
-                    sha256: [0xAB; 32],
-                    security_counter: 2,
-                    target: String::from("linux-x86_64"),
-                    created_ms: 1_800_000_000_000,
-                },
-                algorithm: signature_algorithm::ED25519,
-                signature: alloc::vec![0x5A; 64],
-            }),
+            update: Some(sample_offer()),
             control: None,
             schedule: None,
             codecs: None,
+            delivery: None,
         };
         assert_eq!(SyncResponse::decode(&resp.encode()).unwrap(), resp);
         let bytes = resp.encode();
@@ -1620,5 +1691,51 @@ mod tests {
         let mut long = resp.encode();
         long.push(0);
         assert!(SyncResponse::decode(&long).is_err());
+    }
+
+    #[test]
+    fn the_delivery_extension_rides_after_the_codecs_and_is_checked() {
+        // A device that states no codecs still carries a (v1-only) codec block before it.
+        let req = SyncRequest { delivery: Some(DELIVERY_ENCRYPTED), ..sample_request() };
+        let back = SyncRequest::decode(&req.encode()).unwrap();
+        assert_eq!((back.codecs, back.delivery), (Some(0b10), Some(DELIVERY_ENCRYPTED)));
+        let with_codecs = SyncRequest {
+            codecs: Some(0b110),
+            control: Some(ControlReport::default()),
+            schedule: Some(ScheduleReport::default()),
+            ..req.clone()
+        };
+        assert_eq!(SyncRequest::decode(&with_codecs.encode()).unwrap(), with_codecs);
+        for bad in [0u8, 2, 255] {
+            let mut b = req.encode();
+            *b.last_mut().unwrap() = bad;
+            assert_eq!(SyncRequest::decode(&b), Err(DecodeError::BadValue { field: "delivery" }));
+        }
+        let mut b = req.encode();
+        let n = b.len();
+        b[n - 2] = 9;
+        assert_eq!(SyncRequest::decode(&b), Err(DecodeError::BadValue { field: "extension" }));
+
+        let offer = sample_offer();
+        let resp = SyncResponse {
+            update: Some(offer),
+            codecs: Some(0b110),
+            delivery: Some(12),
+            control: Some(ControlOrders::default()),
+            schedule: Some(ScheduleOrders::default()),
+            ..Default::default()
+        };
+        assert_eq!(SyncResponse::decode(&resp.encode()).unwrap(), resp);
+        for bad in [9u8, 17] {
+            let mut b = resp.encode();
+            *b.last_mut().unwrap() = bad;
+            assert_eq!(SyncResponse::decode(&b), Err(DecodeError::BadValue { field: "delivery" }));
+        }
+        // Encrypted delivery of no offer: refused.
+        let alone = SyncResponse { update: None, ..resp };
+        assert_eq!(
+            SyncResponse::decode(&alone.encode()),
+            Err(DecodeError::BadValue { field: "delivery" })
+        );
     }
 }

@@ -145,6 +145,7 @@ extern "C" fn main() -> ! {
     }
     let _ = writeln!(Console, "suite result: ok. {} passed; 0 failed", suite.len());
     codec_memory();
+    update_memory();
     exit(true)
 }
 
@@ -205,6 +206,58 @@ fn codec_memory() {
     }
     let (least, most) = (stacks.iter().min().unwrap(), stacks.iter().max().unwrap());
     assert!(most - least <= 128, "the encoder's stack grows with the batch: {stacks:?}");
+}
+
+/// The device's update path on this instruction set: an encrypted update of
+/// 16 KiB and of 256 KiB, each chunk decrypted in the fetch's own buffer.
+/// Beyond the bytes of the answer it is handed, the device must take the
+/// same heap for a chunk of either image (within 256 B), and each fetch asks
+/// for at most its chunk setting or one encrypted chunk. The slots are sized
+/// before (a flash partition does not grow).
+fn update_memory() {
+    use ecowatt_core_suite::world::{Meter, World, image};
+    fn live() -> usize {
+        COUNTED.live.get()
+    }
+    fn peak() -> usize {
+        COUNTED.peak.get()
+    }
+    fn reset_peak() {
+        COUNTED.peak.set(COUNTED.live.get());
+    }
+    let mut heaps = Vec::new();
+    for len in [16 * 1024usize, 256 * 1024] {
+        let mut w = World::new();
+        w.server.encrypt = Some(12);
+        for slot in &mut w.flash.borrow_mut().slots {
+            slot.reserve_exact(len);
+        }
+        w.meter = Some(Meter { live, peak, reset_peak });
+        w.server.offer_update("1.1.0", image(len), false);
+        let installed = |w: &World| {
+            w.server
+                .reports
+                .iter()
+                .any(|r| r.state == ecowatt_proto::messages::OtaState::Installing)
+        };
+        assert!(
+            w.run_until_true(60 * 60 * 1000, installed),
+            "installed: {:?}",
+            w.server.reports.last()
+        );
+        let f = &w.server.fetches;
+        let widest = f.windows(2).map(|p| p[1] - p[0]).max().unwrap_or(0);
+        assert!(widest <= 4_096 + 16, "a fetch of {widest} B");
+        let _ = writeln!(
+            Console,
+            "encrypted update of {} KiB: {} fetches, {widest} B apart, heap per chunk beyond its bytes {} B",
+            len / 1024,
+            f.len(),
+            w.chunk_heap
+        );
+        heaps.push(w.chunk_heap);
+    }
+    assert!(heaps[1] <= heaps[0] + 256, "the update path's heap grows with the image: {heaps:?}");
 }
 
 #[panic_handler]

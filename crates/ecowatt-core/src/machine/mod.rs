@@ -82,6 +82,10 @@ pub struct Settings {
     /// default every one this build has). With v1 alone it behaves as a
     /// protocol 1.2 device: it states none and the server offers none.
     pub codecs: u8,
+    /// Firmware delivery forms this device takes besides clear images
+    /// (default [`DELIVERY_ENCRYPTED`](ecowatt_proto::messages::DELIVERY_ENCRYPTED);
+    /// 0: none, as a device of protocol ≤ 1.3).
+    pub delivery: u8,
     /// The device has a server (default). Without one it only samples and
     /// takes export-limit commands from its own side ([`Device::command_local`]):
     /// no sync, no upload, no update (a home broker is all it talks to).
@@ -102,6 +106,7 @@ impl Settings {
             health_check_ms: 60_000,
             chunk: 16 * 1024,
             codecs: ecowatt_proto::codec::SUPPORTED,
+            delivery: ecowatt_proto::messages::DELIVERY_ENCRYPTED,
             cloud: true,
         }
     }

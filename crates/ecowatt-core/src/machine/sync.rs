@@ -85,6 +85,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             control: Some(control),
             schedule: Some(self.plan_report(now_ms)),
             codecs: self.codecs_stated(),
+            delivery: (self.settings.delivery != 0).then_some(self.settings.delivery),
         };
         match self.session.seal(&mut self.kv, MessageType::SyncRequest, &request.encode()) {
             Ok(sealed) => {
@@ -142,7 +143,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         self.take_codecs(response.codecs);
         let replaced = response.commands.iter().any(|c| limit_write(c.op).is_some());
         self.heard(now_ms, !replaced);
-        self.after_sync(now_ms, sent.ota, response.update.clone());
+        self.after_sync(now_ms, sent.ota, response.update.clone(), response.delivery);
         if let Some(desired) = response.config {
             self.apply_config(now_ms, &desired);
         }

@@ -11,8 +11,11 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use ecowatt_proto::delivery::{self, Delivery};
 use ecowatt_proto::firmware::{PublicKey, Version};
-use ecowatt_proto::messages::{OtaReport, OtaState, UpdateOffer, ota_reason, signature_algorithm};
+use ecowatt_proto::messages::{
+    DELIVERY_ENCRYPTED, OtaReport, OtaState, UpdateOffer, ota_reason, signature_algorithm,
+};
 
 use super::{Action, Device, Failure, Note};
 use crate::kv::KeyValue;
@@ -53,6 +56,8 @@ pub fn trusted_signer(offer: &UpdateOffer, keys: &[PublicKey]) -> Result<PublicK
 struct Fetching {
     offer: UpdateOffer,
     download: Download,
+    /// The image comes encrypted, chunk by chunk ([`ecowatt_proto::delivery`]).
+    delivery: Option<Delivery>,
     /// A fetch is out.
     outstanding: bool,
     /// Failed fetches in a row.
@@ -140,6 +145,62 @@ impl Update {
     }
 }
 
+impl Fetching {
+    /// The stream bytes the next fetch asks for: from the written offset in
+    /// a clear image; in an encrypted one, the whole chunks from the one that
+    /// holds the written offset (as many as fit `per_fetch`, at least one).
+    fn next_range(&self, per_fetch: u32) -> (u64, u32) {
+        let written = self.download.written();
+        match &self.delivery {
+            None => {
+                (written, (self.offer.manifest.size - written).min(u64::from(per_fetch)) as u32)
+            }
+            Some(d) => {
+                let first = written / d.chunk;
+                let step = d.chunk + delivery::TAG_LEN as u64;
+                let last = (first + (u64::from(per_fetch) / step).max(1)).min(d.chunks());
+                let offset = d.stream_offset(first);
+                let end = if last == d.chunks() { d.stream_len() } else { d.stream_offset(last) };
+                (offset, (end - offset) as u32)
+            }
+        }
+    }
+}
+
+/// Why an encrypted answer gave no plaintext.
+enum Undelivered {
+    /// Not one whole chunk arrived (fetched again).
+    Incomplete,
+    /// A chunk failed authentication.
+    Refused(delivery::ChunkRefused),
+}
+
+/// Decrypts the whole chunks of `bytes` (the stream from chunk
+/// `written / chunk`) in place and leaves in it the plaintext from `written`
+/// on; a trailing partial chunk is dropped (fetched again).
+fn decrypt(d: &Delivery, written: u64, bytes: &mut Vec<u8>) -> Result<(), Undelivered> {
+    let first = written / d.chunk;
+    let mut skip = (written - first * d.chunk) as usize;
+    let (mut at, mut kept, mut index) = (0usize, 0usize, first);
+    while index < d.chunks() {
+        let need = d.plain_len(index) as usize + delivery::TAG_LEN;
+        if bytes.len() - at < need {
+            break;
+        }
+        d.open(index, &mut bytes[at..at + need]).map_err(Undelivered::Refused)?;
+        let plain = at + skip..at + need - delivery::TAG_LEN;
+        let n = plain.len();
+        bytes.copy_within(plain, kept);
+        kept += n;
+        (at, skip, index) = (at + need, 0, index + 1);
+    }
+    if index == first {
+        return Err(Undelivered::Incomplete);
+    }
+    bytes.truncate(kept);
+    Ok(())
+}
+
 fn progress(offer: &UpdateOffer, state: OtaState, done: u64) -> OtaReport {
     let m = &offer.manifest;
     OtaReport { state, version: m.version.to_string(), done, total: m.size, reason: 0 }
@@ -164,15 +225,9 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         match &mut self.update.state {
             State::Installed { restart_at } if now_ms >= *restart_at => self.restart(),
             State::Fetching(f) if !f.outstanding && now_ms >= f.retry_at => {
-                let offset = f.download.written();
-                let left = f.offer.manifest.size - offset;
+                let (offset, len) = f.next_range(self.settings.chunk);
                 f.outstanding = true;
-                let fetch = Action::Fetch {
-                    token: f.offer.token,
-                    offset,
-                    len: left.min(u64::from(self.settings.chunk)) as u32,
-                };
-                self.actions.push_back(fetch);
+                self.actions.push_back(Action::Fetch { token: f.offer.token, offset, len });
             }
             _ => {}
         }
@@ -186,6 +241,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         now_ms: u64,
         sent: Option<OtaReport>,
         offer: Option<UpdateOffer>,
+        delivery: Option<u8>,
     ) {
         if self.update.trial_until.is_some() {
             match ota::confirm(&mut self.kv, &self.settings.factory) {
@@ -227,7 +283,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         }
         match (offer, &self.update.state) {
             (Some(offer), State::Idle) if !self.update.refused.contains(&offer.manifest.sha256) => {
-                self.start_update(now_ms, offer)
+                self.start_update(now_ms, offer, delivery)
             }
             (None, State::Fetching(_)) => {
                 self.update.state = State::Idle;
@@ -238,12 +294,22 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
         }
     }
 
-    fn start_update(&mut self, now_ms: u64, offer: UpdateOffer) {
+    fn start_update(&mut self, now_ms: u64, offer: UpdateOffer, chunk_log2: Option<u8>) {
         let m = &offer.manifest;
         self.say(Note::UpdateOffered { version: m.version.clone(), size: m.size });
         let key = match trusted_signer(&offer, &self.settings.firmware_keys) {
             Ok(k) => k,
             Err((reason, message)) => return self.update_failed(&offer, 0, reason, message),
+        };
+        let delivery = match chunk_log2 {
+            None => None,
+            Some(log2) if self.settings.delivery & DELIVERY_ENCRYPTED != 0 => {
+                Some(self.session.delivery(&offer.token, log2, m.size))
+            }
+            Some(_) => {
+                let message = String::from("offered encrypted, which this device did not ask for");
+                return self.update_failed(&offer, 0, ota_reason::DOWNLOAD_FAILED, message);
+            }
         };
         let started = Download::start(
             &mut self.kv,
@@ -261,6 +327,7 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                 self.update.state = State::Fetching(Box::new(Fetching {
                     offer,
                     download,
+                    delivery,
                     outstanding: false,
                     attempt: 0,
                     retry_at: now_ms,
@@ -279,13 +346,24 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
             return;
         }
         f.outstanding = false;
-        let asked =
-            (f.offer.manifest.size - f.download.written()).min(u64::from(self.settings.chunk));
+        let asked = u64::from(f.next_range(self.settings.chunk).1);
+        let at = f.download.written();
         let bytes = answer.and_then(|b| match b.len() as u64 {
             0 => Err(Failure::unreachable("an empty answer")),
             n if n > asked => Err(Failure::unreachable(format!("{n} bytes for {asked} asked"))),
             _ => Ok(b),
         });
+        let bytes = match (bytes, &f.delivery) {
+            (Ok(mut b), Some(d)) => match decrypt(d, at, &mut b) {
+                Ok(()) => Ok(b),
+                Err(Undelivered::Incomplete) => Err(Failure::unreachable("not one whole chunk")),
+                Err(Undelivered::Refused(refused)) => {
+                    let (offer, message) = (f.offer.clone(), refused.to_string());
+                    return self.update_failed(&offer, at, ota_reason::DECRYPT_FAILED, message);
+                }
+            },
+            (other, _) => other,
+        };
         let bytes = match bytes {
             Ok(b) => b,
             Err(e) => {
@@ -300,7 +378,6 @@ impl<K: KeyValue, S: Slots> Device<K, S> {
                 return self.say(Note::FetchFailed { error: e.to_string(), attempt });
             }
         };
-        let at = f.download.written();
         if let Err(e) = f.download.chunk(&mut self.kv, &mut self.slots, at, &bytes) {
             let (offer, done) = (f.offer.clone(), f.download.written());
             return self.update_failed(&offer, done, e.reason(), e.to_string());

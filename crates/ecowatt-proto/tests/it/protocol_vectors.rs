@@ -29,6 +29,7 @@ fn vectors() -> String {
         control: None,
         schedule: None,
         codecs: None,
+        delivery: None,
     }
     .encode();
     let request = seal::seal(&keys, &request_header, None, &request_plain);
@@ -51,6 +52,7 @@ fn vectors() -> String {
         control: None,
         schedule: None,
         codecs: None,
+        delivery: None,
     }
     .encode();
     let answer = seal::seal(&keys, &answer_header, Some(1), &answer_plain);
@@ -66,6 +68,10 @@ fn vectors() -> String {
         .collect();
     let batch = codec::encode(0x0201, &samples).unwrap();
     let (v2_samples, v2_batch) = v2_vector();
+    // An image of 2,500 bytes in chunks of 1 KiB: two whole chunks and a short one.
+    let image: Vec<u8> = (0..2_500u32).map(|i| (i * 31 % 256) as u8).collect();
+    let delivery = ecowatt_proto::delivery::Delivery::new(&KEY, &TOKEN, 10, image.len() as u64);
+    let stream = delivery.stream_range(&image, 0, delivery.stream_len() - 1);
     let v2_rows: Vec<String> = v2_samples
         .iter()
         .map(|s| {
@@ -102,6 +108,13 @@ fn vectors() -> String {
     "registers": "0x0301",
     "samples": [{}],
     "encoded": "{}"
+  }},
+  "firmware_delivery": {{
+    "token": "{}",
+    "chunk_log2": 10,
+    "image": "{}",
+    "key": "{}",
+    "stream": "{}"
   }}
 }}
 "#,
@@ -121,8 +134,15 @@ fn vectors() -> String {
         hex(&batch),
         v2_rows.join(", "),
         hex(&v2_batch),
+        hex(&TOKEN),
+        hex(&image),
+        hex(&ecowatt_proto::delivery::key(&KEY, &TOKEN)),
+        hex(&stream),
     )
 }
+
+/// An offer's token for the firmware delivery vector.
+const TOKEN: [u8; 16] = *b"offer-token-0001";
 
 /// 70 samples of Vac1, Pow and Pac (two blocks per column): read jitter and a
 /// late read, a missed seq, grid noise with a spike, a constant limit with a

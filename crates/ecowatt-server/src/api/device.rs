@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ecowatt_proto::messages::{MessageType, SyncRequest, TelemetryAck};
+use ecowatt_proto::messages::{DELIVERY_ENCRYPTED, MessageType, SyncRequest, TelemetryAck};
 use ecowatt_proto::seal::{self, Direction, Header, Keys};
 use serde_json::json;
 
@@ -103,6 +103,8 @@ struct Held {
     wait_ms: u32,
     /// The codecs to offer (the request stated its own).
     codecs: Option<u8>,
+    /// The device takes encrypted images.
+    takes_encrypted: bool,
     notified: std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>,
 }
 
@@ -144,7 +146,7 @@ pub async fn sync(
     let delivery = if woken {
         match Box::pin(state.protocol.deliver(held.device_id, REDELIVER_MS, crate::now_ms())).await
         {
-            Ok(d) => d,
+            Ok(d) => screen_offer(&state, d, held.takes_encrypted).await,
             Err(e) => return ApiError::from(e).into_response(),
         }
     } else {
@@ -195,6 +197,8 @@ async fn sync_first(
         let label = if outcome.success { "success" } else { "failure" };
         state.metrics.inc("ecowatt_command_results_total", format!("outcome=\"{label}\""));
     }
+    let takes_encrypted = request.delivery.is_some_and(|d| d & DELIVERY_ENCRYPTED != 0);
+    let delivery = screen_offer(state, delivery, takes_encrypted).await;
     let wait_ms = request.wait_ms.min(MAX_WAIT_MS);
     let codecs = request.codecs.map(|_| state.settings.codecs);
     if answer_now(&delivery, request.ota.as_ref().map(|o| o.version.as_str()), wait_ms) {
@@ -202,7 +206,27 @@ async fn sync_first(
         return Err(answer(&a.keys, &a.header, &delivery, codecs));
     }
     let (key, header, device_id) = (a.key, a.header, a.crypto.id);
-    Ok(Held { key, header, device_id, delivery, wait_ms, codecs, notified })
+    Ok(Held { key, header, device_id, delivery, wait_ms, codecs, takes_encrypted, notified })
+}
+
+/// An encrypted offer to a device that does not take encrypted images is
+/// not made: its place in the rollout fails (`encryption_unsupported`).
+async fn screen_offer(
+    state: &AppState,
+    mut d: SyncDelivery,
+    takes_encrypted: bool,
+) -> SyncDelivery {
+    if let Some(offer) = d.update.take_if(|u| u.encrypted && !takes_encrypted) {
+        tracing::warn!(device = %d.device, "an encrypted rollout cannot reach a device that takes no encrypted images");
+        if let Err(e) = state
+            .rollouts
+            .refuse_offer(&offer.token, "encryption_unsupported", crate::now_ms())
+            .await
+        {
+            tracing::warn!(device = %d.device, error = %e, "cannot mark the offer failed (tried again at the next sync)");
+        }
+    }
+    d
 }
 
 /// `POST /api/v1/device/telemetry`: a batch of samples; stored once, acknowledged.

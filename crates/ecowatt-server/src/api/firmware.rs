@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use serde::Deserialize;
 
 use super::json::ApiJson;
-use super::ranges::serve_bytes;
-use super::{AppState, Operator};
+use super::ranges::{serve_bytes, serve_stream};
+use super::{AppState, Operator, Source};
 use crate::db::StoreError;
 use crate::domain::Invalid;
 use crate::error::ApiError;
@@ -116,37 +116,90 @@ pub async fn image(
     Ok(serve_bytes(&headers, &data))
 }
 
+/// Who asks for a download (`?device=ID&key=VERSION`; the device agent
+/// always says). Unauthenticated: a mismatch is refused and recorded, but
+/// what keeps an encrypted image from others is that only its device can
+/// derive the key.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct Asker {
+    /// The asking device's numeric id.
+    device: Option<i64>,
+    /// The version byte of the key it holds (default: its current key's).
+    key: Option<u8>,
+}
+
 /// `GET /api/v1/device/firmware/{token}`: the image an update offer names,
 /// honouring `Range` (the device resumes a cut download from where it got).
 /// The token only names the download; the device checks the bytes against
-/// the signed manifest it was offered.
+/// the signed manifest it was offered. An encrypted rollout's image is the
+/// stream of sealed chunks for the offer's device (`docs/firmware.md`), made
+/// for just the range asked.
 #[utoipa::path(
     get,
     path = "/api/v1/device/firmware/{token}",
     operation_id = "firmware_device_image",
     tag = "device protocol",
     summary = "Device: the image an update offer names (Range supported); see docs/firmware.md",
-    params(("token" = String, Path, description = "Download token from the update offer")),
+    params(("token" = String, Path, description = "Download token from the update offer"), Asker),
     responses((status = 200, description = "the image (206 with a Range header)", body = Vec<u8>), crate::error::ErrorResponses),
     security(()),
 )]
 pub async fn device_image(
     State(state): State<AppState>,
+    Source(source): Source,
     Path(token): Path<String>,
+    axum::extract::Query(asker): axum::extract::Query<Asker>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such download"));
-    }
-    let id = state.rollouts.firmware_by_token(&token).await.map_err(|e| match e {
-        StoreError::NotFound(_) => {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such download")
-        }
+    let no_such = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such download");
+    let token_bytes: [u8; 16] = match hex::decode(&token).ok().and_then(|t| t.try_into().ok()) {
+        Some(t) => t,
+        None => return Err(no_such()),
+    };
+    let download = state.rollouts.download(&token).await.map_err(|e| match e {
+        StoreError::NotFound(_) => no_such(),
         e => e.into(),
     })?;
-    let data = state.firmware.bytes(id).await?;
+    if download.encrypted && asker.device.is_some_and(|d| d != download.device_id) {
+        let detail = json!({"asked_by": asker.device, "offered_to": download.device_id});
+        let kind = "image_for_another_device";
+        state.metrics.inc("ecowatt_security_events_total", format!("kind=\"{kind}\""));
+        if state.refusals.refused(source, None, kind, detail.clone(), crate::now_ms()) {
+            tracing::warn!(?source, %detail, "a device asked for an image encrypted for another");
+        }
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            kind,
+            "this download is encrypted for another device; a device fetches only the offers made to it",
+        ));
+    }
+    let data = state.firmware.bytes(download.firmware_id).await?;
     state.metrics.inc("ecowatt_firmware_downloads_total", "");
-    Ok(serve_bytes(&headers, &data))
+    if !download.encrypted {
+        return Ok(serve_bytes(&headers, &data));
+    }
+    let id = crate::devices::DeviceId(download.device_id);
+    let crypto = match state.devices.current_keys(id).await? {
+        Some(c) => c,
+        None => return Err(no_such()),
+    };
+    let key = asker.key.unwrap_or(crypto.key_version as u8);
+    let Some((_, device_key)) = crypto.key_for(key) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "unknown_key_version",
+            "the device holds no key of that version; it must be provisioned again",
+        ));
+    };
+    let chunk_log2 = ecowatt_proto::delivery::DEFAULT_CHUNK_LOG2;
+    let stream = ecowatt_proto::delivery::Delivery::new(
+        &device_key,
+        &token_bytes,
+        chunk_log2,
+        data.len() as u64,
+    );
+    let len = stream.stream_len();
+    Ok(serve_stream(&headers, len, |first, last| stream.stream_range(&data, first, last)))
 }
 
 /// `POST /api/v1/rollouts` body.
@@ -166,6 +219,9 @@ pub struct RolloutRequest {
     waves: Option<Vec<u32>>,
     /// Abort when a wave's failures pass this percentage (default 20).
     failure_threshold_pct: Option<u32>,
+    /// Deliver the image to each device encrypted under a key only it can
+    /// derive (default false); a device that cannot decrypt fails.
+    encrypted: Option<bool>,
 }
 
 fn rollout_json(r: &Rollout, devices: Option<&[RolloutDevice]>) -> Value {
@@ -182,7 +238,7 @@ fn rollout_json(r: &Rollout, devices: Option<&[RolloutDevice]>) -> Value {
     path = "/api/v1/rollouts",
     operation_id = "firmware_start_rollout",
     tag = "firmware",
-    summary = "Start a rollout {firmware_id | version [+target], devices | percent, waves?, failure_threshold_pct?}",
+    summary = "Start a rollout {firmware_id | version [+target], devices | percent, waves?, failure_threshold_pct?, encrypted?}",
     request_body = RolloutRequest,
     responses((status = 201, description = "the rollout with its devices", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = ["admin"])),
@@ -218,6 +274,7 @@ pub async fn start_rollout(
         target,
         waves: req.waves.unwrap_or_else(|| vec![100]),
         failure_threshold_pct: req.failure_threshold_pct.unwrap_or(20),
+        encrypted: req.encrypted.unwrap_or(false),
     };
     let r = state.rollouts.create(&new, &op.actor(), crate::now_ms()).await?;
     let (r, devices) = state.rollouts.get(r.id).await?;

@@ -5,11 +5,22 @@ use axum::response::{IntoResponse, Response};
 
 /// The bytes of an image, whole or the range asked for.
 pub fn serve_bytes(headers: &HeaderMap, data: &[u8]) -> Response {
-    let len = data.len() as u64;
+    serve_stream(headers, data.len() as u64, |start, end| {
+        data[start as usize..=end as usize].to_vec()
+    })
+}
+
+/// A body of `len` bytes, whole or the range asked for, made by `bytes(first, last)`
+/// (inclusive) for just the part sent.
+pub fn serve_stream(
+    headers: &HeaderMap,
+    len: u64,
+    bytes: impl FnOnce(u64, u64) -> Vec<u8>,
+) -> Response {
     match byte_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), len) {
         Ok(None) => (
             [(header::CONTENT_TYPE, "application/octet-stream"), (header::ACCEPT_RANGES, "bytes")],
-            data.to_vec(),
+            if len == 0 { Vec::new() } else { bytes(0, len - 1) },
         )
             .into_response(),
         Ok(Some((start, end))) => (
@@ -19,7 +30,7 @@ pub fn serve_bytes(headers: &HeaderMap, data: &[u8]) -> Response {
                 (header::ACCEPT_RANGES, "bytes".to_owned()),
                 (header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}")),
             ],
-            data[start as usize..=end as usize].to_vec(),
+            bytes(start, end),
         )
             .into_response(),
         Err(_) => {

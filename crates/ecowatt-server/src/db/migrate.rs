@@ -306,6 +306,14 @@ ALTER TABLE devices ADD COLUMN legacy_nonce BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN legacy_state TEXT
 "#,
     ),
+    (
+        14,
+        // Rollouts whose image goes to each device encrypted under a key only
+        // it can derive (`ecowatt_proto::delivery`).
+        r#"
+ALTER TABLE rollouts ADD COLUMN encrypted BIGINT NOT NULL DEFAULT 0
+"#,
+    ),
 ];
 
 /// `{json:COLUMN.FIELD}`: the text of a JSON column's field, in the dialect.

@@ -280,6 +280,15 @@ impl Devices {
         self.keys.lookup(&self.db, device_id, key_version, may_read).await
     }
 
+    /// The keys of the device with this numeric id as they are now (from
+    /// memory, else the database).
+    pub async fn current_keys(&self, device_id: DeviceId) -> StoreResult<Option<DeviceCrypto>> {
+        match self.keys.get(device_id) {
+            Some(c) => Ok(Some(c)),
+            None => self.keys.read(&self.db, device_id).await,
+        }
+    }
+
     /// Reads every device's keys into memory; `listening` says whether this
     /// process hears other servers' key changes (always so on SQLite).
     pub async fn reload_keys(&self, listening: bool) -> StoreResult<()> {

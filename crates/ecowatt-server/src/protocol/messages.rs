@@ -133,6 +133,12 @@ pub fn answer_body(d: &SyncDelivery, codecs: Option<u8>, now_ms: i64) -> Vec<u8>
         control: d.control.clone(),
         schedule: d.schedule.clone(),
         codecs,
+        // Only a device that takes it gets an encrypted offer (`api/device.rs`).
+        delivery: d
+            .update
+            .as_ref()
+            .filter(|u| u.encrypted)
+            .map(|_| ecowatt_proto::delivery::DEFAULT_CHUNK_LOG2),
     }
     .encode()
 }

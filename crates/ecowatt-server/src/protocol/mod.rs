@@ -334,8 +334,12 @@ mod tests {
         assert!(answer_now(&empty, None, 0));
         let with_config = SyncDelivery { config: Some((2, config())), ..empty.clone() };
         assert!(answer_now(&with_config, None, 1000));
-        let offer =
-            Offer { token: "T".into(), firmware_id: 1, manifest: json!({"version": "1.2.0"}) };
+        let offer = Offer {
+            token: "T".into(),
+            firmware_id: 1,
+            manifest: json!({"version": "1.2.0"}),
+            encrypted: false,
+        };
         let offered = SyncDelivery { update: Some(offer), ..empty };
         assert!(answer_now(&offered, None, 1000));
         assert!(answer_now(&offered, Some("1.1.0"), 1000));

@@ -163,9 +163,10 @@ async fn rollout_goes_wave_by_wave_and_aborts_past_its_threshold(db: TempDb) {
         f.c.server
             .state
             .rollouts
-            .firmware_by_token(&ecowatt_proto::hex::encode_upper(&offer.token))
+            .download(&ecowatt_proto::hex::encode_upper(&offer.token))
             .await
-            .unwrap();
+            .unwrap()
+            .firmware_id;
     let held = f.c.server.state.firmware.bytes(firmware_id).await.unwrap();
     for at in (0..image.len()).step_by(4096).take(8) {
         let last = (at + 4095).min(image.len() - 1);

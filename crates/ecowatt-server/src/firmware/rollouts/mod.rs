@@ -188,6 +188,9 @@ pub struct NewRollout {
     /// A wave whose failures (failed or rolled back) exceed this percentage of
     /// its devices aborts the rollout.
     pub failure_threshold_pct: u32,
+    /// Each device gets the image encrypted under a key only it can derive;
+    /// a device that cannot decrypt fails (`encryption_unsupported`).
+    pub encrypted: bool,
 }
 
 impl NewRollout {
@@ -274,6 +277,8 @@ pub struct Rollout {
     pub failure_threshold_pct: i64,
     /// Why it was aborted.
     pub reason: Option<String>,
+    /// The image goes to each device encrypted ([`NewRollout::encrypted`]).
+    pub encrypted: bool,
     /// When it was created.
     pub created_ms: i64,
     /// Who created it.
@@ -318,6 +323,19 @@ pub struct Offer {
     pub firmware_id: i64,
     /// The image's signed manifest JSON, as uploaded.
     pub manifest: serde_json::Value,
+    /// It goes encrypted; only to a device that takes it.
+    pub encrypted: bool,
+}
+
+/// What a download token names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Download {
+    /// The stored image.
+    pub firmware_id: i64,
+    /// The device it is offered to.
+    pub device_id: i64,
+    /// Delivered encrypted for that device.
+    pub encrypted: bool,
 }
 
 /// The wave (from 0) of the `i`-th of `n` devices: the first whose
@@ -439,6 +457,7 @@ mod tests {
             target: RolloutTarget::Percent(10),
             waves: vec![10, 50, 100],
             failure_threshold_pct: 20,
+            encrypted: false,
         };
         assert!(ok.validate().is_ok());
         for (bad, field) in [

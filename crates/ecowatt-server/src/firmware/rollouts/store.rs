@@ -37,6 +37,7 @@ fn rollout_from(row: &AnyRow) -> StoreResult<Rollout> {
         current_wave: row.try_get("current_wave")?,
         failure_threshold_pct: row.try_get("failure_threshold_pct")?,
         reason: row.try_get("reason")?,
+        encrypted: row.try_get::<i64, _>("encrypted")? != 0,
         created_ms: row.try_get("created_ms")?,
         created_by: row.try_get("created_by")?,
         updated_ms: row.try_get("updated_ms")?,
@@ -289,7 +290,7 @@ pub async fn offer_in(
     now: i64,
 ) -> StoreResult<Option<Offer>> {
     let row = sqlx::query(&format!(
-        "SELECT rd.rollout_id, rd.state, rd.token, r.firmware_id, f.manifest, f.version, f.size, d.firmware AS running \
+        "SELECT rd.rollout_id, rd.state, rd.token, r.firmware_id, r.encrypted, f.manifest, f.version, f.size, d.firmware AS running \
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
          JOIN firmware f ON f.id = r.firmware_id JOIN devices d ON d.id = rd.device_id \
          WHERE rd.device_id = $1 AND r.state = 'running' AND rd.wave <= r.current_wave \
@@ -334,6 +335,7 @@ pub async fn offer_in(
         token: row.try_get("token")?,
         firmware_id: row.try_get("firmware_id")?,
         manifest,
+        encrypted: row.try_get::<i64, _>("encrypted")? != 0,
     }))
 }
 
@@ -349,17 +351,43 @@ impl Rollouts {
         Rollouts { db }
     }
 
-    /// The image a device download token names.
-    pub async fn firmware_by_token(&self, token: &str) -> StoreResult<i64> {
+    /// A device cannot take the offer named by `token` (an encrypted
+    /// rollout, a device that takes no encrypted images): it fails with
+    /// `reason`, and the rollout weighs it like any failure.
+    pub async fn refuse_offer(&self, token: &str, reason: &str, now: i64) -> StoreResult<()> {
+        let mut tx = self.db.write().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE rollout_devices SET state = 'failed', reason = $1, updated_ms = $2 \
+             WHERE token = $3 AND state IN {} RETURNING rollout_id",
+            sql_list(&DeviceState::WAITING)
+        ))
+        .bind(reason)
+        .bind(now)
+        .bind(token.to_ascii_uppercase())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            evaluate_in(&self.db, &mut tx, row.try_get("rollout_id")?, now).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// What a device download token names.
+    pub async fn download(&self, token: &str) -> StoreResult<super::Download> {
         let row = sqlx::query(
-            "SELECT r.firmware_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
-             WHERE rd.token = $1",
+            "SELECT r.firmware_id, r.encrypted, rd.device_id FROM rollout_devices rd \
+             JOIN rollouts r ON r.id = rd.rollout_id WHERE rd.token = $1",
         )
         .bind(token.to_ascii_uppercase())
         .fetch_optional(self.db.reader())
         .await?;
         let row = row.ok_or_else(|| StoreError::NotFound("download".into()))?;
-        Ok(row.try_get("firmware_id")?)
+        Ok(super::Download {
+            firmware_id: row.try_get("firmware_id")?,
+            device_id: row.try_get("device_id")?,
+            encrypted: row.try_get::<i64, _>("encrypted")? != 0,
+        })
     }
 
     /// Starts a rollout; its first wave's devices hear of it at once. One
@@ -430,14 +458,15 @@ impl Rollouts {
             }
         }
         let row = sqlx::query(
-            "INSERT INTO rollouts (firmware_id, state, waves, current_wave, failure_threshold_pct, created_ms, created_by, updated_ms) \
-             VALUES ($1, 'running', $2, 0, $3, $4, $5, $4) RETURNING id",
+            "INSERT INTO rollouts (firmware_id, state, waves, current_wave, failure_threshold_pct, created_ms, created_by, updated_ms, encrypted) \
+             VALUES ($1, 'running', $2, 0, $3, $4, $5, $4, $6) RETURNING id",
         )
         .bind(new.firmware_id)
         .bind(serde_json::to_string(&new.waves).expect("numbers serialise"))
         .bind(i64::from(new.failure_threshold_pct))
         .bind(now)
         .bind(actor)
+        .bind(i64::from(new.encrypted))
         .fetch_one(&mut *tx)
         .await?;
         let id: i64 = row.try_get("id")?;
@@ -455,7 +484,8 @@ impl Rollouts {
             .await?;
         }
         let detail = json!({"firmware_id": new.firmware_id, "devices": n, "waves": new.waves,
-                            "failure_threshold_pct": new.failure_threshold_pct});
+                            "failure_threshold_pct": new.failure_threshold_pct,
+                            "encrypted": new.encrypted});
         audit::record(&mut tx, now, actor, "rollout.start", &id.to_string(), detail).await?;
         announce_wave_in(&mut tx, id, 0).await?;
         let r = rollout_in(&self.db, &mut tx, id, false).await?;
