@@ -352,3 +352,211 @@ async fn an_image_that_cannot_reach_the_cloud_is_rolled_back_and_reported() {
     }
     again.stop().await;
 }
+
+/// What the [`Proxy`] does to the image downloads passing through it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Meddle {
+    /// Nothing.
+    Pass,
+    /// The next download's connection is cut after this many body bytes.
+    CutAfter(usize),
+    /// Every download from now on has this byte of its body flipped.
+    Flip(usize),
+}
+
+/// A TCP proxy in front of the server that can cut or alter image downloads
+/// (`GET /api/v1/device/firmware/…`): one request at a time per connection,
+/// as the agent sends them.
+struct Proxy {
+    url: String,
+    meddle: std::sync::Arc<std::sync::Mutex<Meddle>>,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// The request line of every download, in order.
+    downloads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    async fn start(to: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let meddle = std::sync::Arc::new(std::sync::Mutex::new(Meddle::Pass));
+        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let downloads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (m, c, d) = (meddle.clone(), cuts.clone(), downloads.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (m, c, d) = (m.clone(), c.clone(), d.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(to).await else { return };
+                    let (mut from_client, mut client_out) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    // Requests go through as they come; a download's request
+                    // marks the answer that follows it.
+                    let pending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let marked = pending.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from_client.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if buf[..n].starts_with(b"GET /api/v1/device/firmware/") {
+                                let line = String::from_utf8_lossy(&buf[..n]);
+                                d.lock()
+                                    .unwrap()
+                                    .push(line.lines().next().unwrap_or("").to_owned());
+                                marked.store(true, Ordering::SeqCst);
+                            }
+                            if to_server.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut held: Vec<u8> = Vec::new();
+                    loop {
+                        // One answer: its header, then content-length bytes.
+                        let body_at = loop {
+                            if let Some(p) = held.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break p + 4;
+                            }
+                            match from_server.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => held.extend_from_slice(&buf[..n]),
+                            }
+                        };
+                        let text = String::from_utf8_lossy(&held[..body_at]).to_ascii_lowercase();
+                        let len: usize = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while held.len() < body_at + len {
+                            match from_server.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => held.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let mut answer: Vec<u8> = held.drain(..body_at + len).collect();
+                        let download = pending.swap(false, Ordering::SeqCst);
+                        let meddle = if download { *m.lock().unwrap() } else { Meddle::Pass };
+                        match meddle {
+                            Meddle::Pass => {}
+                            Meddle::Flip(at) if at < len => answer[body_at + at] ^= 0x01,
+                            Meddle::Flip(_) => {}
+                            Meddle::CutAfter(k) => {
+                                *m.lock().unwrap() = Meddle::Pass;
+                                c.fetch_add(1, Ordering::Relaxed);
+                                let _ = client_out.write_all(&answer[..body_at + k.min(len)]).await;
+                                return; // the connection closes mid-body
+                            }
+                        }
+                        if client_out.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { url, meddle, cuts, downloads }
+    }
+
+    fn set(&self, m: Meddle) {
+        *self.meddle.lock().unwrap() = m;
+    }
+}
+
+/// GETs `path` from the server as anyone could: status and body.
+async fn get(url: &str, path: &str) -> (u16, Vec<u8>) {
+    let full = format!("{url}{path}");
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut r = agent.get(&full).call().unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_vec().unwrap())
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_encrypted_rollout_resumes_a_cut_download_refuses_altered_chunks_and_stays_private() {
+    let sim = TestSim::start(2).await;
+    let db = TempDb::sqlite();
+    let server = TestServer::start_with(&db, false, "127.0.0.1:0", vec![public_hex(&K1)]).await;
+    let op = Op::of(&server);
+    let proxy = Proxy::start(server.addr).await;
+    let (pa, pb) = (provision(&op, "a").await, provision(&op, "b").await);
+    let (state_a, state_b) = (db.dir.path().join("a"), db.dir.path().join("b"));
+    let mut opts = options(&pa, &sim, &state_a);
+    opts.server = Some(proxy.url.clone());
+    let agent = start(opts);
+
+    // Device a: an encrypted rollout, its download cut once in the middle of a chunk.
+    let data = image(150_000, 5);
+    let fw = upload(&op, &data, "1.1.0", &K1).await;
+    proxy.set(Meddle::CutAfter(5_000));
+    let r = op
+        .call(
+            "POST",
+            "/api/v1/rollouts",
+            Some(json!({"firmware_id": fw, "devices": ["a"], "encrypted": true})),
+        )
+        .await;
+    assert_eq!(r["encrypted"], true);
+    let id = r["id"].as_i64().unwrap();
+    let r =
+        rollout_state(&op, id, "the encrypted rollout to complete", |v| v["state"] == "completed")
+            .await;
+    assert_eq!(r["devices"][0]["running"], "1.1.0", "{r}");
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::Relaxed), 1, "a download was cut");
+    assert_eq!(std::fs::read(state_a.join("slots").join("slot-b.bin")).unwrap(), data);
+
+    // What the download URL gives anyone is ciphertext: not the image, and
+    // longer by a tag per 4 KiB chunk. Asked as device b, it is refused.
+    // The agent says who asks: `GET /api/v1/device/firmware/TOKEN?device=ID&key=1 HTTP/1.1`.
+    let line = proxy.downloads.lock().unwrap()[0].clone();
+    let target = line.split(' ').nth(1).unwrap().to_owned();
+    let (path, asker) = target.split_once('?').unwrap();
+    assert_eq!(asker, format!("device={}&key={}", pa.device_id, pa.key_version), "{line}");
+    let token = path.rsplit('/').next().unwrap().to_owned();
+    let path = format!("/api/v1/device/firmware/{token}");
+    let (status, stream) = get(&server.url, &path).await;
+    assert_eq!(status, 200);
+    assert_eq!(stream.len(), 150_000 + 16 * 150_000usize.div_ceil(4_096));
+    assert!(stream.windows(64).all(|w| w != &data[4_096..4_160]), "plaintext in the stream");
+    let (status, body) = get(&server.url, &format!("{path}?device={}", pb.device_id)).await;
+    assert_eq!(status, 403);
+    assert!(String::from_utf8_lossy(&body).contains("image_for_another_device"));
+    server.flush_security_events().await;
+    let events = op.call("GET", "/api/v1/security-events", None).await;
+    assert!(events.to_string().contains("image_for_another_device"), "{events}");
+
+    // Device b: every download altered in one byte of its body. The chunk is
+    // refused, nothing is switched, and the rollout says why.
+    let mut opts = options(&pb, &sim, &state_b);
+    opts.slave = 0x12;
+    opts.server = Some(proxy.url.clone());
+    let agent_b = start(opts);
+    proxy.set(Meddle::Flip(100));
+    let fw = upload(&op, &image(40_000, 6), "1.2.0", &K1).await;
+    let r = op
+        .call(
+            "POST",
+            "/api/v1/rollouts",
+            Some(json!({"firmware_id": fw, "devices": ["b"], "encrypted": true})),
+        )
+        .await;
+    let r = rollout_state(&op, r["id"].as_i64().unwrap(), "the altered download to fail", |v| {
+        v["devices"][0]["state"] == "failed"
+    })
+    .await;
+    assert_eq!(r["devices"][0]["reason"], "decrypt_failed", "{r}");
+    let rec = boot_record(&state_b);
+    assert_eq!((rec.active, rec.version.to_string(), rec.pending), (Slot::A, "1.0.0".into(), None));
+    agent.stop().await;
+    agent_b.stop().await;
+}

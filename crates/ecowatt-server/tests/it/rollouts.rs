@@ -276,3 +276,102 @@ async fn rollout_waves_threshold_and_downloads_on_postgresql() {
     };
     rollout_goes_wave_by_wave_and_aborts_past_its_threshold(db).await;
 }
+
+/// An encrypted rollout: offered with the delivery extension only to a device
+/// that takes it (the other fails `encryption_unsupported`, which counts
+/// toward the threshold), downloaded as the sealed chunk stream only that
+/// device's key opens, by any range, and refused to another device.
+async fn encrypted_rollout_reaches_only_devices_that_decrypt(db: TempDb) {
+    use ecowatt_proto::delivery::{DEFAULT_CHUNK_LOG2, Delivery, TAG_LEN};
+    use ecowatt_proto::messages::DELIVERY_ENCRYPTED;
+    let c = Client::start(&db, false).await;
+    let mut devices = Vec::new();
+    for name in ["new", "old"] {
+        devices.push((name.to_owned(), Probe::provision(&c, name).await));
+    }
+    let key = devices[0].1.creds.key;
+    let other = devices[1].1.creds.device_id;
+    let mut f = Fleet { c, devices };
+    let image: Vec<u8> = (0..50_000u32).map(|i| (i * 13 + i / 97) as u8).collect();
+    let fw = store_image(&f.c, "1.1.0", &image).await;
+    let (status, v) = f
+        .c
+        .call(
+            "POST",
+            "/api/v1/rollouts",
+            Some(json!({"firmware_id": fw, "devices": ["new"], "encrypted": "yes"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let r = f
+        .c
+        .ok(
+            "POST",
+            "/api/v1/rollouts",
+            Some(json!({"firmware_id": fw, "devices": ["new", "old"], "encrypted": true,
+                        "failure_threshold_pct": 100})),
+        )
+        .await;
+    assert_eq!(r["encrypted"], true);
+    let id = r["id"].as_i64().unwrap();
+
+    // A device that takes no encrypted images (protocol ≤ 1.3) is not offered it.
+    let answer = f.sync("old", &idle()).await;
+    assert!(answer.update.is_none() && answer.delivery.is_none(), "{answer:?}");
+    let r = f.c.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await;
+    assert_eq!(
+        (device(&r, "old")["state"].as_str(), device(&r, "old")["reason"].as_str()),
+        (Some("failed"), Some("encryption_unsupported")),
+        "{r}"
+    );
+
+    // One that does is offered it with the chunk size.
+    let takes = SyncRequest { delivery: Some(DELIVERY_ENCRYPTED), ..idle() };
+    let answer = f.sync("new", &takes).await;
+    let offer = answer.update.expect("an offer");
+    assert_eq!(answer.delivery, Some(DEFAULT_CHUNK_LOG2));
+    let token = ecowatt_proto::hex::encode_upper(&offer.token);
+    let path = format!("/api/v1/device/firmware/{token}");
+    let d = Delivery::new(&key, &offer.token, DEFAULT_CHUNK_LOG2, image.len() as u64);
+    // Whole, and by chunks as the device asks: each opens with the device's key.
+    let (status, stream) = get_range(&f.c, &path, "bytes=0-").await;
+    assert_eq!((status, stream.len() as u64), (StatusCode::PARTIAL_CONTENT, d.stream_len()));
+    let mut plain = Vec::new();
+    for i in 0..d.chunks() {
+        let from = d.stream_offset(i);
+        let last = from + d.plain_len(i) + TAG_LEN as u64 - 1;
+        let (status, mut chunk) = get_range(&f.c, &path, &format!("bytes={from}-{last}")).await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+        assert_eq!(chunk, stream[from as usize..=last as usize]);
+        d.open(i, &mut chunk).unwrap();
+        plain.extend_from_slice(&chunk[..chunk.len() - TAG_LEN]);
+    }
+    assert_eq!(plain, image);
+    // Another device's key does not open it; another device may not ask for it.
+    let foreign = Delivery::new(&[0x33; 16], &offer.token, DEFAULT_CHUNK_LOG2, image.len() as u64);
+    assert!(foreign.open(0, &mut stream[..4_096 + TAG_LEN].to_vec()).is_err());
+    let (status, body) = get_range(&f.c, &format!("{path}?device={other}"), "bytes=0-").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(String::from_utf8_lossy(&body).contains("image_for_another_device"));
+    // A bad chunk reported by the device fails it with its reason.
+    let failed = report(OtaState::Failed, "1.1.0", 8_192, 50_000, ota_reason::DECRYPT_FAILED);
+    f.sync("new", &SyncRequest { delivery: Some(DELIVERY_ENCRYPTED), ..failed }).await;
+    let r = f.c.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await;
+    assert_eq!(device(&r, "new")["reason"], "decrypt_failed", "{r}");
+    let audit = f.c.ok("GET", "/api/v1/audit", None).await.to_string();
+    assert!(audit.contains("\"encrypted\":true"), "{audit}");
+}
+
+#[tokio::test]
+async fn encrypted_rollouts_on_sqlite() {
+    encrypted_rollout_reaches_only_devices_that_decrypt(TempDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn encrypted_rollouts_on_postgresql() {
+    let Some(db) = TempDb::postgres().await else {
+        eprintln!("PostgreSQL part skipped: ECOWATT_TEST_PG_URL is not set");
+        return;
+    };
+    encrypted_rollout_reaches_only_devices_that_decrypt(db).await;
+}
