@@ -36,6 +36,10 @@ pub enum RolloutCommand {
         /// Abort when failures in a wave pass this percentage of it.
         #[arg(long, default_value_t = 20)]
         failure_threshold: u32,
+        /// Deliver the image to each device encrypted under a key only it can derive
+        /// (a device that cannot decrypt fails with encryption_unsupported).
+        #[arg(long)]
+        encrypt: bool,
         /// Follow it until it completes or aborts.
         #[arg(long)]
         wait: bool,
@@ -66,10 +70,11 @@ pub enum RolloutCommand {
 
 fn print(r: &Value) {
     outln!(
-        "rollout {} of {} ({}): {}, wave {}/{}, threshold {}%{}",
+        "rollout {} of {} ({}{}): {}, wave {}/{}, threshold {}%{}",
         r["id"],
         r["version"].as_str().unwrap_or("?"),
         r["target"].as_str().unwrap_or("?"),
+        if r["encrypted"] == true { ", encrypted" } else { "" },
         r["state"].as_str().unwrap_or("?"),
         r["current_wave"].as_i64().unwrap_or(0) + 1,
         r["waves"].as_array().map_or(0, Vec::len),
@@ -133,10 +138,12 @@ pub fn run(conn: &ServerConn, cmd: RolloutCommand) -> anyhow::Result<()> {
             percent,
             waves,
             failure_threshold,
+            encrypt,
             wait,
         } => {
             let mut body = json!({"version": version, "waves": waves,
-                                  "failure_threshold_pct": failure_threshold});
+                                  "failure_threshold_pct": failure_threshold,
+                                  "encrypted": encrypt});
             if let Some(t) = target {
                 body["target"] = json!(t);
             }

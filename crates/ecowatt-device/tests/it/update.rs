@@ -386,7 +386,7 @@ impl Proxy {
         let downloads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (m, c, d) = (meddle.clone(), cuts.clone(), downloads.clone());
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let (m, c, d) = (m.clone(), c.clone(), d.clone());
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(to).await else { return };
