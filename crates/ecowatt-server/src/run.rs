@@ -77,6 +77,11 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
             token_path.display()
         ))));
     }
+    let key_file = settings.image_key_file.clone();
+    if let Err(e) = unlock_images(&store, &key_file).await {
+        store.close().await;
+        return Err(e);
+    }
     let operators = store.operators();
     let mut admin_token_file = None;
     if operators.count().await? == 0 {
@@ -89,6 +94,39 @@ pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
     }
     let state = AppState::new(store, settings, news);
     Ok(Prepared { state, admin_token_file })
+}
+
+/// Loads the image key (making it when no image is sealed yet), checks that
+/// every sealed image names it, and seals the images stored in clear.
+async fn unlock_images(store: &Store, key_file: &std::path::Path) -> Result<(), StartError> {
+    let firmware = store.firmwares();
+    let stored = firmware.stored_key_ids().await?;
+    let unusable = |m: String| StartError::Store(StoreError::Unusable(m));
+    let key = crate::firmware::at_rest::ImageKey::load_or_create(key_file, stored.is_empty())
+        .map_err(|e| {
+            unusable(format!(
+                "image key: {e}; the stored firmware images are encrypted under it: copy the image \
+                 key file of the server that stored them (setting image_key_file)"
+            ))
+        })?;
+    if let Some(other) = stored.iter().find(|id| **id != key.id()) {
+        return Err(unusable(format!(
+            "stored firmware images are encrypted under image key {}, but {} holds key {}: give \
+             this server the image key file of the server that stored them (setting image_key_file)",
+            ecowatt_proto::hex::encode_upper(other),
+            key_file.display(),
+            key.id_hex()
+        )));
+    }
+    firmware.set_key(key);
+    let sealed = firmware.seal_stored_in_clear().await?;
+    if sealed > 0 {
+        tracing::info!(
+            images = sealed,
+            "firmware images stored in clear are now encrypted at rest"
+        );
+    }
+    Ok(())
 }
 
 /// A database URL without its password.

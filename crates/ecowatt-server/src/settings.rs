@@ -17,6 +17,8 @@ pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Name of the admin token file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The image key's file in the data directory ([`crate::firmware::at_rest`]).
+pub const IMAGE_KEY_FILE: &str = "image.key";
 
 /// Settings as an optional TOML file gives them; every key optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -80,6 +82,9 @@ pub struct SettingsFile {
     pub tls_key: Option<PathBuf>,
     /// Also listen here for plain HTTP and redirect every request to HTTPS.
     pub tls_redirect_from: Option<SocketAddr>,
+    /// The key firmware images are encrypted with at rest (default
+    /// `DATA_DIR/image.key`, made at the first start).
+    pub image_key_file: Option<PathBuf>,
 }
 
 /// The `[legacy]` table: how the seed's API behaves (see docs/migration.md).
@@ -144,6 +149,7 @@ impl SettingsFile {
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
             tls_redirect_from: over.tls_redirect_from.or(self.tls_redirect_from),
+            image_key_file: over.image_key_file.or(self.image_key_file),
         }
     }
 }
@@ -185,6 +191,8 @@ pub struct Settings {
     pub tls: Option<std::sync::Arc<ecowatt_edge::Tls>>,
     /// A plain-HTTP address whose requests are redirected to HTTPS.
     pub tls_redirect_from: Option<SocketAddr>,
+    /// The file of the key firmware images are encrypted with at rest.
+    pub image_key_file: PathBuf,
 }
 
 /// How the legacy API behaves (`[legacy]`, docs/migration.md).
@@ -454,7 +462,10 @@ impl Settings {
             DEFAULT_BODY_TIMEOUT,
             (0.1, 3600.0),
         )?;
+        let image_key_file =
+            file.image_key_file.clone().unwrap_or_else(|| data_dir.join(IMAGE_KEY_FILE));
         Ok(Settings {
+            image_key_file,
             codecs: offered_codecs(file.telemetry_codecs.as_ref())?,
             limits,
             body_timeout,

@@ -46,6 +46,10 @@ pub struct ServerArgs {
     /// Also listen here for plain HTTP and redirect every request to HTTPS (e.g. 0.0.0.0:80).
     #[arg(long, env = "ECOWATT_TLS_REDIRECT_FROM", value_name = "ADDR", requires = "tls_cert")]
     tls_redirect_from: Option<SocketAddr>,
+    /// The key firmware images are encrypted with at rest; servers sharing one database
+    /// need the same file [default: DATA_DIR/image.key, made at the first start].
+    #[arg(long, env = "ECOWATT_IMAGE_KEY_FILE", value_name = "FILE")]
+    image_key_file: Option<PathBuf>,
     /// Largest request body in bytes [default: 65536].
     #[arg(long, env = "ECOWATT_BODY_LIMIT")]
     body_limit: Option<usize>,
@@ -137,6 +141,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_redirect_from: args.tls_redirect_from,
+        image_key_file: args.image_key_file,
     };
     // Before the settings: the default connection cap follows the limit.
     let open_files = ecowatt_edge::raise_open_files_limit();

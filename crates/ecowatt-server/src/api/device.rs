@@ -144,9 +144,8 @@ pub async fn sync(
     // Boxed, so that the transaction's future is not part of every waiting
     // long poll's (10,000 of them held ~70 MB more when it was inline).
     let delivery = if woken {
-        match Box::pin(state.protocol.deliver(held.device_id, REDELIVER_MS, crate::now_ms())).await
-        {
-            Ok(d) => screen_offer(&state, d, held.takes_encrypted).await,
+        match Box::pin(deliver_now(&state, held.device_id, held.takes_encrypted)).await {
+            Ok(d) => d,
             Err(e) => return ApiError::from(e).into_response(),
         }
     } else {
@@ -207,6 +206,16 @@ async fn sync_first(
     }
     let (key, header, device_id) = (a.key, a.header, a.crypto.id);
     Ok(Held { key, header, device_id, delivery, wait_ms, codecs, takes_encrypted, notified })
+}
+
+/// What news brought to a waiting device, screened as [`screen_offer`] does.
+async fn deliver_now(
+    state: &AppState,
+    device_id: DeviceId,
+    takes_encrypted: bool,
+) -> crate::db::StoreResult<SyncDelivery> {
+    let d = state.protocol.deliver(device_id, REDELIVER_MS, crate::now_ms()).await?;
+    Ok(screen_offer(state, d, takes_encrypted).await)
 }
 
 /// An encrypted offer to a device that does not take encrypted images is

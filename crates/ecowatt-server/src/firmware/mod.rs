@@ -3,9 +3,10 @@
 //! the manifest names ([`verify`]); the private key never comes here. One
 //! image per version and target.
 
+pub mod at_rest;
 pub mod rollouts;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ecowatt_proto::firmware::PublicKey;
 use ecowatt_proto::hex;
@@ -163,12 +164,68 @@ pub struct Firmwares {
     /// database for each would make a download quadratic in its size.
     /// Images never change once stored, so the copy is never stale.
     cache: Arc<Mutex<Option<Cached>>>,
+    /// The key images are sealed with at rest ([`at_rest`]); set at start
+    /// (`run::prepare`). Without it (tools, tests of the store alone)
+    /// images are stored in clear and sealed ones cannot be read.
+    key: Arc<OnceLock<at_rest::ImageKey>>,
 }
 
 impl Firmwares {
     /// Over `db`.
     pub fn new(db: Db) -> Self {
-        Firmwares { db, cache: Arc::default() }
+        Firmwares { db, cache: Arc::default(), key: Arc::default() }
+    }
+
+    /// Seals images with `key` from now on (once; later calls are ignored).
+    pub fn set_key(&self, key: at_rest::ImageKey) {
+        let _ = self.key.set(key);
+    }
+
+    /// The key ids the stored images are sealed under (none for images in clear).
+    pub async fn stored_key_ids(&self) -> StoreResult<Vec<[u8; 8]>> {
+        let rows = sqlx::query("SELECT substr(data, 1, 44) AS head FROM firmware")
+            .fetch_all(self.db.reader())
+            .await?;
+        let mut ids = Vec::new();
+        for row in rows {
+            if let Some(id) = at_rest::key_id_of(&row.try_get::<Vec<u8>, _>("head")?)
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Seals the images stored in clear (before this server encrypted them);
+    /// how many.
+    pub async fn seal_stored_in_clear(&self) -> StoreResult<usize> {
+        let Some(key) = self.key.get() else { return Ok(0) };
+        let rows = sqlx::query("SELECT id, sha256, substr(data, 1, 44) AS head FROM firmware")
+            .fetch_all(self.db.reader())
+            .await?;
+        let mut sealed = 0;
+        for row in rows {
+            if at_rest::key_id_of(&row.try_get::<Vec<u8>, _>("head")?).is_some() {
+                continue;
+            }
+            let id: i64 = row.try_get("id")?;
+            let sha: String = row.try_get("sha256")?;
+            let data: Vec<u8> = sqlx::query("SELECT data FROM firmware WHERE id = $1")
+                .bind(id)
+                .fetch_one(self.db.reader())
+                .await?
+                .try_get("data")?;
+            let mut tx = self.db.write().await?;
+            sqlx::query("UPDATE firmware SET data = $1 WHERE id = $2")
+                .bind(key.seal(&sha, &data))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            sealed += 1;
+        }
+        Ok(sealed)
     }
 
     /// The bytes of image `id`, from the cache when it holds that image.
@@ -178,12 +235,25 @@ impl Firmwares {
                 return Ok(bytes.clone());
             }
         }
-        let row = sqlx::query("SELECT data FROM firmware WHERE id = $1")
+        let row = sqlx::query("SELECT data, sha256 FROM firmware WHERE id = $1")
             .bind(id)
             .fetch_optional(self.db.reader())
             .await?;
         let row = row.ok_or_else(|| StoreError::NotFound(format!("firmware {id}")))?;
-        let bytes: Arc<[u8]> = row.try_get::<Vec<u8>, _>("data")?.into();
+        let blob: Vec<u8> = row.try_get("data")?;
+        let sha: String = row.try_get("sha256")?;
+        let data = match (self.key.get(), at_rest::key_id_of(&blob)) {
+            (_, None) => blob,
+            (Some(key), Some(_)) => key
+                .open(&sha, &blob)
+                .map_err(|e| StoreError::Unusable(format!("firmware {id}: {e}")))?,
+            (None, Some(_)) => {
+                return Err(StoreError::Unusable(format!(
+                    "firmware {id} is encrypted at rest and this process has no image key"
+                )));
+            }
+        };
+        let bytes: Arc<[u8]> = data.into();
         *self.cache.lock().expect("image cache") = Some((id, bytes.clone()));
         Ok(bytes)
     }
@@ -213,7 +283,10 @@ impl Firmwares {
         .bind(fw.security_counter)
         .bind(fw.created_ms)
         .bind(fw.manifest.to_string())
-        .bind(data.to_vec())
+        .bind(match self.key.get() {
+            Some(key) => key.seal(&fw.sha256, data),
+            None => data.to_vec(),
+        })
         .bind(fw.uploaded_ms)
         .bind(fw.uploaded_by.as_str())
         .fetch_one(&mut *tx)

@@ -294,18 +294,16 @@ async fn encrypted_rollout_reaches_only_devices_that_decrypt(db: TempDb) {
     let mut f = Fleet { c, devices };
     let image: Vec<u8> = (0..50_000u32).map(|i| (i * 13 + i / 97) as u8).collect();
     let fw = store_image(&f.c, "1.1.0", &image).await;
-    let (status, v) = f
-        .c
-        .call(
+    let (status, v) =
+        f.c.call(
             "POST",
             "/api/v1/rollouts",
             Some(json!({"firmware_id": fw, "devices": ["new"], "encrypted": "yes"})),
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
-    let r = f
-        .c
-        .ok(
+    let r =
+        f.c.ok(
             "POST",
             "/api/v1/rollouts",
             Some(json!({"firmware_id": fw, "devices": ["new", "old"], "encrypted": true,
@@ -374,4 +372,86 @@ async fn encrypted_rollouts_on_postgresql() {
         return;
     };
     encrypted_rollout_reaches_only_devices_that_decrypt(db).await;
+}
+
+/// The raw stored blob of image `id`.
+async fn stored_blob(c: &Client, id: i64) -> Vec<u8> {
+    use sqlx::Row;
+    sqlx::query("SELECT data FROM firmware WHERE id = $1")
+        .bind(id)
+        .fetch_one(c.server.state.store.db().reader())
+        .await
+        .unwrap()
+        .try_get("data")
+        .unwrap()
+}
+
+/// Images are sealed at rest under the server's image key: the database holds
+/// no plaintext, the API and devices get the image, images stored in clear
+/// before are sealed at the next start, and a server with another key
+/// refuses to start instead of serving nothing.
+async fn images_are_encrypted_at_rest(db: TempDb) {
+    use ecowatt_server::firmware::at_rest::MAGIC;
+    let image: Vec<u8> = (0..30_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    // Stored by a process without the key (as before this release): in clear.
+    let bare = ecowatt_server::store::Store::open(&db.url).await.unwrap();
+    let fw = |version: &str| Firmware {
+        id: 0,
+        version: version.into(),
+        target: "linux-x86_64".into(),
+        size: image.len() as i64,
+        sha256: ecowatt_proto::hex::encode_upper(&Sha256::digest(&image)),
+        security_counter: 0,
+        created_ms: 1,
+        manifest: json!({}),
+        uploaded_ms: 1,
+        uploaded_by: "test".into(),
+    };
+    let old = bare.firmwares().add(&fw("1.0.0"), &image).await.unwrap().id;
+    bare.close().await;
+
+    let c = Client::start(&db, false).await;
+    let key_file = c.server.data_dir.join("image.key");
+    assert!(key_file.exists(), "the image key is made at the first start");
+    let new = store_image(&c, "1.1.0", &image).await;
+    for id in [old, new] {
+        let blob = stored_blob(&c, id).await;
+        assert!(blob.starts_with(MAGIC), "image {id} is sealed at rest");
+        assert!(!blob.windows(32).any(|w| w == &image[1_000..1_032]), "plaintext in the database");
+        let req = Request::get(format!("/api/v1/firmware/{id}/image"))
+            .header("authorization", format!("Bearer {}", c.token))
+            .body(Body::empty())
+            .unwrap();
+        let resp = app(c.server.state.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes().to_vec(), image);
+    }
+    c.server.stop().await;
+
+    // Another key in its place: the server does not start, and says what to do.
+    std::fs::write(&key_file, "11".repeat(32)).unwrap();
+    let settings =
+        ecowatt_server::settings::Settings::resolve(ecowatt_server::settings::SettingsFile {
+            data_dir: Some(db.dir.path().to_path_buf()),
+            database: Some(db.url.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    let err = ecowatt_server::run::prepare(settings).await.err().expect("refused to start");
+    assert!(err.to_string().contains("image_key_file"), "{err}");
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn images_at_rest_on_sqlite() {
+    images_are_encrypted_at_rest(TempDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn images_at_rest_on_postgresql() {
+    let Some(db) = TempDb::postgres().await else {
+        eprintln!("PostgreSQL part skipped: ECOWATT_TEST_PG_URL is not set");
+        return;
+    };
+    images_are_encrypted_at_rest(db).await;
 }

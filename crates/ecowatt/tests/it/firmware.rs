@@ -283,7 +283,10 @@ async fn the_server_stores_only_images_signed_by_its_keys_and_serves_them_by_ran
             "34,100",
             "--encrypt",
         ]));
-        assert!(out.contains("rollout 2 of 1.0.10 (") && out.contains(", encrypted): running"), "{out}");
+        assert!(
+            out.contains("rollout 2 of 1.0.10 (") && out.contains(", encrypted): running"),
+            "{out}"
+        );
         let mut waves: Vec<i64> = out
             .lines()
             .filter(|l| names.iter().any(|n| l.trim_start().starts_with(n)))
