@@ -1,7 +1,7 @@
 // Drives the dashboard in a real headless Chromium (Debian's, through playwright-core):
 // log in, see the devices, see a chart with data, change a config and see it applied,
 // send a command and see it succeed, see a refused command's error, upload a signed image,
-// start a rollout and see every device run the new image, curtail the demo's
+// start an encrypted rollout and see every device run the new image, curtail the demo's
 // feeder and release it, set a schedule (one refused) and see the device run it, phone width;
 // no console errors on any page (a favicon is served), a chosen image survives refreshes, the
 // Commands page shows a result as it happens (by long poll), the chart names its axis with a unit,
@@ -145,14 +145,16 @@ try {
     await page.click("#fwform button");
     await page.waitForSelector("#error:has-text('image_mismatch')");
   });
-  await step("a rollout is started in two waves and every device runs the new image", async () => {
+  await step("an encrypted rollout is started in two waves and every device runs the new image", async () => {
     await page.click("nav >> text=Firmware");
     await page.waitForSelector("#roform");
     await page.selectOption("#rofw", { label: "1.1.0 (linux-x86_64)" });
     await page.selectOption("#rodevices", ["inverter-1", "inverter-2", "inverter-3"]);
     await page.fill("#rowaves", "34,100");
+    await page.check("#roencrypt");
     await page.click("#roform button");
     await page.waitForSelector("h2:has-text('Rollout 1: 1.1.0')");
+    await page.waitForSelector("h2:has-text('(encrypted delivery)')");
     await page.waitForSelector("#rostate:has-text('completed')", { timeout: 90000 });
     const states = await page.$$eval("[data-device-state]", (tds) => tds.map((td) => td.textContent));
     assert.deepEqual(states, ["succeeded", "succeeded", "succeeded"]);
