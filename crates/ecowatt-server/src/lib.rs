@@ -7,6 +7,7 @@
 //! [`firmware`], [`security`]), composed by [`store`]; thin HTTP handlers
 //! ([`api`]); start-up and shutdown ([`run`], [`settings`]).
 
+pub mod acme;
 pub mod api;
 pub mod commands;
 pub mod config;

@@ -42,12 +42,27 @@ pub struct Prepared {
 
 /// Creates the data directory, opens and migrates the store, and on the very
 /// first start creates an admin token in `DATA_DIR/admin.token`.
-pub async fn prepare(settings: Settings) -> Result<Prepared, StartError> {
+pub async fn prepare(mut settings: Settings) -> Result<Prepared, StartError> {
     let io = |path: &PathBuf| {
         let path = path.clone();
         move |source| StartError::Io { path, source }
     };
     std::fs::create_dir_all(&settings.data_dir).map_err(io(&settings.data_dir))?;
+    if let Some(acme) = &settings.acme {
+        // The certificate obtained before, or a placeholder until the CA answers.
+        let unusable = |m: String| StartError::Store(StoreError::Unusable(m));
+        crate::acme::ensure_certificate(acme).map_err(|e| unusable(format!("ACME: {e}")))?;
+        let tls = ecowatt_edge::Tls::load(&acme.cert(), &acme.key())
+            .or_else(|e| {
+                // An expired certificate of ours: start on a placeholder and renew.
+                tracing::warn!(code = e.code(), error = %e, "ACME certificate unusable; a placeholder until renewed");
+                let _ = std::fs::remove_file(acme.cert());
+                crate::acme::ensure_certificate(acme).map_err(|e| unusable(format!("ACME: {e}")))?;
+                ecowatt_edge::Tls::load(&acme.cert(), &acme.key())
+                    .map_err(|e| unusable(format!("ACME: {e}")))
+            })?;
+        settings.tls = Some(tls);
+    }
     let token_path = settings.data_dir.join(ADMIN_TOKEN_FILE);
     // A data directory that held a store (its admin token is there) whose
     // database is gone or empty: never start again empty over it.
@@ -187,15 +202,23 @@ pub async fn serve(
     let result = match state.settings.tls.clone() {
         None => ecowatt_edge::serve(listener, router, limits, stats, shutdown).await,
         Some(tls) => {
+            let challenges = Arc::new(crate::acme::Challenges::default());
             let redirect = match state.settings.tls_redirect_from {
                 Some(from) => {
                     let https_port = listener.local_addr()?.port();
-                    Some(plain_port(from, https_port, router.clone(), &state.settings).await?)
+                    let (app, answers) = (router.clone(), Arc::clone(&challenges));
+                    Some(plain_port(from, https_port, app, answers, &state.settings).await?)
                 }
                 None => None,
             };
+            let acme = state.settings.acme.clone().map(|a| {
+                tokio::spawn(crate::acme::run(a, Arc::clone(&challenges), Arc::clone(&tls)))
+            });
             let served =
                 ecowatt_edge::serve_tls(listener, router, limits, stats, tls, shutdown).await;
+            if let Some(task) = acme {
+                task.abort();
+            }
             if let Some((stop, task)) = redirect {
                 let _ = stop.send(());
                 let _ = task.await;
@@ -234,6 +257,7 @@ async fn plain_port(
     from: std::net::SocketAddr,
     https_port: u16,
     app: axum::Router,
+    challenges: Arc<crate::acme::Challenges>,
     settings: &crate::settings::Settings,
 ) -> std::io::Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)> {
     use tower::ServiceExt;
@@ -243,8 +267,27 @@ async fn plain_port(
     tracing::info!(address = %from, "plain HTTP: device protocol served, everything else redirected to HTTPS");
     let legacy = settings.legacy_api;
     let redirect = ecowatt_edge::redirect_to_https(https_port);
+    let acme = axum::Router::new().route(
+        "/.well-known/acme-challenge/{token}",
+        axum::routing::get(
+            move |axum::extract::Path(token): axum::extract::Path<String>| async move {
+                use axum::response::IntoResponse;
+                match challenges.answer(&token) {
+                    Some(answer) => answer.into_response(),
+                    None => axum::http::StatusCode::NOT_FOUND.into_response(),
+                }
+            },
+        ),
+    );
     let router = axum::Router::new().fallback(move |request: axum::extract::Request| {
-        let to = if served_in_plain(request.uri().path(), legacy) { &app } else { &redirect };
+        let path = request.uri().path();
+        let to = if path.starts_with(crate::acme::CHALLENGE_PATH) {
+            &acme
+        } else if served_in_plain(path, legacy) {
+            &app
+        } else {
+            &redirect
+        };
         to.clone().oneshot(request)
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -85,6 +85,15 @@ pub struct SettingsFile {
     /// The key firmware images are encrypted with at rest (default
     /// `DATA_DIR/image.key`, made at the first start).
     pub image_key_file: Option<PathBuf>,
+    /// Get the HTTPS certificate for these public host names by ACME
+    /// (HTTP-01 on `tls_redirect_from`, which must be port 80 to the world).
+    pub acme_domains: Option<Vec<String>>,
+    /// A contact address given to the CA.
+    pub acme_contact: Option<String>,
+    /// The ACME directory (default Let's Encrypt's production one).
+    pub acme_directory: Option<String>,
+    /// The CA (PEM) of an ACME directory with a private PKI (tests).
+    pub acme_ca_file: Option<PathBuf>,
 }
 
 /// The `[legacy]` table: how the seed's API behaves (see docs/migration.md).
@@ -150,6 +159,10 @@ impl SettingsFile {
             tls_key: over.tls_key.or(self.tls_key),
             tls_redirect_from: over.tls_redirect_from.or(self.tls_redirect_from),
             image_key_file: over.image_key_file.or(self.image_key_file),
+            acme_domains: over.acme_domains.or(self.acme_domains),
+            acme_contact: over.acme_contact.or(self.acme_contact),
+            acme_directory: over.acme_directory.or(self.acme_directory),
+            acme_ca_file: over.acme_ca_file.or(self.acme_ca_file),
         }
     }
 }
@@ -193,6 +206,8 @@ pub struct Settings {
     pub tls_redirect_from: Option<SocketAddr>,
     /// The file of the key firmware images are encrypted with at rest.
     pub image_key_file: PathBuf,
+    /// Certificates by ACME (the listener's [`Settings::tls`] is set at start).
+    pub acme: Option<crate::acme::AcmeSettings>,
 }
 
 /// How the legacy API behaves (`[legacy]`, docs/migration.md).
@@ -379,6 +394,47 @@ fn offered_codecs(list: Option<&Vec<u8>>) -> Result<u8, String> {
     Ok(set)
 }
 
+/// ACME, when host names are given: not with a certificate of one's own,
+/// and only with the plain port its challenges are answered on.
+fn acme_settings(
+    file: &SettingsFile,
+    data_dir: &Path,
+) -> Result<Option<crate::acme::AcmeSettings>, String> {
+    let Some(domains) = file.acme_domains.clone().filter(|d| !d.is_empty()) else {
+        return match (&file.acme_contact, &file.acme_directory, &file.acme_ca_file) {
+            (None, None, None) => Ok(None),
+            _ => Err("acme_contact, acme_directory and acme_ca_file need acme_domains".into()),
+        };
+    };
+    if file.tls_cert.is_some() {
+        return Err(
+            "acme_domains and tls_cert exclude each other: ACME makes the certificate".into()
+        );
+    }
+    if file.tls_redirect_from.is_none() {
+        return Err("acme_domains needs tls_redirect_from (port 80, where the CA checks the HTTP-01 challenge)".into());
+    }
+    for d in &domains {
+        let ok = d.len() <= 253
+            && d.contains('.')
+            && d.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return Err(format!("acme_domains: {d:?} is not a public host name"));
+        }
+    }
+    Ok(Some(crate::acme::AcmeSettings {
+        domains,
+        directory: file.acme_directory.clone().unwrap_or_else(|| crate::acme::LETS_ENCRYPT.into()),
+        contact: file.acme_contact.clone(),
+        ca_file: file.acme_ca_file.clone(),
+        dir: data_dir.join("acme"),
+    }))
+}
+
 /// The certificate and key, both or neither, checked now.
 fn tls_settings(file: &SettingsFile) -> Result<Option<std::sync::Arc<ecowatt_edge::Tls>>, String> {
     match (&file.tls_cert, &file.tls_key, file.tls_redirect_from) {
@@ -386,7 +442,10 @@ fn tls_settings(file: &SettingsFile) -> Result<Option<std::sync::Arc<ecowatt_edg
             .map(Some)
             .map_err(|e| format!("TLS ({}): {e}", e.code())),
         (None, None, None) => Ok(None),
-        (None, None, Some(_)) => Err("tls_redirect_from needs tls_cert and tls_key".into()),
+        (None, None, Some(_)) if file.acme_domains.is_some() => Ok(None),
+        (None, None, Some(_)) => {
+            Err("tls_redirect_from needs tls_cert and tls_key (or acme_domains)".into())
+        }
         _ => Err("tls_cert and tls_key go together: give both".into()),
     }
 }
@@ -400,7 +459,9 @@ impl Settings {
     pub fn resolve(file: SettingsFile) -> Result<Settings, String> {
         let mqtt = mqtt_settings(&file)?;
         let tls = tls_settings(&file)?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
+        let bind_dir = file.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let acme = acme_settings(&file, &bind_dir)?;
+        let scheme = if tls.is_some() || acme.is_some() { "https" } else { "http" };
         let bind = file.bind.unwrap_or_else(|| DEFAULT_BIND.parse().expect("default bind parses"));
         let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let database =
@@ -466,6 +527,7 @@ impl Settings {
             file.image_key_file.clone().unwrap_or_else(|| data_dir.join(IMAGE_KEY_FILE));
         Ok(Settings {
             image_key_file,
+            acme,
             codecs: offered_codecs(file.telemetry_codecs.as_ref())?,
             limits,
             body_timeout,

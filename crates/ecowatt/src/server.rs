@@ -43,9 +43,29 @@ pub struct ServerArgs {
     /// The certificate's private key (PEM).
     #[arg(long, env = "ECOWATT_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Also listen here for plain HTTP and redirect every request to HTTPS (e.g. 0.0.0.0:80).
-    #[arg(long, env = "ECOWATT_TLS_REDIRECT_FROM", value_name = "ADDR", requires = "tls_cert")]
+    /// Also listen here for plain HTTP (e.g. 0.0.0.0:80): the device protocol and ACME challenges
+    /// are served, everything else is redirected to HTTPS.
+    #[arg(long, env = "ECOWATT_TLS_REDIRECT_FROM", value_name = "ADDR")]
     tls_redirect_from: Option<SocketAddr>,
+    /// Get the HTTPS certificate for this public host name by ACME (Let's Encrypt; repeatable;
+    /// needs --tls-redirect-from on port 80 for the HTTP-01 challenge). Renewed by itself.
+    #[arg(
+        long = "acme-domain",
+        env = "ECOWATT_ACME_DOMAINS",
+        value_delimiter = ',',
+        value_name = "NAME",
+        conflicts_with = "tls_cert"
+    )]
+    acme_domains: Vec<String>,
+    /// A contact address for the CA (expiry warnings).
+    #[arg(long, env = "ECOWATT_ACME_CONTACT", value_name = "EMAIL")]
+    acme_contact: Option<String>,
+    /// The ACME directory URL [default: Let's Encrypt's production directory].
+    #[arg(long, env = "ECOWATT_ACME_DIRECTORY", value_name = "URL")]
+    acme_directory: Option<String>,
+    /// The CA (PEM) of an ACME directory with a private PKI (a test CA).
+    #[arg(long, env = "ECOWATT_ACME_CA_FILE", value_name = "PEM")]
+    acme_ca_file: Option<PathBuf>,
     /// The key firmware images are encrypted with at rest; servers sharing one database
     /// need the same file [default: DATA_DIR/image.key, made at the first start].
     #[arg(long, env = "ECOWATT_IMAGE_KEY_FILE", value_name = "FILE")]
@@ -142,6 +162,10 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         tls_key: args.tls_key,
         tls_redirect_from: args.tls_redirect_from,
         image_key_file: args.image_key_file,
+        acme_domains: (!args.acme_domains.is_empty()).then_some(args.acme_domains),
+        acme_contact: args.acme_contact,
+        acme_directory: args.acme_directory,
+        acme_ca_file: args.acme_ca_file,
     };
     // Before the settings: the default connection cap follows the limit.
     let open_files = ecowatt_edge::raise_open_files_limit();

@@ -200,3 +200,153 @@ fn an_https_server_serves_the_cli_and_a_device_agent_that_trust_its_private_ca()
     assert!(scrape.contains("ecowatt_tls_certificate_not_after_seconds "), "{scrape}");
     server.0.kill().ok();
 }
+
+/// Pebble (Let's Encrypt's test CA) and its mock DNS, answering every name
+/// with 127.0.0.1, validating HTTP-01 on `http_port`; its directory's
+/// certificate from a private CA made here. `None` when Pebble is not
+/// installed (CI installs it and sets ECOWATT_TEST_ACME_REQUIRED).
+fn pebble(d: &Path, http_port: u16) -> Option<(Vec<Killed>, String, u16)> {
+    if Command::new("pebble").arg("-version").output().is_err() {
+        assert!(
+            std::env::var_os("ECOWATT_TEST_ACME_REQUIRED").is_none(),
+            "pebble is not installed (apt-get install pebble)"
+        );
+        eprintln!("ACME part skipped: pebble is not installed");
+        return None;
+    }
+    ok(run(d, &["tls", "init", "--host", "127.0.0.1", "--out", "pebble-pki"]));
+    let (dir_port, mgmt_port, dns_port) = (free_port(), free_port(), free_port());
+    let config = format!(
+        r#"{{"pebble": {{"listenAddress": "127.0.0.1:{dir_port}", "managementListenAddress": "127.0.0.1:{mgmt_port}",
+        "certificate": "pebble-pki/server.pem", "privateKey": "pebble-pki/server.key",
+        "httpPort": {http_port}, "tlsPort": {}, "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+        free_port()
+    );
+    std::fs::write(d.join("pebble.json"), config).unwrap();
+    let dns = Command::new("pebble-challtestsrv")
+        .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", "", "-http01", "", "-https01", ""])
+        .args(["-tlsalpn01", "", "-dns01", &format!("127.0.0.1:{dns_port}")])
+        .args(["-management", &format!("127.0.0.1:{}", free_port())])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ca = Command::new("pebble")
+        .args(["-config", "pebble.json", "-dnsserver", &format!("127.0.0.1:{dns_port}")])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0")
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let directory = format!("https://127.0.0.1:{dir_port}/dir");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", dir_port)).is_err() {
+        assert!(Instant::now() < deadline, "pebble did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some((vec![Killed(dns), Killed(ca)], directory, mgmt_port))
+}
+
+/// A TLS handshake with 127.0.0.1:`port` for `name`, trusting only `root`
+/// (PEM), then `GET /healthz`: the answer's first line.
+fn healthz_as(port: u16, name: &str, root: &[u8]) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(root) {
+        roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server)
+        .map_err(|e| e.to_string())?;
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: {name}\r\nconnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    let _ = tls.read_to_string(&mut answer);
+    answer.lines().next().map(str::to_owned).ok_or_else(|| "no answer".to_owned())
+}
+
+#[test]
+fn acme_gets_a_certificate_from_the_ca_by_http_01_and_serves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (port, plain) = (free_port(), free_port());
+    let Some((_ca, directory, mgmt)) = pebble(d, plain) else { return };
+    let bind = format!("127.0.0.1:{port}");
+    let redirect = format!("127.0.0.1:{plain}");
+    let server = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+        .args(["server", "--bind", &bind, "--data-dir", "data", "--tls-redirect-from", &redirect])
+        .args(["--acme-domain", "ecowatt.test", "--acme-directory", &directory])
+        .args(["--acme-ca-file", "pebble-pki/ca.pem", "--acme-contact", "ops@ecowatt.test"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Killed(server);
+    // The CA's root, from its management interface.
+    let tls = ecowatt_device::net::trust(Some(&d.join("pebble-pki/ca.pem"))).unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder().tls_config(tls).build().into();
+    let root = agent
+        .get(format!("https://127.0.0.1:{mgmt}/roots/0"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_vec()
+        .unwrap();
+    // A placeholder first, then the CA's certificate, picked up without a restart.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        match healthz_as(port, "ecowatt.test", &root) {
+            Ok(line) => break line,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no certificate from the CA: {e}");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    };
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert!(!d.join("data/acme/placeholder").exists());
+    assert!(d.join("data/acme/account.json").exists(), "the account is kept for renewals");
+    // Another name is not in the certificate.
+    assert!(healthz_as(port, "other.test", &root).is_err());
+    // The challenge path answers only tokens it holds; the rest of the plain port redirects.
+    let plain_agent: ureq::Agent =
+        ureq::Agent::config_builder().max_redirects(0).http_status_as_error(false).build().into();
+    let url = format!("http://127.0.0.1:{plain}/.well-known/acme-challenge/nope");
+    assert_eq!(plain_agent.get(&url).call().unwrap().status(), 404);
+    let moved = plain_agent.get(format!("http://127.0.0.1:{plain}/")).call().unwrap();
+    assert_eq!(moved.status(), 308);
+}
+
+#[test]
+fn acme_settings_are_checked_before_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (args, says) in [
+        (&["--acme-domain", "ecowatt.test"][..], "tls_redirect_from"),
+        (
+            &["--acme-domain", "localhost", "--tls-redirect-from", "127.0.0.1:0"][..],
+            "public host name",
+        ),
+        (&["--acme-contact", "ops@example.org"][..], "need acme_domains"),
+    ] {
+        let out = run(
+            d,
+            &[&["server", "--bind", "127.0.0.1:0", "--data-dir", "data"][..], args].concat(),
+        );
+        let err = failed(out);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
