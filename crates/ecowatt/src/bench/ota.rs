@@ -54,6 +54,9 @@ pub struct OtaArgs {
     /// Updates to measure (each into a fresh device state).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
     runs: u64,
+    /// Encrypted rollouts: the image comes in sealed 4 KiB chunks the device decrypts.
+    #[arg(long)]
+    encrypted: bool,
 }
 
 pub fn run(args: OtaArgs) -> anyhow::Result<()> {
@@ -140,9 +143,10 @@ fn device_side(
     drop(image); // not part of what the device holds
 
     outln!(
-        "Firmware update, device side: {:.1} MiB image, {} runs (server in a child process)",
+        "Firmware update, device side: {:.1} MiB image, {} runs, {} (server in a child process)",
         args.size as f64 / 1_048_576.0,
-        args.runs
+        args.runs,
+        if args.encrypted { "encrypted delivery" } else { "clear delivery" }
     );
     let (mut rates, mut peaks) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
@@ -159,7 +163,12 @@ fn device_side(
             key,
             key_version: 1,
         };
-        call("POST", "/api/v1/rollouts", json!({"firmware_id": fw["id"], "devices": [name]}))?;
+        call(
+            "POST",
+            "/api/v1/rollouts",
+            json!({"firmware_id": fw["id"], "devices": [name], "encrypted": args.encrypted}),
+        )?;
+        let net = Net::new(&base, Default::default()).asking_as(creds.device_id, creds.key_version);
         let state = dir.join(format!("device-{run}"));
         let mut settings = Settings::new(Version::parse("1.0.0")?, &manifest.target);
         settings.firmware_keys = vec![PublicKey::Ed25519(*public)];
@@ -169,7 +178,7 @@ fn device_side(
         let device = Device::boot(kv, slots, creds, settings, now_ms())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let baseline = reset_peak();
-        let (started, fetches) = update(device, &Net::new(&base, Default::default()))?;
+        let (started, fetches) = update(device, &net)?;
         let secs = started.elapsed().as_secs_f64();
         let peak = rss().0.saturating_sub(baseline);
         let written: [u8; 32] = Sha256::digest(std::fs::read(&slot_b)?).into();
