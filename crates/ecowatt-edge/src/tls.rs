@@ -315,8 +315,8 @@ fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     (end <= b.len()).then(|| (tag, &b[head..end], &b[end..]))
 }
 
-/// An X.509 certificate's validity (notBefore, notAfter), seconds since 1970.
-pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
+/// The fields of an X.509 certificate's TBSCertificate from its validity on.
+fn from_validity(der: &[u8]) -> Option<&[u8]> {
     let (0x30, cert, _) = tlv(der)? else { return None };
     let (0x30, tbs, _) = tlv(cert)? else { return None };
     let mut rest = tbs;
@@ -326,6 +326,31 @@ pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
     for _ in 0..3 {
         rest = tlv(rest)?.2; // serial, signature algorithm, issuer
     }
+    Some(rest)
+}
+
+/// An X.509 certificate's SubjectPublicKeyInfo, DER (the whole element).
+pub fn spki(der: &[u8]) -> Option<&[u8]> {
+    let rest = from_validity(der)?;
+    let rest = tlv(rest)?.2; // validity
+    let rest = tlv(rest)?.2; // subject
+    let (0x30, _, after) = tlv(rest)? else { return None };
+    Some(&rest[..rest.len() - after.len()])
+}
+
+/// Whether `key_pem` (PEM) is the key of the certificate `cert_pem` (PEM).
+pub fn key_matches(cert_pem: &str, key_pem: &str) -> bool {
+    let cert = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).next();
+    let key = rcgen::KeyPair::from_pem(key_pem);
+    match (cert, key) {
+        (Some(Ok(cert)), Ok(key)) => spki(&cert) == Some(&key.public_key_der()[..]),
+        _ => false,
+    }
+}
+
+/// An X.509 certificate's validity (notBefore, notAfter), seconds since 1970.
+pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    let rest = from_validity(der)?;
     let (0x30, validity, _) = tlv(rest)? else { return None };
     let (t1, before, rest) = tlv(validity)?;
     let (t2, after, _) = tlv(rest)?;
@@ -468,6 +493,15 @@ pub fn issue(ca_key: &str, issue: &Issue) -> Result<Issued, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_key_matches_only_its_certificate() {
+        let ca = new_ca(1).unwrap();
+        let other = new_ca(1).unwrap();
+        assert!(key_matches(&ca.cert, &ca.key));
+        assert!(!key_matches(&ca.cert, &other.key));
+        assert!(!key_matches("nonsense", &ca.key));
+    }
 
     #[test]
     fn times_read_both_forms_and_refuse_nonsense() {

@@ -43,7 +43,17 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (ca_pem, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
     let ca = match (ca_pem.exists(), ca_key.exists()) {
-        (true, true) => Issued { cert: read(&ca_pem)?, key: read(&ca_key)? },
+        (true, true) => {
+            let ca = Issued { cert: read(&ca_pem)?, key: read(&ca_key)? };
+            if !tls::key_matches(&ca.cert, &ca.key) {
+                bail!(
+                    "{} is not the key of {}: restore the CA's own key (or move both away for a new CA)",
+                    ca_key.display(),
+                    ca_pem.display()
+                );
+            }
+            ca
+        }
         (false, false) => {
             let ca = tls::new_ca(3650).map_err(anyhow::Error::msg)?;
             std::fs::write(&ca_pem, &ca.cert).with_context(|| ca_pem.display().to_string())?;

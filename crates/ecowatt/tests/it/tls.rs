@@ -70,6 +70,21 @@ fn an_https_server_serves_the_cli_and_a_device_agent_that_trust_its_private_ca()
     for file in ["ca.pem", "ca.key", "server.pem", "server.key"] {
         assert!(d.join("pki").join(file).exists(), "{file}");
     }
+    // Again: a renewal. The CA stays (clients keep trusting it); the server certificate is new.
+    let read = |f: &str| std::fs::read_to_string(d.join("pki").join(f)).unwrap();
+    let (ca, cert) = (read("ca.pem"), read("server.pem"));
+    ok(run(d, &["tls", "init", "--host", "localhost", "--host", "127.0.0.1", "--out", "pki"]));
+    assert_eq!(read("ca.pem"), ca);
+    assert_ne!(read("server.pem"), cert);
+    std::fs::remove_file(d.join("pki/ca.key")).unwrap();
+    let refused = failed(run(d, &["tls", "init", "--host", "x.test", "--out", "pki"]));
+    assert!(refused.contains("only one of ca.pem and ca.key"), "{refused}");
+    // A key that is not the CA's would sign certificates clients refuse: refused.
+    std::fs::write(d.join("pki/ca.key"), read("server.key")).unwrap();
+    let refused = failed(run(d, &["tls", "init", "--host", "x.test", "--out", "pki"]));
+    assert!(refused.contains("is not the key of"), "{refused}");
+    std::fs::remove_dir_all(d.join("pki")).unwrap();
+    ok(run(d, &["tls", "init", "--host", "localhost", "--host", "127.0.0.1", "--out", "pki"]));
 
     let (port, plain) = (free_port(), free_port());
     let bind = format!("127.0.0.1:{port}");
