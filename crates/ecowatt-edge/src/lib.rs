@@ -335,7 +335,7 @@ async fn answer_plain_http(mut stream: TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = error::body(
         "https_required",
-        "this port speaks HTTPS: use an https:// URL (the request was not read)",
+        "this port speaks HTTPS: use an https:// URL (the request was not processed)",
     );
     let head = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",

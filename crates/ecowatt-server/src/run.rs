@@ -30,6 +30,9 @@ pub enum StartError {
     /// The store could not be opened or migrated.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// No certificate to serve HTTPS with (ACME's files cannot be made or read).
+    #[error("HTTPS: {0}")]
+    Tls(String),
 }
 
 /// The state of a server ready to serve.
@@ -50,7 +53,7 @@ pub async fn prepare(mut settings: Settings) -> Result<Prepared, StartError> {
     std::fs::create_dir_all(&settings.data_dir).map_err(io(&settings.data_dir))?;
     if let Some(acme) = &settings.acme {
         // The certificate obtained before, or a placeholder until the CA answers.
-        let unusable = |m: String| StartError::Store(StoreError::Unusable(m));
+        let unusable = |m: String| StartError::Tls(m);
         crate::acme::ensure_certificate(acme).map_err(|e| unusable(format!("ACME: {e}")))?;
         let tls = ecowatt_edge::Tls::load(&acme.cert(), &acme.key())
             .or_else(|e| {

@@ -459,11 +459,10 @@ impl Settings {
     pub fn resolve(file: SettingsFile) -> Result<Settings, String> {
         let mqtt = mqtt_settings(&file)?;
         let tls = tls_settings(&file)?;
-        let bind_dir = file.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let acme = acme_settings(&file, &bind_dir)?;
+        let data_dir = file.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let acme = acme_settings(&file, &data_dir)?;
         let scheme = if tls.is_some() || acme.is_some() { "https" } else { "http" };
         let bind = file.bind.unwrap_or_else(|| DEFAULT_BIND.parse().expect("default bind parses"));
-        let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let database =
             file.database.unwrap_or_else(|| crate::db::sqlite_url(&data_dir.join("ecowatt.db")));
         let body_limit = file.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT);

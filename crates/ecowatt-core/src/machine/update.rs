@@ -1,7 +1,9 @@
 //! Firmware updates as the device lives them: an offer comes with a sync; its
 //! signature is checked against the trusted keys before a byte is fetched; the
 //! image goes into the other slot chunk by chunk (resuming where a cut left
-//! it); the hash is checked and the slot marked pending; the device restarts
+//! it; an image delivered encrypted is decrypted in each fetch's own buffer,
+//! [`ecowatt_proto::delivery`], and a chunk that fails authentication ends
+//! the update); the hash is checked and the slot marked pending; the device restarts
 //! once the server has heard (or after 10 s); the new image boots on trial and
 //! confirms itself with its first sync, or the health check runs out and the
 //! old one boots again. The slot and boot-record rules are [`crate::ota`]'s.
