@@ -324,83 +324,23 @@ async fn subscriber_on(port: u16, filters: &[String]) -> (AsyncClient, Seen) {
     (client, seen)
 }
 
-/// `openssl` in `dir` with `args`; false when it fails or is missing.
-fn openssl(dir: &std::path::Path, args: &[&str]) -> bool {
-    std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A test CA (`name.pem`, `name.key`).
-fn ca(dir: &std::path::Path, name: &str) -> bool {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    )
-}
-
 #[tokio::test]
 async fn mqtts_to_a_broker_of_a_private_pki() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    let made = ca(d, "test-ca")
-        && ca(d, "other-ca")
-        && openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "broker.key",
-                "-out",
-                "broker.csr",
-                "-subj",
-                "/CN=localhost",
-            ],
-        )
-        && openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "broker.csr",
-                "-CA",
-                "test-ca.pem",
-                "-CAkey",
-                "test-ca.key",
-                "-CAcreateserial",
-                "-out",
-                "broker.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-            ],
-        );
-    if !made {
-        return skipped("openssl cannot make test certificates");
+    // A private CA, another one, and the broker's certificate from the first
+    // (as `ecowatt tls init` makes them).
+    use ecowatt_edge::tls::{Issue, issue, new_ca};
+    let (ca, other) = (new_ca(2).unwrap(), new_ca(2).unwrap());
+    let hosts = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let broker = issue(&ca.key, &Issue::for_days(&hosts, 2)).unwrap();
+    for (file, text) in [
+        ("test-ca.pem", &ca.cert),
+        ("other-ca.pem", &other.cert),
+        ("broker.pem", &broker.cert),
+        ("broker.key", &broker.key),
+    ] {
+        std::fs::write(d.join(file), text).unwrap();
     }
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (tls_port, plain_port) = (free(), free());

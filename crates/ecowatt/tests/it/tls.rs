@@ -195,16 +195,11 @@ fn an_https_server_serves_the_cli_and_a_device_agent_that_trust_its_private_ca()
     // The server counted what it refused.
     let metrics = ok(run(d, &[&["status"][..], &trusting].concat()));
     assert!(metrics.contains("devices    2 (2 online"), "{metrics}");
-    let scrape: String = {
-        let certs = ureq::tls::Certificate::from_pem(&std::fs::read(d.join("pki/ca.pem")).unwrap())
-            .unwrap()
-            .to_owned();
-        let tls = ureq::tls::TlsConfig::builder()
-            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![certs])))
-            .build();
-        let agent: ureq::Agent = ureq::Agent::config_builder().tls_config(tls).build().into();
-        agent.get(format!("{url}/metrics")).call().unwrap().body_mut().read_to_string().unwrap()
-    };
+    let tls = ecowatt_device::net::trust(Some(&d.join("pki/ca.pem"))).unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder().tls_config(tls).build().into();
+    let metrics =
+        || agent.get(format!("{url}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    let scrape = metrics();
     assert!(scrape.contains("ecowatt_tls_plain_http_total 1"), "{scrape}");
     let failures = scrape
         .lines()
@@ -213,6 +208,17 @@ fn an_https_server_serves_the_cli_and_a_device_agent_that_trust_its_private_ca()
         .unwrap();
     assert!(failures >= 2, "handshake failures {failures}");
     assert!(scrape.contains("ecowatt_tls_certificate_not_after_seconds "), "{scrape}");
+
+    // SIGHUP reloads the certificate (here the same files: a reload that takes effect).
+    assert!(scrape.contains("ecowatt_tls_reloads_total{outcome=\"ok\"} 0"), "{scrape}");
+    let hup = Command::new("kill").args(["-HUP", &server.0.id().to_string()]).status().unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics().contains("ecowatt_tls_reloads_total{outcome=\"ok\"} 1") {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload: {}", metrics());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok(run(d, &[&["status"][..], &trusting].concat())).contains("devices    2"));
     server.0.kill().ok();
 }
 
