@@ -275,6 +275,8 @@ try {
     const resp = await tab.goto(`https://dashboard.test:${tlsPort}/`);
     assert.equal(resp.status(), 200);
     assert.equal(resp.headers()["strict-transport-security"], "max-age=31536000");
+    assert.match(resp.headers()["content-security-policy"], /frame-ancestors 'none'/);
+    assert.equal(resp.headers()["referrer-policy"], "no-referrer");
     assert.equal(await tab.evaluate(() => location.protocol), "https:");
     await tab.waitForSelector("#token");
     assert.equal(await tab.$("#in-clear"), null, "warned about plain HTTP over HTTPS");

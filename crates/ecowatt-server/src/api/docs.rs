@@ -76,8 +76,21 @@ fn esc(text: &str) -> String {
 
 /// The web dashboard: one self-contained page (no CDN), talking to `/api/v1`
 /// with the operator's token.
-pub async fn dashboard() -> Html<&'static str> {
-    Html(include_str!("dashboard.html"))
+pub async fn dashboard() -> impl axum::response::IntoResponse {
+    use axum::http::header;
+    // Everything the page needs is in it or from this server: nothing else
+    // may be loaded, framed around it, or told where the operator came from.
+    const POLICY: &str = "default-src 'self'; script-src 'self' 'unsafe-inline'; \
+        style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; \
+        frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, POLICY),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        Html(include_str!("dashboard.html")),
+    )
 }
 
 /// The dashboard's icon (a sun over a panel), for `/favicon.svg` and the
