@@ -22,8 +22,10 @@ use tokio::sync::mpsc;
 /// How the agent reaches its broker.
 #[derive(Debug, Clone)]
 pub struct MqttSettings {
-    /// `mqtt://[user:password@]host[:port]`.
+    /// `mqtt://[user:password@]host[:port]`, or `mqtts://` for TLS.
     pub url: String,
+    /// The CA (PEM) of an `mqtts://` broker with a private PKI (default: the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
     /// EcoWatt's topic prefix and Home Assistant's discovery prefix.
     pub topics: Topics,
     /// Client id (default `ecowatt-device-NAME`).
@@ -40,19 +42,15 @@ impl MqttSettings {
                 discovery: shared::DEFAULT_DISCOVERY_PREFIX.to_owned(),
             },
             client_id: None,
+            ca_file: None,
         }
     }
 
-    /// Checks the URL (`mqtt://` only for now) without connecting.
-    pub fn check(&self) -> Result<shared::Broker, String> {
+    /// Checks the URL and the CA file without connecting: the broker and its TLS.
+    pub fn check(&self) -> Result<(shared::Broker, Option<shared::Tls>), String> {
         let broker = shared::parse_url(&self.url)?;
-        if broker.tls {
-            return Err(format!(
-                "{}: mqtts:// is not supported by the device agent yet; use mqtt:// (the server's --mqtt has TLS)",
-                self.url
-            ));
-        }
-        Ok(broker)
+        let tls = shared::Tls::for_broker(broker.tls, self.ca_file.as_deref())?;
+        Ok((broker, tls))
     }
 }
 
@@ -84,10 +82,13 @@ impl Link {
         device: &str,
         settable: bool,
     ) -> Result<(Link, Commands), String> {
-        let broker = settings.check()?;
+        let (broker, tls) = settings.check()?;
         let id = settings.client_id.clone().unwrap_or_else(|| format!("ecowatt-device-{device}"));
         let mut options = MqttOptions::new(id, broker.host, broker.port);
         options.set_keep_alive(Duration::from_secs(30));
+        if let Some(tls) = &tls {
+            options.set_transport(tls.transport()?);
+        }
         if let Some((user, password)) = broker.credentials {
             options.set_credentials(user, password);
         }

@@ -12,6 +12,45 @@ pub const DEFAULT_PREFIX: &str = "ecowatt";
 /// Default Home Assistant discovery prefix.
 pub const DEFAULT_DISCOVERY_PREFIX: &str = "homeassistant";
 
+/// How to check an `mqtts://` broker's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// The system's root certificates.
+    SystemRoots,
+    /// Only this CA (PEM), for a private PKI.
+    Ca(Vec<u8>),
+}
+
+impl Tls {
+    /// For a broker URL that says TLS: the CA in `ca_file` if given, else the
+    /// system's roots; a CA file for a plain `mqtt://` broker is an error.
+    pub fn for_broker(tls: bool, ca_file: Option<&std::path::Path>) -> Result<Option<Tls>, String> {
+        match (ca_file, tls) {
+            (Some(path), true) => std::fs::read(path)
+                .map(|pem| Some(Tls::Ca(pem)))
+                .map_err(|e| format!("CA file {}: {e}", path.display())),
+            (None, true) => Ok(Some(Tls::SystemRoots)),
+            (Some(_), false) => Err("a CA file needs an mqtts:// broker".into()),
+            (None, false) => Ok(None),
+        }
+    }
+
+    /// The rumqttc transport (rustls; the process's crypto provider).
+    pub fn transport(&self) -> Result<rumqttc::Transport, String> {
+        let config = match self {
+            Tls::Ca(pem) => {
+                rumqttc::TlsConfiguration::Simple { ca: pem.clone(), alpn: None, client_auth: None }
+            }
+            // rumqttc's default loads the platform's roots and panics if it cannot.
+            Tls::SystemRoots => std::panic::catch_unwind(rumqttc::TlsConfiguration::default)
+                .map_err(|_| {
+                    "the system's root certificates cannot be loaded; give a CA file".to_owned()
+                })?,
+        };
+        Ok(rumqttc::Transport::tls_with_config(config))
+    }
+}
+
 /// A broker's address as a URL gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Broker {

@@ -336,14 +336,8 @@ fn mqtt_settings(file: &SettingsFile) -> Result<Option<crate::mqtt::MqttSettings
     let Some(url) = &file.mqtt else { return Ok(None) };
     let crate::mqtt::Broker { host, port, credentials, tls } =
         crate::mqtt::parse_url(url).map_err(|e| format!("mqtt: {e}"))?;
-    let tls = match (&file.mqtt_ca_file, tls) {
-        (Some(path), true) => Some(crate::mqtt::Tls::Ca(
-            std::fs::read(path).map_err(|e| format!("mqtt_ca_file {}: {e}", path.display()))?,
-        )),
-        (None, true) => Some(crate::mqtt::Tls::SystemRoots),
-        (Some(_), false) => return Err("mqtt_ca_file needs an mqtts:// broker".into()),
-        (None, false) => None,
-    };
+    let tls = crate::mqtt::Tls::for_broker(tls, file.mqtt_ca_file.as_deref())
+        .map_err(|e| format!("mqtt_ca_file: {e}"))?;
     let topic_part = |key: &str, v: &Option<String>, default: &str| -> Result<String, String> {
         let v = v.clone().unwrap_or_else(|| default.to_owned());
         if v.is_empty() || v.contains(['+', '#']) || v.starts_with('/') || v.ends_with('/') {

@@ -52,9 +52,12 @@ pub struct AgentArgs {
     /// After installing an image: restart in this process, or exit with status 75 so that a supervisor (systemd Restart=always) starts the agent again.
     #[arg(long, value_enum, default_value = "in-process")]
     restart: Restart,
-    /// Also publish to this MQTT broker (mqtt://[user:password@]host[:port]): states, availability and Home Assistant discovery. Without --provision: a device with no server at all, whose export limit Home Assistant sets.
+    /// Also publish to this MQTT broker (mqtt://[user:password@]host[:port], mqtts:// for TLS): states, availability and Home Assistant discovery. Without --provision: a device with no server at all, whose export limit Home Assistant sets.
     #[arg(long, env = "ECOWATT_DEVICE_MQTT", value_name = "URL")]
     mqtt: Option<String>,
+    /// The CA certificate (PEM) of an mqtts:// broker with a private PKI [default: the system's roots].
+    #[arg(long, env = "ECOWATT_DEVICE_MQTT_CA_FILE", value_name = "PEM", requires = "mqtt")]
+    mqtt_ca_file: Option<PathBuf>,
     /// Prefix of the MQTT topics.
     #[arg(long, default_value = "ecowatt")]
     mqtt_prefix: String,
@@ -80,6 +83,7 @@ pub fn run(args: AgentArgs, ca_file: Option<PathBuf>) -> anyhow::Result<()> {
         let mut m = MqttSettings::new(url);
         m.topics.prefix = args.mqtt_prefix.clone();
         m.topics.discovery = args.mqtt_discovery_prefix.clone();
+        m.ca_file = args.mqtt_ca_file.clone();
         m
     });
     if let Some(m) = &mqtt {

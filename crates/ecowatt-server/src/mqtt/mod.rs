@@ -57,30 +57,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Default outgoing buffer, messages.
 pub const DEFAULT_BUFFER: usize = 10_000;
 
-/// How to check the broker's certificate over `mqtts://`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Tls {
-    /// The system's root certificates.
-    SystemRoots,
-    /// Only this CA (PEM), for a private PKI.
-    Ca(Vec<u8>),
-}
-
-/// The TLS transport for `tls`.
-fn transport(tls: &Tls) -> Result<rumqttc::Transport, String> {
-    let config = match tls {
-        Tls::Ca(pem) => {
-            rumqttc::TlsConfiguration::Simple { ca: pem.clone(), alpn: None, client_auth: None }
-        }
-        // rumqttc's default loads the platform's roots and panics if it cannot.
-        Tls::SystemRoots => {
-            std::panic::catch_unwind(rumqttc::TlsConfiguration::default).map_err(|_| {
-                "the system's root certificates cannot be loaded; give mqtt_ca_file".to_owned()
-            })?
-        }
-    };
-    Ok(rumqttc::Transport::tls_with_config(config))
-}
+pub use ecowatt_formats::mqtt::Tls;
 
 /// What the integration reads: the store's news, devices, commands.
 pub struct Sources {
@@ -110,7 +87,7 @@ pub fn start(settings: MqttSettings, sources: Sources) -> tokio::task::JoinHandl
 fn options(s: &MqttSettings) -> Result<MqttOptions, String> {
     let mut o = MqttOptions::new(&s.client_id, &s.host, s.port);
     if let Some(tls) = &s.tls {
-        o.set_transport(transport(tls)?);
+        o.set_transport(tls.transport()?);
     }
     o.set_keep_alive(Duration::from_secs(30));
     o.set_clean_session(true);
