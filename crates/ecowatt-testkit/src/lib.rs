@@ -2,6 +2,7 @@
 //! moves only when the test says so, and ([`server`]) throw-away databases
 //! and a server on port 0.
 
+pub mod mosquitto;
 pub mod server;
 
 use std::sync::Arc;

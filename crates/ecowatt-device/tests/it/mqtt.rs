@@ -203,73 +203,15 @@ async fn a_device_with_a_server_publishes_its_states_with_the_limit_read_only() 
     server.stop().await;
 }
 
-/// A Mosquitto of this test's own: TLS on one port (a certificate from a
-/// private CA made here), plain on another for the test's subscriber.
-struct TlsBroker {
-    child: std::process::Child,
-    tls_port: u16,
-    plain_port: u16,
-    _dir: tempfile::TempDir,
-    ca: std::path::PathBuf,
-    other_ca: std::path::PathBuf,
-}
-
-impl Drop for TlsBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tls_broker() -> Option<TlsBroker> {
-    use ecowatt_edge::tls::{Issue, issue, new_ca};
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let (ca, other) = (new_ca(2).unwrap(), new_ca(2).unwrap());
-    let broker = issue(&ca.key, &Issue::for_days(&["localhost".to_owned()], 2)).unwrap();
-    for (file, text) in [
-        ("ca.pem", &ca.cert),
-        ("other-ca.pem", &other.cert),
-        ("broker.pem", &broker.cert),
-        ("broker.key", &broker.key),
-    ] {
-        std::fs::write(d.join(file), text).unwrap();
-    }
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (tls_port, plain_port) = (free(), free());
-    // `user root`: as root, mosquitto would drop to its own user and not read the key.
-    let conf = format!(
-        "user root\nallow_anonymous true\nlistener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nlistener {plain_port} 127.0.0.1\n",
-        d = d.display()
-    );
-    std::fs::write(d.join("mosquitto.conf"), conf).unwrap();
-    let child = match std::process::Command::new("mosquitto")
-        .args(["-c", &d.join("mosquitto.conf").display().to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            assert!(
-                std::env::var_os("ECOWATT_TEST_MQTT_REQUIRED").is_none(),
-                "cannot start mosquitto ({e}), and the MQTT suite is required"
-            );
-            return None;
-        }
-    };
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "mosquitto did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (ca, other_ca) = (d.join("ca.pem"), d.join("other-ca.pem"));
-    Some(TlsBroker { child, tls_port, plain_port, _dir: dir, ca, other_ca })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_device_reaches_an_mqtts_broker_of_a_private_pki_and_refuses_another() {
-    let Some(b) = tls_broker() else { return };
+    let b = match ecowatt_testkit::mosquitto::TlsBroker::start() {
+        Ok(b) => b,
+        Err(e) => {
+            assert!(std::env::var_os("ECOWATT_TEST_MQTT_REQUIRED").is_none(), "{e}");
+            return eprintln!("note: {e}; MQTT TLS part skipped");
+        }
+    };
     let sim = TestSim::start(1).await;
     let id = format!("ewdev-tls-sub-{}", std::process::id());
     let (client, mut events) =

@@ -326,52 +326,18 @@ async fn subscriber_on(port: u16, filters: &[String]) -> (AsyncClient, Seen) {
 
 #[tokio::test]
 async fn mqtts_to_a_broker_of_a_private_pki() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    // A private CA, another one, and the broker's certificate from the first
-    // (as `ecowatt tls init` makes them).
-    use ecowatt_edge::tls::{Issue, issue, new_ca};
-    let (ca, other) = (new_ca(2).unwrap(), new_ca(2).unwrap());
-    let hosts = ["localhost".to_owned(), "127.0.0.1".to_owned()];
-    let broker = issue(&ca.key, &Issue::for_days(&hosts, 2)).unwrap();
-    for (file, text) in [
-        ("test-ca.pem", &ca.cert),
-        ("other-ca.pem", &other.cert),
-        ("broker.pem", &broker.cert),
-        ("broker.key", &broker.key),
-    ] {
-        std::fs::write(d.join(file), text).unwrap();
-    }
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (tls_port, plain_port) = (free(), free());
-    // `user root`: started as root, mosquitto would drop to its own user and
-    // not read the test's key (as another user the line has no effect).
-    let conf = format!(
-        "user root\nallow_anonymous true\nlistener {tls_port} 127.0.0.1\ncafile {d}/test-ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nlistener {plain_port} 127.0.0.1\n",
-        d = d.display()
-    );
-    std::fs::write(d.join("mosquitto.conf"), conf).unwrap();
-    let Ok(child) = std::process::Command::new("mosquitto")
-        .args(["-c", &d.join("mosquitto.conf").display().to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-    else {
-        return skipped("cannot start mosquitto");
+    let b = match ecowatt_testkit::mosquitto::TlsBroker::start() {
+        Ok(b) => b,
+        Err(e) => return skipped(&e),
     };
-    let _broker = OwnBroker { child };
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "mosquitto did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (tls_port, plain_port) = (b.tls_port, b.plain_port);
     let (_sub, seen) = subscriber_on(plain_port, &["#".to_owned()]).await;
 
     // Its own CA: connected over TLS, publishing.
     let db = TempDb::sqlite();
     let file = SettingsFile {
         mqtt: Some(format!("mqtts://localhost:{tls_port}")),
-        mqtt_ca_file: Some(d.join("test-ca.pem")),
+        mqtt_ca_file: Some(b.ca.clone()),
         mqtt_prefix: Some("tls".into()),
         ..SettingsFile::default()
     };
@@ -386,7 +352,7 @@ async fn mqtts_to_a_broker_of_a_private_pki() {
     let db = TempDb::sqlite();
     let file = SettingsFile {
         mqtt: Some(format!("mqtts://localhost:{tls_port}")),
-        mqtt_ca_file: Some(d.join("other-ca.pem")),
+        mqtt_ca_file: Some(b.other_ca.clone()),
         mqtt_prefix: Some("untrusted".into()),
         ..SettingsFile::default()
     };

@@ -1,0 +1,78 @@
+//! A Mosquitto of a test's own with TLS: one port with a certificate from a
+//! private CA made here (for `localhost` and `127.0.0.1`), one plain port for
+//! the test's subscriber, and a second CA that did not sign it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ecowatt_edge::tls::{Issue, issue, new_ca};
+
+/// The running broker (killed when dropped) and its files.
+pub struct TlsBroker {
+    child: std::process::Child,
+    /// The TLS listener's port.
+    pub tls_port: u16,
+    /// The plain listener's port.
+    pub plain_port: u16,
+    /// The CA that signed the broker's certificate (PEM file).
+    pub ca: PathBuf,
+    /// Another CA (PEM file), which did not.
+    pub other_ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TlsBroker {
+    /// Starts one; `Err` says why it could not (no `mosquitto` binary).
+    pub fn start() -> Result<TlsBroker, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let d = dir.path();
+        let (ca, other) = (new_ca(2)?, new_ca(2)?);
+        let hosts = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let broker = issue(&ca.key, &Issue::for_days(&hosts, 2))?;
+        for (file, text) in [
+            ("ca.pem", &ca.cert),
+            ("other-ca.pem", &other.cert),
+            ("broker.pem", &broker.cert),
+            ("broker.key", &broker.key),
+        ] {
+            std::fs::write(d.join(file), text).map_err(|e| e.to_string())?;
+        }
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+        };
+        let (tls_port, plain_port) =
+            (free().map_err(|e| e.to_string())?, free().map_err(|e| e.to_string())?);
+        // `user root`: started as root, mosquitto would drop to its own user and
+        // not read the test's key (as another user the line has no effect).
+        let conf = format!(
+            "user root\nallow_anonymous true\nlistener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nlistener {plain_port} 127.0.0.1\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("mosquitto.conf"), conf).map_err(|e| e.to_string())?;
+        let child = std::process::Command::new("mosquitto")
+            .args(["-c", &d.join("mosquitto.conf").display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start mosquitto: {e}"))?;
+        let (ca, other_ca) = (d.join("ca.pem"), d.join("other-ca.pem"));
+        let b = TlsBroker { child, tls_port, plain_port, ca, other_ca, _dir: dir };
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+            if t0.elapsed() > Duration::from_secs(5) {
+                return Err("mosquitto did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(b)
+    }
+}
