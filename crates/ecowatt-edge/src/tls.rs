@@ -90,10 +90,10 @@ impl fmt::Display for TlsError {
             }
             TlsError::KeyMismatch => f.write_str("the private key does not match the certificate"),
             TlsError::Expired { not_after } => {
-                write!(f, "the certificate expired at {} (UTC)", civil(*not_after))
+                write!(f, "the certificate expired at {}", civil(*not_after))
             }
             TlsError::NotYetValid { not_before } => {
-                write!(f, "the certificate is not valid before {} (UTC)", civil(*not_before))
+                write!(f, "the certificate is not valid before {}", civil(*not_before))
             }
         }
     }
@@ -392,19 +392,9 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// `YYYY-MM-DD HH:MM:SS` of seconds since 1970 (UTC).
+/// Seconds since 1970 as ISO 8601 UTC (`2026-12-01T13:17:35.000Z`).
 fn civil(t: i64) -> String {
-    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+    ecowatt_formats::time::iso8601(t.saturating_mul(1000))
 }
 
 /// A certificate and its private key, PEM.
@@ -508,7 +498,7 @@ mod tests {
         assert_eq!(time(0x17, b"700101000000Z"), Some(0));
         assert_eq!(time(0x17, b"491231235959Z"), Some(2_524_607_999));
         assert_eq!(time(0x18, b"20261201131735Z"), Some(1_796_131_055));
-        assert_eq!(civil(1_796_131_055), "2026-12-01 13:17:35");
+        assert_eq!(civil(1_796_131_055), "2026-12-01T13:17:35.000Z");
         assert_eq!(time(0x17, b"701301000000Z"), None);
         assert_eq!(time(0x17, b"7001010000000"), None);
         assert_eq!(time(0x18, b"700101000000Z"), None);

@@ -38,8 +38,13 @@ fn broker_or_skip() -> bool {
 type Seen = Arc<Mutex<HashMap<String, Vec<Vec<u8>>>>>;
 
 async fn subscribe(filters: &[String]) -> (AsyncClient, Seen) {
+    subscribe_on(BROKER.1, filters).await
+}
+
+/// A subscriber to the broker on 127.0.0.1:`port`: every message seen, by topic.
+async fn subscribe_on(port: u16, filters: &[String]) -> (AsyncClient, Seen) {
     let id = format!("ewdev-sub-{}-{}", std::process::id(), ecowatt_formats::time::now_ms());
-    let (client, mut events) = AsyncClient::new(MqttOptions::new(id, BROKER.0, BROKER.1), 100);
+    let (client, mut events) = AsyncClient::new(MqttOptions::new(id, BROKER.0, port), 100);
     for f in filters {
         client.subscribe(f, QoS::AtLeastOnce).await.unwrap();
     }
@@ -213,19 +218,7 @@ async fn a_device_reaches_an_mqtts_broker_of_a_private_pki_and_refuses_another()
         }
     };
     let sim = TestSim::start(1).await;
-    let id = format!("ewdev-tls-sub-{}", std::process::id());
-    let (client, mut events) =
-        AsyncClient::new(MqttOptions::new(id, "127.0.0.1", b.plain_port), 100);
-    client.subscribe("#", QoS::AtLeastOnce).await.unwrap();
-    let seen: Seen = Arc::default();
-    let into = seen.clone();
-    tokio::spawn(async move {
-        while let Ok(e) = events.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = e {
-                into.lock().unwrap().entry(p.topic.clone()).or_default().push(p.payload.to_vec());
-            }
-        }
-    });
+    let (_client, seen) = subscribe_on(b.plain_port, &["#".to_owned()]).await;
     let run = |name: &str, ca: &std::path::Path| {
         let dir = tempfile::tempdir().unwrap();
         let mut opts =
