@@ -1,11 +1,68 @@
-//! A Mosquitto of a test's own with TLS: one port with a certificate from a
-//! private CA made here (for `localhost` and `127.0.0.1`), one plain port for
-//! the test's subscriber, and a second CA that did not sign it.
+//! MQTT fixtures: a subscriber that keeps every message it sees, and a
+//! Mosquitto of a test's own with TLS (one port with a certificate from a
+//! private CA made here, for `localhost` and `127.0.0.1`; one plain port for
+//! the test's subscriber; a second CA that did not sign it).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
 use ecowatt_edge::tls::{Issue, issue, new_ca};
+
+/// Every message a [`subscribe`]r saw, by topic, in order.
+pub type Seen = Arc<Mutex<HashMap<String, Vec<Vec<u8>>>>>;
+
+/// A subscriber to `filters` on the broker at 127.0.0.1:`port` (keep the
+/// client alive while it should listen).
+pub async fn subscribe(port: u16, filters: &[String]) -> (AsyncClient, Seen) {
+    let id =
+        format!("ewtest-sub-{}-{}-{port}", std::process::id(), ecowatt_formats::time::now_ms());
+    let (client, mut events) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 100);
+    for f in filters {
+        client.subscribe(f, QoS::AtLeastOnce).await.expect("the subscription queues");
+    }
+    let seen: Seen = Arc::default();
+    let into = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(e) = events.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = e {
+                let mut seen = into.lock().unwrap_or_else(|e| e.into_inner());
+                seen.entry(p.topic.clone()).or_default().push(p.payload.to_vec());
+            }
+        }
+    });
+    (client, seen)
+}
+
+/// The last message on `topic`.
+pub fn last(seen: &Seen, topic: &str) -> Option<Vec<u8>> {
+    seen.lock().unwrap_or_else(|e| e.into_inner()).get(topic).and_then(|v| v.last().cloned())
+}
+
+/// The last message on `topic` as JSON (none when empty or not JSON).
+pub fn last_json(seen: &Seen, topic: &str) -> Option<serde_json::Value> {
+    last(seen, topic).filter(|b| !b.is_empty()).and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// The last message on `topic` as text.
+pub fn last_text(seen: &Seen, topic: &str) -> Option<String> {
+    last(seen, topic).and_then(|b| String::from_utf8(b).ok())
+}
+
+/// Waits until `f` gives something (at most 30 s, then fails naming `what`).
+pub async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// The running broker (killed when dropped) and its files.
 pub struct TlsBroker {

@@ -5,15 +5,13 @@
 //! refuses what the core refuses; a device with a server publishes too, with
 //! the limit read-only (commands go through the server).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use ecowatt_device::agent::{self, AgentOptions, Provisioning};
 use ecowatt_device::mqtt::MqttSettings;
 use ecowatt_testkit::TestSim;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::Value;
+use rumqttc::{AsyncClient, QoS};
 use tokio::sync::oneshot;
 
 const BROKER: (&str, u16) = ("127.0.0.1", 1883);
@@ -35,50 +33,10 @@ fn broker_or_skip() -> bool {
     up
 }
 
-type Seen = Arc<Mutex<HashMap<String, Vec<Vec<u8>>>>>;
+use ecowatt_testkit::mosquitto::{Seen, last_json, last_text, until};
 
 async fn subscribe(filters: &[String]) -> (AsyncClient, Seen) {
-    subscribe_on(BROKER.1, filters).await
-}
-
-/// A subscriber to the broker on 127.0.0.1:`port`: every message seen, by topic.
-async fn subscribe_on(port: u16, filters: &[String]) -> (AsyncClient, Seen) {
-    let id = format!("ewdev-sub-{}-{}", std::process::id(), ecowatt_formats::time::now_ms());
-    let (client, mut events) = AsyncClient::new(MqttOptions::new(id, BROKER.0, port), 100);
-    for f in filters {
-        client.subscribe(f, QoS::AtLeastOnce).await.unwrap();
-    }
-    let seen: Seen = Arc::default();
-    let into = seen.clone();
-    tokio::spawn(async move {
-        while let Ok(e) = events.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = e {
-                into.lock().unwrap().entry(p.topic.clone()).or_default().push(p.payload.to_vec());
-            }
-        }
-    });
-    (client, seen)
-}
-
-fn last_json(seen: &Seen, topic: &str) -> Option<Value> {
-    let bytes = seen.lock().unwrap().get(topic)?.last()?.clone();
-    serde_json::from_slice(&bytes).ok()
-}
-
-fn last_text(seen: &Seen, topic: &str) -> Option<String> {
-    let bytes = seen.lock().unwrap().get(topic)?.last()?.clone();
-    String::from_utf8(bytes).ok()
-}
-
-async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    ecowatt_testkit::mosquitto::subscribe(BROKER.1, filters).await
 }
 
 /// Unique topic prefixes for one test run.
@@ -218,7 +176,8 @@ async fn a_device_reaches_an_mqtts_broker_of_a_private_pki_and_refuses_another()
         }
     };
     let sim = TestSim::start(1).await;
-    let (_client, seen) = subscribe_on(b.plain_port, &["#".to_owned()]).await;
+    let (_client, seen) =
+        ecowatt_testkit::mosquitto::subscribe(b.plain_port, &["#".to_owned()]).await;
     let run = |name: &str, ca: &std::path::Path| {
         let dir = tempfile::tempdir().unwrap();
         let mut opts =

@@ -4,16 +4,14 @@
 //! command is queued like any other; bad commands are counted, not queued;
 //! a removed device's entities are removed; a stopping server says offline.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ecowatt_proto::codec::{self, Sample};
 use ecowatt_proto::messages::TelemetryUpload;
 use ecowatt_server::settings::SettingsFile;
 use ecowatt_testkit::server::{TempDb, TestServer};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::{Value, json};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::json;
 
 use crate::api::Client;
 use crate::protocol::Probe;
@@ -34,29 +32,10 @@ fn one_sample(seq: u64, unix_ms: u64, vac: u16) -> TelemetryUpload {
 const BROKER: (&str, u16) = ("127.0.0.1", 1883);
 
 /// Retained and live messages by topic (the newest last).
-type Seen = Arc<Mutex<HashMap<String, Vec<Vec<u8>>>>>;
+use ecowatt_testkit::mosquitto::{Seen, last, last_json, until};
 
 async fn subscriber(filters: &[String]) -> (AsyncClient, Seen) {
     subscriber_on(BROKER.1, filters).await
-}
-
-async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn last(seen: &Seen, topic: &str) -> Option<Vec<u8>> {
-    seen.lock().unwrap().get(topic).and_then(|v| v.last().cloned())
-}
-
-fn last_json(seen: &Seen, topic: &str) -> Option<Value> {
-    last(seen, topic).filter(|b| !b.is_empty()).and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// Without a broker the suite is skipped, unless CI requires it
@@ -306,22 +285,7 @@ async fn a_broker_restart_is_survived_and_what_could_not_wait_is_counted() {
 }
 
 async fn subscriber_on(port: u16, filters: &[String]) -> (AsyncClient, Seen) {
-    let id =
-        format!("ewtest-sub-{}-{}-{port}", std::process::id(), ecowatt_formats::time::now_ms());
-    let (client, mut events) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 100);
-    for f in filters {
-        client.subscribe(f, QoS::AtLeastOnce).await.unwrap();
-    }
-    let seen: Seen = Arc::default();
-    let into = seen.clone();
-    tokio::spawn(async move {
-        while let Ok(e) = events.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = e {
-                into.lock().unwrap().entry(p.topic.clone()).or_default().push(p.payload.to_vec());
-            }
-        }
-    });
-    (client, seen)
+    ecowatt_testkit::mosquitto::subscribe(port, filters).await
 }
 
 #[tokio::test]
