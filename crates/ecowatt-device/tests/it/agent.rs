@@ -67,35 +67,42 @@ impl Op {
     }
 }
 
-struct Agent {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+/// A device agent running in this process until stopped.
+pub struct Running {
+    pub stop: oneshot::Sender<()>,
+    pub task: JoinHandle<agent::Stopped>,
 }
 
-/// How much faster than real time the agents' clocks run.
-pub const SPEED: u32 = 5;
-
-fn start_agent(p: &Provisioning, sim: &TestSim, state: &Path) -> Agent {
-    let mut opts = AgentOptions::new(p.clone(), sim.http_url(), state.to_path_buf());
-    opts.batch_max = 3;
-    opts.long_poll_ms = 2_000;
-    opts.clock = std::sync::Arc::new(ecowatt_device::clock::FastClock::new(SPEED));
+/// Runs an agent with `opts` until [`Running::stop`].
+pub fn start(opts: AgentOptions) -> Running {
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         agent::run(opts, async {
             let _ = stopped.await;
         })
         .await
-        .expect("agent runs");
+        .expect("agent runs")
     });
-    Agent { stop, task }
+    Running { stop, task }
 }
 
-impl Agent {
-    async fn stop(self) {
+impl Running {
+    /// Stops it and waits.
+    pub async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
+}
+
+/// How much faster than real time the agents' clocks run.
+pub const SPEED: u32 = 5;
+
+fn start_agent(p: &Provisioning, sim: &TestSim, state: &Path) -> Running {
+    let mut opts = AgentOptions::new(p.clone(), sim.http_url(), state.to_path_buf());
+    opts.batch_max = 3;
+    opts.long_poll_ms = 2_000;
+    opts.clock = std::sync::Arc::new(ecowatt_device::clock::FastClock::new(SPEED));
+    start(opts)
 }
 
 pub async fn provision(op: &Op, name: &str) -> Provisioning {

@@ -8,11 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ecowatt_device::agent::{self, AgentOptions, Provisioning};
+use ecowatt_device::agent::{AgentOptions, Provisioning};
 use ecowatt_device::mqtt::MqttSettings;
 use ecowatt_testkit::TestSim;
 use rumqttc::{AsyncClient, QoS};
-use tokio::sync::oneshot;
 
 const BROKER: (&str, u16) = ("127.0.0.1", 1883);
 
@@ -35,6 +34,8 @@ fn broker_or_skip() -> bool {
 
 use ecowatt_testkit::mosquitto::{Seen, last_json, last_text, until};
 
+use crate::agent::start;
+
 async fn subscribe(filters: &[String]) -> (AsyncClient, Seen) {
     ecowatt_testkit::mosquitto::subscribe(BROKER.1, filters).await
 }
@@ -43,18 +44,6 @@ async fn subscribe(filters: &[String]) -> (AsyncClient, Seen) {
 fn prefixes(tag: &str) -> (String, String) {
     let n = format!("{}{}", std::process::id(), ecowatt_formats::time::now_ms() % 1_000_000);
     (format!("ewdev{tag}{n}"), format!("hadev{tag}{n}"))
-}
-
-fn start(opts: AgentOptions) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        agent::run(opts, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("agent runs");
-    });
-    (stop, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -74,7 +63,7 @@ async fn a_device_without_a_server_is_set_from_home_assistant_through_its_broker
     m.topics.discovery = discovery.clone();
     opts.mqtt = Some(m);
     opts.clock = Arc::new(ecowatt_device::clock::FastClock::new(5));
-    let (stop, task) = start(opts);
+    let agent = start(opts);
 
     // Announced to Home Assistant: nine sensors and the settable limit.
     let number = format!("{discovery}/number/ecowatt_home-1/export_limit/config");
@@ -121,8 +110,7 @@ async fn a_device_without_a_server_is_set_from_home_assistant_through_its_broker
     assert_eq!(sim.limit_writes(0x11), vec![40], "only the valid command was written");
 
     // Stopping says offline.
-    let _ = stop.send(());
-    let _ = task.await;
+    agent.stop().await;
     until("offline", || (last_text(&seen, &availability)? == "offline").then_some(())).await;
 }
 
@@ -143,7 +131,7 @@ async fn a_device_with_a_server_publishes_its_states_with_the_limit_read_only() 
     m.topics.prefix = prefix.clone();
     m.topics.discovery = discovery.clone();
     opts.mqtt = Some(m);
-    let (stop, task) = start(opts);
+    let agent = start(opts);
     let limit = format!("{discovery}/sensor/ecowatt_roof-9/export_limit/config");
     let config = until("the read-only limit", || last_json(&seen, &limit)).await;
     assert!(config.get("command_topic").is_none(), "{config}");
@@ -161,8 +149,7 @@ async fn a_device_with_a_server_publishes_its_states_with_the_limit_read_only() 
     )
     .await;
     assert_ne!(sim.limit_pct(0x11), 40);
-    let _ = stop.send(());
-    let _ = task.await;
+    agent.stop().await;
     server.stop().await;
 }
 
@@ -190,21 +177,19 @@ async fn a_device_reaches_an_mqtts_broker_of_a_private_pki_and_refuses_another()
         (start(opts), dir)
     };
     // Trusting the broker's CA: online, states published over TLS.
-    let ((stop, task), _d1) = run("tls-home", &b.ca);
+    let (home, _d1) = run("tls-home", &b.ca);
     until("online over TLS", || {
         (last_text(&seen, "ecowatt/tls-home/availability")? == "online").then_some(())
     })
     .await;
     until("a state over TLS", || last_json(&seen, "ecowatt/tls-home/state")).await;
     // Trusting another CA: the broker is refused, the agent keeps running, nothing is published.
-    let ((stop2, task2), _d2) = run("tls-stranger", &b.other_ca);
+    let (stranger, _d2) = run("tls-stranger", &b.other_ca);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(!task2.is_finished(), "the agent keeps running while its broker is refused");
+    assert!(!stranger.task.is_finished(), "the agent keeps running while its broker is refused");
     assert!(last_text(&seen, "ecowatt/tls-stranger/availability").is_none());
-    for (stop, task) in [(stop, task), (stop2, task2)] {
-        let _ = stop.send(());
-        let _ = task.await;
-    }
+    home.stop().await;
+    stranger.stop().await;
     // A CA file with a plain broker is refused before anything starts.
     let mut m = MqttSettings::new("mqtt://127.0.0.1:1883");
     m.ca_file = Some(b.ca.clone());

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ecowatt_core::ota::{BootRecord, Slot};
-use ecowatt_device::agent::{self, AgentOptions, Provisioning, RestartMode, Stopped};
+use ecowatt_device::agent::{AgentOptions, Provisioning, RestartMode, Stopped};
 use ecowatt_device::filekv::FileKv;
 use ecowatt_proto::firmware::{Manifest, PublicKey, Version};
 use ecowatt_testkit::TestSim;
@@ -14,10 +14,8 @@ use ecowatt_testkit::server::{TempDb, TestServer};
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-use crate::agent::{Op, provision};
+use crate::agent::{Op, provision, start};
 
 const K1: [u8; 32] = [11; 32];
 const K2: [u8; 32] = [22; 32];
@@ -100,30 +98,6 @@ async fn upload_signed(op: &Op, data: &[u8], m: &Manifest, key: &PublicKey, sig:
     })
     .await
     .unwrap()
-}
-
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Stopped>,
-}
-
-fn start(opts: AgentOptions) -> Running {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        agent::run(opts, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("agent runs")
-    });
-    Running { stop, task }
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-    }
 }
 
 fn options(p: &Provisioning, sim: &TestSim, state: &Path) -> AgentOptions {
