@@ -420,7 +420,8 @@ pub struct Issue {
 impl Issue {
     /// For `hosts`, valid from yesterday for `days`.
     pub fn for_days(hosts: &[String], days: u32) -> Issue {
-        let today = now() - now().rem_euclid(86_400);
+        let now = now();
+        let today = now - now.rem_euclid(86_400);
         Issue {
             hosts: hosts.to_vec(),
             not_before: today - 86_400,

@@ -118,7 +118,8 @@ pub async fn prepare(mut settings: Settings) -> Result<Prepared, StartError> {
 /// every sealed image names it, and seals the images stored in clear.
 async fn unlock_images(store: &Store, key_file: &std::path::Path) -> Result<(), StartError> {
     let firmware = store.firmwares();
-    let stored = firmware.stored_key_ids().await?;
+    let heads = firmware.stored_heads().await?;
+    let stored: Vec<[u8; 8]> = heads.iter().filter_map(|(_, _, key_id)| *key_id).collect();
     let unusable = |m: String| StartError::Store(StoreError::Unusable(m));
     let key = crate::firmware::at_rest::ImageKey::load_or_create(key_file, stored.is_empty())
         .map_err(|e| {
@@ -137,7 +138,7 @@ async fn unlock_images(store: &Store, key_file: &std::path::Path) -> Result<(), 
         )));
     }
     firmware.set_key(key);
-    let sealed = firmware.seal_stored_in_clear().await?;
+    let sealed = firmware.seal_in_clear(&heads).await?;
     if sealed > 0 {
         tracing::info!(
             images = sealed,

@@ -181,36 +181,29 @@ impl Firmwares {
         let _ = self.key.set(key);
     }
 
-    /// The key ids the stored images are sealed under (none for images in clear).
-    pub async fn stored_key_ids(&self) -> StoreResult<Vec<[u8; 8]>> {
-        let rows = sqlx::query("SELECT substr(data, 1, 44) AS head FROM firmware")
-            .fetch_all(self.db.reader())
-            .await?;
-        let mut ids = Vec::new();
-        for row in rows {
-            if let Some(id) = at_rest::key_id_of(&row.try_get::<Vec<u8>, _>("head")?)
-                && !ids.contains(&id)
-            {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
-    }
-
-    /// Seals the images stored in clear (before this server encrypted them);
-    /// how many.
-    pub async fn seal_stored_in_clear(&self) -> StoreResult<usize> {
-        let Some(key) = self.key.get() else { return Ok(0) };
+    /// Every stored image's id, SHA-256 (hex) and the key id it is sealed
+    /// under (`None`: stored in clear), read from the first bytes of each.
+    pub async fn stored_heads(&self) -> StoreResult<Vec<(i64, String, Option<[u8; 8]>)>> {
         let rows = sqlx::query("SELECT id, sha256, substr(data, 1, 44) AS head FROM firmware")
             .fetch_all(self.db.reader())
             .await?;
+        rows.iter()
+            .map(|row| {
+                let head: Vec<u8> = row.try_get("head")?;
+                Ok((row.try_get("id")?, row.try_get("sha256")?, at_rest::key_id_of(&head)))
+            })
+            .collect()
+    }
+
+    /// Seals the images of `heads` stored in clear (before this server
+    /// encrypted them); how many.
+    pub async fn seal_in_clear(
+        &self,
+        heads: &[(i64, String, Option<[u8; 8]>)],
+    ) -> StoreResult<usize> {
+        let Some(key) = self.key.get() else { return Ok(0) };
         let mut sealed = 0;
-        for row in rows {
-            if at_rest::key_id_of(&row.try_get::<Vec<u8>, _>("head")?).is_some() {
-                continue;
-            }
-            let id: i64 = row.try_get("id")?;
-            let sha: String = row.try_get("sha256")?;
+        for (id, sha, _) in heads.iter().filter(|(_, _, key_id)| key_id.is_none()) {
             let data: Vec<u8> = sqlx::query("SELECT data FROM firmware WHERE id = $1")
                 .bind(id)
                 .fetch_one(self.db.reader())
@@ -218,7 +211,7 @@ impl Firmwares {
                 .try_get("data")?;
             let mut tx = self.db.write().await?;
             sqlx::query("UPDATE firmware SET data = $1 WHERE id = $2")
-                .bind(key.seal(&sha, &data))
+                .bind(key.seal(sha, &data))
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
