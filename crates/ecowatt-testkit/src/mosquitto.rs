@@ -101,35 +101,46 @@ impl TlsBroker {
         ] {
             std::fs::write(d.join(file), text).map_err(|e| e.to_string())?;
         }
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-        };
-        let (tls_port, plain_port) =
-            (free().map_err(|e| e.to_string())?, free().map_err(|e| e.to_string())?);
-        // `user root`: started as root, mosquitto would drop to its own user and
-        // not read the test's key (as another user the line has no effect).
-        let conf = format!(
-            "user root\nallow_anonymous true\nlistener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nlistener {plain_port} 127.0.0.1\n",
-            d = d.display()
-        );
-        std::fs::write(d.join("mosquitto.conf"), conf).map_err(|e| e.to_string())?;
-        let child = std::process::Command::new("mosquitto")
-            .args(["-c", &d.join("mosquitto.conf").display().to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start mosquitto: {e}"))?;
         let (ca, other_ca) = (d.join("ca.pem"), d.join("other-ca.pem"));
-        let b = TlsBroker { child, tls_port, plain_port, ca, other_ca, _dir: dir };
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
-            if t0.elapsed() > Duration::from_secs(5) {
-                return Err("mosquitto did not start".into());
+        // Free ports can be taken by someone else before mosquitto binds them
+        // (then it exits): try again with others.
+        for _ in 0..3 {
+            // Both held at once, so the two differ.
+            let (a, b) = (bind_any()?, bind_any()?);
+            let port = |l: &std::net::TcpListener| l.local_addr().map(|a| a.port());
+            let (tls_port, plain_port) =
+                (port(&a).map_err(|e| e.to_string())?, port(&b).map_err(|e| e.to_string())?);
+            drop((a, b));
+            // `user root`: started as root, mosquitto would drop to its own user and
+            // not read the test's key (as another user the line has no effect).
+            let conf = format!(
+                "user root\nallow_anonymous true\nlistener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nlistener {plain_port} 127.0.0.1\n",
+                d = d.display()
+            );
+            std::fs::write(d.join("mosquitto.conf"), conf).map_err(|e| e.to_string())?;
+            let mut child = std::process::Command::new("mosquitto")
+                .args(["-c", &d.join("mosquitto.conf").display().to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start mosquitto: {e}"))?;
+            let up = |p: u16| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
+            let t0 = Instant::now();
+            while !(up(tls_port) && up(plain_port)) && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(100));
+            // Still running, with both listeners: it is ours.
+            if matches!(child.try_wait(), Ok(None)) && up(tls_port) && up(plain_port) {
+                return Ok(TlsBroker { child, tls_port, plain_port, ca, other_ca, _dir: dir });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        Ok(b)
+        Err("mosquitto did not start (three tries)".into())
     }
+}
+
+fn bind_any() -> Result<std::net::TcpListener, String> {
+    std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())
 }
