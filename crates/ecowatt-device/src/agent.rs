@@ -20,6 +20,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::ThreadDelay;
+use crate::broker::{BrokerIdentity, BrokerNet};
 use crate::clock::{Clock, SystemClock};
 use crate::filekv::FileKv;
 use crate::mqtt::{CommandOutcome, Link, MqttSettings};
@@ -280,6 +281,7 @@ async fn boot_once(
     let slots =
         FileSlots::open(&opts.state_dir.join("slots")).map_err(|e| state_err(e.to_string()))?;
     let clock = opts.clock.clone();
+    let key = creds.key;
     let mut device = Device::boot(kv, slots, creds, settings, clock.now_ms())
         .map_err(|e: BootError| state_err(e.to_string()))?;
     let booted = device.booted().clone();
@@ -300,11 +302,26 @@ async fn boot_once(
     let client = Client::new(transport, ThreadDelay).with_policy(RetryPolicy::default());
     let inverter: Inverter = Arc::new(std::sync::Mutex::new(client));
     let server = opts.server.clone().unwrap_or_else(|| opts.provisioning.server.clone());
-    let net = Net::new(
-        &server,
-        crate::net::trust(opts.server_ca.as_deref()).map_err(AgentError::ServerTls)?,
-    )
-    .asking_as(opts.provisioning.device_id, opts.provisioning.key_version);
+    let net = if server.starts_with("mqtt://") || server.starts_with("mqtts://") {
+        let who = BrokerIdentity {
+            device: opts.provisioning.device.clone(),
+            key,
+            key_version: opts.provisioning.key_version as u8,
+        };
+        let topics = ecowatt_formats::broker::DeviceTopics::default();
+        Server::Broker(
+            BrokerNet::start(&server, opts.server_ca.as_deref(), &who, topics)
+                .map_err(AgentError::Mqtt)?,
+        )
+    } else {
+        Server::Http(
+            Net::new(
+                &server,
+                crate::net::trust(opts.server_ca.as_deref()).map_err(AgentError::ServerTls)?,
+            )
+            .asking_as(opts.provisioning.device_id, opts.provisioning.key_version),
+        )
+    };
     let (events, mut answers) = mpsc::unbounded_channel::<Event>();
     let name = &opts.provisioning.device;
     let (mut mqtt, mut from_broker) = match &opts.mqtt {
@@ -345,6 +362,7 @@ async fn boot_once(
                     if let Some(link) = mqtt.take() {
                         link.stop().await;
                     }
+                    net.stop().await;
                     return Ok(Exit::Restart);
                 }
                 Action::Inverter { slave, request } => {
@@ -355,14 +373,7 @@ async fn boot_once(
                         let _ = events.send(Event::Inverter(outcome));
                     });
                 }
-                action => {
-                    let (net, events) = (net.clone(), events.clone());
-                    tokio::task::spawn_blocking(move || {
-                        if let Some(event) = net.carry(&action) {
-                            let _ = events.send(event);
-                        }
-                    });
-                }
+                action => net.carry(action, events.clone()),
             }
         }
         // A local command the inverter never took (it expires in the core).
@@ -411,10 +422,48 @@ async fn boot_once(
                 if let Some(link) = mqtt.take() {
                     link.stop().await;
                 }
+                net.stop().await;
                 return Ok(Exit::Shutdown);
             }
         };
         device.handle(clock.now_ms(), event);
+    }
+}
+
+/// How the agent reaches its server: HTTP(S), or an MQTT broker.
+enum Server {
+    Http(Net),
+    Broker(BrokerNet),
+}
+
+impl Server {
+    /// Carries out a request of the machine on a task of its own; its
+    /// answer comes back on `events`.
+    fn carry(&self, action: Action, events: mpsc::UnboundedSender<Event>) {
+        match self {
+            Server::Http(net) => {
+                let net = net.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Some(event) = net.carry(&action) {
+                        let _ = events.send(event);
+                    }
+                });
+            }
+            Server::Broker(net) => {
+                let net = net.clone();
+                tokio::spawn(async move {
+                    if let Some(event) = net.carry(&action).await {
+                        let _ = events.send(event);
+                    }
+                });
+            }
+        }
+    }
+
+    async fn stop(&self) {
+        if let Server::Broker(net) = self {
+            net.stop().await;
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 //!   device without a server.
 
 pub mod agent;
+pub mod broker;
 pub mod clock;
 pub mod filekv;
 pub mod mqtt;

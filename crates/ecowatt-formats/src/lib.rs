@@ -3,6 +3,7 @@
 //! ([`manifest`]), times ([`time`]), secret files ([`secret`]) and what is
 //! published to MQTT ([`mqtt`]).
 
+pub mod broker;
 pub mod manifest;
 pub mod mqtt;
 pub mod secret;

@@ -9,6 +9,7 @@
 
 pub mod acme;
 pub mod api;
+pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod control;

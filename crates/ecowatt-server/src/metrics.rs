@@ -33,6 +33,17 @@ const HELP: &[(&str, &str)] = &[
     ),
     ("ecowatt_mqtt_commands_total", "Export-limit commands from MQTT, by outcome."),
     ("ecowatt_mqtt_connection_errors_total", "MQTT broker connection failures and losses."),
+    (
+        "ecowatt_device_broker_requests_total",
+        "Device protocol requests taken from the device broker, by route.",
+    ),
+    ("ecowatt_device_broker_connections_total", "Connections made to the device broker."),
+    ("ecowatt_device_broker_errors_total", "Device broker connection failures and losses."),
+    (
+        "ecowatt_device_broker_busy_total",
+        "Device broker requests answered 503 busy: as many in flight as allowed.",
+    ),
+    ("ecowatt_device_broker_ignored_total", "Messages from the device broker on no request topic."),
 ];
 
 impl Metrics {

@@ -201,6 +201,8 @@ pub async fn serve(
             },
         )
     });
+    let device_broker =
+        state.settings.device_broker.clone().map(|b| crate::broker::start(b, state.clone()));
     let stats = Arc::clone(&state.edge);
     let router = api::app(state.clone());
     let result = match state.settings.tls.clone() {
@@ -234,6 +236,9 @@ pub async fn serve(
     let _ = background.await;
     if let Some(task) = listener_task {
         task.abort();
+    }
+    if let Some(task) = device_broker {
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
     if let Some(task) = mqtt {
         // It tells the broker the server is offline, then ends.

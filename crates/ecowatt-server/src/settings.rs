@@ -76,6 +76,19 @@ pub struct SettingsFile {
     pub mqtt_buffer: Option<usize>,
     /// CA (PEM) that signs an `mqtts://` broker's certificate (default: the system's roots).
     pub mqtt_ca_file: Option<PathBuf>,
+    /// Also take the device protocol from this MQTT broker
+    /// (`mqtt://[user:password@]host[:port]` or `mqtts://`; docs/protocol.md).
+    pub device_broker: Option<String>,
+    /// CA (PEM) of an `mqtts://` device broker (default: the system's roots).
+    pub device_broker_ca_file: Option<PathBuf>,
+    /// Client id on the device broker (default `ecowatt-server-<pid>-<random>`).
+    pub device_broker_client_id: Option<String>,
+    /// Shared-subscription group the server processes split devices in (default `ecowatt`).
+    pub device_broker_group: Option<String>,
+    /// Prefix of the device transport's topics (default `ecowatt-device`).
+    pub device_broker_prefix: Option<String>,
+    /// Requests from the broker handled at once (default 20,000; long polls count).
+    pub device_broker_in_flight: Option<usize>,
     /// Serve HTTPS with this certificate chain (PEM, leaf first); with `tls_key`.
     pub tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
@@ -155,6 +168,12 @@ impl SettingsFile {
             mqtt_discovery_prefix: over.mqtt_discovery_prefix.or(self.mqtt_discovery_prefix),
             mqtt_buffer: over.mqtt_buffer.or(self.mqtt_buffer),
             mqtt_ca_file: over.mqtt_ca_file.or(self.mqtt_ca_file),
+            device_broker: over.device_broker.or(self.device_broker),
+            device_broker_ca_file: over.device_broker_ca_file.or(self.device_broker_ca_file),
+            device_broker_client_id: over.device_broker_client_id.or(self.device_broker_client_id),
+            device_broker_group: over.device_broker_group.or(self.device_broker_group),
+            device_broker_prefix: over.device_broker_prefix.or(self.device_broker_prefix),
+            device_broker_in_flight: over.device_broker_in_flight.or(self.device_broker_in_flight),
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
             tls_redirect_from: over.tls_redirect_from.or(self.tls_redirect_from),
@@ -200,6 +219,8 @@ pub struct Settings {
     pub legacy: LegacySettings,
     /// The MQTT integration, when a broker is given.
     pub mqtt: Option<crate::mqtt::MqttSettings>,
+    /// The device protocol over an MQTT broker, when one is given.
+    pub device_broker: Option<crate::broker::BrokerSettings>,
     /// HTTPS: the certificate in use (reloaded when its files change).
     pub tls: Option<std::sync::Arc<ecowatt_edge::Tls>>,
     /// A plain-HTTP address whose requests are redirected to HTTPS.
@@ -338,13 +359,6 @@ fn mqtt_settings(file: &SettingsFile) -> Result<Option<crate::mqtt::MqttSettings
         crate::mqtt::parse_url(url).map_err(|e| format!("mqtt: {e}"))?;
     let tls = crate::mqtt::Tls::for_broker(tls, file.mqtt_ca_file.as_deref())
         .map_err(|e| format!("mqtt_ca_file: {e}"))?;
-    let topic_part = |key: &str, v: &Option<String>, default: &str| -> Result<String, String> {
-        let v = v.clone().unwrap_or_else(|| default.to_owned());
-        if v.is_empty() || v.contains(['+', '#']) || v.starts_with('/') || v.ends_with('/') {
-            return Err(format!("{key} {v:?} must be a topic level path without wildcards"));
-        }
-        Ok(v)
-    };
     let buffer = buffer.unwrap_or(crate::mqtt::DEFAULT_BUFFER);
     if !(1..=1_000_000).contains(&buffer) {
         return Err(format!("mqtt_buffer {buffer} is outside 1..=1000000"));
@@ -366,6 +380,49 @@ fn mqtt_settings(file: &SettingsFile) -> Result<Option<crate::mqtt::MqttSettings
             )?,
         },
         buffer,
+    }))
+}
+
+/// A topic prefix given as `key` (or its default): levels without wildcards.
+fn topic_part(key: &str, v: &Option<String>, default: &str) -> Result<String, String> {
+    let v = v.clone().unwrap_or_else(|| default.to_owned());
+    if v.is_empty() || v.contains(['+', '#']) || v.starts_with('/') || v.ends_with('/') {
+        return Err(format!("{key} {v:?} must be a topic level path without wildcards"));
+    }
+    Ok(v)
+}
+
+fn device_broker_settings(
+    file: &SettingsFile,
+    body_limit: usize,
+) -> Result<Option<crate::broker::BrokerSettings>, String> {
+    use ecowatt_formats::broker as b;
+    let Some(url) = &file.device_broker else { return Ok(None) };
+    let broker = crate::mqtt::parse_url(url).map_err(|e| format!("device_broker: {e}"))?;
+    let tls = crate::mqtt::Tls::for_broker(broker.tls, file.device_broker_ca_file.as_deref())
+        .map_err(|e| format!("device_broker_ca_file: {e}"))?;
+    let group = topic_part("device_broker_group", &file.device_broker_group, b::DEFAULT_GROUP)?;
+    if group.contains('/') {
+        return Err(format!("device_broker_group {group:?} must be one topic level"));
+    }
+    let prefix = topic_part("device_broker_prefix", &file.device_broker_prefix, b::DEFAULT_PREFIX)?;
+    let in_flight = file.device_broker_in_flight.unwrap_or(crate::broker::DEFAULT_IN_FLIGHT);
+    if !(1..=1_000_000).contains(&in_flight) {
+        return Err(format!("device_broker_in_flight {in_flight} is outside 1..=1000000"));
+    }
+    let client_id = file.device_broker_client_id.clone().unwrap_or_else(|| {
+        let mut r = [0u8; 4];
+        let _ = getrandom::fill(&mut r);
+        format!("ecowatt-server-{}-{}", std::process::id(), ecowatt_proto::hex::encode_upper(&r))
+    });
+    Ok(Some(crate::broker::BrokerSettings {
+        broker,
+        tls,
+        client_id,
+        group,
+        topics: b::DeviceTopics { prefix },
+        in_flight,
+        body_limit,
     }))
 }
 
@@ -452,6 +509,10 @@ impl Settings {
     /// Fills in defaults.
     pub fn resolve(file: SettingsFile) -> Result<Settings, String> {
         let mqtt = mqtt_settings(&file)?;
+        let device_broker = device_broker_settings(
+            &file,
+            file.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT).clamp(1024, 64 * 1024 * 1024),
+        )?;
         let tls = tls_settings(&file)?;
         let data_dir = file.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let acme = acme_settings(&file, &data_dir)?;
@@ -539,6 +600,7 @@ impl Settings {
             legacy_api: file.legacy_api.unwrap_or(false),
             legacy: LegacySettings::resolve(file.legacy)?,
             mqtt,
+            device_broker,
             tls,
             tls_redirect_from: file.tls_redirect_from,
             body_limit,

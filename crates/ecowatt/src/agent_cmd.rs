@@ -31,7 +31,8 @@ pub struct AgentArgs {
     /// Inverter answer timeout.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     inverter_timeout: Duration,
-    /// Server URL [default: the provisioning file's].
+    /// Server URL (http:// or https://), or the device broker that carries the protocol
+    /// (mqtt://host[:port] or mqtts://; docs/protocol.md) [default: the provisioning file's].
     #[arg(long = "cloud")]
     cloud: Option<String>,
     /// Where the device keeps its state (counters, unsent samples, config) [default: ./ecowatt-device/NAME].

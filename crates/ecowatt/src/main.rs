@@ -21,6 +21,7 @@ macro_rules! outln {
 
 mod agent_cmd;
 mod bench;
+mod broker_cmd;
 mod client;
 mod curtail;
 mod demo;
@@ -135,6 +136,14 @@ enum Verb {
         /// Entries to show, newest first.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
+    /// The device transport's MQTT broker: `broker mosquitto --out DIR` writes its per-device
+    /// accounts and ACL (each device only its own topics) from the server's devices.
+    Broker {
+        #[command(subcommand)]
+        cmd: broker_cmd::BrokerCommand,
         #[command(flatten)]
         conn: client::ServerConn,
     },
@@ -312,6 +321,7 @@ fn main() -> std::process::ExitCode {
         Verb::Server(args) => server::run(args),
         Verb::Keygen(args) => firmware::keygen(args),
         Verb::Tls(cmd) => tls_cmd::run(cmd),
+        Verb::Broker { cmd, conn } => broker_cmd::run(cmd, &conn),
         Verb::Firmware(cmd) => firmware::run(cmd),
         Verb::Device { cmd: Some(cmd), conn, .. } => operator::device(&conn, cmd),
         Verb::Device { cmd: None, agent, conn } => agent_cmd::run(agent, conn.ca_file),

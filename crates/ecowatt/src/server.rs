@@ -36,6 +36,17 @@ pub struct ServerArgs {
     /// CA certificate (PEM) of an mqtts:// broker's private PKI [default: the system's roots].
     #[arg(long, env = "ECOWATT_MQTT_CA_FILE", value_name = "PEM")]
     mqtt_ca_file: Option<PathBuf>,
+    /// Also take the device protocol from this MQTT broker (devices publish their sealed requests
+    /// there; several servers split them with a shared subscription): mqtt://[user:password@]host[:port]
+    /// or mqtts:// (docs/protocol.md; `ecowatt broker mosquitto` writes the broker's accounts and ACL).
+    #[arg(long, env = "ECOWATT_DEVICE_BROKER", hide_env_values = true, value_name = "URL")]
+    device_broker: Option<String>,
+    /// CA certificate (PEM) of an mqtts:// device broker [default: the system's roots].
+    #[arg(long, env = "ECOWATT_DEVICE_BROKER_CA_FILE", value_name = "PEM")]
+    device_broker_ca_file: Option<PathBuf>,
+    /// Shared-subscription group of the server processes on the device broker [default: ecowatt].
+    #[arg(long, env = "ECOWATT_DEVICE_BROKER_GROUP", value_name = "NAME")]
+    device_broker_group: Option<String>,
     /// Serve HTTPS with this certificate chain (PEM, leaf first; with --tls-key). Reloaded
     /// without dropping connections when the files change or on SIGHUP.
     #[arg(long, env = "ECOWATT_TLS_CERT", value_name = "PEM", requires = "tls_key")]
@@ -158,6 +169,12 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         mqtt_discovery_prefix: None,
         mqtt_buffer: None,
         mqtt_ca_file: args.mqtt_ca_file,
+        device_broker: args.device_broker,
+        device_broker_ca_file: args.device_broker_ca_file,
+        device_broker_client_id: None,
+        device_broker_group: args.device_broker_group,
+        device_broker_prefix: None,
+        device_broker_in_flight: None,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_redirect_from: args.tls_redirect_from,

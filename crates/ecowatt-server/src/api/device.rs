@@ -23,7 +23,7 @@ use crate::protocol::{MAX_WAIT_MS, REDELIVER_MS, SyncDelivery, answer_now, messa
 /// The answer to a refusal, after recording its security event (counted
 /// now, written tallied; the first of its kind from its source this minute
 /// is logged as a warning).
-fn refused(state: &AppState, source: Option<IpAddr>, r: Refused) -> Response {
+pub(crate) fn refused(state: &AppState, source: Option<IpAddr>, r: Refused) -> Response {
     if let Some(kind) = r.kind {
         state.metrics.inc("ecowatt_security_events_total", format!("kind=\"{kind}\""));
         let (device, detail) = (r.device.as_deref(), &r.detail);

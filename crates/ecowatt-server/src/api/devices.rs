@@ -283,3 +283,44 @@ pub async fn remove(
     state.devices.delete(&name, &op.actor(), crate::now_ms()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/broker/accounts",
+    operation_id = "broker_accounts",
+    tag = "devices",
+    summary = "The device broker's accounts: per enabled device its user, password hash (Mosquitto $7$) and topics",
+    responses((status = 200, description = "{prefix, accounts: [{username, password_hash, publish, subscribe}]}", body = serde_json::Value), crate::error::ErrorResponses),
+    security(("bearer" = ["admin"])),
+)]
+pub async fn broker_accounts(
+    State(state): State<AppState>,
+    op: Operator,
+) -> Result<Json<Value>, ApiError> {
+    use ecowatt_formats::broker::{self as b, Route};
+    op.require_admin()?;
+    let topics = state
+        .settings
+        .device_broker
+        .as_ref()
+        .map(|s| s.topics.clone())
+        .unwrap_or_default();
+    let keys = state.devices.enabled_keys().await?;
+    let accounts: Vec<Value> = keys
+        .iter()
+        .filter_map(|(name, key)| {
+            let key: [u8; 16] = ecowatt_proto::hex::decode(key).ok()?.try_into().ok()?;
+            let mut salt = [0u8; 12];
+            getrandom::fill(&mut salt).expect("the system's random source");
+            let hash = b::mosquitto_hash(&b::broker_password(&key), &salt);
+            let publish: Vec<String> = Route::ALL.iter().map(|r| topics.up(name, *r)).collect();
+            Some(json!({
+                "username": name,
+                "password_hash": hash,
+                "publish": publish,
+                "subscribe": topics.down_all(name),
+            }))
+        })
+        .collect();
+    Ok(Json(json!({"prefix": topics.prefix, "accounts": accounts})))
+}

@@ -128,6 +128,13 @@ pub struct Asker {
     key: Option<u8>,
 }
 
+impl Asker {
+    /// Device `device` holding key version `key`.
+    pub fn new(device: i64, key: u8) -> Self {
+        Asker { device: Some(device), key: Some(key) }
+    }
+}
+
 /// `GET /api/v1/device/firmware/{token}`: the image an update offer names,
 /// honouring `Range` (the device resumes a cut download from where it got).
 /// The token only names the download; the device checks the bytes against

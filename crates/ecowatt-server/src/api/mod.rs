@@ -4,11 +4,11 @@ mod auth;
 mod commands;
 mod config;
 mod control;
-mod device;
+pub(crate) mod device;
 mod devices;
 mod docs;
 pub mod firmware;
-mod json;
+pub(crate) mod json;
 mod legacy;
 mod ops;
 mod ranges;
@@ -181,6 +181,7 @@ fn routes(body_limit: usize, timeout: std::time::Duration) -> OpenApiRouter<AppS
         .routes(routes!(devices::enable))
         .routes(routes!(devices::legacy_on, devices::legacy_off))
         .routes(routes!(devices::rotate_key))
+        .routes(routes!(devices::broker_accounts))
         .routes(routes!(config::show, config::update))
         .routes(routes!(config::history))
         .routes(routes!(commands::list_for_device, commands::queue))

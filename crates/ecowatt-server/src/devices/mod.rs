@@ -201,6 +201,15 @@ impl Devices {
         Ok((device_from(&row)?, row.try_get("device_key")?))
     }
 
+    /// Every enabled device's name and current key (hex), by name: whom the
+    /// device broker admits.
+    pub async fn enabled_keys(&self) -> StoreResult<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT name, device_key FROM devices WHERE enabled ORDER BY name")
+            .fetch_all(self.db.reader())
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get("name")?, r.try_get("device_key")?))).collect()
+    }
+
     /// Enables or disables a device.
     pub async fn set_enabled(
         &self,

@@ -1,5 +1,7 @@
 //! The `ecowatt` binary as a user runs it.
 
+mod broker;
+mod cli;
 mod commands;
 mod firmware;
 mod server_cli;

@@ -7,58 +7,10 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn run(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ecowatt"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("ECOWATT_TOKEN")
-        .env_remove("ECOWATT_SERVER")
-        .env_remove("ECOWATT_CA_FILE")
-        .output()
-        .expect("run ecowatt")
-}
-
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(out: Output) -> String {
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{:?}\n{stdout}\n{stderr}", out.status);
-    stdout
-}
-
-fn failed(out: Output) -> String {
-    let (stdout, stderr) = text(&out);
-    assert!(!out.status.success(), "succeeded: {stdout}");
-    stderr
-}
+use crate::cli::{Killed, failed, free_port, ok, run, sim};
 
 #[test]
 fn an_https_server_serves_the_cli_and_a_device_agent_that_trust_its_private_ca() {
@@ -126,18 +78,7 @@ fn an_https_server_serves_the_cli_and_a_device_agent_that_trust_its_private_ca()
     assert_eq!(moved.headers()["location"], format!("https://localhost:{port}/api/v1/devices?a=1"));
 
     // A device provisioned over HTTPS syncs over HTTPS, trusting the same CA.
-    let sim = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
-        .args(["sim", "--http", "127.0.0.1:0", "--modbus-tcp", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut sim = Killed(sim);
-    let inverter = BufReader::new(sim.0.stdout.take().unwrap())
-        .lines()
-        .take(10)
-        .find_map(|l| l.unwrap().split("SIM HTTP API : ").nth(1).map(|u| u.trim().to_owned()))
-        .expect("the simulator's URL");
+    let (_sim, inverter) = sim();
     let added = ok(run(d, &[&["device", "add", "roof-1"][..], &trusting].concat()));
     let provision = d.join("roof-1.provision.json");
     assert!(provision.exists(), "{added}");
