@@ -71,7 +71,12 @@ impl BrokerNet {
             .credentials
             .unwrap_or_else(|| (who.device.clone(), b::broker_password(&who.key)));
         options.set_credentials(user, password);
-        let (client, events) = AsyncClient::new(options, 16);
+        let (client, mut events) = AsyncClient::new(options, 16);
+        // Small request, small answer: Nagle's wait for the peer's delayed
+        // ACK cost each round trip 40 ms.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        events.set_network_options(network);
         let pending: Pending = Arc::default();
         let subscription = topics.down_all(&who.device);
         tokio::spawn(drive(events, client.clone(), topics.clone(), subscription, pending.clone()));
@@ -153,7 +158,11 @@ impl BrokerNet {
             Ok(Ok(a)) if a.status == ok => Ok(a.body),
             Ok(Ok(a)) => Err(Failure {
                 status: Some(a.status),
-                message: format!("{} over MQTT: {}", route.name(), String::from_utf8_lossy(&a.body)),
+                message: format!(
+                    "{} over MQTT: {}",
+                    route.name(),
+                    String::from_utf8_lossy(&a.body)
+                ),
             }),
             Ok(Err(_)) | Err(_) => {
                 forget();
@@ -191,7 +200,11 @@ async fn drive(
                 let _ = client.try_subscribe(subscription.clone(), QoS::AtLeastOnce);
             }
             Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
-                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
                     tracing::error!(subscription = %subscription, "device broker: subscription refused (its ACL?)");
                 }
             }

@@ -53,6 +53,8 @@ pub struct BrokerSettings {
     pub in_flight: usize,
     /// Largest request body (as over HTTP).
     pub body_limit: usize,
+    /// How long a stopping server waits for the requests in hand.
+    pub shutdown_grace: Duration,
 }
 
 fn options(s: &BrokerSettings) -> Result<MqttOptions, String> {
@@ -67,6 +69,10 @@ fn options(s: &BrokerSettings) -> Result<MqttOptions, String> {
     let max = (s.body_limit as u32).max(ecowatt_formats::broker::MAX_PACKET) + 1024;
     o.set_max_packet_size(Some(max));
     o.set_request_channel_capacity(4096);
+    // Answers are small and each awaited: no waiting for Nagle.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    o.set_network_options(network);
     if let Some((u, p)) = &s.broker.credentials {
         o.set_credentials(u, p);
     }
@@ -92,28 +98,40 @@ async fn run(settings: BrokerSettings, state: AppState) {
     let address = format!("{}:{}", settings.broker.host, settings.broker.port);
     let mut backoff = Duration::from_millis(250);
     let mut connected = false;
-    // Once the server stops: no new requests; the long polls held are
-    // answered (the handlers see the stop) and their answers sent, for at
-    // most a second.
-    let mut draining: Option<tokio::time::Instant> = None;
+    let mut phase = Phase::Running;
     loop {
-        if let Some(until) = draining {
-            let idle = slots.available_permits() == settings.in_flight;
-            if idle || tokio::time::Instant::now() >= until {
-                break;
+        let now = tokio::time::Instant::now();
+        match phase {
+            Phase::Draining(until) => {
+                let idle = slots.available_permits() == settings.in_flight;
+                if idle || now >= until {
+                    if !idle {
+                        tracing::warn!(
+                            held = settings.in_flight - slots.available_permits(),
+                            "device broker: requests still in hand at the end of the grace period"
+                        );
+                    }
+                    // Queued behind every answer: when it goes out, they have.
+                    let _ = client.try_disconnect();
+                    phase = Phase::Flushing(now + Duration::from_secs(2));
+                }
             }
+            Phase::Flushing(until) if now >= until => break,
+            _ => {}
         }
         let tick = async {
-            match draining {
-                Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                None => state.news.stopping().await,
+            match phase {
+                Phase::Running => state.news.stopping().await,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
         let event = tokio::select! {
             e = events.poll() => e,
             _ = tick => {
-                if draining.is_none() {
-                    draining = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                if phase == Phase::Running {
+                    // No new requests; the long polls held are answered at
+                    // once (their handlers see the stop) and sent.
+                    phase = Phase::Draining(now + settings.shutdown_grace);
                     let _ = client.try_unsubscribe(shared.clone());
                 }
                 continue;
@@ -135,12 +153,13 @@ async fn run(settings: BrokerSettings, state: AppState) {
                     tracing::error!(codes = ?ack.return_codes, subscription = %shared, "device broker: the subscription was refused (ACL of the server's broker user?)");
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(p))) if draining.is_none() => {
+            Ok(Event::Incoming(Packet::Publish(p))) if phase == Phase::Running => {
                 take(&state, &client, &settings, &slots, p);
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
                 tracing::warn!(reason = ?d.reason_code, "device broker: disconnected by the broker");
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
                 state.metrics.inc("ecowatt_device_broker_errors_total", "");
@@ -150,18 +169,29 @@ async fn run(settings: BrokerSettings, state: AppState) {
                     tracing::warn!(broker = %address, error = %e, retry_in_ms = backoff.as_millis() as u64, "device broker: cannot connect");
                 }
                 connected = false;
-                if draining.is_some() {
+                if phase != Phase::Running {
                     break;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = state.news.stopping() => break,
+                    _ = state.news.stopping() => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+}
+
+/// Where the task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Taking requests.
+    Running,
+    /// The server stops: no new requests; waiting (until then) for the
+    /// handlers in hand to finish.
+    Draining(tokio::time::Instant),
+    /// Disconnect queued behind the last answers; waiting (until then) for it to go out.
+    Flushing(tokio::time::Instant),
 }
 
 /// Hands one request to its handler on a task of its own; the answer goes
@@ -229,7 +259,13 @@ async fn framed(correlation: u64, response: Response) -> Answer {
 }
 
 /// The answer to one request from `device`'s topic: what the HTTP endpoint answers.
-async fn answer(state: &AppState, device: &str, route: Route, payload: Bytes, limit: usize) -> Answer {
+async fn answer(
+    state: &AppState,
+    device: &str,
+    route: Route,
+    payload: Bytes,
+    limit: usize,
+) -> Answer {
     let correlation = correlation(route, &payload);
     if payload.len() > limit {
         let error = ApiError::new(

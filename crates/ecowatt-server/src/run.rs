@@ -238,7 +238,9 @@ pub async fn serve(
         task.abort();
     }
     if let Some(task) = device_broker {
-        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        // It answers the long polls it holds, then disconnects (bounded by the grace period).
+        let grace = state.settings.limits.shutdown_grace;
+        let _ = tokio::time::timeout(grace + Duration::from_secs(3), task).await;
     }
     if let Some(task) = mqtt {
         // It tells the broker the server is offline, then ends.

@@ -423,6 +423,10 @@ fn device_broker_settings(
         topics: b::DeviceTopics { prefix },
         in_flight,
         body_limit,
+        shutdown_grace: file
+            .shutdown_grace_secs
+            .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
+            .unwrap_or(ecowatt_edge::Limits::default().shutdown_grace),
     }))
 }
 

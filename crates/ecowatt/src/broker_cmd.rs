@@ -74,7 +74,9 @@ pub fn files(
     for a in list {
         let user = a["username"].as_str().context("an account without a user name")?;
         if user == server_user {
-            anyhow::bail!("a device is named {user:?}, like the servers' user: give --server-user another name");
+            anyhow::bail!(
+                "a device is named {user:?}, like the servers' user: give --server-user another name"
+            );
         }
         let hash = a["password_hash"].as_str().context("an account without a password hash")?;
         writeln!(passwd, "{user}:{hash}")?;
@@ -99,7 +101,8 @@ fn mosquitto(args: &MosquittoArgs, conn: &ServerConn) -> anyhow::Result<()> {
         Ok(p) if !p.trim().is_empty() => p.trim().to_owned(),
         _ => {
             let mut raw = [0u8; 18];
-            getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("the system's random source: {e}"))?;
+            getrandom::fill(&mut raw)
+                .map_err(|e| anyhow::anyhow!("the system's random source: {e}"))?;
             let p: String = raw.iter().map(|b| format!("{b:02x}")).collect();
             ecowatt_formats::secret::write_secret(&secret, &p)
                 .with_context(|| format!("cannot write {}", secret.display()))?;
@@ -118,6 +121,8 @@ fn mosquitto(args: &MosquittoArgs, conn: &ServerConn) -> anyhow::Result<()> {
          # Run: mosquitto -c {conf}; after running the command again: kill -HUP <mosquitto pid>.\n\
          listener {port}\n\
          allow_anonymous false\n\
+         # Small requests and answers, each awaited: no waiting for Nagle.\n\
+         set_tcp_nodelay true\n\
          password_file {passwd}\n\
          acl_file {acl}\n\
          # Firmware answers are up to 128 KiB; nothing a device sends is larger.\n\

@@ -299,7 +299,14 @@ fn main() -> std::process::ExitCode {
         Verb::Server(_) | Verb::Sim(_) | Verb::Device { cmd: None, .. } | Verb::Bench(_)
     );
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
+        // The fleet bench's thousands of simulated devices would each log
+        // their broker connection.
+        let bench_devices = matches!(cli.command, Verb::Bench(_)) && !quiet;
+        tracing_subscriber::EnvFilter::new(match (quiet, bench_devices) {
+            (true, _) => "warn",
+            (false, true) => "info,ecowatt_device=warn",
+            (false, false) => "info",
+        })
     });
     // Colours only on a terminal: a log written to a file or a pipe stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

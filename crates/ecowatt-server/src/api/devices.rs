@@ -299,12 +299,8 @@ pub async fn broker_accounts(
 ) -> Result<Json<Value>, ApiError> {
     use ecowatt_formats::broker::{self as b, Route};
     op.require_admin()?;
-    let topics = state
-        .settings
-        .device_broker
-        .as_ref()
-        .map(|s| s.topics.clone())
-        .unwrap_or_default();
+    let topics =
+        state.settings.device_broker.as_ref().map(|s| s.topics.clone()).unwrap_or_default();
     let keys = state.devices.enabled_keys().await?;
     let accounts: Vec<Value> = keys
         .iter()

@@ -59,12 +59,25 @@ pub struct FleetArgs {
     /// to measure what publishing costs the fleet.
     #[arg(long, value_name = "URL")]
     mqtt: Option<String>,
+    /// How the devices reach the server: HTTP long polls and uploads, or the same sealed
+    /// requests through an MQTT broker (a Mosquitto this bench starts; `--device-broker`).
+    #[arg(long, value_enum, default_value = "http")]
+    transport: Transport,
     /// Newest telemetry codec the devices may use (1, or 2: negotiated with the server).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
     codec: u8,
     /// Instead of commands: one curtailment of the whole fleet (`bench curtail`).
     #[arg(skip)]
     curtail: Option<CurtailPlan>,
+}
+
+/// How the fleet's devices reach the server.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// `POST /api/v1/device/*` on loopback.
+    Http,
+    /// Through a Mosquitto started for the run (`ecowatt server --device-broker`).
+    Mqtt,
 }
 
 /// A fleet tagged `bench`, curtailed once after the warm-up.
@@ -106,6 +119,7 @@ pub fn run_curtail(args: CurtailArgs) -> anyhow::Result<()> {
         commands_per_sec: 0.0,
         database: args.database,
         mqtt: None,
+        transport: Transport::Http,
         codec: 2,
         curtail: Some(CurtailPlan { percent: args.percent }),
     })
@@ -215,6 +229,8 @@ struct Fleet {
     stats: Arc<Mutex<Stats>>,
     queued: Arc<Mutex<HashMap<u64, Instant>>>,
     base: String,
+    /// The device broker, with `--transport mqtt`.
+    broker: Option<String>,
     devices: u64,
     every: Duration,
     /// The codecs the devices may use (a bit set).
@@ -246,11 +262,31 @@ async fn run_device(i: usize, creds: Credentials, fleet: Arc<Fleet>) {
     settings.codecs = fleet.codecs;
     // Long polls run out at different times, as in a real fleet.
     settings.long_poll_ms = 15_000 + (i as u32 % 10) * 1_000;
+    let creds_key = creds.key;
     let Ok(mut device) = Device::boot(MemoryKv::new(), NoSlots, creds, settings, v0) else {
         return;
     };
     let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let broker = match &fleet.broker {
+        Some(url) => {
+            let who = ecowatt_device::broker::BrokerIdentity {
+                device: format!("fleet-{i}"),
+                key: creds_key,
+                key_version: 1,
+            };
+            let topics = ecowatt_formats::broker::DeviceTopics::default();
+            match ecowatt_device::broker::BrokerNet::start(url, None, &who, topics) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    eprintln!("fleet: device {i} cannot use the broker: {e}");
+                    return;
+                }
+            }
+        }
+        None => None,
+    };
     let mut shell = Shell {
+        broker,
         model: Model::new(ModelConfig { seed: i as u64, ..ModelConfig::default() }),
         upload_http: fleet.upload_http[i % fleet.upload_http.len()].clone(),
         fleet,
@@ -288,6 +324,8 @@ async fn run_device(i: usize, creds: Credentials, fleet: Arc<Fleet>) {
 /// client, where answers go, and what the statistics need.
 struct Shell {
     fleet: Arc<Fleet>,
+    /// Its broker connection, with `--transport mqtt`.
+    broker: Option<ecowatt_device::broker::BrokerNet>,
     model: Model,
     upload_http: Http,
     answers: tokio::sync::mpsc::UnboundedSender<Event>,
@@ -309,6 +347,17 @@ impl Shell {
                 }
                 // No request starts after the measurement (the server is stopping).
                 Action::Post { .. } if Instant::now() >= self.fleet.deadline => {}
+                Action::Post { channel, body, timeout_ms } if self.broker.is_some() => {
+                    if channel == Channel::Upload {
+                        self.upload_started = Some((Instant::now(), body.len() as u64));
+                    }
+                    let (answers, net) = (self.answers.clone(), self.broker.clone());
+                    tokio::spawn(async move {
+                        let net = net.expect("a broker");
+                        let answer = net.post(channel, &body, timeout_ms).await;
+                        let _ = answers.send(Event::Server { channel, answer });
+                    });
+                }
                 Action::Post { channel, body, .. } => {
                     let (http, slots) = match channel {
                         Channel::Sync => (self.fleet.http.clone(), None),
@@ -414,15 +463,77 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
     if let Some(broker) = &args.mqtt {
         extra.extend(["--mqtt", broker]);
     }
+    let mosquitto = match args.transport {
+        Transport::Mqtt => Some(Mosquitto::start()?),
+        Transport::Http => None,
+    };
+    let device_broker = mosquitto.as_ref().map(|m| format!("mqtt://127.0.0.1:{}", m.port));
+    if let Some(url) = &device_broker {
+        extra.extend(["--device-broker", url]);
+    }
     // The server's log filter: warnings, unless ECOWATT_FLEET_SERVER_LOG says
     // otherwise (`ecowatt_server::telemetry::ingest=debug` logs every group).
     let server = ServerProcess::start("fleet", &extra, "ECOWATT_FLEET_SERVER_LOG", "warn")?;
-    let result = tokio::runtime::Runtime::new()?.block_on(drive(&args, &server));
+    let result =
+        tokio::runtime::Runtime::new()?.block_on(drive(&args, &server, mosquitto.as_ref()));
     server.stop();
     result
 }
 
-async fn drive(args: &FleetArgs, server: &ServerProcess) -> anyhow::Result<()> {
+/// A Mosquitto for `--transport mqtt`: anonymous, on a free loopback port,
+/// with room for the fleet's answers in flight; killed when dropped.
+struct Mosquitto {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> anyhow::Result<Mosquitto> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        // `user root`: as root it would otherwise switch to its own user (as
+        // another user the line has no effect).
+        let conf = format!(
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf)?;
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(dir.path().join("mosquitto.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("--transport mqtt starts a Mosquitto: is `mosquitto` installed?")?;
+        let mut m = Mosquitto { child, port, _dir: dir };
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = m.child.try_wait() {
+                anyhow::bail!("mosquitto exited at start: {status}");
+            }
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "mosquitto did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        outln!(
+            "Fleet: devices reach the server through Mosquitto at 127.0.0.1:{port} (pid {})",
+            m.child.id()
+        );
+        Ok(m)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn drive(
+    args: &FleetArgs,
+    server: &ServerProcess,
+    mosquitto: Option<&Mosquitto>,
+) -> anyhow::Result<()> {
     let (ops, base, token) = server.operator().await?;
     let (dir, pid) = (server.dir.as_path(), server.pid());
     let auth = format!("Bearer {token}");
@@ -490,6 +601,10 @@ async fn drive(args: &FleetArgs, server: &ServerProcess) -> anyhow::Result<()> {
     let queued: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let mut proc_files = ProcFiles::open(pid)?;
     let mut own_files = ProcFiles::open(std::process::id())?;
+    let mut broker_files = match mosquitto {
+        Some(m) => Some(ProcFiles::open(m.child.id())?),
+        None => None,
+    };
     let start = Instant::now();
     let fleet = Arc::new(Fleet {
         http,
@@ -498,6 +613,7 @@ async fn drive(args: &FleetArgs, server: &ServerProcess) -> anyhow::Result<()> {
         stats: stats.clone(),
         queued: queued.clone(),
         base: base.clone(),
+        broker: mosquitto.map(|m| format!("mqtt://127.0.0.1:{}", m.port)),
         devices: args.devices,
         every: args.upload_every,
         codecs: (2..=args.codec).fold(1 << ecowatt_proto::codec::CODEC_V1, |set, v| set | 1 << v),
@@ -515,6 +631,7 @@ async fn drive(args: &FleetArgs, server: &ServerProcess) -> anyhow::Result<()> {
     tokio::time::sleep_until(measure_from.into()).await;
     let usage_start = proc_usage(&mut proc_files);
     let own_start = proc_usage(&mut own_files);
+    let broker_start = broker_files.as_mut().map(proc_usage);
     let measure_start = Instant::now();
     let mut rng = 0x9E37_79B9u64;
     let gap = Duration::from_secs_f64(1.0 / args.commands_per_sec.max(0.1));
@@ -560,6 +677,7 @@ async fn drive(args: &FleetArgs, server: &ServerProcess) -> anyhow::Result<()> {
     let elapsed = measure_start.elapsed().as_secs_f64();
     let usage_end = proc_usage(&mut proc_files);
     let own_end = proc_usage(&mut own_files);
+    let broker_end = broker_files.as_mut().map(proc_usage);
     // Shutdown under load: SIGTERM with every long poll open, then the time
     // until the process is gone and how the long polls ended.
     let open = {
@@ -626,6 +744,14 @@ async fn drive(args: &FleetArgs, server: &ServerProcess) -> anyhow::Result<()> {
         "Load generator (this process: the devices and the operator): CPU {own_cpu:.0} % (of one core), RSS {} MB",
         own_end.0 / 1024
     );
+    if let (Some(s), Some(e)) = (broker_start, broker_end) {
+        let cpu = (e.2.saturating_sub(s.2)) as f64 / 100.0 / elapsed * 100.0;
+        outln!(
+            "Broker (mosquitto): CPU {cpu:.0} % (of one core), RSS {} MB (peak {} MB)",
+            e.0 / 1024,
+            e.1 / 1024
+        );
+    }
     let mut errors: Vec<_> = st.errors.iter().collect();
     errors.sort();
     outln!("Errors: {}", if errors.is_empty() { "none".to_owned() } else { format!("{errors:?}") });

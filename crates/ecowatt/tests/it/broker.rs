@@ -29,6 +29,27 @@ fn mosquitto_installed() -> bool {
     there
 }
 
+/// Mosquitto with the files `ecowatt broker mosquitto` made in `d/broker`.
+fn start_mosquitto(d: &Path, port: u16) -> Killed {
+    let log = std::fs::File::create(d.join("mosquitto.log")).unwrap();
+    let child = Command::new("mosquitto")
+        .args(["-c", "broker/mosquitto.conf"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    let up = || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let t0 = std::time::Instant::now();
+    while !up() {
+        let log = std::fs::read_to_string(d.join("mosquitto.log")).unwrap_or_default();
+        assert!(t0.elapsed() < Duration::from_secs(10), "mosquitto did not listen: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 fn server(d: &Path, port: u16, extra: &[&str]) -> Killed {
     let bind = format!("127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
@@ -75,7 +96,10 @@ fn client(port: u16, user: &str, password: &str) -> (Client, std::sync::mpsc::Re
 }
 
 /// The next event `f` picks within 10 s.
-fn next<T>(rx: &std::sync::mpsc::Receiver<Event>, mut f: impl FnMut(Event) -> Option<T>) -> Option<T> {
+fn next<T>(
+    rx: &std::sync::mpsc::Receiver<Event>,
+    mut f: impl FnMut(Event) -> Option<T>,
+) -> Option<T> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
         match rx.recv_timeout(left) {
@@ -117,17 +141,7 @@ fn devices_speak_the_protocol_through_mosquitto_each_on_its_own_topics() {
     let mut conf = std::fs::read_to_string(d.join("broker/mosquitto.conf")).unwrap();
     conf.insert_str(0, "user root\n");
     std::fs::write(d.join("broker/mosquitto.conf"), conf).unwrap();
-    let mosquitto = Command::new("mosquitto")
-        .args(["-c", "broker/mosquitto.conf"])
-        .current_dir(d)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mosquitto = Killed(mosquitto);
-    wait_for("mosquitto to listen", 10, || {
-        std::net::TcpStream::connect(("127.0.0.1", broker_port)).is_ok()
-    });
+    let mosquitto = start_mosquitto(d, broker_port);
     drop(first);
 
     // The server again, now taking device requests from the broker too.
@@ -179,7 +193,9 @@ fn devices_speak_the_protocol_through_mosquitto_each_on_its_own_topics() {
     let (key2, id2) = key_of(d, "roof-2");
     let (watcher, events) = client(broker_port, "ecowatt-server", password.trim());
     watcher.subscribe("ecowatt-device/+/up/+", QoS::AtLeastOnce).unwrap();
-    assert!(next(&events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).is_some());
+    assert!(
+        next(&events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).is_some()
+    );
     let (intruder, seen) = client(broker_port, "roof-1-probe-unused", "x");
     assert!(
         next(&seen, |e| match e {
@@ -214,14 +230,22 @@ fn devices_speak_the_protocol_through_mosquitto_each_on_its_own_topics() {
     assert_eq!(first.as_deref(), Some(&b"for roof-1"[..]), "roof-1 read another device's answers");
     roof1.publish("ecowatt-device/roof-2/up/sync", QoS::AtLeastOnce, false, b"x".to_vec()).unwrap();
     // Garbage on its own topic: seen by the servers, answered with the HTTP refusal.
-    roof1.publish("ecowatt-device/roof-1/up/sync", QoS::AtLeastOnce, false, b"garbage".to_vec()).unwrap();
+    roof1
+        .publish("ecowatt-device/roof-1/up/sync", QoS::AtLeastOnce, false, b"garbage".to_vec())
+        .unwrap();
     let up = next(&events, |e| match e {
-        Event::Incoming(Packet::Publish(p)) if p.payload.as_ref() == b"x" || p.payload.as_ref() == b"garbage" => {
+        Event::Incoming(Packet::Publish(p))
+            if p.payload.as_ref() == b"x" || p.payload.as_ref() == b"garbage" =>
+        {
             Some(p.topic)
         }
         _ => None,
     });
-    assert_eq!(up.as_deref(), Some("ecowatt-device/roof-1/up/sync"), "the ACL let roof-1 speak for roof-2");
+    assert_eq!(
+        up.as_deref(),
+        Some("ecowatt-device/roof-1/up/sync"),
+        "the ACL let roof-1 speak for roof-2"
+    );
     let answer = next(&seen, |e| match e {
         Event::Incoming(Packet::Publish(p)) if p.topic == "ecowatt-device/roof-1/down/sync" => {
             Answer::decode(&p.payload).ok()
@@ -260,4 +284,116 @@ fn devices_speak_the_protocol_through_mosquitto_each_on_its_own_topics() {
     assert!(metrics.contains("ecowatt_device_broker_requests_total{route=\"sync\"}"), "{metrics}");
     // roof-2 still fine: nothing of the foreign envelope was applied.
     assert!(online("roof-2"));
+
+    // The broker restarted mid-stream: the server and the devices reconnect by
+    // themselves and commands flow again.
+    drop((roof1, watcher));
+    drop(mosquitto);
+    let errors = "ecowatt_device_broker_errors_total";
+    wait_for("the server to notice the broker gone", 15, || counter(&url, errors) > 0);
+    let _mosquitto = start_mosquitto(d, broker_port);
+    let done = cli(&["command", "roof-2", "set-power-percentage", "55", "--wait"]);
+    assert!(done.contains("succeeded") || done.contains("confirmed"), "{done}");
+    assert!(counter(&url, "ecowatt_device_broker_connections_total") >= 2);
+}
+
+/// A Mosquitto of the test's own that lets anyone in, on a free port.
+fn open_mosquitto(d: &Path) -> (Killed, u16) {
+    let port = free_port();
+    let conf = format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n");
+    std::fs::write(d.join("open.conf"), conf).unwrap();
+    let child = Command::new("mosquitto")
+        .args(["-c", "open.conf"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    wait_for("mosquitto to listen", 10, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (child, port)
+}
+
+fn counter(url: &str, line: &str) -> u64 {
+    let text = ureq::get(format!("{url}/metrics")).call().unwrap().body_mut().read_to_string();
+    text.unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(line).and_then(|n| n.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_servers_split_the_devices_requests_through_one_shared_subscription() {
+    if !mosquitto_installed() {
+        return;
+    }
+    let Some(db) = ecowatt_testkit::server::TempDb::postgres().await else {
+        eprintln!("note: ECOWATT_TEST_PG_URL is unset; PostgreSQL part skipped");
+        return;
+    };
+    let database = db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (_mosquitto, broker_port) = open_mosquitto(d);
+        let broker = format!("mqtt://127.0.0.1:{broker_port}");
+        let (pa, pb) = (free_port(), free_port());
+        let start = |port: u16, data: &str| {
+            let bind = format!("127.0.0.1:{port}");
+            let child = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+                .args(["server", "--bind", &bind, "--data-dir", data, "--database", &database])
+                .args(["--device-broker", &broker])
+                .current_dir(d)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            wait_for("a server to listen", 30, || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            Killed(child)
+        };
+        let _a = start(pa, "a");
+        let _b = start(pb, "b");
+        let (ua, ub) = (format!("http://127.0.0.1:{pa}"), format!("http://127.0.0.1:{pb}"));
+        let cli = |url: &str, args: &[&str]| {
+            ok(run(d, &[args, &["--server", url, "--data-dir", "a"][..]].concat()))
+        };
+        let names: Vec<String> = (0..4).map(|i| format!("site-{i}")).collect();
+        // Each its own inverter: one written by two agents would not read back as written.
+        let _agents: Vec<(Killed, Killed)> = names
+            .iter()
+            .map(|name| {
+                let (sim, inverter) = sim();
+                cli(&ua, &["device", "add", name]);
+                let child = Command::new(env!("CARGO_BIN_EXE_ecowatt"))
+                    .args(["device", "--provision", &format!("{name}.provision.json")])
+                    .args(["--inverter", &inverter, "--state-dir", &format!("state-{name}")])
+                    .args(["--cloud", &broker])
+                    .current_dir(d)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                (Killed(child), sim)
+            })
+            .collect();
+        // Commands queued through either server reach the devices through the broker.
+        for (i, name) in names.iter().enumerate() {
+            let url = if i % 2 == 0 { &ua } else { &ub };
+            let pct = (20 + i).to_string();
+            let done = cli(url, &["command", name, "set-power-percentage", &pct, "--wait"]);
+            assert!(done.contains("succeeded") || done.contains("confirmed"), "{done}");
+        }
+        // Both servers took some of the requests: one subscription, split.
+        let sync = "ecowatt_device_broker_requests_total{route=\"sync\"}";
+        wait_for("both servers to take syncs", 30, || {
+            counter(&ua, sync) > 0 && counter(&ub, sync) > 0
+        });
+    })
+    .await
+    .unwrap();
+    drop(db);
 }

@@ -56,7 +56,6 @@ pub fn failed(out: Output) -> String {
     stderr
 }
 
-
 /// `ecowatt sim` on free ports, and its SIM HTTP API URL.
 pub fn sim() -> (Killed, String) {
     use std::io::{BufRead, BufReader};
@@ -67,11 +66,15 @@ pub fn sim() -> (Killed, String) {
         .spawn()
         .unwrap();
     let mut sim = Killed(sim);
-    let inverter = BufReader::new(sim.0.stdout.take().unwrap())
-        .lines()
+    let mut lines = BufReader::new(sim.0.stdout.take().unwrap()).lines();
+    let inverter = lines
+        .by_ref()
         .take(10)
         .find_map(|l| l.unwrap().split("SIM HTTP API : ").nth(1).map(|u| u.trim().to_owned()))
         .expect("the simulator's URL");
+    // Read to the end: a simulator whose standard output closes before it
+    // has printed its banner's last lines ends (quietly, as on `| head`).
+    std::thread::spawn(move || lines.for_each(drop));
     (sim, inverter)
 }
 
