@@ -24,6 +24,8 @@ pub struct NewDevice {
     /// The fail-safe export limit (`docs/export-control.md`).
     #[serde(default)]
     failsafe: Value,
+    /// The site's IANA time zone (its energy days), default UTC.
+    timezone: Option<String>,
 }
 
 /// The seed assumed a 10 kW inverter.
@@ -69,6 +71,9 @@ pub async fn add(
         crate::control::check_tag(t)?;
     }
     let failsafe = crate::control::FailSafe::parse(&req.failsafe)?;
+    if let Some(tz) = &req.timezone {
+        crate::devices::check_timezone(tz)?;
+    }
     let key = crate::random_hex(16);
     let rated = req.rated_power_w.unwrap_or(DEFAULT_RATED_W);
     let device = crate::registration::register(
@@ -86,6 +91,9 @@ pub async fn add(
     }
     if failsafe.is_some() {
         state.control.set_failsafe(&device.name, failsafe, &op.actor(), now).await?;
+    }
+    if let Some(tz) = &req.timezone {
+        state.devices.set_timezone(&device.name, tz, &op.actor(), now).await?;
     }
     let provisioning = provisioning(&state, &device, &key);
     Ok((StatusCode::CREATED, Json(json!({ "device": device, "provisioning": provisioning }))))

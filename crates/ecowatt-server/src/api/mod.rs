@@ -7,6 +7,7 @@ mod control;
 pub(crate) mod device;
 mod devices;
 mod docs;
+mod energy;
 pub mod firmware;
 pub(crate) mod json;
 mod legacy;
@@ -182,6 +183,10 @@ fn routes(body_limit: usize, timeout: std::time::Duration) -> OpenApiRouter<AppS
         .routes(routes!(devices::legacy_on, devices::legacy_off))
         .routes(routes!(devices::rotate_key))
         .routes(routes!(devices::broker_accounts))
+        .routes(routes!(energy::device_energy))
+        .routes(routes!(energy::device_rollups))
+        .routes(routes!(energy::set_timezone))
+        .routes(routes!(energy::fleet_energy))
         .routes(routes!(config::show, config::update))
         .routes(routes!(config::history))
         .routes(routes!(commands::list_for_device, commands::queue))

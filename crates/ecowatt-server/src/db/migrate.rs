@@ -314,6 +314,71 @@ ALTER TABLE devices ADD COLUMN legacy_state TEXT
 ALTER TABLE rollouts ADD COLUMN encrypted BIGINT NOT NULL DEFAULT 0
 "#,
     ),
+    (
+        15,
+        // Rollups written at ingest (telemetry/rollup.rs): energy and register
+        // statistics per device and 5-minute, hour and day bucket; the site's
+        // time zone (days); each device's newest stored sample and each
+        // batch's first and last AC power (to integrate across uploads).
+        r#"
+ALTER TABLE devices ADD COLUMN timezone TEXT NOT NULL DEFAULT 'UTC';
+ALTER TABLE devices ADD COLUMN tail_ms BIGINT;
+ALTER TABLE devices ADD COLUMN tail_pac BIGINT;
+ALTER TABLE telemetry_batches ADD COLUMN first_pac BIGINT;
+ALTER TABLE telemetry_batches ADD COLUMN last_pac BIGINT;
+CREATE INDEX telemetry_by_age ON telemetry_batches (last_ms);
+CREATE TABLE telemetry_rollups (
+    device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    level BIGINT NOT NULL,
+    bucket_ms BIGINT NOT NULL,
+    energy_wh DOUBLE PRECISION NOT NULL DEFAULT 0,
+    covered_ms BIGINT NOT NULL DEFAULT 0,
+    samples BIGINT NOT NULL DEFAULT 0,
+    missing BIGINT NOT NULL DEFAULT 0,
+    n0 BIGINT NOT NULL DEFAULT 0,
+    min0 BIGINT,
+    max0 BIGINT,
+    sum0 BIGINT NOT NULL DEFAULT 0,
+    n1 BIGINT NOT NULL DEFAULT 0,
+    min1 BIGINT,
+    max1 BIGINT,
+    sum1 BIGINT NOT NULL DEFAULT 0,
+    n2 BIGINT NOT NULL DEFAULT 0,
+    min2 BIGINT,
+    max2 BIGINT,
+    sum2 BIGINT NOT NULL DEFAULT 0,
+    n3 BIGINT NOT NULL DEFAULT 0,
+    min3 BIGINT,
+    max3 BIGINT,
+    sum3 BIGINT NOT NULL DEFAULT 0,
+    n4 BIGINT NOT NULL DEFAULT 0,
+    min4 BIGINT,
+    max4 BIGINT,
+    sum4 BIGINT NOT NULL DEFAULT 0,
+    n5 BIGINT NOT NULL DEFAULT 0,
+    min5 BIGINT,
+    max5 BIGINT,
+    sum5 BIGINT NOT NULL DEFAULT 0,
+    n6 BIGINT NOT NULL DEFAULT 0,
+    min6 BIGINT,
+    max6 BIGINT,
+    sum6 BIGINT NOT NULL DEFAULT 0,
+    n7 BIGINT NOT NULL DEFAULT 0,
+    min7 BIGINT,
+    max7 BIGINT,
+    sum7 BIGINT NOT NULL DEFAULT 0,
+    n8 BIGINT NOT NULL DEFAULT 0,
+    min8 BIGINT,
+    max8 BIGINT,
+    sum8 BIGINT NOT NULL DEFAULT 0,
+    n9 BIGINT NOT NULL DEFAULT 0,
+    min9 BIGINT,
+    max9 BIGINT,
+    sum9 BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (device_id, level, bucket_ms)
+)
+"#,
+    ),
 ];
 
 /// `{json:COLUMN.FIELD}`: the text of a JSON column's field, in the dialect.

@@ -42,6 +42,13 @@ pub struct Device {
     pub legacy: bool,
 }
 
+/// Validates a time zone name (IANA, e.g. `Europe/Berlin`, or `UTC`).
+pub fn check_timezone(name: &str) -> Result<(), Invalid> {
+    jiff::tz::TimeZone::get(name).map(|_| ()).map_err(|_| {
+        Invalid::new("timezone", format!("{name:?} is not an IANA time zone (e.g. Europe/Berlin)"))
+    })
+}
+
 /// Validates a device name: 1..=64 characters of letters, digits, `_`, `-`,
 /// `.`, not only dots (a name made of dots is a path step in every URL that
 /// names a device).
@@ -231,6 +238,28 @@ impl Devices {
         tx.announce(name).await?;
         tx.commit().await?;
         Ok(Device { enabled, ..device })
+    }
+
+    /// Sets the time zone of a device's site (its days' rollups from now on).
+    pub async fn set_timezone(
+        &self,
+        name: &str,
+        timezone: &str,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        check_timezone(timezone)?;
+        let mut tx = self.db.write().await?;
+        let device = named_in(&self.db, &mut tx, name, true).await?;
+        sqlx::query("UPDATE devices SET timezone = $1 WHERE id = $2")
+            .bind(timezone)
+            .bind(device.id)
+            .execute(&mut *tx)
+            .await?;
+        audit::record(&mut tx, now, actor, "device.timezone", name, json!({"timezone": timezone}))
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Replaces a device's key; the old one stays valid (with its own

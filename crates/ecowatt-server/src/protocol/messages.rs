@@ -210,6 +210,7 @@ pub fn upload_of(
     });
     Ok(Upload {
         batch: StoredBatch::of(up.codec, batch.registers, &batch.samples, up.batch.clone()),
+        decoded: std::sync::Arc::new(batch),
         dropped_total: up.dropped_total.min(i64::MAX as u64) as i64,
         export_limit,
     })

@@ -86,6 +86,8 @@ impl SyncDelivery {
 pub struct Upload {
     /// The batch to store.
     pub batch: StoredBatch,
+    /// The same, decoded (for the rollups).
+    pub decoded: std::sync::Arc<ecowatt_proto::codec::Batch>,
     /// Samples the device has dropped so far.
     pub dropped_total: i64,
     /// The newest reading of the export limit in it (value, Unix ms): it

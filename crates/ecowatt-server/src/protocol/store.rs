@@ -135,7 +135,7 @@ impl Protocol {
                 device_id,
                 key_version,
                 counter,
-                Some(upload.batch.clone()),
+                Some((upload.batch.clone(), upload.decoded.clone())),
                 upload.dropped_total,
                 now,
             )

@@ -70,6 +70,8 @@ struct Job {
     pub counter: u64,
     /// `None` for a sync that only advances the window (a quiet sync).
     pub batch: Option<StoredBatch>,
+    /// The batch decoded (for the rollups).
+    pub decoded: Option<Arc<ecowatt_proto::codec::Batch>>,
     pub dropped_total: i64,
     pub now: i64,
     /// What a light sync records.
@@ -132,13 +134,23 @@ impl Ingest {
         device_id: DeviceId,
         key_version: i64,
         counter: u64,
-        batch: Option<StoredBatch>,
+        batch: Option<(StoredBatch, Arc<ecowatt_proto::codec::Batch>)>,
         dropped_total: i64,
         now: i64,
     ) -> StoreResult<Result<Accepted, SyncRefusal>> {
         let (reply, answer) = oneshot::channel();
-        let job =
-            Job { device_id, key_version, counter, batch, dropped_total, now, record: None, reply };
+        let (batch, decoded) = batch.unzip();
+        let job = Job {
+            device_id,
+            key_version,
+            counter,
+            batch,
+            decoded,
+            dropped_total,
+            now,
+            record: None,
+            reply,
+        };
         self.send(job, answer).await
     }
 
@@ -158,6 +170,7 @@ impl Ingest {
             key_version,
             counter,
             batch: None,
+            decoded: None,
             dropped_total: 0,
             now,
             record: Some(record),
@@ -242,6 +255,10 @@ struct DeviceState {
     /// may repeat stored samples (a retry whose batch grew).
     stored_seq: i64,
     touched: bool,
+    /// The site's time zone (days' rollups).
+    timezone: String,
+    /// Its newest stored sample, as the rollups know it.
+    tail: super::rollup::Tail,
 }
 
 type Answers = StoreResult<Vec<Result<Accepted, SyncRefusal>>>;
@@ -252,6 +269,7 @@ static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "id, enabled, key_version, previous_key_version, replay_high, replay_bitmap, \
          prev_replay_high, prev_replay_bitmap, down_counter, dropped_total, last_seen_ms, stored_seq, \
+         timezone, tail_ms, tail_pac, \
          (SELECT COUNT(*) FROM commands WHERE device_id = devices.id AND {}) AS unconfirmed",
         crate::commands::store::AWAITS_CONFIRMATION
     )
@@ -277,13 +295,96 @@ macro_rules! overlapping {
     }};
 }
 
+/// For each upload of `plan.overlaps` (it may land before stored samples),
+/// the stored samples at the edges it may border: the last of the batch
+/// ending just before it and the first of the one starting just after.
+macro_rules! bordering {
+    ($tx:ident, $plan:ident, $group:ident) => {{
+        let mut known: HashMap<(i64, i64), super::rollup::Point> = HashMap::new();
+        for &(i, _) in &$plan.overlaps {
+            let (device, b) = ($group[i].device_id.0, $group[i].batch.as_ref().expect("a batch"));
+            for (sql, seq) in [(LAST_EDGE, b.first_seq - 1), (FIRST_EDGE, b.last_seq + 1)] {
+                let row = sqlx::query(sql).bind(device).bind(seq).fetch_optional(&mut *$tx).await?;
+                if let Some(row) = row {
+                    let (ms, pac): (i64, Option<i64>) = (row.try_get("ms")?, row.try_get("pac")?);
+                    let pac = pac.and_then(|p| u16::try_from(p).ok());
+                    known.insert((device, seq), super::rollup::Point { seq, ms, pac });
+                }
+            }
+        }
+        known
+    }};
+}
+
+/// The last sample of a device's batch ending at a seq.
+const LAST_EDGE: &str = "SELECT last_ms AS ms, last_pac AS pac FROM telemetry_batches \
+     WHERE device_id = $1 AND last_seq = $2";
+/// The first sample of a device's batch starting at a seq.
+const FIRST_EDGE: &str = "SELECT first_ms AS ms, first_pac AS pac FROM telemetry_batches \
+     WHERE device_id = $1 AND first_seq = $2";
+
+/// The devices' newest samples and time zones as the group found them.
+fn tails_and_zones(
+    states: &[(i64, DeviceState)],
+) -> (HashMap<i64, super::rollup::Tail>, HashMap<i64, String>) {
+    let tails = states.iter().map(|(id, d)| (*id, d.tail)).collect();
+    let zones = states.iter().map(|(id, d)| (*id, d.timezone.clone())).collect();
+    (tails, zones)
+}
+
+/// What the group's stored batches add to the rollups (telemetry/rollup.rs).
+fn group_rollups(
+    group: &[Job],
+    stored: &[(usize, Cow<'_, StoredBatch>)],
+    tails: HashMap<i64, super::rollup::Tail>,
+    zones: &HashMap<i64, String>,
+    known: HashMap<(i64, i64), super::rollup::Point>,
+) -> super::rollup::GroupRollups {
+    use super::rollup;
+    let mut positions = Vec::with_capacity(stored.len());
+    let items: Vec<rollup::Stored<'_>> = stored
+        .iter()
+        .enumerate()
+        .filter_map(|(pos, (i, b))| {
+            let original = group[*i].decoded.as_deref()?;
+            // A resend that repeats stored samples: only the others are new.
+            let new_seqs = match b {
+                Cow::Borrowed(_) => None,
+                Cow::Owned(kept) => Some(
+                    ecowatt_proto::codec::decode(&kept.data)
+                        .map(|d| d.samples.iter().map(|x| x.seq as i64).collect())
+                        .unwrap_or_default(),
+                ),
+            };
+            positions.push(pos);
+            Some(rollup::Stored { device: group[*i].device_id.0, original, new_seqs })
+        })
+        .collect();
+    let zone_of = |dev: i64| {
+        zones
+            .get(&dev)
+            .and_then(|z| jiff::tz::TimeZone::get(z).ok())
+            .unwrap_or(jiff::tz::TimeZone::UTC)
+    };
+    let mut out = rollup::of_group(&items, zone_of, tails, known);
+    // Edges by position in `stored`.
+    let mut edges = vec![(None, None); stored.len()];
+    for (pos, e) in positions.into_iter().zip(out.edges) {
+        edges[pos] = e;
+    }
+    out.edges = edges;
+    out
+}
+
 /// A device's row as read, on either backend.
 fn device_state<R: Row>(row: &R) -> StoreResult<(i64, DeviceState)>
 where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
+    let stored_seq: i64 = row.try_get("stored_seq")?;
     let state = DeviceState {
         enabled: row.try_get::<i64, _>("enabled")? != 0,
         key_version: row.try_get("key_version")?,
@@ -294,8 +395,14 @@ where
         down_counter: row.try_get("down_counter")?,
         dropped_total: row.try_get("dropped_total")?,
         last_seen_ms: row.try_get::<Option<i64>, _>("last_seen_ms")?.unwrap_or(0),
-        stored_seq: row.try_get("stored_seq")?,
+        stored_seq,
         touched: false,
+        timezone: row.try_get("timezone")?,
+        tail: super::rollup::Tail {
+            seq: stored_seq,
+            ms: row.try_get("tail_ms")?,
+            pac: row.try_get::<Option<i64>, _>("tail_pac")?.and_then(|p| u16::try_from(p).ok()),
+        },
     };
     Ok((row.try_get("id")?, state))
 }
@@ -326,10 +433,13 @@ async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
     // Not kept in the prepared-statement cache: every group's text differs.
     let select = format!("SELECT {} FROM devices WHERE id IN ({list})", *COLUMNS);
     let rows = sqlx::query(&select).persistent(false).fetch_all(&mut *tx).await?;
-    let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
+    let states: Vec<_> = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
+    let (tails, zones) = tails_and_zones(&states);
     let plan = plan(states, group);
     let found = overlapping!(tx, plan, group);
     let stored = stored_batches(&plan, group, found);
+    let known = bordering!(tx, plan, group);
+    let rollups = group_rollups(group, &stored, tails, &zones, known);
     let ids = result_ids(&plan, group);
     let statuses = if ids.is_empty() {
         Vec::new()
@@ -343,7 +453,7 @@ async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
     };
     let records = records(&plan, group, statuses);
     // One multi-statement write: one round trip to the connection's thread.
-    let mut sql = sqlite_write(&plan, group, &stored);
+    let mut sql = sqlite_write(&plan, group, &stored, &rollups);
     sqlite_records(&mut sql, &records);
     if !sql.is_empty() {
         sqlx::query(&sql).persistent(false).execute(&mut *tx).await?;
@@ -363,10 +473,13 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
     let select =
         format!("SELECT {} FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE", *COLUMNS);
     let rows = sqlx::query(&select).bind(&ids).fetch_all(&mut *tx).await?;
-    let states = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
+    let states: Vec<_> = rows.iter().map(device_state).collect::<StoreResult<_>>()?;
+    let (tails, zones) = tails_and_zones(&states);
     let plan = plan(states, group);
     let found = overlapping!(tx, plan, group);
     let stored = stored_batches(&plan, group, found);
+    let known = bordering!(tx, plan, group);
+    let rollups = group_rollups(group, &stored, tails, &zones, known);
     let ids = result_ids(&plan, group);
     let statuses = if ids.is_empty() {
         Vec::new()
@@ -431,6 +544,38 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
         }
         q.execute(&mut *tx).await?;
     }
+    if !rollups.tails.is_empty() {
+        let t: Vec<_> = rollups.tails.iter().collect();
+        sqlx::query(
+            "UPDATE devices SET tail_ms = v.ms, tail_pac = v.pac \
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[]) AS v(id, ms, pac) WHERE devices.id = v.id",
+        )
+        .bind(t.iter().map(|(id, _)| **id).collect::<Vec<i64>>())
+        .bind(t.iter().map(|(_, x)| x.ms).collect::<Vec<Option<i64>>>())
+        .bind(t.iter().map(|(_, x)| x.pac.map(i64::from)).collect::<Vec<Option<i64>>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !rollups.rollups.buckets.is_empty() {
+        use super::rollup::{REGISTERS, extreme};
+        let b = &rollups.rollups.buckets;
+        let mut q = sqlx::query(super::rollup::PG_UPSERT.as_str())
+            .bind(b.keys().map(|k| k.0).collect::<Vec<i64>>())
+            .bind(b.keys().map(|k| k.1.code()).collect::<Vec<i64>>())
+            .bind(b.keys().map(|k| k.2).collect::<Vec<i64>>())
+            .bind(b.values().map(|v| v.energy_wh).collect::<Vec<f64>>())
+            .bind(b.values().map(|v| v.covered_ms).collect::<Vec<i64>>())
+            .bind(b.values().map(|v| v.samples).collect::<Vec<i64>>())
+            .bind(b.values().map(|v| v.missing).collect::<Vec<i64>>());
+        for r in 0..REGISTERS {
+            q = q
+                .bind(b.values().map(|v| v.regs[r].n).collect::<Vec<i64>>())
+                .bind(b.values().map(|v| extreme(&v.regs[r], false)).collect::<Vec<Option<i64>>>())
+                .bind(b.values().map(|v| extreme(&v.regs[r], true)).collect::<Vec<Option<i64>>>())
+                .bind(b.values().map(|v| v.regs[r].sum).collect::<Vec<i64>>());
+        }
+        q.execute(&mut *tx).await?;
+    }
     if !stored.is_empty() {
         let mut columns: [Vec<i64>; 9] = Default::default();
         let mut data: Vec<&[u8]> = Vec::with_capacity(stored.len());
@@ -441,13 +586,16 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
             }
             data.push(bytes);
         }
+        let first_pac: Vec<Option<i64>> =
+            rollups.edges.iter().map(|e| e.0.map(i64::from)).collect();
+        let last_pac: Vec<Option<i64>> = rollups.edges.iter().map(|e| e.1.map(i64::from)).collect();
         let [device, first_seq, last_seq, count, first_ms, last_ms, registers, codec, received] =
             columns;
         sqlx::query(
             "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, \
-             first_ms, last_ms, registers, codec, data, received_ms) \
+             first_ms, last_ms, registers, codec, data, received_ms, first_pac, last_pac) \
              SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
-             $6::int8[], $7::int8[], $8::int8[], $9::bytea[], $10::int8[]) \
+             $6::int8[], $7::int8[], $8::int8[], $9::bytea[], $10::int8[], $11::int8[], $12::int8[]) \
              ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING",
         )
         .bind(device)
@@ -460,6 +608,8 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
         .bind(codec)
         .bind(data)
         .bind(received)
+        .bind(first_pac)
+        .bind(last_pac)
         .execute(&mut *tx)
         .await?;
     }
@@ -520,7 +670,12 @@ fn stored_row<'b>(job: &Job, b: &'b StoredBatch) -> ([i64; 9], &'b [u8]) {
 
 /// The group's writes as one SQLite script. Only integers and hex blob
 /// literals are inlined, all of them produced here, none from a peer's text.
-fn sqlite_write(plan: &Plan, group: &[Job], stored: &[(usize, Cow<'_, StoredBatch>)]) -> String {
+fn sqlite_write(
+    plan: &Plan,
+    group: &[Job],
+    stored: &[(usize, Cow<'_, StoredBatch>)],
+    rollups: &super::rollup::GroupRollups,
+) -> String {
     use std::fmt::Write as _;
     let mut sql = String::with_capacity(256 * plan.updates.len() + 1400 * stored.len());
     for u in &plan.updates {
@@ -532,26 +687,39 @@ fn sqlite_write(plan: &Plan, group: &[Job], stored: &[(usize, Cow<'_, StoredBatc
             u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[0]
         );
     }
-    for chunk in stored.chunks(200) {
+    let opt = |v: Option<u16>| v.map_or("NULL".to_owned(), |v| v.to_string());
+    for (id, t) in &rollups.tails {
+        let ms = t.ms.map_or("NULL".to_owned(), |v| v.to_string());
+        let _ = writeln!(
+            sql,
+            "UPDATE devices SET tail_ms = {ms}, tail_pac = {} WHERE id = {id};",
+            opt(t.pac)
+        );
+    }
+    for (c, chunk) in stored.chunks(200).enumerate() {
         sql.push_str(
             "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
-             last_ms, registers, codec, data, received_ms) VALUES ",
+             last_ms, registers, codec, data, received_ms, first_pac, last_pac) VALUES ",
         );
         for (n, (i, b)) in chunk.iter().enumerate() {
             let (
                 [device, first_seq, last_seq, count, first_ms, last_ms, registers, codec, now],
                 data,
             ) = stored_row(&group[*i], b);
+            let (first_pac, last_pac) = rollups.edges[c * 200 + n];
             let _ = write!(
                 sql,
                 "{}({device}, {first_seq}, {last_seq}, {count}, {first_ms}, {last_ms}, {registers}, \
-                 {codec}, X'{}', {now})",
+                 {codec}, X'{}', {now}, {}, {})",
                 if n == 0 { "" } else { ", " },
                 ecowatt_proto::hex::encode_upper(data),
+                opt(first_pac),
+                opt(last_pac),
             );
         }
         sql.push_str(" ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING;\n");
     }
+    super::rollup::sqlite_upsert(&rollups.rollups, &mut sql);
     sql
 }
 

@@ -2,8 +2,10 @@
 //! resent or grown batch stores only the samples it adds: [`trim`]), written
 //! in group commits ([`ingest`]) and decoded on read ([`read`]).
 
+pub mod energy;
 pub mod ingest;
 pub mod read;
+pub mod rollup;
 
 use ecowatt_proto::codec;
 use sqlx::Row;

@@ -6,6 +6,7 @@ mod api;
 mod concurrency;
 mod control;
 mod edge;
+mod energy;
 mod faults;
 mod legacy;
 mod machine;

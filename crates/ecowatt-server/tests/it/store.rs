@@ -27,7 +27,8 @@ async fn each(test: impl AsyncFn(&Store, &str)) {
 
 /// An upload of `batch` from a device that has dropped `dropped_total` samples.
 fn upload(batch: &StoredBatch, dropped_total: i64) -> Upload {
-    Upload { batch: batch.clone(), dropped_total, export_limit: None }
+    let decoded = ecowatt_proto::codec::decode(&batch.data).expect("a valid batch");
+    Upload { batch: batch.clone(), decoded: decoded.into(), dropped_total, export_limit: None }
 }
 
 /// A one-sample batch with sequence number `seq`.

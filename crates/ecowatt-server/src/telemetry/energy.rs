@@ -1,0 +1,371 @@
+//! Reading the rollups (written at ingest: [`super::rollup`]): a device's
+//! energy per local day, month or year, its series at a rollup level, the
+//! fleet now and today, and the rule that names devices producing below
+//! their peers. Plus their retention.
+
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::Telemetry;
+use super::rollup::{Level, REGISTERS, RegStat};
+use crate::db::{StoreError, StoreResult};
+use crate::devices::DeviceId;
+
+/// One stored rollup bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollupRow {
+    /// Its start, Unix ms.
+    pub bucket_ms: i64,
+    /// Energy, Wh.
+    pub energy_wh: f64,
+    /// Time integrated, ms.
+    pub covered_ms: i64,
+    /// Samples.
+    pub samples: i64,
+    /// Samples missing.
+    pub missing: i64,
+    /// Per register.
+    pub regs: [RegStat; REGISTERS],
+}
+
+fn rollup_from(row: &AnyRow) -> StoreResult<RollupRow> {
+    let mut regs = [RegStat::default(); REGISTERS];
+    for (r, stat) in regs.iter_mut().enumerate() {
+        stat.n = row.try_get(format!("n{r}").as_str())?;
+        stat.min = row.try_get::<Option<i64>, _>(format!("min{r}").as_str())?.unwrap_or(0);
+        stat.max = row.try_get::<Option<i64>, _>(format!("max{r}").as_str())?.unwrap_or(0);
+        stat.sum = row.try_get(format!("sum{r}").as_str())?;
+    }
+    Ok(RollupRow {
+        bucket_ms: row.try_get("bucket_ms")?,
+        energy_wh: row.try_get("energy_wh")?,
+        covered_ms: row.try_get("covered_ms")?,
+        samples: row.try_get("samples")?,
+        missing: row.try_get("missing")?,
+        regs,
+    })
+}
+
+/// How energy is summed: per local day, month or year.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    /// A local day.
+    Day,
+    /// A calendar month.
+    Month,
+    /// A calendar year.
+    Year,
+}
+
+impl Period {
+    /// From the API's word.
+    pub fn parse(s: &str) -> Option<Period> {
+        match s {
+            "day" => Some(Period::Day),
+            "month" => Some(Period::Month),
+            "year" => Some(Period::Year),
+            _ => None,
+        }
+    }
+
+    /// The label of the period holding local `date` (`2026-12-01`, `2026-12`, `2026`).
+    pub fn label(self, date: Date) -> String {
+        match self {
+            Period::Day => date.to_string(),
+            Period::Month => format!("{:04}-{:02}", date.year(), date.month()),
+            Period::Year => format!("{:04}", date.year()),
+        }
+    }
+}
+
+/// Energy of one period.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct PeriodEnergy {
+    /// `2026-12-01`, `2026-12` or `2026`.
+    pub period: String,
+    /// kWh.
+    pub energy_kwh: f64,
+    /// Samples in it.
+    pub samples: i64,
+    /// Samples missing from it.
+    pub missing: i64,
+}
+
+/// Day rollups summed per `period` in `tz` (rows in time order).
+pub fn by_period(rows: &[RollupRow], tz: &TimeZone, period: Period) -> Vec<PeriodEnergy> {
+    let mut out: Vec<PeriodEnergy> = Vec::new();
+    for r in rows {
+        let Ok(t) = jiff::Timestamp::from_millisecond(r.bucket_ms) else { continue };
+        let label = period.label(t.to_zoned_datetime(tz.clone()).date());
+        match out.last_mut() {
+            Some(last) if last.period == label => {
+                last.energy_kwh += r.energy_wh / 1000.0;
+                last.samples += r.samples;
+                last.missing += r.missing;
+            }
+            _ => out.push(PeriodEnergy {
+                period: label,
+                energy_kwh: r.energy_wh / 1000.0,
+                samples: r.samples,
+                missing: r.missing,
+            }),
+        }
+    }
+    out
+}
+
+/// The finest rollup level that charts `from..to` in at most `max_points`
+/// buckets (days when none does).
+pub fn level_for(from: i64, to: i64, max_points: usize) -> Level {
+    let span = (to - from).max(1);
+    for (level, width) in [(Level::Min5, 300_000), (Level::Hour, 3_600_000)] {
+        if span / width < max_points as i64 {
+            return level;
+        }
+    }
+    Level::Day
+}
+
+/// A device as the fleet view sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetDevice {
+    /// Id.
+    pub id: i64,
+    /// Name.
+    pub name: String,
+    /// Rated power, W.
+    pub rated_w: i64,
+    /// Its newest sample: time and AC power.
+    pub tail: Option<(i64, Option<i64>)>,
+    /// Its site's time zone.
+    pub timezone: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Energy of its local today, Wh.
+    pub today_wh: f64,
+    /// Samples of its local today.
+    pub today_samples: i64,
+}
+
+/// A device producing below its peers: its specific yield today (kWh per
+/// kW rated) under half the median of the devices that reported today.
+pub const UNDERPERFORMING_SHARE: f64 = 0.5;
+
+/// The devices of `fleet` under [`UNDERPERFORMING_SHARE`] of the median
+/// specific yield today (among those with samples today), with their yield
+/// and the median; none when fewer than 3 devices reported.
+pub fn underperforming(fleet: &[FleetDevice]) -> (Option<f64>, Vec<(&FleetDevice, f64)>) {
+    let yields: Vec<(&FleetDevice, f64)> = fleet
+        .iter()
+        .filter(|d| d.today_samples > 0 && d.rated_w > 0)
+        .map(|d| (d, d.today_wh / d.rated_w as f64))
+        .collect();
+    if yields.len() < 3 {
+        return (None, Vec::new());
+    }
+    let mut sorted: Vec<f64> = yields.iter().map(|(_, y)| *y).collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
+    let below = yields.into_iter().filter(|(_, y)| *y < median * UNDERPERFORMING_SHARE).collect();
+    (Some(median), below)
+}
+
+impl Telemetry {
+    /// `device`'s rollups at `level` with buckets starting in `from..to`, in time order.
+    pub async fn rollups(
+        &self,
+        device: DeviceId,
+        level: Level,
+        from: i64,
+        to: i64,
+    ) -> StoreResult<Vec<RollupRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM telemetry_rollups WHERE device_id = $1 AND level = $2 \
+             AND bucket_ms >= $3 AND bucket_ms < $4 ORDER BY bucket_ms",
+        )
+        .bind(device.0)
+        .bind(level.code())
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter().map(rollup_from).collect()
+    }
+
+    /// A device's id and its site's time zone.
+    pub async fn zone_of(&self, device: &str) -> StoreResult<(DeviceId, TimeZone, String)> {
+        let row = sqlx::query("SELECT id, timezone FROM devices WHERE name = $1")
+            .bind(device)
+            .fetch_optional(self.db.reader())
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("device {device:?}")))?;
+        let name: String = row.try_get("timezone")?;
+        let tz = TimeZone::get(&name).unwrap_or(TimeZone::UTC);
+        Ok((DeviceId(row.try_get("id")?), tz, name))
+    }
+
+    /// Every device with its newest sample, tags and energy of its local
+    /// today at `now`: three reads, whatever the fleet's size.
+    pub async fn fleet(&self, now: i64) -> StoreResult<Vec<FleetDevice>> {
+        let rows = sqlx::query(
+            "SELECT id, name, rated_w, timezone, tail_ms, tail_pac FROM devices ORDER BY name",
+        )
+        .fetch_all(self.db.reader())
+        .await?;
+        let mut fleet = Vec::with_capacity(rows.len());
+        let mut index = std::collections::HashMap::new();
+        for r in &rows {
+            let tail_ms: Option<i64> = r.try_get("tail_ms")?;
+            let d = FleetDevice {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                rated_w: r.try_get("rated_w")?,
+                tail: tail_ms.map(|ms| (ms, r.try_get("tail_pac").ok().flatten())),
+                timezone: r.try_get("timezone")?,
+                tags: Vec::new(),
+                today_wh: 0.0,
+                today_samples: 0,
+            };
+            index.insert(d.id, fleet.len());
+            fleet.push(d);
+        }
+        let tags = sqlx::query("SELECT device_id, tag FROM device_tags ORDER BY tag")
+            .fetch_all(self.db.reader())
+            .await?;
+        for t in &tags {
+            if let Some(&i) = index.get(&t.try_get::<i64, _>("device_id")?) {
+                fleet[i].tags.push(t.try_get("tag")?);
+            }
+        }
+        // Every zone's today starts within 26 hours before now (UTC-12..+14).
+        let days = sqlx::query(
+            "SELECT device_id, bucket_ms, energy_wh, samples FROM telemetry_rollups \
+             WHERE level = $1 AND bucket_ms > $2 AND bucket_ms <= $3",
+        )
+        .bind(Level::Day.code())
+        .bind(now - 26 * 3_600_000)
+        .bind(now)
+        .fetch_all(self.db.reader())
+        .await?;
+        let mut zones: std::collections::HashMap<String, (i64, i64)> = Default::default();
+        for r in &days {
+            let Some(&i) = index.get(&r.try_get::<i64, _>("device_id")?) else { continue };
+            let d = &mut fleet[i];
+            let today = *zones.entry(d.timezone.clone()).or_insert_with(|| {
+                let tz = TimeZone::get(&d.timezone).unwrap_or(TimeZone::UTC);
+                Level::Day.bounds(&tz, now)
+            });
+            if r.try_get::<i64, _>("bucket_ms")? == today.0 {
+                d.today_wh += r.try_get::<f64, _>("energy_wh")?;
+                d.today_samples += r.try_get::<i64, _>("samples")?;
+            }
+        }
+        Ok(fleet)
+    }
+
+    /// Deletes stored batches whose newest sample is before `before_ms`, at
+    /// most `limit` (oldest first), so that a sweep never holds the writer long.
+    pub async fn purge_raw(&self, before_ms: i64, limit: i64) -> StoreResult<u64> {
+        let mut tx = self.db.write().await?;
+        let done = sqlx::query(
+            "DELETE FROM telemetry_batches WHERE id IN (SELECT id FROM telemetry_batches \
+             WHERE last_ms < $1 ORDER BY last_ms LIMIT $2)",
+        )
+        .bind(before_ms)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes rollups of `level` whose bucket starts before `before_ms`.
+    pub async fn purge_rollups(&self, level: Level, before_ms: i64) -> StoreResult<u64> {
+        let mut tx = self.db.write().await?;
+        let done = sqlx::query("DELETE FROM telemetry_rollups WHERE level = $1 AND bucket_ms < $2")
+            .bind(level.code())
+            .bind(before_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(ms: i64, wh: f64) -> RollupRow {
+        RollupRow {
+            bucket_ms: ms,
+            energy_wh: wh,
+            covered_ms: 0,
+            samples: 1,
+            missing: 0,
+            regs: [RegStat::default(); REGISTERS],
+        }
+    }
+
+    #[test]
+    fn days_sum_into_local_months_and_years() {
+        let tz = TimeZone::get("Pacific/Auckland").unwrap();
+        let start = |y, m, d| {
+            jiff::civil::date(y, m, d)
+                .to_zoned_datetime(tz.clone())
+                .unwrap()
+                .timestamp()
+                .as_millisecond()
+        };
+        let rows = [
+            day(start(2026, 11, 30), 1000.0),
+            day(start(2026, 12, 1), 2000.0),
+            day(start(2027, 1, 1), 500.0),
+        ];
+        let months = by_period(&rows, &tz, Period::Month);
+        let got: Vec<(&str, f64)> =
+            months.iter().map(|p| (p.period.as_str(), p.energy_kwh)).collect();
+        assert_eq!(got, [("2026-11", 1.0), ("2026-12", 2.0), ("2027-01", 0.5)]);
+        let years = by_period(&rows, &tz, Period::Year);
+        assert_eq!(years.len(), 2);
+        assert_eq!(years[0].energy_kwh, 3.0);
+        assert_eq!(by_period(&rows, &tz, Period::Day)[1].period, "2026-12-01");
+    }
+
+    #[test]
+    fn the_level_is_the_finest_that_fits() {
+        let h = 3_600_000;
+        assert_eq!(level_for(0, 24 * h, 1000), Level::Min5);
+        assert_eq!(level_for(0, 30 * 24 * h, 1000), Level::Hour);
+        assert_eq!(level_for(0, 365 * 24 * h, 1000), Level::Day);
+        assert_eq!(level_for(0, 24 * h, 100), Level::Hour);
+    }
+
+    #[test]
+    fn devices_under_half_the_median_yield_are_named() {
+        let d = |name: &str, rated_w, today_wh, today_samples| FleetDevice {
+            id: 0,
+            name: name.into(),
+            rated_w,
+            tail: None,
+            timezone: "UTC".into(),
+            tags: vec![],
+            today_wh,
+            today_samples,
+        };
+        let fleet = [
+            d("a", 10_000, 40_000.0, 10),
+            d("b", 5_000, 19_000.0, 10),
+            d("c", 10_000, 15_000.0, 10),
+            d("d", 10_000, 0.0, 0),
+        ];
+        let (median, below) = underperforming(&fleet);
+        assert_eq!(median, Some(3.8));
+        let names: Vec<&str> = below.iter().map(|(d, _)| d.name.as_str()).collect();
+        assert_eq!(names, ["c"], "1.5 kWh/kW is under 1.9; d reported nothing today");
+        assert_eq!(underperforming(&fleet[..2]).0, None);
+    }
+}
