@@ -22,6 +22,10 @@ const HELP: &[(&str, &str)] = &[
     ("ecowatt_device_syncs_total", "Device syncs answered."),
     ("ecowatt_telemetry_batches_total", "Telemetry batches accepted (retries included)."),
     (
+        "ecowatt_telemetry_batches_purged_total",
+        "Raw telemetry batches deleted past telemetry_retention_days (rollups stay).",
+    ),
+    (
         "ecowatt_legacy_uploads_total",
         "Original-firmware /process uploads, by outcome (accepted or the refusal's code).",
     ),

@@ -320,7 +320,13 @@ async fn background(state: AppState, mut stopped: tokio::sync::watch::Receiver<b
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     let mut flush = tokio::time::interval(crate::security::refusals::FLUSH_EVERY);
     let mut purge = tokio::time::interval(PURGE_EVERY);
-    for tick in [&mut expire, &mut flush, &mut purge] {
+    // Raw telemetry goes more often under a short retention (a bench's).
+    let raw_every = state
+        .settings
+        .telemetry_retention
+        .map_or(PURGE_EVERY, |keep| (keep / 10).clamp(Duration::from_secs(5), PURGE_EVERY));
+    let mut purge_raw = tokio::time::interval(raw_every);
+    for tick in [&mut expire, &mut flush, &mut purge, &mut purge_raw] {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
@@ -332,11 +338,52 @@ async fn background(state: AppState, mut stopped: tokio::sync::watch::Receiver<b
             },
             _ = flush.tick() => flush_refusals(&state).await,
             _ = purge.tick() => purge_old(&state).await,
+            _ = purge_raw.tick() => purge_telemetry(&state, &stopped).await,
             _ = stopped.changed() => break,
         }
     }
     flush_refusals(&state).await;
 }
+
+/// Raw batches past `telemetry_retention`, removed in chunks of
+/// [`PURGE_CHUNK`] (each its own short transaction, so that ingest groups
+/// pass in between); 5-minute rollups past `rollup_5m_retention`.
+async fn purge_telemetry(state: &AppState, stopped: &tokio::sync::watch::Receiver<bool>) {
+    let now = crate::now_ms();
+    if let Some(keep) = state.settings.telemetry_retention {
+        let before = now - keep.as_millis() as i64;
+        let mut total = 0;
+        loop {
+            match state.telemetry.purge_raw(before, PURGE_CHUNK).await {
+                Ok(n) => {
+                    total += n;
+                    if n < PURGE_CHUNK as u64 || *stopped.borrow() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "telemetry retention sweep failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            state.metrics.add("ecowatt_telemetry_batches_purged_total", "", total);
+            tracing::info!(count = total, "deleted raw telemetry batches past retention");
+        }
+    }
+    if let Some(keep) = state.settings.rollup_5m_retention {
+        let before = now - keep.as_millis() as i64;
+        let level = crate::telemetry::rollup::Level::Min5;
+        if let Err(e) = state.telemetry.purge_rollups(level, before).await {
+            tracing::warn!(error = %e, "rollup retention sweep failed");
+        }
+    }
+}
+
+/// Raw batches deleted per transaction by the retention sweep.
+const PURGE_CHUNK: i64 = 5_000;
 
 async fn flush_refusals(state: &AppState) {
     if let Err(e) = state.refusals.flush(&state.security_events, crate::now_ms()).await {

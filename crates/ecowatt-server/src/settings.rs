@@ -59,6 +59,10 @@ pub struct SettingsFile {
     pub security_event_retention_days: Option<u32>,
     /// Days audit entries are kept (0: forever).
     pub audit_retention_days: Option<u32>,
+    /// Days raw telemetry batches are kept (0: forever; fractions allowed), default 90.
+    pub telemetry_retention_days: Option<f64>,
+    /// Days 5-minute rollups are kept (0: forever), default 35; hour and day rollups stay.
+    pub rollup_5m_retention_days: Option<u32>,
     /// Telemetry codec versions offered to devices (default `[1, 2]`; 1 is
     /// always among them: a device uploads v1 until it hears an offer).
     pub telemetry_codecs: Option<Vec<u8>>,
@@ -156,6 +160,12 @@ impl SettingsFile {
                 .or(self.max_connections_per_source),
             shutdown_grace_secs: over.shutdown_grace_secs.or(self.shutdown_grace_secs),
             refusals_per_minute: over.refusals_per_minute.or(self.refusals_per_minute),
+            telemetry_retention_days: over
+                .telemetry_retention_days
+                .or(self.telemetry_retention_days),
+            rollup_5m_retention_days: over
+                .rollup_5m_retention_days
+                .or(self.rollup_5m_retention_days),
             security_event_retention_days: over
                 .security_event_retention_days
                 .or(self.security_event_retention_days),
@@ -213,6 +223,10 @@ pub struct Settings {
     pub security_event_retention: Option<Duration>,
     /// How long audit entries are kept (`None`: forever).
     pub audit_retention: Option<Duration>,
+    /// How long raw telemetry batches are kept (`None`: forever).
+    pub telemetry_retention: Option<Duration>,
+    /// How long 5-minute rollups are kept (`None`: forever).
+    pub rollup_5m_retention: Option<Duration>,
     /// Telemetry codecs offered to devices, a bit set (bit `v` = version `v`).
     pub codecs: u8,
     /// How the legacy API behaves.
@@ -336,6 +350,8 @@ pub const DEFAULT_REFUSALS_PER_MINUTE: u32 = 120;
 pub const DEFAULT_SECURITY_EVENT_RETENTION_DAYS: u32 = 30;
 /// Default `audit_retention_days`.
 pub const DEFAULT_AUDIT_RETENTION_DAYS: u32 = 365;
+/// Default `telemetry_retention_days`.
+pub const DEFAULT_TELEMETRY_RETENTION_DAYS: f64 = 90.0;
 
 /// `secs` as a duration, refused outside `range` (seconds) with the key named.
 fn seconds(
@@ -596,6 +612,16 @@ impl Settings {
             audit_retention: days(
                 file.audit_retention_days.unwrap_or(DEFAULT_AUDIT_RETENTION_DAYS),
             ),
+            telemetry_retention: match file.telemetry_retention_days {
+                Some(d) if !(0.0..=36_500.0).contains(&d) => {
+                    return Err(format!("telemetry_retention_days {d} is outside 0..=36500"));
+                }
+                Some(d) if d == 0.0 => None,
+                d => Some(Duration::from_secs_f64(
+                    d.unwrap_or(DEFAULT_TELEMETRY_RETENTION_DAYS) * 86_400.0,
+                )),
+            },
+            rollup_5m_retention: days(file.rollup_5m_retention_days.unwrap_or(35)),
             firmware_keys,
             bind,
             public_url: file.public_url.unwrap_or_else(|| format!("{scheme}://{bind}")),

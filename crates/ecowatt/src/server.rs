@@ -120,6 +120,12 @@ pub struct ServerArgs {
     /// Days audit entries are kept, 0 for ever [default: 365].
     #[arg(long, env = "ECOWATT_AUDIT_RETENTION_DAYS", value_name = "DAYS")]
     audit_retention_days: Option<u32>,
+    /// Days raw telemetry batches are kept (the rollups stay), 0 for ever; fractions allowed [default: 90].
+    #[arg(long, env = "ECOWATT_TELEMETRY_RETENTION_DAYS", value_name = "DAYS")]
+    telemetry_retention_days: Option<f64>,
+    /// Days 5-minute rollups are kept, 0 for ever (hour and day rollups stay) [default: 35].
+    #[arg(long, env = "ECOWATT_ROLLUP_5M_RETENTION_DAYS", value_name = "DAYS")]
+    rollup_5m_retention_days: Option<u32>,
     /// Telemetry codec versions offered to devices, e.g. `1` to keep a fleet on
     /// v1 (1 is always offered) [default: 1,2].
     #[arg(long, env = "ECOWATT_TELEMETRY_CODECS", value_delimiter = ',', value_name = "VERSIONS")]
@@ -160,6 +166,8 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         shutdown_grace_secs: args.shutdown_grace,
         refusals_per_minute: args.refusals_per_minute,
         security_event_retention_days: args.security_event_retention_days,
+        telemetry_retention_days: args.telemetry_retention_days,
+        rollup_5m_retention_days: args.rollup_5m_retention_days,
         audit_retention_days: args.audit_retention_days,
         telemetry_codecs: (!args.telemetry_codecs.is_empty()).then_some(args.telemetry_codecs),
         legacy: None,

@@ -326,7 +326,7 @@ ALTER TABLE devices ADD COLUMN tail_ms BIGINT;
 ALTER TABLE devices ADD COLUMN tail_pac BIGINT;
 ALTER TABLE telemetry_batches ADD COLUMN first_pac BIGINT;
 ALTER TABLE telemetry_batches ADD COLUMN last_pac BIGINT;
-CREATE INDEX telemetry_by_age ON telemetry_batches (last_ms);
+CREATE INDEX telemetry_by_age ON telemetry_batches (received_ms);
 CREATE TABLE telemetry_rollups (
     device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
     level BIGINT NOT NULL,
@@ -376,7 +376,8 @@ CREATE TABLE telemetry_rollups (
     max9 BIGINT,
     sum9 BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (device_id, level, bucket_ms)
-)
+);
+CREATE INDEX telemetry_rollups_by_age ON telemetry_rollups (level, bucket_ms)
 "#,
     ),
 ];

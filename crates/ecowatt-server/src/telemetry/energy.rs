@@ -266,13 +266,15 @@ impl Telemetry {
         Ok(fleet)
     }
 
-    /// Deletes stored batches whose newest sample is before `before_ms`, at
-    /// most `limit` (oldest first), so that a sweep never holds the writer long.
+    /// Deletes stored batches received before `before_ms`, at most `limit`
+    /// (oldest first), so that a sweep never holds the writer long. (By
+    /// arrival, not sample time: a backlog or an import of old samples is
+    /// kept for the whole period too.)
     pub async fn purge_raw(&self, before_ms: i64, limit: i64) -> StoreResult<u64> {
         let mut tx = self.db.write().await?;
         let done = sqlx::query(
             "DELETE FROM telemetry_batches WHERE id IN (SELECT id FROM telemetry_batches \
-             WHERE last_ms < $1 ORDER BY last_ms LIMIT $2)",
+             WHERE received_ms < $1 ORDER BY received_ms LIMIT $2)",
         )
         .bind(before_ms)
         .bind(limit)

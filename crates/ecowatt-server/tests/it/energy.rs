@@ -77,7 +77,12 @@ async fn the_energy_of_a_known_profile_over_a_dst_day_matches_its_integral_on_bo
     let expected = expected_wh(&samples);
     let batches: Vec<&[Sample]> = samples.chunks(60).collect();
     for db in TempDb::each().await {
-        let c = Client::start(&db, false).await;
+        // The day is months ago: keep its 5-minute rollups.
+        let file = ecowatt_server::settings::SettingsFile {
+            rollup_5m_retention_days: Some(0),
+            ..Default::default()
+        };
+        let c = Client::start_tuned(&db, file).await;
         let mut dev = Probe::provision(&c, "roof").await;
         c.ok("PUT", "/api/v1/devices/roof/timezone", Some(json!({"timezone": "Europe/Berlin"})))
             .await;
@@ -237,33 +242,37 @@ async fn the_fleet_view_is_one_request_with_power_now_energy_today_and_groups() 
 }
 
 #[tokio::test]
-async fn retention_removes_exactly_the_raw_batches_older_than_the_limit_on_both_backends() {
+async fn retention_removes_exactly_the_raw_batches_received_before_the_limit_on_both_backends() {
     for db in TempDb::each().await {
         let c = Client::start(&db, false).await;
         let mut dev = Probe::provision(&c, "roof").await;
         let now = ecowatt_formats::time::now_ms() as u64;
-        let day = 86_400_000;
-        // Batches whose newest samples are 120, 91, 89 and 1 days old.
-        let mut seq = 1;
-        for age in [120, 91, 89, 1] {
-            let t = now - age * day;
+        // Four batches received one after the other (samples of four days ago);
+        // the limit falls between the second and the third.
+        let mut cutoff = 0;
+        for k in 0..4u64 {
+            let t = now - (4 - k) * 86_400_000;
             let s: Vec<Sample> = (0..3u64)
-                .map(|i| {
-                    let x = Sample { seq, unix_ms: t - (2 - i) * STEP, values: vec![2300, 1000] };
-                    seq += 1;
-                    x
+                .map(|i| Sample {
+                    seq: k * 3 + i + 1,
+                    unix_ms: t + i * STEP,
+                    values: vec![2300, 1000],
                 })
                 .collect();
             send(&c, &mut dev, &upload(&s)).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            if k == 1 {
+                cutoff = ecowatt_formats::time::now_ms();
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            }
         }
         let t = &c.server.state.telemetry;
-        let cutoff = (now - 90 * day) as i64;
         assert_eq!(t.purge_raw(cutoff, 1).await.unwrap(), 1, "{}: in chunks", db.backend());
         assert_eq!(t.purge_raw(cutoff, 1000).await.unwrap(), 1);
         assert_eq!(t.purge_raw(cutoff, 1000).await.unwrap(), 0);
         let left = t.range("roof", 0, i64::MAX).await.unwrap();
-        let ages: Vec<u64> = left.iter().map(|b| (now - b.last_ms as u64) / day).collect();
-        assert_eq!(ages, [89, 1], "{}", db.backend());
+        let seqs: Vec<(i64, i64)> = left.iter().map(|b| (b.first_seq, b.last_seq)).collect();
+        assert_eq!(seqs, [(7, 9), (10, 12)], "{}", db.backend());
         // The rollups stay: every day still has its samples.
         let v = c.ok("GET", "/api/v1/devices/roof/energy?period=year&from=2020-01-01", None).await;
         let samples: i64 =
@@ -272,4 +281,17 @@ async fn retention_removes_exactly_the_raw_batches_older_than_the_limit_on_both_
         c.server.stop().await;
         db.cleanup().await;
     }
+}
+
+#[test]
+fn retention_settings_are_checked() {
+    use ecowatt_server::settings::{Settings, SettingsFile};
+    let with = |days: Option<f64>| {
+        Settings::resolve(SettingsFile { telemetry_retention_days: days, ..Default::default() })
+            .map(|s| s.telemetry_retention)
+    };
+    assert_eq!(with(None).unwrap(), Some(std::time::Duration::from_secs(90 * 86_400)));
+    assert_eq!(with(Some(0.0)).unwrap(), None);
+    assert_eq!(with(Some(0.5)).unwrap(), Some(std::time::Duration::from_secs(43_200)));
+    assert!(with(Some(-1.0)).unwrap_err().contains("telemetry_retention_days"));
 }

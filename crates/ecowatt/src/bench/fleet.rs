@@ -63,6 +63,10 @@ pub struct FleetArgs {
     /// requests through an MQTT broker (a Mosquitto this bench starts; `--device-broker`).
     #[arg(long, value_enum, default_value = "http")]
     transport: Transport,
+    /// Raw telemetry kept this long by the server (`--telemetry-retention-days`), e.g. 60s:
+    /// with a run longer than it, the data directory's size (printed every 10 s) stays flat.
+    #[arg(long, value_parser = parse_duration)]
+    retention: Option<Duration>,
     /// Newest telemetry codec the devices may use (1, or 2: negotiated with the server).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
     codec: u8,
@@ -120,6 +124,7 @@ pub fn run_curtail(args: CurtailArgs) -> anyhow::Result<()> {
         database: args.database,
         mqtt: None,
         transport: Transport::Http,
+        retention: None,
         codec: 2,
         curtail: Some(CurtailPlan { percent: args.percent }),
     })
@@ -448,6 +453,13 @@ impl Shell {
     }
 }
 
+/// Bytes of the files in `dir` (the SQLite store, its WAL).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
 /// This process's limit on open files (`/proc/self/limits`).
 fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -468,6 +480,10 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
         Transport::Http => None,
     };
     let device_broker = mosquitto.as_ref().map(|m| format!("mqtt://127.0.0.1:{}", m.port));
+    let retention_days = args.retention.map(|r| format!("{}", r.as_secs_f64() / 86_400.0));
+    if let Some(days) = &retention_days {
+        extra.extend(["--telemetry-retention-days", days]);
+    }
     if let Some(url) = &device_broker {
         extra.extend(["--device-broker", url]);
     }
@@ -633,6 +649,18 @@ async fn drive(
     let own_start = proc_usage(&mut own_files);
     let broker_start = broker_files.as_mut().map(proc_usage);
     let measure_start = Instant::now();
+    // The data directory's size every 10 s (SQLite: the store; flat once
+    // retention removes as much as arrives).
+    let sizes: Arc<Mutex<Vec<u64>>> = Arc::default();
+    {
+        let (sizes, dir) = (sizes.clone(), dir.to_path_buf());
+        tokio::spawn(async move {
+            while Instant::now() < deadline {
+                sizes.lock().expect("sizes").push(dir_bytes(&dir));
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+    }
     let mut rng = 0x9E37_79B9u64;
     let gap = Duration::from_secs_f64(1.0 / args.commands_per_sec.max(0.1));
     let mut curtail_lines = Vec::new();
@@ -674,6 +702,8 @@ async fn drive(
     }
     // The last gap (or all of it, with a slow operator) runs to the end.
     tokio::time::sleep_until(deadline.into()).await;
+    let sizes: Vec<String> =
+        sizes.lock().expect("sizes").iter().map(|b| format!("{:.0}", *b as f64 / 1e6)).collect();
     let elapsed = measure_start.elapsed().as_secs_f64();
     let usage_end = proc_usage(&mut proc_files);
     let own_end = proc_usage(&mut own_files);
@@ -703,9 +733,7 @@ async fn drive(
     );
     let cpu = (usage_end.2.saturating_sub(usage_start.2)) as f64 / 100.0 / elapsed * 100.0;
     let own_cpu = (own_end.2.saturating_sub(own_start.2)) as f64 / 100.0 / elapsed * 100.0;
-    let db_bytes: u64 = std::fs::read_dir(dir)
-        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-        .unwrap_or(0);
+    let db_bytes = dir_bytes(dir);
     st.upload_lat_us.sort_unstable();
     st.delivery_lat_us.sort_unstable();
     let worst: Vec<String> =
@@ -722,6 +750,9 @@ async fn drive(
         st.points as f64 / elapsed,
     );
     outln!("Slowest upload per 5 s, ms: {}", worst.join(" "));
+    if args.database.is_none() {
+        outln!("Data directory every 10 s, MB: {}", sizes.join(" "));
+    }
     outln!(
         "Long polls answered: {} ({:.0}/s); commands delivered through them: {}; latency p50 {d50:.1} ms p99 {d99:.1} ms max {dmax:.1} ms",
         st.syncs,
