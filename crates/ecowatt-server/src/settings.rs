@@ -616,7 +616,7 @@ impl Settings {
                 Some(d) if !(0.0..=36_500.0).contains(&d) => {
                     return Err(format!("telemetry_retention_days {d} is outside 0..=36500"));
                 }
-                Some(d) if d == 0.0 => None,
+                Some(0.0) => None,
                 d => Some(Duration::from_secs_f64(
                     d.unwrap_or(DEFAULT_TELEMETRY_RETENTION_DAYS) * 86_400.0,
                 )),
