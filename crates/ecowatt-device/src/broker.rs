@@ -20,8 +20,9 @@ use ecowatt_formats::mqtt::{Tls, parse_url};
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::oneshot;
 
-/// Requests waiting for their answers, by route and correlation.
-type Pending = Arc<Mutex<HashMap<(Route, u64), oneshot::Sender<Answer>>>>;
+/// Requests waiting for their answers, by route and correlation: the
+/// answer, or why none will come (the connection was lost).
+type Pending = Arc<Mutex<HashMap<(Route, u64), oneshot::Sender<Result<Answer, String>>>>>;
 
 /// Longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -155,8 +156,9 @@ impl BrokerNet {
             return Err(Failure::unreachable(format!("MQTT broker: {e}")));
         }
         match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
-            Ok(Ok(a)) if a.status == ok => Ok(a.body),
-            Ok(Ok(a)) => Err(Failure {
+            Ok(Ok(Ok(a))) if a.status == ok => Ok(a.body),
+            Ok(Ok(Err(lost))) => Err(Failure::unreachable(lost)),
+            Ok(Ok(Ok(a))) => Err(Failure {
                 status: Some(a.status),
                 message: format!(
                     "{} over MQTT: {}",
@@ -215,7 +217,7 @@ async fn drive(
                         let waiter =
                             pending.lock().expect("pending lock").remove(&(route, a.correlation));
                         if let Some(w) = waiter {
-                            let _ = w.send(a);
+                            let _ = w.send(Ok(a));
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "device broker: unreadable answer"),
@@ -224,6 +226,13 @@ async fn drive(
             Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
+                // Requests under way get no answer on a new connection (a
+                // long poll would wait out its whole timeout): they fail now
+                // and the machine retries them.
+                let lost: Vec<_> = pending.lock().expect("pending lock").drain().collect();
+                for (_, w) in lost {
+                    let _ = w.send(Err(format!("connection to the MQTT broker lost: {e}")));
+                }
                 if connected {
                     tracing::warn!(error = %e, "device broker: connection lost; reconnecting");
                 } else {

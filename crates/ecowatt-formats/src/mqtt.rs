@@ -112,6 +112,10 @@ impl Topics {
     pub fn readings(&self, device: &str) -> String {
         format!("{}/{device}/readings", self.prefix)
     }
+    /// A device's energy today (retained): `{"today_kwh", "date"}`.
+    pub fn energy(&self, device: &str) -> String {
+        format!("{}/{device}/energy", self.prefix)
+    }
     /// A device's availability (retained).
     pub fn availability(&self, device: &str) -> String {
         format!("{}/{device}/availability", self.prefix)
@@ -263,6 +267,25 @@ pub fn discovery(
     out
 }
 
+/// Home Assistant's energy sensor of a device: kWh of its site's local
+/// day from the server's rollups, `total_increasing` (it returns to 0 at
+/// local midnight, which Home Assistant takes as a new cycle), on the
+/// device's `energy` topic.
+pub fn energy_discovery(t: &Topics, device: &str, availability: &[String]) -> (String, Value) {
+    let id = object_id(device);
+    let mut o = common(t, device, availability);
+    o.insert("state_topic".into(), json!(t.energy(device)));
+    o.insert("name".into(), json!("Energy today"));
+    o.insert("unique_id".into(), json!(format!("{id}_energy_today")));
+    o.insert("object_id".into(), json!(format!("{id}_energy_today")));
+    o.insert("value_template".into(), json!("{{ value_json.today_kwh }}"));
+    o.insert("device_class".into(), json!("energy"));
+    o.insert("state_class".into(), json!("total_increasing"));
+    o.insert("unit_of_measurement".into(), json!("kWh"));
+    o.insert("suggested_display_precision".into(), json!(2));
+    (t.discovery("sensor", device, "energy_today"), Value::Object(o))
+}
+
 /// Largest command payload read.
 pub const MAX_COMMAND_BYTES: usize = 32;
 
@@ -377,6 +400,29 @@ mod tests {
                 assert_eq!(c["value_template"], "{{ value_json.Pow }}");
             }
         }
+    }
+
+    #[test]
+    fn the_energy_sensor_is_a_total_increasing_kwh_meter() {
+        let t = topics();
+        let both = [t.server_availability(), t.availability("roof-1")];
+        let (topic, c) = energy_discovery(&t, "roof-1", &both);
+        assert_eq!(topic, "homeassistant/sensor/ecowatt_roof-1/energy_today/config");
+        // Home Assistant's energy dashboard takes sensors of class energy,
+        // state class total or total_increasing, in Wh or kWh.
+        assert_eq!(
+            (
+                c["device_class"].as_str(),
+                c["state_class"].as_str(),
+                c["unit_of_measurement"].as_str()
+            ),
+            (Some("energy"), Some("total_increasing"), Some("kWh"))
+        );
+        assert_eq!(c["state_topic"], "ecowatt/roof-1/energy");
+        assert_eq!(c["value_template"], "{{ value_json.today_kwh }}");
+        assert_eq!(c["unique_id"], "ecowatt_roof-1_energy_today");
+        assert_eq!(c["availability"][1]["topic"], "ecowatt/roof-1/availability");
+        assert!(c.get("command_topic").is_none());
     }
 
     #[test]

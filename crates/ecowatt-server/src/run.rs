@@ -197,6 +197,7 @@ pub async fn serve(
                 commands: state.commands.clone(),
                 configs: state.configs.clone(),
                 rollouts: state.rollouts.clone(),
+                telemetry: state.telemetry.clone(),
                 metrics: Arc::clone(&state.metrics),
             },
         )

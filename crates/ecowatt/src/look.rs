@@ -248,3 +248,93 @@ pub fn status(conn: &ServerConn, _args: StatusArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `ecowatt energy [DEVICE]`.
+#[derive(clap::Args, Debug)]
+pub struct EnergyArgs {
+    /// Device name; without it, the fleet today (power now, energy today, groups, below peers).
+    device: Option<String>,
+    /// day, month or year.
+    #[arg(long, default_value = "day")]
+    period: String,
+    /// First local date, YYYY-MM-DD [default: this month, this year, or ten years ago].
+    #[arg(long)]
+    from: Option<String>,
+    /// Last local date, included [default: today].
+    #[arg(long)]
+    to: Option<String>,
+    /// The API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Energy of a device per local day, month or year, or the fleet today.
+pub fn energy(conn: &ServerConn, args: EnergyArgs) -> anyhow::Result<()> {
+    let api = conn.connect()?;
+    let Some(device) = &args.device else {
+        let v = api.call("GET", "/api/v1/fleet/energy", None)?;
+        if args.json {
+            outln!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        outln!(
+            "Fleet: {} devices, {} online; power now {:.1} kW; energy today {:.2} kWh",
+            v["devices"],
+            v["online"],
+            v["power_now_w"].as_f64().unwrap_or(0.0) / 1000.0,
+            v["energy_today_kwh"].as_f64().unwrap_or(0.0)
+        );
+        for g in v["groups"].as_array().into_iter().flatten() {
+            outln!(
+                "  group {:<16} {:>4} devices  {:>9.1} kW  {:>10.2} kWh today",
+                g["tag"].as_str().unwrap_or("?"),
+                g["devices"],
+                g["power_now_w"].as_f64().unwrap_or(0.0) / 1000.0,
+                g["energy_today_kwh"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let below = &v["underperforming"];
+        for d in below["devices"].as_array().into_iter().flatten() {
+            outln!(
+                "  below its peers: {} ({:.2} kWh/kW today; median {:.2})",
+                d["device"].as_str().unwrap_or("?"),
+                d["kwh_per_kw"].as_f64().unwrap_or(0.0),
+                below["median_kwh_per_kw"].as_f64().unwrap_or(0.0)
+            );
+        }
+        return Ok(());
+    };
+    let mut path = format!(
+        "/api/v1/devices/{}/energy?period={}",
+        crate::client::segment(device),
+        crate::client::segment(&args.period)
+    );
+    for (k, v) in [("from", &args.from), ("to", &args.to)] {
+        if let Some(v) = v {
+            path.push_str(&format!("&{k}={}", crate::client::segment(v)));
+        }
+    }
+    let v = api.call("GET", &path, None)?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    outln!(
+        "{device}: {} to {} ({}), {:.2} kWh",
+        v["from"].as_str().unwrap_or("?"),
+        v["to"].as_str().unwrap_or("?"),
+        v["timezone"].as_str().unwrap_or("?"),
+        v["total_kwh"].as_f64().unwrap_or(0.0)
+    );
+    for p in v["periods"].as_array().into_iter().flatten() {
+        let missing = p["missing"].as_i64().unwrap_or(0);
+        outln!(
+            "  {:<10} {:>10.2} kWh  {:>7} samples{}",
+            p["period"].as_str().unwrap_or("?"),
+            p["energy_kwh"].as_f64().unwrap_or(0.0),
+            p["samples"],
+            if missing > 0 { format!(", {missing} missing") } else { String::new() }
+        );
+    }
+    Ok(())
+}

@@ -116,6 +116,14 @@ enum Verb {
         #[command(flatten)]
         conn: client::ServerConn,
     },
+    /// Energy from the server's rollups: `energy roof-1 --period month`, or the fleet today
+    /// (power now, energy today, per group, devices below their peers) without a device.
+    Energy {
+        #[command(flatten)]
+        args: look::EnergyArgs,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
     /// The fleet in a few lines: devices online, power now, pending commands,
     /// active rollouts, security events in the last hour.
     Status {
@@ -339,6 +347,7 @@ fn main() -> std::process::ExitCode {
         Verb::Schedule { cmd, conn } => schedule::run(&conn, cmd),
         Verb::Telemetry { args, conn } => look::telemetry(&conn, args),
         Verb::Status { args, conn } => look::status(&conn, args),
+        Verb::Energy { args, conn } => look::energy(&conn, args),
         Verb::Token { cmd, conn } => operator::token(&conn, cmd),
         Verb::Audit { limit, conn } => operator::audit(&conn, limit),
         Verb::Rollout { cmd, conn } => rollout::run(&conn, cmd),

@@ -32,6 +32,16 @@ pub enum DeviceCommand {
         /// Its fail-safe export limit: `40%` or `hold` (docs/export-control.md).
         #[arg(long)]
         failsafe: Option<String>,
+        /// The site's IANA time zone, where its energy days begin, e.g. Europe/Berlin [default: UTC].
+        #[arg(long)]
+        tz: Option<String>,
+    },
+    /// Set the site's IANA time zone (where its energy days begin), e.g. `device timezone roof-1 Europe/Berlin`.
+    Timezone {
+        /// Device name.
+        name: String,
+        /// IANA time zone.
+        tz: String,
     },
     /// List devices: state (online, offline, disabled), firmware, last seen.
     List {
@@ -203,10 +213,13 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
     }
     let api = conn.connect()?;
     match cmd {
-        DeviceCommand::Add { name, rated_power, out, tags, failsafe } => {
+        DeviceCommand::Add { name, rated_power, out, tags, failsafe, tz } => {
             let mut body = json!({"name": name, "rated_power_w": rated_power, "tags": tags});
             if let Some(f) = failsafe {
                 body["failsafe"] = failsafe_value(&f)?;
+            }
+            if let Some(tz) = tz {
+                body["timezone"] = json!(tz);
             }
             let v = api.call("POST", "/api/v1/devices", Some(&body))?;
             let path = write_provisioning(&v, &name, out)?;
@@ -215,6 +228,11 @@ pub fn device(conn: &ServerConn, cmd: DeviceCommand) -> anyhow::Result<()> {
                 "Provisioning file: {} (it holds the device key, shown only now; keep it secret)",
                 path.display()
             );
+        }
+        DeviceCommand::Timezone { name, tz } => {
+            let path = format!("/api/v1/devices/{}/timezone", segment(&name));
+            api.call("PUT", &path, Some(&json!({"timezone": tz})))?;
+            outln!("Device {name}: time zone {tz} (energy days from now on).");
         }
         DeviceCommand::List { json } => {
             let v = api.call("GET", "/api/v1/devices", None)?;

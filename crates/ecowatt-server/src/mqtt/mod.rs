@@ -71,6 +71,8 @@ pub struct Sources {
     pub configs: crate::config::Configs,
     /// Firmware progress shown.
     pub rollouts: crate::firmware::Rollouts,
+    /// Energy today, from the rollups.
+    pub telemetry: crate::telemetry::Telemetry,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -120,6 +122,8 @@ struct Publisher {
     pending: HashSet<crate::news::Changed>,
     /// Changes were missed: publish every device's.
     pending_all: bool,
+    /// Energy today last published per device: (local date, Wh).
+    energy: HashMap<String, (String, f64)>,
 }
 
 impl Publisher {
@@ -186,6 +190,8 @@ impl Publisher {
             }
             self.publish(t.availability(&name), true, Vec::new());
             self.publish(t.state(&name), true, Vec::new());
+            self.publish(t.energy(&name), true, Vec::new());
+            self.energy.remove(&name);
             self.announced.remove(&name);
             self.online.remove(&name);
         }
@@ -215,6 +221,34 @@ impl Publisher {
         if self.online.get(&name) != Some(&true) {
             self.publish(topics.availability(&name), true, b"online".to_vec());
             self.online.insert(name, true);
+        }
+    }
+
+    /// Each device's energy today (its site's local day, from the rollups),
+    /// when it changed: one read for the whole fleet.
+    async fn publish_energy(&mut self) {
+        let now = crate::now_ms();
+        let fleet = match self.sources.telemetry.fleet(now).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT: cannot read energy today");
+                return;
+            }
+        };
+        let topics = self.settings.topics.clone();
+        for d in fleet {
+            let tz = jiff::tz::TimeZone::get(&d.timezone).unwrap_or(jiff::tz::TimeZone::UTC);
+            let date = jiff::Timestamp::from_millisecond(now)
+                .map(|t| t.to_zoned_datetime(tz).date().to_string())
+                .unwrap_or_default();
+            let now_value = (date.clone(), d.today_wh);
+            if self.energy.get(&d.name) == Some(&now_value) {
+                continue;
+            }
+            let kwh = (d.today_wh / 10.0).round() / 100.0;
+            let v = serde_json::json!({"today_kwh": kwh, "date": date});
+            self.json(topics.energy(&d.name), true, &v);
+            self.energy.insert(d.name, now_value);
         }
     }
 
@@ -332,6 +366,7 @@ async fn run(
         dropped_logged: 0,
         pending: HashSet::new(),
         pending_all: false,
+        energy: HashMap::new(),
     };
     let mut tick = tokio::time::interval(RECONCILE);
     // Changes are published at most this often per device (a burst of
@@ -353,6 +388,8 @@ async fn run(
                         tracing::warn!("MQTT: cannot subscribe to export-limit commands");
                     }
                     p.reconcile(true).await;
+                    p.energy.clear();
+                    p.publish_energy().await;
                 }
                 Ok(Event::Incoming(Packet::Publish(msg))) => p.command(&msg.topic, &msg.payload).await,
                 Ok(_) => {}
@@ -387,6 +424,7 @@ async fn run(
             _ = tick.tick() => {
                 if p.connected {
                     p.reconcile(false).await;
+                    p.publish_energy().await;
                 }
             }
             _ = &mut stopping => {

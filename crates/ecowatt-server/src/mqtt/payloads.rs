@@ -16,7 +16,10 @@ use serde_json::{Value, json};
 /// (a queued, audited command).
 pub fn discovery(t: &Topics, device: &str) -> Vec<(String, Value)> {
     let both = [t.server_availability(), t.availability(device)];
-    ecowatt_formats::mqtt::discovery(t, device, &both, true)
+    let mut out = ecowatt_formats::mqtt::discovery(t, device, &both, true);
+    // Energy comes from the server's rollups (a device alone has none).
+    out.push(ecowatt_formats::mqtt::energy_discovery(t, device, &both));
+    out
 }
 
 /// A batch's readings message: the unit of each register, then the samples

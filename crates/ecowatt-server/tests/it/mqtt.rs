@@ -139,7 +139,15 @@ async fn readings_availability_discovery_and_commands_through_the_broker() {
         .keys()
         .filter(|k| k.starts_with(&format!("{discovery}/sensor/ecowatt_roof-1/")))
         .count();
-    assert_eq!(sensors, 9);
+    assert_eq!(sensors, 10, "nine registers and energy today");
+    // Energy today from the rollups, retained, on the device's energy topic.
+    let energy_sensor = format!("{discovery}/sensor/ecowatt_roof-1/energy_today/config");
+    let e = until("the energy sensor's discovery", || last_json(&seen, &energy_sensor)).await;
+    assert_eq!(e["state_class"], "total_increasing");
+    let today =
+        until("energy today", || last_json(&seen, &format!("{prefix}/roof-1/energy"))).await;
+    assert!(today["today_kwh"].as_f64().is_some_and(|k| k >= 0.0), "{today}");
+    assert_eq!(today["date"].as_str().map(str::len), Some(10), "{today}");
 
     // Home Assistant sets the limit: a real command, audited as `mqtt`.
     let (pubc, mut ev) =

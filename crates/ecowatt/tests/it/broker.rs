@@ -173,6 +173,12 @@ fn devices_speak_the_protocol_through_mosquitto_each_on_its_own_topics() {
     wait_for("roof-1's samples", 30, || {
         cli(&["telemetry", "roof-1", "--csv"]).lines().count() >= 2
     });
+    // Energy from the rollups written with them, in the site's time zone.
+    cli(&["device", "timezone", "roof-1", "Europe/Berlin"]);
+    let energy = cli(&["energy", "roof-1"]);
+    assert!(energy.contains("(Europe/Berlin)") && energy.contains("kWh"), "{energy}");
+    let fleet = cli(&["energy"]);
+    assert!(fleet.starts_with("Fleet: 1 devices, 1 online"), "{fleet}");
 
     // A device added later: the files made again, Mosquitto reloaded (SIGHUP), and it connects.
     cli(&["device", "add", "roof-2"]);
