@@ -73,6 +73,10 @@ try {
     await page.fill("#token", token);
     await page.keyboard.press("Enter");
     await page.waitForSelector("text=Fleet (3 devices)");
+    // Fed by one request: the totals over the table, energy per device.
+    const totals = await page.textContent("#fleettotals");
+    assert.match(totals, /Power now [0-9.]+ kW · energy today [0-9.]+ kWh · [0-3] online/, totals);
+    assert.ok((await page.textContent("#fleet")).includes(" kWh"), "energy today per device");
     await page.screenshot({ path: join(shots, "fleet.png"), fullPage: true });
   });
   await step("devices come online with power readings", async () => {
@@ -215,8 +219,14 @@ try {
   });
   await step("readable at phone width (no column behind a scroll), usable by keyboard", async () => {
     await page.setViewportSize({ width: 390, height: 844 });
-    await page.click("text=Fleet");
+    const asked = [];
+    const listen = (r) => { const u = new URL(r.url()); if (u.pathname.startsWith("/api/")) asked.push(u.pathname); };
+    page.on("request", listen);
+    await Promise.all([page.waitForResponse((r) => r.url().endsWith("/api/v1/fleet")), page.click("text=Fleet")]);
     await page.waitForSelector("text=Fleet (3 devices)");
+    await page.waitForTimeout(300);
+    page.off("request", listen);
+    assert.deepEqual(asked, ["/api/v1/fleet"], "the fleet page is one request, not one per device");
     const hidden = await page.$$eval("#fleet tbody tr td", (tds) => tds.filter((td) => {
       const r = td.getBoundingClientRect();
       return r.right > window.innerWidth + 1 || r.left < -1;
@@ -224,7 +234,7 @@ try {
     assert.deepEqual(hidden, [], "cells outside the screen");
     assert.ok(await page.$eval("#fleet", (t) => t.parentElement.scrollWidth <= t.parentElement.clientWidth + 1), "no sideways scroll");
     const shownLabels = await page.$$eval("#fleet tbody tr:first-child td", (tds) => tds.map((td) => getComputedStyle(td, "::before").content));
-    assert.ok(shownLabels.includes('"AC power"') && shownLabels.includes('"Firmware"') && shownLabels.includes('"Alarms"'), shownLabels.join(" "));
+    assert.ok(shownLabels.includes('"AC power"') && shownLabels.includes('"Energy today"') && shownLabels.includes('"Firmware"') && shownLabels.includes('"Alarms"'), shownLabels.join(" "));
     await page.keyboard.press("Tab");
     const focused = await page.evaluate(() => document.activeElement?.tagName);
     assert.ok(["A", "BUTTON"].includes(focused), `Tab focuses a link or button, got ${focused}`);

@@ -298,6 +298,22 @@ pub struct Configs {
 }
 
 impl Configs {
+    /// Every device's desired and reported config versions, by device id.
+    pub async fn versions(
+        &self,
+    ) -> StoreResult<std::collections::HashMap<i64, (i64, Option<i64>)>> {
+        let rows =
+            sqlx::query("SELECT device_id, desired_version, reported_version FROM device_configs")
+                .fetch_all(self.db.reader())
+                .await?;
+        rows.iter()
+            .map(|r| {
+                let versions = (r.try_get("desired_version")?, r.try_get("reported_version")?);
+                Ok((r.try_get("device_id")?, versions))
+            })
+            .collect()
+    }
+
     /// Over `db`.
     pub fn new(db: Db) -> Self {
         Configs { db }

@@ -279,3 +279,68 @@ pub async fn fleet_energy(
         "per_device": per_device,
     })))
 }
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/fleet",
+    operation_id = "fleet_overview",
+    tag = "devices",
+    summary = "The dashboard's fleet page in one request: every device's state, power now, energy today, config versions, firmware and alarms, with the totals",
+    responses((status = 200, description = "{at_ms, devices: n, online, power_now_w, energy_today_kwh, rows: [{name, enabled, online, last_seen_ms, firmware, power_w, energy_today_kwh, desired_version, reported_version, missing_today, dropped, failed_commands}]}", body = serde_json::Value), crate::error::ErrorResponses),
+    security(("bearer" = [])),
+)]
+pub async fn fleet_overview(
+    State(state): State<AppState>,
+    _op: Operator,
+) -> Result<Json<Value>, ApiError> {
+    let now = crate::now_ms();
+    let (devices, energy, versions, failed) = tokio::try_join!(
+        state.devices.list(),
+        state.telemetry.fleet(now),
+        state.configs.versions(),
+        state.commands.failed_by_device(),
+    )?;
+    let dropped = state.telemetry.dropped_by_device().await?;
+    let by_id: std::collections::HashMap<i64, &crate::telemetry::energy::FleetDevice> =
+        energy.iter().map(|d| (d.id, d)).collect();
+    let (mut power, mut today, mut online) = (0i64, 0.0f64, 0usize);
+    let rows: Vec<Value> = devices
+        .iter()
+        .map(|d| {
+            let e = by_id.get(&d.id.0);
+            let is_online =
+                d.enabled && d.last_seen_ms.is_some_and(|s| now - s <= ONLINE_WITHIN_MS);
+            let p = e.and_then(|e| match e.tail {
+                Some((ms, Some(pac))) if now - ms <= ONLINE_WITHIN_MS => Some(pac),
+                _ => None,
+            });
+            let wh = e.map_or(0.0, |e| e.today_wh);
+            power += p.unwrap_or(0);
+            today += wh;
+            online += usize::from(is_online);
+            let (desired, reported) = versions.get(&d.id.0).copied().unwrap_or((0, None));
+            json!({
+                "name": d.name,
+                "enabled": d.enabled,
+                "online": is_online,
+                "last_seen_ms": d.last_seen_ms,
+                "firmware": d.firmware,
+                "power_w": p,
+                "energy_today_kwh": wh / 1000.0,
+                "desired_version": desired,
+                "reported_version": reported,
+                "missing_today": e.map_or(0, |e| e.today_missing),
+                "dropped": dropped.get(&d.id.0).copied().unwrap_or(0),
+                "failed_commands": failed.get(&d.id.0).copied().unwrap_or(0),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "at_ms": now,
+        "devices": rows.len(),
+        "online": online,
+        "power_now_w": power,
+        "energy_today_kwh": today / 1000.0,
+        "rows": rows,
+    })))
+}

@@ -187,6 +187,7 @@ fn routes(body_limit: usize, timeout: std::time::Duration) -> OpenApiRouter<AppS
         .routes(routes!(energy::device_rollups))
         .routes(routes!(energy::set_timezone))
         .routes(routes!(energy::fleet_energy))
+        .routes(routes!(energy::fleet_overview))
         .routes(routes!(config::show, config::update))
         .routes(routes!(config::history))
         .routes(routes!(commands::list_for_device, commands::queue))

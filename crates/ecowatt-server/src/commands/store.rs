@@ -418,6 +418,17 @@ impl Commands {
         Ok(done.rows_affected())
     }
 
+    /// Commands that failed or expired, by device id (the fleet view's alarm).
+    pub async fn failed_by_device(&self) -> StoreResult<std::collections::HashMap<i64, i64>> {
+        let rows = sqlx::query(
+            "SELECT device_id, COUNT(*) AS n FROM commands \
+             WHERE status IN ('failed', 'expired') GROUP BY device_id",
+        )
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("device_id")?, r.try_get("n")?))).collect()
+    }
+
     /// Statistics, for one device or all.
     pub async fn stats(&self, device: Option<&str>) -> StoreResult<CommandStats> {
         let filter = match device {

@@ -147,6 +147,8 @@ pub struct FleetDevice {
     pub today_wh: f64,
     /// Samples of its local today.
     pub today_samples: i64,
+    /// Samples missing from its local today.
+    pub today_missing: i64,
 }
 
 /// A device producing below its peers: its specific yield today (kWh per
@@ -228,6 +230,7 @@ impl Telemetry {
                 tags: Vec::new(),
                 today_wh: 0.0,
                 today_samples: 0,
+                today_missing: 0,
             };
             index.insert(d.id, fleet.len());
             fleet.push(d);
@@ -242,7 +245,7 @@ impl Telemetry {
         }
         // Every zone's today starts within 26 hours before now (UTC-12..+14).
         let days = sqlx::query(
-            "SELECT device_id, bucket_ms, energy_wh, samples FROM telemetry_rollups \
+            "SELECT device_id, bucket_ms, energy_wh, samples, missing FROM telemetry_rollups \
              WHERE level = $1 AND bucket_ms > $2 AND bucket_ms <= $3",
         )
         .bind(Level::Day.code())
@@ -261,9 +264,18 @@ impl Telemetry {
             if r.try_get::<i64, _>("bucket_ms")? == today.0 {
                 d.today_wh += r.try_get::<f64, _>("energy_wh")?;
                 d.today_samples += r.try_get::<i64, _>("samples")?;
+                d.today_missing += r.try_get::<i64, _>("missing")?;
             }
         }
         Ok(fleet)
+    }
+
+    /// Samples each device reported dropping, by device id.
+    pub async fn dropped_by_device(&self) -> StoreResult<std::collections::HashMap<i64, i64>> {
+        let rows = sqlx::query("SELECT id, dropped_total FROM devices WHERE dropped_total > 0")
+            .fetch_all(self.db.reader())
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("dropped_total")?))).collect()
     }
 
     /// Deletes stored batches received before `before_ms`, at most `limit`
@@ -357,6 +369,7 @@ mod tests {
             tags: vec![],
             today_wh,
             today_samples,
+            today_missing: 0,
         };
         let fleet = [
             d("a", 10_000, 40_000.0, 10),

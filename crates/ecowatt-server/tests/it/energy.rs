@@ -233,6 +233,14 @@ async fn the_fleet_view_is_one_request_with_power_now_energy_today_and_groups() 
     assert!(today == 0.0 || (today - want).abs() < 1e-6, "{v}");
     assert_eq!(v["groups"][0]["tag"], "north");
     assert_eq!(v["groups"][0]["power_now_w"], 9300);
+    // The dashboard's fleet page: one request, every device with its alarms.
+    let f = c.ok("GET", "/api/v1/fleet", None).await;
+    assert_eq!((f["devices"].as_i64(), f["online"].as_i64()), (Some(4), Some(4)), "{f}");
+    assert_eq!(f["power_now_w"], 9300);
+    let d = &f["rows"][3];
+    assert_eq!(d["name"], "d");
+    assert_eq!((d["power_w"].as_i64(), d["desired_version"].as_i64()), (Some(300), Some(1)), "{f}");
+    assert_eq!((d["dropped"].as_i64(), d["failed_commands"].as_i64()), (Some(0), Some(0)));
     if today > 0.0 {
         assert_eq!(v["underperforming"]["devices"][0]["device"], "d", "{v}");
         assert_eq!(v["underperforming"]["devices"].as_array().unwrap().len(), 1);

@@ -27,7 +27,9 @@ async fn each(test: impl AsyncFn(&Store, &str)) {
 
 /// An upload of `batch` from a device that has dropped `dropped_total` samples.
 fn upload(batch: &StoredBatch, dropped_total: i64) -> Upload {
-    let decoded = ecowatt_proto::codec::decode(&batch.data).expect("a valid batch");
+    // Some batches here are stand-ins, not decodable: no rollups for them.
+    let decoded = ecowatt_proto::codec::decode(&batch.data)
+        .unwrap_or(ecowatt_proto::codec::Batch { registers: 0, samples: Vec::new() });
     Upload { batch: batch.clone(), decoded: decoded.into(), dropped_total, export_limit: None }
 }
 
