@@ -18,8 +18,7 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ecowatt_formats::broker::{Answer, DeviceTopics, FetchRequest, Route};
-use ecowatt_formats::mqtt::{Broker, Tls};
+use ecowatt_formats::broker::{Answer, FetchRequest, Route};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -31,31 +30,10 @@ use crate::devices::{DeviceId, KeyLookup};
 use crate::error::ApiError;
 use crate::protocol::door::{Answer as Refusal, Refused};
 
-/// Requests handled at once by default (a long poll holds one while it waits).
-pub const DEFAULT_IN_FLIGHT: usize = 20_000;
+pub use crate::settings::{BrokerSettings, DEFAULT_IN_FLIGHT};
+
 /// Longest wait between two connection attempts (from 250 ms, doubling).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// How this server reaches the device broker.
-#[derive(Debug, Clone)]
-pub struct BrokerSettings {
-    /// Address and credentials.
-    pub broker: Broker,
-    /// TLS (`mqtts://`).
-    pub tls: Option<Tls>,
-    /// Client id (unique per server process).
-    pub client_id: String,
-    /// Shared-subscription group of the server processes.
-    pub group: String,
-    /// The transport's topics.
-    pub topics: DeviceTopics,
-    /// Requests handled at once; beyond, `503 busy` at once.
-    pub in_flight: usize,
-    /// Largest request body (as over HTTP).
-    pub body_limit: usize,
-    /// How long a stopping server waits for the requests in hand.
-    pub shutdown_grace: Duration,
-}
 
 fn options(s: &BrokerSettings) -> Result<MqttOptions, String> {
     let mut o = MqttOptions::new(&s.client_id, &s.broker.host, s.broker.port);

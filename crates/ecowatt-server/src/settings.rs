@@ -234,7 +234,7 @@ pub struct Settings {
     /// The MQTT integration, when a broker is given.
     pub mqtt: Option<crate::mqtt::MqttSettings>,
     /// The device protocol over an MQTT broker, when one is given.
-    pub device_broker: Option<crate::broker::BrokerSettings>,
+    pub device_broker: Option<BrokerSettings>,
     /// HTTPS: the certificate in use (reloaded when its files change).
     pub tls: Option<std::sync::Arc<ecowatt_edge::Tls>>,
     /// A plain-HTTP address whose requests are redirected to HTTPS.
@@ -399,6 +399,32 @@ fn mqtt_settings(file: &SettingsFile) -> Result<Option<crate::mqtt::MqttSettings
     }))
 }
 
+/// Device-broker requests handled at once by default (a long poll holds
+/// one while it waits).
+pub const DEFAULT_IN_FLIGHT: usize = 20_000;
+
+/// The device broker (`device_broker`): how this server reaches it
+/// ([`crate::broker`] takes device requests from it).
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Address and credentials.
+    pub broker: crate::mqtt::Broker,
+    /// TLS (`mqtts://`).
+    pub tls: Option<crate::mqtt::Tls>,
+    /// Client id (unique per server process).
+    pub client_id: String,
+    /// Shared-subscription group of the server processes.
+    pub group: String,
+    /// The transport's topics.
+    pub topics: ecowatt_formats::broker::DeviceTopics,
+    /// Requests handled at once; beyond, `503 busy` at once.
+    pub in_flight: usize,
+    /// Largest request body (as over HTTP).
+    pub body_limit: usize,
+    /// How long a stopping server waits for the requests in hand.
+    pub shutdown_grace: Duration,
+}
+
 /// A topic prefix given as `key` (or its default): levels without wildcards.
 fn topic_part(key: &str, v: &Option<String>, default: &str) -> Result<String, String> {
     let v = v.clone().unwrap_or_else(|| default.to_owned());
@@ -411,7 +437,7 @@ fn topic_part(key: &str, v: &Option<String>, default: &str) -> Result<String, St
 fn device_broker_settings(
     file: &SettingsFile,
     body_limit: usize,
-) -> Result<Option<crate::broker::BrokerSettings>, String> {
+) -> Result<Option<BrokerSettings>, String> {
     use ecowatt_formats::broker as b;
     let Some(url) = &file.device_broker else { return Ok(None) };
     let broker = crate::mqtt::parse_url(url).map_err(|e| format!("device_broker: {e}"))?;
@@ -422,7 +448,7 @@ fn device_broker_settings(
         return Err(format!("device_broker_group {group:?} must be one topic level"));
     }
     let prefix = topic_part("device_broker_prefix", &file.device_broker_prefix, b::DEFAULT_PREFIX)?;
-    let in_flight = file.device_broker_in_flight.unwrap_or(crate::broker::DEFAULT_IN_FLIGHT);
+    let in_flight = file.device_broker_in_flight.unwrap_or(DEFAULT_IN_FLIGHT);
     if !(1..=1_000_000).contains(&in_flight) {
         return Err(format!("device_broker_in_flight {in_flight} is outside 1..=1000000"));
     }
@@ -431,7 +457,7 @@ fn device_broker_settings(
         let _ = getrandom::fill(&mut r);
         format!("ecowatt-server-{}-{}", std::process::id(), ecowatt_proto::hex::encode_upper(&r))
     });
-    Ok(Some(crate::broker::BrokerSettings {
+    Ok(Some(BrokerSettings {
         broker,
         tls,
         client_id,

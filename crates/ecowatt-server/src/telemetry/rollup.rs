@@ -172,14 +172,34 @@ pub fn point(mask: u16, sample: &Sample) -> Point {
 pub struct Rollups {
     /// What each bucket gains.
     pub buckets: BTreeMap<Key, Bucket>,
+    /// Each device's local day last found (start, end): a batch's samples
+    /// almost always share it, and finding it in a time zone costs more than
+    /// the rest of a sample's rollup.
+    days: std::collections::HashMap<i64, (i64, i64)>,
 }
 
 impl Rollups {
+    /// The bucket of `level` holding `ms` for `device` in `tz`.
+    fn bounds(&mut self, device: i64, tz: &TimeZone, level: Level, ms: i64) -> (i64, i64) {
+        if level != Level::Day {
+            return level.bounds(tz, ms);
+        }
+        match self.days.get(&device) {
+            Some(&(s, e)) if (s..e).contains(&ms) => (s, e),
+            _ => {
+                let day = level.bounds(tz, ms);
+                self.days.insert(device, day);
+                day
+            }
+        }
+    }
+
     /// A sample's values in its buckets.
     pub fn sample(&mut self, device: i64, tz: &TimeZone, mask: u16, sample: &Sample) {
         let ms = sample.unix_ms as i64;
         for level in Level::ALL {
-            let b = self.buckets.entry((device, level, level.bounds(tz, ms).0)).or_default();
+            let start = self.bounds(device, tz, level, ms).0;
+            let b = self.buckets.entry((device, level, start)).or_default();
             b.samples += 1;
             let present = (0..REGISTERS as u16).filter(|r| mask & (1 << r) != 0);
             for (r, v) in present.zip(&sample.values) {
@@ -203,7 +223,7 @@ impl Rollups {
         };
         if missing > 0 {
             for level in Level::ALL {
-                let key = (device, level, level.bounds(tz, a.ms).0);
+                let key = (device, level, self.bounds(device, tz, level, a.ms).0);
                 self.buckets.entry(key).or_default().missing += missing;
             }
         }
@@ -213,7 +233,7 @@ impl Rollups {
         for level in Level::ALL {
             let mut t = a.ms;
             while t < b.ms {
-                let (start, end) = level.bounds(tz, t);
+                let (start, end) = self.bounds(device, tz, level, t);
                 let until = end.min(b.ms);
                 let wh = (at(t) + at(until)) / 2.0 * (until - t) as f64 / 3_600_000.0;
                 let bucket = self.buckets.entry((device, level, start)).or_default();
