@@ -3,14 +3,13 @@
 //! retry that grew, and a batch arriving late), integrates to within 0.1 %
 //! of its integral; the fleet view; raw-batch retention; bad requests.
 
-use ecowatt_proto::codec::{self, Sample};
-use ecowatt_proto::messages::TelemetryUpload;
+use ecowatt_proto::codec::Sample;
 use ecowatt_testkit::server::TempDb;
 use serde_json::json;
 
 use crate::api::Client;
 use crate::protocol::Probe;
-use crate::telemetry::send;
+use crate::telemetry::{send, upload};
 
 /// Europe/Berlin's 2026-03-29: 00:00 local is 23:00 UTC the day before; clocks
 /// jump from 02:00 to 03:00, so the day has 23 hours.
@@ -59,16 +58,6 @@ fn expected_wh(samples: &[Sample]) -> f64 {
         sum / 3_600_000.0
     };
     integral(first, gap_from) + integral(gap_to, last)
-}
-
-fn upload(samples: &[Sample]) -> TelemetryUpload {
-    TelemetryUpload {
-        first_seq: samples[0].seq,
-        count: samples.len() as u16,
-        dropped_total: 0,
-        codec: codec::CODEC_V1,
-        batch: codec::encode(0x0201, samples).unwrap(),
-    }
 }
 
 #[tokio::test]

@@ -14,7 +14,8 @@ fn samples(seqs: std::ops::RangeInclusive<u64>, t0: u64, base: u16) -> Vec<Sampl
         .collect()
 }
 
-fn upload(samples: &[Sample]) -> TelemetryUpload {
+/// An upload of `samples` (registers Vac1 and Pac, codec v1).
+pub fn upload(samples: &[Sample]) -> TelemetryUpload {
     TelemetryUpload {
         first_seq: samples[0].seq,
         count: samples.len() as u16,
