@@ -35,7 +35,7 @@ pub use crate::settings::{BrokerSettings, DEFAULT_IN_FLIGHT};
 /// Longest wait between two connection attempts (from 250 ms, doubling).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-fn options(s: &BrokerSettings) -> Result<MqttOptions, String> {
+fn options(s: &BrokerSettings, body_limit: usize) -> Result<MqttOptions, String> {
     let mut o = MqttOptions::new(&s.client_id, &s.broker.host, s.broker.port);
     if let Some(tls) = &s.tls {
         o.set_transport(tls.transport()?);
@@ -44,7 +44,7 @@ fn options(s: &BrokerSettings) -> Result<MqttOptions, String> {
     o.set_clean_start(true);
     // Larger than any request the server takes, so that an oversized one is
     // refused here (413) instead of breaking the connection.
-    let max = (s.body_limit as u32).max(ecowatt_formats::broker::MAX_PACKET) + 1024;
+    let max = (body_limit as u32).max(ecowatt_formats::broker::MAX_PACKET) + 1024;
     o.set_max_packet_size(Some(max));
     o.set_request_channel_capacity(4096);
     // Answers are small and each awaited: no waiting for Nagle.
@@ -63,7 +63,7 @@ pub fn start(settings: BrokerSettings, state: AppState) -> tokio::task::JoinHand
 }
 
 async fn run(settings: BrokerSettings, state: AppState) {
-    let options = match options(&settings) {
+    let options = match options(&settings, state.settings.body_limit) {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(error = %e, "device broker: cannot be used; the device protocol is served over HTTP only");
@@ -109,7 +109,7 @@ async fn run(settings: BrokerSettings, state: AppState) {
                 if phase == Phase::Running {
                     // No new requests; the long polls held are answered at
                     // once (their handlers see the stop) and sent.
-                    phase = Phase::Draining(now + settings.shutdown_grace);
+                    phase = Phase::Draining(now + state.settings.limits.shutdown_grace);
                     let _ = client.try_unsubscribe(shared.clone());
                 }
                 continue;
@@ -192,7 +192,7 @@ fn take(
     let label = format!("route=\"{}\"", route.name());
     state.metrics.inc("ecowatt_device_broker_requests_total", label);
     let slot = slots.clone().try_acquire_owned();
-    let limit = settings.body_limit;
+    let limit = state.settings.body_limit;
     tokio::spawn(async move {
         let answer = match slot {
             Ok(_slot) => answer(&state, &device, route, p.payload, limit).await,

@@ -417,12 +417,10 @@ pub struct BrokerSettings {
     pub group: String,
     /// The transport's topics.
     pub topics: ecowatt_formats::broker::DeviceTopics,
-    /// Requests handled at once; beyond, `503 busy` at once.
+    /// Requests handled at once; beyond, `503 busy` at once. (Its body
+    /// limit and shutdown grace are the HTTP listener's: `body_limit`,
+    /// `limits.shutdown_grace`.)
     pub in_flight: usize,
-    /// Largest request body (as over HTTP).
-    pub body_limit: usize,
-    /// How long a stopping server waits for the requests in hand.
-    pub shutdown_grace: Duration,
 }
 
 /// A topic prefix given as `key` (or its default): levels without wildcards.
@@ -434,10 +432,7 @@ fn topic_part(key: &str, v: &Option<String>, default: &str) -> Result<String, St
     Ok(v)
 }
 
-fn device_broker_settings(
-    file: &SettingsFile,
-    body_limit: usize,
-) -> Result<Option<BrokerSettings>, String> {
+fn device_broker_settings(file: &SettingsFile) -> Result<Option<BrokerSettings>, String> {
     use ecowatt_formats::broker as b;
     let Some(url) = &file.device_broker else { return Ok(None) };
     let broker = crate::mqtt::parse_url(url).map_err(|e| format!("device_broker: {e}"))?;
@@ -464,11 +459,6 @@ fn device_broker_settings(
         group,
         topics: b::DeviceTopics { prefix },
         in_flight,
-        body_limit,
-        shutdown_grace: file
-            .shutdown_grace_secs
-            .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
-            .unwrap_or(ecowatt_edge::Limits::default().shutdown_grace),
     }))
 }
 
@@ -555,10 +545,7 @@ impl Settings {
     /// Fills in defaults.
     pub fn resolve(file: SettingsFile) -> Result<Settings, String> {
         let mqtt = mqtt_settings(&file)?;
-        let device_broker = device_broker_settings(
-            &file,
-            file.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT).clamp(1024, 64 * 1024 * 1024),
-        )?;
+        let device_broker = device_broker_settings(&file)?;
         let tls = tls_settings(&file)?;
         let data_dir = file.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let acme = acme_settings(&file, &data_dir)?;

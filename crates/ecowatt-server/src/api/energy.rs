@@ -14,7 +14,7 @@ use super::{AppState, Operator};
 use crate::domain::Invalid;
 use crate::error::ApiError;
 use crate::telemetry::energy::{Period, by_period, level_for, underperforming};
-use crate::telemetry::read::{MAX_POINTS, ONLINE_WITHIN_MS, engineering, registers};
+use crate::telemetry::read::{MAX_POINTS, ONLINE_WITHIN_MS, engineering, registers, time_bound};
 use crate::telemetry::rollup::Level;
 
 /// Most local days one energy request spans.
@@ -124,8 +124,8 @@ pub async fn device_rollups(
 ) -> Result<Json<Value>, ApiError> {
     let (id, _, _) = state.telemetry.zone_of(&name).await?;
     let now = crate::now_ms();
-    let to = q.to_ms.unwrap_or(now);
-    let from = q.from_ms.unwrap_or(to - 365 * 86_400_000);
+    let to = time_bound("to_ms", q.to_ms)?.unwrap_or(now);
+    let from = time_bound("from_ms", q.from_ms)?.unwrap_or((to - 365 * 86_400_000).max(0));
     if from > to {
         return Err(Invalid::new("from_ms", "must not be after to_ms").into());
     }
@@ -234,15 +234,11 @@ pub async fn fleet_energy(
 ) -> Result<Json<Value>, ApiError> {
     let now = crate::now_ms();
     let fleet = state.telemetry.fleet(now).await?;
-    let power_of = |d: &crate::telemetry::energy::FleetDevice| match d.tail {
-        Some((ms, Some(pac))) if now - ms <= ONLINE_WITHIN_MS => Some(pac),
-        _ => None,
-    };
     let mut groups: std::collections::BTreeMap<&str, (i64, f64, usize)> = Default::default();
     let (mut power, mut energy, mut online) = (0i64, 0.0f64, 0usize);
     let mut per_device = Vec::with_capacity(fleet.len());
     for d in &fleet {
-        let p = power_of(d);
+        let p = d.power_now(now);
         power += p.unwrap_or(0);
         energy += d.today_wh;
         online += usize::from(p.is_some());
@@ -310,10 +306,7 @@ pub async fn fleet_overview(
             let e = by_id.get(&d.id.0);
             let is_online =
                 d.enabled && d.last_seen_ms.is_some_and(|s| now - s <= ONLINE_WITHIN_MS);
-            let p = e.and_then(|e| match e.tail {
-                Some((ms, Some(pac))) if now - ms <= ONLINE_WITHIN_MS => Some(pac),
-                _ => None,
-            });
+            let p = e.and_then(|e| e.power_now(now));
             let wh = e.map_or(0.0, |e| e.today_wh);
             power += p.unwrap_or(0);
             today += wh;

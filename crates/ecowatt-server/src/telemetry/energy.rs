@@ -151,6 +151,17 @@ pub struct FleetDevice {
     pub today_missing: i64,
 }
 
+impl FleetDevice {
+    /// Its AC power now: its newest sample's, if taken within
+    /// [`super::read::ONLINE_WITHIN_MS`] of `now`.
+    pub fn power_now(&self, now: i64) -> Option<i64> {
+        match self.tail {
+            Some((ms, Some(pac))) if now - ms <= super::read::ONLINE_WITHIN_MS => Some(pac),
+            _ => None,
+        }
+    }
+}
+
 /// A device producing below its peers: its specific yield today (kWh per
 /// kW rated) under half the median of the devices that reported today.
 pub const UNDERPERFORMING_SHARE: f64 = 0.5;

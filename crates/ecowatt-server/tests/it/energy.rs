@@ -178,6 +178,8 @@ async fn bad_energy_requests_get_clear_errors() {
         ("/api/v1/devices/roof/rollups?max_points=0", 400, "invalid_field"),
         ("/api/v1/devices/roof/rollups?level=1w", 400, "invalid_field"),
         ("/api/v1/devices/roof/rollups?from_ms=10&to_ms=5", 400, "invalid_field"),
+        ("/api/v1/devices/roof/rollups?to_ms=999999999999999999", 400, "invalid_field"),
+        ("/api/v1/devices/roof/rollups?from_ms=-1", 400, "invalid_field"),
     ];
     for (path, status, code) in cases {
         let (s, body) = c.call("GET", path, None).await;
