@@ -294,3 +294,155 @@ fn retention_settings_are_checked() {
     assert_eq!(with(Some(0.5)).unwrap(), Some(std::time::Duration::from_secs(43_200)));
     assert!(with(Some(-1.0)).unwrap_err().contains("telemetry_retention_days"));
 }
+
+/// The views Grafana reads (docs/grafana.md) say what the API says, on both
+/// backends; on PostgreSQL every query of the ready dashboard
+/// (docs/grafana/ecowatt-dashboard.json) runs as a role granted the views
+/// and nothing else, which cannot read the devices' keys.
+#[tokio::test]
+async fn the_grafana_views_match_the_api_and_the_dashboard_runs_on_the_views_alone() {
+    use sqlx::{Connection, Row};
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../../docs/grafana/ecowatt-dashboard.json"))
+            .unwrap();
+    sqlx::any::install_default_drivers();
+    for db in TempDb::each().await {
+        let b = db.backend();
+        let c = Client::start(&db, false).await;
+        let mut dev = Probe::provision(&c, "roof").await;
+        c.ok("PUT", "/api/v1/devices/roof/timezone", Some(json!({"timezone": "Europe/Berlin"})))
+            .await;
+        // Two hours at 5 s, ending ten minutes ago.
+        let now = ecowatt_formats::time::now_ms() as u64;
+        let start = (now - 7_800_000) / STEP * STEP;
+        let samples: Vec<Sample> = (0..1_440u64)
+            .map(|i| Sample {
+                seq: i + 1,
+                unix_ms: start + i * STEP,
+                values: vec![2300 + (i % 7) as u16, 1000 + (i % 600) as u16],
+            })
+            .collect();
+        for chunk in samples.chunks(60) {
+            send(&c, &mut dev, &upload(chunk)).await.unwrap();
+        }
+        let api = c.ok("GET", "/api/v1/devices/roof/energy?from=2026-01-01", None).await;
+        let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+        let days = sqlx::query(
+            "SELECT CAST(day AS TEXT) AS day, energy_kwh, samples FROM energy_daily \
+             WHERE device = 'roof' ORDER BY time",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let periods = api["periods"].as_array().unwrap();
+        assert_eq!(days.len(), periods.len(), "{b}: {api}");
+        for (row, p) in days.iter().zip(periods) {
+            assert_eq!(row.get::<String, _>("day"), p["period"].as_str().unwrap(), "{b}");
+            let kwh: f64 = row.get("energy_kwh");
+            assert!((kwh - p["energy_kwh"].as_f64().unwrap()).abs() < 1e-9, "{b}: {kwh} {p}");
+        }
+        let hours = sqlx::query(
+            "SELECT bucket_ms, samples, pac_w, vac1_v FROM rollups_1h WHERE device = 'roof' ORDER BY time",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let path = format!(
+            "/api/v1/devices/roof/rollups?level=1h&registers=Pac,Vac1&from_ms={start}&to_ms={now}"
+        );
+        let r = c.ok("GET", &path, None).await;
+        let points = r["points"].as_array().unwrap();
+        assert_eq!(hours.len(), points.len(), "{b}: {r}");
+        for (row, p) in hours.iter().zip(points) {
+            assert_eq!(row.get::<i64, _>("bucket_ms"), p["t"].as_i64().unwrap(), "{b}");
+            assert_eq!(row.get::<i64, _>("samples"), p["samples"].as_i64().unwrap(), "{b}");
+            let (pac, vac): (f64, f64) = (row.get("pac_w"), row.get("vac1_v"));
+            // The API rounds to a thousandth of the unit.
+            assert!((pac - p["mean"][0].as_f64().unwrap()).abs() <= 0.0005, "{b}: {pac} {p}");
+            assert!((vac - p["mean"][1].as_f64().unwrap()).abs() <= 0.0005, "{b}: {vac} {p}");
+            assert!((230.0..231.0).contains(&vac), "{b}: volts, not tenths: {vac}");
+        }
+        let fives: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM rollups_5m WHERE device = 'roof'")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+                .get("n");
+        assert!((24..=25).contains(&fives), "{b}: two hours in 5-minute buckets: {fives}");
+        conn.close().await.unwrap();
+        if b == "postgres" {
+            // The dashboard's default range: the last 7 days.
+            dashboard_runs_as_a_grafana_role(&db.url, &dashboard, now - 7 * 86_400_000, now).await;
+        }
+        c.server.stop().await;
+        db.cleanup().await;
+    }
+}
+
+/// Every query of `dashboard` (panels and variables, Grafana's macros filled
+/// in as Grafana would) runs as a role with only docs/grafana.md's grants;
+/// the devices table stays closed to it.
+async fn dashboard_runs_as_a_grafana_role(
+    url: &str,
+    dashboard: &serde_json::Value,
+    from_ms: u64,
+    to_ms: u64,
+) {
+    use sqlx::Connection;
+    use sqlx::postgres::{PgConnectOptions, PgConnection};
+    let database = url.rsplit('/').next().unwrap().to_owned();
+    let role = format!("grafana_{database}");
+    let mut admin = PgConnection::connect(url).await.unwrap();
+    for grant in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT ON rollups_5m, rollups_1h, energy_daily TO {role}"),
+    ] {
+        sqlx::query(&grant).execute(&mut admin).await.unwrap();
+    }
+    let options: PgConnectOptions = url.parse::<PgConnectOptions>().unwrap().username(&role);
+    let mut grafana = PgConnection::connect_with(&options).await.unwrap();
+    let fill = |sql: &str| {
+        sql.replace(
+            "$__timeFilter(time)",
+            &format!(
+                "time BETWEEN to_timestamp({}) AND to_timestamp({})",
+                from_ms / 1000,
+                to_ms / 1000 + 1
+            ),
+        )
+        .replace("$device", "'roof'")
+    };
+    let mut queries: Vec<String> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["query"].as_str().unwrap().to_owned())
+        .collect();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            queries.push(t["rawSql"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(queries.len() >= 10, "{queries:?}");
+    for q in &queries {
+        let rows = sqlx::query(&fill(q))
+            .fetch_all(&mut grafana)
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+        if q.contains("$__timeFilter") || q.contains("DISTINCT device") {
+            assert!(!rows.is_empty(), "no rows: {q}");
+        }
+    }
+    let keys = sqlx::query("SELECT device_key FROM devices").fetch_all(&mut grafana).await;
+    assert!(
+        keys.is_err_and(|e| e.to_string().contains("permission denied")),
+        "the role reads the devices' keys"
+    );
+    grafana.close().await.unwrap();
+    for drop in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        // The role owns nothing; its grants go with DROP OWNED.
+        sqlx::query(&drop).execute(&mut admin).await.unwrap();
+    }
+    admin.close().await.unwrap();
+}
