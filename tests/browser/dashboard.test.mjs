@@ -5,7 +5,8 @@
 // feeder and release it, set a schedule (one refused) and see the device run it, phone width;
 // no console errors on any page (a favicon is served), a chosen image survives refreshes, the
 // Commands page shows a result as it happens (by long poll), the chart names its axis with a unit,
-// the audit log reads as fields, and at phone width no fleet column hides behind a scroll.
+// the audit log reads as fields, the charts are the vendored uPlot (zoom by drag, a year from
+// the rollups, the month's daily yield as bars), and at phone width no fleet column hides behind a scroll.
 // Then HTTPS: a server with a certificate from `ecowatt tls init` (a private CA), which
 // Chromium trusts by its key alone: log in over HTTPS with HSTS, plain HTTP to that port
 // refused, and the login warning when a token would cross the network in clear.
@@ -94,6 +95,54 @@ try {
     await page.mouse.move(box.x + box.width * 0.8, box.y + box.height / 2);
     await page.waitForSelector("#tip:has-text(' W')");
     await page.screenshot({ path: join(shots, "device.png"), fullPage: true });
+  });
+  await step("the charts are uPlot, served by this server; nothing comes from elsewhere", async () => {
+    assert.ok(requests.some((u) => u === `${base.replace(/\/$/, "")}/dashboard/uplot-1.6.32.min.js`), "the vendored uPlot was loaded");
+    const foreign = requests.filter((u) => !u.startsWith(base.replace(/\/$/, "")) && !u.startsWith("data:") && !u.startsWith("blob:"));
+    assert.deepEqual(foreign, [], "requests to other origins");
+    assert.ok(await page.$("#chart .uplot canvas"), "the register chart is a uPlot chart");
+  });
+  await step("the daily yield of the month as bars, with its total and a tooltip", async () => {
+    await page.waitForFunction(() => /^Daily yield in kWh: [1-9]\d* days? with data in \d{4}-\d{2}, [0-9.]+ kWh in all/.test(document.querySelector("#yield")?.getAttribute("aria-label") || ""));
+    const label = await page.getAttribute("#yield", "aria-label");
+    const total = Number(label.match(/, ([0-9.]+) kWh in all/)[1]);
+    assert.ok(total > 0, label);
+    // The same energy the fleet page shows for today (the demo began today), to the rounding of both.
+    const fleet = await page.evaluate(async () => (await fetch("/api/v1/fleet", { headers: { Authorization: "Bearer " + sessionStorage.getItem("ecowatt.token") } })).json());
+    const today = fleet.rows.find((r) => r.name === "inverter-1").energy_today_kwh;
+    assert.ok(Math.abs(today - total) <= Math.max(0.002, today * 0.2), `yield ${total} against fleet today ${today}`);
+    const day = new Date().getDate();
+    await page.locator("#yield").scrollIntoViewIfNeeded();
+    const box = await page.locator("#yield .u-over").boundingBox();
+    const daysInMonth = new Date(new Date().getFullYear(), new Date().getMonth() + 1, 0).getDate();
+    await page.mouse.move(box.x + box.width * (day - 0.5) / daysInMonth, box.y + box.height - 3);
+    await page.waitForSelector("#yieldtip:has-text(' kWh')");
+    assert.match(await page.textContent("#yieldtip"), new RegExp(`-${String(day).padStart(2, "0")} · [0-9.]+ kWh`));
+  });
+  await step("the chart zooms by dragging (fetching the finer data) and back; a year comes from the rollups", async () => {
+    const before = requests.length;
+    await page.locator("#chart").scrollIntoViewIfNeeded();
+    const over = await page.locator("#chart .u-over").boundingBox();
+    await page.mouse.move(over.x + over.width * 0.55, over.y + over.height / 2);
+    await page.mouse.down();
+    await page.mouse.move(over.x + over.width * 0.75, over.y + over.height / 2, { steps: 5 });
+    await page.mouse.up();
+    await page.waitForSelector("#zoomreset:not([hidden])");
+    // (The page's refresh asks for the whole hour meanwhile.)
+    const spans = requests.slice(before).filter((u) => u.includes("/inverter-1/telemetry?")).map((u) => {
+      const q = new URL(u).searchParams;
+      return Number(q.get("to_ms")) - Number(q.get("from_ms"));
+    });
+    assert.ok(spans.some((s) => s > 5 * 60000 && s < 20 * 60000), `a fifth of the hour fetched: ${spans}`);
+    await page.click("#zoomreset");
+    await page.waitForSelector("#zoomreset[hidden]", { state: "attached" });
+    await page.selectOption("#range", { label: "1 year" });
+    await page.waitForFunction(() => /^AC output power in W, (5-minute|hourly|daily) means: \d+ points?/.test(document.querySelector("#chart")?.getAttribute("aria-label") || ""));
+    assert.match(await page.getAttribute("#chart", "aria-label"), /daily means/, "a year at daily buckets");
+    assert.ok(requests.some((u) => /\/inverter-1\/rollups\?.*max_points=1000/.test(u)), "from the rollups");
+    await page.screenshot({ path: join(shots, "device-year.png"), fullPage: true });
+    await page.selectOption("#range", { label: "1 hour" });
+    await page.waitForFunction(() => /^AC output power in W: \d+ points/.test(document.querySelector("#chart")?.getAttribute("aria-label") || ""));
   });
   await step("a config change is applied by the device", async () => {
     await page.fill("#poll", "2");

@@ -93,6 +93,33 @@ pub async fn dashboard() -> impl axum::response::IntoResponse {
     )
 }
 
+/// The version of the charting library the dashboard uses (vendor/uplot).
+pub const UPLOT_VERSION: &str = "1.6.32";
+
+/// The vendored uPlot script (`/dashboard/uplot-1.6.32.min.js`): the
+/// dashboard's charts, served from here, cached for a year (its name
+/// changes with its version).
+pub async fn uplot_js() -> impl axum::response::IntoResponse {
+    vendored("text/javascript; charset=utf-8", include_str!("vendor/uplot/uPlot.iife.min.js"))
+}
+
+/// The vendored uPlot style sheet (`/dashboard/uplot-1.6.32.min.css`).
+pub async fn uplot_css() -> impl axum::response::IntoResponse {
+    vendored("text/css; charset=utf-8", include_str!("vendor/uplot/uPlot.min.css"))
+}
+
+fn vendored(kind: &'static str, body: &'static str) -> impl axum::response::IntoResponse {
+    use axum::http::header;
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+}
+
 /// The dashboard's icon (a sun over a panel), for `/favicon.svg` and the
 /// `/favicon.ico` browsers ask for on their own: a page load logs no error.
 pub async fn favicon() -> impl axum::response::IntoResponse {

@@ -237,6 +237,8 @@ pub fn app(state: AppState) -> Router {
     let pages = Router::new()
         .route("/", get(docs::dashboard))
         .route("/dashboard", get(docs::dashboard))
+        .route(&format!("/dashboard/uplot-{}.min.js", docs::UPLOT_VERSION), get(docs::uplot_js))
+        .route(&format!("/dashboard/uplot-{}.min.css", docs::UPLOT_VERSION), get(docs::uplot_css))
         .route("/favicon.svg", get(docs::favicon))
         .route("/favicon.ico", get(docs::favicon))
         .route("/api/openapi.json", get(docs::openapi))
