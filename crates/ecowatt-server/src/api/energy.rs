@@ -13,12 +13,15 @@ use super::json::{ApiJson, Path, Query};
 use super::{AppState, Operator};
 use crate::domain::Invalid;
 use crate::error::ApiError;
-use crate::telemetry::energy::{Period, by_period, level_for, underperforming};
+use crate::telemetry::energy::{Period, by_period, level_for, step_for, underperforming, width_of};
 use crate::telemetry::read::{MAX_POINTS, ONLINE_WITHIN_MS, engineering, registers, time_bound};
 use crate::telemetry::rollup::Level;
 
 /// Most local days one energy request spans.
 pub const MAX_DAYS: i64 = 3_700;
+
+/// Most rollup buckets one `/rollups` request reads (then merged into its points).
+pub const MAX_BUCKETS: i64 = 120_000;
 
 #[derive(Deserialize, utoipa::IntoParams)]
 pub struct EnergyQuery {
@@ -80,7 +83,7 @@ pub async fn device_energy(
         d.to_zoned_datetime(tz.clone()).map(|z| z.timestamp().as_millisecond()).unwrap_or(0)
     };
     let end = to.tomorrow().map(start).unwrap_or(i64::MAX);
-    let rows = state.telemetry.rollups(id, Level::Day, start(from), end).await?;
+    let rows = state.telemetry.rollups(id, Level::Day, start(from), end, &[]).await?;
     let periods = by_period(&rows, &tz, period);
     let total: f64 = periods.iter().map(|p| p.energy_kwh).sum();
     Ok(Json(json!({
@@ -100,9 +103,11 @@ pub struct RollupQuery {
     to_ms: Option<i64>,
     /// Registers by name or address, e.g. `Pac,Vac1` (default: all).
     registers: Option<String>,
-    /// At most this many points (default 1,000): picks the level.
+    /// At most this many points (default 1,000): picks the finest level
+    /// that fits with at most 8 buckets merged into a point.
     max_points: Option<usize>,
-    /// `5m`, `1h` or `1d` instead of the level that fits.
+    /// `5m`, `1h` or `1d` instead of the level that fits (its buckets are
+    /// still merged to fit `max_points`).
     level: Option<String>,
 }
 
@@ -111,9 +116,9 @@ pub struct RollupQuery {
     path = "/api/v1/devices/{name}/rollups",
     operation_id = "energy_rollups",
     tag = "telemetry",
-    summary = "A long range from the rollups: per bucket energy and each register's mean, min, max (level fits max_points)",
+    summary = "A long range from the rollups: per point energy and each register's mean, min, max (the finest level that fits max_points, buckets merged into points of step_ms)",
     params(("name" = String, Path, description = "Device name"), RollupQuery),
-    responses((status = 200, description = "{device, level, registers, points: [{t, energy_wh, samples, missing, mean, min, max}]}", body = serde_json::Value), crate::error::ErrorResponses),
+    responses((status = 200, description = "{device, level, step_ms, registers, points: [{t, energy_wh, samples, missing, mean, min, max}]}", body = serde_json::Value), crate::error::ErrorResponses),
     security(("bearer" = [])),
 )]
 pub async fn device_rollups(
@@ -134,24 +139,28 @@ pub async fn device_rollups(
         let message = format!("{max_points} is outside 1..={MAX_POINTS}");
         return Err(Invalid::new("max_points", message).into());
     }
+    let min5_since = state.settings.rollup_5m_retention.map(|keep| now - keep.as_millis() as i64);
     let level = match q.level.as_deref() {
-        None => level_for(from, to, max_points),
+        None => level_for(from, to, max_points, min5_since),
         Some(l) => Level::ALL
             .into_iter()
             .find(|x| x.name() == l)
             .ok_or_else(|| Invalid::new("level", format!("{l:?} is not 5m, 1h or 1d")))?,
     };
     let wanted = registers(q.registers.as_deref())?;
-    // Buckets that start before `from` but reach into it count too.
-    let rows = state.telemetry.rollups(id, level, from - 86_400_000 - 3_600_000, to + 1).await?;
-    let width = match level {
-        Level::Min5 => 300_000,
-        Level::Hour => 3_600_000,
-        Level::Day => 90_000_000,
-    };
+    // Buckets that start before `from` but reach into it count too (a local
+    // day lasts up to 25 hours).
+    let reach = if level == Level::Day { 25 * 3_600_000 } else { width_of(level) };
+    if (to - from) / width_of(level) > MAX_BUCKETS {
+        let message =
+            format!("more than {MAX_BUCKETS} {} buckets: ask for a coarser level", level.name());
+        return Err(Invalid::new("level", message).into());
+    }
+    let step = step_for(level, from, to, max_points);
+    let rows =
+        state.telemetry.rollup_points(id, level, (from, to + 1, reach), step, &wanted).await?;
     let points: Vec<Value> = rows
         .iter()
-        .filter(|r| r.bucket_ms + width > from)
         .map(|r| {
             let stat = |f: &dyn Fn(&crate::telemetry::rollup::RegStat) -> f64| -> Vec<Value> {
                 wanted
@@ -183,6 +192,7 @@ pub async fn device_rollups(
     Ok(Json(json!({
         "device": name,
         "level": level.name(),
+        "step_ms": step,
         "from_ms": from,
         "to_ms": to,
         "registers": regs,

@@ -8,6 +8,7 @@ pub(crate) mod device;
 mod devices;
 mod docs;
 mod energy;
+mod export;
 pub mod firmware;
 pub(crate) mod json;
 mod legacy;
@@ -185,6 +186,7 @@ fn routes(body_limit: usize, timeout: std::time::Duration) -> OpenApiRouter<AppS
         .routes(routes!(devices::broker_accounts))
         .routes(routes!(energy::device_energy))
         .routes(routes!(energy::device_rollups))
+        .routes(routes!(export::export))
         .routes(routes!(energy::set_timezone))
         .routes(routes!(energy::fleet_energy))
         .routes(routes!(energy::fleet_overview))

@@ -3,6 +3,7 @@
 //! in group commits ([`ingest`]) and decoded on read ([`read`]).
 
 pub mod energy;
+pub mod export;
 pub mod ingest;
 pub mod read;
 pub mod rollup;

@@ -146,7 +146,19 @@ async fn the_energy_of_a_known_profile_over_a_dst_day_matches_its_integral_on_bo
             DAY_START + DAY_MS
         );
         let r = c.ok("GET", &path, None).await;
-        assert_eq!(r["level"], "1d");
+        // 301 days: hours (7,224 buckets), 8 to a point.
+        assert_eq!((r["level"].as_str(), r["step_ms"].as_i64()), (Some("1h"), Some(8 * 3_600_000)));
+        let points = r["points"].as_array().unwrap();
+        assert!(points.len() <= 1000);
+        // Merged by the database: the day's energy and samples in 3 points of 8 hours.
+        assert_eq!(points.len(), 3, "{r}");
+        let sum: f64 = points.iter().map(|p| p["energy_wh"].as_f64().unwrap()).sum();
+        assert!((sum - got).abs() < 1e-6 * got, "{sum} against {got}");
+        let n: i64 = points.iter().map(|p| p["samples"].as_i64().unwrap()).sum();
+        assert_eq!(n, samples.len() as i64);
+        let max = points.iter().map(|p| p["max"][0].as_f64().unwrap()).fold(0.0, f64::max);
+        let top = samples.iter().map(|s| f64::from(s.values[1])).fold(0.0, f64::max);
+        assert_eq!(max, top, "the maximum of the merged buckets");
         let mean = r["points"][0]["mean"][0].as_f64().unwrap();
         assert!((1000.0..4000.0).contains(&mean), "{r}");
         // Months and years sum the days.
@@ -362,12 +374,11 @@ async fn the_grafana_views_match_the_api_and_the_dashboard_runs_on_the_views_alo
             assert!((vac - p["mean"][1].as_f64().unwrap()).abs() <= 0.0005, "{b}: {vac} {p}");
             assert!((230.0..231.0).contains(&vac), "{b}: volts, not tenths: {vac}");
         }
-        let fives: i64 =
-            sqlx::query("SELECT COUNT(*) AS n FROM rollups_5m WHERE device = 'roof'")
-                .fetch_one(&mut conn)
-                .await
-                .unwrap()
-                .get("n");
+        let fives: i64 = sqlx::query("SELECT COUNT(*) AS n FROM rollups_5m WHERE device = 'roof'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+            .get("n");
         assert!((24..=25).contains(&fives), "{b}: two hours in 5-minute buckets: {fives}");
         conn.close().await.unwrap();
         if b == "postgres" {
@@ -445,4 +456,148 @@ async fn dashboard_runs_as_a_grafana_role(
         sqlx::query(&drop).execute(&mut admin).await.unwrap();
     }
     admin.close().await.unwrap();
+}
+
+/// `GET path` with the admin token: status, content type, body bytes.
+async fn download(c: &Client, path: &str) -> (u16, String, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let req = axum::http::Request::builder()
+        .uri(path)
+        .header("authorization", format!("Bearer {}", c.token))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = ecowatt_server::api::app(c.server.state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let kind = resp
+        .headers()
+        .get("content-type")
+        .map_or(String::new(), |v| v.to_str().unwrap().to_owned());
+    (status, kind, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+/// Raw samples and rollups export as CSV and Parquet with every row, in
+/// engineering units, on both backends; bad requests get clear errors.
+#[tokio::test]
+async fn samples_and_rollups_export_as_csv_and_parquet_with_every_row() {
+    use arrow_array::{Array, Float64Array, Int64Array, TimestampMillisecondArray};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let read = |bytes: bytes::Bytes| -> Vec<arrow_array::RecordBatch> {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap();
+        reader.map(Result::unwrap).collect()
+    };
+    for db in TempDb::each().await {
+        let b = db.backend();
+        let c = Client::start(&db, false).await;
+        let mut dev = Probe::provision(&c, "roof").await;
+        let start = (ecowatt_formats::time::now_ms() as u64 - 3_600_000) / 300_000 * 300_000;
+        let samples: Vec<Sample> = (0..240u64)
+            .map(|i| Sample {
+                seq: i + 1,
+                unix_ms: start + i * STEP,
+                values: vec![2300 + (i % 3) as u16, 500 + i as u16],
+            })
+            .collect();
+        for chunk in samples.chunks(60) {
+            send(&c, &mut dev, &upload(chunk)).await.unwrap();
+        }
+        let (from, to) = (start, start + 240 * STEP);
+        // Samples as CSV: every one, in units.
+        let (s, kind, body) =
+            download(&c, &format!("/api/v1/devices/roof/export?from_ms={from}&to_ms={to}")).await;
+        assert_eq!((s, kind.as_str()), (200, "text/csv; charset=utf-8"), "{b}");
+        let csv = String::from_utf8(body.to_vec()).unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "time,unix_ms,seq,Vac1_V,Iac1_A,Fac1_Hz,Vpv1_V,Vpv2_V,Ipv1_A,Ipv2_A,Temp_degC,Pow_pct,Pac_W"
+        );
+        assert_eq!(lines.len(), 241, "{b}: a header and every sample");
+        assert!(lines[1].ends_with(",1,230,,,,,,,,,500"), "{b}: {}", lines[1]);
+        // Samples as Parquet, two registers.
+        let (s, kind, body) = download(
+            &c,
+            &format!("/api/v1/devices/roof/export?format=parquet&registers=Pac,Vac1&from_ms={from}&to_ms={to}"),
+        )
+        .await;
+        assert_eq!((s, kind.as_str()), (200, "application/vnd.apache.parquet"), "{b}");
+        let batches = read(body);
+        let rows: usize = batches.iter().map(|x| x.num_rows()).sum();
+        assert_eq!(rows, 240, "{b}");
+        let first = &batches[0];
+        let names: Vec<String> = first.schema().fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(names, ["time", "seq", "Pac_W", "Vac1_V"], "{b}");
+        let time = first.column(0).as_any().downcast_ref::<TimestampMillisecondArray>().unwrap();
+        assert_eq!(time.value(0), start as i64);
+        let pac = first.column(2).as_any().downcast_ref::<Float64Array>().unwrap();
+        assert_eq!((pac.value(0), pac.value(10)), (500.0, 510.0));
+        let vac = first.column(3).as_any().downcast_ref::<Float64Array>().unwrap();
+        assert_eq!(vac.value(1), 230.1);
+        // Rollups at 5 minutes: four buckets of 60 samples, with the samples' energy.
+        let (s, _, body) = download(
+            &c,
+            &format!("/api/v1/devices/roof/export?data=rollups&level=5m&format=parquet&registers=Pac&from_ms={from}&to_ms={to}"),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        let batches = read(body);
+        let x = &batches[0];
+        assert_eq!(x.num_rows(), 4, "{b}");
+        let energy = x.column(1).as_any().downcast_ref::<Float64Array>().unwrap();
+        let n = x.column(3).as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!((0..4).map(|i| n.value(i)).collect::<Vec<_>>(), [60; 4], "{b}");
+        let exported: f64 = (0..energy.len()).map(|i| energy.value(i)).sum();
+        let wh = samples
+            .windows(2)
+            .map(|w| (f64::from(w[0].values[1]) + f64::from(w[1].values[1])) / 2.0 * 5.0 / 3600.0)
+            .sum::<f64>();
+        assert!((exported - wh).abs() < 1e-6, "{b}: {exported} Wh against {wh}");
+        let (s, _, body) = download(
+            &c,
+            &format!(
+                "/api/v1/devices/roof/export?data=rollups&from_ms={from}&to_ms={to}&registers=Pac"
+            ),
+        )
+        .await;
+        let csv = String::from_utf8(body.to_vec()).unwrap();
+        assert_eq!(s, 200);
+        assert!(
+            csv.starts_with(
+                "time,unix_ms,energy_wh,covered_ms,samples,missing,Pac_mean_W,Pac_min_W,Pac_max_W\n"
+            ),
+            "{csv}"
+        );
+        // Bad requests: nothing but a clear error.
+        let day = 86_400_000u64;
+        for (path, status, field) in [
+            ("/api/v1/devices/roof/export?format=xlsx".to_owned(), 400, "format"),
+            ("/api/v1/devices/roof/export?data=events".to_owned(), 400, "data"),
+            (format!("/api/v1/devices/roof/export?from_ms={to}&to_ms={from}"), 400, "from_ms"),
+            (
+                format!("/api/v1/devices/roof/export?from_ms={}&to_ms={to}", to - 8 * day),
+                400,
+                "to_ms",
+            ),
+            ("/api/v1/devices/roof/export?level=1h".to_owned(), 400, "level"),
+            ("/api/v1/devices/roof/export?data=rollups&level=1w".to_owned(), 400, "level"),
+            (
+                format!(
+                    "/api/v1/devices/roof/export?data=rollups&level=5m&from_ms={}&to_ms={to}",
+                    to - 400 * day
+                ),
+                400,
+                "to_ms",
+            ),
+            ("/api/v1/devices/roof/export?registers=Watts".to_owned(), 400, "registers"),
+        ] {
+            let (s, body) = c.call("GET", &path, None).await;
+            assert_eq!(s.as_u16(), status, "{path}: {body}");
+            assert_eq!(body["error"]["code"], "invalid_field", "{path}: {body}");
+            assert_eq!(body["error"]["field"], field, "{path}: {body}");
+        }
+        let (s, body) = c.call("GET", "/api/v1/devices/nobody/export", None).await;
+        assert_eq!((s.as_u16(), body["error"]["code"].as_str()), (404, Some("not_found")));
+        c.server.stop().await;
+        db.cleanup().await;
+    }
 }

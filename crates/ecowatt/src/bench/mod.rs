@@ -9,6 +9,7 @@ mod measure;
 mod micro;
 mod ota;
 mod protocol;
+mod query;
 mod sim;
 
 use std::time::Duration;
@@ -69,6 +70,10 @@ pub enum BenchCommand {
     /// The original firmware's hot requests (/changes, /command/poll) against a
     /// server process with --legacy-api: requests/s and server CPU per request.
     Legacy(legacy::LegacyArgs),
+    /// Energy reads against a filled store: a year of one device at 5 s charted
+    /// in at most 1,000 points, its energy per month, and the fleet's energy
+    /// today over many devices (server in this process, SQLite or PostgreSQL).
+    Query(query::QueryArgs),
     /// Command queue -> deliver -> result cycles per second, and config updates
     /// per second, through the store (SQLite in a temp dir, or the database given).
     Commands {
@@ -103,6 +108,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ota(args) => ota::run(args),
         BenchCommand::Legacy(args) => legacy::run(args),
         BenchCommand::Codec(args) => codec::run(args),
+        BenchCommand::Query(args) => query::run(args),
         BenchCommand::Protocol { devices, requests, max_time } => {
             protocol::run(devices, requests.max(1), max_time)
         }
