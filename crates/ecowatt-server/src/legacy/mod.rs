@@ -18,8 +18,8 @@ use sqlx::Row;
 
 use ecowatt_proto::messages::{OtaReport, OtaState, ota_reason};
 
-use crate::db::{Db, StoreError, StoreResult};
-use crate::devices::{Device, named_in};
+use crate::db::{Db, StoreError, StoreResult, WriteTx};
+use crate::devices::{Device, DeviceId, named_in};
 use crate::firmware::rollouts::Offer;
 use crate::firmware::rollouts::store::{offer_in, ota_report_in};
 use crate::operators::audit;
@@ -406,6 +406,8 @@ impl Legacy {
                 .fetch_one(&mut *tx)
                 .await?;
         let mut seq = seq_row.try_get::<Option<i64>, _>("seq")?.unwrap_or(0) + 1;
+        let first_seq = seq;
+        let mut pending = Vec::new();
         let mut stored = Stored::default();
         let mut published = Vec::new();
         for (i, p) in upload.packets.iter().enumerate() {
@@ -451,25 +453,11 @@ impl Legacy {
                 device_id: device.id.0,
                 data: b.data.as_slice().into(),
             });
-            sqlx::query(
-                "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
-                 last_ms, registers, codec, data, received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(device.id)
-            .bind(b.first_seq)
-            .bind(b.last_seq)
-            .bind(b.count)
-            .bind(b.first_ms)
-            .bind(b.last_ms)
-            .bind(b.registers)
-            .bind(b.codec)
-            .bind(b.data)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
             stored.batches += 1;
             stored.samples += samples.len();
+            pending.push((b, codec::Batch { registers: batch.mask, samples }));
         }
+        self.store_batches(&mut tx, device.id, first_seq, &pending, now).await?;
         let state_text = serde_json::to_string(&state).expect("state serialises");
         sqlx::query("UPDATE devices SET legacy_nonce = $1, legacy_state = $2, last_seen_ms = $3 WHERE id = $4")
             .bind(i64::from(nonce))
@@ -481,6 +469,73 @@ impl Legacy {
         tx.commit().await?;
         self.db.news().telemetry(|| published);
         Ok(stored)
+    }
+
+    /// Writes a legacy upload's batches (`pending`, seqs from `first_seq`
+    /// on, after every stored one) with their rollups, as the ingest does
+    /// for device-protocol uploads: energy bridged from the device's newest
+    /// stored sample, its new tail, each batch's first and last AC power.
+    async fn store_batches(
+        &self,
+        tx: &mut WriteTx,
+        device: DeviceId,
+        first_seq: i64,
+        pending: &[(crate::telemetry::StoredBatch, codec::Batch)],
+        now: i64,
+    ) -> StoreResult<()> {
+        use crate::telemetry::rollup::{Stored as Item, Tail, literal_upsert, of_group};
+        let row = sqlx::query("SELECT timezone, tail_ms, tail_pac FROM devices WHERE id = $1")
+            .bind(device)
+            .fetch_one(&mut **tx)
+            .await?;
+        let zone = jiff::tz::TimeZone::get(&row.try_get::<String, _>("timezone")?)
+            .unwrap_or(jiff::tz::TimeZone::UTC);
+        let tail = Tail {
+            seq: first_seq - 1,
+            ms: row.try_get("tail_ms")?,
+            pac: row.try_get::<Option<i64>, _>("tail_pac")?.and_then(|p| u16::try_from(p).ok()),
+        };
+        let items: Vec<Item<'_>> = pending
+            .iter()
+            .map(|(_, decoded)| Item { device: device.0, original: decoded, new_seqs: None })
+            .collect();
+        let tails = std::iter::once((device.0, tail)).collect();
+        let rollups = of_group(&items, |_| zone.clone(), tails, Default::default());
+        for ((b, _), (first_pac, last_pac)) in pending.iter().zip(&rollups.edges) {
+            sqlx::query(
+                "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
+                 last_ms, registers, codec, data, received_ms, first_pac, last_pac) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(device)
+            .bind(b.first_seq)
+            .bind(b.last_seq)
+            .bind(b.count)
+            .bind(b.first_ms)
+            .bind(b.last_ms)
+            .bind(b.registers)
+            .bind(b.codec)
+            .bind(b.data.clone())
+            .bind(now)
+            .bind(first_pac.map(i64::from))
+            .bind(last_pac.map(i64::from))
+            .execute(&mut **tx)
+            .await?;
+        }
+        for t in rollups.tails.values() {
+            sqlx::query("UPDATE devices SET tail_ms = $1, tail_pac = $2 WHERE id = $3")
+                .bind(t.ms)
+                .bind(t.pac.map(i64::from))
+                .bind(device)
+                .execute(&mut **tx)
+                .await?;
+        }
+        let mut sql = String::new();
+        literal_upsert(&rollups.rollups, &mut sql, self.db.dialect());
+        for statement in sql.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
+            sqlx::query(statement).persistent(false).execute(&mut **tx).await?;
+        }
+        Ok(())
     }
 }
 

@@ -719,7 +719,7 @@ fn sqlite_write(
         }
         sql.push_str(" ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING;\n");
     }
-    super::rollup::sqlite_upsert(&rollups.rollups, &mut sql);
+    super::rollup::literal_upsert(&rollups.rollups, &mut sql, Dialect::Sqlite);
     sql
 }
 

@@ -397,12 +397,17 @@ pub fn extreme(stat: &RegStat, max: bool) -> Option<i64> {
     (stat.n > 0).then_some(if max { stat.max } else { stat.min })
 }
 
-/// The SQLite upsert of `rollups` (only numbers inlined, all made here).
-pub fn sqlite_upsert(rollups: &Rollups, sql: &mut String) {
+/// The upsert of `rollups` as statements, each ending `;\n` (only numbers
+/// inlined, all made here), in `dialect`: the ingest's SQLite script, and
+/// the legacy API's uploads on either backend.
+pub fn literal_upsert(rollups: &Rollups, sql: &mut String, dialect: crate::db::Dialect) {
     use std::fmt::Write as _;
     let keys: Vec<_> = rollups.buckets.iter().collect();
     let columns = value_columns().join(", ");
-    let merge = merge_clauses("min", "max");
+    let merge = match dialect {
+        crate::db::Dialect::Sqlite => merge_clauses("min", "max"),
+        crate::db::Dialect::Postgres => merge_clauses("LEAST", "GREATEST"),
+    };
     let opt = |v: Option<i64>| v.map_or("NULL".to_owned(), |v| v.to_string());
     for chunk in keys.chunks(200) {
         let _ = write!(

@@ -574,6 +574,13 @@ async fn original_firmware_uploads_are_stored_as_telemetry_with_the_originals_se
         "{t}"
     );
     assert_eq!(points[4]["v"][1].as_f64(), Some(40.0));
+    // Rollups as for any device: its energy (AC power 4,100 to 4,104 W over
+    // four 5 s intervals) and samples today.
+    let e = c.ok("GET", &format!("/api/v1/devices/{dev}/energy?period=year"), None).await;
+    let wh = e["total_kwh"].as_f64().unwrap() * 1000.0;
+    let expected = (4100.0 + 2.0 * (4101.0 + 4102.0 + 4103.0) + 4104.0) / 2.0 * 5.0 / 3600.0;
+    assert!((wh - expected).abs() < 1e-9, "{wh} Wh against {expected}: {e}");
+    assert_eq!(e["periods"][0]["samples"], 5, "{e}");
     // ... and the 40 % read back (after the result) confirms the command.
     let n: i64 = id.split('_').nth(1).unwrap().parse().unwrap();
     assert_eq!(c.ok("GET", &format!("/api/v1/commands/{n}"), None).await["status"], "confirmed");

@@ -1016,6 +1016,15 @@ async fn legacy_uploads_store_once_per_nonce_on_both_backends() {
         let seqs: Vec<(i64, i64)> = batches.iter().map(|b| (b.first_seq, b.last_seq)).collect();
         assert_eq!(seqs, [(1, 2), (3, 4)], "{b}: new samples, new sequence numbers");
         assert_eq!((batches[0].first_ms, batches[0].last_ms), (T0 - 5_000, T0), "{b}");
+        // Rollups as for any upload, the second bridged to the first (the
+        // device's tail): four samples, three 5 s intervals, one of them
+        // across the two uploads.
+        let (id, _, _) = s.telemetry().zone_of("old").await.unwrap();
+        let level = ecowatt_server::telemetry::rollup::Level::Day;
+        let days = s.telemetry().rollups(id, level, 0, i64::MAX, &[9]).await.unwrap();
+        let samples: i64 = days.iter().map(|d| d.samples).sum();
+        let covered: i64 = days.iter().map(|d| d.covered_ms).sum();
+        assert_eq!((samples, covered), (4, 15_000), "{b}: {days:?}");
     })
     .await;
 }
