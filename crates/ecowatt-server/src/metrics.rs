@@ -26,6 +26,10 @@ const HELP: &[(&str, &str)] = &[
         "Raw telemetry batches deleted past telemetry_retention_days (rollups stay).",
     ),
     (
+        "ecowatt_telemetry_partitions_dropped_total",
+        "PostgreSQL raw telemetry partitions dropped whole past telemetry_retention_days.",
+    ),
+    (
         "ecowatt_legacy_uploads_total",
         "Original-firmware /process uploads, by outcome (accepted or the refusal's code).",
     ),

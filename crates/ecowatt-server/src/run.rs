@@ -339,19 +339,45 @@ async fn background(state: AppState, mut stopped: tokio::sync::watch::Receiver<b
             },
             _ = flush.tick() => flush_refusals(&state).await,
             _ = purge.tick() => purge_old(&state).await,
-            _ = purge_raw.tick() => purge_telemetry(&state, &stopped).await,
+            _ = purge_raw.tick() => purge_telemetry(&state, &stopped, raw_every).await,
             _ = stopped.changed() => break,
         }
     }
     flush_refusals(&state).await;
 }
 
-/// Raw batches past `telemetry_retention`, removed in chunks of
-/// [`PURGE_CHUNK`] (each its own short transaction, so that ingest groups
-/// pass in between); 5-minute rollups past `rollup_5m_retention`.
-async fn purge_telemetry(state: &AppState, stopped: &tokio::sync::watch::Receiver<bool>) {
+/// Raw batches past `telemetry_retention`: on PostgreSQL whole partitions
+/// (telemetry/partitions.rs), and rows (SQLite's, PostgreSQL's default
+/// partition's) removed in chunks of [`PURGE_CHUNK`] (each its own short
+/// transaction, so that ingest groups pass in between); 5-minute rollups
+/// past `rollup_5m_retention`.
+async fn purge_telemetry(
+    state: &AppState,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+    every: Duration,
+) {
+    use crate::telemetry::partitions::{wanted, width_for};
     let now = crate::now_ms();
-    if let Some(keep) = state.settings.telemetry_retention {
+    // PostgreSQL: partitions made ahead (to outlast two sweeps), and those
+    // wholly past the retention limit dropped.
+    let keep = state.settings.telemetry_retention;
+    let width = width_for(keep);
+    let ahead = (3 * width).max(2 * every.as_millis() as i64);
+    if let Err(e) = state.telemetry.make_partitions(&wanted(now, width, ahead)).await {
+        tracing::warn!(error = %e, "making telemetry partitions failed");
+    }
+    if let Some(keep) = keep {
+        let before = now - keep.as_millis() as i64;
+        match state.telemetry.drop_partitions(before).await {
+            Ok(0) => {}
+            Ok(n) => {
+                state.metrics.add("ecowatt_telemetry_partitions_dropped_total", "", n as u64);
+                tracing::info!(count = n, "dropped raw telemetry partitions past retention");
+            }
+            Err(e) => tracing::warn!(error = %e, "dropping telemetry partitions failed"),
+        }
+    }
+    if let Some(keep) = keep {
         let before = now - keep.as_millis() as i64;
         let mut total = 0;
         loop {

@@ -298,6 +298,12 @@ impl Devices {
     pub async fn delete(&self, name: &str, actor: &str, now: i64) -> StoreResult<()> {
         let mut tx = self.db.write().await?;
         let device = named_in(&self.db, &mut tx, name, true).await?;
+        // PostgreSQL's partitioned raw telemetry has no foreign key (making
+        // and dropping partitions would lock `devices` against the ingest).
+        sqlx::query("DELETE FROM telemetry_batches WHERE device_id = $1")
+            .bind(device.id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM devices WHERE id = $1").bind(device.id).execute(&mut *tx).await?;
         let detail = json!({"id": device.id});
         audit::record(&mut tx, now, actor, "device.remove", name, detail).await?;

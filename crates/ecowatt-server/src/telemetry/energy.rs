@@ -384,12 +384,19 @@ impl Telemetry {
     /// (oldest first), so that a sweep never holds the writer long. (By
     /// arrival, not sample time: a backlog or an import of old samples is
     /// kept for the whole period too.)
+    ///
+    /// On PostgreSQL only the default partition's rows are deleted here;
+    /// the others go whole ([`Telemetry::drop_partitions`]).
     pub async fn purge_raw(&self, before_ms: i64, limit: i64) -> StoreResult<u64> {
+        let table = match self.db.dialect() {
+            crate::db::Dialect::Sqlite => "telemetry_batches",
+            crate::db::Dialect::Postgres => "telemetry_batches_default",
+        };
         let mut tx = self.db.write().await?;
-        let done = sqlx::query(
-            "DELETE FROM telemetry_batches WHERE id IN (SELECT id FROM telemetry_batches \
-             WHERE received_ms < $1 ORDER BY received_ms LIMIT $2)",
-        )
+        let done = sqlx::query(&format!(
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} \
+             WHERE received_ms < $1 ORDER BY received_ms LIMIT $2)"
+        ))
         .bind(before_ms)
         .bind(limit)
         .execute(&mut *tx)

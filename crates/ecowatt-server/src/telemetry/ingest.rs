@@ -596,7 +596,7 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
              first_ms, last_ms, registers, codec, data, received_ms, first_pac, last_pac) \
              SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
              $6::int8[], $7::int8[], $8::int8[], $9::bytea[], $10::int8[], $11::int8[], $12::int8[]) \
-             ON CONFLICT (device_id, first_seq, last_seq) DO NOTHING",
+             ON CONFLICT DO NOTHING",
         )
         .bind(device)
         .bind(first_seq)

@@ -5,6 +5,7 @@
 pub mod energy;
 pub mod export;
 pub mod ingest;
+pub mod partitions;
 pub mod read;
 pub mod rollup;
 

@@ -254,10 +254,17 @@ async fn the_fleet_view_is_one_request_with_power_now_energy_today_and_groups() 
 
 #[tokio::test]
 async fn retention_removes_exactly_the_raw_batches_received_before_the_limit_on_both_backends() {
+    use ecowatt_server::telemetry::partitions::wanted;
     for db in TempDb::each().await {
+        let b = db.backend();
         let c = Client::start(&db, false).await;
+        let t = &c.server.state.telemetry;
         let mut dev = Probe::provision(&c, "roof").await;
         let now = ecowatt_formats::time::now_ms() as u64;
+        // PostgreSQL: today's partition made before the uploads (the
+        // server's sweep makes it too; whichever comes first).
+        let day = 86_400_000;
+        t.make_partitions(&wanted(now as i64, day, day)).await.unwrap();
         // Four batches received one after the other (samples of four days ago);
         // the limit falls between the second and the third.
         let mut cutoff = 0;
@@ -277,21 +284,117 @@ async fn retention_removes_exactly_the_raw_batches_received_before_the_limit_on_
                 tokio::time::sleep(std::time::Duration::from_millis(30)).await;
             }
         }
-        let t = &c.server.state.telemetry;
-        assert_eq!(t.purge_raw(cutoff, 1).await.unwrap(), 1, "{}: in chunks", db.backend());
-        assert_eq!(t.purge_raw(cutoff, 1000).await.unwrap(), 1);
-        assert_eq!(t.purge_raw(cutoff, 1000).await.unwrap(), 0);
-        let left = t.range("roof", 0, i64::MAX).await.unwrap();
-        let seqs: Vec<(i64, i64)> = left.iter().map(|b| (b.first_seq, b.last_seq)).collect();
-        assert_eq!(seqs, [(7, 9), (10, 12)], "{}", db.backend());
+        let seqs = async || -> Vec<(i64, i64)> {
+            let left = t.range("roof", 0, i64::MAX).await.unwrap();
+            left.iter().map(|b| (b.first_seq, b.last_seq)).collect()
+        };
+        if b == "sqlite" {
+            // Rows, oldest first, in chunks.
+            assert_eq!(t.purge_raw(cutoff, 1).await.unwrap(), 1, "{b}: in chunks");
+            assert_eq!(t.purge_raw(cutoff, 1000).await.unwrap(), 1);
+            assert_eq!(t.purge_raw(cutoff, 1000).await.unwrap(), 0);
+            assert_eq!(seqs().await, [(7, 9), (10, 12)], "{b}");
+        } else {
+            // Whole partitions: today's ends after the limit, so all four stay
+            // (no row is deleted)...
+            assert_eq!(t.drop_partitions(cutoff).await.unwrap(), 0, "{b}");
+            assert_eq!(
+                t.purge_raw(cutoff, 1000).await.unwrap(),
+                0,
+                "{b}: none in the default partition"
+            );
+            assert_eq!(seqs().await.len(), 4, "{b}");
+            // ... until a limit past its end drops it whole.
+            let tomorrow = (now as i64).div_euclid(day) * day + day;
+            assert!(t.drop_partitions(tomorrow).await.unwrap() >= 1, "{b}");
+            assert_eq!(seqs().await, [], "{b}");
+        }
         // The rollups stay: every day still has its samples.
         let v = c.ok("GET", "/api/v1/devices/roof/energy?period=year&from=2020-01-01", None).await;
         let samples: i64 =
             v["periods"].as_array().unwrap().iter().map(|p| p["samples"].as_i64().unwrap()).sum();
-        assert_eq!(samples, 12, "{}: {v}", db.backend());
+        assert_eq!(samples, 12, "{b}: {v}");
         c.server.stop().await;
         db.cleanup().await;
     }
+}
+
+/// PostgreSQL's raw telemetry partitions: a batch goes to the partition of
+/// its arrival time, or to the default partition when none holds it;
+/// retention drops exactly the partitions that end by the limit, and
+/// deletes exactly the default partition's rows received before it.
+#[tokio::test]
+async fn postgresql_retention_drops_whole_partitions_and_empties_the_default_one() {
+    use sqlx::{Connection, Row};
+    let Some(db) = TempDb::postgres().await else {
+        eprintln!("skipped: no PostgreSQL (set ECOWATT_TEST_PG_URL)");
+        return;
+    };
+    // No retention of its own: the rows below are from 2001.
+    let file = ecowatt_server::settings::SettingsFile {
+        telemetry_retention_days: Some(0.0),
+        ..Default::default()
+    };
+    let c = Client::start_tuned(&db, file).await;
+    let t = &c.server.state.telemetry;
+    Probe::provision(&c, "roof").await;
+    // The server's sweep made partitions for now and ahead.
+    let now = ecowatt_formats::time::now_ms();
+    let mut parts = t.partitions().await.unwrap();
+    for _ in 0..50 {
+        if parts.iter().any(|p| p.1 <= now && now < p.2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        parts = t.partitions().await.unwrap();
+    }
+    assert!(parts.iter().any(|p| p.1 <= now && now < p.2), "{parts:?}");
+    // Two partitions of 10 s in 2001, and rows received in them, between
+    // them and after them.
+    let t0: i64 = 1_000_000_000_000;
+    assert_eq!(
+        t.make_partitions(&[(t0, t0 + 10_000), (t0 + 10_000, t0 + 20_000)]).await.unwrap(),
+        2
+    );
+    assert_eq!(t.make_partitions(&[(t0, t0 + 10_000)]).await.unwrap(), 0, "made once");
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for (seq, received) in [(1, t0 - 5_000), (2, t0 + 1_000), (3, t0 + 12_000), (4, t0 + 25_000)] {
+        sqlx::query(
+            "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
+             last_ms, registers, codec, data, received_ms) \
+             SELECT id, $1, $1, 1, $2, $2, 512, 1, '\\x00'::bytea, $2 FROM devices WHERE name = 'roof'",
+        )
+        .bind(seq)
+        .bind(received)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let where_is = async |conn: &mut sqlx::PgConnection| -> Vec<(i64, String)> {
+        sqlx::query("SELECT first_seq, tableoid::regclass::text AS part FROM telemetry_batches ORDER BY first_seq")
+            .fetch_all(conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get("first_seq"), r.get("part")))
+            .collect()
+    };
+    let p = |ms: i64| format!("telemetry_batches_p{ms}");
+    let d = "telemetry_batches_default".to_owned();
+    assert_eq!(
+        where_is(&mut conn).await,
+        [(1, d.clone()), (2, p(t0)), (3, p(t0 + 10_000)), (4, d.clone())]
+    );
+    // The limit at t0 + 15 s: the first partition ends before it, the second after.
+    let limit = t0 + 15_000;
+    assert_eq!(t.drop_partitions(limit).await.unwrap(), 1);
+    assert_eq!(t.purge_raw(limit, 1000).await.unwrap(), 1, "the default partition's older row");
+    assert_eq!(where_is(&mut conn).await, [(3, p(t0 + 10_000)), (4, d.clone())]);
+    let names: Vec<String> = t.partitions().await.unwrap().into_iter().map(|p| p.0).collect();
+    assert!(!names.contains(&p(t0)) && names.contains(&p(t0 + 10_000)), "{names:?}");
+    conn.close().await.unwrap();
+    c.server.stop().await;
+    db.cleanup().await;
 }
 
 #[test]

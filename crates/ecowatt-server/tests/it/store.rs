@@ -1028,3 +1028,96 @@ async fn legacy_uploads_store_once_per_nonce_on_both_backends() {
     })
     .await;
 }
+
+/// A PostgreSQL store of schema 16 with raw telemetry: migration 17
+/// partitions the table and keeps every batch (in the default partition),
+/// readable as before, ids going on from the highest.
+#[tokio::test]
+async fn postgresql_telemetry_stored_before_partitioning_is_kept_and_read() {
+    use ecowatt_server::db::Dialect;
+    use ecowatt_server::db::migrate::{MIGRATIONS, statements};
+    use sqlx::{Connection, Row};
+    let Some(db) = TempDb::postgres().await else {
+        eprintln!("skipped: no PostgreSQL (set ECOWATT_TEST_PG_URL)");
+        return;
+    };
+    let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= 16) {
+        for statement in statements(sql, Dialect::Postgres) {
+            sqlx::query(&statement).execute(&mut c).await.unwrap();
+        }
+        sqlx::query("INSERT INTO schema_migrations VALUES ($1, 0)")
+            .bind(*version)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO devices (name, device_key, key_version, rated_w, enabled, created_ms) \
+         VALUES ('old', '00', 1, 10000, 1, 0)",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let samples: Vec<ecowatt_proto::codec::Sample> = (0..3u64)
+        .map(|i| ecowatt_proto::codec::Sample {
+            seq: i + 1,
+            unix_ms: 1_000 + i,
+            values: vec![i as u16],
+        })
+        .collect();
+    let data = ecowatt_proto::codec::encode(1 << 9, &samples).unwrap();
+    for (id, received) in [(41i64, 5_000i64), (42, 6_000)] {
+        sqlx::query(
+            "INSERT INTO telemetry_batches (id, device_id, first_seq, last_seq, sample_count, first_ms, \
+             last_ms, registers, codec, data, received_ms) OVERRIDING SYSTEM VALUE \
+             VALUES ($1, 1, $2, $2 + 2, 3, 1000, 1002, 512, 1, $3, $4)",
+        )
+        .bind(id)
+        .bind((id - 41) * 3 + 1)
+        .bind(&data)
+        .bind(received)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    }
+    c.close().await.unwrap();
+    let s = Store::open(&db.url).await.unwrap();
+    let batches = s.telemetry().range("old", 0, i64::MAX).await.unwrap();
+    let seqs: Vec<(i64, i64)> = batches.iter().map(|b| (b.first_seq, b.last_seq)).collect();
+    assert_eq!(seqs, [(1, 3), (4, 6)]);
+    assert_eq!(batches[0].data, data);
+    let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n FROM telemetry_batches_default WHERE received_ms IN (5000, 6000)",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<i64, _>("n"), 2, "in the default partition");
+    let row = sqlx::query(
+        "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, first_ms, \
+         last_ms, registers, codec, data, received_ms) VALUES (1, 7, 7, 1, 1, 1, 512, 1, '\\x00', 7000) \
+         RETURNING id",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert!(row.get::<i64, _>("id") > 42, "ids go on from the highest");
+    let partitioned = sqlx::query(
+        "SELECT relkind::text AS kind FROM pg_class WHERE relname = 'telemetry_batches'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(partitioned.get::<String, _>("kind"), "p");
+    c.close().await.unwrap();
+    s.close().await;
+    db.cleanup().await;
+}
