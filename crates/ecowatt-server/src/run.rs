@@ -356,13 +356,14 @@ async fn purge_telemetry(
     stopped: &tokio::sync::watch::Receiver<bool>,
     every: Duration,
 ) {
-    use crate::telemetry::partitions::{wanted, width_for};
+    use crate::telemetry::partitions::{AHEAD_MIN, wanted, width_for};
     let now = crate::now_ms();
-    // PostgreSQL: partitions made ahead (to outlast two sweeps), and those
-    // wholly past the retention limit dropped.
+    // PostgreSQL: partitions made ahead (three widths, two sweeps, ten
+    // minutes, whichever is longest), and those wholly past the retention
+    // limit dropped.
     let keep = state.settings.telemetry_retention;
     let width = width_for(keep);
-    let ahead = (3 * width).max(2 * every.as_millis() as i64);
+    let ahead = (3 * width).max(2 * every.as_millis() as i64).max(AHEAD_MIN);
     if let Err(e) = state.telemetry.make_partitions(&wanted(now, width, ahead)).await {
         tracing::warn!(error = %e, "making telemetry partitions failed");
     }

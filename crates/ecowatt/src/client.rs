@@ -120,17 +120,40 @@ impl Api {
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
         if status >= 400 {
-            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            let e = &v["error"];
-            match (e["code"].as_str(), e["message"].as_str()) {
-                (Some(code), Some(message)) => match e["field"].as_str() {
-                    Some(field) => bail!("{message} [{code}, field {field}, HTTP {status}]"),
-                    None => bail!("{message} [{code}, HTTP {status}]"),
-                },
-                _ => bail!("HTTP {status}: {text}"),
-            }
+            return Err(refusal(status, &text));
         }
         Ok(text)
+    }
+
+    /// `GET path` as bytes, whatever their size (an export).
+    pub fn download(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("Authorization", &auth)
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        let status = response.status().as_u16();
+        let body = response.body_mut().with_config().limit(u64::MAX).read_to_vec()?;
+        if status >= 400 {
+            return Err(refusal(status, &String::from_utf8_lossy(&body)));
+        }
+        Ok(body)
+    }
+}
+
+/// The server's error answer (`{"error": {code, message, field}}`) as a message.
+fn refusal(status: u16, text: &str) -> anyhow::Error {
+    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let e = &v["error"];
+    match (e["code"].as_str(), e["message"].as_str()) {
+        (Some(code), Some(message)) => match e["field"].as_str() {
+            Some(field) => anyhow::anyhow!("{message} [{code}, field {field}, HTTP {status}]"),
+            None => anyhow::anyhow!("{message} [{code}, HTTP {status}]"),
+        },
+        _ => anyhow::anyhow!("HTTP {status}: {text}"),
     }
 }
 

@@ -249,6 +249,69 @@ pub fn status(conn: &ServerConn, _args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ecowatt export DEVICE`.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// Device name.
+    device: String,
+    /// samples (every raw sample, at most 7 days) or rollups.
+    #[arg(long, default_value = "samples", value_parser = ["samples", "rollups"])]
+    data: String,
+    /// csv or parquet.
+    #[arg(long, default_value = "csv", value_parser = ["csv", "parquet"])]
+    format: String,
+    /// How far back, e.g. 24h, 30m (ignored with --from-ms).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    since: Duration,
+    /// Start, Unix ms [default: now minus --since].
+    #[arg(long)]
+    from_ms: Option<i64>,
+    /// End, Unix ms, included [default: now].
+    #[arg(long)]
+    to_ms: Option<i64>,
+    /// Rollups: 5m, 1h or 1d [default: 1h].
+    #[arg(long)]
+    level: Option<String>,
+    /// Registers by name or address, e.g. Pac,Vac1 [default: all].
+    #[arg(long)]
+    registers: Option<String>,
+    /// Write to this file [default: standard output].
+    #[arg(long, short = 'o')]
+    out: Option<std::path::PathBuf>,
+}
+
+/// Every raw sample or rollup of a range, as CSV or Parquet (`/export`).
+pub fn export(conn: &ServerConn, args: ExportArgs) -> anyhow::Result<()> {
+    let api = conn.connect()?;
+    let to = args.to_ms.unwrap_or_else(ecowatt_formats::time::now_ms);
+    let from = args.from_ms.unwrap_or(to - args.since.as_millis() as i64);
+    let mut path = format!(
+        "/api/v1/devices/{}/export?data={}&format={}&from_ms={from}&to_ms={to}",
+        segment(&args.device),
+        args.data,
+        args.format
+    );
+    if let Some(level) = &args.level {
+        path.push_str(&format!("&level={}", segment(level)));
+    }
+    if let Some(r) = &args.registers {
+        path.push_str(&format!("&registers={}", segment(r)));
+    }
+    let bytes = api.download(&path)?;
+    match &args.out {
+        Some(file) => {
+            std::fs::write(file, &bytes)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+            eprintln!("{} bytes of {} written to {}", bytes.len(), args.data, file.display());
+        }
+        None => {
+            use std::io::Write as _;
+            std::io::stdout().write_all(&bytes)?;
+        }
+    }
+    Ok(())
+}
+
 /// `ecowatt energy [DEVICE]`.
 #[derive(clap::Args, Debug)]
 pub struct EnergyArgs {

@@ -124,6 +124,14 @@ enum Verb {
         #[command(flatten)]
         conn: client::ServerConn,
     },
+    /// Every raw sample (at most 7 days) or rollup of a range as CSV or Parquet, e.g.
+    /// `ecowatt export roof-1 --data rollups --level 1d --since 8760h --format parquet -o roof-1.parquet`.
+    Export {
+        #[command(flatten)]
+        args: look::ExportArgs,
+        #[command(flatten)]
+        conn: client::ServerConn,
+    },
     /// The fleet in a few lines: devices online, power now, pending commands,
     /// active rollouts, security events in the last hour.
     Status {
@@ -348,6 +356,7 @@ fn main() -> std::process::ExitCode {
         Verb::Telemetry { args, conn } => look::telemetry(&conn, args),
         Verb::Status { args, conn } => look::status(&conn, args),
         Verb::Energy { args, conn } => look::energy(&conn, args),
+        Verb::Export { args, conn } => look::export(&conn, args),
         Verb::Token { cmd, conn } => operator::token(&conn, cmd),
         Verb::Audit { limit, conn } => operator::audit(&conn, limit),
         Verb::Rollout { cmd, conn } => rollout::run(&conn, cmd),

@@ -96,6 +96,18 @@ pub struct Db {
     health: Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>,
 }
 
+/// The size of the PostgreSQL database at `url`, bytes (for benches that
+/// watch retention keep it flat).
+pub async fn postgres_bytes(url: &str) -> StoreResult<u64> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let row = sqlx::query("SELECT pg_database_size(current_database()) AS n")
+        .fetch_one(&mut conn)
+        .await?;
+    let n: i64 = row.try_get("n")?;
+    conn.close().await?;
+    Ok(n.max(0) as u64)
+}
+
 /// The URL of the SQLite database file at `path` (created when missing).
 pub fn sqlite_url(path: &std::path::Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())

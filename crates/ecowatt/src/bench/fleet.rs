@@ -649,14 +649,18 @@ async fn drive(
     let own_start = proc_usage(&mut own_files);
     let broker_start = broker_files.as_mut().map(proc_usage);
     let measure_start = Instant::now();
-    // The data directory's size every 10 s (SQLite: the store; flat once
-    // retention removes as much as arrives).
+    // The store's size every 10 s (SQLite: the data directory; PostgreSQL:
+    // the database), flat once retention removes as much as arrives.
     let sizes: Arc<Mutex<Vec<u64>>> = Arc::default();
     {
-        let (sizes, dir) = (sizes.clone(), dir.to_path_buf());
+        let (sizes, dir, database) = (sizes.clone(), dir.to_path_buf(), args.database.clone());
         tokio::spawn(async move {
             while Instant::now() < deadline {
-                sizes.lock().expect("sizes").push(dir_bytes(&dir));
+                let bytes = match &database {
+                    Some(url) => ecowatt_server::db::postgres_bytes(url).await.unwrap_or(0),
+                    None => dir_bytes(&dir),
+                };
+                sizes.lock().expect("sizes").push(bytes);
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
         });
@@ -750,9 +754,8 @@ async fn drive(
         st.points as f64 / elapsed,
     );
     outln!("Slowest upload per 5 s, ms: {}", worst.join(" "));
-    if args.database.is_none() {
-        outln!("Data directory every 10 s, MB: {}", sizes.join(" "));
-    }
+    let what = if args.database.is_some() { "Database" } else { "Data directory" };
+    outln!("{what} every 10 s, MB: {}", sizes.join(" "));
     outln!(
         "Long polls answered: {} ({:.0}/s); commands delivered through them: {}; latency p50 {d50:.1} ms p99 {d99:.1} ms max {dmax:.1} ms",
         st.syncs,

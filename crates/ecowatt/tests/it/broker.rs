@@ -179,6 +179,12 @@ fn devices_speak_the_protocol_through_mosquitto_each_on_its_own_topics() {
     assert!(energy.contains("(Europe/Berlin)") && energy.contains("kWh"), "{energy}");
     let fleet = cli(&["energy"]);
     assert!(fleet.starts_with("Fleet: 1 devices, 1 online"), "{fleet}");
+    // Exported: its samples as CSV on standard output, its rollups as a Parquet file.
+    let csv = cli(&["export", "roof-1", "--since", "1h", "--registers", "Pac"]);
+    assert!(csv.starts_with("time,unix_ms,seq,Pac_W\n") && csv.lines().count() >= 2, "{csv}");
+    cli(&["export", "roof-1", "--data", "rollups", "--format", "parquet", "-o", "roof-1.parquet"]);
+    let parquet = std::fs::read(d.join("roof-1.parquet")).unwrap();
+    assert!(parquet.starts_with(b"PAR1") && parquet.ends_with(b"PAR1"), "{} bytes", parquet.len());
 
     // A device added later: the files made again, Mosquitto reloaded (SIGHUP), and it connects.
     cli(&["device", "add", "roof-2"]);
