@@ -86,14 +86,8 @@ pub async fn export(
             );
             return Err(Invalid::new("to_ms", message).into());
         }
-        let readings = decode_all(&state.telemetry.range(&name, from, to).await?).map_err(|e| {
-            tracing::error!(error = %e, "a stored batch does not decode");
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "corrupt_telemetry",
-                "a stored batch does not decode",
-            )
-        })?;
+        let readings = decode_all(&state.telemetry.range(&name, from, to).await?)
+            .map_err(super::telemetry::corrupt)?;
         let mut rows: Vec<_> =
             readings.values().filter(|r| (from..=to).contains(&(r.unix_ms as i64))).collect();
         rows.sort_by_key(|r| (r.unix_ms, r.seq));

@@ -19,7 +19,8 @@ use crate::telemetry::read::{
     decode_all, engineering, registers, series, time_bound,
 };
 
-fn corrupt(e: CorruptBatch) -> ApiError {
+/// A stored batch that does not decode: logged, a 500 with a stable code.
+pub(super) fn corrupt(e: CorruptBatch) -> ApiError {
     tracing::error!(error = %e, "a stored batch does not decode");
     ApiError::new(
         axum::http::StatusCode::INTERNAL_SERVER_ERROR,

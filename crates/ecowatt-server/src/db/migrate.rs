@@ -386,53 +386,14 @@ CREATE INDEX telemetry_rollups_by_age ON telemetry_rollups (level, bucket_ms)
         // Views for reading the rollups from outside (Grafana's PostgreSQL
         // data source, docs/grafana.md): one row per device and bucket, its
         // time as a timestamp, the device by name, energy in kWh and each
-        // register's mean in engineering units. `{bucket_time}` and
-        // `{local_day}` are the dialect's (see `run`).
+        // register's mean in engineering units; one view per level over
+        // `rollups_all`. `{bucket_time}` and `{local_day}` are the
+        // dialect's (see `statements`).
         r#"
-CREATE VIEW rollups_5m AS
+CREATE VIEW rollups_all AS
 SELECT {bucket_time} AS time,
     d.name AS device,
-    r.energy_wh / 1000.0 AS energy_kwh,
-    r.samples,
-    r.missing,
-    r.bucket_ms,
-    r.min9 AS pac_min_w,
-    r.max9 AS pac_max_w,
-    CASE WHEN r.n0 > 0 THEN CAST(r.sum0 AS DOUBLE PRECISION) / 10 / r.n0 END AS vac1_v,
-    CASE WHEN r.n1 > 0 THEN CAST(r.sum1 AS DOUBLE PRECISION) / 10 / r.n1 END AS iac1_a,
-    CASE WHEN r.n2 > 0 THEN CAST(r.sum2 AS DOUBLE PRECISION) / 100 / r.n2 END AS fac1_hz,
-    CASE WHEN r.n3 > 0 THEN CAST(r.sum3 AS DOUBLE PRECISION) / 10 / r.n3 END AS vpv1_v,
-    CASE WHEN r.n4 > 0 THEN CAST(r.sum4 AS DOUBLE PRECISION) / 10 / r.n4 END AS vpv2_v,
-    CASE WHEN r.n5 > 0 THEN CAST(r.sum5 AS DOUBLE PRECISION) / 10 / r.n5 END AS ipv1_a,
-    CASE WHEN r.n6 > 0 THEN CAST(r.sum6 AS DOUBLE PRECISION) / 10 / r.n6 END AS ipv2_a,
-    CASE WHEN r.n7 > 0 THEN CAST(r.sum7 AS DOUBLE PRECISION) / 10 / r.n7 END AS temp_c,
-    CASE WHEN r.n8 > 0 THEN CAST(r.sum8 AS DOUBLE PRECISION) / r.n8 END AS export_limit_pct,
-    CASE WHEN r.n9 > 0 THEN CAST(r.sum9 AS DOUBLE PRECISION) / r.n9 END AS pac_w
-FROM telemetry_rollups r JOIN devices d ON d.id = r.device_id WHERE r.level = 0;
-CREATE VIEW rollups_1h AS
-SELECT {bucket_time} AS time,
-    d.name AS device,
-    r.energy_wh / 1000.0 AS energy_kwh,
-    r.samples,
-    r.missing,
-    r.bucket_ms,
-    r.min9 AS pac_min_w,
-    r.max9 AS pac_max_w,
-    CASE WHEN r.n0 > 0 THEN CAST(r.sum0 AS DOUBLE PRECISION) / 10 / r.n0 END AS vac1_v,
-    CASE WHEN r.n1 > 0 THEN CAST(r.sum1 AS DOUBLE PRECISION) / 10 / r.n1 END AS iac1_a,
-    CASE WHEN r.n2 > 0 THEN CAST(r.sum2 AS DOUBLE PRECISION) / 100 / r.n2 END AS fac1_hz,
-    CASE WHEN r.n3 > 0 THEN CAST(r.sum3 AS DOUBLE PRECISION) / 10 / r.n3 END AS vpv1_v,
-    CASE WHEN r.n4 > 0 THEN CAST(r.sum4 AS DOUBLE PRECISION) / 10 / r.n4 END AS vpv2_v,
-    CASE WHEN r.n5 > 0 THEN CAST(r.sum5 AS DOUBLE PRECISION) / 10 / r.n5 END AS ipv1_a,
-    CASE WHEN r.n6 > 0 THEN CAST(r.sum6 AS DOUBLE PRECISION) / 10 / r.n6 END AS ipv2_a,
-    CASE WHEN r.n7 > 0 THEN CAST(r.sum7 AS DOUBLE PRECISION) / 10 / r.n7 END AS temp_c,
-    CASE WHEN r.n8 > 0 THEN CAST(r.sum8 AS DOUBLE PRECISION) / r.n8 END AS export_limit_pct,
-    CASE WHEN r.n9 > 0 THEN CAST(r.sum9 AS DOUBLE PRECISION) / r.n9 END AS pac_w
-FROM telemetry_rollups r JOIN devices d ON d.id = r.device_id WHERE r.level = 1;
-CREATE VIEW energy_daily AS
-SELECT {bucket_time} AS time,
-    d.name AS device,
-    {local_day} AS day,
+    r.level,
     d.timezone,
     r.energy_wh / 1000.0 AS energy_kwh,
     r.samples,
@@ -450,7 +411,10 @@ SELECT {bucket_time} AS time,
     CASE WHEN r.n7 > 0 THEN CAST(r.sum7 AS DOUBLE PRECISION) / 10 / r.n7 END AS temp_c,
     CASE WHEN r.n8 > 0 THEN CAST(r.sum8 AS DOUBLE PRECISION) / r.n8 END AS export_limit_pct,
     CASE WHEN r.n9 > 0 THEN CAST(r.sum9 AS DOUBLE PRECISION) / r.n9 END AS pac_w
-FROM telemetry_rollups r JOIN devices d ON d.id = r.device_id WHERE r.level = 2
+FROM telemetry_rollups r JOIN devices d ON d.id = r.device_id;
+CREATE VIEW rollups_5m AS SELECT * FROM rollups_all WHERE level = 0;
+CREATE VIEW rollups_1h AS SELECT * FROM rollups_all WHERE level = 1;
+CREATE VIEW energy_daily AS SELECT {local_day} AS day, * FROM rollups_all WHERE level = 2
 "#,
     ),
     (
@@ -528,12 +492,12 @@ pub fn statements(sql: &str, dialect: Dialect) -> Vec<String> {
     // within 12 hours of UTC).
     let (bucket_time, local_day) = match dialect {
         Dialect::Sqlite => (
-            "datetime(r.bucket_ms / 1000, 'unixepoch')",
-            "date((r.bucket_ms + 43200000) / 1000, 'unixepoch')",
+            "datetime(bucket_ms / 1000, 'unixepoch')",
+            "date((bucket_ms + 43200000) / 1000, 'unixepoch')",
         ),
         Dialect::Postgres => (
-            "to_timestamp(r.bucket_ms / 1000.0)",
-            "(to_timestamp(r.bucket_ms / 1000.0) AT TIME ZONE d.timezone)::date",
+            "to_timestamp(bucket_ms / 1000.0)",
+            "(to_timestamp(bucket_ms / 1000.0) AT TIME ZONE timezone)::date",
         ),
     };
     let mut out = Vec::new();
