@@ -142,10 +142,7 @@ pub async fn device_rollups(
     let min5_since = state.settings.rollup_5m_retention.map(|keep| now - keep.as_millis() as i64);
     let level = match q.level.as_deref() {
         None => level_for(from, to, max_points, min5_since),
-        Some(l) => Level::ALL
-            .into_iter()
-            .find(|x| x.name() == l)
-            .ok_or_else(|| Invalid::new("level", format!("{l:?} is not 5m, 1h or 1d")))?,
+        Some(l) => Level::parse("level", l)?,
     };
     let wanted = registers(q.registers.as_deref())?;
     // Buckets that start before `from` but reach into it count too (a local

@@ -95,10 +95,7 @@ pub async fn export(
     } else {
         let level = match q.level.as_deref() {
             None => Level::Hour,
-            Some(l) => Level::ALL
-                .into_iter()
-                .find(|x| x.name() == l)
-                .ok_or_else(|| Invalid::new("level", format!("{l:?} is not 5m, 1h or 1d")))?,
+            Some(l) => Level::parse("level", l)?,
         };
         let buckets = (to - from) / width_of(level);
         if buckets > MAX_EXPORT_BUCKETS {

@@ -257,9 +257,9 @@ impl Telemetry {
     /// number of buckets): each point's time its first bucket's, energy,
     /// counts and sums added, minimum and maximum the group's; buckets
     /// starting less than `reach` ms before `from` (reaching into it) count
-    /// too. Only
-    /// the points cross to the server (a year of hours is 8,760 rows, 974
-    /// points).
+    /// too. Only the points cross to the server (a year of hours is 8,760
+    /// rows, 974 points). Days merged several to a point are grouped by a
+    /// nominal 24 hours: a group may hold one day more or less around DST.
     pub async fn rollup_points(
         &self,
         device: DeviceId,
@@ -268,6 +268,11 @@ impl Telemetry {
         step: i64,
         wanted: &[usize],
     ) -> StoreResult<Vec<RollupRow>> {
+        // A point a bucket: the buckets as they are. (Grouped by a nominal
+        // day, a 23-hour DST day and the next would share a group.)
+        if step == width_of(level) {
+            return self.rollups(device, level, from - reach + 1, to, wanted).await;
+        }
         // Groups counted from a start aligned with `from`, before every bucket read.
         let base = from - step * (reach + step - 1).div_euclid(step);
         let big = |col: &str| format!("CAST(SUM({col}) AS BIGINT)");

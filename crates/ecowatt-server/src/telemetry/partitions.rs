@@ -114,11 +114,12 @@ impl Telemetry {
     }
 
     /// Drops the partitions that end at or before `before_ms` (their every
-    /// batch was received before it); returns how many.
+    /// batch was received before it; the default partition, having no end,
+    /// is never one); returns how many.
     pub async fn drop_partitions(&self, before_ms: i64) -> StoreResult<usize> {
         let mut dropped = 0;
         for (name, _, to) in self.partitions().await? {
-            if to > before_ms || name == "telemetry_batches_default" {
+            if to > before_ms {
                 continue;
             }
             let mut tx = self.db.write().await?;

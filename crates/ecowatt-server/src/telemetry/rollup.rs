@@ -55,6 +55,14 @@ impl Level {
         Level::ALL.into_iter().find(|l| l.code() == code)
     }
 
+    /// The level the API names `name` (`5m`, `1h`, `1d`); a clear error
+    /// on `field` otherwise.
+    pub fn parse(field: &'static str, name: &str) -> Result<Level, crate::domain::Invalid> {
+        Level::ALL.into_iter().find(|x| x.name() == name).ok_or_else(|| {
+            crate::domain::Invalid::new(field, format!("{name:?} is not 5m, 1h or 1d"))
+        })
+    }
+
     /// Its name in the API (`5m`, `1h`, `1d`).
     pub fn name(self) -> &'static str {
         match self {

@@ -176,6 +176,40 @@ async fn the_energy_of_a_known_profile_over_a_dst_day_matches_its_integral_on_bo
     }
 }
 
+/// Day points are the site's local days, one each, across a DST change:
+/// Europe/Berlin's 23-hour 2026-03-29 and the next day are two points (a
+/// grouping by 24 hours put both in one).
+#[tokio::test]
+async fn daily_points_are_local_days_across_a_dst_change() {
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    let mut dev = Probe::provision(&c, "roof").await;
+    c.ok("PUT", "/api/v1/devices/roof/timezone", Some(json!({"timezone": "Europe/Berlin"}))).await;
+    // A minute at noon local on each day (10:00 UTC on the 29th, CEST).
+    for (k, day) in [DAY_START, DAY_START + DAY_MS].into_iter().enumerate() {
+        let noon = day + 12 * 3_600_000;
+        let s: Vec<Sample> = (0..12u64)
+            .map(|i| Sample {
+                seq: k as u64 * 12 + i + 1,
+                unix_ms: noon + i * STEP,
+                values: vec![2300, 1000],
+            })
+            .collect();
+        send(&c, &mut dev, &upload(&s)).await.unwrap();
+    }
+    let path = format!(
+        "/api/v1/devices/roof/rollups?level=1d&registers=Pac&from_ms={DAY_START}&to_ms={}",
+        DAY_START + DAY_MS + 86_400_000 - 1
+    );
+    let r = c.ok("GET", &path, None).await;
+    let t: Vec<i64> =
+        r["points"].as_array().unwrap().iter().map(|p| p["t"].as_i64().unwrap()).collect();
+    assert_eq!(t, [DAY_START as i64, (DAY_START + DAY_MS) as i64], "{r}");
+    assert!(r["points"].as_array().unwrap().iter().all(|p| p["samples"] == 12), "{r}");
+    c.server.stop().await;
+    db.cleanup().await;
+}
+
 #[tokio::test]
 async fn bad_energy_requests_get_clear_errors() {
     let db = TempDb::sqlite();
