@@ -8,8 +8,10 @@
 //! (key versions, replay windows, whether writes await confirmation; locked
 //! in id order on PostgreSQL), the checks in memory in arrival order, then the
 //! writes: on SQLite one script (an `UPDATE` per device, a multi-row
-//! `INSERT`), one round trip; on PostgreSQL one `UPDATE ... FROM UNNEST(...)`
-//! and one `INSERT ... SELECT FROM UNNEST(...)`, the values bound as arrays.
+//! `INSERT`), one round trip; on PostgreSQL one statement (the devices'
+//! `UPDATE ... FROM UNNEST(...)`, the batches' and the rollups' `INSERT ...
+//! SELECT FROM UNNEST(...)` as parts of one `WITH`), the values bound as
+//! arrays, on a connection the task keeps.
 //! Every upload is still checked exactly as alone (its key still one of the
 //! device's, its counter new to that key's window), answered only after its
 //! group is committed, and a refused upload changes nothing. Quiet long
@@ -25,7 +27,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ecowatt_proto::replay::ReplayWindow;
-use sqlx::{AnyPool, PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{AnyPool, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{StoredBatch, trim};
@@ -197,9 +200,30 @@ impl Ingest {
 
 async fn run(target: Target, mut rx: mpsc::Receiver<Job>, news: Arc<News>) {
     let mut group = Vec::with_capacity(GROUP_MAX);
-    while rx.recv_many(&mut group, GROUP_MAX).await > 0 {
+    // PostgreSQL: the connection, kept from group to group (taking it from
+    // the pool and giving it back costs a round trip each: sqlx pings a
+    // connection as it returns), let go when the pool closes or a group
+    // fails on it.
+    let mut held: Option<PoolConnection<Postgres>> = None;
+    loop {
+        let received = match (&target, held.is_some()) {
+            (Target::Postgres(pool), true) => {
+                let closing = pool.close_event();
+                tokio::select! {
+                    n = rx.recv_many(&mut group, GROUP_MAX) => n,
+                    _ = closing => {
+                        held = None;
+                        continue;
+                    }
+                }
+            }
+            _ => rx.recv_many(&mut group, GROUP_MAX).await,
+        };
+        if received == 0 {
+            break;
+        }
         let started = std::time::Instant::now();
-        let written = write_group(&target, &group).await;
+        let written = write_group(&target, &mut held, &group).await;
         tracing::debug!(
             jobs = group.len(),
             us = started.elapsed().as_micros() as u64,
@@ -411,11 +435,22 @@ where
 // for every lifetime (sqlx's executor impls trip the compiler's inference).
 fn write_group<'a>(
     target: &'a Target,
+    held: &'a mut Option<PoolConnection<Postgres>>,
     group: &'a [Job],
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answers> + Send + 'a>> {
     match target {
         Target::Sqlite(pool) => Box::pin(write_group_sqlite(pool, group)),
-        Target::Postgres(pool) => Box::pin(write_group_postgres(pool, group)),
+        Target::Postgres(pool) => Box::pin(async move {
+            let conn = match held {
+                Some(conn) => conn,
+                None => held.insert(pool.acquire().await?),
+            };
+            let written = write_group_postgres(conn, group).await;
+            if written.is_err() {
+                *held = None; // back to the pool, which tests it
+            }
+            written
+        }),
     }
 }
 
@@ -462,13 +497,17 @@ async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
     Ok(plan.answers)
 }
 
-/// PostgreSQL: three statements whose text never changes (prepared once on
-/// the connection), the group's values bound as arrays. A profile showed the
+/// PostgreSQL: statements whose text never changes (prepared once on the
+/// connection), the group's values bound as arrays (a profile showed the
 /// ingest backend spending its time parsing and planning when each group
-/// sent its own `VALUES` list of up to 2,000 placeholders.
-async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
+/// sent its own `VALUES` list of up to 2,000 placeholders); in the common
+/// case four round trips: `BEGIN`, the devices' rows, the writes
+/// ([`PG_WRITE`]), `COMMIT` (a fleet bench measured nine before: each
+/// write a statement of its own, the connection taken from the pool and
+/// given back each group).
+async fn write_group_postgres(conn: &mut PgConnection, group: &[Job]) -> Answers {
     let ids = device_ids(group);
-    let mut tx = pool.begin().await?;
+    let mut tx = sqlx::Connection::begin(conn).await?;
     // Locked in id order: another server's group waits, never deadlocks.
     let select =
         format!("SELECT {} FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE", *COLUMNS);
@@ -523,82 +562,108 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
         .execute(&mut *tx)
         .await?;
     }
-    if !plan.updates.is_empty() {
-        let mut columns: [Vec<i64>; 9] = Default::default();
-        for u in &plan.updates {
-            for (column, v) in columns.iter_mut().zip(u) {
-                column.push(*v);
-            }
-        }
-        let mut q = sqlx::query(
-            "UPDATE devices SET replay_high = v.rh, replay_bitmap = v.rb, \
-             prev_replay_high = v.prh, prev_replay_bitmap = v.prb, down_counter = v.dc, \
-             dropped_total = v.dt, last_seen_ms = v.ls, stored_seq = v.ss \
-             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
-             $6::int8[], $7::int8[], $8::int8[], $9::int8[]) \
-             AS v(id, rh, rb, prh, prb, dc, dt, ls, ss) \
-             WHERE devices.id = v.id",
-        );
-        for column in columns {
-            q = q.bind(column);
-        }
+    if !plan.updates.is_empty() || !stored.is_empty() {
+        let mut q = sqlx::query(PG_WRITE.as_str());
+        q = bind_device_rows(q, &plan.updates, &rollups.tails);
+        q = bind_batches(q, group, &stored, &rollups.edges);
+        q = super::rollup::bind_pg_upsert(q, &rollups.rollups);
         q.execute(&mut *tx).await?;
     }
-    if !rollups.tails.is_empty() {
-        let t: Vec<_> = rollups.tails.iter().collect();
-        sqlx::query(
-            "UPDATE devices SET tail_ms = v.ms, tail_pac = v.pac \
-             FROM UNNEST($1::int8[], $2::int8[], $3::int8[]) AS v(id, ms, pac) WHERE devices.id = v.id",
-        )
-        .bind(t.iter().map(|(id, _)| **id).collect::<Vec<i64>>())
-        .bind(t.iter().map(|(_, x)| x.ms).collect::<Vec<Option<i64>>>())
-        .bind(t.iter().map(|(_, x)| x.pac.map(i64::from)).collect::<Vec<Option<i64>>>())
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !rollups.rollups.buckets.is_empty() {
-        use super::rollup::{REGISTERS, extreme};
-        let b = &rollups.rollups.buckets;
-        let mut q = sqlx::query(super::rollup::PG_UPSERT.as_str())
-            .bind(b.keys().map(|k| k.0).collect::<Vec<i64>>())
-            .bind(b.keys().map(|k| k.1.code()).collect::<Vec<i64>>())
-            .bind(b.keys().map(|k| k.2).collect::<Vec<i64>>())
-            .bind(b.values().map(|v| v.energy_wh).collect::<Vec<f64>>())
-            .bind(b.values().map(|v| v.covered_ms).collect::<Vec<i64>>())
-            .bind(b.values().map(|v| v.samples).collect::<Vec<i64>>())
-            .bind(b.values().map(|v| v.missing).collect::<Vec<i64>>());
-        for r in 0..REGISTERS {
-            q = q
-                .bind(b.values().map(|v| v.regs[r].n).collect::<Vec<i64>>())
-                .bind(b.values().map(|v| extreme(&v.regs[r], false)).collect::<Vec<Option<i64>>>())
-                .bind(b.values().map(|v| extreme(&v.regs[r], true)).collect::<Vec<Option<i64>>>())
-                .bind(b.values().map(|v| v.regs[r].sum).collect::<Vec<i64>>());
+    tx.commit().await?;
+    Ok(plan.answers)
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// PostgreSQL: a group's writes in one statement (one round trip): the
+/// devices' rows (`$1..$12`: replay windows, counters, last seen, stored seq
+/// and, where the group stored samples, the rollups' tail), the batches
+/// (`$13..$24`) and the rollup upsert (`$25..`), each `UNNEST`ed from
+/// arrays. Each device row is updated once (a second `UPDATE` of the same
+/// rows would leave one more dead row version each group).
+static PG_WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH d AS (UPDATE devices SET replay_high = COALESCE(v.rh, replay_high), \
+         replay_bitmap = COALESCE(v.rb, replay_bitmap), \
+         prev_replay_high = COALESCE(v.prh, prev_replay_high), \
+         prev_replay_bitmap = COALESCE(v.prb, prev_replay_bitmap), \
+         down_counter = COALESCE(v.dc, down_counter), dropped_total = COALESCE(v.dt, dropped_total), \
+         last_seen_ms = COALESCE(v.ls, last_seen_ms), stored_seq = COALESCE(v.ss, stored_seq), \
+         tail_ms = CASE WHEN v.tail THEN v.tms ELSE tail_ms END, \
+         tail_pac = CASE WHEN v.tail THEN v.tpac ELSE tail_pac END \
+         FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], \
+         $7::int8[], $8::int8[], $9::int8[], $10::bool[], $11::int8[], $12::int8[]) \
+         AS v(id, rh, rb, prh, prb, dc, dt, ls, ss, tail, tms, tpac) \
+         WHERE devices.id = v.id RETURNING 1), \
+         b AS (INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, \
+         first_ms, last_ms, registers, codec, data, received_ms, first_pac, last_pac) \
+         SELECT * FROM UNNEST($13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], \
+         $18::int8[], $19::int8[], $20::int8[], $21::bytea[], $22::int8[], $23::int8[], $24::int8[]) \
+         ON CONFLICT DO NOTHING RETURNING 1) \
+         {}",
+        super::rollup::pg_upsert(25)
+    )
+});
+
+/// Binds the devices' new rows ([`PG_WRITE`]'s `$1..$12`): each touched
+/// device's windows and counters, with its tail where the group moved it (a
+/// tail's device is always touched: only an accepted upload stores samples;
+/// were one not, its other columns would stay as they are).
+fn bind_device_rows<'q>(
+    q: PgQuery<'q>,
+    updates: &[[i64; 9]],
+    tails: &HashMap<i64, super::rollup::Tail>,
+) -> PgQuery<'q> {
+    let mut columns: [Vec<Option<i64>>; 8] = Default::default();
+    let (mut ids, mut has_tail, mut tail_ms, mut tail_pac) = (vec![], vec![], vec![], vec![]);
+    let mut push_tail = |id: i64| {
+        let tail = tails.get(&id);
+        has_tail.push(tail.is_some());
+        tail_ms.push(tail.and_then(|t| t.ms));
+        tail_pac.push(tail.and_then(|t| t.pac).map(i64::from));
+    };
+    for u in updates {
+        ids.push(u[0]);
+        for (column, v) in columns.iter_mut().zip(&u[1..]) {
+            column.push(Some(*v));
         }
-        q.execute(&mut *tx).await?;
+        push_tail(u[0]);
     }
-    if !stored.is_empty() {
-        let mut columns: [Vec<i64>; 9] = Default::default();
-        let mut data: Vec<&[u8]> = Vec::with_capacity(stored.len());
-        for (i, b) in &stored {
-            let (row, bytes) = stored_row(&group[*i], b);
-            for (column, v) in columns.iter_mut().zip(row) {
-                column.push(v);
-            }
-            data.push(bytes);
+    for id in tails.keys().filter(|id| !updates.iter().any(|u| u[0] == **id)) {
+        ids.push(*id);
+        for column in columns.iter_mut() {
+            column.push(None);
         }
-        let first_pac: Vec<Option<i64>> =
-            rollups.edges.iter().map(|e| e.0.map(i64::from)).collect();
-        let last_pac: Vec<Option<i64>> = rollups.edges.iter().map(|e| e.1.map(i64::from)).collect();
-        let [device, first_seq, last_seq, count, first_ms, last_ms, registers, codec, received] =
-            columns;
-        sqlx::query(
-            "INSERT INTO telemetry_batches (device_id, first_seq, last_seq, sample_count, \
-             first_ms, last_ms, registers, codec, data, received_ms, first_pac, last_pac) \
-             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
-             $6::int8[], $7::int8[], $8::int8[], $9::bytea[], $10::int8[], $11::int8[], $12::int8[]) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(device)
+        push_tail(*id);
+    }
+    let mut q = q.bind(ids);
+    for column in columns {
+        q = q.bind(column);
+    }
+    q.bind(has_tail).bind(tail_ms).bind(tail_pac)
+}
+
+/// Binds the batches to store ([`PG_WRITE`]'s `$13..$24`).
+fn bind_batches<'q>(
+    q: PgQuery<'q>,
+    group: &'q [Job],
+    stored: &'q [(usize, Cow<'q, StoredBatch>)],
+    edges: &[(Option<u16>, Option<u16>)],
+) -> PgQuery<'q> {
+    let mut columns: [Vec<i64>; 9] = Default::default();
+    let mut data: Vec<&[u8]> = Vec::with_capacity(stored.len());
+    for (i, b) in stored {
+        let (row, bytes) = stored_row(&group[*i], b);
+        for (column, v) in columns.iter_mut().zip(row) {
+            column.push(v);
+        }
+        data.push(bytes);
+    }
+    let first_pac: Vec<Option<i64>> = edges.iter().map(|e| e.0.map(i64::from)).collect();
+    let last_pac: Vec<Option<i64>> = edges.iter().map(|e| e.1.map(i64::from)).collect();
+    let [device, first_seq, last_seq, count, first_ms, last_ms, registers, codec, received] =
+        columns;
+    q.bind(device)
         .bind(first_seq)
         .bind(last_seq)
         .bind(count)
@@ -610,11 +675,6 @@ async fn write_group_postgres(pool: &PgPool, group: &[Job]) -> Answers {
         .bind(received)
         .bind(first_pac)
         .bind(last_pac)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(plan.answers)
 }
 
 fn range_of<R: Row>(row: &R) -> StoreResult<(i64, i64)>

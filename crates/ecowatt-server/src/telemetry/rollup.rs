@@ -449,22 +449,47 @@ pub fn literal_upsert(rollups: &Rollups, sql: &mut String, dialect: crate::db::D
     }
 }
 
-/// The PostgreSQL upsert: the values bound as arrays (`$1` device, `$2`
-/// level, `$3` bucket, `$4` energy, `$5` covered, `$6` samples, `$7`
-/// missing, then per register n, min, max, sum).
-pub static PG_UPSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// The PostgreSQL upsert, its values bound as arrays from `$first` on
+/// (device, level, bucket, energy, covered, samples, missing, then per
+/// register n, min, max, sum; [`bind_pg_upsert`] binds them).
+pub fn pg_upsert(first: usize) -> String {
     let columns = value_columns();
     let mut types = vec!["int8[]", "int8[]", "int8[]", "float8[]", "int8[]", "int8[]", "int8[]"];
     types.extend(std::iter::repeat_n("int8[]", 4 * REGISTERS));
     let params: Vec<String> =
-        types.iter().enumerate().map(|(i, t)| format!("${}::{t}", i + 1)).collect();
+        types.iter().enumerate().map(|(i, t)| format!("${}::{t}", i + first)).collect();
     format!(
-        "INSERT INTO telemetry_rollups (device_id, level, bucket_ms, {}) SELECT * FROM UNNEST({})          ON CONFLICT (device_id, level, bucket_ms) DO UPDATE SET {}",
+        "INSERT INTO telemetry_rollups (device_id, level, bucket_ms, {}) SELECT * FROM UNNEST({}) \
+         ON CONFLICT (device_id, level, bucket_ms) DO UPDATE SET {}",
         columns.join(", "),
         params.join(", "),
         merge_clauses("LEAST", "GREATEST")
     )
-});
+}
+
+/// Binds `rollups` as [`pg_upsert`]'s arrays, after what `q` has bound.
+pub fn bind_pg_upsert<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    rollups: &Rollups,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let b = &rollups.buckets;
+    let mut q = q
+        .bind(b.keys().map(|k| k.0).collect::<Vec<i64>>())
+        .bind(b.keys().map(|k| k.1.code()).collect::<Vec<i64>>())
+        .bind(b.keys().map(|k| k.2).collect::<Vec<i64>>())
+        .bind(b.values().map(|v| v.energy_wh).collect::<Vec<f64>>())
+        .bind(b.values().map(|v| v.covered_ms).collect::<Vec<i64>>())
+        .bind(b.values().map(|v| v.samples).collect::<Vec<i64>>())
+        .bind(b.values().map(|v| v.missing).collect::<Vec<i64>>());
+    for r in 0..REGISTERS {
+        q = q
+            .bind(b.values().map(|v| v.regs[r].n).collect::<Vec<i64>>())
+            .bind(b.values().map(|v| extreme(&v.regs[r], false)).collect::<Vec<Option<i64>>>())
+            .bind(b.values().map(|v| extreme(&v.regs[r], true)).collect::<Vec<Option<i64>>>())
+            .bind(b.values().map(|v| v.regs[r].sum).collect::<Vec<i64>>());
+    }
+    q
+}
 
 #[cfg(test)]
 mod tests {

@@ -79,6 +79,40 @@ async fn a_resent_batch_that_grew_stores_only_what_it_adds_on_both_backends() {
 }
 
 #[tokio::test]
+async fn the_ingest_takes_a_new_connection_when_postgresql_drops_the_one_it_keeps() {
+    use sqlx::Connection;
+    let Some(db) = TempDb::postgres().await else { return };
+    let c = Client::start(&db, false).await;
+    let mut dev = Probe::provision(&c, "d").await;
+    let t0 = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
+    assert_eq!(send(&c, &mut dev, &upload(&samples(1..=5, t0, 2300))).await, Ok(5));
+    // PostgreSQL ends every other session of the database (a restart, a
+    // failover, an administrator): the ingest's kept connection among them.
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let ended: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!ended.is_empty());
+    admin.close().await.unwrap();
+    // The group that meets the dead connection fails (the device is told
+    // `storage_unavailable` and keeps its samples); the next takes a new one.
+    let batch = upload(&samples(6..=10, t0, 2300));
+    assert_eq!(
+        send(&c, &mut dev, &batch).await,
+        Err((StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable".to_owned()))
+    );
+    assert_eq!(send(&c, &mut dev, &batch).await, Ok(10));
+    let v = c.ok("GET", "/api/v1/devices/d/completeness", None).await;
+    assert_eq!(v["received"], 10, "{v}");
+    c.server.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
 async fn sample_times_outside_the_kept_range_are_refused_before_acknowledgement() {
     let db = TempDb::sqlite();
     let c = Client::start(&db, false).await;
