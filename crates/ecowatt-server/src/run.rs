@@ -95,6 +95,7 @@ pub async fn prepare(mut settings: Settings) -> Result<Prepared, StartError> {
             token_path.display()
         ))));
     }
+    store.ingest().keep_raw(settings.telemetry_retention);
     let key_file = settings.image_key_file.clone();
     if let Err(e) = unlock_images(&store, &key_file).await {
         store.close().await;
@@ -380,7 +381,9 @@ async fn purge_telemetry(
     }
     if let Some(keep) = keep {
         let before = now - keep.as_millis() as i64;
-        let mut total = 0;
+        // Most go with the ingest groups on SQLite; this finds what is left
+        // (when no uploads come) and PostgreSQL's default partition's rows.
+        let mut total = state.store.ingest().take_purged();
         loop {
             match state.telemetry.purge_raw(before, PURGE_CHUNK).await {
                 Ok(n) => {

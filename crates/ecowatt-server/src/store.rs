@@ -64,6 +64,11 @@ impl Store {
         self.db.writable().await
     }
 
+    /// The telemetry ingest task.
+    pub fn ingest(&self) -> &Ingest {
+        &self.ingest
+    }
+
     /// Closes the ingest task's connection and the pools.
     pub async fn close(&self) {
         self.ingest.close().await;

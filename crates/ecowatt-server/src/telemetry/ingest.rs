@@ -110,7 +110,27 @@ pub struct Ingest {
     /// pool (under a backlog it did, groups shrank to a few uploads each and
     /// the server fell further behind).
     target: Target,
+    /// Raw retention on SQLite ([`Ingest::keep_raw`]).
+    retention: Arc<Retention>,
 }
+
+/// SQLite: raw batches past the retention limit are deleted by the ingest
+/// groups themselves, a few more than each group stores, oldest first, in
+/// the group's transaction. At the fleet bench's rate a separate sweep
+/// deleted 8,000 batches every 5 s on the one writer, and the groups queued
+/// behind it (upload p99 71 to 102 ms); spread over the groups, the same
+/// work is a statement in transactions that happen anyway. (PostgreSQL drops
+/// whole partitions instead, telemetry/partitions.rs.)
+#[derive(Default)]
+struct Retention {
+    /// How long raw batches are kept, in ms; 0: for ever.
+    keep_ms: std::sync::atomic::AtomicI64,
+    /// Batches deleted so far and not yet counted ([`Ingest::take_purged`]).
+    purged: std::sync::atomic::AtomicU64,
+}
+
+/// Batches past retention a group deletes, besides one for each it stores.
+const PURGE_EXTRA: usize = 16;
 
 impl Ingest {
     /// Starts the ingest task for `db`.
@@ -126,8 +146,9 @@ impl Ingest {
             ),
         };
         let (queue, rx) = mpsc::channel(4 * GROUP_MAX);
-        tokio::spawn(run(target.clone(), rx, db.news().clone()));
-        Ok(Ingest { queue, target })
+        let retention = Arc::new(Retention::default());
+        tokio::spawn(run(target.clone(), rx, db.news().clone(), retention.clone()));
+        Ok(Ingest { queue, target, retention })
     }
 
     /// Queues an upload (or, with no batch, a quiet sync) and waits for its
@@ -196,9 +217,26 @@ impl Ingest {
     pub async fn close(&self) {
         self.target.close().await;
     }
+
+    /// Keeps raw batches for `keep` (received earlier: deleted by the
+    /// groups on SQLite, [`Retention`]), or for ever.
+    pub fn keep_raw(&self, keep: Option<std::time::Duration>) {
+        let ms = keep.map_or(0, |k| (k.as_millis() as i64).max(1));
+        self.retention.keep_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Batches the groups deleted past retention since the last call.
+    pub fn take_purged(&self) -> u64 {
+        self.retention.purged.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
-async fn run(target: Target, mut rx: mpsc::Receiver<Job>, news: Arc<News>) {
+async fn run(
+    target: Target,
+    mut rx: mpsc::Receiver<Job>,
+    news: Arc<News>,
+    retention: Arc<Retention>,
+) {
     let mut group = Vec::with_capacity(GROUP_MAX);
     // PostgreSQL: the connection, kept from group to group (taking it from
     // the pool and giving it back costs a round trip each: sqlx pings a
@@ -223,7 +261,7 @@ async fn run(target: Target, mut rx: mpsc::Receiver<Job>, news: Arc<News>) {
             break;
         }
         let started = std::time::Instant::now();
-        let written = write_group(&target, &mut held, &group).await;
+        let written = write_group(&target, &mut held, &retention, &group).await;
         tracing::debug!(
             jobs = group.len(),
             us = started.elapsed().as_micros() as u64,
@@ -436,10 +474,11 @@ where
 fn write_group<'a>(
     target: &'a Target,
     held: &'a mut Option<PoolConnection<Postgres>>,
+    retention: &'a Retention,
     group: &'a [Job],
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answers> + Send + 'a>> {
     match target {
-        Target::Sqlite(pool) => Box::pin(write_group_sqlite(pool, group)),
+        Target::Sqlite(pool) => Box::pin(write_group_sqlite(pool, retention, group)),
         Target::Postgres(pool) => Box::pin(async move {
             let conn = match held {
                 Some(conn) => conn,
@@ -462,7 +501,7 @@ fn device_ids(group: &[Job]) -> Vec<i64> {
     ids
 }
 
-async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
+async fn write_group_sqlite(writer: &AnyPool, retention: &Retention, group: &[Job]) -> Answers {
     let list = device_ids(group).iter().map(i64::to_string).collect::<Vec<_>>().join(",");
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     // Not kept in the prepared-statement cache: every group's text differs.
@@ -493,7 +532,23 @@ async fn write_group_sqlite(writer: &AnyPool, group: &[Job]) -> Answers {
     if !sql.is_empty() {
         sqlx::query(&sql).persistent(false).execute(&mut *tx).await?;
     }
+    let keep_ms = retention.keep_ms.load(std::sync::atomic::Ordering::Relaxed);
+    let purged = if keep_ms > 0 && !stored.is_empty() {
+        let newest = group.iter().map(|j| j.now).max().unwrap_or_default();
+        let done = sqlx::query(
+            "DELETE FROM telemetry_batches WHERE id IN (SELECT id FROM telemetry_batches \
+             WHERE received_ms < $1 ORDER BY received_ms LIMIT $2)",
+        )
+        .bind(newest - keep_ms)
+        .bind((stored.len() + PURGE_EXTRA) as i64)
+        .execute(&mut *tx)
+        .await?;
+        done.rows_affected()
+    } else {
+        0
+    };
     tx.commit().await?;
+    retention.purged.fetch_add(purged, std::sync::atomic::Ordering::Relaxed);
     Ok(plan.answers)
 }
 

@@ -353,6 +353,59 @@ async fn retention_removes_exactly_the_raw_batches_received_before_the_limit_on_
     }
 }
 
+/// SQLite: under a retention limit the ingest groups delete the batches
+/// past it themselves (oldest first, a few more than each group stores), so
+/// that a busy server needs no separate sweep on its one writer.
+#[tokio::test]
+async fn sqlite_ingest_groups_delete_raw_batches_past_the_retention_limit() {
+    let db = TempDb::sqlite();
+    let c = Client::start(&db, false).await;
+    let t = &c.server.state.telemetry;
+    let ingest = c.server.state.store.ingest();
+    let mut dev = Probe::provision(&c, "roof").await;
+    let now = ecowatt_formats::time::now_ms() as u64 - 3_600_000;
+    let batch = |k: u64| -> Vec<Sample> {
+        (0..3u64)
+            .map(|i| Sample {
+                seq: k * 3 + i + 1,
+                unix_ms: now + (k * 3 + i) * STEP,
+                values: vec![2300, 1000],
+            })
+            .collect()
+    };
+    let seqs = async || -> Vec<(i64, i64)> {
+        let left = t.range("roof", 0, i64::MAX).await.unwrap();
+        left.iter().map(|b| (b.first_seq, b.last_seq)).collect()
+    };
+    // No limit: nothing goes.
+    for k in 0..20 {
+        send(&c, &mut dev, &upload(&batch(k))).await.unwrap();
+    }
+    assert_eq!(seqs().await.len(), 20);
+    // A limit all twenty are past: each group deletes one more than it
+    // stores plus a few (16), oldest first, never the batch it stores now.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    ingest.keep_raw(Some(std::time::Duration::from_millis(50)));
+    send(&c, &mut dev, &upload(&batch(20))).await.unwrap();
+    let left = seqs().await;
+    assert_eq!(left.len(), 21 - 17, "{left:?}");
+    assert_eq!(left[0], (52, 54), "the oldest went first: {left:?}");
+    assert_eq!(left.last(), Some(&(61, 63)));
+    assert_eq!(ingest.take_purged(), 17, "counted for the metrics");
+    assert_eq!(ingest.take_purged(), 0);
+    send(&c, &mut dev, &upload(&batch(21))).await.unwrap();
+    let left = seqs().await;
+    assert!(left.iter().all(|r| r.0 >= 61), "the rest went: {left:?}");
+    assert_eq!(left.last(), Some(&(64, 66)), "not the new batch: {left:?}");
+    // The rollups stay.
+    let v = c.ok("GET", "/api/v1/devices/roof/energy?period=year&from=2020-01-01", None).await;
+    let samples: i64 =
+        v["periods"].as_array().unwrap().iter().map(|p| p["samples"].as_i64().unwrap()).sum();
+    assert_eq!(samples, 66, "{v}");
+    c.server.stop().await;
+    db.cleanup().await;
+}
+
 /// PostgreSQL's raw telemetry partitions: a batch goes to the partition of
 /// its arrival time, or to the default partition when none holds it;
 /// retention drops exactly the partitions that end by the limit, and
