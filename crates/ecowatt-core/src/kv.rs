@@ -84,7 +84,17 @@ impl KeyValue for MemoryKv {
         if self.budget.is_some_and(|b| self.writes >= b) {
             return Err(KvError(String::from("write failed (power cut)")));
         }
-        self.values.insert(String::from(key), value.to_vec());
+        // A key written again (a sample log's slot) keeps its allocations:
+        // the fleet bench's 10,000 devices write about 100,000 a second.
+        match self.values.get_mut(key) {
+            Some(stored) => {
+                stored.clear();
+                stored.extend_from_slice(value);
+            }
+            None => {
+                self.values.insert(String::from(key), value.to_vec());
+            }
+        }
         self.writes += 1;
         Ok(())
     }
@@ -96,5 +106,27 @@ impl KeyValue for MemoryKv {
         self.values.remove(key);
         self.writes += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_written_again_replaces_the_old_one_whatever_its_length() {
+        let mut kv = MemoryKv::new();
+        kv.set("slot/1", b"a longer first value").unwrap();
+        kv.set("slot/1", b"short").unwrap();
+        assert_eq!(kv.get("slot/1").unwrap().as_deref(), Some(&b"short"[..]));
+        kv.set("slot/1", b"longer again than that").unwrap();
+        assert_eq!(kv.get("slot/1").unwrap().as_deref(), Some(&b"longer again than that"[..]));
+        kv.set("slot/1", b"").unwrap();
+        assert_eq!(kv.get("slot/1").unwrap().as_deref(), Some(&b""[..]));
+        assert_eq!(kv.writes(), 4);
+        // A power cut fails the write and leaves the value as it was.
+        kv.fail_after(0);
+        assert!(kv.set("slot/1", b"lost").is_err());
+        assert_eq!(kv.get("slot/1").unwrap().as_deref(), Some(&b""[..]));
     }
 }

@@ -382,8 +382,8 @@ async fn sqlite_ingest_groups_delete_raw_batches_past_the_retention_limit() {
         send(&c, &mut dev, &upload(&batch(k))).await.unwrap();
     }
     assert_eq!(seqs().await.len(), 20);
-    // A limit all twenty are past: each group deletes one more than it
-    // stores plus a few (16), oldest first, never the batch it stores now.
+    // A limit all twenty are past: each group deletes as many as it
+    // stores plus 16, oldest first, never the batch it stores now.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     ingest.keep_raw(Some(std::time::Duration::from_millis(50)));
     send(&c, &mut dev, &upload(&batch(20))).await.unwrap();
