@@ -22,6 +22,10 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Row, Transaction};
 use crate::domain::Invalid;
 use crate::news::News;
 
+/// A PostgreSQL statement with its bound values (the typed driver's,
+/// where a statement binds arrays).
+pub type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

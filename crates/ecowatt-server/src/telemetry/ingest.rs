@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{StoredBatch, trim};
 use crate::commands::{CommandOutcome, CommandStatus, ResultEffect, result_effect};
-use crate::db::{Db, Dialect, StoreError, StoreResult};
+use crate::db::{Db, Dialect, PgQuery, StoreError, StoreResult};
 use crate::devices::DeviceId;
 use crate::devices::admission::SyncRefusal;
 use crate::devices::keys::{KeySlot, slot_of, window};
@@ -627,8 +627,6 @@ async fn write_group_postgres(conn: &mut PgConnection, group: &[Job]) -> Answers
     tx.commit().await?;
     Ok(plan.answers)
 }
-
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 /// PostgreSQL: a group's writes in one statement (one round trip): the
 /// devices' rows (`$1..$12`: replay windows, counters, last seen, stored seq

@@ -468,10 +468,7 @@ pub fn pg_upsert(first: usize) -> String {
 }
 
 /// Binds `rollups` as [`pg_upsert`]'s arrays, after what `q` has bound.
-pub fn bind_pg_upsert<'q>(
-    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    rollups: &Rollups,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+pub fn bind_pg_upsert<'q>(q: crate::db::PgQuery<'q>, rollups: &Rollups) -> crate::db::PgQuery<'q> {
     let b = &rollups.buckets;
     let mut q = q
         .bind(b.keys().map(|k| k.0).collect::<Vec<i64>>())
