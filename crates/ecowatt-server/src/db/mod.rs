@@ -164,11 +164,6 @@ impl Db {
         let options = |max| {
             AnyPoolOptions::new()
                 .max_connections(max)
-                // Not pinged as it is taken (a round trip, and on SQLite two
-                // thread hand-offs, before every statement on the pool):
-                // sqlx pings each connection as it is given back, and
-                // `healthy` replaces one left inside a failed transaction.
-                .test_before_acquire(false)
                 .before_acquire(|conn, _| Box::pin(healthy(conn)))
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
