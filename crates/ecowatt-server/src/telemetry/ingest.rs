@@ -636,12 +636,9 @@ async fn write_group_postgres(conn: &mut PgConnection, group: &[Job]) -> Answers
 /// rows would leave one more dead row version each group).
 static PG_WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH d AS (UPDATE devices SET replay_high = COALESCE(v.rh, replay_high), \
-         replay_bitmap = COALESCE(v.rb, replay_bitmap), \
-         prev_replay_high = COALESCE(v.prh, prev_replay_high), \
-         prev_replay_bitmap = COALESCE(v.prb, prev_replay_bitmap), \
-         down_counter = COALESCE(v.dc, down_counter), dropped_total = COALESCE(v.dt, dropped_total), \
-         last_seen_ms = COALESCE(v.ls, last_seen_ms), stored_seq = COALESCE(v.ss, stored_seq), \
+        "WITH d AS (UPDATE devices SET replay_high = v.rh, replay_bitmap = v.rb, \
+         prev_replay_high = v.prh, prev_replay_bitmap = v.prb, down_counter = v.dc, \
+         dropped_total = v.dt, last_seen_ms = v.ls, stored_seq = v.ss, \
          tail_ms = CASE WHEN v.tail THEN v.tms ELSE tail_ms END, \
          tail_pac = CASE WHEN v.tail THEN v.tpac ELSE tail_pac END \
          FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], \
@@ -660,36 +657,25 @@ static PG_WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 
 /// Binds the devices' new rows ([`PG_WRITE`]'s `$1..$12`): each touched
 /// device's windows and counters, with its tail where the group moved it (a
-/// tail's device is always touched: only an accepted upload stores samples;
-/// were one not, its other columns would stay as they are).
+/// tail's device is always touched: only an accepted upload stores samples).
 fn bind_device_rows<'q>(
     q: PgQuery<'q>,
     updates: &[[i64; 9]],
     tails: &HashMap<i64, super::rollup::Tail>,
 ) -> PgQuery<'q> {
-    let mut columns: [Vec<Option<i64>>; 8] = Default::default();
-    let (mut ids, mut has_tail, mut tail_ms, mut tail_pac) = (vec![], vec![], vec![], vec![]);
-    let mut push_tail = |id: i64| {
-        let tail = tails.get(&id);
+    debug_assert!(tails.keys().all(|id| updates.iter().any(|u| u[0] == *id)));
+    let mut columns: [Vec<i64>; 9] = Default::default();
+    let (mut has_tail, mut tail_ms, mut tail_pac) = (vec![], vec![], vec![]);
+    for u in updates {
+        for (column, v) in columns.iter_mut().zip(u) {
+            column.push(*v);
+        }
+        let tail = tails.get(&u[0]);
         has_tail.push(tail.is_some());
         tail_ms.push(tail.and_then(|t| t.ms));
         tail_pac.push(tail.and_then(|t| t.pac).map(i64::from));
-    };
-    for u in updates {
-        ids.push(u[0]);
-        for (column, v) in columns.iter_mut().zip(&u[1..]) {
-            column.push(Some(*v));
-        }
-        push_tail(u[0]);
     }
-    for id in tails.keys().filter(|id| !updates.iter().any(|u| u[0] == **id)) {
-        ids.push(*id);
-        for column in columns.iter_mut() {
-            column.push(None);
-        }
-        push_tail(*id);
-    }
-    let mut q = q.bind(ids);
+    let mut q = q;
     for column in columns {
         q = q.bind(column);
     }

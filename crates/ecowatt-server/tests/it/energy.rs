@@ -286,6 +286,13 @@ async fn the_fleet_view_is_one_request_with_power_now_energy_today_and_groups() 
     db.cleanup().await;
 }
 
+/// The samples a device's year of rollups counts.
+async fn rollup_samples(c: &Client, device: &str) -> i64 {
+    let path = format!("/api/v1/devices/{device}/energy?period=year&from=2020-01-01");
+    let v = c.ok("GET", &path, None).await;
+    v["periods"].as_array().unwrap().iter().map(|p| p["samples"].as_i64().unwrap()).sum()
+}
+
 #[tokio::test]
 async fn retention_removes_exactly_the_raw_batches_received_before_the_limit_on_both_backends() {
     use ecowatt_server::telemetry::partitions::wanted;
@@ -344,10 +351,7 @@ async fn retention_removes_exactly_the_raw_batches_received_before_the_limit_on_
             assert_eq!(seqs().await, [], "{b}");
         }
         // The rollups stay: every day still has its samples.
-        let v = c.ok("GET", "/api/v1/devices/roof/energy?period=year&from=2020-01-01", None).await;
-        let samples: i64 =
-            v["periods"].as_array().unwrap().iter().map(|p| p["samples"].as_i64().unwrap()).sum();
-        assert_eq!(samples, 12, "{b}: {v}");
+        assert_eq!(rollup_samples(&c, "roof").await, 12, "{b}");
         c.server.stop().await;
         db.cleanup().await;
     }
@@ -398,10 +402,7 @@ async fn sqlite_ingest_groups_delete_raw_batches_past_the_retention_limit() {
     assert!(left.iter().all(|r| r.0 >= 61), "the rest went: {left:?}");
     assert_eq!(left.last(), Some(&(64, 66)), "not the new batch: {left:?}");
     // The rollups stay.
-    let v = c.ok("GET", "/api/v1/devices/roof/energy?period=year&from=2020-01-01", None).await;
-    let samples: i64 =
-        v["periods"].as_array().unwrap().iter().map(|p| p["samples"].as_i64().unwrap()).sum();
-    assert_eq!(samples, 66, "{v}");
+    assert_eq!(rollup_samples(&c, "roof").await, 66);
     c.server.stop().await;
     db.cleanup().await;
 }
